@@ -1,0 +1,241 @@
+"""The backend registry: who can run which op on which input, and why not.
+
+Each backend registers one `OpImpl` per op it implements. An `OpImpl` states what it supports as plain
+attributes (devices, dtypes, head dims, minimum GPU capability, the modules it needs) plus an optional
+input check; `OpImpl.reasons(inputs)` turns them into sentences, and "supported" means "no reasons".
+
+Choosing a backend, most specific first:
+  1. the `backend=` argument of the call (the model passes its own `backend` here);
+  2. the innermost `use_backend(...)` context;
+  3. the `FASTMAE_BACKEND` environment variable;
+  4. automatic: the first backend of the op's priority list for the input's device that serves it.
+A backend may be a name (`"triton"`), `"auto"`, or a mapping from op name to name
+(`{"attention": "xformers"}`; ops it does not name are chosen automatically). A backend that was asked
+for and cannot serve the input raises `BackendUnavailable` with its reasons: never a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence, Union
+
+import torch
+
+OPS = ("attention", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss")
+BACKENDS = ("reference", "sdpa", "xformers", "triton")
+ENV_VAR = "FASTMAE_BACKEND"
+
+BackendSpec = Union[None, str, Mapping[str, str]]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot serve the input (the message lists the reasons)."""
+
+
+@dataclass
+class Inputs:
+    """What a backend needs to know about one call: the tensors' device and dtype and a few sizes."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int | None = None
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class OpImpl:
+    """One backend's implementation of one op, and what it supports."""
+
+    op: str
+    backend: str
+    fn: Callable
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    head_dims: tuple[int, int] | None = None  # inclusive range, attention only
+    min_capability: tuple[int, int] | None = None  # CUDA compute capability
+    requires: tuple[str, ...] = ()  # importable modules
+    check: Callable[[Inputs], list[str]] | None = None  # input-dependent reasons
+    # tolerances the tests use for this implementation, per dtype: (atol, rtol)
+    tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+
+    def install_reasons(self) -> list[str]:
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return [f"{self.backend} needs the Python package(s) {', '.join(missing)}, which are not installed"
+                    f" (pip install 'fastmae[{self.backend}]')"]
+        return []
+
+    def reasons(self, inputs: Inputs) -> list[str]:
+        """Plain sentences saying why this implementation cannot serve `inputs`; empty if it can."""
+        out = self.install_reasons()
+        dev = inputs.device.type
+        if dev not in self.devices:
+            out.append(f"{self.backend} runs on {' or '.join(self.devices)} tensors, not {dev}")
+        if inputs.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            out.append(f"{self.backend} supports dtypes {names}, not {str(inputs.dtype).replace('torch.', '')}")
+        if self.head_dims is not None and inputs.head_dim is not None:
+            lo, hi = self.head_dims
+            if not lo <= inputs.head_dim <= hi:
+                out.append(f"{self.backend} supports head dims {lo} to {hi}, not {inputs.head_dim}")
+        if self.min_capability is not None and dev == "cuda":
+            cap = torch.cuda.get_device_capability(inputs.device)
+            if cap < self.min_capability:
+                out.append(f"{self.backend} needs compute capability {self.min_capability[0]}.{self.min_capability[1]}"
+                           f" or newer, this GPU has {cap[0]}.{cap[1]}")
+        if self.check is not None and not out:
+            out.extend(self.check(inputs))
+        return out
+
+
+_REGISTRY: dict[tuple[str, str], OpImpl] = {}
+# Automatic choice: per op and device type, backends in order of preference. The CUDA orders are read
+# from measurements (benchmarks/results/); a backend that cannot serve an input is skipped.
+_PRIORITY: dict[tuple[str, str], list[str]] = {}
+_DEFAULT_PRIORITY = {
+    "cpu": ["sdpa", "reference"],
+    "cuda": ["triton", "sdpa", "xformers", "reference"],
+}
+_local = threading.local()
+
+
+def register(impl: OpImpl) -> OpImpl:
+    if impl.op not in OPS:
+        raise ValueError(f"unknown op {impl.op!r}; ops are {', '.join(OPS)}")
+    if impl.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {impl.backend!r}; backends are {', '.join(BACKENDS)}")
+    _REGISTRY[(impl.op, impl.backend)] = impl
+    return impl
+
+
+def set_priority(op: str, device_type: str, order: Sequence[str]) -> None:
+    """Set the automatic order of backends for one op on one device type."""
+    unknown = [b for b in order if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; backends are {', '.join(BACKENDS)}")
+    _PRIORITY[(op, device_type)] = list(order)
+
+
+def priority(op: str, device_type: str) -> list[str]:
+    return list(_PRIORITY.get((op, device_type), _DEFAULT_PRIORITY.get(device_type, ["reference"])))
+
+
+def get_impl(op: str, backend: str) -> OpImpl | None:
+    _ensure_loaded()
+    return _REGISTRY.get((op, backend))
+
+
+def not_supported_reasons(op: str, backend: str, inputs: Inputs) -> list[str]:
+    impl = get_impl(op, backend)
+    if impl is None:
+        return [f"{backend} does not implement {op}"]
+    return impl.reasons(inputs)
+
+
+def _validate_name(name: str) -> str:
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def _parse_env() -> BackendSpec:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return None
+    if "=" in raw:  # "attention=triton,gather_tokens=reference"
+        spec = {}
+        for part in raw.split(","):
+            op, _, name = part.partition("=")
+            op = op.strip()
+            if op not in OPS:
+                raise ValueError(f"{ENV_VAR}: unknown op {op!r}; ops are {', '.join(OPS)}")
+            spec[op] = _validate_name(name)
+        return spec
+    return _validate_name(raw)
+
+
+def _name_for(spec: BackendSpec, op: str) -> str | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return _validate_name(spec)
+    name = spec.get(op)
+    return None if name is None else _validate_name(name)
+
+
+def _context_stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+@contextlib.contextmanager
+def use_backend(backend: BackendSpec) -> Iterator[None]:
+    """Choose the backend for every op called inside the block (unless a call or model names one).
+
+    >>> with use_backend("sdpa"):
+    ...     loss, pred, mask = model(imgs)
+    """
+    if isinstance(backend, str):
+        _validate_name(backend)
+    elif backend is not None:
+        for op, name in backend.items():
+            if op not in OPS:
+                raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+            _validate_name(name)
+    stack = _context_stack()
+    stack.append(backend)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested(op: str, backend: BackendSpec = None) -> str:
+    """The backend name asked for op, by call, context or environment ("auto" if none)."""
+    for spec in (backend, *reversed(_context_stack()), _parse_env()):
+        name = _name_for(spec, op)
+        if name is not None:
+            return name
+    return "auto"
+
+
+def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
+    """The implementation that serves `op` for `inputs`, or `BackendUnavailable` with every reason."""
+    _ensure_loaded()
+    name = requested(op, backend)
+    if name != "auto":
+        impl = _REGISTRY.get((op, name))
+        reasons = [f"{name} does not implement {op}"] if impl is None else impl.reasons(inputs)
+        if reasons:
+            raise BackendUnavailable(f"backend {name!r} cannot run {op} on this input: " + "; ".join(reasons))
+        return impl
+    tried = []
+    for cand in priority(op, inputs.device.type):
+        impl = _REGISTRY.get((op, cand))
+        if impl is None:
+            continue
+        reasons = impl.reasons(inputs)
+        if not reasons:
+            return impl
+        tried.append(f"{cand}: " + "; ".join(reasons))
+    raise BackendUnavailable(f"no backend can run {op} on this input. " + " | ".join(tried))
+
+
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    """Import the backend modules once; each registers its implementations."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import reference_ops, sdpa_ops, triton_ops, xformers_ops  # noqa: F401

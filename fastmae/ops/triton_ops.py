@@ -1,0 +1,61 @@
+"""The `triton` backend: fastmae's own fused kernels (the `fastmae.kernels` package, folder `kernels/`).
+
+Serves CUDA tensors on GPUs of compute capability 8.0 or newer, and CPU tensors only under Triton's
+interpreter (`TRITON_INTERPRET=1` set before triton is imported), which the CPU test suite uses.
+The kernel modules are imported on first use, so importing fastmae never compiles anything.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .registry import FLOAT_DTYPES, Inputs, OpImpl, register
+
+ATTENTION_HEAD_DIMS = (16, 128)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _lazy(module: str, name: str):
+    def call(*args, **kwargs):
+        fn = getattr(importlib.import_module(f"fastmae.kernels.{module}"), name)
+        return fn(*args, **kwargs)
+
+    call.__name__ = name
+    call.__qualname__ = f"fastmae.kernels.{module}.{name}"
+    return call
+
+
+def _device_reasons(inputs: Inputs) -> list[str]:
+    if inputs.device.type == "cpu" and not interpreter_enabled():
+        return ["triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing triton)"]
+    return []
+
+
+def _no_grad_for(*names: str):
+    def check(inputs: Inputs) -> list[str]:
+        out = _device_reasons(inputs)
+        for name in names:
+            t = inputs.tensors.get(name)
+            if t is not None and t.requires_grad:
+                out.append(f"triton's {inputs.options.get('op', 'op')} gives no gradient to {name}, which requires one"
+                           f" (fixed sine-cosine position embeddings do not)")
+        return out
+
+    return check
+
+
+_TRITON = dict(backend="triton", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES, min_capability=(8, 0),
+               requires=("triton",))
+
+register(OpImpl(op="attention", fn=_lazy("attention", "attention"), head_dims=ATTENTION_HEAD_DIMS,
+                check=_device_reasons, **_TRITON))
+register(OpImpl(op="gather_patches", fn=_lazy("tokens", "gather_patches"), check=_no_grad_for("imgs"), **_TRITON))
+register(OpImpl(op="gather_tokens", fn=_lazy("tokens", "gather_tokens"), check=_no_grad_for("pos_embed"), **_TRITON))
+register(OpImpl(op="unshuffle_tokens", fn=_lazy("tokens", "unshuffle_tokens"), check=_no_grad_for("pos_embed"),
+                **_TRITON))
+register(OpImpl(op="masked_mse_loss", fn=_lazy("loss", "masked_mse_loss"), check=_no_grad_for("imgs"), **_TRITON))

@@ -1,0 +1,62 @@
+"""Helpers for the tests: devices to run on, backend skips with the registry's reasons, and comparisons.
+
+Tolerance rule for kernels (stated here, once): a fast path's error against an fp32 reference must be at
+most `ERROR_FACTOR` times the plain PyTorch path's error in the same dtype, plus an absolute floor
+`ERROR_FLOOR[dtype]`. The plain path is the reference implementation run in the test dtype.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.ops.registry import Inputs
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ERROR_FACTOR = 2.0
+ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def skip_unless_serves(op: str, backend: str, device, dtype, head_dim=None, **tensors) -> None:
+    """Skip the test with the registry's own reasons when `backend` cannot serve this input."""
+    inputs = Inputs(torch.device(device), dtype, head_dim=head_dim, tensors=tensors, options={"op": op})
+    reasons = ops.not_supported_reasons(op, backend, inputs)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+def describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    msg = []
+    if not torch.isfinite(a).all():
+        msg.append(f"actual has {int((~torch.isfinite(a)).sum())} non-finite values")
+    if not torch.isfinite(e).all():
+        msg.append(f"expected has {int((~torch.isfinite(e)).sum())} non-finite values")
+    diff = (a - e).abs().nan_to_num(float("inf"))
+    if diff.numel():
+        i = int(diff.argmax())
+        idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), diff.shape))
+        msg.append(f"max abs diff {float(diff.max()):.3e} at {idx}: actual {float(a.flatten()[i]):.6g}, "
+                   f"expected {float(e.flatten()[i]):.6g}; {int((diff > 0).sum())} of {diff.numel()} differ")
+    return "; ".join(msg)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "") -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    ok = torch.allclose(actual.detach().double().cpu(), expected.detach().double().cpu(), atol=atol, rtol=rtol)
+    assert ok, f"{name}: not within atol={atol}, rtol={rtol}: {describe_difference(actual, expected)}"
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.detach().double() - expected.detach().double()).abs().max().cpu()) if actual.numel() else 0.0
+
+
+def assert_error_within_plain(fast: torch.Tensor, plain: torch.Tensor, ref32: torch.Tensor, name: str = "") -> None:
+    """The tolerance rule above: err(fast, ref32) <= ERROR_FACTOR * err(plain, ref32) + floor[dtype]."""
+    assert fast.shape == ref32.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref32.shape)}"
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values: {describe_difference(fast, ref32)}"
+    bound = ERROR_FACTOR * max_error(plain, ref32) + ERROR_FLOOR[fast.dtype]
+    err = max_error(fast, ref32)
+    assert err <= bound, (f"{name}: error {err:.3e} against the fp32 reference exceeds {bound:.3e} "
+                          f"({ERROR_FACTOR} x the plain {fast.dtype} path's error + floor): "
+                          f"{describe_difference(fast, ref32)}")

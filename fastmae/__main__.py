@@ -1,0 +1,3 @@
+from fastmae.cli import main
+
+raise SystemExit(main())

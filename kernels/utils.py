@@ -1,0 +1,58 @@
+"""Small helpers shared by the kernel launchers, and the compile-spec record every kernel module exports."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET set before importing triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def calculate_settings(n: int, max_block: int = 65536) -> tuple[int, int]:
+    """A power-of-two block covering n elements and a warp count for it; a clear error past the limit."""
+    block = next_power_of_2(n)
+    if block > max_block:
+        raise ValueError(f"a row of {n} elements exceeds this kernel's limit of {max_block}")
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Triton serves CUDA tensors, and CPU tensors only under the interpreter: say so instead of crashing."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cpu" and not interpreter_enabled():
+            raise RuntimeError("fastmae's Triton kernels run CPU tensors only under Triton's interpreter "
+                               "(set TRITON_INTERPRET=1 before importing triton); use backend='reference' or 'sdpa'")
+
+
+@dataclass
+class CompileSpec:
+    """One kernel configuration a launcher can pick, for the ahead-of-time compile check.
+
+    `signature` maps every non-constexpr argument name to a Triton type string ('*fp16', '*fp32', '*i64',
+    'i32', 'fp32', ...); `constexprs` maps every constexpr argument name to its value.
+    """
+
+    name: str
+    fn: Callable
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2

@@ -1,0 +1,287 @@
+"""The Masked Autoencoder with a ViT backbone: a drop-in for the official `models_mae.MaskedAutoencoderViT`.
+
+Same constructor arguments, factory names, methods, `forward(imgs, mask_ratio) -> (loss, pred, mask)` and
+state-dict keys as the official model, so its checkpoints load. Every data-moving step goes through
+`fastmae.ops`, and the backend is chosen per call (`backend=` on the model, `use_backend(...)`, or
+`FASTMAE_BACKEND`). When the token ops resolve to `reference`, the model follows the official order of
+operations (embed all patches, add position, gather); otherwise it embeds only the visible patches
+(`ops.gather_patches` + the patch projection as a matrix product), a quarter of the work at 75% masking.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..ops.registry import Inputs, resolve
+from .layers import Block, PatchEmbed
+from .pos_embed import sincos_2d
+
+MASK_STRATEGIES = ("random", "grid")
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked Autoencoder with a VisionTransformer backbone.
+
+    Extra arguments beyond the official ones:
+      backend: None, a backend name or a mapping op -> name, read at every call (`model.backend = ...` works).
+      mask_strategy: "random" (the paper's) or "grid" (keep one patch of every 2x2 cell, a fixed pattern;
+        the mask ratio is then 0.75).
+      pred_masked_only: the decoder head predicts only the removed patches; `pred` is then
+        [N, L - len_keep, p*p*C] in shuffled order (`ids_shuffle[:, len_keep:]`). Off by default.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,
+                 norm_layer=nn.LayerNorm, norm_pix_loss=False, *, backend=None, mask_strategy="random",
+                 pred_masked_only=False):
+        super().__init__()
+        if mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}")
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        if mask_strategy == "grid" and self.patch_embed.grid_size[0] % 2:
+            raise ValueError(f"grid masking needs an even number of patches per side, got {self.patch_embed.grid_size[0]}")
+        self.in_chans = in_chans
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+        self.norm_pix_loss = norm_pix_loss
+        self.backend = backend
+        self.mask_strategy = mask_strategy
+        self.pred_masked_only = pred_masked_only
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def initialize_weights(self):
+        grid = self.patch_embed.grid_size
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True).unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(
+            sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        torch.nn.init.normal_(self.cls_token, std=.02)
+        torch.nn.init.normal_(self.mask_token, std=.02)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    # ------------------------------------------------------------------------------------- pixels
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: [N, C, H, W] -> x: [N, L, p*p*C] in the official (p, q, c) order."""
+        self.check_images(imgs)
+        return ops.reference.patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, L, p*p*C] -> imgs: [N, C, H, W]."""
+        return ops.reference.unpatchify(x, self.patch_size, self.in_chans)
+
+    def check_images(self, imgs: torch.Tensor) -> None:
+        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
+            raise ValueError(f"images must be a [N, C, H, W] tensor, got "
+                             f"{tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"images must be float32, float16 or bfloat16, got {imgs.dtype}")
+        n, c, h, w = imgs.shape
+        if c != self.in_chans:
+            raise ValueError(f"this model takes {self.in_chans}-channel images, got {c} channels")
+        if h != w:
+            raise ValueError(f"images must be square, got {h}x{w}")
+        if h % self.patch_size:
+            raise ValueError(f"image side {h} is not divisible by the patch size {self.patch_size}")
+        expected = self.patch_embed.img_size[0]
+        if h != expected:
+            raise ValueError(f"this model was built for {expected}x{expected} images, got {h}x{w} "
+                             f"(build it with img_size={h}, or load weights with fastmae.load_checkpoint, "
+                             f"which resizes position embeddings)")
+
+    # ------------------------------------------------------------------------------------ masking
+    def masking_ids(self, n: int, mask_ratio: float, noise: torch.Tensor | None = None, device=None):
+        """Indices of one masking draw: (ids_shuffle [N, L], ids_restore [N, L], len_keep, mask [N, L]).
+
+        Small noise is kept; mask is 0 for kept and 1 for removed patches, in patch order.
+        """
+        L = self.num_patches
+        if self.mask_strategy == "grid":
+            if abs(mask_ratio - 0.75) > 1e-9:
+                raise ValueError(f"grid masking keeps one patch of every 2x2 cell (mask_ratio 0.75), got {mask_ratio}")
+            g = self.patch_embed.grid_size[0]
+            rows = torch.arange(g, device=device)
+            keep = ((rows[:, None] % 2 == 0) & (rows[None, :] % 2 == 0)).reshape(1, L)
+            noise = (~keep).float().expand(n, L)
+        else:
+            if not 0.0 <= float(mask_ratio) < 1.0:
+                raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+            if noise is None:
+                noise = torch.rand(n, L, device=device)
+        if tuple(noise.shape) != (n, L):
+            raise ValueError(f"noise must be [N, L] = [{n}, {L}], got {tuple(noise.shape)}")
+        len_keep = int(L * (1 - mask_ratio))
+        if len_keep < 1:
+            raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
+        noise = noise.to(device)
+        ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        mask = torch.ones(n, L, device=device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, dim=1, index=ids_restore)
+        return ids_shuffle, ids_restore, len_keep, mask
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Per-sample random masking by argsort of noise (the official method).
+
+        x: [N, L, D] -> (x_masked [N, len_keep, D], mask [N, L] with 0 keep / 1 remove, ids_restore [N, L]).
+        """
+        n, L, d = x.shape
+        ids_shuffle, ids_restore, len_keep, mask = self.masking_ids(n, mask_ratio, noise, x.device)
+        x_masked = torch.gather(x, 1, ids_shuffle[:, :len_keep].unsqueeze(-1).expand(-1, -1, d))
+        return x_masked, mask, ids_restore
+
+    # ------------------------------------------------------------------------------------ forward
+    def _official_order(self, imgs: torch.Tensor) -> bool:
+        """True when the token ops resolve to the reference path, which keeps the official order."""
+        inputs = Inputs(imgs.device, imgs.dtype, tensors={"pos_embed": self.pos_embed}, options={"op": "gather_tokens"})
+        return resolve("gather_tokens", inputs, self.backend).backend == "reference"
+
+    def forward_encoder(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """imgs [N, C, H, W] -> (latent [N, len_keep+1, D], mask [N, L], ids_restore [N, L])."""
+        self.check_images(x)
+        imgs = x
+        ids_shuffle, ids_restore, len_keep, mask = self.masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
+        ids_keep = ids_shuffle[:, :len_keep]
+        if self._official_order(imgs):
+            tokens = self.patch_embed(imgs)
+            x = ops.gather_tokens(tokens, ids_keep, self.pos_embed, self.cls_token, backend=self.backend)
+        else:
+            pixels = ops.gather_patches(imgs, ids_keep, self.patch_size, backend=self.backend)
+            tokens = self.patch_embed.embed_pixels(pixels)
+            x = ops.gather_tokens(tokens, ids_keep, self.pos_embed, self.cls_token, gathered=True,
+                                  backend=self.backend)
+        for blk in self.blocks:
+            x = blk(x, backend=self.backend)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor):
+        """latent [N, len_keep+1, D] -> pred [N, L, p*p*C] (or [N, L-len_keep, p*p*C] with pred_masked_only)."""
+        len_keep = x.shape[1] - 1
+        x = self.decoder_embed(x)
+        x = ops.unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed, backend=self.backend)
+        for blk in self.decoder_blocks:
+            x = blk(x, backend=self.backend)
+        x = self.decoder_norm(x)[:, 1:, :]
+        if self.pred_masked_only:
+            ids = self.removed_ids(ids_restore, len_keep)
+            x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.decoder_pred(x)
+
+    @staticmethod
+    def removed_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
+        """Patch indices of the removed patches in shuffled order: [N, L - len_keep] (pred_masked_only rows)."""
+        return torch.argsort(ids_restore, dim=1)[:, len_keep:]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pred_ids=None):
+        """imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L] (0 keep, 1 remove) -> scalar loss."""
+        return ops.masked_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, pred_ids=pred_ids,
+                                   backend=self.backend)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        pred_ids = None
+        if self.pred_masked_only:
+            pred_ids = self.removed_ids(ids_restore, latent.shape[1] - 1)
+        loss = self.forward_loss(imgs, pred, mask, pred_ids=pred_ids)
+        return loss, pred, mask
+
+
+_LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN, **kwargs)
+
+
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN, **kwargs)
+
+
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN, **kwargs)
+
+
+def mae_vit_cifar_small_patch4(**kwargs):
+    """CIFAR-10 'small' (32x32, patch 4): encoder 128/3/4, decoder 64/1/4, MLP ratio 2."""
+    kwargs.setdefault("img_size", 32)
+    return MaskedAutoencoderViT(patch_size=4, embed_dim=128, depth=3, num_heads=4, decoder_embed_dim=64,
+                                decoder_depth=1, decoder_num_heads=4, mlp_ratio=2, norm_layer=_LN, **kwargs)
+
+
+def mae_vit_cifar_medium_patch4(**kwargs):
+    """CIFAR-10 'medium' (32x32, patch 4): encoder 256/4/4, decoder 128/2/4, MLP ratio 2."""
+    kwargs.setdefault("img_size", 32)
+    return MaskedAutoencoderViT(patch_size=4, embed_dim=256, depth=4, num_heads=4, decoder_embed_dim=128,
+                                decoder_depth=2, decoder_num_heads=4, mlp_ratio=2, norm_layer=_LN, **kwargs)
+
+
+def mae_vit_tiny_patch4(**kwargs):
+    """A tiny preset (32x32, patch 4, encoder 64/2/2, decoder 32/1/2) that trains in seconds on a CPU."""
+    kwargs.setdefault("img_size", 32)
+    return MaskedAutoencoderViT(patch_size=4, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
+                                decoder_depth=1, decoder_num_heads=2, mlp_ratio=2, norm_layer=_LN, **kwargs)
+
+
+# the official short names
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
+
+MODELS = {
+    "mae_vit_base_patch16": mae_vit_base_patch16,
+    "mae_vit_large_patch16": mae_vit_large_patch16,
+    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+    "mae_vit_base_patch16_dec512d8b": mae_vit_base_patch16_dec512d8b,
+    "mae_vit_large_patch16_dec512d8b": mae_vit_large_patch16_dec512d8b,
+    "mae_vit_huge_patch14_dec512d8b": mae_vit_huge_patch14_dec512d8b,
+    "mae_vit_cifar_small_patch4": mae_vit_cifar_small_patch4,
+    "mae_vit_cifar_medium_patch4": mae_vit_cifar_medium_patch4,
+    "mae_vit_tiny_patch4": mae_vit_tiny_patch4,
+}
+
+
+def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
+    """Build a model by factory name (see `MODELS`)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)

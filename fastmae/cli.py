@@ -39,7 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    from .model.checkpoint import CheckpointError
+    from .ops.registry import BackendUnavailable
+
+    try:
+        return int(args._run(args) or 0)
+    except (BackendUnavailable, CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
+        # bad input or an unavailable backend: a clear message, not a traceback
+        print(f"fastmae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastmae {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ import torch
 
 from . import reference
 from .registry import (BACKENDS, ENV_VAR, OPS, BackendSpec, BackendUnavailable, Inputs, OpImpl, get_impl,
-                       not_supported_reasons, priority, requested, resolve, set_priority, use_backend)
+                       not_supported_reasons, priority, record_choices, requested, resolve, set_priority,
+                       use_backend)
 
 __all__ = [
     "attention", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss", "backend_for",
     "use_backend", "BackendUnavailable", "BACKENDS", "OPS", "ENV_VAR", "reference", "resolve", "Inputs",
-    "OpImpl", "get_impl", "not_supported_reasons", "priority", "set_priority", "requested",
+    "OpImpl", "get_impl", "record_choices", "not_supported_reasons", "priority", "set_priority", "requested",
 ]
 
 

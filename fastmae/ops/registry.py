@@ -10,7 +10,9 @@ Choosing a backend, most specific first:
   3. the `FASTMAE_BACKEND` environment variable;
   4. automatic: the first backend of the op's priority list for the input's device that serves it.
 A backend may be a name (`"triton"`), `"auto"`, or a mapping from op name to name
-(`{"attention": "xformers"}`; ops it does not name are chosen automatically). A backend that was asked
+(`{"attention": "xformers"}`; ops it does not name are chosen automatically). A single name covers the ops
+that backend implements; the others are chosen as if it had not been named (xformers implements attention
+only, so `backend="xformers"` means xformers attention and automatic token ops). A backend that was asked
 for and cannot serve the input raises `BackendUnavailable` with its reasons: never a silent fallback.
 """
 from __future__ import annotations
@@ -165,7 +167,9 @@ def _name_for(spec: BackendSpec, op: str) -> str | None:
     if spec is None:
         return None
     if isinstance(spec, str):
-        return _validate_name(spec)
+        name = _validate_name(spec)
+        # a single name covers the ops that backend implements (xformers: attention only)
+        return name if name == "auto" or (op, name) in _REGISTRY else None
     name = spec.get(op)
     return None if name is None else _validate_name(name)
 
@@ -200,6 +204,7 @@ def use_backend(backend: BackendSpec) -> Iterator[None]:
 
 def requested(op: str, backend: BackendSpec = None) -> str:
     """The backend name asked for op, by call, context or environment ("auto" if none)."""
+    _ensure_loaded()
     for spec in (backend, *reversed(_context_stack()), _parse_env()):
         name = _name_for(spec, op)
         if name is not None:
@@ -207,8 +212,29 @@ def requested(op: str, backend: BackendSpec = None) -> str:
     return "auto"
 
 
+_RECORDERS: list[dict[str, str]] = []
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[dict[str, str]]:
+    """Record which backend served each op inside the block: yields a dict op -> backend name."""
+    record: dict[str, str] = {}
+    _RECORDERS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDERS.remove(record)
+
+
 def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
     """The implementation that serves `op` for `inputs`, or `BackendUnavailable` with every reason."""
+    impl = _resolve(op, inputs, backend)
+    for record in _RECORDERS:
+        record[op] = impl.backend
+    return impl
+
+
+def _resolve(op: str, inputs: Inputs, backend: BackendSpec) -> OpImpl:
     _ensure_loaded()
     name = requested(op, backend)
     if name != "auto":
@@ -239,3 +265,30 @@ def _ensure_loaded() -> None:
         return
     _loaded = True
     from . import reference_ops, sdpa_ops, triton_ops, xformers_ops  # noqa: F401
+
+    load_priority_file(PRIORITY_FILE)
+
+
+PRIORITY_FILE = os.path.join(os.path.dirname(__file__), "priority.json")
+
+
+def load_priority_file(path: str) -> bool:
+    """Read measured backend orders, `{"cuda": {"attention": ["triton", "sdpa", ...], ...}, "source": {...}}`,
+    as `fastmae bench ops --write-priority` writes them. Backends a file omits keep their default place
+    after the measured ones. Returns whether a file was read."""
+    import json
+
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for device_type, per_op in data.items():
+        if device_type not in _DEFAULT_PRIORITY or not isinstance(per_op, dict):
+            continue
+        for op, order in per_op.items():
+            if op in OPS:
+                # Triton on CPU is the interpreter, for tests only: never chosen automatically there.
+                measured = [b for b in order if b in BACKENDS and not (device_type == "cpu" and b == "triton")]
+                rest = [b for b in _DEFAULT_PRIORITY[device_type] if b not in measured]
+                set_priority(op, device_type, measured + rest)
+    return True

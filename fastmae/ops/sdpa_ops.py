@@ -51,7 +51,7 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
     n, L = ids_restore.shape
     K = x.shape[1] - 1
     # one padded table per sample: visible tokens then the mask token; index it in patch order.
-    table = torch.cat([x[:, 1:, :], mask_token.expand(n, 1, -1).to(x.dtype)], dim=1)
+    table = torch.cat([x[:, 1:, :], mask_token.expand(n, 1, -1)], dim=1)
     idx = ids_restore.clamp(max=K)
     body = _rows(table, idx)
     return torch.cat([x[:, :1, :], body], dim=1) + pos_embed

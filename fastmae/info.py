@@ -1,0 +1,105 @@
+"""`fastmae info` (also `python -m fastmae.info`): versions, device, and which backend can run which op.
+
+For each op and backend it prints `yes` or the registry's reasons, for a representative input on every
+available device type (CPU always; CUDA when present), in each float dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+import torch
+
+from . import __version__, ops
+from .ops.registry import BACKENDS, OPS, Inputs
+
+HELP = "print versions, devices and which backend serves which op (or why not)"
+
+# a representative head dim per op: the attention head dim matters, the token ops have none
+_HEAD_DIM = {"attention": 64}
+
+
+def versions() -> dict[str, str]:
+    out = {"fastmae": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "xformers", "numpy"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception as exc:  # noqa: BLE001 - report any import failure as text
+            out[name] = "not installed" if isinstance(exc, ModuleNotFoundError) else f"broken ({exc})"
+    return out
+
+
+def devices() -> list[str]:
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def device_names() -> dict[str, str]:
+    names = {"cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        names["cuda"] = f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}, CUDA {torch.version.cuda})"
+    return names
+
+
+def availability(device: str, dtype: torch.dtype) -> dict[str, dict[str, list[str]]]:
+    """op -> backend -> reasons (empty list: available)."""
+    table = {}
+    for op in OPS:
+        inputs = Inputs(torch.device(device), dtype, head_dim=_HEAD_DIM.get(op), options={"op": op})
+        table[op] = {b: ops.not_supported_reasons(op, b, inputs) for b in BACKENDS}
+    return table
+
+
+def auto_choice(op: str, device: str, dtype: torch.dtype) -> str:
+    inputs = Inputs(torch.device(device), dtype, head_dim=_HEAD_DIM.get(op), options={"op": op})
+    try:
+        return ops.resolve(op, inputs).backend
+    except ops.BackendUnavailable:
+        return "none"
+
+
+def report(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
+    lines = ["fastmae info", ""]
+    for k, v in versions().items():
+        lines.append(f"  {k:<9} {v}")
+    for dev, name in device_names().items():
+        lines.append(f"  {dev:<9} {name}")
+    requested = ops.requested("attention")
+    lines.append(f"  backend   {requested} (from {ops.ENV_VAR} or default)")
+    for dev in devices():
+        for dtype in dtypes:
+            dname = str(dtype).replace("torch.", "")
+            lines += ["", f"[{dev}, {dname}]  (attention with head dim 64)"]
+            table = availability(dev, dtype)
+            for op in OPS:
+                lines.append(f"  {op}  (automatic choice: {auto_choice(op, dev, dtype)})")
+                for b in BACKENDS:
+                    reasons = table[op][b]
+                    lines.append(f"    {b:<10} {'yes' if not reasons else 'no: ' + '; '.join(reasons)}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "all"], default="all",
+                        help="which dtype(s) to report")
+
+
+def run(args: argparse.Namespace) -> int:
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if args.dtype == "all" else (getattr(torch, args.dtype),)
+    print(report(dtypes))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmae.info", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Bad input gets a clear, documented error."""
+import pytest
+import torch
+
+import fastmae
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fastmae.mae_vit_tiny_patch4()
+
+
+@pytest.mark.parametrize("imgs,exc,match", [
+    (torch.randn(2, 3, 32, 48), ValueError, "square"),
+    (torch.randn(2, 3, 30, 30), ValueError, "divisible by the patch size"),
+    (torch.randn(2, 1, 32, 32), ValueError, "3-channel"),
+    (torch.randn(2, 3, 64, 64), ValueError, "built for 32x32"),
+    (torch.randn(3, 32, 32), ValueError, r"\[N, C, H, W\]"),
+    (torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), TypeError, "float32, float16 or bfloat16"),
+])
+def test_bad_images(model, imgs, exc, match):
+    with pytest.raises(exc, match=match):
+        model(imgs)
+
+
+@pytest.mark.parametrize("ratio,match", [(1.0, r"\[0, 1\)"), (-0.1, r"\[0, 1\)"), (0.999, "keeps no patch")])
+def test_bad_mask_ratio(model, ratio, match):
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(1, 3, 32, 32), mask_ratio=ratio)
+
+
+def test_bad_noise_shape(model):
+    with pytest.raises(ValueError, match=r"noise must be \[N, L\] = \[2, 64\]"):
+        model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 63))
+
+
+def test_unknown_model_backend_and_mask_strategy():
+    with pytest.raises(ValueError, match="unknown model"):
+        fastmae.create_model("mae_vit_gigantic")
+    with pytest.raises(ValueError, match="mask_strategy"):
+        fastmae.mae_vit_tiny_patch4(mask_strategy="block")
+    m = fastmae.mae_vit_tiny_patch4(backend="flash")
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):
+        m(torch.randn(1, 3, 32, 32))
+
+
+def test_unavailable_backend_raises_with_reasons(model):
+    model.backend = "xformers"
+    try:
+        with pytest.raises(fastmae.BackendUnavailable, match="xformers.*(not installed|cuda)"):
+            model(torch.randn(1, 3, 32, 32))
+    finally:
+        model.backend = None

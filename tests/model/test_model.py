@@ -1,0 +1,140 @@
+"""The model against an independent oracle, backends against each other, masking and shapes."""
+import pytest
+import torch
+
+import fastmae
+from tests.model.oracle import mae_forward, patch_vectors
+from tests.utils import assert_close
+
+# fp32, same weights and noise: the model and the loop-by-loop oracle differ only by summation order
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    kw = {"img_size": 16, "patch_size": 4, "in_chans": 3, "embed_dim": 32, "depth": 2, "num_heads": 2,
+          "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2, "mlp_ratio": 2.0, **kw}
+    return fastmae.MaskedAutoencoderViT(**kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5])
+def test_model_matches_oracle(backend, norm_pix, mask_ratio):
+    model = small_model(norm_pix_loss=norm_pix, backend=backend)
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    with torch.no_grad():
+        o_loss, o_pred, o_mask = mae_forward(model, imgs, mask_ratio, noise, norm_pix)
+    assert torch.equal(mask, o_mask)
+    assert_close(pred, o_pred, ATOL, RTOL, "pred")
+    assert_close(loss, o_loss, ATOL, RTOL, "loss")
+
+
+def test_patchify_order_and_inverse():
+    model = small_model(in_chans=1)
+    imgs = torch.randn(1, 1, 16, 16)
+    assert torch.equal(model.patchify(imgs)[0], patch_vectors(imgs[0], 4))
+    assert torch.equal(model.unpatchify(model.patchify(imgs)), imgs)
+    model3 = small_model()
+    imgs3 = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model3.patchify(imgs3)[1], patch_vectors(imgs3[1], 4))
+    assert torch.equal(model3.unpatchify(model3.patchify(imgs3)), imgs3)
+
+
+def test_random_masking_official_semantics():
+    model = small_model()
+    x = torch.randn(3, 16, 8)
+    noise = torch.rand(3, 16)
+    x_masked, mask, ids_restore = model.random_masking(x, 0.75, noise=noise)
+    keep = torch.argsort(noise, dim=1)[:, :4]
+    assert torch.equal(x_masked, torch.stack([x[i, keep[i]] for i in range(3)]))
+    assert mask.sum().item() == 3 * 12
+    for i in range(3):
+        assert set(torch.nonzero(mask[i] == 0).flatten().tolist()) == set(keep[i].tolist())
+    assert torch.equal(torch.argsort(torch.argsort(noise, 1), 1), ids_restore)
+
+
+def test_noise_makes_runs_reproducible_and_default_draws():
+    model = small_model()
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    a = model(imgs, noise=noise)
+    b = model(imgs, noise=noise)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    torch.manual_seed(1)
+    c = model(imgs)
+    torch.manual_seed(1)
+    d = model(imgs)
+    assert torch.equal(c[2], d[2]) and c[2].sum() == 2 * 12
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_reference_and_sdpa_agree_with_gradients(norm_pix):
+    model = small_model(norm_pix_loss=norm_pix)
+    imgs = torch.randn(3, 3, 16, 16)
+    noise = torch.rand(3, 16)
+    results = {}
+    for backend in ("reference", "sdpa"):
+        model.zero_grad()
+        model.backend = backend
+        loss, pred, _ = model(imgs, noise=noise)
+        loss.backward()
+        results[backend] = (loss.detach(), pred.detach(),
+                            {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    (l1, p1, g1), (l2, p2, g2) = results["reference"], results["sdpa"]
+    assert_close(l2, l1, 1e-6, 1e-5, "loss")
+    assert_close(p2, p1, 1e-5, 1e-5, "pred")
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for k in g1:
+        assert_close(g2[k], g1[k], 1e-5, 1e-4, f"grad {k}")
+
+
+def test_grid_masking_keeps_one_patch_per_cell():
+    model = small_model(mask_strategy="grid")
+    _, _, mask = model(torch.randn(2, 3, 16, 16))
+    grid = mask.reshape(2, 4, 4)
+    for i in range(0, 4, 2):
+        for j in range(0, 4, 2):
+            assert (grid[:, i:i + 2, j:j + 2] == 0).sum(dim=(1, 2)).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="2x2"):
+        model(torch.randn(2, 3, 16, 16), mask_ratio=0.5)
+
+
+def test_pred_masked_only_matches_full_prediction():
+    model = small_model()
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    loss, pred, mask = model(imgs, noise=noise)
+    model.pred_masked_only = True
+    loss_m, pred_m, mask_m = model(imgs, noise=noise)
+    removed = torch.argsort(noise, dim=1)[:, 4:]
+    assert pred_m.shape == (2, 12, 48)
+    assert_close(pred_m, torch.stack([pred[i, removed[i]] for i in range(2)]), 1e-6, 1e-5, "pred")
+    assert_close(loss_m, loss, 1e-6, 1e-5, "loss")
+    assert torch.equal(mask, mask_m)
+
+
+def test_mask_ratio_zero_gives_zero_loss_and_single_patch_works():
+    model = small_model()
+    loss, pred, mask = model(torch.randn(1, 3, 16, 16), mask_ratio=0.0)
+    assert mask.sum() == 0 and loss.item() == 0.0
+    loss, pred, mask = model(torch.randn(1, 3, 16, 16), mask_ratio=15 / 16)
+    assert mask.sum() == 15 and torch.isfinite(loss)
+
+
+def test_context_manager_env_and_per_call_choice(monkeypatch):
+    model = small_model()
+    imgs = torch.randn(1, 3, 16, 16)
+    with fastmae.ops.record_choices() as rec, fastmae.use_backend("reference"):
+        model(imgs)
+    assert set(rec.values()) == {"reference"}
+    monkeypatch.setenv("FASTMAE_BACKEND", "attention=reference")
+    with fastmae.ops.record_choices() as rec:
+        model(imgs)
+    assert rec["attention"] == "reference" and rec["gather_tokens"] == "sdpa"
+    model.backend = "sdpa"  # the model's choice beats the environment
+    with fastmae.ops.record_choices() as rec:
+        model(imgs)
+    assert set(rec.values()) == {"sdpa"}

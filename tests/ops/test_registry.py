@@ -1,0 +1,95 @@
+"""The backend registry: reasons, explicit requests, automatic choice, context, environment, priority file."""
+import json
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.ops import registry
+from fastmae.ops.registry import Inputs
+
+
+def cpu_inputs(dtype=torch.float32, head_dim=64):
+    return Inputs(torch.device("cpu"), dtype, head_dim=head_dim, options={"op": "attention"})
+
+
+def test_every_backend_gives_reasons_or_serves():
+    for op in ops.OPS:
+        for b in ops.BACKENDS:
+            reasons = ops.not_supported_reasons(op, b, cpu_inputs())
+            assert isinstance(reasons, list) and all(isinstance(r, str) and len(r) > 10 for r in reasons)
+    assert ops.not_supported_reasons("attention", "reference", cpu_inputs()) == []
+    assert ops.not_supported_reasons("attention", "sdpa", cpu_inputs()) == []
+    xf = ops.not_supported_reasons("attention", "xformers", cpu_inputs())
+    assert any("cuda" in r for r in xf)
+
+
+def test_dtype_and_head_dim_reasons():
+    impl = registry.OpImpl(op="attention", backend="triton", fn=None, devices=("cpu",), dtypes=(torch.float16,),
+                           head_dims=(16, 128))
+    reasons = impl.reasons(cpu_inputs(torch.float32, head_dim=200))
+    assert any("float32" in r for r in reasons) and any("head dims 16 to 128" in r for r in reasons)
+
+
+def test_explicit_request_never_falls_back():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ops.BackendUnavailable, match="backend 'xformers' cannot run attention"):
+        ops.attention(q, q, q, backend="xformers")
+
+
+def test_automatic_choice_on_cpu_and_error_lists_all(monkeypatch):
+    assert ops.resolve("attention", cpu_inputs()).backend == "sdpa"
+    monkeypatch.setitem(registry._PRIORITY, ("attention", "cpu"), ["xformers"])
+    with pytest.raises(ops.BackendUnavailable, match="no backend can run attention.*xformers:"):
+        ops.resolve("attention", cpu_inputs())
+
+
+def test_precedence_call_context_env(monkeypatch):
+    monkeypatch.setenv(ops.ENV_VAR, "reference")
+    assert ops.requested("attention") == "reference"
+    with ops.use_backend("sdpa"):
+        assert ops.requested("attention") == "sdpa"
+        with ops.use_backend({"attention": "reference"}):
+            assert ops.requested("attention") == "reference"
+            assert ops.requested("gather_tokens") == "sdpa"
+        assert ops.requested("attention", backend="auto") == "auto"
+    # a single name covers only the ops that backend implements
+    with ops.use_backend("xformers"):
+        assert ops.requested("attention") == "xformers"
+        assert ops.requested("gather_tokens") == "reference"  # from the environment
+
+
+def test_bad_names_are_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend"):
+        with ops.use_backend("cuda"):
+            pass
+    with pytest.raises(ValueError, match="unknown op"):
+        with ops.use_backend({"attn": "sdpa"}):
+            pass
+    monkeypatch.setenv(ops.ENV_VAR, "attention=nope")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        ops.requested("attention")
+
+
+def test_priority_file(tmp_path, monkeypatch):
+    path = tmp_path / "priority.json"
+    path.write_text(json.dumps({"cpu": {"attention": ["reference", "triton"]}, "source": {"device": "test"}}))
+    monkeypatch.setattr(registry, "_PRIORITY", {})
+    assert registry.load_priority_file(str(path))
+    assert ops.priority("attention", "cpu") == ["reference", "sdpa"]  # triton is never automatic on CPU
+    assert ops.priority("gather_tokens", "cpu") == ["sdpa", "reference"]
+    assert not registry.load_priority_file(str(tmp_path / "none.json"))
+
+
+def test_op_input_validation():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="one shape"):
+        ops.attention(q, q[:, :, :3], q)
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match="int64"):
+        ops.gather_tokens(torch.randn(1, 4, 8), torch.zeros(1, 2, dtype=torch.int32), torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="pred must be"):
+        ops.masked_mse_loss(torch.randn(1, 4, 10), torch.randn(1, 3, 8, 8), torch.ones(1, 4), 4)
+    with pytest.raises(ValueError, match="not divisible"):
+        ops.gather_patches(torch.randn(1, 3, 10, 10), torch.zeros(1, 1, dtype=torch.long), 4)

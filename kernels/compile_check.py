@@ -1,0 +1,589 @@
+"""Ahead-of-time compile check: every launchable kernel configuration, compiled for real NVIDIA GPUs.
+
+Triton's CPU interpreter runs code that the GPU compiler rejects (a `tl.dot` with a dimension below 16,
+a block too large for registers or shared memory) and says nothing about register pressure. Triton can
+compile for a GPU target on a machine without one, so this module does exactly that for each
+`CompileSpec` the kernel modules export (`compile_specs() -> list[CompileSpec]`, see `kernels/utils.py`)
+and each target architecture:
+
+1. `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32), options={num_warps, num_stages})`
+   builds TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, exactly as a launch on that GPU would (sm_90 emits wgmma).
+2. The PTX goes through the `ptxas` that Triton itself uses for that architecture, with `-v` and the same
+   flags Triton passes, which reports registers per thread, spill stores/loads and static shared memory.
+   (A compiled kernel's `n_regs`/`n_spills` are only filled in when a driver loads it, so they are empty here.)
+3. Triton's dynamic shared memory comes from the compiled kernel's metadata (`shared`).
+
+A configuration has a problem when it fails to compile (the message is kept), spills (any spill bytes),
+uses more than 255 registers per thread or more registers than a block holds, or needs more shared memory
+per block than the target allows (limits in `LIMITS`, with their sources).
+
+Specialisation: pointer arguments are compiled as 16-byte aligned (what PyTorch's allocator gives and what
+a launch with fresh tensors specialises on); integer arguments are not assumed divisible by 16 unless the
+spec lists them in an optional `divisible_by_16` attribute. Constexpr parameters with a default value in the
+kernel need not be listed in `constexprs`.
+
+Interpreter: with `TRITON_INTERPRET=1` (the CPU test suite sets it before importing triton), `@triton.jit`
+returns an `InterpretedFunction`, which `triton.compile` cannot take (it has no `cache_key`), and the
+kernels' helper functions are interpreter wrappers too; running interpreted kernels also patches
+`triton.language` while they run. Unwrapping (`InterpretedFunction.fn` is the plain Python function) is
+therefore not enough. Whenever the interpreter is on in this process, the check runs in a fresh Python
+process with `TRITON_INTERPRET` removed from its environment: the worker imports the kernel modules there
+(so every `@triton.jit` is a real `JITFunction`), compiles, and writes its reports back as JSON. Loose specs
+(`compile_spec`, `check_specs`) travel by module and qualified name of their kernel, so their kernel must be
+defined at module level in an importable module. Without the interpreter everything runs in this process.
+
+Triton versions (3.6 through 3.9 checked): `ASTSource(fn, signature, constexprs, attrs)` takes a signature
+holding *every* parameter, constexpr ones with the type string "constexpr"; `constexprs` is keyed by a
+path tuple `(index,)` (names are accepted and converted to that); `attrs` is keyed the same way with lists
+of `[attribute, value]` pairs such as `["tt.divisibility", 16]`. The CompileSpec keeps the friendlier form
+(signature of the runtime arguments only, constexprs by name); `_make_source` converts. Triton before 3.2
+had a different `ASTSource` (a `constants=` argument and an `AttrsDescriptor`) and is refused clearly.
+
+Command line: `python -m fastmae.kernels.compile_check [--arch 80 90] [--module NAME ...] [--json FILE]`
+prints one row per (configuration, architecture) and exits with status 1 when any problem is found.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import inspect
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+KERNEL_MODULES = ("fastmae.kernels.attention", "fastmae.kernels.tokens", "fastmae.kernels.loss")
+ARCHS = (80, 90)
+WORKER_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    gpu: str
+    gpu_name: str  # ptxas --gpu-name, as Triton spells it (sm_90a enables wgmma)
+    max_registers_per_thread: int
+    registers_per_block: int
+    max_shared_per_block: int  # bytes a block may opt in to (static + dynamic)
+
+
+# Sources: CUDA C++ Programming Guide, "Technical Specifications per Compute Capability", and the
+# A100 / H100 tuning guides. Compute capability 8.0 (A100): 164 KB shared memory per SM, at most 163 KB
+# (166912 bytes) per block with the opt-in attribute. 9.0 (H100): 228 KB per SM, at most 227 KB
+# (232448 bytes) per block. Both: 255 registers per thread, 64 K 32-bit registers per block and per SM.
+# (8.6 / 8.9 consumer GPUs allow only 99 KB per block; they are not targets of this check.)
+LIMITS = {
+    80: ArchLimits("A100 (sm_80)", "sm_80", 255, 65536, 163 * 1024),
+    90: ArchLimits("H100 (sm_90)", "sm_90a", 255, 65536, 227 * 1024),
+}
+
+
+@dataclass
+class Report:
+    """What compiling one configuration for one architecture gave. Sizes in bytes; registers per thread."""
+
+    name: str
+    arch: int
+    module: str = ""
+    num_warps: int = 4
+    num_stages: int = 2
+    registers: int | None = None
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack_frame: int = 0
+    static_shared: int = 0
+    dynamic_shared: int = 0
+    mma: str = ""  # tensor-core instructions in the PTX: "wgmma", "mma" or ""
+    compile_seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def spill_bytes(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.static_shared + self.dynamic_shared
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(spill_bytes=self.spill_bytes, shared_bytes=self.shared_bytes, ok=self.ok)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ModuleResult:
+    """The check of one kernel module: status 'checked', 'missing', 'no compile_specs' or 'error'."""
+
+    module: str
+    status: str
+    message: str = ""
+    reports: list[Report] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        if self.status != "checked":
+            return [f"{self.module}: {self.status}" + (f": {self.message}" if self.message else "")]
+        return [f"{r.name} [sm_{r.arch}]: {p}" for r in self.reports for p in r.problems]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return dict(module=self.module, status=self.status, message=self.message,
+                    reports=[r.to_dict() for r in self.reports])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModuleResult":
+        return cls(d["module"], d["status"], d.get("message", ""), [Report.from_dict(r) for r in d["reports"]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton adapters
+# --------------------------------------------------------------------------------------------------
+
+def interpreter_active() -> bool:
+    """True when `@triton.jit` in this process gives interpreter wrappers instead of compilable kernels."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except Exception:  # knobs appeared in triton 3.4; the environment variable is the older switch
+        return False
+
+
+def _python_function(fn):
+    """The plain Python function under a jit / interpreter / autotune / heuristics wrapper."""
+    seen = 0
+    while hasattr(fn, "fn") and seen < 8:
+        fn = fn.fn
+        seen += 1
+    return fn
+
+
+def _jit_function(fn):
+    """The `JITFunction` under autotune / heuristics wrappers; a clear error for anything else."""
+    from triton.runtime.jit import JITFunction
+    obj = fn
+    for _ in range(8):
+        if isinstance(obj, JITFunction):
+            return obj
+        if not hasattr(obj, "fn"):
+            break
+        obj = obj.fn
+    raise TypeError(f"{getattr(fn, '__name__', fn)!r} is a {type(fn).__name__}, not a triton.jit kernel"
+                    + (" (the Triton interpreter is on in this process)" if interpreter_active() else ""))
+
+
+def _constexpr_defaults(fn) -> dict[str, Any]:
+    try:
+        params = inspect.signature(_python_function(fn)).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _make_source(fn, signature: dict[str, str], constexprs: dict[str, Any], divisible_by_16: Iterable[str] = ()):
+    """Build a `triton.compiler.ASTSource` from the CompileSpec form (see the module docstring)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        raise RuntimeError(f"triton {triton.__version__} has the old ASTSource(constants=...) interface; "
+                           "this check needs triton >= 3.2 (fastmae supports 3.6 and newer)")
+    names = list(fn.arg_names)
+    unknown = [k for k in (*signature, *constexprs) if k not in names]
+    if unknown:
+        raise ValueError(f"spec names {unknown} that are not parameters of {fn.__name__}{tuple(names)}")
+    clash = [k for k in constexprs if k in signature and signature[k] != "constexpr"]
+    if clash:
+        raise ValueError(f"{clash} given both a runtime type and a constexpr value")
+    defaults = _constexpr_defaults(fn)
+    constexpr_params = {p.name for p in getattr(fn, "params", []) if getattr(p, "is_constexpr", False)}
+    values, full, missing = {}, {}, []
+    for name in names:
+        if name in constexprs:
+            values[name] = constexprs[name]
+            full[name] = "constexpr"
+        elif name in signature and signature[name] != "constexpr":
+            full[name] = signature[name]
+        elif name in constexpr_params and name in defaults:
+            values[name] = defaults[name]
+            full[name] = "constexpr"
+        else:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"parameters of {fn.__name__} with neither a type in `signature` nor a value in "
+                         f"`constexprs`: {missing}")
+    divisible = set(divisible_by_16)
+    bad = [k for k in divisible if k not in full or full[k] == "constexpr"]
+    if bad:
+        raise ValueError(f"divisible_by_16 names {bad}, which are not runtime arguments")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+             if full[name] != "constexpr" and (full[name].startswith("*") or name in divisible)}
+    constants = {(names.index(k),): v for k, v in values.items()}
+    return ASTSource(fn=fn, signature=full, constexprs=constants, attrs=attrs)
+
+
+@functools.lru_cache(maxsize=None)
+def _ptxas_path(arch: int) -> str:
+    """The ptxas binary Triton uses for `arch` (3.6+: `get_ptxas(arch)`; fall back to the wheel's bin/)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            return get_ptxas(arch).path
+        except TypeError:  # an older helper without the arch argument
+            return get_ptxas().path
+    except Exception:
+        pass
+    try:
+        from triton import knobs
+        return knobs.nvidia.ptxas.path
+    except Exception:
+        pass
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.isfile(path):
+        raise FileNotFoundError("no ptxas found in the triton installation (set TRITON_PTXAS_PATH)")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ptxas_flags() -> tuple[str, ...]:
+    """Flags Triton's own ptx -> cubin step passes besides -v / -lineinfo / --gpu-name, mirrored here so the
+    numbers describe the cubin Triton builds (triton 3.9 adds --regAllocOptLevel=2, 3.6 does not)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+        src = inspect.getsource(CUDABackend.make_cubin)
+    except Exception:
+        return ()
+    return tuple(flag for flag in ("--regAllocOptLevel=2",) if flag in src)
+
+
+_PTXAS_PATTERNS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "stack_frame": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "static_shared": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict[str, int]:
+    """Numbers from `ptxas -v`: the largest register count / stack frame / static shared memory of any
+    function in the module, and the spill bytes summed over its functions."""
+    out = {}
+    for key, pattern in _PTXAS_PATTERNS.items():
+        values = [int(v) for v in pattern.findall(log)]
+        if key == "registers" and not values:
+            raise ValueError(f"ptxas -v printed no register count:\n{log}")
+        out[key] = (sum(values) if key.startswith("spill") else max(values)) if values else 0
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def ptxas_usage(ptx: str, arch: int, fp_fusion: bool = True, extra: tuple[str, ...] = ()) -> dict[str, int]:
+    """Run ptxas -v on PTX for `arch` (80 or 90) and parse its resource report."""
+    cmd = [_ptxas_path(arch), "-lineinfo", "-v", *(() if fp_fusion else ("--fmad=false",)), *_triton_ptxas_flags(),
+           *extra, f"--gpu-name={LIMITS[arch].gpu_name}"]
+    with tempfile.TemporaryDirectory(prefix="fastmae-ptxas-") as tmp:
+        src, obj = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([*cmd, src, "-o", obj], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas exited with status {proc.returncode}: {log.strip()}")
+    return parse_ptxas_log(log)
+
+
+def _short(exc: BaseException, limit: int = 1500) -> str:
+    """The exception as one message; long ones keep their head and their tail (where Triton's
+    CompilationError states the reason, after the source excerpt)."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[:limit // 4] + "\n[...]\n" + text[-(limit - limit // 4):]
+
+
+def _check_limits(report: Report) -> None:
+    lim = LIMITS[report.arch]
+    if report.spill_bytes:
+        report.problems.append(f"register spills: {report.spill_stores} bytes stored, {report.spill_loads} bytes "
+                               f"loaded per thread ({report.registers} registers)")
+    if report.registers is not None:
+        if report.registers > lim.max_registers_per_thread:
+            report.problems.append(f"{report.registers} registers per thread exceed {lim.max_registers_per_thread}")
+        # Registers are allocated per warp in units of 256 (CUDA occupancy calculator, cc 8.0 and 9.0).
+        per_warp = -(-report.registers * 32 // 256) * 256
+        if per_warp * report.num_warps > lim.registers_per_block:
+            report.problems.append(f"{report.registers} registers x {32 * report.num_warps} threads "
+                                   f"({per_warp * report.num_warps} allocated) exceed the {lim.registers_per_block} "
+                                   "registers of a block: the launch would fail")
+    if report.shared_bytes > lim.max_shared_per_block:
+        report.problems.append(f"shared memory {report.shared_bytes} bytes exceeds the {lim.max_shared_per_block} "
+                               f"bytes a block may use on {lim.gpu}")
+
+
+def _compile_here(spec, arch: int, module: str = "") -> Report:
+    """Compile one spec for one architecture in this process (the interpreter must be off)."""
+    report = Report(name=spec.name, arch=arch, module=module, num_warps=int(spec.num_warps),
+                    num_stages=int(spec.num_stages))
+    if arch not in LIMITS:
+        report.problems.append(f"unknown architecture {arch}; known: {sorted(LIMITS)}")
+        return report
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        fn = _jit_function(spec.fn)
+        src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), getattr(spec, "divisible_by_16", ()))
+        options = {"num_warps": report.num_warps, "num_stages": report.num_stages}
+        start = time.perf_counter()
+        # Triton prints the whole PTX to stdout when ptxas fails; the exception keeps what matters.
+        with contextlib.redirect_stdout(io.StringIO()):
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        report.compile_seconds = round(time.perf_counter() - start, 3)
+    except Exception as exc:  # a compile error is a finding, not a crash of the checker
+        report.problems.append(f"compile error: {_short(exc)}")
+        return report
+    ptx = kernel.asm["ptx"]
+    meta = kernel.metadata
+    report.dynamic_shared = int(getattr(meta, "shared", 0) or 0)
+    report.mma = "wgmma" if "wgmma." in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "")
+    try:
+        usage = ptxas_usage(ptx, arch, bool(getattr(meta, "enable_fp_fusion", True)),
+                            tuple((getattr(meta, "ptx_options", None) or "").split()))
+    except Exception as exc:
+        report.problems.append(f"ptxas -v failed: {_short(exc)}")
+        return report
+    for key, value in usage.items():
+        setattr(report, key, value)
+    _check_limits(report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Running in a fresh process when the interpreter is on
+# --------------------------------------------------------------------------------------------------
+
+def _encode_value(value):
+    import triton.language as tl
+    if isinstance(value, tl.constexpr):
+        value = value.value
+    if isinstance(value, tl.dtype):
+        return {"tl.dtype": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"constexpr value {value!r} of type {type(value).__name__} cannot be sent to the compile "
+                    "worker (use bool/int/float/str or a triton dtype)")
+
+
+def _decode_value(value):
+    if isinstance(value, dict) and "tl.dtype" in value:
+        import triton.language as tl
+        return tl.dtype(value["tl.dtype"])
+    return value
+
+
+def _spec_to_job(spec) -> dict:
+    fn = _python_function(spec.fn)
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<locals>" in qualname:
+        raise ValueError(f"kernel {qualname or fn!r} of spec {spec.name!r} is not defined at module level of an "
+                         "importable module, so a fresh process cannot find it (needed while the Triton "
+                         "interpreter is on)")
+    return dict(name=spec.name, module=module, qualname=qualname, signature=dict(spec.signature),
+                constexprs={k: _encode_value(v) for k, v in spec.constexprs.items()},
+                num_warps=int(spec.num_warps), num_stages=int(spec.num_stages),
+                divisible_by_16=list(getattr(spec, "divisible_by_16", ()) or ()))
+
+
+def _spec_from_job(job: dict):
+    from fastmae.kernels.utils import CompileSpec
+    obj = importlib.import_module(job["module"])
+    for part in job["qualname"].split("."):
+        obj = getattr(obj, part)
+    spec = CompileSpec(name=job["name"], fn=obj, signature=job["signature"],
+                       constexprs={k: _decode_value(v) for k, v in job["constexprs"].items()},
+                       num_warps=job["num_warps"], num_stages=job["num_stages"])
+    if job["divisible_by_16"]:
+        spec.divisible_by_16 = tuple(job["divisible_by_16"])
+    return spec
+
+
+def _run_worker(job: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [os.getcwd()] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    with tempfile.TemporaryDirectory(prefix="fastmae-compile-") as tmp:
+        job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        code = "import sys; from fastmae.kernels.compile_check import _worker_main; _worker_main(sys.argv[1], sys.argv[2])"
+        proc = subprocess.run([sys.executable, "-c", code, job_path, out_path], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0 or not os.path.exists(out_path):
+            tail = (proc.stderr or proc.stdout).strip()[-3000:]
+            raise RuntimeError(f"the compile worker process failed with status {proc.returncode}:\n{tail}")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def _worker_main(job_path: str, out_path: str) -> None:
+    """Entry point of the fresh process (interpreter off): run the job, write the result as JSON."""
+    with open(job_path) as f:
+        job = json.load(f)
+    archs = job["archs"]
+    if "modules" in job:
+        result = {"modules": [check_module(m, archs).to_dict() for m in job["modules"]]}
+    else:
+        reports = []
+        for item in job["specs"]:
+            try:
+                spec = _spec_from_job(item)
+            except Exception as exc:
+                reports += [Report(name=item["name"], arch=a, problems=[f"cannot load the kernel: {_short(exc)}"])
+                            for a in archs]
+                continue
+            reports += [_compile_here(spec, a, job.get("module", "")) for a in archs]
+        result = {"reports": [r.to_dict() for r in reports]}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+def check_specs(specs: Sequence, archs: Iterable[int] = ARCHS, module: str = "") -> list[Report]:
+    """Compile each spec for each architecture (spec-major order). Runs in a fresh process, all specs at
+    once, when the interpreter is on here."""
+    archs = [int(a) for a in archs]
+    if not interpreter_active():
+        return [_compile_here(s, a, module) for s in specs for a in archs]
+    jobs, reports = [], {}
+    for i, spec in enumerate(specs):
+        try:
+            jobs.append((i, _spec_to_job(spec)))
+        except Exception as exc:
+            reports[i] = [Report(name=spec.name, arch=a, module=module, problems=[f"cannot check: {_short(exc)}"])
+                          for a in archs]
+    if jobs:
+        out = _run_worker({"archs": archs, "module": module, "specs": [job for _, job in jobs]})["reports"]
+        for k, (i, _) in enumerate(jobs):
+            reports[i] = [Report.from_dict(d) for d in out[k * len(archs):(k + 1) * len(archs)]]
+    return [r for i in range(len(specs)) for r in reports[i]]
+
+
+def compile_spec(spec, arch: int) -> Report:
+    """Compile one CompileSpec for `arch` (80 or 90) and report registers, spills, shared memory, problems."""
+    return check_specs([spec], [arch])[0]
+
+
+def check_module(name: str, archs: Iterable[int] = ARCHS) -> ModuleResult:
+    """Import a kernel module, take its `compile_specs()`, compile each for each architecture."""
+    archs = [int(a) for a in archs]
+    if interpreter_active():
+        return ModuleResult.from_dict(_run_worker({"archs": archs, "modules": [name]})["modules"][0])
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            return ModuleResult(name, "missing", f"no module named {name}")
+        return ModuleResult(name, "error", f"import failed: {_short(exc)}")
+    except Exception as exc:
+        return ModuleResult(name, "error", f"import failed: {_short(exc)}")
+    if not callable(getattr(module, "compile_specs", None)):
+        return ModuleResult(name, "no compile_specs", "the module defines no compile_specs() function")
+    try:
+        specs = list(module.compile_specs())
+    except Exception as exc:
+        return ModuleResult(name, "error", f"compile_specs() raised {_short(exc)}")
+    if not specs:
+        return ModuleResult(name, "error", "compile_specs() returned no configurations")
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    result = ModuleResult(name, "checked", reports=check_specs(specs, archs, module=name))
+    if dupes:
+        result.status, result.message = "error", f"duplicate spec names {dupes}"
+    return result
+
+
+def check_modules(names: Iterable[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS) -> list[ModuleResult]:
+    """`check_module` for several modules (one worker process for all of them when the interpreter is on)."""
+    names, archs = list(names), [int(a) for a in archs]
+    if interpreter_active():
+        return [ModuleResult.from_dict(d) for d in _run_worker({"archs": archs, "modules": names})["modules"]]
+    return [check_module(n, archs) for n in names]
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f}K" if n else "0"
+
+
+def format_table(results: Sequence[ModuleResult]) -> str:
+    header = ("kernel config", "arch", "warps", "stages", "regs", "spill B", "smem", "mma", "compile s", "status")
+    rows = []
+    for res in results:
+        if res.status != "checked" and not res.reports:
+            rows.append((res.module, "-", "-", "-", "-", "-", "-", "-", "-", res.status.upper()))
+        for r in res.reports:
+            rows.append((r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages),
+                         "-" if r.registers is None else str(r.registers), str(r.spill_bytes), _kib(r.shared_bytes),
+                         r.mma or "-", f"{r.compile_seconds:.2f}", "ok" if r.ok else "FAIL"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    problems = [p for res in results for p in res.problems]
+    if problems:
+        lines += ["", f"{len(problems)} problem(s):"] + ["  - " + p.replace("\n", "\n    ") for p in problems]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmae.kernels.compile_check",
+                                     description="Compile every kernel configuration for NVIDIA GPUs (no GPU "
+                                                 "needed) and check registers, spills and shared memory.")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(LIMITS),
+                        help="compute capabilities to compile for")
+    parser.add_argument("--module", action="append", default=None, metavar="NAME",
+                        help="kernel module, e.g. attention or fastmae.kernels.attention (repeatable; default all)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    args = parser.parse_args(argv)
+    modules = [m if "." in m else f"fastmae.kernels.{m}" for m in (args.module or KERNEL_MODULES)]
+    start = time.perf_counter()
+    results = check_modules(modules, args.arch)
+    import triton
+    print(f"triton {triton.__version__}; targets {', '.join(LIMITS[a].gpu for a in args.arch)}; "
+          f"{time.perf_counter() - start:.1f} s")
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "archs": args.arch,
+                       "modules": [r.to_dict() for r in results]}, f, indent=1)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

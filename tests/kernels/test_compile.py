@@ -1,0 +1,162 @@
+"""Ahead-of-time compile check for real GPUs (sm_80 and sm_90), runnable without a GPU.
+
+The Triton interpreter accepts code the GPU compiler rejects and says nothing about registers, so every
+configuration each kernel module exports (`compile_specs()`) is compiled for A100 and H100 targets and must
+compile, not spill, and fit the target's register and shared-memory limits (`compile_check.LIMITS`).
+The checker itself is tested on small kernels defined here: one that compiles cleanly, one that must
+spill, and specs with a wrong signature, which must come back as compile errors, not crashes.
+
+Under the CPU suite (TRITON_INTERPRET=1) the compiles run in one worker process per module with the
+interpreter off; the kernels here are found there by module and name, so they stay at module level.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="the compile check needs triton (pip install triton)")
+import triton.language as tl  # noqa: E402
+
+from fastmae.kernels import compile_check as cc  # noqa: E402
+from fastmae.kernels.utils import CompileSpec  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _module_result(module: str) -> cc.ModuleResult:
+    return cc.check_module(module, cc.ARCHS)
+
+
+@pytest.mark.parametrize("arch", cc.ARCHS)
+@pytest.mark.parametrize("module", cc.KERNEL_MODULES)
+def test_kernel_module_compiles(module, arch):
+    """Every configuration of the module compiles for `arch` with no spills and within the limits."""
+    result = _module_result(module)
+    assert result.status == "checked", f"{module}: {result.status}: {result.message}"
+    reports = [r for r in result.reports if r.arch == arch]
+    assert reports, f"{module} exported no configurations"
+    problems = [f"{r.name}: {p}" for r in reports for p in r.problems]
+    assert not problems, f"{len(problems)} problem(s) on sm_{arch}:\n" + "\n".join(problems)
+    for r in reports:
+        assert r.registers and 0 < r.registers <= cc.LIMITS[arch].max_registers_per_thread, r
+        assert r.shared_bytes <= cc.LIMITS[arch].max_shared_per_block, r
+
+
+# --- the checker itself --------------------------------------------------------------------------
+
+@triton.jit
+def _add_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, (x + y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _hoard_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    """Keeps a whole BLOCK-long row live across a reduction: with one warp, BLOCK / 32 values per thread."""
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs).to(tl.float32)
+    x = x * tl.exp(x)
+    total = tl.sum(x, axis=0)
+    tl.store(out_ptr + offs, x - total)
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
+    b = tl.load(b_ptr + rk[:, None] * N + rn[None, :])
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], tl.dot(a, b))
+
+
+ADD = CompileSpec("add_fp16_b1024", _add_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"},
+                  {"BLOCK": 1024}, num_warps=4)
+HOARD = CompileSpec("hoard_b16384_w1", _hoard_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"}, {"BLOCK": 16384},
+                    num_warps=1)
+DOT = CompileSpec("dot_64x64x32_fp16", _dot_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},
+                  {"M": 64, "N": 64, "K": 32}, num_warps=4)
+# On the GPU, tl.dot on 16-bit inputs needs K >= 16 (M and N may be small: they are padded); the
+# interpreter runs K=8 without complaint.
+DOT_TOO_SMALL = CompileSpec("dot_64x64x8_fp16", _dot_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},
+                            {"M": 64, "N": 64, "K": 8}, num_warps=4)
+MISSING_ARG = CompileSpec("add_without_n", _add_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "out_ptr": "*fp16"},
+                          {"BLOCK": 1024})
+SCALAR_FOR_POINTER = CompileSpec("add_x_as_scalar", _add_kernel,
+                                 {"x_ptr": "fp32", "y_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"}, {"BLOCK": 1024})
+CHECKER_SPECS = (ADD, HOARD, DOT, DOT_TOO_SMALL, MISSING_ARG, SCALAR_FOR_POINTER)
+
+
+@functools.lru_cache(maxsize=None)
+def _checker_reports() -> dict[tuple[str, int], cc.Report]:
+    reports = cc.check_specs(CHECKER_SPECS, cc.ARCHS)
+    return {(r.name, r.arch): r for r in reports}
+
+
+@pytest.mark.parametrize("arch", cc.ARCHS)
+def test_checker_passes_a_clean_kernel(arch):
+    r = _checker_reports()[ADD.name, arch]
+    assert r.ok, r.problems
+    assert r.registers is not None and 0 < r.registers < 64, r
+    assert r.spill_bytes == 0 and r.shared_bytes == 0, r
+    assert (r.num_warps, r.num_stages) == (4, 2)
+
+
+@pytest.mark.parametrize("arch", cc.ARCHS)
+def test_checker_reports_spills(arch):
+    """16384 fp32 values on one warp is 512 per thread, past the 255-register limit: ptxas must spill."""
+    r = _checker_reports()[HOARD.name, arch]
+    assert r.spill_stores > 0 and r.spill_loads > 0, r
+    assert r.registers is not None and r.stack_frame > 0, r
+    assert any("register spills" in p for p in r.problems), r.problems
+
+
+@pytest.mark.parametrize("arch", cc.ARCHS)
+def test_checker_sees_tensor_cores(arch):
+    """A 64x64x32 fp16 tl.dot compiles to mma.sync on sm_80 and to wgmma on sm_90, using shared memory."""
+    r = _checker_reports()[DOT.name, arch]
+    assert r.ok, r.problems
+    assert r.mma == ("wgmma" if arch >= 90 else "mma"), r
+    assert r.shared_bytes > 0, r
+
+
+@pytest.mark.parametrize("arch", cc.ARCHS)
+def test_checker_reports_compile_errors(arch):
+    """Wrong specs and GPU-only compile errors come back as problems, not exceptions."""
+    reports = _checker_reports()
+    small = reports[DOT_TOO_SMALL.name, arch]
+    assert small.problems and small.problems[0].startswith("compile error"), small
+    assert "K >= 16" in small.problems[0] and small.registers is None, small
+    missing = reports[MISSING_ARG.name, arch]
+    assert missing.problems and "compile error" in missing.problems[0] and "'n'" in missing.problems[0], missing
+    scalar = reports[SCALAR_FOR_POINTER.name, arch]
+    assert scalar.problems and scalar.problems[0].startswith("compile error"), scalar
+
+
+def test_limits_are_checked():
+    """The limit rules on synthetic numbers (no compile): registers per block and shared memory per block."""
+    r = cc.Report("synthetic", 80, num_warps=16, registers=129, dynamic_shared=cc.LIMITS[80].max_shared_per_block + 1)
+    cc._check_limits(r)
+    assert any("registers of a block" in p for p in r.problems), r.problems
+    assert any("shared memory" in p for p in r.problems), r.problems
+    ok = cc.Report("synthetic", 90, num_warps=8, registers=255, dynamic_shared=cc.LIMITS[80].max_shared_per_block + 1)
+    cc._check_limits(ok)
+    assert ok.problems == [], ok.problems  # 8 warps x 256 allocated registers fit; 163 KiB + 1 fits an H100 block
+    edge = cc.Report("synthetic", 90, num_warps=16, registers=128)
+    cc._check_limits(edge)
+    assert edge.problems == [], edge.problems  # 512 threads x 128 registers is exactly 65536
+
+
+def test_parse_ptxas_log():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for k\n"
+           "    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 2048 bytes smem\n")
+    assert cc.parse_ptxas_log(log) == dict(registers=255, stack_frame=8, spill_stores=12, spill_loads=16,
+                                           static_shared=2048)
+
+
+def test_missing_module_is_reported():
+    result = cc.check_module("fastmae.kernels.no_such_module", [80])
+    assert result.status == "missing" and not result.ok and result.reports == []

@@ -227,11 +227,32 @@ def record_choices() -> Iterator[dict[str, str]]:
 
 
 def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
-    """The implementation that serves `op` for `inputs`, or `BackendUnavailable` with every reason."""
+    """The implementation that serves `op` for `inputs`, or `BackendUnavailable` with every reason.
+
+    Under `torch.compile` the choice is made once, while tracing, and is a constant of the compiled graph
+    (the registry itself is never traced): change backends by recompiling.
+    """
+    if torch.compiler.is_compiling():
+        grads = tuple((k, bool(t.requires_grad)) for k, t in inputs.tensors.items() if t is not None)
+        spec = backend if backend is None or isinstance(backend, str) else tuple(sorted(backend.items()))
+        name = _resolve_constant(op, inputs.device.type, inputs.device.index, inputs.dtype, inputs.head_dim,
+                                 grads, tuple(sorted(inputs.options.items())), spec)
+        return _REGISTRY[(op, name)]
     impl = _resolve(op, inputs, backend)
     for record in _RECORDERS:
         record[op] = impl.backend
     return impl
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(op, device_type, device_index, dtype, head_dim, grads, options, spec) -> str:
+    """`resolve` on plain values, run eagerly while torch.compile traces; its result is a graph constant."""
+    from types import SimpleNamespace
+
+    tensors = {k: SimpleNamespace(requires_grad=g) for k, g in grads}
+    inputs = Inputs(torch.device(device_type, device_index), dtype, head_dim, tensors, dict(options))
+    backend = spec if spec is None or isinstance(spec, str) else dict(spec)
+    return _resolve(op, inputs, backend).backend
 
 
 def _resolve(op: str, inputs: Inputs, backend: BackendSpec) -> OpImpl:

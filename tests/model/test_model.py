@@ -138,3 +138,14 @@ def test_context_manager_env_and_per_call_choice(monkeypatch):
     with fastmae.ops.record_choices() as rec:
         model(imgs)
     assert set(rec.values()) == {"sdpa"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_torch_compile_traces_the_model_without_graph_breaks(backend):
+    model = small_model(backend=backend)
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    loss_c, pred_c, _ = compiled(imgs, noise=noise)
+    loss, pred, _ = model(imgs, noise=noise)
+    assert_close(loss_c, loss, 1e-6, 1e-5, "loss")
+    assert_close(pred_c, pred, 1e-5, 1e-5, "pred")

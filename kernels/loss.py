@@ -1,0 +1,309 @@
+"""Fused masked-MSE pixel loss of the MAE, read straight from the image.
+
+    masked_mse_loss(pred, imgs, mask, patch_size, norm_pix=False, pred_ids=None) -> 0-dim fp32 tensor
+
+Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do instead of the reference:
+
+- The target is never materialised. One program per prediction row (n, l) reads the patch (h, w) of
+  sample n as a [C, p, p] tile straight from `imgs[n, c, h*p + pi, w*p + qi]` (any strides), matches it to
+  pred[n, l] in the official (p, q, c) order, normalises it in registers when `norm_pix` (the patch's mean
+  and unbiased variance, eps 1e-6, all in fp32), and writes one fp32 partial: `w * mean((pred - t)^2)`
+  with w = mask[n, l] (with `pred_ids`, row (n, j) is patch pred_ids[n, j] and w = 1).
+- Rows whose weight is 0 (the kept patches) read nothing: their loads are masked off, so with 75% masking
+  the kernel reads a quarter less. (A consequence: a NaN or inf in pred at a kept row does not turn the loss
+  into NaN as `0 * nan` does in the reference.)
+- A second one-program kernel sums the partials and the mask in a fixed order and divides by
+  `max(sum(mask), 1)` (`max(N*M, 1)` with `pred_ids`), as the reference does. No atomics anywhere, so the
+  same inputs give the same bits run after run.
+- When pred needs a gradient, the forward pass also writes `2 * w * (pred - t) / P` (in pred's dtype, only
+  at rows with w != 0), and the backward pass scales it by grad_output / denominator (rows with w = 0 get
+  zeros without a read). This spares the backward pass a second read of the image, which under mixed
+  precision (fp32 images, half predictions) is the larger tensor. Called without grad, nothing is written.
+
+Limits:
+- Gradient to pred only: imgs gets none (the registry refuses imgs requiring grad, and this raises).
+- pred, imgs: fp32, fp16 or bf16 (they may differ; arithmetic is fp32 after each load). mask is read as fp32
+  (converted once if it is not). pred and pred_ids are made contiguous, imgs may have any strides.
+- Patch vectors of C*p*p <= 16*16*4 elements per program tile (patch side up to 16 is what the compile specs
+  list; larger sides work but are not compiled ahead of time).
+- The grad buffer is kept in pred's dtype: its values are per-pixel errors times 2/P, far from fp16's limits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import CompileSpec, check_device, next_power_of_2
+
+FINALIZE_BLOCK = 1024
+NORM_EPS = 1.0e-6
+
+
+TILE_ELEMENTS = 4096  # elements per program tile: rows per program = TILE_ELEMENTS // (elements per row)
+MAX_ROWS = 16
+
+
+def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]:
+    """(rows per program, BLOCK_C, BLOCK_P, num_warps) for a [rows, C, p, p] tile."""
+    block_c, block_p = next_power_of_2(channels), next_power_of_2(patch_size)
+    tile = block_c * block_p * block_p
+    block_r = max(1, min(MAX_ROWS, TILE_ELEMENTS // tile))
+    num_warps = 8 if block_r * tile >= 4096 else 4
+    return block_r, block_c, block_p, num_warps
+
+
+def _row_settings(P: int) -> tuple[int, int, int]:
+    """(rows per program, BLOCK, num_warps) for the backward's [rows, P] tile."""
+    block = next_power_of_2(P)
+    block_r = max(1, min(MAX_ROWS, TILE_ELEMENTS // block))
+    num_warps = 8 if block_r * block >= 4096 else 4
+    return block_r, block, num_warps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr,
+                           n_rows, rows_per_n, C, gw, p,
+                           stride_n, stride_c, stride_h, stride_w,
+                           NORM_PIX: tl.constexpr, HAS_IDS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program per BLOCK_R prediction rows, a [BLOCK_R, C, p, p] tile:
+    part[row] = w * mean over the patch of (pred - target)^2."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # int32 index math; int64 for memory offsets
+    rvalid = rows < n_rows
+    n = (rows // rows_per_n).to(tl.int64)
+    if HAS_IDS:
+        patch = tl.load(ids_ptr + rows, mask=rvalid, other=0).to(tl.int32)
+        w = tl.where(rvalid, 1.0, 0.0)
+    else:
+        patch = rows % rows_per_n
+        w = tl.load(mask_ptr + rows, mask=rvalid, other=0.0).to(tl.float32)
+    active = w != 0.0  # weight-0 rows (kept patches) load nothing
+    ph = patch // gw
+    pw = patch % gw
+    P = C * p * p
+    r4 = rows.to(tl.int64)[:, None, None, None]
+    c = tl.arange(0, BLOCK_C)[None, :, None, None]
+    pi = tl.arange(0, BLOCK_P)[None, None, :, None]
+    qi = tl.arange(0, BLOCK_P)[None, None, None, :]
+    inb = active[:, None, None, None] & (c < C) & (pi < p) & (qi < p)
+    img_offs = (n[:, None, None, None] * stride_n + c * stride_c + (ph[:, None, None, None] * p + pi) * stride_h
+                + (pw[:, None, None, None] * p + qi) * stride_w)
+    x = tl.load(img_ptr + img_offs, mask=inb, other=0.0).to(tl.float32)
+    pred_offs = r4 * P + (pi * p + qi) * C + c  # the official (p, q, c) order
+    y = tl.load(pred_ptr + pred_offs, mask=inb, other=0.0).to(tl.float32)
+    TILE: tl.constexpr = BLOCK_C * BLOCK_P * BLOCK_P
+    if NORM_PIX:
+        mean = tl.sum(tl.reshape(x, [BLOCK_R, TILE]), axis=1) / P
+        xc = tl.where(inb, x - mean[:, None, None, None], 0.0)
+        var = tl.sum(tl.reshape(xc * xc, [BLOCK_R, TILE]), axis=1) / (P - 1)
+        t = xc / tl.sqrt_rn(var + 1.0e-6)[:, None, None, None]
+    else:
+        t = x
+    diff = y - t  # 0 outside the patch and on inactive rows: both loads gave 0 there
+    sq = tl.sum(tl.reshape(diff * diff, [BLOCK_R, TILE]), axis=1)
+    tl.store(part_ptr + rows, w * sq / P, mask=rvalid)
+    if WRITE_GRAD:
+        scale = 2.0 * w / P
+        tl.store(g_ptr + pred_offs, (diff * scale[:, None, None, None]).to(g_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _masked_mse_finalize_kernel(part_ptr, mask_ptr, loss_ptr, denom_ptr, n_rows, fixed_denom,
+                                HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: loss = sum(part) / max(sum(mask), 1) (or / fixed_denom), summed in a fixed order."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    macc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n_rows
+        acc += tl.load(part_ptr + offs, mask=m, other=0.0)
+        if HAS_MASK:
+            macc += tl.load(mask_ptr + offs, mask=m, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if HAS_MASK:
+        denom = tl.maximum(tl.sum(macc, axis=0), 1.0)
+    else:
+        denom = fixed_denom
+    tl.store(loss_ptr, total / denom)
+    tl.store(denom_ptr, denom)
+
+
+@triton.jit
+def _masked_mse_bwd_kernel(g_ptr, mask_ptr, go_ptr, denom_ptr, out_ptr, n_rows, P,
+                           HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per BLOCK_R rows: grad_pred[row] = g[row] * grad_output / denom; zeros where the weight is 0."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rvalid = rows < n_rows
+    offs = tl.arange(0, BLOCK)
+    scale = tl.load(go_ptr).to(tl.float32) / tl.load(denom_ptr)
+    if HAS_MASK:
+        read = rvalid & (tl.load(mask_ptr + rows, mask=rvalid, other=0.0) != 0.0)
+    else:
+        read = rvalid
+    ptr_offs = rows.to(tl.int64)[:, None] * P + offs[None, :]
+    g = tl.load(g_ptr + ptr_offs, mask=read[:, None] & (offs < P)[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + ptr_offs, (g * scale).to(out_ptr.dtype.element_ty), mask=rvalid[:, None] & (offs < P)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers (testable without autograd)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check(pred, imgs, mask, patch_size, pred_ids):
+    check_device(pred, imgs, mask, pred_ids)
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
+    n, c, h, w = imgs.shape
+    p = int(patch_size)
+    if p < 1 or h % p or w % p:
+        raise ValueError(f"image sides {h}x{w} are not divisible by the patch size {p}")
+    L, P = (h // p) * (w // p), c * p * p
+    rows = L if pred_ids is None else pred_ids.shape[1]
+    if pred.dim() != 3 or tuple(pred.shape) != (n, rows, P):
+        raise ValueError(f"pred must be [N, {rows}, {P}] for these images, got {tuple(pred.shape)}")
+    if pred_ids is None and tuple(mask.shape) != (n, L):
+        raise ValueError(f"mask must be [N, L] = [{n}, {L}], got {tuple(mask.shape)}")
+    if pred_ids is not None and (pred_ids.dtype != torch.int64 or pred_ids.dim() != 2 or pred_ids.shape[0] != n):
+        raise ValueError(f"pred_ids must be [N, M] int64, got {tuple(pred_ids.shape)} {pred_ids.dtype}")
+    return n, c, w // p, p, rows, P
+
+
+def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                            norm_pix: bool = False, pred_ids: torch.Tensor | None = None, write_grad: bool = False):
+    """Returns (loss: 0-dim fp32, g: [N, rows, P] in pred's dtype or None, denom: [1] fp32, mask32: [N, L] fp32).
+
+    g (only when `write_grad`) holds 2 * w * (pred - target) / P at rows with w != 0 and is left unwritten
+    elsewhere; `masked_mse_loss_backward` turns it into grad_pred.
+    """
+    n, c, gw, p, rows, P = _check(pred, imgs, mask, patch_size, pred_ids)
+    pred = pred.contiguous()
+    has_ids = pred_ids is not None
+    mask32 = mask.reshape(n, -1).to(torch.float32).contiguous()
+    ids = pred_ids.contiguous() if has_ids else mask32  # a placeholder pointer when there are no ids
+    n_rows = n * rows
+    part = torch.empty(n_rows, device=pred.device, dtype=torch.float32)
+    g = torch.empty_like(pred) if write_grad else None
+    loss = torch.empty((), device=pred.device, dtype=torch.float32)
+    denom = torch.empty(1, device=pred.device, dtype=torch.float32)
+    if n_rows == 0:  # nothing to count: 0 / 1 as the reference
+        loss.zero_()
+        denom.fill_(1.0)
+        return loss, g, denom, mask32
+    block_r, block_c, block_p, num_warps = _patch_settings(c, p)
+    _masked_mse_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, p, *imgs.stride(),
+        NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+    _masked_mse_finalize_kernel[(1,)](part, mask32, loss, denom, n_rows, float(max(n_rows, 1)),
+                                      HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK, num_warps=4)
+    return loss, g, denom, mask32
+
+
+def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor,
+                             mask32: torch.Tensor, has_ids: bool) -> torch.Tensor:
+    """grad_pred = g * grad_output / denom, zeros at rows of weight 0 (g is not read there)."""
+    out = torch.empty_like(g)
+    n_rows = g.shape[0] * g.shape[1]
+    P = g.shape[2]
+    if out.numel() == 0:
+        return out
+    go = grad_output.detach().reshape(1).to(torch.float32)
+    block_r, block, num_warps = _row_settings(P)
+    _masked_mse_bwd_kernel[(triton.cdiv(n_rows, block_r),)](g, mask32, go, denom, out, n_rows, P,
+                                                            HAS_MASK=not has_ids, BLOCK_R=block_r, BLOCK=block,
+                                                            num_warps=num_warps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd and the public function
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MaskedMSELossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, imgs, mask, patch_size, norm_pix, pred_ids):
+        loss, g, denom, mask32 = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids,
+                                                         write_grad=True)
+        ctx.save_for_backward(g, denom, mask32)
+        ctx.has_ids = pred_ids is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        g, denom, mask32 = ctx.saved_tensors
+        grad_pred = masked_mse_loss_backward(grad_output, g, denom, mask32, ctx.has_ids)
+        return grad_pred, None, None, None, None, None
+
+
+def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                    norm_pix: bool = False, pred_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-patch MSE over removed patches, target read from imgs on the fly; see `reference.masked_mse_loss`."""
+    if imgs.requires_grad and torch.is_grad_enabled():
+        raise ValueError("fastmae.kernels.loss gives no gradient to imgs, which requires one; detach it or use "
+                         "backend='reference'")
+    if pred.requires_grad and torch.is_grad_enabled():
+        return MaskedMSELossFunction.apply(pred, imgs, mask, int(patch_size), bool(norm_pix), pred_ids)
+    loss, _, _, _ = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad=False)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ---------------------------------------------------------------------------------------------------------
+
+# (pred, imgs) dtype pairs: one dtype throughout, and half predictions against fp32 images (mixed precision).
+_LOSS_DTYPES = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "fp32"), ("bf16", "fp32")]
+PATCH_SIZES = (4, 16)
+CHANNELS = (1, 3)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every configuration the launchers pick for patch sides 4..16 and 1..3 channels.
+
+    Block shapes are computed from those ranges exactly as the launchers compute them; each forward block
+    shape is listed with every (NORM_PIX, HAS_IDS, WRITE_GRAD) combination and every (pred, imgs) dtype pair
+    of `_LOSS_DTYPES` (other mixtures compile the same code with other pointer types and are not listed).
+    """
+    patch = sorted({_patch_settings(c, p) for c in range(CHANNELS[0], CHANNELS[1] + 1)
+                    for p in range(PATCH_SIZES[0], PATCH_SIZES[1] + 1)})
+    rowset = sorted({_row_settings(c * p * p) for c in range(CHANNELS[0], CHANNELS[1] + 1)
+                     for p in range(PATCH_SIZES[0], PATCH_SIZES[1] + 1)})
+    specs: list[CompileSpec] = []
+    fwd_names = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr g_ptr n_rows rows_per_n C gw p "
+                 "stride_n stride_c stride_h stride_w").split()
+    for tp, ti in _LOSS_DTYPES:
+        for block_r, block_c, block_p, nw in patch:
+            for norm_pix in (False, True):
+                for has_ids in (False, True):
+                    for write_grad in (False, True):
+                        types = [f"*{tp}", f"*{ti}", "*fp32", "*i64" if has_ids else "*fp32", "*fp32",
+                                 f"*{tp}" if write_grad else "*fp32"] + ["i32"] * 9
+                        specs.append(CompileSpec(
+                            f"masked_mse_fwd[{tp},{ti},R{block_r},C{block_c},P{block_p},norm{int(norm_pix)},"
+                            f"ids{int(has_ids)},grad{int(write_grad)}]", _masked_mse_fwd_kernel,
+                            dict(zip(fwd_names, types)),
+                            {"NORM_PIX": norm_pix, "HAS_IDS": has_ids, "WRITE_GRAD": write_grad,
+                             "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p}, num_warps=nw))
+    for tp in ("fp32", "fp16", "bf16"):
+        for block_r, block, nw in rowset:
+            for has_mask in (False, True):
+                specs.append(CompileSpec(
+                    f"masked_mse_bwd[{tp},R{block_r},B{block},mask{int(has_mask)}]", _masked_mse_bwd_kernel,
+                    dict(zip("g_ptr mask_ptr go_ptr denom_ptr out_ptr n_rows P".split(),
+                             [f"*{tp}", "*fp32", "*fp32", "*fp32", f"*{tp}", "i32", "i32"])),
+                    {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK": block}, num_warps=nw))
+    for has_mask in (False, True):
+        specs.append(CompileSpec(
+            f"masked_mse_finalize[mask{int(has_mask)}]", _masked_mse_finalize_kernel,
+            dict(zip("part_ptr mask_ptr loss_ptr denom_ptr n_rows fixed_denom".split(),
+                     ["*fp32", "*fp32", "*fp32", "*fp32", "i32", "fp32"])),
+            {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=4))
+    return specs

@@ -1,0 +1,193 @@
+"""The fused masked-MSE loss (`fastmae.kernels.loss`) against the reference path, forward and backward.
+
+Tolerance: the suite's one rule, `tests.utils.assert_error_within_plain`: the kernel's error against an
+fp32 reference <= 2 x the plain reference path's error in the test dtype + a floor per dtype. Inputs are
+drawn in fp32 and rounded to the test dtype once, and the fp32 reference runs on those rounded values, so
+the errors measure the computation, not the input rounding. The upstream gradient is `denominator * P / 2`,
+which makes grad_pred = w * (pred - target), of order one, so the per-dtype floors do not hide errors.
+
+bf16 runs on the CPU too (convert after load, before store). The interpreter converts fp32 -> bf16 by
+truncating where the GPU rounds to nearest, so on the CPU the "plain path's error" for bf16 is the larger of
+the plain path's own and that of truncating the fp32 reference (`_plain_for_rule`).
+
+Masks are built as the model builds them (noise -> argsort -> ids_shuffle, ids_restore -> mask).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae.ops import reference
+from tests.utils import DEVICES, assert_error_within_plain, max_error, skip_unless_serves
+
+loss_mod = pytest.importorskip("fastmae.kernels.loss", reason="the Triton kernels need triton")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, C, p, grid h, grid w, kept K): L = 4, 64, 196, 256 with ratios 0.5, 0.75, 0.9 and a single kept
+# patch; the ViT-B (3x16x16) and ViT-H (3x14x14) patch vectors; a non-square image; no patch removed.
+CASES = [(2, 3, 4, 2, 2, 2), (2, 1, 8, 8, 8, 16), (1, 3, 4, 14, 14, 19), (1, 1, 4, 16, 16, 1),
+         (1, 3, 16, 4, 4, 4), (2, 3, 14, 2, 2, 1), (2, 3, 4, 2, 3, 3), (2, 2, 4, 4, 4, 16)]
+
+
+def _masking(n: int, L: int, K: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, L, generator=g)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(n, L)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_shuffle.to(device), mask.to(device)
+
+
+def _inputs(case, device, seed=1, pred_rows=None):
+    n, c, p, gh, gw, K = case
+    L, P = gh * gw, c * p * p
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(n, c, gh * p, gw * p, generator=g).to(device)
+    pred = (0.5 * torch.randn(n, L if pred_rows is None else pred_rows, P, generator=g)).to(device)
+    return imgs, pred
+
+
+def _truncate_to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 by dropping the low 16 bits, as the Triton interpreter converts."""
+    bits = t.detach().float().contiguous().view(torch.int32) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def _plain_for_rule(plain: torch.Tensor, ref32: torch.Tensor) -> torch.Tensor:
+    """The plain path for the tolerance rule; under the interpreter, bf16 also allows its truncating store."""
+    if plain.dtype != torch.bfloat16 or plain.device.type != "cpu":
+        return plain
+    trunc = _truncate_to_bf16(ref32)
+    return trunc if max_error(trunc, ref32) > max_error(plain, ref32) else plain
+
+
+def _loss_and_grad(fn, pred, imgs, mask, p, norm_pix, pred_ids, upstream):
+    leaf = pred.detach().requires_grad_(True)
+    loss = fn(leaf, imgs, mask, p, norm_pix, pred_ids)
+    (grad,) = torch.autograd.grad(loss, [leaf], torch.tensor(upstream, device=loss.device, dtype=loss.dtype))
+    return loss.detach(), grad
+
+
+def _compare(device, dtype, case, norm_pix, pred_ids_mode=False, img_dtype=None):
+    n, c, p, gh, gw, K = case
+    L, P = gh * gw, c * p * p
+    ids_shuffle, mask = _masking(n, L, K, device, seed=L + K)
+    pred_ids = ids_shuffle[:, K:].contiguous() if pred_ids_mode else None
+    imgs32, pred32 = _inputs(case, device, pred_rows=None if pred_ids is None else L - K)
+    img_dtype = img_dtype or dtype
+    imgs, pred = imgs32.to(img_dtype), pred32.to(dtype)
+    denom = float(n * (L - K)) if pred_ids_mode else max(float(mask.sum()), 1.0)
+    upstream = denom * P / 2
+    args = (mask, p, norm_pix, pred_ids, upstream)
+    loss, grad = _loss_and_grad(loss_mod.masked_mse_loss, pred, imgs, *args)
+    plain, plain_grad = _loss_and_grad(reference.masked_mse_loss, pred, imgs, *args)
+    ref, ref_grad = _loss_and_grad(reference.masked_mse_loss, pred.float(), imgs.float(), *args)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert grad.dtype == dtype and grad.shape == pred.shape
+    assert_error_within_plain(loss, plain, ref, "loss")
+    assert_error_within_plain(grad, _plain_for_rule(plain_grad, ref_grad), ref_grad, "grad pred")
+    if pred_ids is None:  # kept patches get exactly zero gradient
+        assert not grad[mask == 0].any()
+    return loss, grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_masked_mse_matches_reference(device, dtype, norm_pix, case):
+    skip_unless_serves("masked_mse_loss", "triton", device, dtype)
+    loss, grad = _compare(device, dtype, case, norm_pix)
+    if case[5] == case[3] * case[4]:  # nothing removed: 0 / max(0, 1) as the reference
+        assert float(loss) == 0.0 and not grad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]])
+def test_masked_mse_pred_ids_matches_reference(device, dtype, norm_pix, case):
+    """A decoder that predicts the removed patches only: pred [N, M, P] for patches pred_ids [N, M]."""
+    skip_unless_serves("masked_mse_loss", "triton", device, dtype)
+    _compare(device, dtype, case, norm_pix, pred_ids_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_mse_half_pred_fp32_images(device, dtype):
+    """Mixed precision: half predictions against fp32 images (the target stays fp32, as in the reference)."""
+    skip_unless_serves("masked_mse_loss", "triton", device, dtype)
+    _compare(device, dtype, CASES[1], True, img_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_mse_strided_images(device):
+    """Channels-last images are read in place with their strides."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    case = (2, 3, 4, 8, 8, 16)
+    imgs, pred = _inputs(case, device)
+    _, mask = _masking(2, 64, 16, device)
+    channels_last = imgs.to(memory_format=torch.channels_last)
+    transposed = imgs.transpose(2, 3).contiguous().transpose(2, 3)
+    for strided in (channels_last, transposed):
+        assert not strided.is_contiguous()
+        for norm_pix in (False, True):
+            a = loss_mod.masked_mse_loss(pred, strided, mask, 4, norm_pix)
+            b = reference.masked_mse_loss(pred, imgs, mask, 4, norm_pix)
+            assert_error_within_plain(a, b, b, "strided loss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pred_ids_mode", [False, True])
+def test_masked_mse_is_deterministic(device, pred_ids_mode):
+    """The same inputs give the same bits for the loss and the gradient, run after run (no atomics)."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    case = (4, 3, 4, 8, 8, 16)
+    ids_shuffle, mask = _masking(4, 64, 16, device)
+    pred_ids = ids_shuffle[:, 16:].contiguous() if pred_ids_mode else None
+    imgs, pred = _inputs(case, device, pred_rows=None if pred_ids is None else 48)
+    pred = pred * 1000  # large values make any change of summation order visible
+    runs = [_loss_and_grad(loss_mod.masked_mse_loss, pred, imgs, mask, 4, True, pred_ids, 3.0) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]), "loss bits differ between runs"
+    assert torch.equal(runs[0][1], runs[1][1]), "grad bits differ between runs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_mse_forward_only_writes_no_grad(device):
+    """Without grad the kernel writes no gradient buffer, and the loss has the same bits as with grad."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float16)
+    imgs, pred = _inputs(CASES[0], device)
+    _, mask = _masking(2, 4, 2, device)
+    pred = pred.half().requires_grad_(True)
+    loss_fwd, g, denom, _ = loss_mod.masked_mse_loss_forward(pred, imgs, mask, 4, True, None, write_grad=False)
+    assert g is None and float(denom) == float(mask.sum())
+    with torch.no_grad():
+        loss_nograd = loss_mod.masked_mse_loss(pred, imgs, mask, 4, True)
+    assert loss_nograd.grad_fn is None
+    loss_grad = loss_mod.masked_mse_loss(pred, imgs, mask, 4, True)
+    assert loss_grad.grad_fn is not None
+    assert torch.equal(loss_fwd, loss_nograd) and torch.equal(loss_nograd, loss_grad.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_mse_backward_twice_with_retained_graph(device):
+    """The saved per-pixel gradient is not overwritten: a second backward (retain_graph) gives the same grad."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    imgs, pred = _inputs(CASES[1], device)
+    _, mask = _masking(2, 64, 16, device)
+    pred.requires_grad_(True)
+    loss = loss_mod.masked_mse_loss(pred, imgs, mask, 8, False)
+    (g1,) = torch.autograd.grad(loss, [pred], retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, [pred], torch.tensor(2.0, device=device))
+    assert torch.equal(g1 * 2, g2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_mse_refuses_imgs_requiring_grad(device):
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    imgs, pred = _inputs(CASES[0], device)
+    _, mask = _masking(2, 4, 2, device)
+    with pytest.raises(ValueError, match="no gradient to imgs"):
+        loss_mod.masked_mse_loss(pred, imgs.requires_grad_(True), mask, 4)

@@ -1,0 +1,251 @@
+"""The fused token kernels (`fastmae.kernels.tokens`) against the reference path, forward and backward.
+
+Tolerances:
+- `gather_patches` and the gradient to x of both token ops move values without arithmetic: they must
+  equal the reference bit for bit (same dtype in and out).
+- Values that involve arithmetic (one addition of the position embedding; the class-token and mask-token
+  gradients, which are sums) follow the suite's one rule, `tests.utils.assert_error_within_plain`: error
+  against an fp32 reference <= 2 x the plain same-dtype reference path's error + a floor per dtype.
+- bf16 runs on the CPU too: the kernels convert after every load and before every store, which the
+  interpreter handles, except that its fp32 -> bf16 conversion truncates where the GPU rounds to nearest
+  (up to one bf16 ulp instead of half). So on the CPU, for bf16, the "plain path's error" in the rule is the
+  larger of the plain path's own and that of truncating the fp32 reference to bf16 (`_plain_for_rule`).
+
+Masks are built as the model builds them: noise -> argsort -> ids_shuffle, ids_restore, ids_keep.
+Shapes pair patch counts with widths (4/32, 64/48, 196/96, 256/32) rather than taking the full product, to
+keep the interpreter run short.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae.ops import reference
+from tests.utils import DEVICES, assert_error_within_plain, max_error, skip_unless_serves
+
+tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (patches L, width D, kept K): ratios 0.5, 0.75, 0.9, a single kept patch, none removed
+TOKEN_CASES = [(4, 32, 2), (64, 48, 16), (196, 96, 19), (256, 32, 1), (16, 40, 16)]
+
+
+def _ids(n: int, L: int, K: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, L, generator=g)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return ids_shuffle[:, :K].contiguous().to(device), ids_restore.to(device)
+
+
+def _randn(*shape, dtype, device, seed, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _run(fn, grads_of, *args):
+    """Forward, then backward with a fixed upstream gradient; returns (out, [grads of `grads_of`])."""
+    out = fn(*args)
+    gen = torch.Generator().manual_seed(99)
+    go = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+    grads = torch.autograd.grad(out, grads_of, go)
+    return out, list(grads)
+
+
+def _truncate_to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 by dropping the low 16 bits, as the Triton interpreter converts."""
+    bits = t.detach().float().contiguous().view(torch.int32) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def _plain_for_rule(plain: torch.Tensor, ref32: torch.Tensor) -> torch.Tensor:
+    """The plain path for the tolerance rule; under the interpreter, bf16 also allows its truncating store."""
+    if plain.dtype != torch.bfloat16 or plain.device.type != "cpu":
+        return plain
+    trunc = _truncate_to_bf16(ref32)
+    return trunc if max_error(trunc, ref32) > max_error(plain, ref32) else plain
+
+
+def check(fast: torch.Tensor, plain: torch.Tensor, ref32: torch.Tensor, name: str) -> None:
+    assert_error_within_plain(fast, _plain_for_rule(plain, ref32), ref32, name)
+
+
+def _leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+# --- gather_patches ------------------------------------------------------------------------------
+
+# (N, C, p, grid h, grid w, kept K): L = 4, 64, 196, 256, one non-square image, a single kept patch
+PATCH_CASES = [(2, 1, 4, 2, 2, 2), (2, 3, 4, 8, 8, 16), (1, 3, 16, 14, 14, 49), (1, 1, 4, 16, 16, 25),
+               (2, 3, 5, 2, 3, 3), (2, 2, 8, 4, 4, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PATCH_CASES)
+def test_gather_patches_matches_reference(device, dtype, case):
+    n, c, p, gh, gw, K = case
+    imgs = _randn(n, c, gh * p, gw * p, dtype=dtype, device=device, seed=1)
+    skip_unless_serves("gather_patches", "triton", device, dtype, imgs=imgs)
+    ids_keep, _ = _ids(n, gh * gw, K, device)
+    out = tokens.gather_patches(imgs, ids_keep, p)
+    assert out.dtype == dtype
+    assert torch.equal(out, reference.gather_patches(imgs, ids_keep, p))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_patches_strided_image(device):
+    """A channels-last image (a strided view) is read in place and gives the same patches."""
+    imgs = _randn(2, 3, 32, 32, dtype=torch.float32, device=device, seed=2).to(memory_format=torch.channels_last)
+    skip_unless_serves("gather_patches", "triton", device, torch.float32, imgs=imgs)
+    assert not imgs.is_contiguous()
+    ids_keep, _ = _ids(2, 64, 16, device)
+    assert torch.equal(tokens.gather_patches(imgs, ids_keep, 4), reference.gather_patches(imgs, ids_keep, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_patches_refuses_imgs_requiring_grad(device):
+    imgs = torch.randn(1, 3, 8, 8, device=device, requires_grad=True)
+    skip_unless_serves("gather_patches", "triton", device, torch.float32)
+    with pytest.raises(ValueError, match="no gradient to imgs"):
+        tokens.gather_patches(imgs, torch.zeros(1, 1, dtype=torch.int64, device=device), 4)
+
+
+# --- gather_tokens ------------------------------------------------------------------------------
+
+def _gather_tokens_case(device, dtype, L, D, K, gathered, with_cls, n=2):
+    ids_keep, _ = _ids(n, L, K, device, seed=L + K)
+    x32 = _randn(n, K if gathered else L, D, dtype=torch.float32, device=device, seed=3)
+    pos = _randn(1, L + 1, D, dtype=torch.float32, device=device, seed=4)
+    cls32 = _randn(1, 1, D, dtype=torch.float32, device=device, seed=5) if with_cls else None
+    return ids_keep, x32, pos, cls32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gathered,with_cls", [(False, True), (True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("L,D,K", TOKEN_CASES[:4])
+def test_gather_tokens_matches_reference(device, dtype, gathered, with_cls, L, D, K):
+    skip_unless_serves("gather_tokens", "triton", device, dtype)
+    ids_keep, x32, pos32, cls32 = _gather_tokens_case(device, dtype, L, D, K, gathered, with_cls)
+
+    def run(fn, t):
+        x = _leaf(x32, t)
+        cls = None if cls32 is None else _leaf(cls32, t)
+        leaves = [x] + ([cls] if cls is not None else [])
+        return _run(lambda *a: fn(*a, gathered=gathered), leaves, x, ids_keep, pos32.to(t), cls)
+
+    out, grads = run(tokens.gather_tokens, dtype)
+    plain, plain_grads = run(reference.gather_tokens, dtype)
+    ref32, ref_grads = run(reference.gather_tokens, torch.float32)
+    assert out.shape == (2, K + int(with_cls), D) and out.dtype == dtype
+    check(out, plain, ref32, "gather_tokens out")
+    assert grads[0].dtype == dtype and torch.equal(grads[0], plain_grads[0]), "grad x must route grad_out exactly"
+    if with_cls:
+        check(grads[1], plain_grads[1], ref_grads[1], "gather_tokens grad cls_token")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_tokens_mixed_precision_promotes_like_reference(device):
+    """x fp16 with fp32 parameters: the output is fp32 (type promotion, as the reference), grads per input dtype."""
+    skip_unless_serves("gather_tokens", "triton", device, torch.float16)
+    ids_keep, x32, pos, cls32 = _gather_tokens_case(device, torch.float16, 64, 48, 16, False, True)
+    x, cls = _leaf(x32, torch.float16), _leaf(cls32)
+    out, (gx, gc) = _run(tokens.gather_tokens, [x, cls], x, ids_keep, pos, cls)
+    x_r, cls_r = _leaf(x32, torch.float16), _leaf(cls32)
+    ref, (gx_r, gc_r) = _run(reference.gather_tokens, [x_r, cls_r], x_r, ids_keep, pos, cls_r)
+    assert out.dtype == ref.dtype == torch.float32 and gx.dtype == torch.float16 and gc.dtype == torch.float32
+    assert torch.equal(out, ref)
+    assert torch.equal(gx, gx_r)
+    assert_error_within_plain(gc, gc_r, gc_r, "grad cls_token")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_tokens_refuses_pos_embed_requiring_grad(device):
+    skip_unless_serves("gather_tokens", "triton", device, torch.float32)
+    x = torch.randn(1, 4, 32, device=device)
+    pos = torch.randn(1, 5, 32, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="no gradient to pos_embed"):
+        tokens.gather_tokens(x, torch.zeros(1, 2, dtype=torch.int64, device=device), pos)
+
+
+# --- unshuffle_tokens --------------------------------------------------------------------------
+
+def _unshuffle_inputs(device, L, D, K, n=2):
+    _, ids_restore = _ids(n, L, K, device, seed=L + 7 * K)
+    x32 = _randn(n, K + 1, D, dtype=torch.float32, device=device, seed=6)
+    mtok32 = _randn(1, 1, D, dtype=torch.float32, device=device, seed=7)
+    pos32 = _randn(1, L + 1, D, dtype=torch.float32, device=device, seed=8)
+    return ids_restore, x32, mtok32, pos32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,D,K", TOKEN_CASES)
+def test_unshuffle_tokens_matches_reference(device, dtype, L, D, K):
+    skip_unless_serves("unshuffle_tokens", "triton", device, dtype)
+    ids_restore, x32, mtok32, pos32 = _unshuffle_inputs(device, L, D, K)
+
+    def run(fn, t):
+        x, mtok = _leaf(x32, t), _leaf(mtok32, t)
+        return _run(fn, [x, mtok], x, ids_restore, mtok, pos32.to(t))
+
+    out, (gx, gm) = run(tokens.unshuffle_tokens, dtype)
+    plain, (gx_p, gm_p) = run(reference.unshuffle_tokens, dtype)
+    ref32, (gx_r, gm_r) = run(reference.unshuffle_tokens, torch.float32)
+    assert out.shape == (2, L + 1, D) and out.dtype == dtype
+    check(out, plain, ref32, "unshuffle out")
+    assert gx.dtype == dtype and torch.equal(gx, gx_p), "grad x must route grad_out exactly"
+    assert gm.shape == (1, 1, D) and gm.dtype == dtype
+    check(gm, gm_p, gm_r, "unshuffle grad mask_token")
+    if K == L:
+        assert not gm.any(), "no removed patch: the mask token gets no gradient"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unshuffle_mixed_precision_promotes_like_reference(device):
+    skip_unless_serves("unshuffle_tokens", "triton", device, torch.float16)
+    ids_restore, x32, mtok32, pos32 = _unshuffle_inputs(device, 64, 48, 16)
+    x, m = _leaf(x32, torch.float16), _leaf(mtok32)
+    out, (gx, gm) = _run(tokens.unshuffle_tokens, [x, m], x, ids_restore, m, pos32)
+    x_r, m_r = _leaf(x32, torch.float16), _leaf(mtok32)
+    ref, (gx_r, gm_r) = _run(reference.unshuffle_tokens, [x_r, m_r], x_r, ids_restore, m_r, pos32)
+    assert out.dtype == ref.dtype == torch.float32 and gx.dtype == torch.float16 and gm.dtype == torch.float32
+    assert torch.equal(out, ref)
+    assert torch.equal(gx, gx_r)
+    assert_error_within_plain(gm, gm_r, gm_r, "grad mask_token")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,L,D,K", [(2, 196, 48, 49), (24, 16, 64, 4)])
+def test_unshuffle_mask_token_grad_is_deterministic(device, n, L, D, K):
+    """Two runs give the same bits: per-program partial sums then a fixed-order column sum, no atomics.
+    The first shape splits each sample's rows over several programs, the second sums many samples."""
+    skip_unless_serves("unshuffle_tokens", "triton", device, torch.float32)
+    ids_restore, x32, mtok32, pos32 = _unshuffle_inputs(device, L, D, K, n=n)
+    _, rows_per_prog, chunks = tokens._unshuffle_bwd_split(n, L, D)
+    assert chunks > 1 or n > 16, "the shape should exercise the two-stage reduction"
+    go = _randn(n, L + 1, D, dtype=torch.float32, device=device, seed=9) * 100
+    grads = []
+    for _ in range(2):
+        x, m = _leaf(x32), _leaf(mtok32)
+        out = tokens.unshuffle_tokens(x, ids_restore, m, pos32)
+        grads.append(torch.autograd.grad(out, [m], go)[0])
+    assert torch.equal(grads[0], grads[1])
+    ref = (go[:, 1:] * (ids_restore >= K).unsqueeze(-1)).double().sum((0, 1))
+    assert_error_within_plain(grads[0].view(-1), grads[0].view(-1), ref.float(), "mask token grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_tokens_cls_grad_is_deterministic(device):
+    skip_unless_serves("gather_tokens", "triton", device, torch.float32)
+    ids_keep, x32, pos, cls32 = _gather_tokens_case(device, torch.float32, 16, 64, 4, False, True, n=40)
+    go = _randn(40, 5, 64, dtype=torch.float32, device=device, seed=10) * 100
+    grads = []
+    for _ in range(2):
+        x, c = _leaf(x32), _leaf(cls32)
+        grads.append(torch.autograd.grad(tokens.gather_tokens(x, ids_keep, pos, c), [c], go)[0])
+    assert torch.equal(grads[0], grads[1])
+    assert_error_within_plain(grads[0].view(-1), grads[0].view(-1), go[:, 0].double().sum(0).float(), "cls grad")

@@ -97,16 +97,15 @@ def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr
     x = tl.load(img_ptr + img_offs, mask=inb, other=0.0).to(tl.float32)
     pred_offs = r4 * P + (pi * p + qi) * C + c  # the official (p, q, c) order
     y = tl.load(pred_ptr + pred_offs, mask=inb, other=0.0).to(tl.float32)
-    TILE: tl.constexpr = BLOCK_C * BLOCK_P * BLOCK_P
     if NORM_PIX:
-        mean = tl.sum(tl.reshape(x, [BLOCK_R, TILE]), axis=1) / P
+        mean = tl.sum(tl.reshape(x, [BLOCK_R, BLOCK_C * BLOCK_P * BLOCK_P]), axis=1) / P
         xc = tl.where(inb, x - mean[:, None, None, None], 0.0)
-        var = tl.sum(tl.reshape(xc * xc, [BLOCK_R, TILE]), axis=1) / (P - 1)
+        var = tl.sum(tl.reshape(xc * xc, [BLOCK_R, BLOCK_C * BLOCK_P * BLOCK_P]), axis=1) / (P - 1)
         t = xc / tl.sqrt_rn(var + 1.0e-6)[:, None, None, None]
     else:
         t = x
     diff = y - t  # 0 outside the patch and on inactive rows: both loads gave 0 there
-    sq = tl.sum(tl.reshape(diff * diff, [BLOCK_R, TILE]), axis=1)
+    sq = tl.sum(tl.reshape(diff * diff, [BLOCK_R, BLOCK_C * BLOCK_P * BLOCK_P]), axis=1)
     tl.store(part_ptr + rows, w * sq / P, mask=rvalid)
     if WRITE_GRAD:
         scale = 2.0 * w / P

@@ -295,13 +295,17 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
 
 
 def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
-                           has_cls: bool, cls_dtype: torch.dtype | None, gathered: bool):
-    """Returns (grad_x, grad_cls_token [1, 1, D] or None). grad_out: [N, K+has_cls, D]."""
+                           has_cls: bool, cls_dtype: torch.dtype | None, gathered: bool,
+                           need_x: bool = True, need_cls: bool = True):
+    """Returns (grad_x or None, grad_cls_token [1, 1, D] or None). grad_out: [N, K+has_cls, D]."""
     grad_out = _last_dim_contiguous(grad_out)
     n, _, d = grad_out.shape
     K = ids_keep.shape[1]
     h = int(has_cls)
-    if gathered:
+    grad_x = None
+    if not need_x:
+        pass
+    elif gathered:
         grad_x = grad_out[:, h:, :]
         grad_x = grad_x if grad_x.dtype == x_dtype else grad_x.to(x_dtype)
     else:
@@ -315,7 +319,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
                 grad_out, inv, grad_x, n * L, L, d, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
                 grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
     grad_cls = None
-    if has_cls:
+    if has_cls and need_cls:
         grad_cls = torch.empty((1, 1, d), device=grad_out.device, dtype=cls_dtype)
         if n == 0:
             grad_cls.zero_()
@@ -398,7 +402,8 @@ class GatherTokensFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids_keep,) = ctx.saved_tensors
         grad_x, grad_cls = gather_tokens_backward(grad_out, ids_keep, ctx.L, ctx.x_dtype, ctx.cls_dtype is not None,
-                                                  ctx.cls_dtype, ctx.gathered)
+                                                  ctx.cls_dtype, ctx.gathered, need_x=ctx.needs_input_grad[0],
+                                                  need_cls=ctx.needs_input_grad[3])
         return grad_x, None, None, grad_cls, None
 
 
@@ -416,7 +421,9 @@ class UnshuffleTokensFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         grad_x, grad_mask = unshuffle_tokens_backward(grad_out, ids_restore, ctx.K, ctx.x_dtype, ctx.mask_dtype)
-        return grad_x, None, grad_mask, None
+        # one kernel computes both; a gradient nobody asked for is dropped
+        return (grad_x if ctx.needs_input_grad[0] else None), None, \
+            (grad_mask if ctx.needs_input_grad[2] else None), None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The one-shot GPU run: tests on CUDA, the op / encoder / training benchmarks, and the measured backend order.
+#
+#   benchmarks/gpu_suite.sh               on a GPU machine with torch and triton installed (no internet needed)
+#   benchmarks/gpu_suite.sh --cpu-quick   the same code paths on the CPU with tiny shapes (also FASTMAE_SUITE_CPU_QUICK=1)
+#
+# Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable
+# pip install; if pip cannot, a private copy on PYTHONPATH that maps kernels/ to fastmae.kernels), installs any
+# wheels carried in .whl/ (xformers, pytest, ...), then runs each part under its own timeout. A failing part does
+# not stop the others. Everything goes to benchmarks/results/<device>/<date>/ (results.json, results.csv, plots,
+# priority.json, logs/, summary.md); summary.md lists every part as ok / failed (exit code) / skipped (reason)
+# with its time. If the environment variable OUT is set, summary.md, results.json and a tarball of the run folder
+# are also copied there (flat, three files).
+#
+# Environment: PYTHON (default python3), FASTMAE_RESULTS_ROOT (default benchmarks/results),
+# FASTMAE_SUITE_BUDGET_S (the whole run's time budget, default 530 s: under 9 minutes with set-up and summary).
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+REPO=$(pwd)
+
+MODE=gpu
+for arg in "$@"; do
+    case "$arg" in
+        --cpu-quick) MODE=cpu-quick ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        *) echo "gpu_suite.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+if [ "${FASTMAE_SUITE_CPU_QUICK:-0}" = "1" ]; then MODE=cpu-quick; fi
+
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+BUDGET=${FASTMAE_SUITE_BUDGET_S:-530}
+START=$(date +%s)
+export FASTMAE_SUITE_RUNNING=1  # tests that would start this suite again skip themselves
+export PYTHONUNBUFFERED=1
+
+if [ "$MODE" = cpu-quick ]; then
+    DEVICE=cpu
+    Q="--quick --device cpu"
+else
+    DEVICE=cuda
+    Q="--device cuda"
+fi
+
+PARTS_TMP=$(mktemp)
+LOG_TMP=$(mktemp -d)
+RUN_DIR=""
+
+log() { echo "[gpu_suite $(( $(date +%s) - START ))s] $*"; }
+
+record() {  # name status rc seconds note command
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" >> "$PARTS_TMP"
+    log "$1: $2${5:+ ($5)} in ${4}s"
+}
+
+skip() {  # name reason
+    record "$1" skipped "" 0 "$2" ""
+}
+
+run_part() {  # name timeout_s command...
+    local name=$1 limit=$2; shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
+    if [ "$left" -lt 15 ]; then
+        skip "$name" "out of the suite's time budget (${BUDGET}s)"
+        return
+    fi
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    local logdir=${RUN_DIR:+$RUN_DIR/logs}
+    logdir=${logdir:-$LOG_TMP}
+    mkdir -p "$logdir"
+    log "$name: starting (timeout ${limit}s): $*"
+    local t0=$(date +%s) rc
+    timeout --kill-after=10 "$limit" "$@" > "$logdir/$name.log" 2>&1
+    rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    if [ "$rc" -eq 0 ]; then
+        record "$name" ok 0 "$dt" "" "$*"
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        record "$name" timeout "$rc" "$dt" "" "$*"
+    else
+        record "$name" failed "$rc" "$dt" "$(tail -n 1 "$logdir/$name.log" | tr '\t' ' ' | cut -c1-160)" "$*"
+    fi
+    tail -n 25 "$logdir/$name.log" | sed 's/^/    /'
+}
+
+# ---------------------------------------------------------------------------------------------- set-up
+if [ "$MODE" = cpu-quick ]; then
+    skip wheels "cpu-quick mode installs nothing"
+elif ls .whl/*.whl >/dev/null 2>&1; then
+    run_part wheels 120 "$PY" -m pip install --no-deps --no-index .whl/*.whl
+else
+    skip wheels "no .whl/ folder with carried wheels"
+fi
+
+# one interpreter start checks torch, fastmae and fastmae.kernels and the device, and names the device's folder
+slug() { "$PY" -m fastmae.bench.suite slug --device "$DEVICE" --import-check 2>>"$LOG_TMP/setup.log"; }
+if SLUG=$(slug); then
+    skip install "fastmae and fastmae.kernels already import"
+elif ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "gpu_suite.sh: $PY cannot import torch; set PYTHON to the interpreter that has torch and triton" >&2
+    exit 1
+elif [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_suite.sh: torch sees no CUDA device; use --cpu-quick on a machine without a GPU" >&2
+    exit 1
+elif [ "$MODE" = cpu-quick ]; then
+    echo "gpu_suite.sh: fastmae does not import (cpu-quick mode installs nothing):" >&2
+    cat "$LOG_TMP/setup.log" >&2
+    exit 1
+else
+    run_part install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
+    if ! SLUG=$(slug); then
+        # pip could not install: a private copy where kernels/ sits at fastmae/kernels
+        SHIM=$(mktemp -d)
+        cp -r fastmae "$SHIM/fastmae" && rm -rf "$SHIM/fastmae/kernels" && cp -r kernels "$SHIM/fastmae/kernels"
+        export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        if SLUG=$(slug); then
+            record install-fallback ok 0 0 "a copy on PYTHONPATH at $SHIM" ""
+        else
+            record install-fallback failed 1 0 "fastmae.kernels does not import; see logs/setup.log" ""
+            SLUG=unknown-device
+        fi
+    fi
+fi
+
+DATE=$(date -u +%Y-%m-%d-%H%M%S)
+RESULTS_ROOT=${FASTMAE_RESULTS_ROOT:-benchmarks/results}
+RUN_DIR="$RESULTS_ROOT/$SLUG/$DATE"
+mkdir -p "$RUN_DIR/logs"
+cp "$LOG_TMP"/*.log "$RUN_DIR/logs/" 2>/dev/null
+log "results go to $RUN_DIR ($MODE)"
+
+# ---------------------------------------------------------------------------------------------- parts
+if [ "$SLUG" = unknown-device ]; then
+    for p in gpu-tests bench-ops priority encoder-vit-b encoder-vit-l train-vit-b train-vit-l; do
+        skip "$p" "fastmae could not be installed"
+    done
+else
+    if [ "$MODE" = cpu-quick ]; then
+        skip gpu-tests "the GPU test suite runs on CUDA only (cpu-quick mode; the CPU suite is make test)"
+    elif ! "$PY" -c "import pytest" 2>/dev/null; then
+        skip gpu-tests "pytest is not installed (carry its wheel in .whl/)"
+    else
+        run_part gpu-tests 120 "$PY" -m pytest tests -m "not slow" -q -p no:cacheprovider
+    fi
+
+    run_part bench-ops 75 "$PY" -m fastmae bench ops $Q --no-progress --out "$RUN_DIR"
+    if [ -f "$RUN_DIR/results.json" ]; then
+        run_part priority 20 "$PY" -m fastmae bench ops --rank-from "$RUN_DIR/results.json" \
+            --write-priority "$RUN_DIR/priority.json"
+    else
+        skip priority "bench-ops recorded no results to rank"
+    fi
+
+    if [ "$MODE" = cpu-quick ]; then
+        run_part encoder-vit-b 60 "$PY" -m fastmae bench encoder $Q --no-progress --out "$RUN_DIR"
+        skip encoder-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
+        run_part train-vit-b 60 "$PY" -m fastmae bench train $Q --no-progress --out "$RUN_DIR"
+        skip train-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
+    else
+        run_part encoder-vit-b 40 "$PY" -m fastmae bench encoder $Q --no-progress --model mae_vit_base_patch16 \
+            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
+        run_part encoder-vit-l 50 "$PY" -m fastmae bench encoder $Q --no-progress --model mae_vit_large_patch16 \
+            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
+        run_part train-vit-b 100 "$PY" -m fastmae bench train $Q --no-progress --model mae_vit_base_patch16 \
+            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
+        run_part train-vit-l 110 "$PY" -m fastmae bench train $Q --no-progress --model mae_vit_large_patch16 \
+            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------- summary
+cp "$PARTS_TMP" "$RUN_DIR/parts.tsv"
+if ! "$PY" -m fastmae.bench.suite summary --parts "$RUN_DIR/parts.tsv" --results "$RUN_DIR" --mode "$MODE" \
+        > "$RUN_DIR/logs/summary.log" 2>&1; then
+    {   # the plain fallback: the part table alone
+        echo "# fastmae benchmark suite ($MODE)"
+        echo
+        echo "(summary.md written by the shell: python -m fastmae.bench.suite failed; see logs/summary.log)"
+        echo
+        echo "| part | status | exit code | seconds | note |"
+        echo "| --- | --- | --- | --- | --- |"
+        awk -F'\t' '{printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5}' "$RUN_DIR/parts.tsv"
+    } > "$RUN_DIR/summary.md"
+fi
+rm -f "$PARTS_TMP"
+rm -rf "$LOG_TMP"
+cat "$RUN_DIR/summary.md"
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    cp "$RUN_DIR/summary.md" "$RUN_DIR/results.json" "$OUT/" 2>/dev/null
+    tar -czf "$OUT/results-$SLUG-$DATE.tar.gz" -C "$RESULTS_ROOT" "$SLUG/$DATE"
+    log "copied summary.md, results.json and results-$SLUG-$DATE.tar.gz to \$OUT"
+fi
+log "done in $(( $(date +%s) - START ))s: $RUN_DIR"
+exit 0

@@ -1,0 +1,439 @@
+"""`fastmae bench ops|encoder|train|readme`: the benchmark suite.
+
+Every command prints a table; with `--out DIR` it also writes DIR/results.json (merged with what the folder
+already holds), DIR/results.csv and PNG plots. Defaults depend on the device: on CUDA, MAE's real shapes in
+bfloat16; on the CPU, small shapes in float32 that finish in about a minute on two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+HELP = "benchmarks: ops x backends, encoder throughput vs mask ratio, training step, README results"
+DESCRIPTION = __doc__
+
+# device-dependent defaults (None in argparse means "pick for the device")
+DEFAULTS = {
+    "ops": {"cuda": {"batch": 64, "models": "B,L,H"}, "cpu": {"batch": 2, "models": "B,L,H"},
+            "quick": {"batch": 1, "models": "B"}},
+    "encoder": {"cuda": {"model": "mae_vit_base_patch16", "batch": 64},
+                "cpu": {"model": "mae_vit_base_patch16", "batch": 1},
+                "quick": {"model": "mae_vit_tiny_patch4", "batch": 4}},
+    "train": {"cuda": {"model": "mae_vit_base_patch16", "batch": 64},
+              "cpu": {"model": "mae_vit_cifar_small_patch4", "batch": 32},
+              "quick": {"model": "mae_vit_tiny_patch4", "batch": 4}},
+}
+TIMING = {
+    # per measurement: warm-up calls, repetitions in [min_reps, max_reps] within max_time_s
+    "ops": {"cuda": dict(warmup=3, min_reps=10, max_reps=200, max_time_s=0.25),
+            "cpu": dict(warmup=1, min_reps=3, max_reps=30, max_time_s=0.1),
+            "quick": dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)},
+    "encoder": {"cuda": dict(warmup=3, min_reps=10, max_reps=50, max_time_s=3.0),
+                "cpu": dict(warmup=1, min_reps=3, max_reps=12, max_time_s=8.0),
+                "quick": dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)},
+    "train": {"cuda": dict(warmup=3, min_reps=10, max_reps=30, max_time_s=3.0),
+              "cpu": dict(warmup=1, min_reps=3, max_reps=10, max_time_s=5.0),
+              "quick": dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)},
+}
+COMPILE_WARMUP = 3  # torch.compile compiles on the first calls
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: bfloat16 on cuda, "
+                   "float32 on cpu); the model-level benchmarks run it as autocast with fp32 weights")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/results.json, DIR/results.csv and plots")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 2 repetitions: checks the code paths, "
+                   "the numbers mean little")
+    p.add_argument("--max-time", type=float, default=None, metavar="S",
+                   help="time budget of one measurement in seconds (the default depends on the device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="with --out, write no PNG plots")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads for torch: a number, or auto = the cores that the 1-minute load average "
+                   "leaves idle (at least 1); on a busy machine extra threads wait on each other at every op")
+    p.add_argument("--allow-interpreter", action="store_true",
+                   help="time triton on the CPU under its interpreter (meaningless numbers; off by default)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("ops", formatter_class=fmt, help="every op x every backend at MAE's shapes",
+                       description="Every op x every backend at the shapes of MAE's ViT-B/L/H encoder and decoder, "
+                       "forward and forward+backward: median and 20th/80th percentiles, TFLOP/s (attention, "
+                       "projections) or GB/s (memory-bound ops), and the fraction of the matmul peak / copy "
+                       "bandwidth measured in the same run. Backends that cannot serve a case are listed with "
+                       "the registry's reason.")
+    _common(p)
+    p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on cuda, 2 on cpu)")
+    p.add_argument("--models", default=None, help="ViT sizes whose shapes to use, from B,L,H (default: all)")
+    p.add_argument("--ops", default=None, help="comma-separated ops (default: all, and the projections)")
+    p.add_argument("--backends", default=None, help="comma-separated backends (default: all registered)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
+    p.add_argument("--write-priority", metavar="FILE",
+                   help="write the measured backend order per op ({device_type: {op: [fastest, ...]}, source})")
+    p.add_argument("--rank-from", metavar="RESULTS",
+                   help="with --write-priority: rank from a recorded results.json (or its folder) instead of "
+                   "measuring")
+    p.set_defaults(bench_run=run_ops)
+
+    p = sub.add_parser("encoder", formatter_class=fmt, help="encoder images/s vs mask ratio, per backend",
+                       description="Images per second of model.forward_encoder, forward and forward+backward, for "
+                       "each mask ratio and backend path, with the speedup over ratio 0, the ideal speedup "
+                       "(L+1)/(K+1) and their quotient.")
+    _common(p)
+    p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on cuda, 1 on cpu)")
+    p.add_argument("--ratios", default="0,0.25,0.5,0.75,0.9", help="mask ratios (0 is always added)")
+    p.add_argument("--backends", default="reference,sdpa,xformers,triton,auto",
+                   help="backend paths: reference, sdpa, xformers (attention only), triton, auto (fastmae's "
+                   "automatic choice)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
+    p.set_defaults(bench_run=run_encoder)
+
+    p = sub.add_parser("train", formatter_class=fmt, help="one pretraining step per variant: images/s, memory, MFU",
+                       description="One full pretraining step (forward, loss, backward, AdamW) for: official-eager, "
+                       "reference+sdpa, reference+compile, fastmae, fastmae+compile; images/s, peak memory and "
+                       "model-FLOPs utilisation against the matmul peak measured in the same run.")
+    _common(p)
+    p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
+                   "mae_vit_cifar_small_patch4 on cpu)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on cuda, 32 on cpu)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--variants", default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="run the torch.compile variants (default on cuda; off on cpu, where compiling takes minutes)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")
+    p.set_defaults(bench_run=run_train)
+
+    p = sub.add_parser("readme", formatter_class=fmt, help="write the latest recorded results into README.md",
+                       description="Rewrite the block between <!-- bench-results:start --> and "
+                       "<!-- bench-results:end --> in README.md with the latest recorded GPU and CPU results "
+                       "(read from results.json files, stamped with device, versions and date).")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="folder holding <device>/<date>/results.json (default: benchmarks/results of this repo)")
+    p.add_argument("--readme", default=None, help="the README to update (default: README.md of this repo)")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the block, write nothing")
+    p.set_defaults(bench_run=run_readme)
+
+
+def run(args: argparse.Namespace) -> int:
+    fn = getattr(args, "bench_run", None)
+    if fn is None:
+        print("usage: fastmae bench {ops,encoder,train,readme} [options]; see fastmae bench WHAT --help",
+              file=sys.stderr)
+        return 2
+    try:
+        return int(fn(args) or 0)
+    except ValueError as exc:  # bad option values: a clear message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _profile(args, what: str, device: torch.device) -> str:
+    return "quick" if args.quick else device.type
+
+
+def _defaults(args, what: str, device: torch.device) -> dict:
+    return DEFAULTS[what][_profile(args, what, device)]
+
+
+def _timing(args, what: str, device: torch.device) -> dict:
+    t = dict(TIMING[what][_profile(args, what, device)])
+    if args.max_time is not None:
+        t["max_time_s"] = args.max_time
+    return t
+
+
+def _setup(args):
+    from .common import parse_dtype, resolve_device
+    from .records import Recorder, environment
+
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    if device.type == "cpu":
+        threads = cpu_threads(args.threads)
+        torch.set_num_threads(threads)
+        from .ops_bench import interpreter_reason
+        if interpreter_reason(device) and not args.allow_interpreter:
+            print("note: TRITON_INTERPRET is set; triton is reported as skipped on the CPU", file=sys.stderr)
+    env = environment(device)
+    return device, dtype, Recorder(args.out, env), env
+
+
+def cpu_threads(spec: str) -> int:
+    """A thread count from --threads: a number, or "auto" (the cores the load average leaves idle, >= 1)."""
+    cores = os.cpu_count() or 1
+    if str(spec) != "auto":
+        try:
+            n = int(spec)
+        except ValueError:
+            raise ValueError(f"--threads must be a number or auto, got {spec!r}") from None
+        if n < 1:
+            raise ValueError("--threads must be at least 1")
+        return n
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _finish(args, recorder) -> None:
+    recorder.flush()
+    if not args.out:
+        return
+    from .plots import write_plots
+    from .records import read_results
+
+    print(f"\nwrote {os.path.join(args.out, 'results.json')} and results.csv")
+    if args.no_plots:
+        return
+    paths, why = write_plots(read_results(args.out), args.out)
+    if why:
+        print(f"plots: {why}")
+    for p in paths:
+        print(f"wrote {p}")
+
+
+def _header(env: dict, extra: str = "") -> str:
+    return (f"{env['device']} | torch {env['torch']} | triton {env['triton']} | xformers {env['xformers']} | "
+            f"commit {env['git_commit'][:12]} | {env['date']}" + (f"\n{extra}" if extra else ""))
+
+
+# ------------------------------------------------------------------------------------------ ops
+def ops_table(records: list[dict]) -> str:
+    from .records import fmt, reasons_footnotes, shape_str, status_cell, table
+
+    rows_in = [r for r in records if r.get("kind") == "op"]
+    numbers, notes = reasons_footnotes(rows_in)
+    rows = []
+    for r in rows_in:
+        ok = r.get("status") == "ok"
+        pct = f"{100 * r['frac_peak']:.1f}%" if ok and r.get("frac_peak") is not None else "-"
+        rows.append([r["op"], r["case"], shape_str(r["shape"]), r["backend"], r["mode"],
+                     r.get("median_ms") if ok else None,
+                     f"{fmt(r['p20_ms'])}-{fmt(r['p80_ms'])}" if ok else "-",
+                     r.get("tflops") if ok else None, r.get("gbps") if ok else None, pct,
+                     f"{r['speedup']:.2f}x" if ok and r.get("speedup") else "-", status_cell(r, numbers)])
+    out = table(["op", "case", "shape", "backend", "mode", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "of peak",
+                 "vs ref", "status"], rows, align="lllllrrrrrrl")
+    return out + ("\n" + notes if notes else "")
+
+
+def run_ops(args) -> int:
+    from . import ops_bench
+    from .common import parse_list
+    from .limits import measure_limits
+    from .records import environment, read_results
+
+    if args.rank_from:
+        if not args.write_priority:
+            raise ValueError("--rank-from needs --write-priority FILE")
+        records = read_results(args.rank_from)
+        types = sorted({r.get("device_type") for r in records if r.get("kind") == "op" and r.get("status") == "ok"})
+        if not types:
+            raise ValueError(f"{args.rank_from} holds no successful op measurements")
+        for t in types:
+            first = next(r for r in records if r.get("device_type") == t and r.get("kind") == "op")
+            ops_bench.write_priority(args.write_priority, records, t, _priority_source(first))
+            print(f"wrote the {t} order to {args.write_priority}")
+        _print_priority(args.write_priority)
+        return 0
+
+    device, dtype, recorder, env = _setup(args)
+    d = _defaults(args, "ops", device)
+    batch = args.batch or d["batch"]
+    models = parse_list(args.models or d["models"])
+    ops_filter = parse_list(args.ops) if args.ops else None
+    from ..ops.registry import BACKENDS
+    backends = parse_list(args.backends) if args.backends else list(BACKENDS)
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
+    modes = parse_list(args.modes)
+    bad = [m for m in modes if m not in ops_bench.MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(ops_bench.MODES)}")
+    if batch < 1:
+        raise ValueError("--batch must be at least 1")
+
+    print(_header(env, f"bench ops: batch {batch}, dtype {dtype}, shapes of ViT-{'/'.join(models)}"))
+    limits = measure_limits(device, dtype, quick=args.quick)
+    recorder.add(*limits.records())
+    print(f"limits measured now: matmul {limits.matmul_tflops:.3g} TFLOP/s ({limits.dtype}, n={limits.matmul_n}), "
+          f"copy {limits.copy_gbps:.3g} GB/s")
+    records = ops_bench.run_ops(device, dtype, batch, models=models, ops_filter=ops_filter, backends=backends,
+                                modes=modes, quick=args.quick, limits=limits, timing=_timing(args, "ops", device),
+                                allow_interpreter=args.allow_interpreter, on_record=recorder.add,
+                                progress=not args.no_progress)
+    ops_bench.add_speedups(records)
+    print(ops_table(records))
+    _finish(args, recorder)
+    if args.write_priority:
+        ops_bench.write_priority(args.write_priority, recorder.records, device.type,
+                                 {**_priority_source(env), "dtype": str(dtype).replace("torch.", ""), "batch": batch})
+        print(f"wrote the {device.type} order to {args.write_priority}")
+        _print_priority(args.write_priority)
+    return 0
+
+
+def _priority_source(stamp: dict) -> dict:
+    keep = ("device", "torch", "triton", "xformers", "cuda", "git_commit", "date", "dtype")
+    src = {k: stamp[k] for k in keep if k in stamp}
+    if "shape" in stamp and isinstance(stamp["shape"], dict) and "B" in stamp["shape"]:
+        src["batch"] = stamp["shape"]["B"]
+    src["metric"] = ("median forward+backward time at MAE's shapes (forward for gather_patches); per op, the "
+                     "geometric mean over cases of each backend's time over the fastest backend's time")
+    return src
+
+
+def _print_priority(path: str) -> None:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for dev, per_op in data.items():
+        if dev == "source":
+            continue
+        for op, order in per_op.items():
+            print(f"  {dev} {op}: {' > '.join(order)}")
+
+
+# ------------------------------------------------------------------------------------------ encoder
+def encoder_table(records: list[dict]) -> str:
+    from .records import fmt, reasons_footnotes, status_cell, table
+
+    rows_in = [r for r in records if r.get("kind") == "encoder"]
+    numbers, notes = reasons_footnotes(rows_in)
+    rows = []
+    for r in rows_in:
+        ok = r.get("status") == "ok"
+        rows.append([r["backend"], r["mode"], r["mask_ratio"], r["shape"]["tokens"],
+                     r.get("images_per_s") if ok else None,
+                     f"{fmt(r['images_per_s_p20'])}-{fmt(r['images_per_s_p80'])}" if ok else "-",
+                     f"{r['speedup']:.2f}x" if ok and r.get("speedup") else "-", f"{r['ideal_speedup']:.2f}x",
+                     f"{100 * r['of_ideal']:.0f}%" if ok and r.get("of_ideal") is not None else "-",
+                     r.get("dispatch", "") if ok else "", status_cell(r, numbers)])
+    out = table(["backend", "mode", "ratio", "tokens", "images/s", "p20-p80", "speedup", "ideal", "of ideal",
+                 "served by", "status"], rows, align="llrrrrrrrll")
+    return out + ("\n" + notes if notes else "")
+
+
+def run_encoder(args) -> int:
+    from .common import parse_list, parse_ratios
+    from .encoder_bench import ENCODER_MODES, run_encoder as bench
+    from .common import MODEL_PATHS
+
+    device, dtype, recorder, env = _setup(args)
+    d = _defaults(args, "encoder", device)
+    model = args.model or d["model"]
+    from ..model.mae import MODELS
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    batch = args.batch or d["batch"]
+    ratios = parse_ratios(args.ratios)
+    backends = parse_list(args.backends)
+    bad = [b for b in backends if b not in MODEL_PATHS]
+    if bad:
+        raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(MODEL_PATHS)}")
+    modes = parse_list(args.modes)
+    bad = [m for m in modes if m not in ENCODER_MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(ENCODER_MODES)}")
+    print(_header(env, f"bench encoder: {model}, batch {batch}, {dtype}{' autocast' if dtype != torch.float32 else ''}"
+                       f", ratios {ratios}"))
+    records = bench(device, model, batch, dtype, ratios, backends, modes, timing=_timing(args, "encoder", device),
+                    allow_interpreter=args.allow_interpreter, on_record=recorder.add,
+                    show_progress=not args.no_progress)
+    print(encoder_table(records))
+    _finish(args, recorder)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train
+def train_table(records: list[dict]) -> str:
+    from .records import fmt, reasons_footnotes, status_cell, table
+
+    rows_in = [r for r in records if r.get("kind") == "train"]
+    numbers, notes = reasons_footnotes(rows_in)
+    rows = []
+    for r in rows_in:
+        ok = r.get("status") == "ok"
+        mem = r.get("peak_mem_mb") if ok else None
+        rows.append([r["backend"], r.get("images_per_s") if ok else None,
+                     f"{fmt(r['images_per_s_p20'])}-{fmt(r['images_per_s_p80'])}" if ok else "-",
+                     f"{r['vs_official_eager']:.2f}x" if ok and r.get("vs_official_eager") else "-",
+                     f"{r['vs_reference_compile']:.2f}x" if ok and r.get("vs_reference_compile") else "-",
+                     mem, r.get("tflops") if ok else None,
+                     f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-",
+                     r.get("dispatch", "") if ok else "", status_cell(r, numbers)])
+    out = table(["variant", "images/s", "p20-p80", "vs official-eager", "vs reference+compile", "peak MB",
+                 "TFLOP/s", "MFU", "served by", "status"], rows, align="lrrrrrrrll")
+    kinds = sorted({r["peak_mem_kind"] for r in rows_in if r.get("peak_mem_kind")})
+    if kinds:
+        out += "\n  peak MB: " + "; ".join(kinds)
+    return out + ("\n" + notes if notes else "")
+
+
+def run_train(args) -> int:
+    from .limits import measure_matmul_tflops, sizes
+    from .train_bench import VARIANTS, run_train as bench
+    from .common import parse_list
+
+    device, dtype, recorder, env = _setup(args)
+    d = _defaults(args, "train", device)
+    model = args.model or d["model"]
+    from ..model.mae import MODELS
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    batch = args.batch or d["batch"]
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    variants = parse_list(args.variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    compile_reason = None
+    if not compile_on:
+        compile_reason = ("torch.compile variants are off by default on the CPU (compiling takes minutes on a "
+                          "small CPU); pass --compile to run them") if args.compile is None else \
+            "skipped by --no-compile"
+    print(_header(env, f"bench train: {model}, batch {batch}, {dtype}{' autocast' if dtype != torch.float32 else ''}"
+                       f", mask ratio {args.mask_ratio}"))
+    n, _ = sizes(device.type, args.quick)
+    peak = measure_matmul_tflops(device, dtype, n, 0.1 if args.quick else 0.5)
+    recorder.add({"kind": "limit", "op": "matmul", "backend": "torch", "dtype": str(dtype).replace("torch.", ""),
+                  "shape": {"M": n, "N": n, "K": n}, "status": "ok", "tflops": peak})
+    print(f"matmul peak measured now: {peak:.3g} TFLOP/s ({dtype}, n={n})")
+    timing = _timing(args, "train", device)
+    compile_timing = {**timing, "warmup": max(timing["warmup"], COMPILE_WARMUP)}
+    records = bench(device, model, batch, dtype, mask_ratio=args.mask_ratio, variants=variants,
+                    compile_reason=compile_reason, peak_tflops=peak, timing=timing, compile_timing=compile_timing,
+                    allow_interpreter=args.allow_interpreter, on_record=recorder.add,
+                    show_progress=not args.no_progress)
+    print(train_table(records))
+    _finish(args, recorder)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ readme
+def run_readme(args) -> int:
+    from .readme import update_readme
+    from .records import REPO_ROOT
+
+    results = args.results or os.path.join(REPO_ROOT, "benchmarks", "results")
+    readme = args.readme or os.path.join(REPO_ROOT, "README.md")
+    block = update_readme(readme, results, write=not args.print_only)
+    if args.print_only:
+        print(block)
+    else:
+        print(f"updated the results block of {readme} from {results}")
+    return 0

@@ -1,0 +1,159 @@
+"""`fastmae bench encoder`: images per second of `model.forward_encoder` across mask ratios, per backend.
+
+Each backend path (see `common.MODEL_PATHS`) is timed forward (under `torch.no_grad()`) and forward+backward
+(`latent.backward(g)` with a fixed random g, gradients reset each repetition), at every mask ratio, with the
+same images and the same masking noise. The ratios of one backend and mode are timed interleaved (one
+repetition of each per round), so a slow spell on a shared machine hits all ratios alike.
+
+Beside each figure:
+  speedup  = images/s at the ratio / images/s at ratio 0 (same backend and mode)
+  ideal    = (L + 1) / (K + 1), the tokens the encoder sees at ratio 0 over those at the ratio, class
+             token included (K = int(L * (1 - ratio)))
+  of_ideal = speedup / ideal
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .. import create_model
+from ..ops import BackendUnavailable
+from .common import MODEL_PATHS, autocast, capture_dispatch, dispatch_str, free, path_interpreter_reason, progress
+from .flops import encoder_flops, len_keep
+from .limits import dtype_name
+from .timing import measure_interleaved
+
+ENCODER_MODES = ("fwd", "fwd+bwd")
+
+
+def ideal_speedup(num_patches: int, mask_ratio: float) -> float:
+    """Tokens at ratio 0 over tokens at `mask_ratio`, counting the class token: (L + 1) / (K + 1)."""
+    return (num_patches + 1) / (len_keep(num_patches, mask_ratio) + 1)
+
+
+def add_speedups(records: list[dict]) -> list[dict]:
+    """Fill `speedup`, `ideal_speedup` and `of_ideal` on encoder records, against the ratio-0 record of the
+    same model, backend, mode, batch, dtype and device."""
+    def group(r):
+        return (r.get("model"), r.get("backend"), r.get("mode"), r["shape"].get("batch"), r.get("dtype"),
+                r.get("device"))
+
+    base = {group(r): r["images_per_s"] for r in records
+            if r.get("kind") == "encoder" and r.get("status") == "ok" and r.get("mask_ratio") == 0.0}
+    for r in records:
+        if r.get("kind") != "encoder":
+            continue
+        r["ideal_speedup"] = ideal_speedup(r["shape"]["L"], r["mask_ratio"])
+        b = base.get(group(r))
+        if r.get("status") == "ok" and b:
+            r["speedup"] = r["images_per_s"] / b
+            r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
+    return records
+
+
+def _inputs(model, batch: int, device: torch.device, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    side = model.patch_embed.img_size[0]
+    imgs = torch.randn(batch, model.in_chans, side, side, generator=gen).to(device)
+    noise = torch.rand(batch, model.num_patches, generator=gen).to(device)
+    return imgs, noise
+
+
+def make_encoder_runner(model, imgs, noise, ratio: float, mode: str, device: torch.device,
+                        dtype: torch.dtype) -> Callable[[], object]:
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad(), autocast(device, dtype):
+                return model.forward_encoder(imgs, ratio, noise)[0]
+
+        return fwd
+    if mode != "fwd+bwd":
+        raise ValueError(f"unknown mode {mode!r}")
+    grad = {}
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            latent = model.forward_encoder(imgs, ratio, noise)[0]
+        if "g" not in grad:
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            grad["g"] = torch.randn(latent.shape, generator=gen).to(latent.device, latent.dtype)
+        latent.backward(grad["g"])
+        return latent
+
+    return fwd_bwd
+
+
+def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, ratios: Sequence[float],
+                backends: Sequence[str], modes: Sequence[str] = ENCODER_MODES, *, timing: dict | None = None,
+                allow_interpreter: bool = False, on_record: Callable[[dict], None] | None = None,
+                show_progress: bool = True) -> list[dict]:
+    torch.manual_seed(0)
+    model = create_model(model_name).to(device)
+    imgs, noise = _inputs(model, batch, device)
+    L = model.num_patches
+    records: list[dict] = []
+
+    def emit(rec):
+        records.append(rec)
+        if on_record:
+            on_record(rec)
+
+    def base(backend, mode, ratio):
+        k = len_keep(L, ratio)
+        return {"kind": "encoder", "model": model_name, "backend": backend, "mode": mode, "mask_ratio": ratio,
+                "dtype": dtype_name(dtype), "amp": dtype != torch.float32,
+                "shape": {"batch": batch, "img": model.patch_embed.img_size[0], "L": L, "K": k, "tokens": k + 1}}
+
+    # "auto" last: when it resolves to exactly the ops of a path measured before, it is not timed twice
+    backends = sorted(backends, key=lambda b: b == "auto")
+    measured: dict[tuple[str, str], str] = {}  # (mode, dispatch) -> backend
+    jobs = [(b, m) for b in backends for m in modes]
+    for backend, mode in progress(jobs, "bench encoder", show_progress):
+        if backend not in MODEL_PATHS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(MODEL_PATHS)}")
+        spec = MODEL_PATHS[backend]
+        model.backend = spec
+        reason = path_interpreter_reason(spec, device, allow_interpreter)
+        status, seen = "skipped", {}
+        if reason is None:
+            try:
+                with capture_dispatch() as seen, torch.no_grad(), autocast(device, dtype):
+                    model.forward_encoder(imgs[:1], ratios[-1], noise[:1])
+                status = "ok"
+                same = measured.get((mode, dispatch_str(seen)))
+                if backend == "auto" and same:
+                    status, reason = "skipped", (f"auto resolves to the same backends as {same} "
+                                                 f"({dispatch_str(seen)}), timed above")
+            except BackendUnavailable as exc:  # the registry's reasons
+                reason = str(exc)
+            except Exception as exc:
+                status, reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        if status != "ok":
+            for r in ratios:
+                emit({**base(backend, mode, r), "status": status, "reason": reason})
+            continue
+        fns = {r: make_encoder_runner(model, imgs, noise, r, mode, device, dtype) for r in ratios}
+        try:
+            timings = measure_interleaved(fns, device, **(timing or {}))
+        except Exception as exc:
+            for r in ratios:
+                emit({**base(backend, mode, r), "status": "failed",
+                      "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+            continue
+        finally:
+            model.zero_grad(set_to_none=True)
+            free(device)
+        measured.setdefault((mode, dispatch_str(seen)), backend)
+        factor = 1.0 if mode == "fwd" else 3.0
+        for r, t in timings.items():
+            sec = t.median_ms * 1e-3
+            emit({**base(backend, mode, r), "status": "ok", **t.as_dict(), "dispatch": dispatch_str(seen),
+                  "images_per_s": batch / sec, "images_per_s_p20": batch / (t.p80_ms * 1e-3),
+                  "images_per_s_p80": batch / (t.p20_ms * 1e-3),
+                  "tflops": factor * encoder_flops(model, batch, r) / sec / 1e12})
+    model.backend = None
+    del model
+    free(device)
+    return add_speedups(records)

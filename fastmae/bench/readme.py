@@ -1,0 +1,236 @@
+"""`fastmae bench readme`: the README's results block, rendered from recorded results files.
+
+Finds every `results.json` under the results folder (`<device-slug>/<date>/results.json`), takes the latest
+GPU run and the latest CPU run (by the newest record date), and renders their encoder, training and op
+tables, each stamped with device, versions, commit and date, plus one plot link per run. Nothing in the
+block is typed by hand; the block sits between the two markers below and is replaced whole.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from .records import read_results
+
+START = "<!-- bench-results:start -->"
+END = "<!-- bench-results:end -->"
+MEASURED = ("op", "encoder", "train")
+
+
+def find_runs(results_root: str) -> list[tuple[str, list[dict]]]:
+    """(folder, records) for every results.json under `results_root`."""
+    runs = []
+    for dirpath, _, files in os.walk(results_root):
+        if "results.json" in files:
+            try:
+                records = read_results(os.path.join(dirpath, "results.json"))
+            except (ValueError, OSError):
+                continue
+            if any(r.get("kind") in MEASURED for r in records):
+                runs.append((dirpath, records))
+    return runs
+
+
+def latest_runs(results_root: str) -> dict[str, tuple[str, list[dict]]]:
+    """The latest run per device type ("cuda", "cpu"), by the newest record date; ties go to the folder name."""
+    best: dict[str, tuple[tuple, str, list[dict]]] = {}
+    for folder, records in find_runs(results_root):
+        measured = [r for r in records if r.get("kind") in MEASURED]
+        dtype = max({r.get("device_type", "cpu") for r in measured},
+                    key=lambda t: sum(r.get("device_type", "cpu") == t for r in measured))
+        key = (max(str(r.get("date", "")) for r in measured), folder)
+        if dtype not in best or key > best[dtype][0]:
+            best[dtype] = (key, folder, records)
+    return {t: (folder, records) for t, (_, folder, records) in best.items()}
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def _short(reason: str, n: int = 110) -> str:
+    reason = (reason or "").replace("|", "/").replace("\n", " ")
+    return reason if len(reason) <= n else reason[: n - 1] + "…"
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def stamp_line(records: Sequence[dict], folder: str, base: str) -> str:
+    r = next(x for x in records if x.get("kind") in MEASURED)
+    dates = sorted(str(x.get("date", "")) for x in records if x.get("kind") in MEASURED)
+    return (f"{r.get('device', '?')} · torch {r.get('torch', '?')} · triton {r.get('triton', '?')} · "
+            f"xformers {r.get('xformers', '?')} · CUDA {r.get('cuda', '?')} · commit `{str(r.get('git_commit', '?'))[:12]}`"
+            f" · {dates[0]}{' to ' + dates[-1] if dates[-1] != dates[0] else ''} · "
+            f"[`{os.path.relpath(folder, base)}`]({os.path.relpath(folder, base)})")
+
+
+def encoder_section(records: Sequence[dict]) -> list[str]:
+    rows = [r for r in records if r.get("kind") == "encoder"]
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model]
+        ratios = sorted({r["mask_ratio"] for r in mrows})
+        first = mrows[0]
+        out.append(f"**Encoder** `{model}`, batch {first['shape']['batch']}, {first['dtype']}"
+                   f"{' autocast' if first.get('amp') else ''}: images/s (speedup over ratio 0, share of the ideal "
+                   f"speedup (L+1)/(K+1))")
+        out.append("")
+        table_rows, skipped = [], {}
+        for backend in dict.fromkeys(r["backend"] for r in mrows):
+            for mode in ("fwd", "fwd+bwd"):
+                cells = {r["mask_ratio"]: r for r in mrows if r["backend"] == backend and r["mode"] == mode}
+                if not cells:
+                    continue
+                if all(c.get("status") != "ok" for c in cells.values()):
+                    skipped.setdefault(backend, next(iter(cells.values())).get("reason", ""))
+                    continue
+                row = [backend, mode]
+                for q in ratios:
+                    c = cells.get(q)
+                    if c is None or c.get("status") != "ok":
+                        row.append("–")
+                    elif q == 0.0:
+                        row.append(_f(c["images_per_s"]))
+                    else:
+                        sp, of = c.get("speedup"), c.get("of_ideal")
+                        extra = f" ({sp:.2f}x, {of:.0%})" if sp is not None and of is not None else ""
+                        row.append(_f(c["images_per_s"]) + extra)
+                table_rows.append(row)
+        out += _md_table(["backend", "mode"] + [f"ratio {q:g}" for q in ratios], table_rows)
+        for backend, reason in skipped.items():
+            out.append(f"\n`{backend}` not run: {_short(reason)}")
+        out.append("")
+    return out
+
+
+def train_section(records: Sequence[dict]) -> list[str]:
+    rows = [r for r in records if r.get("kind") == "train"]
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model]
+        ok = [r for r in mrows if r.get("status") == "ok"]
+        first = ok[0] if ok else mrows[0]
+        batch = first.get("shape", {}).get("batch", "?")
+        out.append(f"**Training step** `{model}`, batch {batch}, {first['dtype']}"
+                   f"{' autocast' if first.get('amp') else ''}, mask ratio {first['mask_ratio']} "
+                   f"(forward, loss, backward, AdamW)")
+        out.append("")
+        table_rows = []
+        for r in mrows:
+            if r.get("status") != "ok":
+                table_rows.append([r["backend"], f"{r['status']}: {_short(r.get('reason', ''), 80)}", "", "", "",
+                                   "", ""])
+                continue
+            mem = r.get("peak_mem_mb")
+            table_rows.append([
+                r["backend"], _f(r["images_per_s"]),
+                f"{r['vs_official_eager']:.2f}x" if r.get("vs_official_eager") else "–",
+                f"{r['vs_reference_compile']:.2f}x" if r.get("vs_reference_compile") else "–",
+                f"{mem:,.0f} MB" if mem is not None else "n/a",
+                f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
+                r.get("dispatch", "")])
+        out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory", "MFU",
+                          "served by"], table_rows)
+        kinds = sorted({r["peak_mem_kind"] for r in ok if r.get("peak_mem_kind")})
+        if kinds:
+            out.append(f"\nPeak memory: {'; '.join(kinds)}. MFU: model FLOPs (3 x forward, linear layers and "
+                       f"attention) per second over the matmul peak measured in the same run.")
+        out.append("")
+    return out
+
+
+def ops_section(records: Sequence[dict]) -> list[str]:
+    rows = [r for r in records if r.get("kind") == "op"]
+    if not rows:
+        return []
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
+    first = rows[0]
+    out = [f"**Ops** ({first['dtype']}, batch {first['shape'].get('B', first['shape'].get('T', '?'))}): "
+           f"median forward+backward time (forward only where an op has no backward), speedup over "
+           f"`reference`, and TFLOP/s or GB/s as a share of the limit measured in the same run", ""]
+    table_rows = []
+    for op, case in cases:
+        crows = [r for r in rows if r["op"] == op and r["case"] == case]
+        mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in crows) else "fwd"
+        row = [f"{op}", case, mode]
+        for b in backends:
+            m = [r for r in crows if r["backend"] == b and r["mode"] == mode]
+            if not m:
+                row.append("")
+            elif m[0].get("status") != "ok":
+                row.append("–")
+            else:
+                r = m[0]
+                sp = f" {r['speedup']:.2f}x" if r.get("speedup") and b != "reference" else ""
+                peak = f" ({r['frac_peak']:.0%})" if r.get("frac_peak") is not None else ""
+                row.append(f"{r['median_ms']:.3g} ms{sp}{peak}")
+        table_rows.append(row)
+    out += _md_table(["op", "case", "mode"] + backends, table_rows)
+    limits = [r for r in records if r.get("kind") == "limit"]
+    if limits:
+        parts = [f"matmul {r['tflops']:.3g} TFLOP/s ({r['dtype']})" if r["op"] == "matmul"
+                 else f"copy {r['gbps']:.3g} GB/s" for r in limits if r.get("status") == "ok"]
+        out.append("\nLimits measured in the same run: " + ", ".join(dict.fromkeys(parts)) + ". "
+                   "`–`: the backend cannot serve the case (reasons in results.json).")
+    out.append("")
+    return out
+
+
+def plot_link(folder: str, base: str) -> list[str]:
+    pngs = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
+    pick = next((p for p in pngs if p.startswith("encoder_")), pngs[0] if pngs else None)
+    if pick is None:
+        return []
+    rel = os.path.relpath(os.path.join(folder, pick), base)
+    return [f"![{pick[:-4]}]({rel})", ""]
+
+
+def render(results_root: str, base: str) -> str:
+    """The block's content (markers excluded); links relative to `base` (the README's folder)."""
+    runs = latest_runs(results_root)
+    lines = ["", "_Generated by `fastmae bench readme` from the recorded results files; do not edit by hand._", ""]
+    for dtype, title in (("cuda", "GPU"), ("cpu", "CPU")):
+        lines.append(f"### {title}")
+        lines.append("")
+        if dtype not in runs:
+            how = ("run `benchmarks/gpu_suite.sh` on a GPU machine" if dtype == "cuda"
+                   else "run `fastmae bench ops|encoder|train --out benchmarks/results/<device>/<date>`")
+            lines += [f"_No {title} results recorded yet: {how}._", ""]
+            continue
+        folder, records = runs[dtype]
+        lines += [stamp_line(records, folder, base), ""]
+        lines += encoder_section(records)
+        lines += train_section(records)
+        lines += ops_section(records)
+        lines += plot_link(folder, base)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"the README has no results block: add the lines {START} and {END} where the results go")
+    return text[: start + len(START)] + "\n" + block.strip("\n") + "\n" + text[end:]
+
+
+def update_readme(readme: str, results_root: str, write: bool = True) -> str:
+    if not os.path.isdir(results_root):
+        raise ValueError(f"no results folder at {results_root}")
+    base = os.path.dirname(os.path.abspath(readme))
+    block = render(results_root, base)
+    if write:
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        new = replace_block(text, block)
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(new)
+    return block

@@ -1,0 +1,258 @@
+"""Result records: the environment stamp, results.json / results.csv, and terminal tables.
+
+A record is a flat dict. Every record carries:
+  kind       "op", "encoder", "train" or "limit"
+  op / model what was measured (an op name, or a model preset)
+  backend    a backend name (ops, encoder), a training variant (train) or "torch" (limits)
+  shape      a dict of sizes; dtype; mask_ratio where it applies; mode ("fwd", "fwd+bwd", "step")
+  status     "ok", "skipped" (with `reason`: the registry's or the benchmark's sentence) or "failed"
+             (with `reason`: the exception)
+  the figures (median_ms, p20_ms, p80_ms, reps and the throughputs), and the stamp: device,
+  device_type, torch, triton, xformers, cuda, python, git_commit, date.
+
+`write_results(out_dir, records)` merges into `out_dir/results.json` (a record replaces an older one with
+the same key: same kind, op/model, backend, mode, shape, dtype, mask ratio and device), then rewrites
+`results.csv` from the merged list, so several commands can share one output folder.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from typing import Iterable, Sequence
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KEY_FIELDS = ("kind", "op", "model", "backend", "mode", "shape", "dtype", "mask_ratio", "device")
+STAMP_FIELDS = ("device", "device_type", "torch", "triton", "xformers", "cuda", "python", "git_commit", "date")
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit(repo: str = REPO_ROOT) -> str:
+    """The checked-out commit (with "+dirty" when tracked files are modified), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        commit = head.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+        return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def slugify(text: str) -> str:
+    text = re.sub(r"\(.*?\)", "", text)  # drop "(R)", "(TM)", core counts
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def device_slug(device: torch.device | str) -> str:
+    """A folder name for a device: the GPU's name, or "cpu-" and the processor's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return slugify(torch.cuda.get_device_name(device))
+    return "cpu-" + slugify(cpu_name().replace("Processor", ""))
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@functools.lru_cache(maxsize=None)
+def _static_stamp() -> tuple:
+    return (("torch", torch.__version__), ("triton", package_version("triton")),
+            ("xformers", package_version("xformers")), ("cuda", torch.version.cuda or "none"),
+            ("python", platform.python_version()), ("git_commit", git_commit()))
+
+
+def environment(device: torch.device | str) -> dict:
+    """The stamp every record carries."""
+    device = torch.device(device)
+    stamp = {"device": device_name(device), "device_type": device.type}
+    stamp.update(dict(_static_stamp()))
+    stamp["date"] = now_utc()
+    return stamp
+
+
+def stamp(records: Iterable[dict], env: dict) -> list[dict]:
+    out = []
+    for r in records:
+        r = dict(r)
+        for k, v in env.items():
+            r.setdefault(k, v)
+        out.append(r)
+    return out
+
+
+def record_key(r: dict) -> str:
+    return json.dumps([r.get(k) for k in KEY_FIELDS], sort_keys=True, default=str)
+
+
+def merge(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """`old` with every record that `new` measures again replaced, then the rest of `new`, in order."""
+    new_keys = {record_key(r) for r in new}
+    return [r for r in old if record_key(r) not in new_keys] + list(new)
+
+
+def read_results(path: str) -> list[dict]:
+    """Records from a results.json file, or from the results.json inside a folder."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of records")
+    return data
+
+
+def _csv_value(v) -> str:
+    if isinstance(v, dict):
+        return " ".join(f"{k}={x}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return "" if v is None else str(v)
+
+
+def write_csv(path: str, records: Sequence[dict]) -> None:
+    fields: list[str] = []
+    for r in records:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for r in records:
+            w.writerow([_csv_value(r.get(k)) for k in fields])
+
+
+def write_results(out_dir: str, records: Sequence[dict]) -> list[dict]:
+    """Merge `records` into out_dir/results.json and rewrite out_dir/results.csv; returns the merged list."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    old = read_results(path) if os.path.isfile(path) else []
+    merged = merge(old, records)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(merged, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    write_csv(os.path.join(out_dir, "results.csv"), merged)
+    return merged
+
+
+class Recorder:
+    """Collects records and, with an output folder, writes them after every step (so a run that is cut
+    off by a timeout keeps what it measured)."""
+
+    def __init__(self, out_dir: str | None, env: dict):
+        self.out_dir = out_dir
+        self.env = env
+        self.records: list[dict] = []
+
+    def add(self, *records: dict) -> None:
+        for r in records:  # stamped in place: figures added to a record later (speedups) are kept
+            for k, v in self.env.items():
+                r.setdefault(k, v)
+            self.records.append(r)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.out_dir:
+            write_results(self.out_dir, self.records)
+
+
+# ------------------------------------------------------------------------------------------ terminal
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def shape_str(shape) -> str:
+    if isinstance(shape, dict):
+        return " ".join(f"{k}={v}" for k, v in shape.items())
+    return "" if shape is None else str(shape)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
+    """A plain-text table; numbers right-aligned unless `align` (one of 'l'/'r' per column) says otherwise."""
+    cells = [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+    if align is None:
+        align = "".join("r" if rows and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) else "l"
+                        for i in range(len(headers)))
+
+    def line(row):
+        return "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align)).rstrip()
+
+    out = [line(list(headers)), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def reasons_footnotes(records: Sequence[dict]) -> tuple[dict[str, int], str]:
+    """Number each distinct skip/failure reason once; returns (reason -> number, the footnote text)."""
+    numbers: dict[str, int] = {}
+    for r in records:
+        if r.get("status") != "ok" and r.get("reason"):
+            numbers.setdefault(r["reason"], len(numbers) + 1)
+    text = "\n".join(f"  [{n}] {reason}" for reason, n in numbers.items())
+    return numbers, text
+
+
+def status_cell(r: dict, numbers: dict[str, int]) -> str:
+    if r.get("status") == "ok":
+        return "ok"
+    n = numbers.get(r.get("reason", ""))
+    return f"{r.get('status')} [{n}]" if n else str(r.get("status"))
+
+
+def print_err(*args) -> None:
+    print(*args, file=sys.stderr)

@@ -1,0 +1,147 @@
+"""Helpers for `benchmarks/gpu_suite.sh`: the device's folder name, and the run's summary.md.
+
+    python -m fastmae.bench.suite slug [--device cuda|cpu]
+    python -m fastmae.bench.suite summary --parts PARTS.tsv --results DIR --mode gpu|cpu-quick [--out FILE]
+
+PARTS.tsv holds one line per part of the suite: name, status (ok / failed / timeout / skipped), exit code,
+seconds, note (the reason of a skip), command; tab-separated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PART_FIELDS = ("name", "status", "rc", "seconds", "note", "command")
+ENCODER_TARGET = {"cuda": 0.90, "cpu": 0.80}
+TRAIN_TARGETS = {"vs_official_eager": 1.5, "vs_reference_compile": 1.15}
+
+
+def read_parts(path: str) -> list[dict]:
+    parts = []
+    if not os.path.isfile(path):
+        return parts
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            cells = line.split("\t") + [""] * len(PART_FIELDS)
+            parts.append(dict(zip(PART_FIELDS, cells[: len(PART_FIELDS)])))
+    return parts
+
+
+def _status(p: dict) -> str:
+    s = p["status"]
+    if s == "ok":
+        return "ok"
+    if s == "skipped":
+        return f"skipped: {p['note']}"
+    if s == "timeout":
+        return f"failed: timed out after {p['seconds']} s (exit code {p['rc']})"
+    return f"failed with exit code {p['rc']}" + (f" ({p['note']})" if p["note"] else "")
+
+
+def key_results(records: list[dict]) -> list[str]:
+    """The figures the targets are stated in: encoder share of ideal at 75%, training speedups and MFU."""
+    lines = []
+    enc = [r for r in records if r.get("kind") == "encoder" and r.get("status") == "ok"
+           and abs(r.get("mask_ratio", -1) - 0.75) < 1e-9 and r.get("of_ideal") is not None]
+    for r in enc:
+        target = ENCODER_TARGET.get(r.get("device_type", "cpu"))
+        lines.append(f"- encoder `{r['model']}` batch {r['shape']['batch']} {r['backend']} {r['mode']} at 75%: speedup {r['speedup']:.2f}x of "
+                     f"ideal {r['ideal_speedup']:.2f}x = {r['of_ideal']:.0%}"
+                     + (f" (target for the fastmae path: >= {target:.0%})" if r["backend"] == "auto" and target
+                        else ""))
+    train = [r for r in records if r.get("kind") == "train"]
+    for r in train:
+        if r.get("status") != "ok":
+            lines.append(f"- train `{r['model']}` {r['backend']}: {r.get('status')}: {r.get('reason', '')}")
+            continue
+        extra = []
+        for k, target in TRAIN_TARGETS.items():
+            if r.get(k) is not None and r["backend"] == "fastmae":
+                extra.append(f"{k.replace('_', ' ')} {r[k]:.2f}x (target >= {target}x)")
+        mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+        mem = f", peak {r['peak_mem_mb']:,.0f} MB" if r.get("peak_mem_mb") is not None else ""
+        lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
+                     f"images/s{mfu}{mem}"
+                     + (f"; {', '.join(extra)}" if extra else ""))
+    return lines
+
+
+def write_summary(parts_path: str, results_dir: str, mode: str, out: str) -> str:
+    from .records import read_results
+
+    parts = read_parts(parts_path)
+    records = []
+    res = os.path.join(results_dir, "results.json")
+    if os.path.isfile(res):
+        records = read_results(res)
+    stamp = next((r for r in records if r.get("kind") in ("op", "encoder", "train")), None)
+    lines = [f"# fastmae benchmark suite ({mode})", ""]
+    if stamp:
+        lines.append(f"{stamp.get('device')} · torch {stamp.get('torch')} · triton {stamp.get('triton')} · "
+                     f"xformers {stamp.get('xformers')} · CUDA {stamp.get('cuda')} · commit "
+                     f"`{stamp.get('git_commit')}` · {stamp.get('date')}")
+        lines.append("")
+    lines += ["| part | status | seconds | command |", "| --- | --- | --- | --- |"]
+    for p in parts:
+        cmd = p["command"].replace("|", "\\|")
+        lines.append(f"| {p['name']} | {_status(p)} | {p['seconds']} | `{cmd}` |" if cmd else
+                     f"| {p['name']} | {_status(p)} | {p['seconds']} | |")
+    total = sum(float(p["seconds"] or 0) for p in parts)
+    lines += ["", f"Total: {total:.0f} s over {len(parts)} parts; "
+              f"{sum(p['status'] == 'ok' for p in parts)} ok, {sum(p['status'] == 'skipped' for p in parts)} skipped, "
+              f"{sum(p['status'] not in ('ok', 'skipped') for p in parts)} failed. Logs: `logs/<part>.log`.", ""]
+    key = key_results(records)
+    if key:
+        lines += ["## Key results", ""] + key + [""]
+    prio = os.path.join(results_dir, "priority.json")
+    if os.path.isfile(prio):
+        import json
+
+        with open(prio, encoding="utf-8") as f:
+            data = json.load(f)
+        lines += ["## Measured backend order (priority.json)", ""]
+        for dev, per_op in data.items():
+            if dev != "source":
+                lines += [f"- {dev} {op}: {' > '.join(order)}" for op, order in per_op.items()]
+        lines.append("")
+    files = sorted(f for f in os.listdir(results_dir) if os.path.isfile(os.path.join(results_dir, f)))
+    lines += ["## Files", ""] + [f"- `{f}`" for f in sorted(set(files) | {"summary.md"})]
+    text = "\n".join(lines).rstrip() + "\n"
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmae.bench.suite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("slug", help="print the folder name of a device")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--import-check", action="store_true", help="also import fastmae.kernels and the bench CLI")
+    p = sub.add_parser("summary", help="write summary.md")
+    p.add_argument("--parts", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--mode", default="gpu")
+    p.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.cmd == "slug":
+        if args.import_check:
+            import fastmae.kernels  # noqa: F401  (the folder kernels/ installed as fastmae.kernels)
+
+            from . import cli  # noqa: F401
+        from .common import resolve_device
+        from .records import device_slug
+
+        print(device_slug(resolve_device(args.device)))
+        return 0
+    write_summary(args.parts, args.results, args.mode, args.out or os.path.join(args.results, "summary.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

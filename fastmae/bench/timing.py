@@ -1,0 +1,140 @@
+"""Timing: warm up, repeat, report the median and the 20th/80th percentiles.
+
+On CUDA every measured repetition is bracketed by CUDA events (recorded on the current stream, read
+after one `torch.cuda.synchronize()` at the end), and the cache can be flushed before each repetition
+by zeroing a buffer larger than the L2 (outside the events), so memory-bound ops are not timed from
+cache. On the CPU each repetition is timed with `time.perf_counter()`.
+
+The number of repetitions adapts to the op: the warm-up is timed, and as many repetitions as fit in
+`max_time_s` are run, clamped to `[min_reps, max_reps]`.
+
+`measure_interleaved` times several functions in rounds (one repetition of each per round). On a shared
+or throttling machine a slow spell then hits every function alike, which keeps their ratios (speedups)
+honest even when the absolute times drift.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of any current GPU
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {q}")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Summary of repeated measurements of one function, in milliseconds."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> "Timing":
+        return cls(median_ms=percentile(samples_ms, 50), p20_ms=percentile(samples_ms, 20),
+                   p80_ms=percentile(samples_ms, 80), reps=len(samples_ms))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Flusher:
+    def __init__(self, device: torch.device, enabled: bool):
+        self.buf = None
+        if enabled and device.type == "cuda":
+            self.buf = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def _reps_for(per_rep_s: float, max_time_s: float, min_reps: int, max_reps: int) -> int:
+    if per_rep_s <= 0:
+        return max_reps
+    return int(max(min_reps, min(max_reps, max_time_s // per_rep_s)))
+
+
+def measure(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2, min_reps: int = 3,
+            max_reps: int = 100, max_time_s: float = 0.5, flush_cache: bool = False) -> Timing:
+    """Time `fn()` on `device`: `warmup` untimed calls, then repetitions as above."""
+    return measure_interleaved({"fn": fn}, device, warmup=warmup, min_reps=min_reps, max_reps=max_reps,
+                               max_time_s=max_time_s, flush_cache=flush_cache)["fn"]
+
+
+def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
+                        warmup: int = 2, min_reps: int = 3, max_reps: int = 100, max_time_s: float = 0.5,
+                        flush_cache: bool = False) -> dict[str, Timing]:
+    """Time several functions in rounds; `max_time_s` bounds the measured time of all of them together."""
+    device = torch.device(device)
+    if min_reps < 1 or max_reps < min_reps:
+        raise ValueError(f"need 1 <= min_reps <= max_reps, got {min_reps}, {max_reps}")
+    flush = _Flusher(device, flush_cache)
+    names = list(fns)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(max(warmup, 1)):  # at least one untimed call: compiles, autotunes, allocates
+        for name in names:
+            flush()
+            fns[name]()
+    synchronize(device)
+    per_round = (time.perf_counter() - t0) / max(warmup, 1)
+    reps = _reps_for(per_round, max_time_s, min_reps, max_reps)
+
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    if device.type == "cuda":
+        events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)] for n in names}
+        for i in range(reps):
+            for name in names:
+                flush()
+                start, end = events[name][i]
+                start.record()
+                fns[name]()
+                end.record()
+        torch.cuda.synchronize(device)
+        for name in names:
+            samples[name] = [s.elapsed_time(e) for s, e in events[name]]
+    else:
+        for _ in range(reps):
+            for name in names:
+                t = time.perf_counter()
+                fns[name]()
+                samples[name].append((time.perf_counter() - t) * 1e3)
+    return {n: Timing.from_samples(samples[n]) for n in names}
+
+
+def synchronized(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:
+    """`fn` followed by a device synchronisation (what pytest-benchmark must time on CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run

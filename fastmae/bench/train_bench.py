@@ -1,0 +1,216 @@
+"""`fastmae bench train`: one full pretraining step (forward, loss, backward, AdamW step) per variant.
+
+Variants, all with the same preset, batch, dtype, initial weights, images and masking noise:
+  official-eager     backend "reference" for every op: explicit attention, the official order of operations
+  reference+sdpa     the reference path with PyTorch's SDPA for attention
+  reference+compile  the reference path under torch.compile
+  fastmae            fastmae's automatic choice (the fastest path the registry knows for this device)
+  fastmae+compile    the same under torch.compile
+The step is `autocast(dtype)` forward + loss, `loss.backward()` (through a GradScaler for float16), AdamW
+(betas 0.9/0.95, weight decay 0.05 on weight matrices only, as the official recipe) and `zero_grad`.
+
+Figures: images/s from the median step time; peak memory (CUDA: `torch.cuda.max_memory_allocated` over the
+variant's steps, after a reset; CPU: the increase of the process's resident memory over the variant's set-up
+and steps, sampled every 2 ms, labelled as such); MFU = model FLOPs per step (see `flops.py`: 3 x forward,
+linear layers and attention) / step time / the matmul peak measured in the same run in the step's dtype.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .. import create_model
+from ..ops import BackendUnavailable
+from .common import autocast, capture_dispatch, dispatch_str, free, path_interpreter_reason, progress
+from .flops import len_keep, train_step_flops
+from .limits import dtype_name
+from .timing import measure
+
+REFERENCE_SDPA = {"attention": "sdpa", "gather_patches": "reference", "gather_tokens": "reference",
+                  "unshuffle_tokens": "reference", "masked_mse_loss": "reference"}
+VARIANTS: dict[str, dict] = {
+    "official-eager": {"backend": "reference", "compile": False},
+    "reference+sdpa": {"backend": REFERENCE_SDPA, "compile": False},
+    "reference+compile": {"backend": "reference", "compile": True},
+    "fastmae": {"backend": None, "compile": False},
+    "fastmae+compile": {"backend": None, "compile": True},
+}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only; none on biases, norms, tokens and position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class RssSampler:
+    """Peak resident memory of this process while the block runs, sampled from /proc/self/statm."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s = interval_s
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.available = os.path.exists("/proc/self/statm")
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def rss(self) -> int:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        if self.available:
+            self.start = self.peak = self.rss()
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    @property
+    def delta_mb(self) -> float | None:
+        return (self.peak - self.start) / 2 ** 20 if self.available else None
+
+
+def make_step(model, forward, opt, imgs, noise, mask_ratio: float, device: torch.device,
+              dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def step():
+        with autocast(device, dtype):
+            loss = forward(imgs, mask_ratio, noise=noise)[0]
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, *, mask_ratio: float = 0.75,
+              variants: Sequence[str] = tuple(VARIANTS), compile_reason: str | None = None,
+              peak_tflops: float | None = None, timing: dict | None = None, compile_timing: dict | None = None,
+              allow_interpreter: bool = False, on_record: Callable[[dict], None] | None = None,
+              show_progress: bool = True) -> list[dict]:
+    """Records for each variant; `compile_reason` (when set) skips the torch.compile variants with it."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    # eager variants first: a run cut short by a timeout keeps them
+    ordered = sorted(variants, key=lambda v: VARIANTS[v]["compile"])
+    records = []
+    for name in progress(ordered, "bench train", show_progress):
+        rec = run_variant(device, model_name, batch, dtype, name, mask_ratio=mask_ratio, compile_reason=compile_reason,
+                          peak_tflops=peak_tflops, timing=compile_timing if VARIANTS[name]["compile"] else timing,
+                          allow_interpreter=allow_interpreter)
+        records.append(rec)
+        if on_record:
+            on_record(rec)
+    return add_train_speedups(records)
+
+
+def add_train_speedups(records: list[dict]) -> list[dict]:
+    """`vs_official_eager` and `vs_reference_compile`: images/s over those variants' images/s."""
+    ips = {r["backend"]: r["images_per_s"] for r in records if r.get("kind") == "train" and r.get("status") == "ok"}
+    for r in records:
+        if r.get("kind") == "train" and r.get("status") == "ok":
+            if ips.get("official-eager"):
+                r["vs_official_eager"] = r["images_per_s"] / ips["official-eager"]
+            if ips.get("reference+compile"):
+                r["vs_reference_compile"] = r["images_per_s"] / ips["reference+compile"]
+    return records
+
+
+def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, variant: str, *,
+                mask_ratio: float = 0.75, compile_reason: str | None = None, peak_tflops: float | None = None,
+                timing: dict | None = None, allow_interpreter: bool = False) -> dict:
+    cfg = VARIANTS[variant]
+    rec = {"kind": "train", "model": model_name, "backend": variant, "mode": "step", "mask_ratio": mask_ratio,
+           "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
+           "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto"}
+    if cfg["compile"] and compile_reason:
+        return {**rec, "status": "skipped", "reason": compile_reason}
+    why = path_interpreter_reason(cfg["backend"], device, allow_interpreter)
+    if why:
+        return {**rec, "status": "skipped", "reason": why}
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_before = torch.cuda.memory_allocated(device)
+    sampler = RssSampler() if device.type == "cpu" else None
+    try:
+        with (sampler or _null()):
+            torch.manual_seed(0)
+            model = create_model(model_name).to(device)
+            model.backend = cfg["backend"]
+            L = model.num_patches
+            rec["shape"] = {"batch": batch, "img": model.patch_embed.img_size[0], "L": L,
+                            "K": len_keep(L, mask_ratio)}
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            side = model.patch_embed.img_size[0]
+            imgs = torch.randn(batch, model.in_chans, side, side, generator=gen).to(device)
+            noise = torch.rand(batch, L, generator=gen).to(device)
+            flops = train_step_flops(model, batch, mask_ratio)
+            # which backend serves each op, from one eager forward (also surfaces the registry's reasons)
+            with capture_dispatch() as seen, torch.no_grad(), autocast(device, dtype):
+                model(imgs[:1], mask_ratio, noise=noise[:1])
+            opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
+            forward = torch.compile(model) if cfg["compile"] else model
+            step = make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype)
+            t = measure(step, device, **(timing or {}))
+            loss = float(step().detach())
+    except BackendUnavailable as exc:
+        return {**rec, "status": "skipped", "reason": str(exc)}
+    except Exception as exc:
+        return {**rec, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    finally:
+        model = opt = forward = step = None  # noqa: F841 (release before the next variant)
+        if cfg["compile"]:
+            torch._dynamo.reset()
+    sec = t.median_ms * 1e-3
+    out = {**rec, "status": "ok", **t.as_dict(), "dispatch": dispatch_str(seen), "images_per_s": batch / sec,
+           "images_per_s_p20": batch / (t.p80_ms * 1e-3), "images_per_s_p80": batch / (t.p20_ms * 1e-3),
+           "flops_per_step": flops, "tflops": flops / sec / 1e12, "loss": loss}
+    if device.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        out["peak_mem_kind"] = "cuda max_memory_allocated"
+        out["mem_before_mb"] = mem_before / 2 ** 20
+    else:
+        out["peak_mem_mb"] = sampler.delta_mb
+        out["peak_mem_kind"] = ("cpu resident-memory increase (sampled)" if sampler.available
+                                else "n/a: /proc/self/statm is not available")
+    if peak_tflops:
+        out["peak_tflops"] = peak_tflops
+        out["mfu"] = out["tflops"] / peak_tflops
+    free(device)
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -59,9 +59,18 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="time triton on the CPU under its interpreter (meaningless numbers; off by default)")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show (None: chosen per device; flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Formatter
 
     p = sub.add_parser("ops", formatter_class=fmt, help="every op x every backend at MAE's shapes",
                        description="Every op x every backend at the shapes of MAE's ViT-B/L/H encoder and decoder, "
@@ -104,8 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
                    "mae_vit_cifar_small_patch4 on cpu)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on cuda, 32 on cpu)")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--variants", default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="the masking of every variant")
+    p.add_argument("--variants", default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile",
+                   help="comma-separated training variants")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="run the torch.compile variants (default on cuda; off on cpu, where compiling takes minutes)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")

@@ -28,9 +28,9 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     if device.type not in ("cuda", "cpu"):
-        raise SystemExit(f"error: benchmarks run on cuda or cpu, not {device.type}")
+        raise ValueError(f"benchmarks run on cuda or cpu, not {device.type}")
     return device
 
 
@@ -41,7 +41,7 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise SystemExit(f"error: unknown dtype {name!r}; choose float32, bfloat16 or float16") from None
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16") from None
 
 
 def parse_list(text: str | Iterable[str]) -> list[str]:
@@ -54,10 +54,10 @@ def parse_ratios(text: str) -> list[float]:
     try:
         ratios = [float(t) for t in parse_list(text)]
     except ValueError:
-        raise SystemExit(f"error: mask ratios must be numbers separated by commas, got {text!r}") from None
+        raise ValueError(f"mask ratios must be numbers separated by commas, got {text!r}") from None
     bad = [r for r in ratios if not 0.0 <= r < 1.0]
     if bad:
-        raise SystemExit(f"error: mask ratios must be in [0, 1), got {bad}")
+        raise ValueError(f"mask ratios must be in [0, 1), got {bad}")
     if 0.0 not in ratios:  # the baseline of every speedup
         ratios.insert(0, 0.0)
     return sorted(set(ratios))

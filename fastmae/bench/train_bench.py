@@ -143,6 +143,31 @@ def add_train_speedups(records: list[dict]) -> list[dict]:
     return records
 
 
+def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, variant: str,
+                    mask_ratio: float = 0.75) -> dict:
+    """Build one variant: model, optimizer, inputs and the step function (nothing timed yet).
+
+    Returns {"step", "model", "shape", "flops", "dispatch"}; raises BackendUnavailable with the registry's
+    reasons when the variant's backends cannot serve this device."""
+    cfg = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = create_model(model_name).to(device)
+    model.backend = cfg["backend"]
+    L = model.num_patches
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    side = model.patch_embed.img_size[0]
+    imgs = torch.randn(batch, model.in_chans, side, side, generator=gen).to(device)
+    noise = torch.rand(batch, L, generator=gen).to(device)
+    # which backend serves each op, from one eager forward (also surfaces the registry's reasons)
+    with capture_dispatch() as seen, torch.no_grad(), autocast(device, dtype):
+        model(imgs[:1], mask_ratio, noise=noise[:1])
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
+    forward = torch.compile(model) if cfg["compile"] else model
+    return {"step": make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype), "model": model,
+            "shape": {"batch": batch, "img": side, "L": L, "K": len_keep(L, mask_ratio)},
+            "flops": train_step_flops(model, batch, mask_ratio), "dispatch": dispatch_str(seen)}
+
+
 def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, variant: str, *,
                 mask_ratio: float = 0.75, compile_reason: str | None = None, peak_tflops: float | None = None,
                 timing: dict | None = None, allow_interpreter: bool = False) -> dict:
@@ -160,37 +185,24 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
         torch.cuda.reset_peak_memory_stats(device)
         mem_before = torch.cuda.memory_allocated(device)
     sampler = RssSampler() if device.type == "cpu" else None
+    built = None
     try:
         with (sampler or _null()):
-            torch.manual_seed(0)
-            model = create_model(model_name).to(device)
-            model.backend = cfg["backend"]
-            L = model.num_patches
-            rec["shape"] = {"batch": batch, "img": model.patch_embed.img_size[0], "L": L,
-                            "K": len_keep(L, mask_ratio)}
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            side = model.patch_embed.img_size[0]
-            imgs = torch.randn(batch, model.in_chans, side, side, generator=gen).to(device)
-            noise = torch.rand(batch, L, generator=gen).to(device)
-            flops = train_step_flops(model, batch, mask_ratio)
-            # which backend serves each op, from one eager forward (also surfaces the registry's reasons)
-            with capture_dispatch() as seen, torch.no_grad(), autocast(device, dtype):
-                model(imgs[:1], mask_ratio, noise=noise[:1])
-            opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
-            forward = torch.compile(model) if cfg["compile"] else model
-            step = make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype)
-            t = measure(step, device, **(timing or {}))
-            loss = float(step().detach())
+            built = prepare_variant(device, model_name, batch, dtype, variant, mask_ratio)
+            rec["shape"] = built["shape"]
+            t = measure(built["step"], device, **(timing or {}))
+            loss = float(built["step"]().detach())
     except BackendUnavailable as exc:
         return {**rec, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
         return {**rec, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     finally:
-        model = opt = forward = step = None  # noqa: F841 (release before the next variant)
+        flops, dispatch = (built["flops"], built["dispatch"]) if built else (None, "")
+        built = None  # release the model and optimizer before the next variant
         if cfg["compile"]:
             torch._dynamo.reset()
     sec = t.median_ms * 1e-3
-    out = {**rec, "status": "ok", **t.as_dict(), "dispatch": dispatch_str(seen), "images_per_s": batch / sec,
+    out = {**rec, "status": "ok", **t.as_dict(), "dispatch": dispatch, "images_per_s": batch / sec,
            "images_per_s_p20": batch / (t.p80_ms * 1e-3), "images_per_s_p80": batch / (t.p20_ms * 1e-3),
            "flops_per_step": flops, "tflops": flops / sec / 1e12, "loss": loss}
     if device.type == "cuda":

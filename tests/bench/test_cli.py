@@ -1,0 +1,84 @@
+"""`fastmae bench ...` end to end in quick mode: output files, clear errors, the README block."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from fastmae.bench import readme
+from fastmae.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One quick run of ops (two ops), encoder and train into one folder, as the suite does."""
+    out = tmp_path_factory.mktemp("run")
+    common = ["--quick", "--device", "cpu", "--no-progress", "--threads", "1", "--out", str(out)]
+    assert main(["bench", "ops", "--ops", "attention,masked_mse_loss", "--no-plots", *common]) == 0
+    assert main(["bench", "encoder", "--ratios", "0.75", "--backends", "reference,sdpa", "--modes", "fwd",
+                 "--no-plots", *common]) == 0
+    assert main(["bench", "train", "--variants", "official-eager,fastmae,fastmae+compile", *common]) == 0
+    return out
+
+
+def test_out_folder_holds_json_csv_and_plots(run_dir, capsys):
+    recs = json.loads((run_dir / "results.json").read_text())
+    kinds = {r["kind"] for r in recs}
+    assert kinds == {"limit", "op", "encoder", "train"}
+    for r in recs:  # every record stamped
+        assert r["device_type"] == "cpu" and r["torch"] and r["git_commit"] and r["date"]
+    enc = [r for r in recs if r["kind"] == "encoder"]
+    assert sorted(r["mask_ratio"] for r in enc) == [0.0, 0.0, 0.75, 0.75]  # ratio 0 added as the baseline
+    assert all("of_ideal" in r for r in enc)  # speedups reach the file
+    train = {r["backend"]: r for r in recs if r["kind"] == "train"}
+    assert train["fastmae+compile"]["status"] == "skipped" and "--compile" in train["fastmae+compile"]["reason"]
+    assert train["fastmae"]["status"] == "ok" and "mfu" in train["fastmae"]
+    assert (run_dir / "results.csv").read_text().count("\n") == len(recs) + 1
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    assert pngs == ["encoder_mae_vit_tiny_patch4.png", "ops.png", "train_mae_vit_tiny_patch4.png"]
+
+
+def test_rank_from_writes_the_priority_file(run_dir, tmp_path, capsys):
+    path = tmp_path / "priority.json"
+    assert main(["bench", "ops", "--rank-from", str(run_dir), "--write-priority", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert set(data["cpu"]) == {"attention", "masked_mse_loss"}
+    assert set(data["cpu"]["attention"]) == {"reference", "sdpa"}  # triton/xformers never served here
+    assert data["source"]["cpu"]["torch"] and "geometric mean" in data["source"]["cpu"]["metric"]
+
+
+def test_readme_block_is_rendered_from_the_files(run_dir, tmp_path, capsys):
+    root = tmp_path / "results"
+    shutil.copytree(run_dir, root / "cpu-x" / "2099-01-01")
+    text = "# fastmae\n\nintro\n\n" + readme.START + "\nold stuff\n" + readme.END + "\n\n## After\n"
+    path = tmp_path / "README.md"
+    path.write_text(text)
+    assert main(["bench", "readme", "--results", str(root), "--readme", str(path)]) == 0
+    new = path.read_text()
+    assert new.startswith("# fastmae\n\nintro\n\n" + readme.START) and new.endswith(readme.END + "\n\n## After\n")
+    assert "old stuff" not in new
+    recs = json.loads((run_dir / "results.json").read_text())
+    assert recs[0]["device"] in new and recs[0]["git_commit"][:12] in new  # stamped from the files
+    assert "No GPU results recorded yet" in new
+    enc = next(r for r in recs if r["kind"] == "encoder" and r["mask_ratio"] == 0.75 and r["backend"] == "sdpa")
+    assert f"({enc['speedup']:.2f}x, {enc['of_ideal']:.0%})" in new
+    assert "| official-eager |" in new and "![encoder_mae_vit_tiny_patch4](results/cpu-x/2099-01-01/" in new
+    assert main(["bench", "readme", "--results", str(root), "--readme", str(path)]) == 0
+    assert path.read_text() == new  # idempotent
+    path.write_text("no markers\n")
+    assert main(["bench", "readme", "--results", str(root), "--readme", str(path)]) == 2
+    assert "bench-results:start" in capsys.readouterr().err
+
+
+def test_clear_errors(capsys):
+    assert main(["bench", "ops", "--quick", "--backends", "cuda-magic"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+    assert main(["bench", "encoder", "--quick", "--model", "vit_giant"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "encoder", "--quick", "--ratios", "0.5,1.5"]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "train", "--help"])
+    assert exc.value.code == 0 and "--no-compile" in capsys.readouterr().out

@@ -1,0 +1,143 @@
+"""The arithmetic of the benchmarks, from known numbers: percentiles, speedups, FLOP and byte counts, MFU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastmae
+from fastmae.bench import encoder_bench, ops_bench, train_bench
+from fastmae.bench.flops import encoder_flops, model_flops, train_step_flops
+from fastmae.bench.limits import Limits
+from fastmae.bench.timing import Timing, measure, measure_interleaved, percentile
+
+
+def test_percentile_interpolates_like_numpy():
+    vals = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(vals, 50) == 3.0
+    assert percentile(vals, 20) == pytest.approx(1.8)  # position 0.8 between 1 and 2
+    assert percentile(vals, 80) == pytest.approx(4.2)
+    assert percentile([7.0], 20) == 7.0
+    t = Timing.from_samples([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.reps) == (35.0, 20.0, 50.0, 6)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_measure_counts_repetitions_and_orders_percentiles():
+    calls = []
+    t = measure(lambda: calls.append(1), "cpu", warmup=2, min_reps=4, max_reps=4, max_time_s=0.0)
+    assert t.reps == 4 and len(calls) == 6  # 2 warm-up + 4 timed
+    assert 0 <= t.p20_ms <= t.median_ms <= t.p80_ms
+    seen = []
+    res = measure_interleaved({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, "cpu", warmup=1,
+                              min_reps=3, max_reps=3, max_time_s=0.0)
+    assert set(res) == {"a", "b"} and all(r.reps == 3 for r in res.values())
+    assert seen == ["a", "b"] * 4  # rounds: one of each per round
+
+
+def test_ideal_speedup_counts_the_class_token():
+    assert encoder_bench.ideal_speedup(196, 0.0) == 1.0
+    assert encoder_bench.ideal_speedup(196, 0.75) == pytest.approx(197 / 50)  # K = 49
+    assert encoder_bench.ideal_speedup(256, 0.75) == pytest.approx(257 / 65)  # ViT-H/14: K = 64
+    assert encoder_bench.ideal_speedup(196, 0.9) == pytest.approx(197 / 20)  # int(19.6) = 19
+
+
+def _enc(backend, ratio, ips, status="ok", mode="fwd"):
+    k = int(196 * (1 - ratio))
+    return {"kind": "encoder", "model": "m", "backend": backend, "mode": mode, "mask_ratio": ratio, "dtype": "float32",
+            "shape": {"batch": 8, "L": 196, "K": k, "tokens": k + 1}, "status": status, "images_per_s": ips}
+
+
+def test_encoder_speedups_from_known_timings():
+    recs = [_enc("sdpa", 0.0, 100.0), _enc("sdpa", 0.75, 350.0), _enc("sdpa", 0.75, 330.0, mode="fwd+bwd"),
+            _enc("sdpa", 0.0, 110.0, mode="fwd+bwd"), _enc("triton", 0.0, None, status="skipped"),
+            _enc("triton", 0.75, None, status="skipped")]
+    encoder_bench.add_speedups(recs)
+    assert recs[0]["speedup"] == 1.0 and recs[0]["of_ideal"] == 1.0
+    assert recs[1]["speedup"] == pytest.approx(3.5)
+    assert recs[1]["ideal_speedup"] == pytest.approx(197 / 50)
+    assert recs[1]["of_ideal"] == pytest.approx(3.5 / (197 / 50))
+    assert recs[2]["speedup"] == pytest.approx(3.0)  # against the fwd+bwd baseline, not the fwd one
+    assert "speedup" not in recs[5] and recs[5]["ideal_speedup"] == pytest.approx(197 / 50)
+
+
+def test_op_and_train_speedups_from_known_timings():
+    recs = [{"kind": "op", "op": "attention", "case": "c", "mode": "fwd", "backend": "reference", "status": "ok",
+             "median_ms": 2.0},
+            {"kind": "op", "op": "attention", "case": "c", "mode": "fwd", "backend": "sdpa", "status": "ok",
+             "median_ms": 0.5},
+            {"kind": "op", "op": "attention", "case": "c", "mode": "fwd+bwd", "backend": "sdpa", "status": "ok",
+             "median_ms": 1.0}]
+    ops_bench.add_speedups(recs)
+    assert recs[0]["speedup"] == 1.0 and recs[1]["speedup"] == 4.0
+    assert "speedup" not in recs[2]  # no reference in that mode
+    train = [{"kind": "train", "backend": "official-eager", "status": "ok", "images_per_s": 100.0},
+             {"kind": "train", "backend": "reference+compile", "status": "ok", "images_per_s": 125.0},
+             {"kind": "train", "backend": "fastmae", "status": "ok", "images_per_s": 160.0},
+             {"kind": "train", "backend": "fastmae+compile", "status": "skipped"}]
+    train_bench.add_train_speedups(train)
+    assert train[0]["vs_official_eager"] == 1.0
+    assert train[2]["vs_official_eager"] == pytest.approx(1.6)
+    assert train[2]["vs_reference_compile"] == pytest.approx(1.28)
+    assert "vs_official_eager" not in train[3]
+
+
+def test_attention_flops_and_figures():
+    b, h, n, d = 2, 3, 50, 64
+    f = ops_bench.attention_flops(b, h, n, d)
+    assert f["fwd"] == 4 * n * n * d * b * h
+    assert f["fwd+bwd"] == pytest.approx(3.5 * f["fwd"])  # backward = 2.5 x forward
+    case = ops_bench.attention_case("x", b, h, n, d, torch.float32)
+    lim = Limits("cpu", "float32", 1024, matmul_tflops=2.0, copy_bytes=1, copy_gbps=10.0)
+    fig = ops_bench.figures(case, "fwd", 1.0, lim)  # 1 ms
+    assert fig["tflops"] == pytest.approx(f["fwd"] / 1e-3 / 1e12)
+    assert fig["frac_peak"] == pytest.approx(fig["tflops"] / 2.0)
+    # counted by hand: all matmul work of one forward, through the FLOP counter
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:
+        fastmae.ops.attention(q, k, v, backend="reference")
+    assert fc.get_total_flops() == f["fwd"]
+
+
+def test_byte_counts_by_hand():
+    # gather_patches: B=2, K=49, P=768 fp32 pixels, read and written, plus int64 indices
+    assert ops_bench.gather_patches_bytes(2, 49, 768, 4)["fwd"] == 2 * (2 * 49 * 768 * 4) + 2 * 49 * 8
+    # unshuffle: B=1, L=4, K=1, D=2, es=2
+    u = ops_bench.unshuffle_bytes(1, 4, 1, 2, 2)
+    fwd = 2 * (1 * 2 * 2 + 2 + 5 * 2 + 1 * 5 * 2) + 4 * 8
+    assert u["fwd"] == fwd and u["fwd+bwd"] == fwd + 2 * (5 * 2 + 2 * 2 + 2) + 4 * 8
+    # the loss reads pred (bf16), images (fp32) and the mask (fp32)
+    lb = ops_bench.loss_bytes(1, 196, 768, 2, 4)
+    assert lb["fwd"] == 196 * 768 * (2 + 4) + 196 * 4 + 4
+    case = ops_bench.gather_patches_case("x", 2, 16, torch.float32)
+    fig = ops_bench.figures(case, "fwd", 2.0, Limits("cpu", "float32", 1, 1.0, 1, copy_gbps=100.0))
+    assert fig["gbps"] == pytest.approx(case.bytes["fwd"] / 2e-3 / 1e9)
+    assert fig["frac_peak"] == pytest.approx(fig["gbps"] / 100.0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.75])
+def test_model_flops_match_the_flop_counter(ratio):
+    """The analytic count equals torch's FLOP counter on a forward that does exactly the model's work
+    (visible patches embedded as a matrix product, attention written out)."""
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    model.backend = {"attention": "reference", "gather_patches": "sdpa", "gather_tokens": "sdpa",
+                     "unshuffle_tokens": "sdpa", "masked_mse_loss": "sdpa"}
+    imgs = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(imgs, ratio)
+    assert fc.get_total_flops() == model_flops(model, 3, ratio)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.forward_encoder(imgs, ratio)
+    assert fc.get_total_flops() == encoder_flops(model, 3, ratio)
+    assert train_step_flops(model, 3, ratio) == 3 * model_flops(model, 3, ratio)
+
+
+def test_vit_b_flops_formula():
+    """ViT-B encoder at 75%: 12 blocks x (2 * 50 * 12 * 768^2 + 4 * 50^2 * 768) + 49 patches x 2 * 768 * 768."""
+    model = fastmae.create_model("mae_vit_base_patch16")
+    per_block = 2 * 50 * (12 * 768 ** 2) + 4 * 50 ** 2 * 768
+    assert encoder_flops(model, 1, 0.75) == 12 * per_block + 2 * 49 * 768 * 768
+    assert math.isclose(encoder_flops(model, 4, 0.75), 4 * encoder_flops(model, 1, 0.75))

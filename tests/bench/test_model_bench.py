@@ -1,0 +1,95 @@
+"""`fastmae bench encoder` and `fastmae bench train` in quick mode on the tiny preset: fields, speedups
+computed from the measured numbers, skipped paths with their reasons, and the timed functions checked
+against the reference path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae import create_model
+from fastmae.bench import encoder_bench, train_bench
+from fastmae.bench.common import MODEL_PATHS
+
+from ..utils import assert_close
+
+CPU = torch.device("cpu")
+QUICK = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
+TINY = "mae_vit_tiny_patch4"
+
+
+@pytest.fixture(scope="module")
+def encoder_records():
+    return encoder_bench.run_encoder(CPU, TINY, 2, torch.float32, [0.0, 0.75], list(MODEL_PATHS), ["fwd"],
+                                     timing=QUICK, show_progress=False)
+
+
+def test_encoder_records(encoder_records):
+    recs = encoder_records
+    assert {(r["backend"], r["mask_ratio"]) for r in recs} == {(b, q) for b in MODEL_PATHS for q in (0.0, 0.75)}
+    by = {(r["backend"], r["mask_ratio"]): r for r in recs}
+    for b in ("reference", "sdpa"):
+        r0, r75 = by[(b, 0.0)], by[(b, 0.75)]
+        assert r0["status"] == r75["status"] == "ok"
+        assert r75["shape"] == {"batch": 2, "img": 32, "L": 64, "K": 16, "tokens": 17}
+        assert r75["images_per_s"] == pytest.approx(2 / (r75["median_ms"] * 1e-3))
+        assert r75["speedup"] == pytest.approx(r75["images_per_s"] / r0["images_per_s"])
+        assert r75["ideal_speedup"] == pytest.approx(65 / 17)
+        assert r75["of_ideal"] == pytest.approx(r75["speedup"] / r75["ideal_speedup"])
+        assert r75["tflops"] > 0 and r75["dispatch"].startswith("attention=" + b)
+    # xformers: the registry's reason; auto on the CPU resolves to sdpa's backends and is not timed twice
+    assert by[("xformers", 0.75)]["status"] == "skipped" and "xformers" in by[("xformers", 0.75)]["reason"]
+    assert by[("auto", 0.0)]["status"] == "skipped" and "same backends as sdpa" in by[("auto", 0.0)]["reason"]
+    assert by[("triton", 0.0)]["status"] == "skipped" and "interpreter" in by[("triton", 0.0)]["reason"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_encoder_runner_matches_the_reference_path(mode):
+    """The timed function runs the real encoder: sdpa's latent (fwd) and weight gradients (fwd+bwd) equal the
+    reference path's within fp32 tolerance (atol 1e-4, rtol 1e-4)."""
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    imgs, noise = encoder_bench._inputs(model, 2, CPU)
+    out = {}
+    for backend in ("reference", "sdpa"):
+        model.backend = backend
+        latent = encoder_bench.make_encoder_runner(model, imgs, noise, 0.75, mode, CPU, torch.float32)()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[backend] = (latent.detach(), grads)
+    assert_close(out["sdpa"][0], out["reference"][0], 1e-4, 1e-4, f"latent {mode}")
+    if mode == "fwd+bwd":
+        assert out["sdpa"][1].keys() == out["reference"][1].keys() and out["sdpa"][1]
+        for name, g in out["reference"][1].items():
+            assert_close(out["sdpa"][1][name], g, 1e-4, 1e-4, f"grad {name}")
+
+
+def test_train_records():
+    recs = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=list(train_bench.VARIANTS),
+                                 compile_reason="compile off in this test", peak_tflops=0.05, timing=QUICK,
+                                 show_progress=False)
+    by = {r["backend"]: r for r in recs}
+    assert set(by) == set(train_bench.VARIANTS)
+    assert [r["backend"] for r in recs][:3] == ["official-eager", "reference+sdpa", "fastmae"]  # eager first
+    for v in ("reference+compile", "fastmae+compile"):
+        assert by[v]["status"] == "skipped" and by[v]["reason"] == "compile off in this test"
+    for v in ("official-eager", "reference+sdpa", "fastmae"):
+        r = by[v]
+        assert r["status"] == "ok", r.get("reason")
+        assert r["images_per_s"] == pytest.approx(2 / (r["median_ms"] * 1e-3))
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.05)
+        assert r["tflops"] == pytest.approx(r["flops_per_step"] / (r["median_ms"] * 1e-3) / 1e12)
+        assert r["peak_mem_kind"] and (r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0)
+        assert r["vs_official_eager"] == pytest.approx(r["images_per_s"] / by["official-eager"]["images_per_s"])
+    assert "attention=reference" in by["official-eager"]["dispatch"]
+    assert "attention=sdpa" in by["reference+sdpa"]["dispatch"]
+    assert "gather_tokens=reference" in by["reference+sdpa"]["dispatch"]
+
+
+def test_train_variants_compute_the_same_steps():
+    """Same weights, images and masking in every variant: the losses of the first two steps (the second one
+    after an AdamW update) agree with the official path's (fp32, rtol 1e-4)."""
+    built = {v: train_bench.prepare_variant(CPU, TINY, 2, torch.float32, v)
+             for v in ("official-eager", "reference+sdpa", "fastmae")}
+    losses = {v: [float(b["step"]().detach()) for _ in range(2)] for v, b in built.items()}
+    assert losses["official-eager"][1] != losses["official-eager"][0]  # the step changed the weights
+    for v in ("reference+sdpa", "fastmae"):
+        assert losses[v] == pytest.approx(losses["official-eager"], rel=1e-4)

@@ -1,0 +1,126 @@
+"""`fastmae bench ops` in quick mode: record fields, backends listed with the registry's reasons, what the
+benchmarked functions compute (checked against the reference backend), and the measured-order file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.bench import ops_bench
+from fastmae.bench.limits import measure_limits
+
+from ..utils import assert_close
+
+CPU = torch.device("cpu")
+QUICK_TIMING = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
+# fp32 on the CPU: the backends differ only in summation order
+ATOL, RTOL = 1e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def quick_records():
+    limits = measure_limits(CPU, torch.float32, quick=True)
+    recs = ops_bench.run_ops(CPU, torch.float32, 1, models=("B",), ops_filter=("attention", "gather_tokens"),
+                             quick=True, limits=limits, timing=QUICK_TIMING, progress=False)
+    return ops_bench.add_speedups(recs), limits
+
+
+def test_records_carry_the_fields(quick_records):
+    recs, limits = quick_records
+    assert limits.matmul_tflops > 0 and limits.copy_gbps > 0
+    assert {r["backend"] for r in recs} == set(ops.BACKENDS)  # every backend listed, served or not
+    for r in recs:
+        for field in ("kind", "op", "case", "backend", "mode", "shape", "dtype", "status"):
+            assert field in r, field
+        if r["status"] == "ok":
+            assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["reps"] == 2
+            assert r["frac_peak"] > 0
+            assert ("tflops" in r) == (r["op"] == "attention") and ("gbps" in r) == (r["op"] != "attention")
+        else:
+            assert r["reason"], r
+    ok = {(r["op"], r["backend"], r["mode"]) for r in recs if r["status"] == "ok"}
+    assert ("attention", "sdpa", "fwd+bwd") in ok and ("gather_tokens", "reference", "fwd") in ok
+    ref = [r for r in recs if r["status"] == "ok" and r["backend"] == "reference"]
+    assert ref and all(r["speedup"] == 1.0 for r in ref)
+
+
+def test_skipped_backends_carry_the_registry_reason(quick_records):
+    recs, _ = quick_records
+    case = ops_bench.mae_cases(1, torch.float32, ("B",), ("attention",), quick=True)[0]
+    xf = next(r for r in recs if r["op"] == "attention" and r["backend"] == "xformers")
+    expected = ops.not_supported_reasons("attention", "xformers", case.registry_inputs(case.build(CPU, False)))
+    assert xf["status"] == "skipped" and xf["reason"] == "; ".join(expected)
+    assert "cuda" in xf["reason"]
+    # under the test suite's interpreter the registry lets triton serve CPU tensors; the benchmark says why not
+    tr = next(r for r in recs if r["op"] == "attention" and r["backend"] == "triton")
+    assert tr["status"] == "skipped" and "interpreter" in tr["reason"]
+
+
+def test_triton_without_interpreter_is_skipped_with_the_registry_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = ops_bench.mae_cases(1, torch.float32, ("B",), ("gather_tokens",), quick=True)[0]
+    rec = ops_bench.run_case(case, "triton", "fwd", CPU, None)
+    expected = ops.not_supported_reasons("gather_tokens", "triton", case.registry_inputs(case.build(CPU, False)))
+    assert expected and rec["status"] == "skipped" and rec["reason"] == "; ".join(expected)
+
+
+@pytest.mark.parametrize("op", ["attention", "gather_tokens", "unshuffle_tokens", "masked_mse_loss"])
+def test_benchmarked_functions_match_the_reference(op):
+    """What is timed is the real op: each serving backend's output (fwd) and gradients (fwd+bwd) equal the
+    reference backend's within fp32 tolerance (atol 1e-5, rtol 1e-4)."""
+    for case in ops_bench.mae_cases(1, torch.float32, ("B",), (op,), quick=True):
+        ref_fwd = ops_bench.make_runner(case, "reference", "fwd", CPU)()
+        ref_bwd = ops_bench.make_runner(case, "reference", "fwd+bwd", CPU)()
+        for backend in ops.BACKENDS:
+            if backend == "reference" or ops_bench.case_reasons(case, backend, CPU):
+                continue
+            assert_close(ops_bench.make_runner(case, backend, "fwd", CPU)(), ref_fwd, ATOL, RTOL,
+                         f"{case.op} {case.name} {backend} fwd")
+            for g, g_ref, name in zip(ops_bench.make_runner(case, backend, "fwd+bwd", CPU)(), ref_bwd,
+                                      case.grad_leaves):
+                assert_close(g, g_ref, ATOL, RTOL, f"{case.op} {case.name} {backend} grad {name}")
+
+
+def test_gather_patches_is_forward_only_and_matches():
+    case = ops_bench.mae_cases(1, torch.float32, ("B",), ("gather_patches",), quick=True)[0]
+    assert case.modes == ("fwd",)
+    out = ops_bench.make_runner(case, "sdpa", "fwd", CPU)()
+    assert_close(out, ops_bench.make_runner(case, "reference", "fwd", CPU)(), 0.0, 0.0, "gather_patches")
+
+
+def test_cases_cover_mae_shapes():
+    cases = ops_bench.mae_cases(64, torch.bfloat16)
+    att = {(c.shape["N"], c.shape["D"]) for c in cases if c.op == "attention"}
+    assert att == {(50, 64), (65, 80), (197, 32), (257, 32)}
+    widths = {c.shape["D"] for c in cases if c.op == "gather_tokens"}
+    assert widths == {768, 1024, 1280}
+    assert {c.shape["L"] for c in cases if c.op == "unshuffle_tokens"} == {196, 256}
+    assert any(c.name == "ViT-B/L decoder" for c in cases if c.op == "attention")
+
+
+def _rec(op, case, backend, ms, mode="fwd+bwd"):
+    return {"kind": "op", "op": op, "case": case, "backend": backend, "mode": mode, "status": "ok",
+            "median_ms": ms, "device_type": "cuda"}
+
+
+def test_ranking_and_priority_file(tmp_path):
+    recs = [_rec("attention", "a", "triton", 1.0), _rec("attention", "a", "sdpa", 2.0),
+            _rec("attention", "a", "reference", 8.0), _rec("attention", "b", "triton", 3.0),
+            _rec("attention", "b", "sdpa", 2.0), _rec("attention", "b", "reference", 8.0),
+            _rec("attention", "b", "xformers", 1.0),  # fastest where it ran, but served one case of two
+            _rec("gather_patches", "a", "sdpa", 1.0, "fwd"), _rec("gather_patches", "a", "reference", 3.0, "fwd"),
+            {**_rec("gather_tokens", "a", "triton", 1.0), "status": "skipped"}]
+    ranking = ops_bench.rank_backends(recs, "cuda")
+    # triton: ratios 1 and 1.5 -> geomean 1.22; sdpa: 2 and 1 -> 1.41; reference: 8 and 4
+    assert ranking["attention"] == ["triton", "sdpa", "reference", "xformers"]
+    assert ranking["gather_patches"] == ["sdpa", "reference"]
+    assert "gather_tokens" not in ranking
+    path = tmp_path / "priority.json"
+    path.write_text(json.dumps({"cpu": {"attention": ["sdpa", "reference"]}, "source": {"cpu": {"device": "c"}}}))
+    data = ops_bench.write_priority(str(path), recs, "cuda", {"device": "g"})
+    on_disk = json.loads(path.read_text())
+    assert on_disk == data
+    assert on_disk["cuda"]["attention"][0] == "triton" and on_disk["cpu"] == {"attention": ["sdpa", "reference"]}
+    assert on_disk["source"] == {"cpu": {"device": "c"}, "cuda": {"device": "g"}}

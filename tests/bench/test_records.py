@@ -1,0 +1,59 @@
+"""Records: the environment stamp, the merge into results.json, the CSV, device folder names."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+from fastmae.bench import records
+
+
+def test_environment_stamp_has_every_field():
+    env = records.environment("cpu")
+    for field in records.STAMP_FIELDS:
+        assert field in env and env[field], field
+    assert env["device_type"] == "cpu"
+    assert env["torch"].split("+")[0].count(".") >= 1
+    assert env["git_commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["git_commit"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", env["date"])
+
+
+def test_slugs_are_folder_names():
+    assert records.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert records.slugify("Intel(R) Xeon(R) Platinum 8480+") == "intel-xeon-platinum-8480"
+    assert re.fullmatch(r"cpu-[a-z0-9-]+", records.device_slug("cpu"))
+
+
+def test_write_results_merges_by_key_and_writes_csv(tmp_path):
+    a = {"kind": "op", "op": "attention", "backend": "sdpa", "mode": "fwd", "shape": {"B": 1}, "dtype": "float32",
+         "status": "ok", "median_ms": 2.0, "device": "d"}
+    b = dict(a, backend="reference", median_ms=3.0)
+    records.write_results(str(tmp_path), [a, b])
+    a2 = dict(a, median_ms=1.5)  # the same measurement again replaces the old one
+    c = dict(a, shape={"B": 2})  # another shape is a new record
+    merged = records.write_results(str(tmp_path), [a2, c])
+    assert [r["median_ms"] for r in merged] == [3.0, 1.5, 2.0]
+    assert json.loads((tmp_path / "results.json").read_text()) == merged
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and rows[1]["median_ms"] == "1.5" and rows[2]["shape"] == "B=2"
+
+
+def test_recorder_stamps_in_place_and_flushes(tmp_path):
+    rec = records.Recorder(str(tmp_path), {"device": "d", "date": "x"})
+    r = {"kind": "encoder", "model": "m", "backend": "sdpa", "mode": "fwd", "mask_ratio": 0.0, "status": "ok"}
+    rec.add(r)
+    r["speedup"] = 1.0  # figures added later reach the file at the next flush
+    rec.flush()
+    saved = records.read_results(str(tmp_path))
+    assert saved[0]["device"] == "d" and saved[0]["speedup"] == 1.0
+
+
+def test_table_and_footnotes():
+    rs = [{"status": "ok"}, {"status": "skipped", "reason": "r1"}, {"status": "failed", "reason": "r2"},
+          {"status": "skipped", "reason": "r1"}]
+    numbers, notes = records.reasons_footnotes(rs)
+    assert numbers == {"r1": 1, "r2": 2} and "[2] r2" in notes
+    assert records.status_cell(rs[3], numbers) == "skipped [1]"
+    text = records.table(["a", "b"], [["x", 1.5], ["yy", None]])
+    assert text.splitlines()[0].startswith("a ") and "1.5" in text and "-" in text.splitlines()[3]

@@ -40,25 +40,31 @@ FINALIZE_BLOCK = 1024
 NORM_EPS = 1.0e-6
 
 
-TILE_ELEMENTS = 4096  # elements per program tile: rows per program = TILE_ELEMENTS // (elements per row)
-MAX_ROWS = 16
+# Launch choices (not tuned on a GPU yet; the compile specs below follow them). A forward tile holds about
+# FWD_TILE elements (8 per thread at 8 warps: pred, image, target and difference stay in registers), the
+# backward's about BWD_TILE (a plain scaling).
+FWD_TILE = 2048
+BWD_TILE = 4096
+MAX_ROWS = 64
+
+
+def _warps(elements: int, per_thread: int) -> int:
+    return max(1, min(8, elements // (32 * per_thread)))
 
 
 def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]:
-    """(rows per program, BLOCK_C, BLOCK_P, num_warps) for a [rows, C, p, p] tile."""
+    """(rows per program, BLOCK_C, BLOCK_P, num_warps) for the forward's [rows, C, p, p] tile."""
     block_c, block_p = next_power_of_2(channels), next_power_of_2(patch_size)
     tile = block_c * block_p * block_p
-    block_r = max(1, min(MAX_ROWS, TILE_ELEMENTS // tile))
-    num_warps = 8 if block_r * tile >= 4096 else 4
-    return block_r, block_c, block_p, num_warps
+    block_r = max(1, min(MAX_ROWS, FWD_TILE // tile))
+    return block_r, block_c, block_p, _warps(block_r * tile, 8)
 
 
 def _row_settings(P: int) -> tuple[int, int, int]:
     """(rows per program, BLOCK, num_warps) for the backward's [rows, P] tile."""
     block = next_power_of_2(P)
-    block_r = max(1, min(MAX_ROWS, TILE_ELEMENTS // block))
-    num_warps = 8 if block_r * block >= 4096 else 4
-    return block_r, block, num_warps
+    block_r = max(1, min(MAX_ROWS, BWD_TILE // block))
+    return block_r, block, _warps(block_r * block, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------

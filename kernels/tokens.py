@@ -52,12 +52,16 @@ COLSUM_BLOCK_R = 32  # stage-2 column sums
 COLSUM_MAX_BLOCK_D = 64
 
 
+def _warps(elements: int) -> int:
+    """8 elements per thread (16-32 bytes: vector loads), 1 to 8 warps."""
+    return max(1, min(8, elements // 256))
+
+
 def _row_settings(d: int) -> tuple[int, int, int]:
     """(rows per program, BLOCK_D, num_warps) for the [rows, D] tiles of the row-copy kernels."""
     block_d = min(next_power_of_2(d), TOKEN_MAX_BLOCK_D)
     block_r = max(1, min(TOKEN_MAX_ROWS, TOKEN_TILE // block_d))
-    num_warps = 4 if block_r * block_d >= 1024 else 2
-    return block_r, block_d, num_warps
+    return block_r, block_d, _warps(block_r * block_d)
 
 
 def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]:
@@ -65,8 +69,7 @@ def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]
     block_c, block_p = next_power_of_2(channels), next_power_of_2(patch_size)
     tile = block_c * block_p * block_p
     block_r = max(1, min(TOKEN_MAX_ROWS, TOKEN_TILE // tile))
-    num_warps = 4 if block_r * tile >= 1024 else 2
-    return block_r, block_c, block_p, num_warps
+    return block_r, block_c, block_p, _warps(block_r * tile)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -374,7 +377,7 @@ def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor,
         return grad_x, grad_mask
     block_d, rows_per_prog, chunks = _unshuffle_bwd_split(n, L, d)
     part = torch.empty((n * chunks, d), device=grad_out.device, dtype=torch.float32)
-    num_warps = 4 if BWD_BLOCK_L * block_d >= 1024 else 2
+    num_warps = _warps(BWD_BLOCK_L * block_d)
     _unshuffle_bwd_kernel[(n * chunks, triton.cdiv(d, block_d))](
         grad_out, ids, grad_x, part, L, K, d, chunks, rows_per_prog, grad_out.stride(0), grad_out.stride(1),
         grad_x.stride(0), grad_x.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_D=block_d, num_warps=num_warps)
@@ -529,7 +532,7 @@ def compile_specs() -> list[CompileSpec]:
                 _sig("go_ptr ids_ptr gx_ptr part_ptr L K D chunks rows_per_prog stride_gon stride_gol stride_gxn "
                      "stride_gxk", [f"*{to}", "*i64", f"*{tx}", "*fp32"] + ["i32"] * 9),
                 {"BLOCK_L": BWD_BLOCK_L, "BLOCK_D": block_d},
-                num_warps=4 if BWD_BLOCK_L * block_d >= 1024 else 2))
+                num_warps=_warps(BWD_BLOCK_L * block_d)))
     # column sums: fp32 partials -> mask token grad; grad_out[:, 0] -> cls grad
     colsum_blocks = sorted({min(next_power_of_2(d), COLSUM_MAX_BLOCK_D) for d in widths})
     colsum_types = sorted({("fp32", tp) for _, tp, _ in _TOKEN_DTYPES} | {(to, tp) for _, tp, to in _TOKEN_DTYPES})

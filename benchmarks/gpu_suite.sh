@@ -2,7 +2,8 @@
 # The one-shot GPU run: tests on CUDA, the op / encoder / training benchmarks, and the measured backend order.
 #
 #   benchmarks/gpu_suite.sh               on a GPU machine with torch and triton installed (no internet needed)
-#   benchmarks/gpu_suite.sh --cpu-quick   the same code paths on the CPU with tiny shapes (also FASTMAE_SUITE_CPU_QUICK=1)
+#   benchmarks/gpu_suite.sh --cpu         the CPU's own results: CPU defaults, plus ViT-B at batch 4 (minutes)
+#   benchmarks/gpu_suite.sh --cpu-quick   the GPU run's code paths on the CPU with tiny shapes (FASTMAE_SUITE_CPU_QUICK=1)
 #
 # Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable
 # pip install; if pip cannot, a private copy on PYTHONPATH that maps kernels/ to fastmae.kernels), installs any
@@ -13,7 +14,7 @@
 # are also copied there (flat, three files).
 #
 # Environment: PYTHON (default python3), FASTMAE_RESULTS_ROOT (default benchmarks/results),
-# FASTMAE_SUITE_BUDGET_S (the whole run's time budget, default 530 s: under 9 minutes with set-up and summary).
+# FASTMAE_SUITE_BUDGET_S (the whole run's time budget: 530 s on the GPU, under 9 minutes with set-up and summary).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -23,25 +24,23 @@ MODE=gpu
 for arg in "$@"; do
     case "$arg" in
         --cpu-quick) MODE=cpu-quick ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --cpu) MODE=cpu ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
     esac
 done
 if [ "${FASTMAE_SUITE_CPU_QUICK:-0}" = "1" ]; then MODE=cpu-quick; fi
 
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-BUDGET=${FASTMAE_SUITE_BUDGET_S:-530}
+case "$MODE" in
+    gpu) DEVICE=cuda; Q="--device cuda"; DEFAULT_BUDGET=530; OPS_LIMIT=75 ;;
+    cpu) DEVICE=cpu; Q="--device cpu"; DEFAULT_BUDGET=1200; OPS_LIMIT=180 ;;
+    cpu-quick) DEVICE=cpu; Q="--quick --device cpu"; DEFAULT_BUDGET=300; OPS_LIMIT=75 ;;
+esac
+BUDGET=${FASTMAE_SUITE_BUDGET_S:-$DEFAULT_BUDGET}
 START=$(date +%s)
 export FASTMAE_SUITE_RUNNING=1  # tests that would start this suite again skip themselves
 export PYTHONUNBUFFERED=1
-
-if [ "$MODE" = cpu-quick ]; then
-    DEVICE=cpu
-    Q="--quick --device cpu"
-else
-    DEVICE=cuda
-    Q="--device cuda"
-fi
 
 PARTS_TMP=$(mktemp)
 LOG_TMP=$(mktemp -d)
@@ -85,8 +84,8 @@ run_part() {  # name timeout_s command...
 }
 
 # ---------------------------------------------------------------------------------------------- set-up
-if [ "$MODE" = cpu-quick ]; then
-    skip wheels "cpu-quick mode installs nothing"
+if [ "$MODE" != gpu ]; then
+    skip wheels "$MODE mode installs nothing"
 elif ls .whl/*.whl >/dev/null 2>&1; then
     run_part wheels 120 "$PY" -m pip install --no-deps --no-index .whl/*.whl
 else
@@ -101,10 +100,10 @@ elif ! "$PY" -c "import torch" 2>/dev/null; then
     echo "gpu_suite.sh: $PY cannot import torch; set PYTHON to the interpreter that has torch and triton" >&2
     exit 1
 elif [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_suite.sh: torch sees no CUDA device; use --cpu-quick on a machine without a GPU" >&2
+    echo "gpu_suite.sh: torch sees no CUDA device; use --cpu or --cpu-quick on a machine without a GPU" >&2
     exit 1
-elif [ "$MODE" = cpu-quick ]; then
-    echo "gpu_suite.sh: fastmae does not import (cpu-quick mode installs nothing):" >&2
+elif [ "$MODE" != gpu ]; then
+    echo "gpu_suite.sh: fastmae does not import ($MODE mode installs nothing):" >&2
     cat "$LOG_TMP/setup.log" >&2
     exit 1
 else
@@ -131,42 +130,56 @@ cp "$LOG_TMP"/*.log "$RUN_DIR/logs/" 2>/dev/null
 log "results go to $RUN_DIR ($MODE)"
 
 # ---------------------------------------------------------------------------------------------- parts
+BENCH=("$PY" -m fastmae bench)
 if [ "$SLUG" = unknown-device ]; then
     for p in gpu-tests bench-ops priority encoder-vit-b encoder-vit-l train-vit-b train-vit-l; do
         skip "$p" "fastmae could not be installed"
     done
 else
-    if [ "$MODE" = cpu-quick ]; then
-        skip gpu-tests "the GPU test suite runs on CUDA only (cpu-quick mode; the CPU suite is make test)"
+    if [ "$MODE" != gpu ]; then
+        skip gpu-tests "the GPU test suite runs on CUDA only ($MODE mode; the CPU suite is make test)"
     elif ! "$PY" -c "import pytest" 2>/dev/null; then
         skip gpu-tests "pytest is not installed (carry its wheel in .whl/)"
     else
         run_part gpu-tests 120 "$PY" -m pytest tests -m "not slow" -q -p no:cacheprovider
     fi
 
-    run_part bench-ops 75 "$PY" -m fastmae bench ops $Q --no-progress --out "$RUN_DIR"
+    run_part bench-ops "$OPS_LIMIT" "${BENCH[@]}" ops $Q --no-progress --out "$RUN_DIR"
     if [ -f "$RUN_DIR/results.json" ]; then
-        run_part priority 20 "$PY" -m fastmae bench ops --rank-from "$RUN_DIR/results.json" \
+        run_part priority 20 "${BENCH[@]}" ops --rank-from "$RUN_DIR/results.json" \
             --write-priority "$RUN_DIR/priority.json"
     else
         skip priority "bench-ops recorded no results to rank"
     fi
 
-    if [ "$MODE" = cpu-quick ]; then
-        run_part encoder-vit-b 60 "$PY" -m fastmae bench encoder $Q --no-progress --out "$RUN_DIR"
+    case "$MODE" in
+    gpu)
+        run_part encoder-vit-b 40 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
+            --dtype bfloat16 --out "$RUN_DIR"
+        run_part encoder-vit-l 50 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
+            --dtype bfloat16 --out "$RUN_DIR"
+        run_part train-vit-b 100 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
+            --dtype bfloat16 --out "$RUN_DIR"
+        run_part train-vit-l 110 "${BENCH[@]}" train $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
+            --dtype bfloat16 --out "$RUN_DIR"
+        ;;
+    cpu)
+        run_part encoder-cpu-default 120 "${BENCH[@]}" encoder $Q --no-progress --out "$RUN_DIR"
+        run_part train-cpu-default 120 "${BENCH[@]}" train $Q --no-progress --out "$RUN_DIR"
+        run_part encoder-vit-b 420 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_base_patch16 --batch 4 \
+            --backends reference,sdpa,auto --out "$RUN_DIR"
+        skip encoder-vit-l "ViT-L takes minutes per ratio on a small CPU; its shapes are GPU work"
+        run_part train-vit-b 300 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 4 \
+            --out "$RUN_DIR"
+        skip train-vit-l "ViT-L takes minutes per step on a small CPU; its shapes are GPU work"
+        ;;
+    cpu-quick)
+        run_part encoder-vit-b 60 "${BENCH[@]}" encoder $Q --no-progress --out "$RUN_DIR"
         skip encoder-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
-        run_part train-vit-b 60 "$PY" -m fastmae bench train $Q --no-progress --out "$RUN_DIR"
+        run_part train-vit-b 60 "${BENCH[@]}" train $Q --no-progress --out "$RUN_DIR"
         skip train-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
-    else
-        run_part encoder-vit-b 40 "$PY" -m fastmae bench encoder $Q --no-progress --model mae_vit_base_patch16 \
-            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
-        run_part encoder-vit-l 50 "$PY" -m fastmae bench encoder $Q --no-progress --model mae_vit_large_patch16 \
-            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
-        run_part train-vit-b 100 "$PY" -m fastmae bench train $Q --no-progress --model mae_vit_base_patch16 \
-            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
-        run_part train-vit-l 110 "$PY" -m fastmae bench train $Q --no-progress --model mae_vit_large_patch16 \
-            --batch 64 --dtype bfloat16 --out "$RUN_DIR"
-    fi
+        ;;
+    esac
 fi
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -20,10 +20,10 @@ DEFAULTS = {
     "ops": {"cuda": {"batch": 64, "models": "B,L,H"}, "cpu": {"batch": 2, "models": "B,L,H"},
             "quick": {"batch": 1, "models": "B"}},
     "encoder": {"cuda": {"model": "mae_vit_base_patch16", "batch": 64},
-                "cpu": {"model": "mae_vit_base_patch16", "batch": 1},
+                "cpu": {"model": "mae_vit_cifar_small_patch4", "batch": 64},
                 "quick": {"model": "mae_vit_tiny_patch4", "batch": 4}},
     "train": {"cuda": {"model": "mae_vit_base_patch16", "batch": 64},
-              "cpu": {"model": "mae_vit_cifar_small_patch4", "batch": 32},
+              "cpu": {"model": "mae_vit_cifar_small_patch4", "batch": 64},
               "quick": {"model": "mae_vit_tiny_patch4", "batch": 4}},
 }
 TIMING = {
@@ -96,8 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "each mask ratio and backend path, with the speedup over ratio 0, the ideal speedup "
                        "(L+1)/(K+1) and their quotient.")
     _common(p)
-    p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16)")
-    p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on cuda, 1 on cpu)")
+    p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
+                   "mae_vit_cifar_small_patch4 on cpu)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: 64)")
     p.add_argument("--ratios", default="0,0.25,0.5,0.75,0.9", help="mask ratios (0 is always added)")
     p.add_argument("--backends", default="reference,sdpa,xformers,triton,auto",
                    help="backend paths: reference, sdpa, xformers (attention only), triton, auto (fastmae's "
@@ -112,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
                    "mae_vit_cifar_small_patch4 on cpu)")
-    p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on cuda, 32 on cpu)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: 64)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="the masking of every variant")
     p.add_argument("--variants", default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile",
                    help="comma-separated training variants")

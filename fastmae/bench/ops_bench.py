@@ -380,7 +380,7 @@ def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits
              allow_interpreter: bool = False, timing: dict | None = None, flush_cache: bool = True) -> dict:
     """One record: the timing and figures, or status "skipped"/"failed" with the reason."""
     rec = {"kind": "op", "op": case.op, "case": case.name, "backend": backend, "mode": mode,
-           "shape": dict(case.shape), "dtype": dtype_name(case.dtype)}
+           "shape": dict(case.shape), "dtype": dtype_name(case.dtype), "mask_ratio": MASK_RATIO}
     if case.flops:
         rec["flops"] = case.flops.get(mode)
     if case.bytes:

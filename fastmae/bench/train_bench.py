@@ -213,6 +213,8 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
         out["peak_mem_mb"] = sampler.delta_mb
         out["peak_mem_kind"] = ("cpu resident-memory increase (sampled)" if sampler.available
                                 else "n/a: /proc/self/statm is not available")
+        if cfg["compile"] and sampler.available:
+            out["peak_mem_kind"] += ", torch.compile's own memory included"
     if peak_tflops:
         out["peak_tflops"] = peak_tflops
         out["mfu"] = out["tflops"] / peak_tflops

@@ -1,0 +1,78 @@
+"""Data-parallel set-up: torchrun / torch.distributed.launch (env://), the ITP launcher (OpenMPI variables),
+NCCL on GPUs and gloo on CPUs. Only rank 0 writes files."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    distributed: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str, dist_url: str = "env://", dist_on_itp: bool = False,
+                     local_rank: int = -1) -> DistInfo:
+    """Join the process group when launched by torchrun (RANK and WORLD_SIZE set) or by the ITP launcher
+    (`dist_on_itp`, OMPI_COMM_WORLD_* set); otherwise a single process. On CUDA the process uses GPU
+    `LOCAL_RANK`."""
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", max(local_rank, 0)))
+        return DistInfo(True, dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
+    if dist_on_itp:
+        rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+        world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        local = int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+        dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        os.environ.update(LOCAL_RANK=str(local), RANK=str(rank), WORLD_SIZE=str(world))
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = int(os.environ["RANK"])
+        world = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", max(local_rank, 0)))
+    else:
+        return DistInfo()
+    if world <= 1:
+        return DistInfo(False, rank, world, local)
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this PyTorch build")
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+        torch.cuda.set_device(local)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank)
+    dist.barrier()
+    return DistInfo(True, rank, world, local, backend)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(values: list[float], info: DistInfo, device) -> list[float]:
+    """The mean over ranks of each number (a no-op on one process)."""
+    if not info.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

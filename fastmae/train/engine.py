@@ -1,0 +1,114 @@
+"""One pretraining epoch, as the official `engine_pretrain.train_one_epoch` runs it: per-iteration lr
+schedule, gradient accumulation, mixed precision with a gradient scaler, a stop on a non-finite loss."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributed import DistInfo, all_reduce_mean
+from .optim import adjust_learning_rate
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stops without writing a checkpoint of that state."""
+
+
+@dataclass
+class Schedule:
+    """What the loop needs from the arguments."""
+
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    epochs: int
+    accum_iter: int
+    mask_ratio: float
+    iters_per_epoch: int
+    max_steps: int = 0
+
+
+@dataclass
+class RunState:
+    """Counters carried across epochs: optimizer steps taken, losses seen by this run."""
+
+    step: int = 0
+    losses: list = field(default_factory=list)
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, precision: str):
+    """A GradScaler, enabled for fp16 only (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoch: int, sched: Schedule,
+                    state: RunState, *, precision: str = "fp32", dist_info: DistInfo | None = None,
+                    logger=None, skip_iters: int = 0) -> tuple[dict, int]:
+    """Train over `loader` (which already skips the first `skip_iters` iterations when resuming mid-epoch).
+
+    Batches are `(images, labels, noise, skipped)`; `noise` [N, L] drives the masking. Returns
+    (stats, next_iter): stats as the official log keys (`lr`, `loss`, averaged over iterations and ranks)
+    plus `skipped_images`; next_iter == iters_per_epoch unless `max_steps` stopped the epoch early.
+    """
+    dist_info = dist_info or DistInfo()
+    model.train(True)
+    optimizer.zero_grad(set_to_none=True)
+    accum = sched.accum_iter
+    loss_sum = lr_sum = 0.0
+    count = skipped_total = 0
+    it = skip_iters
+    lr = optimizer.param_groups[0]["lr"]
+    tick = time.time()
+    for k, (samples, _labels, noise, skipped) in enumerate(loader):
+        it = skip_iters + k
+        if it % accum == 0:
+            lr = adjust_learning_rate(optimizer, it / sched.iters_per_epoch + epoch, sched.lr, sched.min_lr,
+                                      sched.warmup_epochs, sched.epochs)
+        samples = samples.to(device, non_blocking=True)
+        noise = noise.to(device, non_blocking=True)
+        update = (it + 1) % accum == 0
+        sync = model.no_sync() if (dist_info.distributed and not update and hasattr(model, "no_sync")) \
+            else contextlib.nullcontext()
+        with sync:
+            with autocast(device, precision):
+                loss, _, _ = model(samples, mask_ratio=sched.mask_ratio, noise=noise)
+            loss_value = float(loss.item())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at epoch {epoch}, iteration {it} (optimizer step {state.step + 1}); "
+                    f"stopping. No checkpoint of this state was written; the last good one is "
+                    f"checkpoint-last.pth. Try a lower --blr, more --warmup_epochs or --precision fp32.")
+            scaler.scale(loss / accum).backward()
+        if update:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+        loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
+        skipped_total += int(round(skipped_mean * dist_info.world_size))
+        state.losses.append(loss_mean)
+        loss_sum += loss_mean
+        lr_sum += lr
+        count += 1
+        now = time.time()
+        if logger is not None:
+            logger.iteration(epoch=epoch, it=it, iters_per_epoch=sched.iters_per_epoch, step=state.step,
+                             loss=loss_mean, lr=lr, images=samples.shape[0] * dist_info.world_size,
+                             seconds=now - tick)
+        tick = now
+        if update and sched.max_steps and state.step >= sched.max_steps:
+            break
+    stats = {"lr": lr_sum / max(count, 1), "loss": loss_sum / max(count, 1), "skipped_images": skipped_total}
+    return stats, it + 1 if count else skip_iters

@@ -1,0 +1,90 @@
+"""Linear probing: the probe machinery on a trivially separable set, and a real probe of the tiny encoder on
+the built-in dataset, clearly above chance."""
+import json
+
+import pytest
+import torch
+
+import fastmae
+from fastmae.cli import main as cli_main
+from fastmae.train.linprobe import encode, linear_probe, make_head, probe_datasets, train_head
+
+
+def test_head_is_the_official_one():
+    head = make_head(16, 5)
+    bn, fc = head
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
+    assert fc.weight.std() < 0.02 and torch.equal(fc.bias, torch.zeros(5))
+
+
+def test_probe_learns_a_linearly_separable_set():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 12, generator=g) * 3
+    y = torch.arange(400) % 4
+    x = centres[y] + 0.5 * torch.randn(400, 12, generator=g) + 50  # offset: the BatchNorm standardises it
+    out = train_head(x[:300], y[:300], x[300:], y[300:], 4, epochs=20, batch_size=64)
+    assert out["acc"] >= 0.98 and out["train_acc"] >= 0.98
+    # labels shuffled against the features: nothing to learn, near chance on held-out data
+    perm = torch.randperm(400, generator=g)
+    out = train_head(x[:300], y[perm][:300], x[300:], y[perm][300:], 4, epochs=20, batch_size=64)
+    assert out["acc"] < 0.45
+
+
+def test_encoder_features_see_all_patches_in_order():
+    model = fastmae.create_model("mae_vit_tiny_patch4").eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    cls, mean = encode(model, imgs, "cls"), encode(model, imgs, "mean")
+    assert cls.shape == mean.shape == (2, 64)
+    # same as running the encoder by hand on every patch (no masking)
+    with torch.no_grad():
+        x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+        x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), x], 1)
+        for blk in model.blocks:
+            x = blk(x, backend="reference")
+        x = model.norm(x)
+    torch.testing.assert_close(cls, x[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, x[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pool"):
+        encode(model, imgs, "max")
+
+
+def test_tiny_encoder_features_beat_chance_on_the_builtin_set():
+    """The tiny encoder's class-token features on 1000 built-in images (10 classes), probed on 200 held-out
+    ones: top-1 well above chance (10%); measured 0.26 (random init, seed 0), asserted > 0.2.
+
+    Random initialisation on purpose: a few hundred CPU pretraining steps do not yet beat it (measured
+    0.17-0.24 after 48-256 steps); the gain needs the demo's ~1500 steps (0.40 against 0.26), too long for
+    this suite, and is reported from `make run` instead."""
+    torch.manual_seed(0)
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    train_data, val_data, classes = probe_datasets("builtin", 32, builtin_size=1000, seed=1)
+    out = linear_probe(model, train_data, val_data, pool="cls", epochs=30, batch_size=128)
+    assert out["num_classes"] == len(classes) == 10 and out["chance"] == pytest.approx(0.1)
+    assert out["num_train"] == 1000 and out["num_val"] == 200 and out["feature_dim"] == 64
+    assert out["acc"] > 0.2, out
+    assert out["train_acc"] > out["acc"] - 0.05
+
+
+def test_linprobe_command_on_a_folder(tmp_path, capsys):
+    """Class subfolders split into train/val; the command writes linprobe.json with the accuracy."""
+    import numpy as np
+    from PIL import Image
+    for c, colour in enumerate([(250, 20, 20), (20, 250, 20), (20, 20, 250)]):
+        d = tmp_path / "data" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(12):
+            arr = np.clip(np.array(colour) + np.random.default_rng(i + 100 * c).integers(-30, 30, (32, 32, 3)),
+                          0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{i}.png")
+    code = cli_main(["linprobe", "--data_path", str(tmp_path / "data"), "--epochs", "20", "--batch_size", "16",
+                     "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--pool", "mean"])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "linprobe.json").read_text())
+    assert result["num_classes"] == 3 and result["num_val"] == 7 and result["num_train"] == 29
+    assert result["acc"] >= 0.99  # three flat colours: separable even with a random encoder
+    assert result["classes"] == ["class0", "class1", "class2"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(flat / "a.png")
+    assert cli_main(["linprobe", "--data_path", str(flat), "--device", "cpu"]) == 2
+    assert "class subfolders" in capsys.readouterr().err

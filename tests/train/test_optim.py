@@ -1,0 +1,71 @@
+"""The official optimiser set-up: weight-decay groups, the lr scaling rule and the per-iteration schedule."""
+import math
+
+import pytest
+import torch
+
+import fastmae
+from fastmae.train.optim import (absolute_lr, adjust_learning_rate, build_optimizer, lr_at,
+                                 param_groups_weight_decay)
+
+
+def test_weight_decay_groups_follow_the_official_rule():
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    groups = param_groups_weight_decay(model, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]  # official order: no-decay first
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[0]["params"]}
+    decay = {names[id(p)] for p in groups[1]["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert no_decay | decay == trainable and not no_decay & decay
+    # the fixed sine-cosine position embeddings are frozen: in no group
+    assert "pos_embed" not in trainable and "decoder_pos_embed" not in trainable
+    for n, p in model.named_parameters():
+        if n in trainable:
+            expect_no_decay = p.ndim <= 1 or n.endswith(".bias")
+            assert (n in no_decay) == expect_no_decay, n
+    assert "blocks.0.norm1.weight" in no_decay and "blocks.0.attn.qkv.bias" in no_decay
+    assert "blocks.0.attn.qkv.weight" in decay and "patch_embed.proj.weight" in decay
+    # the official script passes no skip list: the [1, 1, D] tokens are decayed, unless skipped by name
+    assert {"cls_token", "mask_token"} <= decay
+    skipped = param_groups_weight_decay(model, 0.05, skip_list=("cls_token",))
+    assert any(p is model.cls_token for p in skipped[0]["params"])
+
+
+def test_adamw_settings():
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+
+
+def test_lr_scaling_rule():
+    assert absolute_lr(None, 1.5e-4, 64, 1, 1) == pytest.approx(1.5e-4 * 64 / 256)
+    assert absolute_lr(None, 1.5e-4, 128, 4, 8) == pytest.approx(1.5e-4 * 4096 / 256)  # the paper's batch 4096
+    assert absolute_lr(2e-3, 1.5e-4, 64, 4, 8) == 2e-3  # --lr wins
+
+
+def test_schedule_warmup_then_half_cosine():
+    lr, min_lr, warm, epochs = 1e-3, 1e-5, 4, 20
+    assert lr_at(0, lr, min_lr, warm, epochs) == 0.0
+    assert lr_at(1, lr, min_lr, warm, epochs) == pytest.approx(lr / 4)
+    assert lr_at(2.5, lr, min_lr, warm, epochs) == pytest.approx(lr * 2.5 / 4)
+    assert lr_at(warm, lr, min_lr, warm, epochs) == pytest.approx(lr)
+    assert lr_at(12, lr, min_lr, warm, epochs) == pytest.approx(min_lr + (lr - min_lr) * 0.5)
+    assert lr_at(epochs, lr, min_lr, warm, epochs) == pytest.approx(min_lr)
+    mid = 4 + 16 / 3
+    assert lr_at(mid, lr, min_lr, warm, epochs) == pytest.approx(
+        min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi / 3)))
+    xs = [warm + i * 0.5 for i in range(33)]
+    ys = [lr_at(x, lr, min_lr, warm, epochs) for x in xs]
+    assert all(a >= b for a, b in zip(ys, ys[1:])), "cosine phase must not increase"
+
+
+def test_adjust_learning_rate_sets_every_group():
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    opt = build_optimizer(model, lr=1.0, weight_decay=0.05)
+    opt.param_groups[1]["lr_scale"] = 0.5
+    value = adjust_learning_rate(opt, 3 / 10 + 1, 1e-3, 0.0, 2, 10)  # iteration 3 of 10 in epoch 1
+    assert value == pytest.approx(1e-3 * 1.3 / 2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(value)
+    assert opt.param_groups[1]["lr"] == pytest.approx(value * 0.5)

@@ -1,0 +1,189 @@
+"""`fastmae pretrain` end to end on the tiny preset: files and checkpoint contents, exact resume, gradient
+accumulation, atomic saves, and the stop on a non-finite loss."""
+import json
+import math
+
+import pytest
+import torch
+
+import fastmae
+from fastmae.cli import main as cli_main
+from fastmae.model.checkpoint import read_checkpoint
+from fastmae.train import checkpoint as ckpt_io
+from fastmae.train.engine import NonFiniteLossError
+from fastmae.train.logs import read_step_log
+from fastmae.train.optim import lr_at
+from fastmae.train.pretrain import run, train
+
+from .common import pretrain_args
+
+
+def _params(path):
+    return read_checkpoint(path)["model"]
+
+
+def test_pretrain_writes_official_files_and_loadable_checkpoints(tmp_path):
+    args = pretrain_args(tmp_path, "--save_every", "1")
+    result = train(args)
+    assert result.step == 8 and len(result.losses) == 8 and not result.stopped_early
+    assert all(math.isfinite(x) for x in result.losses)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "train_steps.jsonl",
+            "loss_curve.png"} <= names
+    assert not [n for n in names if n.startswith(".")], "temporary files left behind"
+
+    epochs = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert {"train_lr", "train_loss", "epoch"} <= set(epochs[0])
+    steps = read_step_log(tmp_path)
+    assert [(s["epoch"], s["iter"]) for s in steps] == [(e, i) for e in range(2) for i in range(4)]
+    assert epochs[1]["train_loss"] == pytest.approx(sum(s["loss"] for s in steps[4:]) / 4)
+    lr = 5e-3 * 16 / 256
+    for s in steps:  # the per-iteration schedule on the fractional epoch
+        assert s["lr"] == pytest.approx(lr_at(s["epoch"] + s["iter"] / 4, lr, 0.0, 1, 2))
+
+    # weights_only=True loading, plain args, official key names
+    ck = torch.load(tmp_path / "checkpoint-1.pth", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "args", "rng", "next_iter"} <= set(ck)
+    assert ck["epoch"] == 1 and ck["step"] == 8 and ck["next_iter"] == 0
+    assert isinstance(ck["args"], dict) and ck["args"]["model"] == "mae_vit_tiny_patch4"
+    assert ck["args"]["lr"] == pytest.approx(lr) and "_run" not in ck["args"]
+    assert {"torch", "numpy", "python"} <= set(ck["rng"])
+    fresh = fastmae.create_model("mae_vit_tiny_patch4")
+    fresh.load_state_dict(ck["model"], strict=True)
+    assert "blocks.0.attn.qkv.weight" in ck["model"] and "decoder_pred.weight" in ck["model"]
+    last = _params(tmp_path / "checkpoint-last.pth")
+    assert all(torch.equal(last[k], ck["model"][k]) for k in ck["model"])
+    init = fastmae.create_model("mae_vit_tiny_patch4")  # same seed 0 as the run
+    first = _params(tmp_path / "checkpoint-0.pth")
+    assert not torch.equal(first["blocks.0.mlp.fc1.weight"], ck["model"]["blocks.0.mlp.fc1.weight"])
+    assert not torch.equal(init.state_dict()["decoder_pred.weight"], ck["model"]["decoder_pred.weight"])
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    """3 epochs of 4 iterations straight, vs stopped mid-epoch (step 6), resumed and stopped at an epoch
+    boundary (step 8), resumed to the end: the same 12 losses and the same final weights (fp32, CPU)."""
+    straight = tmp_path / "straight"
+    train(pretrain_args(straight, "--epochs", "3"))
+    parts = tmp_path / "parts"
+    r1 = train(pretrain_args(parts, "--epochs", "3", "--max_steps", "6"))
+    assert r1.stopped_early and r1.step == 6
+    ck = read_checkpoint(parts / "checkpoint-last.pth")
+    assert (ck["epoch"], ck["next_iter"], ck["step"]) == (1, 2, 6)
+    r2 = train(pretrain_args(parts, "--epochs", "3", "--max_steps", "8", "--resume", "auto"))
+    assert r2.step == 8 and len(r2.losses) == 2
+    ck = read_checkpoint(parts / "checkpoint-last.pth")
+    assert (ck["epoch"], ck["next_iter"], ck["step"]) == (1, 0, 8)
+    r3 = train(pretrain_args(parts, "--epochs", "3", "--resume", str(parts / "checkpoint-last.pth")))
+    assert r3.step == 12 and len(r3.losses) == 4
+
+    a, b = read_step_log(straight), read_step_log(parts)
+    assert [(s["epoch"], s["iter"], s["step"]) for s in a] == [(s["epoch"], s["iter"], s["step"]) for s in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
+        assert x["lr"] == pytest.approx(y["lr"], rel=1e-12, abs=0)
+    wa, wb = _params(straight / "checkpoint-last.pth"), _params(parts / "checkpoint-last.pth")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=k)
+    # a finished run resumed again has nothing left to do
+    r4 = train(pretrain_args(parts, "--epochs", "3", "--resume", "auto"))
+    assert r4.losses == [] and r4.step == 12
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """batch 16 x accum_iter 2 takes the same optimizer steps as batch 32: same lr (blr * 32 / 256), same
+    samples, masks and schedule, so the same weights within fp32 rounding."""
+    accum = train(pretrain_args(tmp_path / "accum", "--batch_size", "16", "--accum_iter", "2", "--epochs", "1",
+                                "--warmup_epochs", "0"))
+    big = train(pretrain_args(tmp_path / "big", "--batch_size", "32", "--epochs", "1", "--warmup_epochs", "0"))
+    assert accum.step == big.step == 2
+    # the mean of the two micro-batch losses is the large batch's loss (equal masked-patch counts)
+    assert (accum.losses[0] + accum.losses[1]) / 2 == pytest.approx(big.losses[0], abs=1e-6)
+    wa, wb = _params(tmp_path / "accum" / "checkpoint-last.pth"), _params(tmp_path / "big" / "checkpoint-last.pth")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    opt = torch.optim.AdamW(model.parameters())
+    good = ckpt_io.make_checkpoint(model, opt, None, epoch=0, step=1, args={"model": "mae_vit_tiny_patch4"})
+    ckpt_io.save(good, tmp_path, numbered=True)
+    good_weight = good["model"]["decoder_pred.weight"].clone()  # state_dict() aliases the live weights
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+
+    with torch.no_grad():
+        model.decoder_pred.weight.add_(1.0)
+    newer = ckpt_io.make_checkpoint(model, opt, None, epoch=0, step=2, args={})
+    real_save = torch.save
+
+    def dies_midway(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    for numbered in (False, True):
+        with pytest.raises(OSError, match="simulated"):
+            ckpt_io.save(newer, tmp_path, numbered=numbered)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
+    loaded = read_checkpoint(tmp_path / "checkpoint-0.pth")
+    assert loaded["step"] == 1
+    assert torch.equal(loaded["model"]["decoder_pred.weight"], good_weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0.pth", "checkpoint-last.pth"]
+
+
+def test_non_finite_loss_stops_the_run_and_saves_nothing_bad(tmp_path, monkeypatch):
+    train(pretrain_args(tmp_path, "--epochs", "3"))  # 3 good epochs
+    good = _params(tmp_path / "checkpoint-last.pth")
+    calls = {"n": 0}
+    real_forward = fastmae.MaskedAutoencoderViT.forward
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        loss, pred, mask = real_forward(self, imgs, mask_ratio, noise)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 6 else loss), pred, mask
+
+    monkeypatch.setattr(fastmae.MaskedAutoencoderViT, "forward", forward)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, iteration 1 \(optimizer step 6\)"):
+        train(pretrain_args(tmp_path / "fresh", "--epochs", "3"))
+    assert {p.name for p in (tmp_path / "fresh").glob("checkpoint-*.pth")} == {"checkpoint-0.pth",
+                                                                              "checkpoint-last.pth"}
+    ck = read_checkpoint(tmp_path / "fresh" / "checkpoint-last.pth")
+    assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    # through the command: exit status 1 and the message; the finished run's files untouched
+    calls["n"] = 0
+    assert run(pretrain_args(tmp_path / "again", "--epochs", "3")) == 1
+    assert all(torch.equal(good[k], v) for k, v in _params(tmp_path / "checkpoint-last.pth").items())
+    # a model holding NaN is never written
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(ckpt_io.NonFiniteStateError, match="norm.weight"):
+        ckpt_io.make_checkpoint(model, torch.optim.AdamW(model.parameters()), None, epoch=0, step=0, args={})
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    r = train(pretrain_args(tmp_path, "--precision", "bf16", "--epochs", "1", "--max_steps", "2"))
+    assert r.step == 2 and all(math.isfinite(x) for x in r.losses)
+    ck = read_checkpoint(tmp_path / "checkpoint-last.pth")
+    assert all(v.dtype == torch.float32 for v in ck["model"].values())  # weights stay fp32 under autocast
+
+
+def test_command_line_help_and_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["pretrain", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--batch_size", "--accum_iter", "--blr", "--norm_pix_loss", "--warmup_epochs", "--resume",
+                 "--dist_url", "--backend", "--precision", "--max_steps", "--save_every", "(default: 64)",
+                 "mae_vit_large_patch16"):
+        assert flag in out, flag
+    assert run(pretrain_args(tmp_path, "--data_path", str(tmp_path / "missing"))) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    assert run(pretrain_args(tmp_path, "--model", "mae_vit_nope")) == 2
+    assert "unknown --model" in capsys.readouterr().err
+    assert run(pretrain_args(tmp_path, "--resume", str(tmp_path / "nope.pth"))) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert run(pretrain_args(tmp_path, "--batch_size", "128")) == 2
+    assert "fewer than one batch" in capsys.readouterr().err

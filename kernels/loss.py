@@ -4,9 +4,9 @@
 
 Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do instead of the reference:
 
-- The target is never materialised. One program per prediction row (n, l) reads the patch (h, w) of
-  sample n as a [C, p, p] tile straight from `imgs[n, c, h*p + pi, w*p + qi]` (any strides), matches it to
-  pred[n, l] in the official (p, q, c) order, normalises it in registers when `norm_pix` (the patch's mean
+- The target is never materialised. Each program takes a block of prediction rows (n, l) and reads each
+  one's patch (h, w) as a [C, p, p] tile straight from `imgs[n, c, h*p + pi, w*p + qi]` (any strides),
+  matches it to pred[n, l] in the official (p, q, c) order, normalises it in registers when `norm_pix` (the patch's mean
   and unbiased variance, eps 1e-6, all in fp32), and writes one fp32 partial: `w * mean((pred - t)^2)`
   with w = mask[n, l] (with `pred_ids`, row (n, j) is patch pred_ids[n, j] and w = 1).
 - Rows whose weight is 0 (the kept patches) read nothing: their loads are masked off, so with 75% masking
@@ -24,8 +24,9 @@ Limits:
 - Gradient to pred only: imgs gets none (the registry refuses imgs requiring grad, and this raises).
 - pred, imgs: fp32, fp16 or bf16 (they may differ; arithmetic is fp32 after each load). mask is read as fp32
   (converted once if it is not). pred and pred_ids are made contiguous, imgs may have any strides.
-- Patch vectors of C*p*p <= 16*16*4 elements per program tile (patch side up to 16 is what the compile specs
-  list; larger sides work but are not compiled ahead of time).
+- A tile holds whole patches, C and p padded to powers of two (a 3x14x14 patch takes 4x16x16 lanes for 588
+  values); patch sides 4 to 16 and 1 to 3 channels are what the compile specs list (others work, but are
+  not compiled ahead of time).
 - The grad buffer is kept in pred's dtype: its values are per-pixel errors times 2/P, far from fp16's limits.
 """
 from __future__ import annotations
@@ -37,7 +38,6 @@ import triton.language as tl
 from .utils import CompileSpec, check_device, next_power_of_2
 
 FINALIZE_BLOCK = 1024
-NORM_EPS = 1.0e-6
 
 
 # Launch choices (not tuned on a GPU yet; the compile specs below follow them). A forward tile holds about

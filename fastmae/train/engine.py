@@ -85,18 +85,20 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
             with autocast(device, precision):
                 loss, _, _ = model(samples, mask_ratio=sched.mask_ratio, noise=noise)
             loss_value = float(loss.item())
-            if not math.isfinite(loss_value):
+            # the mean over ranks is NaN if any rank's loss is: every rank stops at the same iteration
+            loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
+            if not math.isfinite(loss_mean):
                 raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch}, iteration {it} (optimizer step {state.step + 1}); "
-                    f"stopping. No checkpoint of this state was written; the last good one is "
-                    f"checkpoint-last.pth. Try a lower --blr, more --warmup_epochs or --precision fp32.")
+                    f"loss is {loss_mean if dist_info.distributed else loss_value} at epoch {epoch}, iteration "
+                    f"{it} (optimizer step {state.step + 1}); stopping. No checkpoint of this state was "
+                    f"written; the last good one is checkpoint-last.pth. Try a lower --blr, more "
+                    f"--warmup_epochs or --precision fp32.")
             scaler.scale(loss / accum).backward()
         if update:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-        loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
         skipped_total += int(round(skipped_mean * dist_info.world_size))
         state.losses.append(loss_mean)
         loss_sum += loss_mean

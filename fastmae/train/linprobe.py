@@ -39,8 +39,8 @@ POOLS = ("cls", "mean")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="",
                    help="pretrained checkpoint (.pth); '' probes a randomly initialised --model (a baseline)")
-    p.add_argument("--model", default=None, help="model name (default: the one recorded in the checkpoint)")
-    p.add_argument("--input_size", default=None, type=int, help="image side (default: the checkpoint's)")
+    p.add_argument("--model", default=None, help="model name; None: the one recorded in the checkpoint's args")
+    p.add_argument("--input_size", default=None, type=int, help="image side; None: the checkpoint's")
     p.add_argument("--data_path", default="builtin",
                    help="folder with class subfolders (with train/ and val/ subfolders if present), or 'builtin'")
     p.add_argument("--val_fraction", default=0.2, type=float,
@@ -54,10 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base lr: lr = blr * batch_size / 256 (SGD on standardised features; the official 0.1 is for LARS)")
     p.add_argument("--weight_decay", default=0.0, type=float, help="classifier weight decay")
     p.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear lr warmup")
-    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--seed", default=0, type=int, help="seed of the split and of the classifier")
     p.add_argument("--num_workers", default=0, type=int, help="DataLoader workers for feature extraction")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="op backend (auto, reference, sdpa, xformers, triton)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu; cuda when available")
+    p.add_argument("--backend", default=None, help="op backend (auto, reference, sdpa, xformers, triton); None: automatic, or FASTMAE_BACKEND")
     p.add_argument("--output_dir", default="", help="folder to write linprobe.json to ('' writes nothing)")
     p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
                    help="allow trusted checkpoints that hold Python objects (official ones store an argparse.Namespace)")

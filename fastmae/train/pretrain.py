@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use per-patch normalised pixels as the reconstruction target")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--lr", type=float, default=None, metavar="LR",
-                   help="absolute learning rate (default: blr * effective batch / 256)")
+                   help="absolute learning rate; None means blr * effective batch / 256")
     g.add_argument("--blr", type=float, default=1e-3, metavar="LR",
                    help="base learning rate: lr = blr * effective batch / 256")
     g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="final lr of the cosine schedule")
@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or 'builtin' for the built-in procedurally drawn dataset")
     g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and logs; '' saves nothing")
     g.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (if tensorboard is installed)")
-    g.add_argument("--device", default=_default_device(), help="cuda or cpu")
+    g.add_argument("--device", default=_default_device(), help="cuda or cpu; cuda when available")
     g.add_argument("--seed", default=0, type=int, help="random seed (rank r uses seed + r for its global RNGs)")
     g.add_argument("--resume", default="",
                    help="checkpoint to resume from, or 'auto' for the latest in --output_dir")
@@ -86,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     f = p.add_argument_group("fastmae flags")
     f.add_argument("--backend", default=None,
-                   help="op backend: auto, reference, sdpa, xformers, triton, or op=name,op=name "
-                        "(default: automatic choice, or FASTMAE_BACKEND)")
+                   help="op backend: auto, reference, sdpa, xformers, triton, or op=name,op=name; "
+                        "None: automatic, or FASTMAE_BACKEND")
     f.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 on GPUs that support it, else fp16 (with a gradient scaler) on GPUs, "
                         "fp32 on CPUs")

@@ -31,10 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="",
                    help="checkpoint (.pth) to draw; '' draws a randomly initialised --model")
     p.add_argument("--model", default=None,
-                   help="model name (default: the one recorded in the checkpoint's args)")
-    p.add_argument("--input_size", default=None, type=int, help="image side (default: the checkpoint's)")
+                   help="model name; None: the one recorded in the checkpoint's args")
+    p.add_argument("--input_size", default=None, type=int, help="image side; None: the checkpoint's")
     p.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction,
-                   help="whether the model was trained with norm_pix_loss (default: the checkpoint's args)")
+                   help="whether the model was trained with norm_pix_loss; None: as recorded in the checkpoint's args")
     p.add_argument("--data_path", default="builtin",
                    help="image folder (class subfolders or flat), or 'builtin' (the built-in val split)")
     p.add_argument("--num_images", default=8, type=int, help="rows of the grid")
@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default=0, type=int, help="seed of the masking noise and of the image choice")
     p.add_argument("--output", default="reconstructions.png", help="PNG file to write")
     p.add_argument("--tile", default=128, type=int, help="side in pixels of each drawn image")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="op backend (auto, reference, sdpa, xformers, triton)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu; cuda when available")
+    p.add_argument("--backend", default=None, help="op backend (auto, reference, sdpa, xformers, triton); None: automatic, or FASTMAE_BACKEND")
     p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
                    help="allow trusted checkpoints that hold Python objects (official ones store an argparse.Namespace)")
 

@@ -187,3 +187,22 @@ def test_command_line_help_and_clear_errors(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert run(pretrain_args(tmp_path, "--batch_size", "128")) == 2
     assert "fewer than one batch" in capsys.readouterr().err
+
+
+def test_resume_from_an_official_style_checkpoint(tmp_path, capsys):
+    """Official checkpoints hold {'model', 'optimizer', 'scaler', 'epoch', 'args': argparse.Namespace}: they
+    need --allow-pickle (weights_only loading refuses the Namespace), then resume at epoch + 1."""
+    import argparse
+    src = tmp_path / "src"
+    train(pretrain_args(src, "--epochs", "1"))
+    ours = read_checkpoint(src / "checkpoint-0.pth")
+    official = {"model": ours["model"], "optimizer": ours["optimizer"], "epoch": 0, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_tiny_patch4", epochs=2)}
+    path = tmp_path / "official.pth"
+    torch.save(official, path)
+    dst = tmp_path / "dst"
+    assert run(pretrain_args(dst, "--resume", str(path))) == 2
+    assert "allow_pickle" in capsys.readouterr().err
+    result = train(pretrain_args(dst, "--resume", str(path), "--allow-pickle"))
+    assert result.step == 8 and len(result.losses) == 4  # epoch 1 only; the step count derived from epoch
+    assert [s["epoch"] for s in read_step_log(dst)] == [1] * 4

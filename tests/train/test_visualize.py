@@ -81,3 +81,17 @@ def test_visualize_command_on_a_training_checkpoint(tmp_path, capsys, norm_pix):
     assert Image.open(out).size == (4 * 32 + 20, 18 + 2 * 32 + 12)
     assert cli_main(["visualize", "--checkpoint", str(tmp_path / "none.pth"), "--output", str(out)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_released_style_checkpoint_needs_the_model_name(tmp_path, capsys):
+    """A released checkpoint is {'model': state_dict} with no args: --model names it; the input size comes
+    from the position embedding's shape."""
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    torch.save({"model": model.state_dict()}, tmp_path / "released.pth")
+    out = tmp_path / "v.png"
+    argv = ["visualize", "--checkpoint", str(tmp_path / "released.pth"), "--num_images", "1", "--output", str(out),
+            "--device", "cpu"]
+    assert cli_main(argv) == 2
+    assert "pass --model" in capsys.readouterr().err
+    assert cli_main(argv + ["--model", "mae_vit_tiny_patch4"]) == 0
+    assert Image.open(out).size[1] == 18 + 128 + 8

@@ -1,0 +1,55 @@
+"""Optional outputs: TensorBoard scalars as the official script logs them (checked with a stand-in writer,
+since tensorboard is an optional install), and the loss curve skipped cleanly without matplotlib."""
+import sys
+import types
+
+import pytest
+
+from fastmae.train.logs import CURVE, plot_loss_curve, read_step_log
+from fastmae.train.pretrain import train
+
+from .common import pretrain_args
+
+
+class _Writer:
+    instances = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _Writer.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_scalars_against_epoch_1000x(tmp_path, monkeypatch):
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    _Writer.instances.clear()
+    args = pretrain_args(tmp_path, "--epochs", "1")
+    args.log_dir = str(tmp_path / "tb")
+    train(args)
+    (w,) = _Writer.instances
+    assert w.log_dir == str(tmp_path / "tb") and w.closed
+    steps = read_step_log(tmp_path)
+    losses = [(v, s) for t, v, s in w.scalars if t == "train_loss"]
+    assert [s for _, s in losses] == [int(i / 4 * 1000) for i in range(4)]  # epoch_1000x
+    assert [v for v, _ in losses] == pytest.approx([r["loss"] for r in steps])
+    assert [v for t, v, _ in w.scalars if t == "lr"] == pytest.approx([r["lr"] for r in steps])
+
+
+def test_loss_curve_needs_matplotlib_only_optionally(tmp_path, monkeypatch, capsys):
+    train(pretrain_args(tmp_path, "--epochs", "1"))
+    assert (tmp_path / CURVE).stat().st_size > 1000
+    (tmp_path / CURVE).unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    assert plot_loss_curve(tmp_path) is None
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / CURVE).exists()

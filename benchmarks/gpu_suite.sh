@@ -183,7 +183,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------- summary
-cp "$PARTS_TMP" "$RUN_DIR/parts.tsv"
+cat "$PARTS_TMP" > "$RUN_DIR/parts.tsv"
 if ! "$PY" -m fastmae.bench.suite summary --parts "$RUN_DIR/parts.tsv" --results "$RUN_DIR" --mode "$MODE" \
         > "$RUN_DIR/logs/summary.log" 2>&1; then
     {   # the plain fallback: the part table alone

@@ -421,7 +421,8 @@ def run_train(args) -> int:
                        f", mask ratio {args.mask_ratio}"))
     n, _ = sizes(device.type, args.quick)
     peak = measure_matmul_tflops(device, dtype, n, 0.1 if args.quick else 0.5)
-    recorder.add({"kind": "limit", "op": "matmul", "backend": "torch", "dtype": str(dtype).replace("torch.", ""),
+    recorder.add({"kind": "limit", "op": "matmul", "case": "bench train", "backend": "torch",
+                  "dtype": str(dtype).replace("torch.", ""),
                   "shape": {"M": n, "N": n, "K": n}, "status": "ok", "tflops": peak})
     print(f"matmul peak measured now: {peak:.3g} TFLOP/s ({dtype}, n={n})")
     timing = _timing(args, "train", device)

@@ -25,13 +25,13 @@ class Limits:
     copy_bytes: int
     copy_gbps: float
 
-    def records(self) -> list[dict]:
-        """The limits as result records (kind "limit")."""
+    def records(self, case: str = "bench ops") -> list[dict]:
+        """The limits as result records (kind "limit"; `case` says which command measured them)."""
         return [
-            {"kind": "limit", "op": "matmul", "backend": "torch", "dtype": self.dtype,
+            {"kind": "limit", "op": "matmul", "case": case, "backend": "torch", "dtype": self.dtype,
              "shape": {"M": self.matmul_n, "N": self.matmul_n, "K": self.matmul_n}, "status": "ok",
              "tflops": self.matmul_tflops},
-            {"kind": "limit", "op": "copy", "backend": "torch", "dtype": self.dtype,
+            {"kind": "limit", "op": "copy", "case": case, "backend": "torch", "dtype": self.dtype,
              "shape": {"bytes": self.copy_bytes}, "status": "ok", "gbps": self.copy_gbps},
         ]
 

@@ -65,9 +65,11 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
 
 def stamp_line(records: Sequence[dict], folder: str, base: str) -> str:
     r = next(x for x in records if x.get("kind") in MEASURED)
+    commit = str(r.get("git_commit", "?"))
+    commit = commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
     dates = sorted(str(x.get("date", "")) for x in records if x.get("kind") in MEASURED)
     return (f"{r.get('device', '?')} · torch {r.get('torch', '?')} · triton {r.get('triton', '?')} · "
-            f"xformers {r.get('xformers', '?')} · CUDA {r.get('cuda', '?')} · commit `{str(r.get('git_commit', '?'))[:12]}`"
+            f"xformers {r.get('xformers', '?')} · CUDA {r.get('cuda', '?')} · commit `{commit}`"
             f" · {dates[0]}{' to ' + dates[-1] if dates[-1] != dates[0] else ''} · "
             f"[`{os.path.relpath(folder, base)}`]({os.path.relpath(folder, base)})")
 
@@ -175,12 +177,14 @@ def ops_section(records: Sequence[dict]) -> list[str]:
                 row.append(f"{r['median_ms']:.3g} ms{sp}{peak}")
         table_rows.append(row)
     out += _md_table(["op", "case", "mode"] + backends, table_rows)
-    limits = [r for r in records if r.get("kind") == "limit"]
+    limits = [r for r in records if r.get("kind") == "limit" and r.get("case", "bench ops") == "bench ops"]
     if limits:
         parts = [f"matmul {r['tflops']:.3g} TFLOP/s ({r['dtype']})" if r["op"] == "matmul"
                  else f"copy {r['gbps']:.3g} GB/s" for r in limits if r.get("status") == "ok"]
+        cache = (" The CPU's default shapes fit in its caches, so memory-bound ops can exceed the copy bandwidth."
+                 if first.get("device_type") == "cpu" else "")
         out.append("\nLimits measured in the same run: " + ", ".join(dict.fromkeys(parts)) + ". "
-                   "`–`: the backend cannot serve the case (reasons in results.json).")
+                   "`–`: the backend cannot serve the case (reasons in results.json)." + cache)
     out.append("")
     return out
 

@@ -11,7 +11,7 @@ A record is a flat dict. Every record carries:
   device_type, torch, triton, xformers, cuda, python, git_commit, date.
 
 `write_results(out_dir, records)` merges into `out_dir/results.json` (a record replaces an older one with
-the same key: same kind, op/model, backend, mode, shape, dtype, mask ratio and device), then rewrites
+the same key: same kind, op/case/model, backend, mode, shape, dtype, mask ratio and device), then rewrites
 `results.csv` from the merged list, so several commands can share one output folder.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KEY_FIELDS = ("kind", "op", "model", "backend", "mode", "shape", "dtype", "mask_ratio", "device")
+KEY_FIELDS = ("kind", "op", "case", "model", "backend", "mode", "shape", "dtype", "mask_ratio", "device")
 STAMP_FIELDS = ("device", "device_type", "torch", "triton", "xformers", "cuda", "python", "git_commit", "date")
 
 

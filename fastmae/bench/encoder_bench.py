@@ -97,6 +97,7 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
 
     def emit(rec):
         records.append(rec)
+        add_speedups(records)  # as the records arrive: a run cut short keeps its speedups
         if on_record:
             on_record(rec)
 

@@ -430,6 +430,7 @@ def run_ops(device: torch.device, dtype: torch.dtype, batch: int, *, models=("B"
     for case, backend, mode in it:
         rec = run_case(case, backend, mode, device, limits, allow_interpreter=allow_interpreter, timing=timing)
         records.append(rec)
+        add_speedups(records)
         if on_record:
             on_record(rec)
     return records

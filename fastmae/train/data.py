@@ -117,8 +117,17 @@ class EvalTransform:
 
 
 # ------------------------------------------------------------------------------------------ datasets
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+def _image_files(folder: Path, recursive: bool = True) -> list[str]:
+    """Image files under `folder` by extension, sorted (os.walk: no stat call per file, which matters for
+    the 1.28M files of ImageNet)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in filenames
+                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS)
+        if not recursive:
+            break
+    return sorted(found)
 
 
 class ImageFolder:
@@ -141,12 +150,12 @@ class ImageFolder:
         samples: list[tuple[str, int]] = []
         kept_classes = []
         for name in classes:
-            files = sorted(str(p) for p in (root / name).rglob("*") if _is_image(p))
+            files = _image_files(root / name)
             if files:
                 samples.extend((f, len(kept_classes)) for f in files)
                 kept_classes.append(name)
         if not samples:
-            files = sorted(str(p) for p in root.iterdir() if _is_image(p))
+            files = _image_files(root, recursive=False)
             samples = [(f, 0) for f in files]
             kept_classes = [root.name] if files else []
         if not samples:

@@ -22,11 +22,14 @@ def _params(path):
     return read_checkpoint(path)["model"]
 
 
-def test_pretrain_writes_official_files_and_loadable_checkpoints(tmp_path):
+def test_pretrain_writes_official_files_and_loadable_checkpoints(tmp_path, capsys):
     args = pretrain_args(tmp_path, "--save_every", "1")
+    args.no_progress = False  # exercise the progress bar once
     result = train(args)
     assert result.step == 8 and len(result.losses) == 8 and not result.stopped_early
     assert all(math.isfinite(x) for x in result.losses)
+    bar = capsys.readouterr().err
+    assert "epoch 1" in bar and "loss=" in bar and "lr=" in bar and "img_s=" in bar and "left=" in bar
     names = {p.name for p in tmp_path.iterdir()}
     assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "train_steps.jsonl",
             "loss_curve.png"} <= names

@@ -1,7 +1,8 @@
 """Ahead-of-time compile check: every launchable kernel configuration, compiled for real NVIDIA GPUs.
 
-Triton's CPU interpreter runs code that the GPU compiler rejects (a `tl.dot` with a dimension below 16,
-a block too large for registers or shared memory) and says nothing about register pressure. Triton can
+Triton's CPU interpreter runs code that the GPU compiler rejects (a `tl.dot` on 16-bit inputs with K
+below 16, a tile needing more shared memory than a block may have) and says nothing about register
+pressure. Triton can
 compile for a GPU target on a machine without one, so this module does exactly that for each
 `CompileSpec` the kernel modules export (`compile_specs() -> list[CompileSpec]`, see `kernels/utils.py`)
 and each target architecture:
@@ -10,17 +11,22 @@ and each target architecture:
    builds TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, exactly as a launch on that GPU would (sm_90 emits wgmma).
 2. The PTX goes through the `ptxas` that Triton itself uses for that architecture, with `-v` and the same
    flags Triton passes, which reports registers per thread, spill stores/loads and static shared memory.
-   (A compiled kernel's `n_regs`/`n_spills` are only filled in when a driver loads it, so they are empty here.)
+   (A compiled kernel's `n_regs`/`n_spills` are only filled in when a driver loads it, so they are empty
+   here. The register counts and stack sizes found this way equal those `cuobjdump -res-usage` reads from
+   the cubin Triton built, checked on triton 3.6 and 3.9.)
 3. Triton's dynamic shared memory comes from the compiled kernel's metadata (`shared`).
 
 A configuration has a problem when it fails to compile (the message is kept), spills (any spill bytes),
 uses more than 255 registers per thread or more registers than a block holds, or needs more shared memory
-per block than the target allows (limits in `LIMITS`, with their sources).
+per block than the target allows (limits in `LIMITS`, with their sources). Note that ptxas sometimes
+chooses a few bytes of spills to reach 32 or 64 registers (higher occupancy); those count as spills too.
 
-Specialisation: pointer arguments are compiled as 16-byte aligned (what PyTorch's allocator gives and what
-a launch with fresh tensors specialises on); integer arguments are not assumed divisible by 16 unless the
-spec lists them in an optional `divisible_by_16` attribute. Constexpr parameters with a default value in the
-kernel need not be listed in `constexprs`.
+Specialisation: a launch specialises every pointer and integer argument that is a multiple of 16 (and
+turns integers equal to 1 into constants), which enables vector loads and can change register counts a
+lot. Here pointer arguments are compiled as 16-byte aligned (what PyTorch's allocator gives); integer
+arguments are not assumed divisible by 16 unless the spec lists them in an optional `divisible_by_16`
+attribute (a tuple of argument names), or `aligned_ints=True` (`--aligned-ints`) assumes it for all of them.
+Constexpr parameters with a default value in the kernel need not be listed in `constexprs`.
 
 Interpreter: with `TRITON_INTERPRET=1` (the CPU test suite sets it before importing triton), `@triton.jit`
 returns an `InterpretedFunction`, which `triton.compile` cannot take (it has no `cache_key`), and the
@@ -32,15 +38,19 @@ process with `TRITON_INTERPRET` removed from its environment: the worker imports
 (`compile_spec`, `check_specs`) travel by module and qualified name of their kernel, so their kernel must be
 defined at module level in an importable module. Without the interpreter everything runs in this process.
 
-Triton versions (3.6 through 3.9 checked): `ASTSource(fn, signature, constexprs, attrs)` takes a signature
+Triton versions (checked on 3.6 and 3.9): `ASTSource(fn, signature, constexprs, attrs)` takes a signature
 holding *every* parameter, constexpr ones with the type string "constexpr"; `constexprs` is keyed by a
 path tuple `(index,)` (names are accepted and converted to that); `attrs` is keyed the same way with lists
 of `[attribute, value]` pairs such as `["tt.divisibility", 16]`. The CompileSpec keeps the friendlier form
 (signature of the runtime arguments only, constexprs by name); `_make_source` converts. Triton before 3.2
 had a different `ASTSource` (a `constants=` argument and an `AttrsDescriptor`) and is refused clearly.
 
-Command line: `python -m fastmae.kernels.compile_check [--arch 80 90] [--module NAME ...] [--json FILE]`
-prints one row per (configuration, architecture) and exits with status 1 when any problem is found.
+Command line: `python -m fastmae.kernels.compile_check [--arch 80 90] [--module NAME ...] [--json FILE]
+[--sample] [--aligned-ints] [-v]` prints one row per (configuration, architecture) and exits with status 1
+when any problem is found. Compiling takes 0.1 to 5 s per configuration and architecture on one CPU core
+(a few pathological ones far longer), so checking every configuration of all modules takes tens of
+minutes; `--sample` (what the CPU tests use) compiles `representative(...)` configurations only. Triton
+caches compiled kernels (~/.triton/cache), so repeated runs on unchanged kernels are fast.
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import importlib.util
 import inspect
 import io
 import json
@@ -58,7 +69,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 KERNEL_MODULES = ("fastmae.kernels.attention", "fastmae.kernels.tokens", "fastmae.kernels.loss")
 ARCHS = (80, 90)
@@ -138,9 +149,8 @@ class ModuleResult:
 
     @property
     def problems(self) -> list[str]:
-        if self.status != "checked":
-            return [f"{self.module}: {self.status}" + (f": {self.message}" if self.message else "")]
-        return [f"{r.name} [sm_{r.arch}]: {p}" for r in self.reports for p in r.problems]
+        out = [] if self.status == "checked" else [f"{self.module}: {self.status}: {self.message}".rstrip(": ")]
+        return out + [f"{r.name} [sm_{r.arch}]: {p}" for r in self.reports for p in r.problems]
 
     @property
     def ok(self) -> bool:
@@ -341,7 +351,13 @@ def _check_limits(report: Report) -> None:
                                f"bytes a block may use on {lim.gpu}")
 
 
-def _compile_here(spec, arch: int, module: str = "") -> Report:
+def _divisible_names(spec, aligned_ints: bool) -> tuple[str, ...]:
+    if aligned_ints:
+        return tuple(k for k, t in spec.signature.items() if t in ("i32", "i64", "u32", "u64"))
+    return tuple(getattr(spec, "divisible_by_16", ()) or ())
+
+
+def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False) -> Report:
     """Compile one spec for one architecture in this process (the interpreter must be off)."""
     report = Report(name=spec.name, arch=arch, module=module, num_warps=int(spec.num_warps),
                     num_stages=int(spec.num_stages))
@@ -353,7 +369,7 @@ def _compile_here(spec, arch: int, module: str = "") -> Report:
         from triton.backends.compiler import GPUTarget
 
         fn = _jit_function(spec.fn)
-        src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), getattr(spec, "divisible_by_16", ()))
+        src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), _divisible_names(spec, aligned_ints))
         options = {"num_warps": report.num_warps, "num_stages": report.num_stages}
         start = time.perf_counter()
         # Triton prints the whole PTX to stdout when ptxas fails; the exception keeps what matters.
@@ -437,7 +453,7 @@ def _run_worker(job: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
-        code = "import sys; from fastmae.kernels.compile_check import _worker_main; _worker_main(sys.argv[1], sys.argv[2])"
+        code = "import sys; from fastmae.kernels.compile_check import _worker_main; _worker_main(*sys.argv[1:])"
         proc = subprocess.run([sys.executable, "-c", code, job_path, out_path], env=env, capture_output=True,
                               text=True, timeout=timeout)
         if proc.returncode != 0 or not os.path.exists(out_path):
@@ -453,7 +469,8 @@ def _worker_main(job_path: str, out_path: str) -> None:
         job = json.load(f)
     archs = job["archs"]
     if "modules" in job:
-        result = {"modules": [check_module(m, archs).to_dict() for m in job["modules"]]}
+        result = {"modules": [check_module(m, archs, job["sample"], aligned_ints=job["aligned_ints"]).to_dict()
+                              for m in job["modules"]]}
     else:
         reports = []
         for item in job["specs"]:
@@ -463,7 +480,7 @@ def _worker_main(job_path: str, out_path: str) -> None:
                 reports += [Report(name=item["name"], arch=a, problems=[f"cannot load the kernel: {_short(exc)}"])
                             for a in archs]
                 continue
-            reports += [_compile_here(spec, a, job.get("module", "")) for a in archs]
+            reports += [_compile_here(spec, a, job["module"], job["aligned_ints"]) for a in archs]
         result = {"reports": [r.to_dict() for r in reports]}
     with open(out_path, "w") as f:
         json.dump(result, f)
@@ -473,12 +490,58 @@ def _worker_main(job_path: str, out_path: str) -> None:
 # Public API
 # --------------------------------------------------------------------------------------------------
 
-def check_specs(specs: Sequence, archs: Iterable[int] = ARCHS, module: str = "") -> list[Report]:
+_FLOAT_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
+
+
+def tile_pressure(spec) -> float:
+    """A rough measure of the data each thread holds: the product of the integer constexprs above 1 (the
+    block sizes), times the widest floating-point element among the pointer arguments, per warp."""
+    size = 1
+    for value in spec.constexprs.values():
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            size *= value
+    width = max([_FLOAT_BYTES.get(t.lstrip("*"), 0) for t in spec.signature.values() if t.startswith("*")] or [4])
+    return size * (width or 4) / max(1, int(spec.num_warps))
+
+
+def _is_16bit(spec) -> bool:
+    return any(t in ("*fp16", "*bf16") for t in spec.signature.values())
+
+
+def representative(specs: Sequence) -> list:
+    """A few configurations standing for all of them, for quick runs (the CPU test suite): per kernel
+    function, the one with the largest `tile_pressure` among those with fp16/bf16 data (the training
+    dtypes; among all when there are none), where registers and shared memory run out first, and the one
+    with the smallest `tile_pressure` (where tl.dot's minimum sizes bite). The order of `specs` is kept;
+    the command line checks every configuration unless told `--sample`."""
+    groups: dict[tuple, list] = {}
+    for spec in specs:
+        fn = _python_function(spec.fn)
+        groups.setdefault((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn))), []).append(spec)
+    chosen = set()
+    for members in groups.values():
+        half = [s for s in members if _is_16bit(s)] or members
+        chosen.add(id(max(half, key=tile_pressure)))
+        chosen.add(id(min(members, key=tile_pressure)))
+    return [s for s in specs if id(s) in chosen]
+
+
+def check_specs(specs: Sequence, archs: Iterable[int] = ARCHS, module: str = "",
+                progress: Callable[[Report], None] | None = None, aligned_ints: bool = False) -> list[Report]:
     """Compile each spec for each architecture (spec-major order). Runs in a fresh process, all specs at
-    once, when the interpreter is on here."""
+    once, when the interpreter is on here (`progress`, called with each report as it is done, is then
+    called only at the end). `aligned_ints` compiles every integer argument as divisible by 16 (the
+    specialisation a launch gets when all sizes and strides are multiples of 16) instead of only those in
+    the spec's `divisible_by_16`."""
     archs = [int(a) for a in archs]
     if not interpreter_active():
-        return [_compile_here(s, a, module) for s in specs for a in archs]
+        out = []
+        for s in specs:
+            for a in archs:
+                out.append(_compile_here(s, a, module, aligned_ints))
+                if progress:
+                    progress(out[-1])
+        return out
     jobs, reports = [], {}
     for i, spec in enumerate(specs):
         try:
@@ -487,22 +550,41 @@ def check_specs(specs: Sequence, archs: Iterable[int] = ARCHS, module: str = "")
             reports[i] = [Report(name=spec.name, arch=a, module=module, problems=[f"cannot check: {_short(exc)}"])
                           for a in archs]
     if jobs:
-        out = _run_worker({"archs": archs, "module": module, "specs": [job for _, job in jobs]})["reports"]
+        job = {"archs": archs, "module": module, "aligned_ints": aligned_ints, "specs": [j for _, j in jobs]}
+        try:
+            out = [Report.from_dict(d) for d in _run_worker(job)["reports"]]
+        except Exception as exc:  # the worker died (a crash inside the compiler, a timeout): say so per spec
+            out = [Report(name=j["name"], arch=a, module=module, problems=[f"compile worker failed: {_short(exc)}"])
+                   for _, j in jobs for a in archs]
         for k, (i, _) in enumerate(jobs):
-            reports[i] = [Report.from_dict(d) for d in out[k * len(archs):(k + 1) * len(archs)]]
-    return [r for i in range(len(specs)) for r in reports[i]]
+            reports[i] = out[k * len(archs):(k + 1) * len(archs)]
+    result = [r for i in range(len(specs)) for r in reports[i]]
+    for r in result if progress else ():
+        progress(r)
+    return result
 
 
-def compile_spec(spec, arch: int) -> Report:
+def compile_spec(spec, arch: int, aligned_ints: bool = False) -> Report:
     """Compile one CompileSpec for `arch` (80 or 90) and report registers, spills, shared memory, problems."""
-    return check_specs([spec], [arch])[0]
+    return check_specs([spec], [arch], aligned_ints=aligned_ints)[0]
 
 
-def check_module(name: str, archs: Iterable[int] = ARCHS) -> ModuleResult:
-    """Import a kernel module, take its `compile_specs()`, compile each for each architecture."""
+def _module_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except ModuleNotFoundError:  # a parent package is missing
+        return True
+
+
+def check_module(name: str, archs: Iterable[int] = ARCHS, sample: bool = False,
+                 progress: Callable[[Report], None] | None = None, aligned_ints: bool = False) -> ModuleResult:
+    """Import a kernel module, take its `compile_specs()` (only `representative(...)` of them with
+    `sample`), compile each for each architecture."""
     archs = [int(a) for a in archs]
+    if _module_missing(name):
+        return ModuleResult(name, "missing", f"no module named {name}")
     if interpreter_active():
-        return ModuleResult.from_dict(_run_worker({"archs": archs, "modules": [name]})["modules"][0])
+        return check_modules([name], archs, sample, progress, aligned_ints)[0]
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -521,18 +603,28 @@ def check_module(name: str, archs: Iterable[int] = ARCHS) -> ModuleResult:
         return ModuleResult(name, "error", "compile_specs() returned no configurations")
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
-    result = ModuleResult(name, "checked", reports=check_specs(specs, archs, module=name))
+    if sample:
+        specs = representative(specs)
+    result = ModuleResult(name, "checked", reports=check_specs(specs, archs, name, progress, aligned_ints))
     if dupes:
         result.status, result.message = "error", f"duplicate spec names {dupes}"
     return result
 
 
-def check_modules(names: Iterable[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS) -> list[ModuleResult]:
+def check_modules(names: Iterable[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS, sample: bool = False,
+                  progress: Callable[[Report], None] | None = None, aligned_ints: bool = False) -> list[ModuleResult]:
     """`check_module` for several modules (one worker process for all of them when the interpreter is on)."""
     names, archs = list(names), [int(a) for a in archs]
     if interpreter_active():
-        return [ModuleResult.from_dict(d) for d in _run_worker({"archs": archs, "modules": names})["modules"]]
-    return [check_module(n, archs) for n in names]
+        job = {"archs": archs, "modules": names, "sample": sample, "aligned_ints": aligned_ints}
+        try:
+            results = [ModuleResult.from_dict(d) for d in _run_worker(job)["modules"]]
+        except Exception as exc:  # the worker died (a crash inside the compiler, a timeout): say so per module
+            return [ModuleResult(n, "error", f"compile worker failed: {_short(exc)}") for n in names]
+        for r in [r for res in results for r in res.reports] if progress else ():
+            progress(r)
+        return results
+    return [check_module(n, archs, sample, progress, aligned_ints) for n in names]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,10 +662,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", action="append", default=None, metavar="NAME",
                         help="kernel module, e.g. attention or fastmae.kernels.attention (repeatable; default all)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--sample", action="store_true",
+                        help="only the representative configurations of each kernel (what the CPU tests compile)")
+    parser.add_argument("--aligned-ints", action="store_true",
+                        help="compile every integer argument as divisible by 16 (all sizes and strides multiples "
+                             "of 16) instead of only the spec's divisible_by_16")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each configuration as it is done")
     args = parser.parse_args(argv)
     modules = [m if "." in m else f"fastmae.kernels.{m}" for m in (args.module or KERNEL_MODULES)]
     start = time.perf_counter()
-    results = check_modules(modules, args.arch)
+
+    def progress(r: Report) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {r.name} sm_{r.arch}: {r.registers} registers, "
+              f"{r.spill_bytes} spill bytes, {r.shared_bytes} shared bytes, {r.compile_seconds:.2f} s"
+              + ("" if r.ok else " FAIL"), flush=True)
+
+    results = check_modules(modules, args.arch, sample=args.sample, progress=progress if args.verbose else None,
+                            aligned_ints=args.aligned_ints)
     import triton
     print(f"triton {triton.__version__}; targets {', '.join(LIMITS[a].gpu for a in args.arch)}; "
           f"{time.perf_counter() - start:.1f} s")

@@ -1,17 +1,23 @@
 """Ahead-of-time compile check for real GPUs (sm_80 and sm_90), runnable without a GPU.
 
-The Triton interpreter accepts code the GPU compiler rejects and says nothing about registers, so every
-configuration each kernel module exports (`compile_specs()`) is compiled for A100 and H100 targets and must
-compile, not spill, and fit the target's register and shared-memory limits (`compile_check.LIMITS`).
-The checker itself is tested on small kernels defined here: one that compiles cleanly, one that must
-spill, and specs with a wrong signature, which must come back as compile errors, not crashes.
+The Triton interpreter accepts code the GPU compiler rejects and says nothing about registers, so the
+configurations each kernel module exports (`compile_specs()`) are compiled for A100 and H100 targets and
+must compile, not spill, and fit the target's register and shared-memory limits (`compile_check.LIMITS`).
+Compiling every configuration takes tens of minutes on a small CPU machine (hundreds of configurations,
+0.3 to 5 s each, some far longer), so by default these tests compile `compile_check.representative(...)`
+of each module: per kernel function its largest fp16/bf16 tile and its smallest tile. Set
+FASTMAE_COMPILE_CHECK=all to compile every configuration here, or run
+`python -m fastmae.kernels.compile_check`, which checks all of them and prints a table.
 
-Under the CPU suite (TRITON_INTERPRET=1) the compiles run in one worker process per module with the
-interpreter off; the kernels here are found there by module and name, so they stay at module level.
+The checker itself is tested on small kernels defined here: one that compiles cleanly, one that must
+spill, a tl.dot that must use tensor cores, and specs that must come back as compile errors, not crashes.
+Under the CPU suite (TRITON_INTERPRET=1) the compiles run in a worker process with the interpreter off;
+the kernels here are found there by module and name, so they stay at module level.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 
@@ -21,25 +27,44 @@ import triton.language as tl  # noqa: E402
 from fastmae.kernels import compile_check as cc  # noqa: E402
 from fastmae.kernels.utils import CompileSpec  # noqa: E402
 
+COMPILE_ALL = os.environ.get("FASTMAE_COMPILE_CHECK", "").lower() == "all"
+
 
 @functools.lru_cache(maxsize=None)
-def _module_result(module: str) -> cc.ModuleResult:
-    return cc.check_module(module, cc.ARCHS)
+def _module_results() -> dict[str, cc.ModuleResult]:
+    # one call for all modules: under the interpreter that is one worker process (its start-up, mostly
+    # importing torch and the kernel modules, costs several seconds)
+    results = cc.check_modules(cc.KERNEL_MODULES, cc.ARCHS, sample=not COMPILE_ALL)
+    return {r.module: r for r in results}
 
 
 @pytest.mark.parametrize("arch", cc.ARCHS)
 @pytest.mark.parametrize("module", cc.KERNEL_MODULES)
 def test_kernel_module_compiles(module, arch):
-    """Every configuration of the module compiles for `arch` with no spills and within the limits."""
-    result = _module_result(module)
+    """The module's configurations (all, or the representative ones) compile for `arch` with no spills and
+    within the limits; every problem is listed."""
+    result = _module_results()[module]
     assert result.status == "checked", f"{module}: {result.status}: {result.message}"
     reports = [r for r in result.reports if r.arch == arch]
     assert reports, f"{module} exported no configurations"
     problems = [f"{r.name}: {p}" for r in reports for p in r.problems]
-    assert not problems, f"{len(problems)} problem(s) on sm_{arch}:\n" + "\n".join(problems)
+    scope = "all" if COMPILE_ALL else "representative"
+    assert not problems, (f"{len(problems)} problem(s) in {len(reports)} {scope} configurations on sm_{arch}:\n"
+                          + "\n".join(problems))
     for r in reports:
         assert r.registers and 0 < r.registers <= cc.LIMITS[arch].max_registers_per_thread, r
         assert r.shared_bytes <= cc.LIMITS[arch].max_shared_per_block, r
+
+
+def test_representative_sample():
+    """The sample keeps, per kernel function, its largest 16-bit tile and its smallest tile."""
+    def spec(name, block, dtype, warps=4):
+        return CompileSpec(name, _add_kernel, {"x_ptr": dtype, "y_ptr": dtype, "out_ptr": dtype, "n": "i32"},
+                           {"BLOCK": block}, num_warps=warps)
+    specs = [spec("a", 256, "*fp32"), spec("b", 4096, "*fp32"), spec("c", 1024, "*fp16"), spec("d", 2048, "*bf16"),
+             spec("e", 4096, "*fp16", warps=8), CompileSpec("f", _hoard_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"},
+                                                            {"BLOCK": 64})]
+    assert [s.name for s in cc.representative(specs)] == ["a", "d", "f"]
 
 
 # --- the checker itself --------------------------------------------------------------------------
@@ -73,7 +98,7 @@ def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.con
 
 ADD = CompileSpec("add_fp16_b1024", _add_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"},
                   {"BLOCK": 1024}, num_warps=4)
-HOARD = CompileSpec("hoard_b16384_w1", _hoard_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"}, {"BLOCK": 16384},
+HOARD = CompileSpec("hoard_b8192_w1", _hoard_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"}, {"BLOCK": 8192},
                     num_warps=1)
 DOT = CompileSpec("dot_64x64x32_fp16", _dot_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},
                   {"M": 64, "N": 64, "K": 32}, num_warps=4)
@@ -105,7 +130,7 @@ def test_checker_passes_a_clean_kernel(arch):
 
 @pytest.mark.parametrize("arch", cc.ARCHS)
 def test_checker_reports_spills(arch):
-    """16384 fp32 values on one warp is 512 per thread, past the 255-register limit: ptxas must spill."""
+    """8192 fp32 values on one warp is 256 per thread, past the 255-register limit: ptxas must spill."""
     r = _checker_reports()[HOARD.name, arch]
     assert r.spill_stores > 0 and r.spill_loads > 0, r
     assert r.registers is not None and r.stack_frame > 0, r

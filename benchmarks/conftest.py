@@ -12,26 +12,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from fastmae.bench.cli import cpu_threads
-from fastmae.bench.common import parse_dtype, resolve_device
+from fastmae.bench.common import env_settings
 
-DEVICE = resolve_device(os.environ.get("FASTMAE_BENCH_DEVICE", "auto"))
-DTYPE = parse_dtype(os.environ.get("FASTMAE_BENCH_DTYPE", "auto"), DEVICE)
-QUICK = os.environ.get("FASTMAE_BENCH_QUICK", "1" if DEVICE.type == "cpu" else "0") not in ("", "0")
+DEVICE, DTYPE, QUICK = env_settings()
 if DEVICE.type == "cpu":  # as `fastmae bench --threads auto`: the cores the load average leaves idle
     torch.set_num_threads(cpu_threads(os.environ.get("FASTMAE_BENCH_THREADS", "auto")))
-
-
-def profile() -> str:
-    return "quick" if QUICK else DEVICE.type
-
-
-@pytest.fixture
-def device() -> torch.device:
-    return DEVICE
 
 
 def pytest_report_header(config):

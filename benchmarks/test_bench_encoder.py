@@ -7,14 +7,14 @@ import torch
 
 from fastmae import create_model
 from fastmae.bench.cli import DEFAULTS
-from fastmae.bench.common import MODEL_PATHS, autocast, path_interpreter_reason
+from fastmae.bench.common import MODEL_PATHS, autocast, env_settings, path_interpreter_reason
 from fastmae.bench.encoder_bench import ENCODER_MODES, _inputs, ideal_speedup, make_encoder_runner
 from fastmae.bench.timing import synchronized
 from fastmae.ops import BackendUnavailable
 
-from conftest import DEVICE, DTYPE, profile
 
-_D = DEFAULTS["encoder"][profile()]
+DEVICE, DTYPE, QUICK = env_settings()
+_D = DEFAULTS["encoder"]["quick" if QUICK else DEVICE.type]
 RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 

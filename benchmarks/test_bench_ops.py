@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 
 from fastmae.bench.cli import DEFAULTS
-from fastmae.bench.common import parse_list
+from fastmae.bench.common import env_settings, parse_list
 from fastmae.bench.ops_bench import backends_for, case_reasons, mae_cases, make_runner
 from fastmae.bench.timing import synchronized
 from fastmae.ops import BACKENDS
 
-from conftest import DEVICE, DTYPE, QUICK, profile
 
-_D = DEFAULTS["ops"][profile()]
+DEVICE, DTYPE, QUICK = env_settings()
+_D = DEFAULTS["ops"]["quick" if QUICK else DEVICE.type]
 CASES = mae_cases(_D["batch"], DTYPE, parse_list(_D["models"]), quick=QUICK)
 JOBS = [(c, b, m) for c in CASES for b in backends_for(c, BACKENDS) for m in c.modes]
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from fastmae.bench.cli import DEFAULTS
-from fastmae.bench.common import free, path_interpreter_reason
+from fastmae.bench.common import env_settings, free, path_interpreter_reason
 from fastmae.bench.train_bench import VARIANTS, prepare_variant
 from fastmae.bench.timing import synchronized
 from fastmae.ops import BackendUnavailable
 
-from conftest import DEVICE, DTYPE, profile
 
-_D = DEFAULTS["train"][profile()]
+DEVICE, DTYPE, QUICK = env_settings()
+_D = DEFAULTS["train"]["quick" if QUICK else DEVICE.type]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

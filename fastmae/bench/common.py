@@ -133,3 +133,14 @@ def _malloc_trim() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def env_settings() -> tuple[torch.device, torch.dtype, bool]:
+    """(device, dtype, quick) for `pytest benchmarks/`, from FASTMAE_BENCH_DEVICE, FASTMAE_BENCH_DTYPE and
+    FASTMAE_BENCH_QUICK (default: quick sizes on the CPU, full sizes on CUDA)."""
+    import os
+
+    device = resolve_device(os.environ.get("FASTMAE_BENCH_DEVICE", "auto"))
+    dtype = parse_dtype(os.environ.get("FASTMAE_BENCH_DTYPE", "auto"), device)
+    quick = os.environ.get("FASTMAE_BENCH_QUICK", "1" if device.type == "cpu" else "0") not in ("", "0")
+    return device, dtype, quick

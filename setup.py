@@ -11,11 +11,13 @@ setup(
     python_requires=">=3.10",
     packages=["fastmae", "fastmae.model", "fastmae.ops", "fastmae.train", "fastmae.kernels", "fastmae.bench"],
     package_dir={"fastmae.kernels": "kernels"},
+    package_data={"fastmae.ops": ["priority.json"]},  # measured backend orders (fastmae bench ops --write-priority)
     install_requires=["torch>=2.5", "numpy", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
         "xformers": ["xformers>=0.0.35"],
         "plots": ["matplotlib"],
+        "train": ["matplotlib", "tensorboard"],
         "dev": ["pytest", "pytest-benchmark", "matplotlib", "triton>=3.6"],
     },
     entry_points={"console_scripts": ["fastmae=fastmae.cli:main"]},

@@ -1,0 +1,742 @@
+"""Softmax attention in Triton, forward and backward, shaped for MAE's short sequences.
+
+    attention(q, k, v, scale=None) -> out          q, k, v, out: [B, H, N, D] (the SDPA layout)
+
+q, k and v may be strided views (for example the three slices of one packed qkv projection,
+`qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`): every kernel takes all four strides of
+every tensor, so no copy is made. The output and the gradients are new contiguous tensors in q's dtype.
+
+Two paths, chosen per call from the shape by `choose_paths` (launch settings by `launch_settings`):
+
+* short (N <= SHORT_MAX_N = 256): the whole key set of one head is one tile of next_power_of_2(N) keys.
+  The forward computes S = scale * Q K^T for a block of queries against all keys and a plain softmax (one
+  max, one sum, no running rescale). The backward is one program per (batch, head) that keeps K and V
+  and the dK, dV accumulators on chip, walks over the query blocks once and writes dQ of each block
+  when it is done (all keys are in the tile, so dQ is complete): one launch, no atomics, and the
+  delta = rowsum(dO * O) term is computed inside the same loop. It is used while the two fp32
+  accumulators fit in registers (next_power_of_2(N) * next_power_of_2(D) <= SHORT_BWD_MAX_TILE); beyond
+  that the backward takes the flash kernels below.
+* flash (any N): online softmax over key blocks in the forward (FlashAttention-2 order). The backward
+  is three launches: delta = rowsum(dO * O); one program per key block that walks over the query
+  blocks for dK and dV; one program per query block that walks over the key blocks for dQ.
+
+Both paths save the log-sum-exp of each query row (fp32, natural log, [B, H, N]) in the forward and
+recompute the probabilities from it in the backward; the attention matrix is never written to memory.
+All accumulation is fp32; the matrix products take fp16/bf16 operands as given (P and dS are rounded to
+the input dtype before their products, as in flash-attention) and fp32 operands in full fp32
+(`input_precision="tf32x3"`, no TF32). The backward is deterministic: no atomics, each output element is
+written by one program in a fixed order.
+
+Limits and differences from flash-attention (the CUDA library and its Triton file):
+* head dims 1..128 (the registry admits 16..128): the head dim is padded to the next power of two
+  (at least 16) with masked loads, so 80 works without copies; 128 < D is refused.
+* no causal mask, no attention bias, no dropout, no variable-length (packed) batches, no KV cache,
+  no multi-query/grouped heads: q, k and v have one shape. MAE needs none of them.
+* any sequence length: the key and query tails are masked; nothing assumes a multiple of a block.
+* the short path has no counterpart in flash-attention, whose tiles (64 or 128 rows, online softmax, a
+  separate dQ pass or atomics) are made for long sequences and waste work at MAE's 50 to 257 tokens.
+* launch settings come from a plain heuristic (no autotuning): predictable, no tuning run under the
+  interpreter; see `launch_settings`.
+* `compile_specs()` lists every kernel configuration the launchers can pick, for an ahead-of-time compile
+  check on sm_80/sm_90.
+
+Under Triton's CPU interpreter (TRITON_INTERPRET=1) bf16 tensors are held as raw 16-bit integers, so for
+bf16 inputs the launchers set `UPCAST` and every tile is converted to fp32 right after its load (the
+products then run in fp32). On a GPU `UPCAST` is off and bf16 goes to the tensor cores as it is.
+
+The autograd formula is registered on a `torch.library` custom op (`fastmae::attention_fwd`, with
+`fastmae::attention_bwd` for the backward), both with fake implementations, so `torch.compile` traces
+through `attention` without a graph break.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import CompileSpec, check_device, interpreter_enabled, next_power_of_2
+
+__all__ = ["attention", "attention_forward", "attention_backward", "choose_paths", "launch_settings",
+           "LaunchSettings", "compile_specs", "SHORT_MAX_N", "SHORT_BWD_MAX_TILE", "MAX_HEAD_DIM", "PATHS"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+SHORT_MAX_N = 256  # longest sequence whose keys form one tile on the short path (a power of two)
+SHORT_BWD_MAX_TILE = 16384  # largest next_power_of_2(N) * next_power_of_2(D) for the one-program backward
+MAX_HEAD_DIM = 128
+PATHS = ("auto", "short", "flash")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels. Naming: Q, K, V, O, DO, DQ, DK, DV point at [B, H, N, D] tensors (any strides); LSE and DELTA
+# at contiguous fp32 [B, H, N]; `s*b, s*h, s*n, s*d` are the strides of each tensor. head_dim is the
+# true head dim, D_PAD its tile (a power of two >= 16). qk_scale = scale * log2(e): the kernels work in
+# base 2 (exp2/log2) and store the log-sum-exp in natural units.
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_short(Q, K, V, O, LSE,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                    n_heads, n_ctx, head_dim, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of BLOCK_M queries against all keys (BLOCK_N >= n_ctx): a plain softmax, no running max."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_ctx, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    mask_m = offs_m < n_ctx
+    mask_n = offs_n < n_ctx
+    mask_d = offs_d < head_dim
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
+    s = tl.where(mask_n[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
+    out = acc / l[:, None]
+
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * n_ctx + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=mask_m)
+
+
+@triton.jit
+def _attn_fwd_flash(Q, K, V, O, LSE,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                    n_heads, n_ctx, head_dim, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of BLOCK_M queries, online softmax over key blocks of BLOCK_N."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_ctx, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    mask_m = offs_m < n_ctx
+    mask_d = offs_d < head_dim
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start_n in range(0, n_ctx, BLOCK_N):
+        mask_n = (start_n + offs_n) < n_ctx
+        k = tl.load(k_ptrs + start_n * skn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs + start_n * svn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * n_ctx + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DELTA,
+                         sob, soh, son, sod, sdob, sdoh, sdon, sdod,
+                         n_heads, n_ctx, head_dim,
+                         BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, the softmax backward's per-row term (flash backward only)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_ctx, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    mask_m = offs_m < n_ctx
+    mask = mask_m[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * n_ctx + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                    n_heads, n_ctx, head_dim, sm_scale, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    """The whole backward of one (batch, head): K, V, dK, dV stay on chip, query blocks stream through."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_mb = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < n_ctx
+    mask_d = offs_d < head_dim
+    mask_kv = mask_n[:, None] & mask_d[None, :]
+
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    q_base = Q + b * sqb + h * sqh
+    o_base = O + b * sob + h * soh
+    do_base = DO + b * sdob + h * sdoh
+    dq_base = DQ + b * sdqb + h * sdqh
+    lse_base = LSE + pid_bh.to(tl.int64) * n_ctx
+
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    for start_m in range(0, n_ctx, BLOCK_M):
+        offs_m = start_m + offs_mb
+        mask_m = offs_m < n_ctx
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
+        o = tl.load(o_base + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask_md, other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
+        dp = tl.dot(do, tl.trans(v), input_precision="tf32x3")
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = tl.dot(ds, k, input_precision="tf32x3") * sm_scale
+        tl.store(dq_base + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
+        dk += tl.dot(tl.trans(ds), q, input_precision="tf32x3")
+
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=mask_kv)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                   n_heads, n_ctx, head_dim, sm_scale, qk_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    """dK and dV of one block of BLOCK_N keys, walking over all query blocks of BLOCK_M (computed transposed)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(n_ctx, BLOCK_N)
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_mb = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < n_ctx
+    mask_d = offs_d < head_dim
+    mask_kv = mask_n[:, None] & mask_d[None, :]
+
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    row_base = pid_bh.to(tl.int64) * n_ctx
+
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    for start_m in range(0, n_ctx, BLOCK_M):
+        offs_m = start_m + offs_mb
+        mask_m = offs_m < n_ctx
+        # Q and dO loaded transposed ([D_PAD, BLOCK_M]) so that S^T = K Q^T needs no register transpose.
+        mask_dm = mask_d[:, None] & mask_m[None, :]
+        qT = tl.load(q_base + offs_d[:, None] * sqd + offs_m[None, :] * sqn, mask=mask_dm, other=0.0)
+        doT = tl.load(do_base + offs_d[:, None] * sdod + offs_m[None, :] * sdon, mask=mask_dm, other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            doT = doT.to(tl.float32)
+
+        sT = tl.dot(k, qT, input_precision="tf32x3")
+        pT = tl.exp2(sT * qk_scale - lse[None, :])
+        dv += tl.dot(pT.to(doT.dtype), tl.trans(doT), input_precision="tf32x3")
+        dpT = tl.dot(v, doT, input_precision="tf32x3")
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk += tl.dot(dsT, tl.trans(qT), input_precision="tf32x3")
+
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=mask_kv)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+                 n_heads, n_ctx, head_dim, sm_scale, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ of one block of BLOCK_M queries, walking over all key blocks of BLOCK_N."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_ctx, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    mask_m = offs_m < n_ctx
+    mask_d = offs_d < head_dim
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md,
+                 other=0.0)
+    row_base = pid_bh.to(tl.int64) * n_ctx
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start_n in range(0, n_ctx, BLOCK_N):
+        offs_n = start_n + offs_nb
+        mask_n = offs_n < n_ctx
+        # K and V loaded transposed ([D_PAD, BLOCK_N]) for S = Q K^T and dP = dO V^T.
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kT = tl.load(k_base + offs_d[:, None] * skd + offs_n[None, :] * skn, mask=mask_dn, other=0.0)
+        vT = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svn, mask=mask_dn, other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = tl.dot(q, kT, input_precision="tf32x3")
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, vT, input_precision="tf32x3")
+        ds = (p * (dp - delta[:, None])).to(kT.dtype)
+        dq += tl.dot(ds, tl.trans(kT), input_precision="tf32x3")
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paths and launch settings
+# ----------------------------------------------------------------------------------------------------
+
+KERNELS = {
+    "fwd_short": _attn_fwd_short,
+    "fwd_flash": _attn_fwd_flash,
+    "bwd_preprocess": _attn_bwd_preprocess,
+    "bwd_short": _attn_bwd_short,
+    "bwd_dkdv": _attn_bwd_dkdv,
+    "bwd_dq": _attn_bwd_dq,
+}
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Tile sizes and launch options of one kernel launch. BLOCK_M counts query rows, BLOCK_N key rows."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _pad(n: int) -> int:
+    """Tile size for n rows or head-dim columns: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_power_of_2(n))
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise ValueError(f"attention path must be one of {', '.join(PATHS)}, got {path!r}")
+
+
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA compute capability the settings are chosen for; (9, 0) under the interpreter, so that the
+    CPU tests run the short backward at the largest tiles any GPU gets."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return (9, 0)
+
+
+def _short_forward_fits(n_pad: int, d_pad: int, dtype: torch.dtype) -> bool:
+    # fp32 tiles take twice the shared memory and their 3xTF32 products twice the registers
+    return n_pad <= (128 if dtype == torch.float32 else SHORT_MAX_N)
+
+
+def _short_backward_fits(n_pad: int, d_pad: int, dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Whether the one-program-per-head backward keeps K, V and the fp32 dK, dV tiles on chip without spills
+    (measured with ptxas for sm_80 and sm_90). Hopper's wgmma reads its B operands from shared memory, so
+    it holds twice the tile of Ampere's mma, which needs them in registers."""
+    if n_pad > SHORT_MAX_N:
+        return False
+    if dtype == torch.float32:
+        return n_pad <= 32 and d_pad <= 64
+    if capability >= (9, 0):
+        return n_pad * d_pad <= SHORT_BWD_MAX_TILE and (n_pad <= 128 or d_pad in (32, 64))
+    return n_pad <= 64 or (n_pad == 128 and d_pad <= 32)
+
+
+def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
+    """'short' when all n keys fit one tile (n <= 256; n <= 128 for fp32), else 'flash'; `path` may force one."""
+    _check_path(path)
+    fits = _short_forward_fits(_pad(n), _pad(d), dtype)
+    if path == "auto":
+        return "short" if fits else "flash"
+    if path == "short" and not fits:
+        raise ValueError(f"the short attention path takes at most {SHORT_MAX_N} tokens (128 in fp32); got {n} "
+                         f"in {str(dtype).replace('torch.', '')}")
+    return path
+
+
+def backward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto",
+                  capability: tuple[int, int] = (9, 0)) -> str:
+    """'short' (one program per head) when its tiles fit on chip for this GPU (`_short_backward_fits`), else
+    'flash'; `path` may force one. `capability` is the GPU's compute capability ((9, 0) for the interpreter)."""
+    _check_path(path)
+    fits = _short_backward_fits(_pad(n), _pad(d), dtype, capability)
+    if path == "auto":
+        return "short" if fits else "flash"
+    if path == "short" and not fits:
+        raise ValueError(f"the short attention backward does not fit N={n}, D={d} in "
+                         f"{str(dtype).replace('torch.', '')} on compute capability {capability[0]}.{capability[1]}")
+    return path
+
+
+def choose_paths(n: int, d: int, dtype: torch.dtype, path: str = "auto",
+                 capability: tuple[int, int] = (9, 0)) -> tuple[str, str]:
+    """The (forward, backward) paths for sequence length n, head dim d and dtype."""
+    return forward_path(n, d, dtype, path), backward_path(n, d, dtype, path, capability)
+
+
+def kernels_for(n: int, d: int, dtype: torch.dtype, path: str = "auto",
+                capability: tuple[int, int] = (9, 0)) -> list[str]:
+    """The kernels one forward and backward launch, in order."""
+    fwd, bwd = choose_paths(n, d, dtype, path, capability)
+    return ["fwd_" + fwd] + (["bwd_short"] if bwd == "short" else ["bwd_preprocess", "bwd_dkdv", "bwd_dq"])
+
+
+# Flash-path settings per head-dim tile, (BLOCK_M, BLOCK_N, num_warps, num_stages): for each, the largest
+# tiles of a short list that compile without register spills for sm_80 and sm_90 and within 96 KiB of
+# shared memory on sm_80 (sm_86/89 parts have about 99 KiB) and 200 KiB on sm_90.
+_FLASH = {
+    # kernel: ({d_pad: settings} for fp16/bf16, {d_pad: settings} for fp32)
+    "fwd_flash": ({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)},
+                  {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 4, 3), 128: (32, 32, 8, 2)}),
+    "bwd_dkdv": ({16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 64, 4, 2)},
+                 {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (16, 32, 4, 2)}),
+    "bwd_dq": ({16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (64, 32, 4, 2)},
+               {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 16, 4, 2)}),
+}
+
+
+def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchSettings:
+    """Launch settings of one kernel ('fwd_short', 'fwd_flash', 'bwd_preprocess', 'bwd_short', 'bwd_dkdv',
+    'bwd_dq') for sequence length n, head dim d and input dtype: a fixed rule, no autotuning.
+
+    Only the tiles matter: next_power_of_2(n) (the short kernels' key tile) and next_power_of_2(d) (the
+    head-dim tile), both at least 16. Every choice below compiles without register spills for sm_80 and
+    sm_90 (ptxas -v, for the specializations Triton's launcher makes for 16-aligned pointers and strides);
+    they were picked by compiling, not by timing, and are the first thing to tune on a GPU.
+    * fwd_short: all keys in one tile, no loop. fp16/bf16: 64 query rows per program (32 at 256 keys with
+      head dim 64 or more), 4 warps (8 at 256 keys x head dim 128). fp32: 64 rows up to 2048 key x head-dim
+      elements, 16 rows beyond, 8 warps from 8192 elements.
+    * bwd_short: all keys in one tile; query blocks of up to 32 rows and 4 warps up to 2048 key x head-dim
+      elements, 16 rows and 8 warps beyond (fp32: 16 rows, 4 warps).
+    * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`; bwd_preprocess: 64 rows, 4 warps.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
+    n_pad, d_pad = _pad(n), _pad(d)
+    wide = dtype == torch.float32
+    tile = n_pad * d_pad
+    if kernel == "fwd_short":
+        if wide:
+            return LaunchSettings(min(n_pad, 64) if tile <= 2048 else 16, n_pad, 8 if tile >= 8192 else 4, 1)
+        if n_pad >= 256 and d_pad >= 64:
+            return LaunchSettings(32, n_pad, 8 if d_pad >= 128 else 4, 1)
+        return LaunchSettings(min(n_pad, 64), n_pad, 4, 1)
+    if kernel == "bwd_short":
+        if wide:
+            return LaunchSettings(16, n_pad, 4, 2)
+        if tile <= 2048:
+            return LaunchSettings(min(n_pad, 32), n_pad, 4, 2)
+        return LaunchSettings(16, n_pad, 8, 2)
+    if kernel == "bwd_preprocess":
+        return LaunchSettings(64, 16, 4, 1)
+    return LaunchSettings(*_FLASH[kernel][1 if wide else 0][d_pad])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers (plain functions: check, allocate, pick settings, launch; testable without autograd)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention takes q, k, v of one shape [B, H, N, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the Triton attention takes float32, float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """bf16 tiles go through fp32 under the interpreter, which holds bf16 as raw integers."""
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                      path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v: [B, H, N, D] (any strides) -> (out [B, H, N, D] contiguous in q's dtype,
+    lse [B, H, N] fp32: the natural log-sum-exp of each row of scale * q k^T).
+
+    `path` forces 'short' or 'flash' (tests); 'auto' picks by `forward_path`.
+    """
+    _check_inputs(q, k, v)
+    check_device(q, k, v)
+    B, H, N, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    kernel = "fwd_" + forward_path(N, D, q.dtype, path)
+    cfg = launch_settings(kernel, N, D, q.dtype)
+    KERNELS[kernel][(triton.cdiv(N, cfg.block_m) * B * H,)](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, scale: float | None = None,
+                       path: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv), contiguous in q's dtype, from dout = dL/d(out) and the forward's out and lse.
+
+    Recomputes the probabilities from lse. `path` forces 'short' or 'flash'; 'auto' picks by `backward_path`.
+    """
+    _check_inputs(q, k, v)
+    check_device(q, k, v, dout, out, lse)
+    B, H, N, D = q.shape
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, N):
+        raise ValueError(f"attention_backward: dout and out must be {tuple(q.shape)} and lse {(B, H, N)}; got "
+                         f"{tuple(dout.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
+    if lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError("attention_backward: lse must be the forward's contiguous fp32 [B, H, N] tensor")
+    dout = dout.to(q.dtype)
+    scale = D ** -0.5 if scale is None else float(scale)
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    meta = dict(D_PAD=_pad(D), UPCAST=_upcast(q.dtype))
+    strides_qkv = (*q.stride(), *k.stride(), *v.stride())
+    if backward_path(N, D, q.dtype, path, _device_capability(q.device)) == "short":
+        cfg = launch_settings("bwd_short", N, D, q.dtype)
+        _attn_bwd_short[(B * H,)](
+            q, k, v, out, dout, lse, dq, dk, dv, *strides_qkv, *out.stride(), *dout.stride(), *dq.stride(),
+            *dk.stride(), *dv.stride(), H, N, D, scale, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+        return dq, dk, dv
+
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    cfg = launch_settings("bwd_preprocess", N, D, q.dtype)
+    _attn_bwd_preprocess[(triton.cdiv(N, cfg.block_m) * B * H,)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, N, D,
+        BLOCK_M=cfg.block_m, D_PAD=meta["D_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = launch_settings("bwd_dkdv", N, D, q.dtype)
+    _attn_bwd_dkdv[(triton.cdiv(N, cfg.block_n) * B * H,)](
+        q, k, v, dout, lse, delta, dk, dv, *strides_qkv, *dout.stride(), *dk.stride(), *dv.stride(),
+        H, N, D, scale, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+    cfg = launch_settings("bwd_dq", N, D, q.dtype)
+    _attn_bwd_dq[(triton.cdiv(N, cfg.block_m) * B * H,)](
+        q, k, v, dout, lse, delta, dq, *strides_qkv, *dout.stride(), *dq.stride(),
+        H, N, D, scale, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile, with fake implementations and an autograd formula
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmae::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, path)
+
+
+@_attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, scale, path):
+    B, H, N, D = q.shape
+    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmae::attention_bwd", mutates_args=())
+def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, scale: float,
+                      path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, scale, path)
+
+
+@_attention_bwd_op.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, path):
+    shape = tuple(q.shape)
+    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale, path = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.path = path
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward_formula(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, ctx.scale, ctx.path)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+              path: str = "auto") -> torch.Tensor:
+    """Softmax attention: q, k, v [B, H, N, D] (strided views allowed) -> [B, H, N, D] in q's dtype.
+
+    softmax(scale * q k^T) v with scale = D ** -0.5 by default; differentiable in q, k and v.
+    `path` ('auto', 'short', 'flash') forces a kernel path, for tests and benchmarks.
+    """
+    _check_inputs(q, k, v)
+    _check_path(path)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = _attention_fwd_op(q, k, v, scale, path)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for the ahead-of-time compile check
+# ----------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32_POINTERS = {"LSE", "DELTA"}
+_FLOAT_SCALARS = {"qk_scale", "sm_scale"}
+_SHORT_TILES = tuple(1 << i for i in range(4, SHORT_MAX_N.bit_length()))  # 16 .. SHORT_MAX_N
+_HEAD_DIM_TILES = (16, 32, 64, 128)
+
+
+def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, tag: str) -> CompileSpec:
+    fn = KERNELS[kernel]
+    constexprs = {"BLOCK_M": cfg.block_m, "D_PAD": d_pad}
+    if "BLOCK_N" in fn.arg_names:
+        constexprs["BLOCK_N"] = cfg.block_n
+    if "UPCAST" in fn.arg_names:
+        constexprs["UPCAST"] = False
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name[0].isupper():
+            signature[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TRITON_DTYPE[dtype]
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        elif name.startswith("s") and name.endswith("d") and len(name) <= 5:
+            # the head-dim stride: 1 for any tensor whose last dim is contiguous (packed qkv views too),
+            # which Triton's launcher specializes to the constant 1, as here.
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+    dt = _TRITON_DTYPE[dtype]
+    return CompileSpec(name=f"attention.{kernel}[{dt},{tag}D_PAD={d_pad}]", fn=fn, signature=signature,
+                       constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every kernel x constexpr combination the launchers can pick: per dtype and head-dim tile, the short
+    kernels for every key tile 16..SHORT_MAX_N that `forward_path` / `backward_path` allow (the backward on
+    sm_80 or on sm_90: the sm_90 set includes the sm_80 one) and the flash kernels (settings independent of N)."""
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for d_pad in _HEAD_DIM_TILES:
+            for n_pad in _SHORT_TILES:
+                if forward_path(n_pad, d_pad, dtype) == "short":
+                    specs.append(_spec("fwd_short", dtype, d_pad, launch_settings("fwd_short", n_pad, d_pad, dtype),
+                                       f"N_PAD={n_pad},"))
+                if any(backward_path(n_pad, d_pad, dtype, capability=cap) == "short" for cap in ((8, 0), (9, 0))):
+                    specs.append(_spec("bwd_short", dtype, d_pad, launch_settings("bwd_short", n_pad, d_pad, dtype),
+                                       f"N_PAD={n_pad},"))
+            for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
+                specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype), ""))
+    return specs

@@ -1,0 +1,218 @@
+"""The Triton attention kernels (`fastmae.kernels.attention`) against the reference path, forward and backward.
+
+Tolerance: `tests.utils.assert_error_within_plain` (the kernel's error against the fp32 reference at most twice
+the plain same-dtype reference's error, plus a floor per dtype). The cases cover, without taking the full
+product: sequence lengths 1, 7, 50, 65, 197, 257 and 300, head dims 16, 32, 48, 64, 80 and 128, fp32, fp16 and
+bf16, contiguous and strided inputs (views of one packed qkv projection, and [B, N, H, D] tensors transposed),
+both kernel paths (forced where the shape would pick the other), and non-default scales. bf16 runs on the CPU
+too: under the interpreter the kernels convert bf16 tiles to fp32 right after loading them (`UPCAST`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.ops import reference
+from tests.utils import DEVICES, assert_error_within_plain, skip_unless_serves
+
+attn = pytest.importorskip("fastmae.kernels.attention")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# (B, H, N, D, dtype, layout, path, scale)
+CASES = [
+    (1, 2, 1, 32, F32, "contiguous", "auto", None),
+    (2, 2, 7, 64, F16, "contiguous", "auto", None),
+    (2, 3, 50, 64, F32, "packed", "auto", None),  # MAE ViT-B/L encoder: 49 visible patches + class token
+    (2, 3, 50, 64, F16, "packed", "auto", None),
+    (1, 2, 50, 64, BF16, "packed", "auto", None),
+    (1, 2, 50, 128, F32, "transposed", "auto", None),
+    (1, 2, 65, 80, F32, "contiguous", "auto", None),  # ViT-H/14 encoder
+    (1, 2, 65, 80, F16, "packed", "flash", None),
+    (1, 2, 33, 128, F16, "packed", "short", 0.3),
+    (2, 1, 20, 16, F16, "transposed", "auto", None),
+    (1, 2, 197, 32, F16, "packed", "auto", None),  # decoder, 224/16
+    (1, 1, 197, 32, F32, "contiguous", "flash", None),
+    (1, 1, 197, 32, BF16, "contiguous", "auto", None),
+    (1, 2, 100, 48, F16, "packed", "flash", 1.0),
+    (1, 1, 257, 32, F16, "packed", "auto", None),  # decoder, 224/14
+    (1, 1, 257, 80, F32, "contiguous", "auto", 0.05),
+    (1, 1, 300, 64, F32, "transposed", "auto", None),  # longer than one tile: the flash path
+    (1, 1, 300, 128, F16, "contiguous", "auto", None),
+    (1, 1, 300, 80, BF16, "packed", "auto", None),
+    (1, 1, 100, 32, F16, "contiguous", "short", None),
+    (1, 2, 30, 48, F32, "packed", "auto", 0.25),  # fp32 short backward
+]
+
+
+def _case_id(case) -> str:
+    B, H, N, D, dtype, layout, path, scale = case
+    name = f"B{B}H{H}N{N}D{D}-{str(dtype).replace('torch.', '')}-{layout}-{path}"
+    return name if scale is None else f"{name}-scale{scale}"
+
+
+def make_qkv(B, H, N, D, dtype, layout, device, seed=0):
+    """q, k, v [B, H, N, D] in the given layout; the leaf tensors are returned too (for gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        leaves = [torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+                  for _ in range(3)]
+        q, k, v = leaves
+    elif layout == "packed":  # the output of one qkv projection, [B, N, 3*H*D], split the way timm does
+        qkv = torch.randn(B, N, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        leaves = [qkv]
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        assert not q.is_contiguous()
+    elif layout == "transposed":  # [B, N, H, D] tensors viewed as [B, H, N, D]
+        leaves = [torch.randn(B, N, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+                  for _ in range(3)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+    else:
+        raise ValueError(layout)
+    return q, k, v
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_attention_matches_reference(case, device):
+    B, H, N, D, dtype, layout, path, scale = case
+    skip_unless_serves("attention", "triton", device, dtype, head_dim=D)
+    q, k, v = make_qkv(B, H, N, D, dtype, layout, device)
+    dout = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+
+    out = attn.attention(q, k, v, scale, path=path)
+    assert out.dtype == dtype and out.shape == (B, H, N, D)
+    grads = _grads(out, (q, k, v), dout)
+
+    # ground truth: the reference in fp32; the plain path: the reference in the test dtype
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref32 = reference.attention(q32, k32, v32, scale)
+    grads32 = _grads(ref32, (q32, k32, v32), dout.float())
+    qp, kp, vp = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    plain = reference.attention(qp, kp, vp, scale)
+    grads_plain = _grads(plain, (qp, kp, vp), dout)
+
+    assert_error_within_plain(out, plain, ref32, name="out")
+    for name, g, gp, g32 in zip(("dq", "dk", "dv"), grads, grads_plain, grads32):
+        assert g.dtype == dtype
+        assert_error_within_plain(g, gp, g32, name=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,N", [("short", 65), ("flash", 130)])
+def test_log_sum_exp_saved_by_forward(path, N, device):
+    skip_unless_serves("attention", "triton", device, F32, head_dim=48)
+    q, k, v = make_qkv(1, 2, N, 48, F32, "packed", device)
+    out, lse = attn.attention_forward(q, k, v, 0.2, path=path)
+    expected = torch.logsumexp(0.2 * q.detach() @ k.detach().transpose(-2, -1), dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, N)
+    assert_error_within_plain(lse, expected, expected, name="lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,N,D", [("auto", 197, 32), ("flash", 70, 64)])
+def test_backward_is_deterministic(path, N, D, device):
+    skip_unless_serves("attention", "triton", device, F16, head_dim=D)
+    q, k, v = make_qkv(2, 2, N, D, F16, "packed", device)
+    dout = torch.randn(2, 2, N, D, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=F16)
+    runs = []
+    for _ in range(2):
+        out = attn.attention(q, k, v, path=path)
+        runs.append((out, *_grads(out, (q, k, v), dout)))
+    for a, b, name in zip(*runs, ("out", "dq", "dk", "dv")):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_without_graph_break(device):
+    skip_unless_serves("attention", "triton", device, F32, head_dim=32)
+    q, k, v = make_qkv(1, 2, 50, 32, F32, "packed", device)
+
+    def loss_fn(q, k, v):
+        return (attn.attention(q, k, v) * torch.linspace(-1, 1, 32, device=q.device)).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    loss = compiled(q, k, v)
+    grads = _grads(loss, (q, k, v), None)
+    loss_eager = loss_fn(q, k, v)
+    grads_eager = _grads(loss_eager, (q, k, v), None)
+    torch.testing.assert_close(loss, loss_eager, atol=0, rtol=0)
+    for g, ge in zip(grads, grads_eager):
+        torch.testing.assert_close(g, ge, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_op_dispatches_to_the_kernel(device):
+    skip_unless_serves("attention", "triton", device, F16, head_dim=64)
+    q, k, v = make_qkv(1, 2, 50, 64, F16, "packed", device)
+    with torch.no_grad():
+        assert torch.equal(ops.attention(q, k, v, backend="triton"), attn.attention(q, k, v))
+        assert torch.equal(ops.attention(q, k, v, scale=0.5, backend="triton"), attn.attention(q, k, v, 0.5))
+
+
+def test_paths_for_mae_shapes():
+    # encoder tokens (ViT-B/L; ViT-H/14) and decoder tokens (224/16; 224/14), then long sequences
+    for n, d in [(50, 64), (65, 80), (197, 32)]:
+        assert attn.forward_path(n, d, F16) == "short"
+    assert attn.forward_path(257, 32, F16) == "flash" and attn.forward_path(4096, 64, BF16) == "flash"
+    assert attn.forward_path(197, 32, F32) == "flash"  # fp32 tiles are twice as large
+    for cap in ((8, 0), (9, 0)):
+        assert attn.backward_path(50, 64, F16, capability=cap) == "short"
+        assert attn.backward_path(4096, 64, F16, capability=cap) == "flash"
+    # Hopper holds twice the tile of Ampere in the one-program backward
+    assert attn.backward_path(197, 32, BF16, capability=(9, 0)) == "short"
+    assert attn.backward_path(65, 80, BF16, capability=(9, 0)) == "short"
+    assert attn.backward_path(197, 32, BF16, capability=(8, 0)) == "flash"
+    assert attn.kernels_for(300, 64, F16) == ["fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"]
+    with pytest.raises(ValueError, match="short"):
+        attn.forward_path(300, 64, F16, "short")
+    with pytest.raises(ValueError, match="short"):
+        attn.backward_path(197, 32, F16, "short", capability=(8, 0))
+    with pytest.raises(ValueError, match="path"):
+        attn.forward_path(30, 64, F16, "fast")
+
+
+def test_rejects_bad_inputs():
+    q = torch.randn(1, 1, 8, 160)
+    with pytest.raises(ValueError, match="head dims"):
+        attn.attention(q, q, q)
+    with pytest.raises(ValueError, match="one shape"):
+        attn.attention(q, q[..., :4, :], q)
+    with pytest.raises(TypeError, match="dtype"):
+        attn.attention(q[..., :64], q[..., :64].half(), q[..., :64])
+
+
+def test_compile_specs_cover_every_launch():
+    """Every configuration the launchers pick for a sweep of shapes is listed by compile_specs(), and each
+    spec names every argument of its kernel once (pure Python: no compilation here)."""
+    specs = attn.compile_specs()
+    listed = set()
+    for spec in specs:
+        names = set(spec.signature) | set(spec.constexprs)
+        assert names == set(spec.fn.arg_names), spec.name
+        assert not set(spec.signature) & set(spec.constexprs), spec.name
+        assert all(t in ("*fp16", "*bf16", "*fp32", "i32", "fp32") for t in spec.signature.values()), spec.name
+        listed.add((spec.fn, spec.signature.get("Q", spec.signature.get("O")),
+                    tuple(sorted((k, v) for k, v in spec.constexprs.items() if k.isupper())),
+                    spec.num_warps, spec.num_stages))
+    assert len(listed) == len(specs), "duplicate specs"
+    pointer = {F32: "*fp32", F16: "*fp16", BF16: "*bf16"}
+    for dtype in (F32, F16, BF16):
+        for d in (16, 24, 32, 48, 64, 80, 96, 128):
+            for n in (1, 7, 16, 33, 50, 65, 100, 128, 197, 256, 257, 1000, 4096):
+                for cap in ((8, 0), (9, 0)):
+                    for kernel in attn.kernels_for(n, d, dtype, capability=cap):
+                        cfg = attn.launch_settings(kernel, n, d, dtype)
+                        fn = attn.KERNELS[kernel]
+                        constexprs = {"BLOCK_M": cfg.block_m, "D_PAD": attn._pad(d)}
+                        if "BLOCK_N" in fn.arg_names:
+                            constexprs["BLOCK_N"] = cfg.block_n
+                        if "UPCAST" in fn.arg_names:
+                            constexprs["UPCAST"] = False
+                        key = (fn, pointer[dtype], tuple(sorted(constexprs.items())), cfg.num_warps, cfg.num_stages)
+                        assert key in listed, f"{kernel} for N={n}, D={d}, {dtype}, sm{cap}: {cfg} not in compile_specs()"

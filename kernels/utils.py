@@ -56,3 +56,6 @@ class CompileSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    # integer arguments a launch sees as multiples of 16 (Triton specialises on that at run time, e.g. the
+    # strides of MAE's tensors); the compile check compiles the spec with that assumption
+    divisible_by_16: tuple[str, ...] = ()

@@ -41,10 +41,10 @@ FINALIZE_BLOCK = 1024
 
 
 # Launch choices (not tuned on a GPU yet; the compile specs below follow them). A forward tile holds about
-# FWD_TILE elements (8 per thread at 8 warps: pred, image, target and difference stay in registers), the
-# backward's about BWD_TILE (a plain scaling).
-FWD_TILE = 2048
-BWD_TILE = 4096
+# FWD_TILE elements (4 per thread at 8 warps: pred, image, target and difference stay in registers; 8 per
+# thread made ptxas spill on sm_80), the backward's about BWD_TILE (a plain scaling, 8 per thread).
+FWD_TILE = 1024
+BWD_TILE = 2048
 MAX_ROWS = 64
 
 
@@ -57,14 +57,14 @@ def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]
     block_c, block_p = next_power_of_2(channels), next_power_of_2(patch_size)
     tile = block_c * block_p * block_p
     block_r = max(1, min(MAX_ROWS, FWD_TILE // tile))
-    return block_r, block_c, block_p, _warps(block_r * tile, 8)
+    return block_r, block_c, block_p, _warps(block_r * tile, 4)
 
 
 def _row_settings(P: int) -> tuple[int, int, int]:
     """(rows per program, BLOCK, num_warps) for the backward's [rows, P] tile."""
     block = next_power_of_2(P)
     block_r = max(1, min(MAX_ROWS, BWD_TILE // block))
-    return block_r, block, _warps(block_r * block, 16)
+    return block_r, block, _warps(block_r * block, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------

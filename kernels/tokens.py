@@ -43,18 +43,19 @@ from .utils import CompileSpec, check_device, next_power_of_2
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
 TOKEN_MAX_BLOCK_D = 1024  # row-copy kernels: one program per (block of rows, block of D)
-TOKEN_TILE = 2048  # elements per program tile: rows per program = TOKEN_TILE // BLOCK_D
+TOKEN_TILE = 1024  # elements per program tile: rows per program = TOKEN_TILE // BLOCK_D
 TOKEN_MAX_ROWS = 16
 BWD_BLOCK_L = 16  # unshuffle backward: rows per tile
-BWD_MAX_BLOCK_D = 128  # unshuffle backward: width of a tile
+BWD_MAX_BLOCK_D = 64  # unshuffle backward: width of a tile
 BWD_TARGET_PROGRAMS = 1024  # unshuffle backward: split rows until about this many programs
 COLSUM_BLOCK_R = 32  # stage-2 column sums
 COLSUM_MAX_BLOCK_D = 64
 
 
 def _warps(elements: int) -> int:
-    """8 elements per thread (16-32 bytes: vector loads), 1 to 8 warps."""
-    return max(1, min(8, elements // 256))
+    """4 elements per thread, 1 to 8 warps. (8 per thread made ptxas spill on sm_80 where the row strides are not
+    known to be multiples of 16, i.e. without vector loads, with one 64-bit address per element.)"""
+    return max(1, min(8, elements // 128))
 
 
 def _row_settings(d: int) -> tuple[int, int, int]:

@@ -30,32 +30,6 @@ def _lazy(module: str, name: str):
     return call
 
 
-def _common_dtype(*tensors):
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def _same_dtype(*tensors):
-    """The op's result dtype follows PyTorch promotion (bf16 tokens + fp32 position embedding -> fp32, as
-    the official model's residual stream under autocast); the kernels take one dtype, so cast to it.
-    The position embeddings and class/mask tokens are small; x is cast only under mixed precision."""
-    dtype = _common_dtype(*tensors)
-    return [None if t is None else t.to(dtype) for t in tensors]
-
-
-def _gather_tokens(x, ids_keep, pos_embed, cls_token=None, gathered=False):
-    x, pos_embed, cls_token = _same_dtype(x, pos_embed, cls_token)
-    return _lazy("tokens", "gather_tokens")(x, ids_keep, pos_embed, cls_token, gathered)
-
-
-def _unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
-    x, mask_token, pos_embed = _same_dtype(x, mask_token, pos_embed)
-    return _lazy("tokens", "unshuffle_tokens")(x, ids_restore, mask_token, pos_embed)
-
-
 def _device_reasons(inputs: Inputs) -> list[str]:
     if inputs.device.type == "cpu" and not interpreter_enabled():
         return ["triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing triton)"]
@@ -81,7 +55,7 @@ _TRITON = dict(backend="triton", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES, m
 register(OpImpl(op="attention", fn=_lazy("attention", "attention"), head_dims=ATTENTION_HEAD_DIMS,
                 check=_device_reasons, **_TRITON))
 register(OpImpl(op="gather_patches", fn=_lazy("tokens", "gather_patches"), check=_no_grad_for("imgs"), **_TRITON))
-register(OpImpl(op="gather_tokens", fn=_gather_tokens, check=_no_grad_for("pos_embed"), **_TRITON))
-register(OpImpl(op="unshuffle_tokens", fn=_unshuffle_tokens, check=_no_grad_for("pos_embed"),
+register(OpImpl(op="gather_tokens", fn=_lazy("tokens", "gather_tokens"), check=_no_grad_for("pos_embed"), **_TRITON))
+register(OpImpl(op="unshuffle_tokens", fn=_lazy("tokens", "unshuffle_tokens"), check=_no_grad_for("pos_embed"),
                 **_TRITON))
 register(OpImpl(op="masked_mse_loss", fn=_lazy("loss", "masked_mse_loss"), check=_no_grad_for("imgs"), **_TRITON))

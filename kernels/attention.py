@@ -8,24 +8,25 @@ every tensor, so no copy is made. The output and the gradients are new contiguou
 
 Two paths, chosen per call from the shape by `choose_paths` (launch settings by `launch_settings`):
 
-* short (N <= SHORT_MAX_N = 256): the whole key set of one head is one tile of next_power_of_2(N) keys.
-  The forward computes S = scale * Q K^T for a block of queries against all keys and a plain softmax (one
-  max, one sum, no running rescale). The backward is one program per (batch, head) that keeps K and V
-  and the dK, dV accumulators on chip, walks over the query blocks once and writes dQ of each block
-  when it is done (all keys are in the tile, so dQ is complete): one launch, no atomics, and the
-  delta = rowsum(dO * O) term is computed inside the same loop. It is used while the two fp32
-  accumulators fit in registers (next_power_of_2(N) * next_power_of_2(D) <= SHORT_BWD_MAX_TILE); beyond
-  that the backward takes the flash kernels below.
+* short (all keys of a head in one tile: N <= 256 for fp16/bf16, N <= 128 for fp32): the forward computes
+  S = scale * Q K^T for a block of queries against all keys and a plain softmax (one max, one sum, no
+  running rescale). The backward is one program per (batch, head) that keeps K and V and the fp32 dK, dV
+  accumulators on chip, walks over the query blocks once and writes dQ of each block when it is done
+  (all keys are in the tile, so dQ is complete): one launch, no atomics, and delta = rowsum(dO * O) is
+  computed inside the same loop. It is used where those tiles fit without register spills, which depends
+  on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at head dim 128; on
+  sm_80 up to 64 keys, or 128 keys at head dim 32 or less. Elsewhere the backward takes the flash kernels.
 * flash (any N): online softmax over key blocks in the forward (FlashAttention-2 order). The backward
   is three launches: delta = rowsum(dO * O); one program per key block that walks over the query
   blocks for dK and dV; one program per query block that walks over the key blocks for dQ.
 
 Both paths save the log-sum-exp of each query row (fp32, natural log, [B, H, N]) in the forward and
 recompute the probabilities from it in the backward; the attention matrix is never written to memory.
-All accumulation is fp32; the matrix products take fp16/bf16 operands as given (P and dS are rounded to
-the input dtype before their products, as in flash-attention) and fp32 operands in full fp32
-(`input_precision="tf32x3"`, no TF32). The backward is deterministic: no atomics, each output element is
-written by one program in a fixed order.
+All accumulation is fp32. fp16/bf16 products take their operands as given (P and dS are rounded to the input
+dtype before their products, as in flash-attention); fp32 products use 3xTF32 (`input_precision="tf32x3"`:
+each operand split into two TF32 parts, three tensor-core products), whose error is close to fp32's, not
+TF32's. The backward is deterministic: no atomics, each output element is written by one program in a
+fixed order.
 
 Limits and differences from flash-attention (the CUDA library and its Triton file):
 * head dims 1..128 (the registry admits 16..128): the head dim is padded to the next power of two
@@ -34,7 +35,8 @@ Limits and differences from flash-attention (the CUDA library and its Triton fil
   no multi-query/grouped heads: q, k and v have one shape. MAE needs none of them.
 * any sequence length: the key and query tails are masked; nothing assumes a multiple of a block.
 * the short path has no counterpart in flash-attention, whose tiles (64 or 128 rows, online softmax, a
-  separate dQ pass or atomics) are made for long sequences and waste work at MAE's 50 to 257 tokens.
+  separate dQ pass or atomics) are made for long sequences and waste work at MAE's 50 to 197 tokens.
+  257 tokens (the ViT-H/14 decoder) take the flash path: a one-tile 512-key tile would be half padding.
 * launch settings come from a plain heuristic (no autotuning): predictable, no tuning run under the
   interpreter; see `launch_settings`.
 * `compile_specs()` lists every kernel configuration the launchers can pick, for an ahead-of-time compile
@@ -42,7 +44,8 @@ Limits and differences from flash-attention (the CUDA library and its Triton fil
 
 Under Triton's CPU interpreter (TRITON_INTERPRET=1) bf16 tensors are held as raw 16-bit integers, so for
 bf16 inputs the launchers set `UPCAST` and every tile is converted to fp32 right after its load (the
-products then run in fp32). On a GPU `UPCAST` is off and bf16 goes to the tensor cores as it is.
+products then run in fp32). On a GPU `UPCAST` is off and bf16 goes to the tensor cores as it is. The
+interpreter also ignores `input_precision` (its fp32 products are plain fp32) and picks paths as for sm_90.
 
 The autograd formula is registered on a `torch.library` custom op (`fastmae::attention_fwd`, with
 `fastmae::attention_bwd` for the backward), both with fake implementations, so `torch.compile` traces
@@ -50,7 +53,6 @@ through `attention` without a graph break.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -59,14 +61,14 @@ import triton.language as tl
 
 from .utils import CompileSpec, check_device, interpreter_enabled, next_power_of_2
 
-__all__ = ["attention", "attention_forward", "attention_backward", "choose_paths", "launch_settings",
-           "LaunchSettings", "compile_specs", "SHORT_MAX_N", "SHORT_BWD_MAX_TILE", "MAX_HEAD_DIM", "PATHS"]
+__all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
+           "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
+           "SHORT_BWD_MAX_TILE", "MAX_HEAD_DIM", "PATHS"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
-SHORT_MAX_N = 256  # longest sequence whose keys form one tile on the short path (a power of two)
-SHORT_BWD_MAX_TILE = 16384  # largest next_power_of_2(N) * next_power_of_2(D) for the one-program backward
+SHORT_MAX_N = 256  # longest sequence whose keys form one tile on the short path (fp16/bf16; a power of two)
+SHORT_BWD_MAX_TILE = 16384  # largest key x head-dim tile of the one-program backward (sm_90, fp16/bf16)
 MAX_HEAD_DIM = 128
 PATHS = ("auto", "short", "flash")
 
@@ -480,10 +482,10 @@ _FLASH = {
     # kernel: ({d_pad: settings} for fp16/bf16, {d_pad: settings} for fp32)
     "fwd_flash": ({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)},
                   {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 4, 3), 128: (32, 32, 8, 2)}),
-    "bwd_dkdv": ({16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 64, 4, 2)},
-                 {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (16, 32, 4, 2)}),
-    "bwd_dq": ({16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (64, 32, 4, 2)},
-               {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 16, 4, 2)}),
+    "bwd_dkdv": ({16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3), 128: (32, 64, 4, 3)},
+                 {16: (32, 128, 8, 3), 32: (16, 64, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2)}),
+    "bwd_dq": ({16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 3), 128: (64, 32, 4, 3)},
+               {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2)}),
 }
 
 
@@ -697,7 +699,8 @@ _SHORT_TILES = tuple(1 << i for i in range(4, SHORT_MAX_N.bit_length()))  # 16 .
 _HEAD_DIM_TILES = (16, 32, 64, 128)
 
 
-def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, tag: str) -> CompileSpec:
+def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, n_pad: int | None = None,
+          note: str = "") -> CompileSpec:
     fn = KERNELS[kernel]
     constexprs = {"BLOCK_M": cfg.block_m, "D_PAD": d_pad}
     if "BLOCK_N" in fn.arg_names:
@@ -719,7 +722,8 @@ def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, tag:
         else:
             signature[name] = "i32"
     dt = _TRITON_DTYPE[dtype]
-    return CompileSpec(name=f"attention.{kernel}[{dt},{tag}D_PAD={d_pad}]", fn=fn, signature=signature,
+    tiles = f"N_PAD={n_pad},D_PAD={d_pad}" if n_pad else f"D_PAD={d_pad}"
+    return CompileSpec(name=f"attention.{kernel}[{dt},{tiles}]{note}", fn=fn, signature=signature,
                        constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -733,10 +737,13 @@ def compile_specs() -> list[CompileSpec]:
             for n_pad in _SHORT_TILES:
                 if forward_path(n_pad, d_pad, dtype) == "short":
                     specs.append(_spec("fwd_short", dtype, d_pad, launch_settings("fwd_short", n_pad, d_pad, dtype),
-                                       f"N_PAD={n_pad},"))
-                if any(backward_path(n_pad, d_pad, dtype, capability=cap) == "short" for cap in ((8, 0), (9, 0))):
+                                       n_pad))
+                archs = [cap for cap in ((8, 0), (9, 0))
+                         if backward_path(n_pad, d_pad, dtype, capability=cap) == "short"]
+                if archs:  # configs only sm_90 picks say so in their name: sm_80 never launches them
+                    note = "" if (8, 0) in archs else " (sm_90 only)"
                     specs.append(_spec("bwd_short", dtype, d_pad, launch_settings("bwd_short", n_pad, d_pad, dtype),
-                                       f"N_PAD={n_pad},"))
+                                       n_pad, note))
             for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
-                specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype), ""))
+                specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype)))
     return specs

@@ -215,4 +215,4 @@ def test_compile_specs_cover_every_launch():
                         if "UPCAST" in fn.arg_names:
                             constexprs["UPCAST"] = False
                         key = (fn, pointer[dtype], tuple(sorted(constexprs.items())), cfg.num_warps, cfg.num_stages)
-                        assert key in listed, f"{kernel} for N={n}, D={d}, {dtype}, sm{cap}: {cfg} not in compile_specs()"
+                        assert key in listed, f"{kernel} for N={n}, D={d}, {dtype}, sm{cap}: {cfg} not listed"

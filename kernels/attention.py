@@ -53,6 +53,7 @@ through `attention` without a graph break.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -545,6 +546,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {q.shape[-1]}")
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     """bf16 tiles go through fp32 under the interpreter, which holds bf16 as raw integers."""
     return dtype == torch.bfloat16 and interpreter_enabled()
@@ -567,10 +573,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return out, lse.fill_(float("-inf"))
     kernel = "fwd_" + forward_path(N, D, q.dtype, path)
     cfg = launch_settings(kernel, N, D, q.dtype)
-    KERNELS[kernel][(triton.cdiv(N, cfg.block_m) * B * H,)](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with _on_device(q):
+        KERNELS[kernel][(triton.cdiv(N, cfg.block_m) * B * H,)](
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -596,6 +603,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dv = torch.empty_like(dq)
     if dq.numel() == 0:
         return dq, dk, dv
+    with _on_device(q):
+        _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale, path)
+    return dq, dk, dv
+
+
+def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: str) -> None:
+    B, H, N, D = q.shape
     meta = dict(D_PAD=_pad(D), UPCAST=_upcast(q.dtype))
     strides_qkv = (*q.stride(), *k.stride(), *v.stride())
     if backward_path(N, D, q.dtype, path, _device_capability(q.device)) == "short":
@@ -604,7 +618,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             q, k, v, out, dout, lse, dq, dk, dv, *strides_qkv, *out.stride(), *dout.stride(), *dq.stride(),
             *dk.stride(), *dv.stride(), H, N, D, scale, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
-        return dq, dk, dv
+        return
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     cfg = launch_settings("bwd_preprocess", N, D, q.dtype)
@@ -621,7 +635,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         q, k, v, dout, lse, delta, dq, *strides_qkv, *dout.stride(), *dq.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
-    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -723,14 +736,22 @@ def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, n_pa
             signature[name] = "i32"
     dt = _TRITON_DTYPE[dtype]
     tiles = f"N_PAD={n_pad},D_PAD={d_pad}" if n_pad else f"D_PAD={d_pad}"
-    return CompileSpec(name=f"attention.{kernel}[{dt},{tiles}]{note}", fn=fn, signature=signature,
+    spec = CompileSpec(name=f"attention.{kernel}[{dt},{tiles}]{note}", fn=fn, signature=signature,
                        constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # With a head dim that is a multiple of 16 (every MAE model) all strides and head_dim are multiples of
+    # 16 as well (packed qkv views included), which Triton's launcher specializes (vector loads): the specs
+    # describe that case. Other head dims launch a less specialized variant: correct, slower, unlisted.
+    spec.divisible_by_16 = tuple(name for name in signature if name.startswith("s") and signature[name] == "i32")
+    spec.divisible_by_16 += ("head_dim",)
+    return spec
 
 
 def compile_specs() -> list[CompileSpec]:
     """Every kernel x constexpr combination the launchers can pick: per dtype and head-dim tile, the short
-    kernels for every key tile 16..SHORT_MAX_N that `forward_path` / `backward_path` allow (the backward on
-    sm_80 or on sm_90: the sm_90 set includes the sm_80 one) and the flash kernels (settings independent of N)."""
+    kernels for every key tile 16..SHORT_MAX_N that `forward_path` / `backward_path` allow, and the flash
+    kernels (settings independent of N). Two optional attributes beyond `CompileSpec`'s fields:
+    `divisible_by_16` (the integer arguments a launch specializes as multiples of 16) and, on the short
+    backward configurations only sm_90 and newer pick, `archs = (90,)`."""
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for d_pad in _HEAD_DIM_TILES:
@@ -740,10 +761,13 @@ def compile_specs() -> list[CompileSpec]:
                                        n_pad))
                 archs = [cap for cap in ((8, 0), (9, 0))
                          if backward_path(n_pad, d_pad, dtype, capability=cap) == "short"]
-                if archs:  # configs only sm_90 picks say so in their name: sm_80 never launches them
+                if archs:
                     note = "" if (8, 0) in archs else " (sm_90 only)"
-                    specs.append(_spec("bwd_short", dtype, d_pad, launch_settings("bwd_short", n_pad, d_pad, dtype),
-                                       n_pad, note))
+                    spec = _spec("bwd_short", dtype, d_pad, launch_settings("bwd_short", n_pad, d_pad, dtype),
+                                 n_pad, note)
+                    if (8, 0) not in archs:  # sm_80 never launches it (it would spill there): compile for sm_90
+                        spec.archs = (90,)
+                    specs.append(spec)
             for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
                 specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype)))
     return specs

@@ -129,6 +129,23 @@ def test_backward_is_deterministic(path, N, D, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["short", "flash"])
+def test_backward_takes_strided_gradients(path, device):
+    """dout as autograd may hand it over: broadcast (stride 0) or a transposed view; same bits as contiguous."""
+    skip_unless_serves("attention", "triton", device, F16, head_dim=32)
+    q, k, v = make_qkv(1, 2, 40, 32, F16, "packed", device)
+    out, lse = attn.attention_forward(q, k, v, path=path)
+    g = torch.Generator().manual_seed(2)
+    for dout in (torch.randn(1, 1, 1, 32, generator=g).expand(1, 2, 40, 32),
+                 torch.randn(1, 40, 2, 32, generator=g).transpose(1, 2)):
+        dout = dout.to(device=device, dtype=F16)
+        strided = attn.attention_backward(dout, q, k, v, out, lse, path=path)
+        dense = attn.attention_backward(dout.contiguous(), q, k, v, out, lse, path=path)
+        for a, b, name in zip(strided, dense, ("dq", "dk", "dv")):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_traces_without_graph_break(device):
     skip_unless_serves("attention", "triton", device, F32, head_dim=32)
     q, k, v = make_qkv(1, 2, 50, 32, F32, "packed", device)
@@ -191,16 +208,17 @@ def test_compile_specs_cover_every_launch():
     """Every configuration the launchers pick for a sweep of shapes is listed by compile_specs(), and each
     spec names every argument of its kernel once (pure Python: no compilation here)."""
     specs = attn.compile_specs()
-    listed = set()
+    listed = {}
     for spec in specs:
         names = set(spec.signature) | set(spec.constexprs)
         assert names == set(spec.fn.arg_names), spec.name
         assert not set(spec.signature) & set(spec.constexprs), spec.name
         assert all(t in ("*fp16", "*bf16", "*fp32", "i32", "fp32") for t in spec.signature.values()), spec.name
-        listed.add((spec.fn, spec.signature.get("Q", spec.signature.get("O")),
-                    tuple(sorted((k, v) for k, v in spec.constexprs.items() if k.isupper())),
-                    spec.num_warps, spec.num_stages))
-    assert len(listed) == len(specs), "duplicate specs"
+        assert set(spec.divisible_by_16) <= set(spec.signature), spec.name
+        constexprs = tuple(sorted((k, v) for k, v in spec.constexprs.items() if k.isupper()))
+        key = (spec.fn, spec.signature.get("Q", spec.signature.get("O")), constexprs, spec.num_warps, spec.num_stages)
+        assert key not in listed, f"duplicate spec {spec.name}"
+        listed[key] = spec
     pointer = {F32: "*fp32", F16: "*fp16", BF16: "*bf16"}
     for dtype in (F32, F16, BF16):
         for d in (16, 24, 32, 48, 64, 80, 96, 128):
@@ -216,3 +234,5 @@ def test_compile_specs_cover_every_launch():
                             constexprs["UPCAST"] = False
                         key = (fn, pointer[dtype], tuple(sorted(constexprs.items())), cfg.num_warps, cfg.num_stages)
                         assert key in listed, f"{kernel} for N={n}, D={d}, {dtype}, sm{cap}: {cfg} not listed"
+                        # a spec restricted to some architectures must cover every one that launches it
+                        assert cap[0] * 10 in getattr(listed[key], "archs", (80, 90)), listed[key].name

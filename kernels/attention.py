@@ -501,8 +501,8 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchSe
     * fwd_short: all keys in one tile, no loop. fp16/bf16: 64 query rows per program (32 at 256 keys with
       head dim 64 or more), 4 warps (8 at 256 keys x head dim 128). fp32: 64 rows up to 2048 key x head-dim
       elements, 16 rows beyond, 8 warps from 8192 elements.
-    * bwd_short: all keys in one tile; query blocks of up to 32 rows and 4 warps up to 2048 key x head-dim
-      elements, 16 rows and 8 warps beyond (fp32: 16 rows, 4 warps).
+    * bwd_short: all keys in one tile; query blocks of up to 32 rows and 4 warps up to 1024 key x head-dim
+      elements, 16 rows and 8 warps beyond, no pipelining at 16384 (fp32: 16 rows, 4 warps).
     * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`; bwd_preprocess: 64 rows, 4 warps.
     """
     if kernel not in KERNELS:
@@ -519,9 +519,9 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchSe
     if kernel == "bwd_short":
         if wide:
             return LaunchSettings(16, n_pad, 4, 2)
-        if tile <= 2048:
+        if tile <= 1024:
             return LaunchSettings(min(n_pad, 32), n_pad, 4, 2)
-        return LaunchSettings(16, n_pad, 8, 2)
+        return LaunchSettings(16, n_pad, 8, 1 if tile >= 16384 else 2)
     if kernel == "bwd_preprocess":
         return LaunchSettings(64, 16, 4, 1)
     return LaunchSettings(*_FLASH[kernel][1 if wide else 0][d_pad])

@@ -527,8 +527,29 @@ def representative(specs: Sequence) -> list:
     return [s for s in specs if id(s) in chosen]
 
 
+def spec_archs(spec, archs: Iterable[int]) -> list[int]:
+    """The architectures among `archs` that a spec is launched on (its `archs`; all when it names none)."""
+    own = getattr(spec, "archs", None)
+    return [int(a) for a in archs if not own or int(a) in {int(x) for x in own}]
+
+
 def check_specs(specs: Sequence, archs: Iterable[int] = ARCHS, module: str = "",
                 progress: Callable[[Report], None] | None = None, aligned_ints: bool = False) -> list[Report]:
+    """Compile each spec for each architecture it is launched on (`spec_archs`): a configuration that a
+    launcher picks only on sm_90 is not compiled for sm_80. Specs are grouped by their architectures."""
+    archs = [int(a) for a in archs]
+    groups: dict[tuple[int, ...], list] = {}
+    for spec in specs:
+        groups.setdefault(tuple(spec_archs(spec, archs)), []).append(spec)
+    out: list[Report] = []
+    for group_archs, group in groups.items():
+        if group_archs:
+            out += _check_specs_on(group, group_archs, module, progress, aligned_ints)
+    return out
+
+
+def _check_specs_on(specs: Sequence, archs: Iterable[int] = ARCHS, module: str = "",
+                    progress: Callable[[Report], None] | None = None, aligned_ints: bool = False) -> list[Report]:
     """Compile each spec for each architecture (spec-major order). Runs in a fresh process, all specs at
     once, when the interpreter is on here (`progress`, called with each report as it is done, is then
     called only at the end). `aligned_ints` compiles every integer argument as divisible by 16 (the

@@ -59,3 +59,5 @@ class CompileSpec:
     # integer arguments a launch sees as multiples of 16 (Triton specialises on that at run time, e.g. the
     # strides of MAE's tensors); the compile check compiles the spec with that assumption
     divisible_by_16: tuple[str, ...] = ()
+    # the GPU architectures whose launches can pick this configuration (compute capability x10)
+    archs: tuple[int, ...] = (80, 90)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, next_power_of_2
+from .utils import CompileSpec, check_device, image_patches, next_power_of_2
 
 FINALIZE_BLOCK = 1024
 
@@ -163,13 +163,8 @@ def _masked_mse_bwd_kernel(g_ptr, mask_ptr, go_ptr, denom_ptr, out_ptr, n_rows, 
 
 def _check(pred, imgs, mask, patch_size, pred_ids):
     check_device(pred, imgs, mask, pred_ids)
-    if imgs.dim() != 4:
-        raise ValueError(f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
-    n, c, h, w = imgs.shape
-    p = int(patch_size)
-    if p < 1 or h % p or w % p:
-        raise ValueError(f"image sides {h}x{w} are not divisible by the patch size {p}")
-    L, P = (h // p) * (w // p), c * p * p
+    n, c, gh, gw, p = image_patches(imgs, patch_size)
+    L, P = gh * gw, c * p * p
     rows = L if pred_ids is None else pred_ids.shape[1]
     if pred.dim() != 3 or tuple(pred.shape) != (n, rows, P):
         raise ValueError(f"pred must be [N, {rows}, {P}] for these images, got {tuple(pred.shape)}")
@@ -177,7 +172,7 @@ def _check(pred, imgs, mask, patch_size, pred_ids):
         raise ValueError(f"mask must be [N, L] = [{n}, {L}], got {tuple(mask.shape)}")
     if pred_ids is not None and (pred_ids.dtype != torch.int64 or pred_ids.dim() != 2 or pred_ids.shape[0] != n):
         raise ValueError(f"pred_ids must be [N, M] int64, got {tuple(pred_ids.shape)} {pred_ids.dtype}")
-    return n, c, w // p, p, rows, P
+    return n, c, gw, p, rows, P
 
 
 def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, next_power_of_2
+from .utils import CompileSpec, check_device, image_patches, next_power_of_2
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
 TOKEN_MAX_BLOCK_D = 1024  # row-copy kernels: one program per (block of rows, block of D)
@@ -251,12 +251,7 @@ def _colsum(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """imgs: [N, C, H, W] (any strides), ids_keep: [N, K] int64 -> [N, K, C*p*p] in (c, p, q) order."""
     check_device(imgs, ids_keep)
-    if imgs.dim() != 4:
-        raise ValueError(f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
-    n, c, h, w = imgs.shape
-    p = int(patch_size)
-    if p < 1 or h % p or w % p:
-        raise ValueError(f"image sides {h}x{w} are not divisible by the patch size {p}")
+    n, c, _, gw, p = image_patches(imgs, patch_size)
     if ids_keep.dim() != 2 or ids_keep.shape[0] != n:
         raise ValueError(f"ids_keep must be [N, K] with N = {n}, got {tuple(ids_keep.shape)}")
     ids = ids_keep.contiguous()
@@ -265,7 +260,7 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     if out.numel() == 0:
         return out
     block_r, block_c, block_p, num_warps = _patch_settings(c, p)
-    _gather_patches_kernel[(triton.cdiv(n * K, block_r),)](imgs, ids, out, n * K, K, c, w // p, p, *imgs.stride(),
+    _gather_patches_kernel[(triton.cdiv(n * K, block_r),)](imgs, ids, out, n * K, K, c, gw, p, *imgs.stride(),
                                                            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
                                                            num_warps=num_warps)
     return out

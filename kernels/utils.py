@@ -42,6 +42,17 @@ def check_device(*tensors: torch.Tensor) -> None:
                                "(set TRITON_INTERPRET=1 before importing triton); use backend='reference' or 'sdpa'")
 
 
+def image_patches(imgs: torch.Tensor, patch_size: int) -> tuple[int, int, int, int, int]:
+    """Check an image batch against a patch size: returns (N, C, grid rows, grid columns, p)."""
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
+    n, c, h, w = imgs.shape
+    p = int(patch_size)
+    if p < 1 or h % p or w % p:
+        raise ValueError(f"image sides {h}x{w} are not divisible by the patch size {p}")
+    return n, c, h // p, w // p, p
+
+
 @dataclass
 class CompileSpec:
     """One kernel configuration a launcher can pick, for the ahead-of-time compile check.

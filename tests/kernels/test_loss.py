@@ -8,7 +8,7 @@ which makes grad_pred = w * (pred - target), of order one, so the per-dtype floo
 
 bf16 runs on the CPU too (convert after load, before store). The interpreter converts fp32 -> bf16 by
 truncating where the GPU rounds to nearest, so on the CPU the "plain path's error" for bf16 is the larger of
-the plain path's own and that of truncating the fp32 reference (`_plain_for_rule`).
+the plain path's own and that of truncating the fp32 reference (`plain_for_rule`).
 
 Masks are built as the model builds them (noise -> argsort -> ids_shuffle, ids_restore -> mask).
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, max_error, skip_unless_serves
+from tests.utils import DEVICES, assert_error_within_plain, masking, max_error, plain_for_rule, skip_unless_serves
 
 loss_mod = pytest.importorskip("fastmae.kernels.loss", reason="the Triton kernels need triton")
 
@@ -29,17 +29,6 @@ CASES = [(2, 3, 4, 2, 2, 2), (2, 1, 8, 8, 8, 16), (1, 3, 4, 14, 14, 19), (1, 1, 
          (1, 3, 16, 4, 4, 4), (2, 3, 14, 2, 2, 1), (2, 3, 4, 2, 3, 3), (2, 2, 4, 4, 4, 16)]
 
 
-def _masking(n: int, L: int, K: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.rand(n, L, generator=g)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(n, L)
-    mask[:, :K] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return ids_shuffle.to(device), mask.to(device)
-
-
 def _inputs(case, device, seed=1, pred_rows=None):
     n, c, p, gh, gw, K = case
     L, P = gh * gw, c * p * p
@@ -47,20 +36,6 @@ def _inputs(case, device, seed=1, pred_rows=None):
     imgs = torch.randn(n, c, gh * p, gw * p, generator=g).to(device)
     pred = (0.5 * torch.randn(n, L if pred_rows is None else pred_rows, P, generator=g)).to(device)
     return imgs, pred
-
-
-def _truncate_to_bf16(t: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16 by dropping the low 16 bits, as the Triton interpreter converts."""
-    bits = t.detach().float().contiguous().view(torch.int32) & -65536
-    return bits.view(torch.float32).to(torch.bfloat16)
-
-
-def _plain_for_rule(plain: torch.Tensor, ref32: torch.Tensor) -> torch.Tensor:
-    """The plain path for the tolerance rule; under the interpreter, bf16 also allows its truncating store."""
-    if plain.dtype != torch.bfloat16 or plain.device.type != "cpu":
-        return plain
-    trunc = _truncate_to_bf16(ref32)
-    return trunc if max_error(trunc, ref32) > max_error(plain, ref32) else plain
 
 
 def _loss_and_grad(fn, pred, imgs, mask, p, norm_pix, pred_ids, upstream):
@@ -73,7 +48,7 @@ def _loss_and_grad(fn, pred, imgs, mask, p, norm_pix, pred_ids, upstream):
 def _compare(device, dtype, case, norm_pix, pred_ids_mode=False, img_dtype=None):
     n, c, p, gh, gw, K = case
     L, P = gh * gw, c * p * p
-    ids_shuffle, mask = _masking(n, L, K, device, seed=L + K)
+    ids_shuffle, _, mask = masking(n, L, K, device, seed=L + K)
     pred_ids = ids_shuffle[:, K:].contiguous() if pred_ids_mode else None
     imgs32, pred32 = _inputs(case, device, pred_rows=None if pred_ids is None else L - K)
     img_dtype = img_dtype or dtype
@@ -87,7 +62,7 @@ def _compare(device, dtype, case, norm_pix, pred_ids_mode=False, img_dtype=None)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert grad.dtype == dtype and grad.shape == pred.shape
     assert_error_within_plain(loss, plain, ref, "loss")
-    assert_error_within_plain(grad, _plain_for_rule(plain_grad, ref_grad), ref_grad, "grad pred")
+    assert_error_within_plain(grad, plain_for_rule(plain_grad, ref_grad), ref_grad, "grad pred")
     if pred_ids is None:  # kept patches get exactly zero gradient
         assert not grad[mask == 0].any()
     return loss, grad
@@ -128,7 +103,7 @@ def test_masked_mse_strided_images(device):
     skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
     case = (2, 3, 4, 8, 8, 16)
     imgs, pred = _inputs(case, device)
-    _, mask = _masking(2, 64, 16, device)
+    _, _, mask = masking(2, 64, 16, device)
     channels_last = imgs.to(memory_format=torch.channels_last)
     transposed = imgs.transpose(2, 3).contiguous().transpose(2, 3)
     for strided in (channels_last, transposed):
@@ -145,7 +120,7 @@ def test_masked_mse_is_deterministic(device, pred_ids_mode):
     """The same inputs give the same bits for the loss and the gradient, run after run (no atomics)."""
     skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
     case = (4, 3, 4, 8, 8, 16)
-    ids_shuffle, mask = _masking(4, 64, 16, device)
+    ids_shuffle, _, mask = masking(4, 64, 16, device)
     pred_ids = ids_shuffle[:, 16:].contiguous() if pred_ids_mode else None
     imgs, pred = _inputs(case, device, pred_rows=None if pred_ids is None else 48)
     pred = pred * 1000  # large values make any change of summation order visible
@@ -159,7 +134,7 @@ def test_masked_mse_forward_only_writes_no_grad(device):
     """Without grad the kernel writes no gradient buffer, and the loss has the same bits as with grad."""
     skip_unless_serves("masked_mse_loss", "triton", device, torch.float16)
     imgs, pred = _inputs(CASES[0], device)
-    _, mask = _masking(2, 4, 2, device)
+    _, _, mask = masking(2, 4, 2, device)
     pred = pred.half().requires_grad_(True)
     loss_fwd, g, denom, _ = loss_mod.masked_mse_loss_forward(pred, imgs, mask, 4, True, None, write_grad=False)
     assert g is None and float(denom) == float(mask.sum())
@@ -176,7 +151,7 @@ def test_masked_mse_backward_twice_with_retained_graph(device):
     """The saved per-pixel gradient is not overwritten: a second backward (retain_graph) gives the same grad."""
     skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
     imgs, pred = _inputs(CASES[1], device)
-    _, mask = _masking(2, 64, 16, device)
+    _, _, mask = masking(2, 64, 16, device)
     pred.requires_grad_(True)
     loss = loss_mod.masked_mse_loss(pred, imgs, mask, 8, False)
     (g1,) = torch.autograd.grad(loss, [pred], retain_graph=True)
@@ -188,6 +163,6 @@ def test_masked_mse_backward_twice_with_retained_graph(device):
 def test_masked_mse_refuses_imgs_requiring_grad(device):
     skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
     imgs, pred = _inputs(CASES[0], device)
-    _, mask = _masking(2, 4, 2, device)
+    _, _, mask = masking(2, 4, 2, device)
     with pytest.raises(ValueError, match="no gradient to imgs"):
         loss_mod.masked_mse_loss(pred, imgs.requires_grad_(True), mask, 4)

@@ -9,7 +9,7 @@ Tolerances:
 - bf16 runs on the CPU too: the kernels convert after every load and before every store, which the
   interpreter handles, except that its fp32 -> bf16 conversion truncates where the GPU rounds to nearest
   (up to one bf16 ulp instead of half). So on the CPU, for bf16, the "plain path's error" in the rule is the
-  larger of the plain path's own and that of truncating the fp32 reference to bf16 (`_plain_for_rule`).
+  larger of the plain path's own and that of truncating the fp32 reference to bf16 (`plain_for_rule`).
 
 Masks are built as the model builds them: noise -> argsort -> ids_shuffle, ids_restore, ids_keep.
 Shapes pair patch counts with widths (4/32, 64/48, 196/96, 256/32) rather than taking the full product, to
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, max_error, skip_unless_serves
+from tests.utils import DEVICES, assert_error_within_plain, masking, max_error, plain_for_rule, skip_unless_serves
 
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
 
@@ -53,22 +53,8 @@ def _run(fn, grads_of, *args):
     return out, list(grads)
 
 
-def _truncate_to_bf16(t: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16 by dropping the low 16 bits, as the Triton interpreter converts."""
-    bits = t.detach().float().contiguous().view(torch.int32) & -65536
-    return bits.view(torch.float32).to(torch.bfloat16)
-
-
-def _plain_for_rule(plain: torch.Tensor, ref32: torch.Tensor) -> torch.Tensor:
-    """The plain path for the tolerance rule; under the interpreter, bf16 also allows its truncating store."""
-    if plain.dtype != torch.bfloat16 or plain.device.type != "cpu":
-        return plain
-    trunc = _truncate_to_bf16(ref32)
-    return trunc if max_error(trunc, ref32) > max_error(plain, ref32) else plain
-
-
 def check(fast: torch.Tensor, plain: torch.Tensor, ref32: torch.Tensor, name: str) -> None:
-    assert_error_within_plain(fast, _plain_for_rule(plain, ref32), ref32, name)
+    assert_error_within_plain(fast, plain_for_rule(plain, ref32), ref32, name)
 
 
 def _leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:

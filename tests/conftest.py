@@ -6,13 +6,22 @@ tensors (see `tests/utils.py: DEVICES`), and the interpreter stays off.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# the suite's models are tiny: one thread is faster than two that wait for each other
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for every test, restored afterwards (code under test, such as the benchmarks'
+    `--threads`, may change it): the suite's models are tiny, and on a busy machine two OpenMP threads that
+    spin-wait for each other made tests ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_configure(config):

@@ -41,6 +41,15 @@ TIMING = {
 COMPILE_WARMUP = 3  # torch.compile compiles on the first calls
 
 
+def _known(values, allowed, what: str):
+    """`values` if every one is in `allowed`; else a ValueError naming the unknown ones and the choices."""
+    values = [values] if isinstance(values, str) else list(values)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {bad if len(bad) > 1 else repr(bad[0])}; choose from {', '.join(allowed)}")
+    return values
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: bfloat16 on cuda, "
@@ -266,13 +275,9 @@ def run_ops(args) -> int:
     ops_filter = parse_list(args.ops) if args.ops else None
     from ..ops.registry import BACKENDS
     backends = parse_list(args.backends) if args.backends else list(BACKENDS)
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad:
-        raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
+    _known(backends, BACKENDS, "backend")
     modes = parse_list(args.modes)
-    bad = [m for m in modes if m not in ops_bench.MODES]
-    if bad:
-        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(ops_bench.MODES)}")
+    _known(modes, ops_bench.MODES, "mode")
     if batch < 1:
         raise ValueError("--batch must be at least 1")
 
@@ -347,18 +352,13 @@ def run_encoder(args) -> int:
     d = _defaults(args, "encoder", device)
     model = args.model or d["model"]
     from ..model.mae import MODELS
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    _known(model, MODELS, "model")
     batch = args.batch or d["batch"]
     ratios = parse_ratios(args.ratios)
     backends = parse_list(args.backends)
-    bad = [b for b in backends if b not in MODEL_PATHS]
-    if bad:
-        raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(MODEL_PATHS)}")
+    _known(backends, MODEL_PATHS, "backend")
     modes = parse_list(args.modes)
-    bad = [m for m in modes if m not in ENCODER_MODES]
-    if bad:
-        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(ENCODER_MODES)}")
+    _known(modes, ENCODER_MODES, "mode")
     print(_header(env, f"bench encoder: {model}, batch {batch}, {dtype}{' autocast' if dtype != torch.float32 else ''}"
                        f", ratios {ratios}"))
     records = bench(device, model, batch, dtype, ratios, backends, modes, timing=_timing(args, "encoder", device),
@@ -403,15 +403,12 @@ def run_train(args) -> int:
     d = _defaults(args, "train", device)
     model = args.model or d["model"]
     from ..model.mae import MODELS
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    _known(model, MODELS, "model")
     batch = args.batch or d["batch"]
     if not 0.0 <= args.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     variants = parse_list(args.variants)
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise ValueError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    _known(variants, VARIANTS, "variant")
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     compile_reason = None
     if not compile_on:

@@ -7,17 +7,13 @@ The kernel modules are imported on first use, so importing fastmae never compile
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
+from ..kernels.utils import interpreter_enabled  # imports torch only, never triton
 from .registry import FLOAT_DTYPES, Inputs, OpImpl, register
 
 ATTENTION_HEAD_DIMS = (16, 128)
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _lazy(module: str, name: str):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence, Union
@@ -244,7 +245,19 @@ def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
     return impl
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result`, without importing torch._dynamo (about 2 s) at import time.
+
+    That decorator only marks `fn` with the attribute below, which dynamo reads when it traces a call to `fn`;
+    tests/ops/test_registry.py checks that this torch version still marks functions that way.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve_constant(op, device_type, device_index, dtype, head_dim, grads, options, spec) -> str:
     """`resolve` on plain values, run eagerly while torch.compile traces; its result is a graph constant."""
     from types import SimpleNamespace

@@ -93,3 +93,22 @@ def test_op_input_validation():
         ops.masked_mse_loss(torch.randn(1, 4, 10), torch.randn(1, 3, 8, 8), torch.ones(1, 4), 4)
     with pytest.raises(ValueError, match="not divisible"):
         ops.gather_patches(torch.randn(1, 3, 10, 10), torch.zeros(1, 1, dtype=torch.long), 4)
+
+
+def test_constant_marking_matches_torch_compiler():
+    """The registry marks its trace-time resolver as torch.compiler.assume_constant_result does, without
+    importing torch._dynamo at import time; if a torch release marks functions differently, this fails."""
+    import torch._dynamo  # noqa: F401  (the real decorator needs it)
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    assert registry._resolve_constant._dynamo_marked_constant is True
+
+
+def test_import_does_not_load_dynamo_or_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, fastmae; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -87,3 +87,22 @@ def plain_for_rule(plain: torch.Tensor, ref32: torch.Tensor) -> torch.Tensor:
         return plain
     trunc = _truncate_to_bf16(ref32)
     return trunc if max_error(trunc, ref32) > max_error(plain, ref32) else plain
+
+
+def make_qkv(B, H, N, D, dtype, layout, device, seed=0):
+    """q, k, v [B, H, N, D] that require grad, in the given layout: "contiguous", "packed" (views of one qkv
+    projection [B, N, 3*H*D], split the way timm does) or "transposed" ([B, N, H, D] tensors viewed)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        return [torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+                for _ in range(3)]
+    if layout == "packed":
+        qkv = torch.randn(B, N, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        assert not q.is_contiguous()
+        return q, k, v
+    if layout == "transposed":
+        leaves = [torch.randn(B, N, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+                  for _ in range(3)]
+        return [t.transpose(1, 2) for t in leaves]
+    raise ValueError(layout)

@@ -14,7 +14,7 @@ import torch
 
 from fastmae import ops
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, skip_unless_serves
+from tests.utils import DEVICES, assert_error_within_plain, make_qkv, skip_unless_serves
 
 attn = pytest.importorskip("fastmae.kernels.attention")
 
@@ -50,27 +50,6 @@ def _case_id(case) -> str:
     B, H, N, D, dtype, layout, path, scale = case
     name = f"B{B}H{H}N{N}D{D}-{str(dtype).replace('torch.', '')}-{layout}-{path}"
     return name if scale is None else f"{name}-scale{scale}"
-
-
-def make_qkv(B, H, N, D, dtype, layout, device, seed=0):
-    """q, k, v [B, H, N, D] in the given layout; the leaf tensors are returned too (for gradients)."""
-    g = torch.Generator().manual_seed(seed)
-    if layout == "contiguous":
-        leaves = [torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-                  for _ in range(3)]
-        q, k, v = leaves
-    elif layout == "packed":  # the output of one qkv projection, [B, N, 3*H*D], split the way timm does
-        qkv = torch.randn(B, N, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        leaves = [qkv]
-        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        assert not q.is_contiguous()
-    elif layout == "transposed":  # [B, N, H, D] tensors viewed as [B, H, N, D]
-        leaves = [torch.randn(B, N, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-                  for _ in range(3)]
-        q, k, v = (t.transpose(1, 2) for t in leaves)
-    else:
-        raise ValueError(layout)
-    return q, k, v
 
 
 def _grads(out, inputs, dout):

@@ -1,0 +1,47 @@
+"""`fastmae.ops.attention` on every backend, device and dtype, against the fp32 reference, forward and backward.
+
+The Triton kernels have their own, wider tests (tests/kernels/test_attention.py); this file holds every backend
+to the same rule at MAE's shapes, through the public op. Tolerance: `tests.utils.assert_error_within_plain`
+(at most twice the plain same-dtype reference's error against fp32, plus a floor per dtype). A backend that
+cannot serve a case (xformers on a CPU, or not installed) is skipped with the registry's reason.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.ops import reference
+from tests.utils import DEVICES, assert_error_within_plain, make_qkv, plain_for_rule, skip_unless_serves
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, H, N, D, layout): encoder ViT-B/L at 75% masking, ViT-H/14 encoder, decoder 224/16
+SHAPES = [(2, 2, 50, 64, "packed"), (1, 2, 65, 80, "transposed"), (1, 2, 197, 32, "packed")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}N{}D{}-{}".format(*s))
+def test_attention_backend_matches_reference(shape, dtype, backend, device):
+    B, H, N, D, layout = shape
+    skip_unless_serves("attention", backend, device, dtype, head_dim=D)
+    q, k, v = make_qkv(B, H, N, D, dtype, layout, device)
+    dout = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    scale = 0.3 if D == 80 else None  # one case with an explicit scale
+
+    out = ops.attention(q, k, v, scale=scale, backend=backend)
+    assert out.dtype == dtype and out.shape == (B, H, N, D) and out.device == q.device
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref32 = reference.attention(q32, k32, v32, scale)
+    grads32 = torch.autograd.grad(ref32, (q32, k32, v32), dout.float())
+    qp, kp, vp = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    plain = reference.attention(qp, kp, vp, scale)
+    grads_plain = torch.autograd.grad(plain, (qp, kp, vp), dout)
+
+    assert_error_within_plain(out, plain_for_rule(plain, ref32), ref32, name=f"{backend} out")
+    for name, g, gp, g32 in zip(("dq", "dk", "dv"), grads, grads_plain, grads32):
+        assert g.dtype == dtype and g.shape == (B, H, N, D)
+        assert_error_within_plain(g, plain_for_rule(gp, g32), g32, name=f"{backend} {name}")

@@ -4,6 +4,7 @@
 #   benchmarks/gpu_suite.sh               on a GPU machine with torch and triton installed (no internet needed)
 #   benchmarks/gpu_suite.sh --cpu         the CPU's own results: CPU defaults, plus ViT-B at batch 4 (minutes)
 #   benchmarks/gpu_suite.sh --cpu-quick   the GPU run's code paths on the CPU with tiny shapes (FASTMAE_SUITE_CPU_QUICK=1)
+#                                         (its gpu-tests part runs the sharded test runner on a few CPU tests)
 #
 # Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable
 # pip install; if pip cannot, a private copy on PYTHONPATH that maps kernels/ to fastmae.kernels), installs any
@@ -136,12 +137,18 @@ if [ "$SLUG" = unknown-device ]; then
         skip "$p" "fastmae could not be installed"
     done
 else
-    if [ "$MODE" != gpu ]; then
-        skip gpu-tests "the GPU test suite runs on CUDA only ($MODE mode; the CPU suite is make test)"
-    elif ! "$PY" -c "import pytest" 2>/dev/null; then
+    # The test suite in parallel shards (a cold run mostly compiles Triton kernels, one at a time per process),
+    # the CUDA cases first; one verbose log per shard in logs/, so a timeout still shows what passed.
+    TESTS=("$PY" -m fastmae.bench.suite tests --logs "$RUN_DIR/logs" --first cuda --first gpu --)
+    if ! "$PY" -c "import pytest" 2>/dev/null; then
         skip gpu-tests "pytest is not installed (carry its wheel in .whl/)"
+    elif [ "$MODE" = gpu ]; then
+        run_part gpu-tests 150 "${TESTS[@]}" tests -m "not slow"
+    elif [ "$MODE" = cpu-quick ]; then
+        # the same runner on a few CPU tests; the CUDA suite itself needs a GPU (the CPU suite is make test)
+        run_part gpu-tests 60 "${TESTS[@]}" tests/ops/test_registry.py -k "priority or precedence"
     else
-        run_part gpu-tests 120 "$PY" -m pytest tests -m "not slow" -q -p no:cacheprovider
+        skip gpu-tests "the GPU test suite runs on CUDA only ($MODE mode; the CPU suite is make test)"
     fi
 
     run_part bench-ops "$OPS_LIMIT" "${BENCH[@]}" ops $Q --no-progress --out "$RUN_DIR"

@@ -2,6 +2,7 @@
 
     python -m fastmae.bench.suite slug [--device cuda|cpu]
     python -m fastmae.bench.suite summary --parts PARTS.tsv --results DIR --mode gpu|cpu-quick [--out FILE]
+    python -m fastmae.bench.suite tests --jobs N --logs DIR [--first WORD ...] -- PYTEST_ARGS...
 
 PARTS.tsv holds one line per part of the suite: name, status (ok / failed / timeout / skipped), exit code,
 seconds, note (the reason of a skip), command; tab-separated.
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
+import time
 
 PART_FIELDS = ("name", "status", "rc", "seconds", "note", "command")
 ENCODER_TARGET = {"cuda": 0.90, "cpu": 0.80}
@@ -133,6 +136,59 @@ def write_summary(parts_path: str, results_dir: str, mode: str, out: str) -> str
     return text
 
 
+def collect_tests(pytest_args: list[str]) -> list[str]:
+    """The node ids pytest selects for `pytest_args` (paths, -k, -m, ...), in collection order."""
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *pytest_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode not in (0, 5):  # 5: nothing selected
+        raise RuntimeError(f"pytest could not collect the tests (exit code {proc.returncode}):\n"
+                           + (proc.stdout + proc.stderr)[-3000:])
+    return [line.strip() for line in proc.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+
+
+def shard(ids: list[str], jobs: int, first: tuple[str, ...] = ()) -> list[list[str]]:
+    """Round-robin shards, the ids that contain one of the words in `first` at the head of every shard."""
+    ordered = sorted(ids, key=lambda i: not any(w in i for w in first))  # stable: collection order otherwise
+    shards = [ordered[j::jobs] for j in range(max(1, jobs))]
+    return [s for s in shards if s]
+
+
+def run_sharded_tests(pytest_args: list[str], jobs: int, log_dir: str, first: tuple[str, ...] = ()) -> int:
+    """Run the selected tests in `jobs` pytest processes at once; one verbose log per shard in `log_dir`.
+
+    On a GPU machine most of a cold test run is spent compiling Triton kernels, one at a time per process, so
+    shards on several cores finish several times sooner; the verbose logs show every finished test even when
+    a timeout stops the run. Returns 0 when every shard passed, else the largest pytest exit code.
+    """
+    ids = collect_tests(pytest_args)
+    if not ids:
+        print("no tests selected by: pytest " + " ".join(pytest_args))
+        return 5
+    os.makedirs(log_dir, exist_ok=True)
+    shards = shard(ids, jobs, first)
+    print(f"{len(ids)} tests in {len(shards)} shards; logs: {log_dir}/tests-shard<i>.log", flush=True)
+    t0 = time.time()
+    procs = []
+    for i, ids_i in enumerate(shards):
+        log = open(os.path.join(log_dir, f"tests-shard{i}.log"), "w", encoding="utf-8")
+        cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *ids_i]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    codes = []
+    for i, (proc, log) in enumerate(procs):
+        codes.append(proc.wait())
+        log.close()
+        with open(log.name, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        tail = next((ln for ln in reversed(lines) if ln.startswith("=")), "(no summary line)")
+        print(f"shard {i}: exit code {codes[-1]}: {tail.strip('= ')}")
+        for ln in lines:
+            if ln.startswith(("FAILED ", "ERROR ")):
+                print("  " + ln)
+    print(f"{len(ids)} tests in {time.time() - t0:.0f} s")
+    bad = [c for c in codes if c != 0]
+    return max(bad) if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmae.bench.suite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,7 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", required=True)
     p.add_argument("--mode", default="gpu")
     p.add_argument("--out", default=None)
+    p = sub.add_parser("tests", help="run pytest in parallel shards (the GPU suite's tests)")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="pytest processes at once")
+    p.add_argument("--logs", required=True, help="folder for one log per shard")
+    p.add_argument("--first", action="append", default=[], help="run ids containing WORD first (repeatable)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: what to collect (paths, -k, -m)")
     args = parser.parse_args(argv)
+    if args.cmd == "tests":
+        rest = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+        if args.jobs < 1:
+            parser.error("--jobs must be at least 1")
+        return run_sharded_tests(rest, args.jobs, args.logs, tuple(args.first))
     if args.cmd == "slug":
         if args.import_check:
             import fastmae.kernels  # noqa: F401  (the folder kernels/ installed as fastmae.kernels)

@@ -28,17 +28,20 @@ def test_cpu_quick_suite(tmp_path):
     (date,) = os.listdir(tmp_path / "results" / slug)
     run = tmp_path / "results" / slug / date
     parts = {p["name"]: p for p in read_parts(str(run / "parts.tsv"))}
-    expected = {"wheels": "skipped", "install": "skipped", "gpu-tests": "skipped", "bench-ops": "ok",
+    expected = {"wheels": "skipped", "install": "skipped", "gpu-tests": "ok", "bench-ops": "ok",
                 "priority": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
                 "train-vit-l": "skipped"}
     assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout[-3000:]
-    assert "CUDA only" in parts["gpu-tests"]["note"]
+    # the sharded test runner ran a few CPU tests, each shard with its own verbose log
+    shard_logs = sorted((run / "logs").glob("tests-shard*.log"))
+    assert shard_logs and all(" PASSED " in p.read_text() for p in shard_logs)
+    assert "failed" not in (run / "logs" / "gpu-tests.log").read_text()
     for name in ("results.json", "results.csv", "priority.json", "summary.md", "ops.png",
                  "encoder_mae_vit_tiny_patch4.png", "train_mae_vit_tiny_patch4.png", "logs/bench-ops.log"):
         assert (run / name).is_file(), name
     summary = (run / "summary.md").read_text()
     assert "| bench-ops | ok |" in summary
-    assert "| gpu-tests | skipped: the GPU test suite runs on CUDA only" in summary
+    assert "| gpu-tests | ok |" in summary
     assert "## Key results" in summary and "of ideal" in summary
     assert "cpu attention:" in summary  # the measured order
     # with OUT set: three flat files, the tarball holding the run folder
@@ -46,3 +49,26 @@ def test_cpu_quick_suite(tmp_path):
     assert out == sorted(["summary.md", "results.json", f"results-{slug}-{date}.tar.gz"])
     with tarfile.open(tmp_path / "out" / f"results-{slug}-{date}.tar.gz") as tar:
         assert f"{slug}/{date}/results.json" in tar.getnames()
+
+
+def test_shards_put_the_named_cases_first_and_cover_every_id():
+    from fastmae.bench.suite import shard
+
+    ids = [f"t.py::a[{d}-{i}]" for i in range(5) for d in ("cpu", "cuda")]
+    shards = shard(ids, 3, first=("cuda",))
+    assert sorted(i for s in shards for i in s) == sorted(ids)
+    assert all("cuda" in s[0] for s in shards)  # each shard starts with CUDA cases
+    assert shard(ids[:2], 8) == [[ids[0]], [ids[1]]]  # no empty shards
+
+
+def test_sharded_runner_reports_a_failure(tmp_path):
+    (tmp_path / "test_demo.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('i', range(4))\ndef test_ok(i):\n    assert i < 4\n\n\n"
+        "def test_bad():\n    assert 1 == 2\n")
+    proc = subprocess.run([sys.executable, "-m", "fastmae.bench.suite", "tests", "--jobs", "2", "--logs",
+                           str(tmp_path / "logs"), "--", "test_demo.py"], cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "5 tests in 2 shards" in proc.stdout and "FAILED test_demo.py::test_bad" in proc.stdout
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("tests-shard*.log")))
+    assert logs.count(" PASSED ") == 4 and logs.count(" FAILED ") == 1

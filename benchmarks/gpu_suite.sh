@@ -26,7 +26,7 @@ for arg in "$@"; do
     case "$arg" in
         --cpu-quick) MODE=cpu-quick ;;
         --cpu) MODE=cpu ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
     esac
 done

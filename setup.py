@@ -11,7 +11,8 @@ setup(
     python_requires=">=3.10",
     packages=["fastmae", "fastmae.model", "fastmae.ops", "fastmae.train", "fastmae.kernels", "fastmae.bench"],
     package_dir={"fastmae.kernels": "kernels"},
-    package_data={"fastmae.ops": ["priority.json"]},  # measured backend orders (fastmae bench ops --write-priority)
+    # measured backend orders (fastmae bench ops --write-priority) and launch settings (fastmae bench tune --write)
+    package_data={"fastmae.ops": ["priority.json"], "fastmae.kernels": ["*.json"]},
     install_requires=["torch>=2.5", "numpy", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],

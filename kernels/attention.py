@@ -37,8 +37,9 @@ Limits and differences from flash-attention (the CUDA library and its Triton fil
 * the short path has no counterpart in flash-attention, whose tiles (64 or 128 rows, online softmax, a
   separate dQ pass or atomics) are made for long sequences and waste work at MAE's 50 to 197 tokens.
   257 tokens (the ViT-H/14 decoder) take the flash path: a one-tile 512-key tile would be half padding.
-* launch settings come from a plain heuristic (no autotuning): predictable, no tuning run under the
-  interpreter; see `launch_settings`.
+* launch settings come from a plain heuristic (no autotuning at run time: predictable, no tuning run under
+  the interpreter), overridden per GPU architecture by the settings that `fastmae bench tune` measured on
+  such a GPU and recorded in `attention_tuned.json`; see `launch_settings`.
 * `compile_specs()` lists every kernel configuration the launchers can pick, for an ahead-of-time compile
   check on sm_80/sm_90.
 
@@ -54,6 +55,10 @@ through `attention` without a graph break.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +69,8 @@ from .utils import CompileSpec, check_device, interpreter_enabled, next_power_of
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
-           "SHORT_BWD_MAX_TILE", "MAX_HEAD_DIM", "PATHS"]
+           "SHORT_BWD_MAX_TILE", "MAX_HEAD_DIM", "PATHS", "forced_settings", "tuned_key", "tuned_table",
+           "TUNED_FILE", "default_settings", "settings_spec", "validate_tuned"]
 
 LOG2E = 1.4426950408889634
 
@@ -491,9 +497,98 @@ _FLASH = {
 }
 
 
-def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchSettings:
+# Settings measured on GPUs by `fastmae bench tune` (fastmae/bench/tune.py), per architecture:
+# {"sm_90": {kernel: {tuned_key: [BLOCK_M, BLOCK_N, num_warps, num_stages]}}, "source": {...}, "measured": {...}}.
+# Keys name the tiles only, so one entry serves every sequence length and head dim with those tiles.
+TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
+_SHORT_KERNELS = ("fwd_short", "bwd_short")
+_FORCED: dict[str, LaunchSettings] = {}
+
+
+def tuned_key(kernel: str, n: int, d: int, dtype: torch.dtype) -> str:
+    """The key of a tuned entry: dtype and tiles ('bf16,N64,D64' for the short kernels, 'bf16,D64' else)."""
+    dt = _TRITON_DTYPE[dtype]
+    return f"{dt},N{_pad(n)},D{_pad(d)}" if kernel in _SHORT_KERNELS else f"{dt},D{_pad(d)}"
+
+
+def _parse_key(key: str) -> tuple[torch.dtype, int | None, int]:
+    parts = key.split(",")
+    dtype = {v: k for k, v in _TRITON_DTYPE.items()}[parts[0]]
+    n_pad = int(parts[1][1:]) if len(parts) == 3 else None
+    return dtype, n_pad, int(parts[-1][1:])
+
+
+def validate_tuned(table: dict) -> list[str]:
+    """Problems of a tuned table (empty when it is sound): unknown architectures, kernels or keys, settings
+    that are not four powers of two, short-kernel key tiles that are not the whole key set."""
+    problems = []
+    for arch, per_kernel in table.items():
+        if arch in ("source", "measured"):
+            continue
+        if not (arch.startswith("sm_") and arch[3:].isdigit()) or not isinstance(per_kernel, dict):
+            problems.append(f"{arch}: not an architecture like sm_90")
+            continue
+        for kernel, entries in per_kernel.items():
+            if kernel not in KERNELS or kernel == "bwd_preprocess":
+                problems.append(f"{arch}.{kernel}: not a tunable attention kernel")
+                continue
+            for key, cfg in entries.items():
+                where = f"{arch}.{kernel}[{key}]"
+                try:
+                    dtype, n_pad, d_pad = _parse_key(key)
+                except (KeyError, ValueError, IndexError):
+                    problems.append(f"{where}: key is not like 'bf16,N64,D64' or 'bf16,D64'")
+                    continue
+                if (n_pad is None) != (kernel not in _SHORT_KERNELS) or tuned_key(kernel, n_pad or 1, d_pad,
+                                                                                    dtype) != key:
+                    problems.append(f"{where}: key does not fit the kernel (or its tiles are not powers of two)")
+                    continue
+                if not (isinstance(cfg, list) and len(cfg) == 4 and all(isinstance(x, int) and x >= 1 for x in cfg)
+                        and all(x & (x - 1) == 0 for x in cfg[:3])):
+                    problems.append(f"{where}: settings must be [BLOCK_M, BLOCK_N, num_warps, num_stages], "
+                                    f"powers of two but the stages; got {cfg}")
+                elif kernel in _SHORT_KERNELS and cfg[1] != n_pad:
+                    problems.append(f"{where}: a short kernel's BLOCK_N must be the key tile {n_pad}")
+    return problems
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(path: str = TUNED_FILE) -> dict:
+    """The recorded tuned settings ({} when there are none); an unsound file is ignored with a warning."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        problems = validate_tuned(table)
+    except (OSError, ValueError) as exc:
+        problems = [str(exc)]
+    if problems:
+        warnings.warn(f"ignoring the tuned attention settings in {path}: " + "; ".join(problems[:5]))
+        return {}
+    return table
+
+
+@contextlib.contextmanager
+def forced_settings(**settings: LaunchSettings):
+    """Force launch settings per kernel inside the block (`fastmae bench tune` times candidates this way)."""
+    for kernel in settings:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
+    saved = dict(_FORCED)
+    _FORCED.update(settings)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
+                    capability: tuple[int, int] | None = None) -> LaunchSettings:
     """Launch settings of one kernel ('fwd_short', 'fwd_flash', 'bwd_preprocess', 'bwd_short', 'bwd_dkdv',
-    'bwd_dq') for sequence length n, head dim d and input dtype: a fixed rule, no autotuning.
+    'bwd_dq') for sequence length n, head dim d and input dtype: settings forced by `forced_settings`, else
+    the entry measured for this GPU architecture (`capability`) in `attention_tuned.json`, else the rule below.
 
     Only the tiles matter: next_power_of_2(n) (the short kernels' key tile) and next_power_of_2(d) (the
     head-dim tile), both at least 16. Every choice below compiles without register spills for sm_80 and
@@ -508,6 +603,18 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchSe
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
+    if kernel in _FORCED:
+        return _FORCED[kernel]
+    if capability is not None:
+        arch = f"sm_{capability[0]}{capability[1]}"
+        entry = tuned_table().get(arch, {}).get(kernel, {}).get(tuned_key(kernel, n, d, dtype))
+        if entry:
+            return LaunchSettings(*entry)
+    return default_settings(kernel, n, d, dtype)
+
+
+def default_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchSettings:
+    """The rule of `launch_settings`, without forced or tuned settings."""
     n_pad, d_pad = _pad(n), _pad(d)
     wide = dtype == torch.float32
     tile = n_pad * d_pad
@@ -573,7 +680,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     kernel = "fwd_" + forward_path(N, D, q.dtype, path)
-    cfg = launch_settings(kernel, N, D, q.dtype)
+    cfg = launch_settings(kernel, N, D, q.dtype, _device_capability(q.device))
     with _on_device(q):
         KERNELS[kernel][(triton.cdiv(N, cfg.block_m) * B * H,)](
             q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
@@ -613,8 +720,9 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
     B, H, N, D = q.shape
     meta = dict(D_PAD=_pad(D), UPCAST=_upcast(q.dtype))
     strides_qkv = (*q.stride(), *k.stride(), *v.stride())
-    if backward_path(N, D, q.dtype, path, _device_capability(q.device)) == "short":
-        cfg = launch_settings("bwd_short", N, D, q.dtype)
+    cap = _device_capability(q.device)
+    if backward_path(N, D, q.dtype, path, cap) == "short":
+        cfg = launch_settings("bwd_short", N, D, q.dtype, cap)
         _attn_bwd_short[(B * H,)](
             q, k, v, out, dout, lse, dq, dk, dv, *strides_qkv, *out.stride(), *dout.stride(), *dq.stride(),
             *dk.stride(), *dv.stride(), H, N, D, scale, scale * LOG2E,
@@ -622,16 +730,16 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
         return
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    cfg = launch_settings("bwd_preprocess", N, D, q.dtype)
+    cfg = launch_settings("bwd_preprocess", N, D, q.dtype, cap)
     _attn_bwd_preprocess[(triton.cdiv(N, cfg.block_m) * B * H,)](
         out, dout, delta, *out.stride(), *dout.stride(), H, N, D,
         BLOCK_M=cfg.block_m, D_PAD=meta["D_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = launch_settings("bwd_dkdv", N, D, q.dtype)
+    cfg = launch_settings("bwd_dkdv", N, D, q.dtype, cap)
     _attn_bwd_dkdv[(triton.cdiv(N, cfg.block_n) * B * H,)](
         q, k, v, dout, lse, delta, dk, dv, *strides_qkv, *dout.stride(), *dk.stride(), *dv.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
-    cfg = launch_settings("bwd_dq", N, D, q.dtype)
+    cfg = launch_settings("bwd_dq", N, D, q.dtype, cap)
     _attn_bwd_dq[(triton.cdiv(N, cfg.block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, *strides_qkv, *dout.stride(), *dq.stride(),
         H, N, D, scale, scale * LOG2E,
@@ -771,4 +879,26 @@ def compile_specs() -> list[CompileSpec]:
                     specs.append(spec)
             for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
                 specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype)))
+    return specs + tuned_specs(tuned_table())
+
+
+def settings_spec(kernel: str, n: int, d: int, dtype: torch.dtype, cfg: LaunchSettings,
+                  note: str = "") -> CompileSpec:
+    """The compile spec of one kernel launched at sequence length n and head dim d with settings `cfg`."""
+    return _spec(kernel, dtype, _pad(d), cfg, _pad(n) if kernel in _SHORT_KERNELS else None, note)
+
+
+def tuned_specs(table: dict) -> list[CompileSpec]:
+    """The configurations of a tuned table, each compiled for its own architecture only."""
+    specs = []
+    for arch, per_kernel in sorted(table.items()):
+        if arch in ("source", "measured"):
+            continue
+        for kernel, entries in sorted(per_kernel.items()):
+            for key, cfg in sorted(entries.items()):
+                dtype, n_pad, d_pad = _parse_key(key)
+                spec = _spec(kernel, dtype, d_pad, LaunchSettings(*cfg), n_pad, f" (tuned {arch})")
+                spec.archs = (int(arch[3:]),)
+                spec.always_check = True  # compile_check --sample (make test) compiles these too
+                specs.append(spec)
     return specs

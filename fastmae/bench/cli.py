@@ -132,6 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")
     p.set_defaults(bench_run=run_train)
 
+    from . import tune
+
+    p = sub.add_parser("tune", formatter_class=fmt, help="time the Triton attention's launch settings on this GPU",
+                       description=tune.__doc__.split("\n\n")[0] + " Candidates are screened by the compile "
+                       "check, checked against the fp32 reference, and timed; --write records the winners per GPU "
+                       "architecture in the kernels' attention_tuned.json, which the launchers read.")
+    tune.add_arguments(p)
+    p.set_defaults(bench_run=tune.run)
+
     p = sub.add_parser("readme", formatter_class=fmt, help="write the latest recorded results into README.md",
                        description="Rewrite the block between <!-- bench-results:start --> and "
                        "<!-- bench-results:end --> in README.md with the latest recorded GPU and CPU results "
@@ -146,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     fn = getattr(args, "bench_run", None)
     if fn is None:
-        print("usage: fastmae bench {ops,encoder,train,readme} [options]; see fastmae bench WHAT --help",
+        print("usage: fastmae bench {ops,encoder,train,tune,readme} [options]; see fastmae bench WHAT --help",
               file=sys.stderr)
         return 2
     try:

@@ -1,0 +1,106 @@
+"""`fastmae bench tune` and the tuned launch settings it records (`attention_tuned.json`).
+
+On the CPU the tuner runs under Triton's interpreter in quick mode: the code paths (compile check of every
+candidate, the tolerance check, timing, the table it writes) are exercised; the timings mean nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastmae.bench import tune
+from fastmae.cli import main
+from fastmae.ops import reference
+from tests.utils import assert_error_within_plain, make_qkv, skip_unless_serves
+
+attn = pytest.importorskip("fastmae.kernels.attention")
+TUNED_KERNELS = {"fwd_short", "bwd_short", "fwd_flash", "bwd_dkdv", "bwd_dq"}
+
+
+def test_quick_tune_writes_a_sound_table(tmp_path):
+    skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=16)
+    table_path, out = tmp_path / "tuned.json", tmp_path / "out"
+    assert main(["bench", "tune", "--device", "cpu", "--quick", "--allow-interpreter", "--no-progress",
+                 "--max-time", "0.001", "--write", str(table_path), "--out", str(out)]) == 0
+    table = json.loads(table_path.read_text())
+    assert attn.validate_tuned(table) == []
+    assert set(table["measured"]["sm_90"]) == TUNED_KERNELS  # both paths, every kernel
+    assert table["source"]["sm_90"]["torch"] == torch.__version__
+    cands = json.loads((out / "tune.json").read_text())["candidates"]
+    assert {c["kernel"] for c in cands} == TUNED_KERNELS
+    for c in cands:  # each candidate was either rejected with a reason, or checked and timed
+        assert c["problems"] or (c["median_ms"] > 0 and c["error"] is not None)
+    assert all(c["median_ms"] and not c["problems"] for c in cands if c["default"])  # the rule's own settings pass
+
+
+def _cand(kernel, key, settings, ms, default=False):
+    return tune.Candidate("s", key.split(",")[0], kernel, key, settings, default=default, median_ms=ms)
+
+
+def test_only_clear_wins_are_recorded():
+    k1, k2 = "bf16,N64,D64", "bf16,D64"
+    results = [_cand("fwd_short", k1, (64, 64, 4, 1), 1.0, True), _cand("fwd_short", k1, (32, 64, 4, 1), 0.90),
+               _cand("fwd_flash", k2, (128, 64, 8, 3), 1.0, True), _cand("fwd_flash", k2, (64, 64, 4, 2), 0.99)]
+    bad = _cand("fwd_flash", k2, (64, 32, 4, 2), 0.5)
+    bad.problems = ["3 spill bytes"]  # faster, but rejected: never recorded
+    best = tune.winners(results + [bad])
+    assert best[("fwd_flash", k2)][1].settings == (64, 64, 4, 2)
+    old = {"sm_90": {"fwd_flash": {k2: [64, 32, 4, 2]}}}  # an earlier winner the new run does not confirm
+    table = tune.update_table(old, "sm_90", best, {"device": "gpu", "torch": "t"})
+    assert table["sm_90"] == {"fwd_short": {k1: [32, 64, 4, 1]}}  # 10% faster: kept; 1%: the rule stays
+    assert table["measured"]["sm_90"]["fwd_flash"][k2]["best_ms"] == 0.99
+    assert attn.validate_tuned(table) == []
+    assert json.loads(tune.dump_table(table)) == table
+
+
+def test_launchers_use_the_tuned_settings_of_their_architecture(monkeypatch):
+    skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=32)
+    n, d, dtype = 40, 32, torch.float32
+    rule = attn.default_settings("fwd_short", n, d, dtype)
+    tuned = [16, 64, 2, 1]  # differs from the rule in rows per program and warps
+    assert (rule.block_m, rule.num_warps) != (16, 2)
+    table = {"sm_90": {"fwd_short": {attn.tuned_key("fwd_short", n, d, dtype): tuned}}}
+    monkeypatch.setattr(attn, "tuned_table", lambda: table)
+    assert attn.launch_settings("fwd_short", n, d, dtype, (9, 0)) == attn.LaunchSettings(*tuned)
+    assert attn.launch_settings("fwd_short", n, d, dtype, (8, 0)) == rule  # other GPUs keep the rule
+    assert attn.launch_settings("fwd_short", n, d, dtype) == rule
+    with attn.forced_settings(fwd_short=attn.LaunchSettings(32, 64, 4, 1)):
+        assert attn.launch_settings("fwd_short", n, d, dtype, (9, 0)).block_m == 32
+    # the interpreter launches as sm_90 does: the tuned setting runs, and matches the reference
+    q, k, v = make_qkv(1, 2, n, d, dtype, "packed", "cpu")
+    out = attn.attention(q, k, v)
+    ref = reference.attention(*(t.detach() for t in (q, k, v)))
+    assert_error_within_plain(out.detach(), ref, ref, name="out with tuned settings")
+    specs = [s for s in attn.tuned_specs(table)]
+    assert len(specs) == 1 and specs[0].archs == (90,) and specs[0].always_check
+    assert specs[0].num_warps == 2 and specs[0].constexprs["BLOCK_M"] == 16
+
+
+def test_unsound_tables_are_refused(tmp_path):
+    bad = {"sm_90": {"fwd_short": {"bf16,N64,D64": [64, 32, 4, 1]}},  # a short kernel must take all keys
+           "sm_80": {"bwd_preprocess": {"bf16,D64": [64, 16, 4, 1]}}, "gpu": {}}
+    problems = attn.validate_tuned(bad)
+    assert len(problems) == 3 and any("BLOCK_N must be the key tile 64" in p for p in problems)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(bad))
+    with pytest.warns(UserWarning, match="ignoring the tuned attention settings"):
+        assert attn.tuned_table(str(path)) == {}
+
+
+def test_recorded_table_is_sound():
+    """The committed attention_tuned.json (if any) must be what launch_settings accepts."""
+    table = {}
+    if os.path.isfile(attn.TUNED_FILE):
+        with open(attn.TUNED_FILE, encoding="utf-8") as f:
+            table = json.load(f)
+    assert attn.validate_tuned(table) == []
+
+
+def test_tune_refuses_to_time_on_a_cpu_without_asking(capsys):
+    assert main(["bench", "tune", "--device", "cpu"]) == 2
+    assert "GPU" in capsys.readouterr().err
+    assert main(["bench", "tune", "--device", "cpu", "--allow-interpreter", "--quick", "--write"]) == 2
+    assert "--write needs a FILE" in capsys.readouterr().err

@@ -125,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "mae_vit_cifar_small_patch4 on cpu)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: 64)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="the masking of every variant")
-    p.add_argument("--variants", default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile",
+    p.add_argument("--variants",
+                   default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile,fastmae+lean",
                    help="comma-separated training variants")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="run the torch.compile variants (default on cuda; off on cpu, where compiling takes minutes)")

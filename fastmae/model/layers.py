@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .lean import norm_mlp
 
 
 class PatchEmbed(nn.Module):
@@ -75,7 +76,10 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.lean_mlp = False  # recompute norm2 and GELU in the backward (fastmae.model.lean)
 
     def forward(self, x: torch.Tensor, backend=None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), backend=backend)
+        if self.lean_mlp:
+            return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
         return x + self.mlp(self.norm2(x))

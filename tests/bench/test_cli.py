@@ -18,7 +18,7 @@ def run_dir(tmp_path_factory):
     assert main(["bench", "ops", "--ops", "attention,masked_mse_loss", "--no-plots", *common]) == 0
     assert main(["bench", "encoder", "--ratios", "0.75", "--backends", "reference,sdpa", "--modes", "fwd",
                  "--no-plots", *common]) == 0
-    assert main(["bench", "train", "--variants", "official-eager,fastmae,fastmae+compile", *common]) == 0
+    assert main(["bench", "train", "--variants", "official-eager,fastmae,fastmae+compile,fastmae+lean", *common]) == 0
     return out
 
 
@@ -34,6 +34,8 @@ def test_out_folder_holds_json_csv_and_plots(run_dir, capsys):
     train = {r["backend"]: r for r in recs if r["kind"] == "train"}
     assert train["fastmae+compile"]["status"] == "skipped" and "--compile" in train["fastmae+compile"]["reason"]
     assert train["fastmae"]["status"] == "ok" and "mfu" in train["fastmae"]
+    assert train["fastmae+lean"]["status"] == "ok" and train["fastmae+lean"]["mem_vs_official_eager"] > 0
+    assert list(train)[-1] == "fastmae+lean"  # timed last
     assert (run_dir / "results.csv").read_text().count("\n") == len(recs) + 1
     pngs = sorted(p.name for p in run_dir.glob("*.png"))
     assert pngs == ["encoder_mae_vit_tiny_patch4.png", "ops.png", "train_mae_vit_tiny_patch4.png"]

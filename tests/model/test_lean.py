@@ -1,0 +1,102 @@
+"""`lean_mlp`: the MLP half of a block recomputes LayerNorm and GELU in the backward (fastmae/model/lean.py).
+
+It must give the plain block's numbers, forward and backward, in fp32 and under bf16 autocast, while keeping
+less for the backward. Tolerances: fp32 atol 1e-6 / rtol 1e-5 (the same ops in the same order; on a CPU the
+results are bitwise equal); bf16 autocast atol 1e-2 / rtol 1e-2 on values of order one (one bf16 rounding
+apart at most where a GPU picks another matmul algorithm).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmae
+from fastmae.model.layers import Block
+from tests.utils import DEVICES, assert_close
+
+TOL = {False: (1e-6, 1e-5), True: (1e-2, 1e-2)}
+
+
+def _block_run(blk, x, lean, amp, device):
+    blk.lean_mlp = lean
+    blk.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+        y = blk(x)
+    weight = torch.linspace(-1, 1, y.shape[-1], device=device)
+    (y.float() * weight).sum().backward()
+    return {"out": y.detach().float(), "dx": x.grad, **{n: p.grad for n, p in blk.named_parameters()}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lean_block_matches_plain_block(amp, device):
+    torch.manual_seed(0)
+    blk = Block(64, 4).to(device)
+    x = torch.randn(3, 17, 64, device=device)
+    plain, lean = _block_run(blk, x, False, amp, device), _block_run(blk, x, True, amp, device)
+    assert lean.keys() == plain.keys() and all(v is not None for v in lean.values())
+    for name in plain:
+        assert lean[name].dtype == plain[name].dtype, name
+        assert_close(lean[name], plain[name], *TOL[amp], name)
+
+
+def test_lean_block_keeps_less_for_the_backward():
+    torch.manual_seed(0)
+    blk = Block(64, 4)
+    x = torch.randn(2, 50, 64, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
+
+    def saved_bytes(lean):
+        blk.lean_mlp = lean
+        seen, total = set(), [0]
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen and ptr not in params and ptr != x.untyped_storage().data_ptr():
+                seen.add(ptr)
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            blk(x)
+        return total[0]
+
+    plain, lean = saved_bytes(False), saved_bytes(True)
+    # per token, the MLP half no longer keeps the LayerNorm output (64 floats) and the GELU output (256); both
+    # paths keep the block's middle residual and the LayerNorm mean and rstd, the fc1 output and the weights
+    assert plain - lean == 2 * 50 * (64 + 256) * 4, (plain, lean)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_lean_model_matches_and_compiles(backend):
+    torch.manual_seed(0)
+    model = fastmae.create_model("mae_vit_tiny_patch4", norm_pix_loss=True, backend=backend)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+
+    def run(fn):
+        model.zero_grad()
+        loss, pred, _ = fn(imgs, noise=noise)
+        loss.backward()
+        return [loss.detach(), pred.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = run(model)
+    model.lean_mlp = True
+    assert model.lean_mlp and all(b.lean_mlp for b in model.decoder_blocks)
+    lean = run(model)
+    compiled = run(torch.compile(model, fullgraph=True, backend="aot_eager"))  # fullgraph: no graph breaks
+    assert len(lean) == len(plain) == len(compiled)
+    for i, (a, b, c) in enumerate(zip(plain, lean, compiled)):
+        assert_close(b, a, 1e-6, 1e-5, f"lean tensor {i}")
+        assert_close(c, a, 1e-6, 1e-5, f"compiled lean tensor {i}")
+    assert "lean_mlp" not in "".join(model.state_dict())  # the official keys, unchanged
+
+
+def test_lean_mlp_rejects_layers_it_cannot_recompute():
+    from fastmae.model.lean import norm_mlp
+
+    blk = Block(16, 2)
+    with pytest.raises(TypeError, match="LayerNorm"):
+        norm_mlp(torch.randn(1, 3, 16), torch.nn.Identity(), blk.mlp.fc1, blk.mlp.fc2)
+    with pytest.raises(TypeError, match="biases"):
+        norm_mlp(torch.randn(1, 3, 16), blk.norm2, torch.nn.Linear(16, 64, bias=False), blk.mlp.fc2)

@@ -46,6 +46,28 @@ def device_names() -> dict[str, str]:
     return names
 
 
+def tuned_attention() -> str:
+    """Which GPU architectures have measured attention launch settings (read without importing triton)."""
+    import json
+    import os
+    from importlib.util import find_spec
+
+    spec = find_spec("fastmae.kernels")
+    if spec is None or not spec.submodule_search_locations:
+        return "fastmae.kernels is not installed"
+    path = os.path.join(list(spec.submodule_search_locations)[0], "attention_tuned.json")
+    if not os.path.isfile(path):
+        return "none recorded: every GPU uses the rule (fastmae bench tune --write records them)"
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    archs = [a for a in sorted(table) if a.startswith("sm_")]
+    if not archs:
+        return "none recorded: every GPU uses the rule (fastmae bench tune --write records them)"
+    src = table.get("source", {})
+    return "; ".join(f"{a}: {sum(len(v) for v in table[a].values())} settings ({src.get(a, {}).get('device', '?')}, "
+                     f"{src.get(a, {}).get('date', '?')})" for a in archs) + "; other GPUs use the rule"
+
+
 def availability(device: str, dtype: torch.dtype) -> dict[str, dict[str, list[str]]]:
     """op -> backend -> reasons (empty list: available)."""
     table = {}
@@ -71,6 +93,7 @@ def report(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
         lines.append(f"  {dev:<9} {name}")
     requested = ops.requested("attention")
     lines.append(f"  backend   {requested} (from {ops.ENV_VAR} or default)")
+    lines.append(f"  tuned     Triton attention launch settings: {tuned_attention()}")
     for dev in devices():
         for dtype in dtypes:
             dname = str(dtype).replace("torch.", "")

@@ -13,6 +13,22 @@ def test_info_lists_every_op_and_backend(capsys):
     for word in ("torch", "gather_tokens", "masked_mse_loss", "xformers", "triton", "sdpa", "reference"):
         assert word in out
     assert "automatic choice: sdpa" in out
+    assert "Triton attention launch settings: " in out
+
+
+def test_info_names_the_tuned_architectures(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    from fastmae import info
+
+    (tmp_path / "attention_tuned.json").write_text(json.dumps(
+        {"sm_90": {"fwd_short": {"bf16,N64,D64": [32, 64, 4, 1]}, "bwd_dq": {"bf16,D64": [64, 32, 4, 3]}},
+         "source": {"sm_90": {"device": "NVIDIA H100", "date": "2026-11-27"}}}))
+    spec = importlib.util.spec_from_loader("fastmae.kernels", loader=None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    assert info.tuned_attention() == "sm_90: 2 settings (NVIDIA H100, 2026-11-27); other GPUs use the rule"
 
 
 def test_demo_prints_loss_and_backends(capsys):

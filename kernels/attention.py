@@ -4,7 +4,9 @@
 
 q, k and v may be strided views (for example the three slices of one packed qkv projection,
 `qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`): every kernel takes all four strides of
-every tensor, so no copy is made. The output and the gradients are new contiguous tensors in q's dtype.
+every tensor, so no copy is made. The gradients are new contiguous tensors in q's dtype; the output is a
+[B, H, N, D] view of a new [B, N, H, D] buffer (as flash-attention's), so that the model's
+`out.transpose(1, 2).reshape(B, N, H * D)` before the output projection is a view, not a copy.
 
 Two paths, chosen per call from the shape by `choose_paths` (launch settings by `launch_settings`):
 
@@ -664,9 +666,15 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreter_enabled()
 
 
+def _new_output(q: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] as a view of a [B, N, H, D] buffer: merging the heads afterwards is free."""
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, H, D)).transpose(1, 2)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                       path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: [B, H, N, D] (any strides) -> (out [B, H, N, D] contiguous in q's dtype,
+    """q, k, v: [B, H, N, D] (any strides) -> (out [B, H, N, D] in q's dtype, a view of a [B, N, H, D] buffer,
     lse [B, H, N] fp32: the natural log-sum-exp of each row of scale * q k^T).
 
     `path` forces 'short' or 'flash' (tests); 'auto' picks by `forward_path`.
@@ -675,7 +683,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     check_device(q, k, v)
     B, H, N, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    out = _new_output(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -760,7 +768,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 @_attention_fwd_op.register_fake
 def _attention_fwd_fake(q, k, v, scale, path):
     B, H, N, D = q.shape
-    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+    return _new_output(q), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastmae::attention_bwd", mutates_args=())

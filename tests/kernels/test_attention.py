@@ -151,6 +151,21 @@ def test_public_op_dispatches_to_the_kernel(device):
         assert torch.equal(ops.attention(q, k, v, scale=0.5, backend="triton"), attn.attention(q, k, v, 0.5))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_merges_heads_without_a_copy(device):
+    """out is a [B, H, N, D] view of a [B, N, H, D] buffer: the model's merge of the heads before the output
+    projection is a view (as with flash-attention's SDPA), for the forward and under torch.compile's fake."""
+    skip_unless_serves("attention", "triton", device, F16, head_dim=32)
+    q, k, v = make_qkv(2, 3, 20, 32, F16, "packed", device)
+    out = attn.attention(q, k, v)
+    merged = out.transpose(1, 2).reshape(2, 20, 3 * 32)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None  # a view
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake_out = attn.attention(fq, fk, fv)
+    assert fake_out.stride() == out.stride()  # what torch.compile plans with is what runs
+
+
 def test_paths_for_mae_shapes():
     # encoder tokens (ViT-B/L; ViT-H/14) and decoder tokens (224/16; 224/14), then long sequences
     for n, d in [(50, 64), (65, 80), (197, 32)]:

@@ -72,7 +72,7 @@ from .utils import CompileSpec, check_device, interpreter_enabled, next_power_of
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
            "SHORT_BWD_MAX_TILE", "MAX_HEAD_DIM", "PATHS", "forced_settings", "tuned_key", "tuned_table",
-           "TUNED_FILE", "default_settings", "settings_spec", "validate_tuned"]
+           "TUNED_FILE", "default_settings", "settings_spec", "validate_tuned", "attention_packed", "split_qkv"]
 
 LOG2E = 1.4426950408889634
 
@@ -698,9 +698,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, scale: float | None = None,
-                       path: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), contiguous in q's dtype, from dout = dL/d(out) and the forward's out and lse.
+                       lse: torch.Tensor, scale: float | None = None, path: str = "auto",
+                       grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) in q's dtype from dout = dL/d(out) and the forward's out and lse: new contiguous
+    tensors, or written into `grads` (three [B, H, N, D] tensors of q's dtype, any strides) and returned.
 
     Recomputes the probabilities from lse. `path` forces 'short' or 'flash'; 'auto' picks by `backward_path`.
     """
@@ -714,9 +716,15 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         raise ValueError("attention_backward: lse must be the forward's contiguous fp32 [B, H, N] tensor")
     dout = dout.to(q.dtype)
     scale = D ** -0.5 if scale is None else float(scale)
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    if grads is None:
+        dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        dk = torch.empty_like(dq)
+        dv = torch.empty_like(dq)
+    else:
+        dq, dk, dv = grads
+        if any(g.shape != q.shape or g.dtype != q.dtype or g.device != q.device for g in grads):
+            raise ValueError(f"attention_backward: grads must be three {tuple(q.shape)} tensors of {q.dtype} on "
+                             f"{q.device}")
     if dq.numel() == 0:
         return dq, dk, dv
     with _on_device(q):
@@ -815,6 +823,73 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     _check_path(path)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = _attention_fwd_op(q, k, v, scale, path)
+    return out
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed projection [B, N, 3 * H * D] (timm's layout) as q, k, v [B, H, N, D] views."""
+    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be [B, N, 3 * heads * head_dim] with {num_heads} heads; got {tuple(qkv.shape)}")
+    B, N, C3 = qkv.shape
+    return qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("fastmae::attention_qkv_fwd", mutates_args=())
+def _attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float,
+                          path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(*split_qkv(qkv, num_heads), scale, path)
+
+
+@_attention_qkv_fwd_op.register_fake
+def _attention_qkv_fwd_fake(qkv, num_heads, scale, path):
+    q = split_qkv(qkv, num_heads)[0]
+    B, H, N, D = q.shape
+    return _new_output(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmae::attention_qkv_bwd", mutates_args=())
+def _attention_qkv_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          num_heads: int, scale: float, path: str) -> torch.Tensor:
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    attention_backward(dout, *split_qkv(qkv, num_heads), out, lse, scale, path, grads=split_qkv(dqkv, num_heads))
+    return dqkv
+
+
+@_attention_qkv_bwd_op.register_fake
+def _attention_qkv_bwd_fake(dout, qkv, out, lse, num_heads, scale, path):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _attention_qkv_setup_context(ctx, inputs, output):
+    qkv, num_heads, scale, path = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.scale, ctx.path = num_heads, scale, path
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_qkv_backward_formula(ctx, dout, dlse):
+    qkv, out, lse = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None
+    return _attention_qkv_bwd_op(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.path), None, None, None
+
+
+_attention_qkv_fwd_op.register_autograd(_attention_qkv_backward_formula, setup_context=_attention_qkv_setup_context)
+
+
+def attention_packed(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *,
+                     path: str = "auto") -> torch.Tensor:
+    """`attention` on the packed projection qkv [B, N, 3 * H * D] -> [B, H, N, D]; the same kernels and numbers.
+
+    The difference is the gradient: the kernels write dq, dk and dv straight into one [B, N, 3 * H * D] tensor,
+    where autograd through `split_qkv` views would stack the three gradients and copy them into that layout.
+    """
+    q, k, v = split_qkv(qkv, num_heads)
+    _check_inputs(q, k, v)
+    _check_path(path)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = _attention_qkv_fwd_op(qkv, int(num_heads), scale, path)
     return out
 
 

@@ -49,9 +49,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, backend=None) -> torch.Tensor:
         B, N, C = x.shape
-        # q, k, v are strided views of the packed projection: no copies before the kernel.
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = ops.attention(q, k, v, scale=self.scale, backend=backend)
+        # the packed projection goes to the op as it is: q, k, v are strided views of it (no copies before the
+        # kernel), and backends with a packed form write its gradient in one piece (no stack and copy after)
+        x = ops.attention_qkv(self.qkv(x), self.num_heads, scale=self.scale, backend=backend)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

@@ -1,6 +1,7 @@
 """fastmae's ops: one public function per op, each dispatched to a backend through the registry.
 
     attention(q, k, v, *, scale=None, backend=None)                         [B, H, N, D] -> [B, H, N, D]
+    attention_qkv(qkv, num_heads, *, scale=None, backend=None)              [B, N, 3*H*D] -> [B, H, N, D]
     gather_patches(imgs, ids_keep, patch_size, *, backend=None)             kept patches' pixels, [N, K, C*p*p]
     gather_tokens(x, ids_keep, pos_embed, cls_token=None, *, gathered=False, backend=None)
                                                                             encoder input, [N, K+1, D]
@@ -23,7 +24,7 @@ from .registry import (BACKENDS, ENV_VAR, OPS, BackendSpec, BackendUnavailable, 
                        use_backend)
 
 __all__ = [
-    "attention", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss", "backend_for",
+    "attention", "attention_qkv", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss", "backend_for",
     "use_backend", "BackendUnavailable", "BACKENDS", "OPS", "ENV_VAR", "reference", "resolve", "Inputs",
     "OpImpl", "get_impl", "record_choices", "not_supported_reasons", "priority", "set_priority", "requested",
 ]
@@ -68,6 +69,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     inputs = Inputs(q.device, dtype, head_dim=q.shape[-1], tensors={"q": q, "k": k, "v": v},
                     options={"op": "attention"})
     return resolve("attention", inputs, backend).fn(q, k, v, scale)
+
+
+def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
+                  backend: BackendSpec = None) -> torch.Tensor:
+    """`attention` on the packed output of one qkv projection, [B, N, 3 * H * D] in timm's (3, H, D) order.
+
+    The backend is the `attention` op's. Backends with a packed form (triton) compute the gradient of qkv in one
+    piece; the others run `attention` on q, k, v views of qkv, which is what the model did before.
+    """
+    _float_dtype("qkv", qkv)
+    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be [B, N, 3 * heads * head_dim] with {num_heads} heads; got {tuple(qkv.shape)}")
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    inputs = Inputs(qkv.device, qkv.dtype, head_dim=q.shape[-1], tensors={"q": q, "k": k, "v": v},
+                    options={"op": "attention"})
+    impl = resolve("attention", inputs, backend)
+    if impl.packed is not None:
+        return impl.packed(qkv, num_heads, scale)
+    return impl.fn(q, k, v, scale)
 
 
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, *,

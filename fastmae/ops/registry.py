@@ -64,6 +64,9 @@ class OpImpl:
     min_capability: tuple[int, int] | None = None  # CUDA compute capability
     requires: tuple[str, ...] = ()  # importable modules
     check: Callable[[Inputs], list[str]] | None = None  # input-dependent reasons
+    # attention only, optional: (qkv [B, N, 3*H*D], heads, scale) -> [B, H, N, D] on the packed projection,
+    # for implementations that write the gradient of qkv in one piece (`fastmae.ops.attention_qkv`)
+    packed: Callable | None = None
     # tolerances the tests use for this implementation, per dtype: (atol, rtol)
     tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
 

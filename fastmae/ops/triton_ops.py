@@ -49,7 +49,7 @@ _TRITON = dict(backend="triton", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES, m
                requires=("triton",))
 
 register(OpImpl(op="attention", fn=_lazy("attention", "attention"), head_dims=ATTENTION_HEAD_DIMS,
-                check=_device_reasons, **_TRITON))
+                check=_device_reasons, packed=_lazy("attention", "attention_packed"), **_TRITON))
 register(OpImpl(op="gather_patches", fn=_lazy("tokens", "gather_patches"), check=_no_grad_for("imgs"), **_TRITON))
 register(OpImpl(op="gather_tokens", fn=_lazy("tokens", "gather_tokens"), check=_no_grad_for("pos_embed"), **_TRITON))
 register(OpImpl(op="unshuffle_tokens", fn=_lazy("tokens", "unshuffle_tokens"), check=_no_grad_for("pos_embed"),

@@ -152,6 +152,39 @@ def test_public_op_dispatches_to_the_kernel(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N,D,dtype,path", [(50, 64, F16, "auto"), (197, 32, F32, "auto"), (70, 48, F16, "flash")])
+def test_packed_qkv_gives_the_same_bits_with_one_gradient(N, D, dtype, path, device):
+    """attention_packed(qkv) runs the same kernels as attention on the split views; its backward writes dq, dk,
+    dv straight into one contiguous d(qkv) instead of autograd's stack-and-copy."""
+    skip_unless_serves("attention", "triton", device, dtype, head_dim=D)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, N, 3 * 2 * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    dout = torch.randn(2, 2, N, D, generator=g).to(device=device, dtype=dtype)
+    out_p = attn.attention_packed(qkv, 2, path=path)
+    (dqkv_p,) = torch.autograd.grad(out_p, qkv, dout)
+    out_s = attn.attention(*attn.split_qkv(qkv, 2), path=path)
+    (dqkv_s,) = torch.autograd.grad(out_s, qkv, dout)
+    assert torch.equal(out_p, out_s) and torch.equal(dqkv_p, dqkv_s)
+    assert dqkv_p.is_contiguous() and dqkv_p.grad_fn is None
+    with pytest.raises(ValueError, match="3 \\* heads"):
+        attn.attention_packed(qkv[..., :-1], 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_the_packed_op(device):
+    skip_unless_serves("attention", "triton", device, F32, head_dim=32)
+    qkv = torch.randn(1, 50, 3 * 2 * 32, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+
+    def loss_fn(qkv):
+        return (attn.attention_packed(qkv, 2) * torch.linspace(-1, 1, 32, device=qkv.device)).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    (g_c,) = torch.autograd.grad(compiled(qkv), qkv)
+    (g_e,) = torch.autograd.grad(loss_fn(qkv), qkv)
+    torch.testing.assert_close(g_c, g_e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_output_merges_heads_without_a_copy(device):
     """out is a [B, H, N, D] view of a [B, N, H, D] buffer: the model's merge of the heads before the output
     projection is a view (as with flash-attention's SDPA), for the forward and under torch.compile's fake."""

@@ -45,3 +45,29 @@ def test_attention_backend_matches_reference(shape, dtype, backend, device):
     for name, g, gp, g32 in zip(("dq", "dk", "dv"), grads, grads_plain, grads32):
         assert g.dtype == dtype and g.shape == (B, H, N, D)
         assert_error_within_plain(g, plain_for_rule(gp, g32), g32, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_attention_qkv_matches_attention_on_views(backend, device):
+    """The packed entry point (what the model calls) gives the numbers of `attention` on q, k, v views of the
+    same projection, forward and gradient, on every backend (triton has its own packed kernels' entry)."""
+    skip_unless_serves("attention", backend, device, torch.float16, head_dim=32)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 50, 3 * 2 * 32, generator=g).to(device=device, dtype=torch.float16).requires_grad_()
+    dout = torch.randn(2, 2, 50, 32, generator=g).to(device=device, dtype=torch.float16)
+    with ops.record_choices() as chosen:
+        out = ops.attention_qkv(qkv, 2, scale=0.2, backend=backend)
+    assert chosen["attention"] == backend
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    q, k, v = qkv.reshape(2, 50, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = ops.attention(q, k, v, scale=0.2, backend=backend)
+    (grad_ref,) = torch.autograd.grad(ref, qkv, dout)
+    assert torch.equal(out, ref) and torch.equal(grad, grad_ref)
+
+
+def test_attention_qkv_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="3 \\* heads"):
+        ops.attention_qkv(torch.randn(1, 5, 10), 2)
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.attention_qkv(torch.zeros(1, 5, 12, dtype=torch.int64), 2)

@@ -52,7 +52,9 @@ interpreter also ignores `input_precision` (its fp32 products are plain fp32) an
 
 The autograd formula is registered on a `torch.library` custom op (`fastmae::attention_fwd`, with
 `fastmae::attention_bwd` for the backward), both with fake implementations, so `torch.compile` traces
-through `attention` without a graph break.
+through `attention` without a graph break. `attention_packed(qkv, num_heads)` is the same on the packed
+projection [B, N, 3 * H * D] (`fastmae::attention_qkv_fwd` / `_bwd`): its backward writes dq, dk and dv
+into one d(qkv) through strided views, so nothing is stacked or copied after the kernels.
 """
 from __future__ import annotations
 

@@ -393,11 +393,11 @@ def train_table(records: list[dict]) -> str:
                      f"{fmt(r['images_per_s_p20'])}-{fmt(r['images_per_s_p80'])}" if ok else "-",
                      f"{r['vs_official_eager']:.2f}x" if ok and r.get("vs_official_eager") else "-",
                      f"{r['vs_reference_compile']:.2f}x" if ok and r.get("vs_reference_compile") else "-",
-                     mem, r.get("tflops") if ok else None,
+                     mem, r.get("saved_mb_per_image") if ok else None, r.get("tflops") if ok else None,
                      f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-",
                      r.get("dispatch", "") if ok else "", status_cell(r, numbers)])
     out = table(["variant", "images/s", "p20-p80", "vs official-eager", "vs reference+compile", "peak MB",
-                 "TFLOP/s", "MFU", "served by", "status"], rows, align="lrrrrrrrll")
+                 "saved MB/img", "TFLOP/s", "MFU", "served by", "status"], rows, align="lrrrrrrrrll")
     kinds = sorted({r["peak_mem_kind"] for r in rows_in if r.get("peak_mem_kind")})
     if kinds:
         out += "\n  peak MB: " + "; ".join(kinds)

@@ -129,7 +129,7 @@ def train_section(records: Sequence[dict]) -> list[str]:
         for r in mrows:
             if r.get("status") != "ok":
                 table_rows.append([r["backend"], f"{r['status']}: {_short(r.get('reason', ''), 80)}", "", "", "",
-                                   "", ""])
+                                   "", "", ""])
                 continue
             mem = r.get("peak_mem_mb")
             table_rows.append([
@@ -137,13 +137,15 @@ def train_section(records: Sequence[dict]) -> list[str]:
                 f"{r['vs_official_eager']:.2f}x" if r.get("vs_official_eager") else "–",
                 f"{r['vs_reference_compile']:.2f}x" if r.get("vs_reference_compile") else "–",
                 f"{mem:,.0f} MB" if mem is not None else "n/a",
+                f"{r['saved_mb_per_image']:.1f} MB" if r.get("saved_mb_per_image") is not None else "–",
                 f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
                 r.get("dispatch", "")])
-        out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory", "MFU",
-                          "served by"], table_rows)
+        out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory",
+                          "saved/image", "MFU", "served by"], table_rows)
         kinds = sorted({r["peak_mem_kind"] for r in ok if r.get("peak_mem_kind")})
         if kinds:
-            out.append(f"\nPeak memory: {'; '.join(kinds)}. MFU: model FLOPs (3 x forward, linear layers and "
+            out.append(f"\nPeak memory: {'; '.join(kinds)}. Saved/image: activations autograd keeps for the "
+                       f"backward, per image (eager variants). MFU: model FLOPs (3 x forward, linear layers and "
                        f"attention) per second over the matmul peak measured in the same run.")
         out.append("")
     return out

@@ -88,6 +88,10 @@ def key_results(records: list[dict]) -> list[str]:
         if (r.get("mem_vs_official_eager") is not None and r["backend"].startswith("fastmae")
                 and r.get("device_type") == "cuda"):  # a CPU's sampled resident memory is too coarse for ratios
             mem += f" ({r['mem_vs_official_eager'] - 1:+.0%} vs official-eager; GPU target <= -20%)"
+        if r.get("saved_mb_per_image") is not None:
+            mem += f", saved activations {r['saved_mb_per_image']:.3g} MB/image"
+            if r.get("saved_vs_official_eager") is not None and r["backend"] != "official-eager":
+                mem += f" ({r['saved_vs_official_eager'] - 1:+.0%} vs official-eager)"
         lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
                      f"images/s{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
     return lines

@@ -11,7 +11,10 @@ Variants, all with the same preset, batch, dtype, initial weights, images and ma
 The step is `autocast(dtype)` forward + loss, `loss.backward()` (through a GradScaler for float16), AdamW
 (betas 0.9/0.95, weight decay 0.05 on weight matrices only, as the official recipe) and `zero_grad`.
 
-Figures: images/s from the median step time; peak memory (CUDA: `torch.cuda.max_memory_allocated` over the
+Figures: images/s from the median step time; activations saved for the backward per image (eager variants:
+the distinct tensors autograd keeps in one forward, parameters and inputs excluded, as the slope between the
+batch and half of it, so weight copies that do not grow with the batch drop out; independent of the allocator
+and measurable on a CPU); peak memory (CUDA: `torch.cuda.max_memory_allocated` over the
 variant's steps, after a reset; CPU: the increase of the process's resident memory over the variant's set-up
 and steps, sampled every 2 ms, labelled as such); MFU = model FLOPs per step (see `flops.py`: 3 x forward,
 linear layers and attention) / step time / the matmul peak measured in the same run in the step's dtype.
@@ -139,12 +142,16 @@ def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dt
 
 def add_train_speedups(records: list[dict]) -> list[dict]:
     """`vs_official_eager` and `vs_reference_compile`: images/s over those variants' images/s;
-    `mem_vs_official_eager`: peak memory over official-eager's."""
+    `mem_vs_official_eager` and `saved_vs_official_eager`: peak memory and saved activations per image over
+    official-eager's."""
     ok = [r for r in records if r.get("kind") == "train" and r.get("status") == "ok"]
     ips = {r["backend"]: r["images_per_s"] for r in ok}
     mem = {r["backend"]: r.get("peak_mem_mb") for r in ok}
+    saved = {r["backend"]: r.get("saved_mb_per_image") for r in ok}
     for r in records:
         if r.get("kind") == "train" and r.get("status") == "ok":
+            if saved.get("official-eager") and r.get("saved_mb_per_image") is not None:
+                r["saved_vs_official_eager"] = r["saved_mb_per_image"] / saved["official-eager"]
             if mem.get("official-eager") and r.get("peak_mem_mb") is not None:
                 r["mem_vs_official_eager"] = r["peak_mem_mb"] / mem["official-eager"]
             if ips.get("official-eager"):
@@ -152,6 +159,41 @@ def add_train_speedups(records: list[dict]) -> list[dict]:
             if ips.get("reference+compile"):
                 r["vs_reference_compile"] = r["images_per_s"] / ips["reference+compile"]
     return records
+
+
+def saved_bytes(model, imgs, noise, mask_ratio: float, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of one forward (parameters and inputs
+    excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {imgs.untyped_storage().data_ptr(), noise.untyped_storage().data_ptr()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in seen and ptr not in skip:
+            seen.add(ptr)
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, dtype):
+        loss = model(imgs, mask_ratio, noise=noise)[0]
+    del loss
+    return total
+
+
+def saved_mb_per_image(model, imgs, noise, mask_ratio: float, device: torch.device,
+                       dtype: torch.dtype) -> float | None:
+    """Activation memory per image: the slope of `saved_bytes` between the batch and half of it, in MiB."""
+    b = imgs.shape[0]
+    half = b // 2
+    if half < 1:
+        return None
+    full = saved_bytes(model, imgs, noise, mask_ratio, device, dtype)
+    part = saved_bytes(model, imgs[:half], noise[:half], mask_ratio, device, dtype)
+    return (full - part) / (b - half) / 2 ** 20
 
 
 def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, variant: str,
@@ -175,7 +217,9 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
         model(imgs[:1], mask_ratio, noise=noise[:1])
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
     forward = torch.compile(model) if cfg["compile"] else model
+    saved = None if cfg["compile"] else (lambda: saved_mb_per_image(model, imgs, noise, mask_ratio, device, dtype))
     return {"step": make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype), "model": model,
+            "saved_mb_per_image": saved,
             "shape": {"batch": batch, "img": side, "L": L, "K": len_keep(L, mask_ratio)},
             "flops": train_step_flops(model, batch, mask_ratio), "dispatch": dispatch_str(seen)}
 
@@ -204,6 +248,7 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
             rec["shape"] = built["shape"]
             t = measure(built["step"], device, **(timing or {}))
             loss = float(built["step"]().detach())
+            saved = built["saved_mb_per_image"]() if built["saved_mb_per_image"] else None
     except BackendUnavailable as exc:
         return {**rec, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
@@ -217,6 +262,8 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
     out = {**rec, "status": "ok", **t.as_dict(), "dispatch": dispatch, "images_per_s": batch / sec,
            "images_per_s_p20": batch / (t.p80_ms * 1e-3), "images_per_s_p80": batch / (t.p20_ms * 1e-3),
            "flops_per_step": flops, "tflops": flops / sec / 1e12, "loss": loss}
+    if saved is not None:
+        out["saved_mb_per_image"] = saved
     if device.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         out["peak_mem_kind"] = "cuda max_memory_allocated"

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .lean import norm_mlp
+from .lean import norm_linear, norm_mlp
 
 
 class PatchEmbed(nn.Module):
@@ -48,11 +48,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, backend=None) -> torch.Tensor:
-        B, N, C = x.shape
+        return self.attend(self.qkv(x), backend)
+
+    def attend(self, qkv: torch.Tensor, backend=None) -> torch.Tensor:
+        """Attention and output projection from the packed qkv projection [B, N, 3 * C]."""
+        B, N, C3 = qkv.shape
         # the packed projection goes to the op as it is: q, k, v are strided views of it (no copies before the
         # kernel), and backends with a packed form write its gradient in one piece (no stack and copy after)
-        x = ops.attention_qkv(self.qkv(x), self.num_heads, scale=self.scale, backend=backend)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        x = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, backend=backend)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C3 // 3))
 
 
 class Mlp(nn.Module):
@@ -76,10 +80,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.lean_mlp = False  # recompute norm2 and GELU in the backward (fastmae.model.lean)
+        self.lean_blocks = False  # recompute norm1, norm2 and GELU in the backward (fastmae.model.lean)
 
     def forward(self, x: torch.Tensor, backend=None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), backend=backend)
-        if self.lean_mlp:
+        if self.lean_blocks:
+            x = x + self.attn.attend(norm_linear(x, self.norm1, self.attn.qkv), backend)
             return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
+        x = x + self.attn(self.norm1(x), backend=backend)
         return x + self.mlp(self.norm2(x))

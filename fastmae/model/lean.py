@@ -1,10 +1,10 @@
-"""The memory-lean MLP half of a transformer block: `mlp(norm2(x))` that keeps only what its matmuls need.
+"""The memory-lean transformer block: `mlp(norm2(x))` and `qkv(norm1(x))` that keep only what their matmuls need.
 
-Plain autograd keeps, per token of every block, the LayerNorm output (cast for fc1), the fc1 output (for
-GELU's backward) and the GELU output (fc2's input): 1 + 4 + 4 widths. This function keeps the block input
-(which the LayerNorm needs anyway), the LayerNorm's mean and rstd, and the fc1 output, and recomputes the
-LayerNorm output and the GELU in the backward: 5 widths fewer per token. At MAE's shapes that is about a
-quarter of the activation memory of a training step, for one extra elementwise pass over the hidden layer.
+Plain autograd keeps, per token of every block, the LayerNorm outputs (cast for qkv and fc1), the fc1 output
+(for GELU's backward) and the GELU output (fc2's input): 1 + 1 + 4 + 4 widths. These functions keep the
+LayerNorms' inputs (which the LayerNorms need anyway) with their mean and rstd, and the fc1 output, and
+recompute the LayerNorm outputs and the GELU in the backward: 6 widths fewer per token. At MAE's shapes that
+is about a third of the activation memory of a training step, for extra elementwise passes in the backward.
 
 Numerics follow the plain path op for op, autocast included: under autocast the LayerNorm runs in fp32 and
 the matmuls, GELU and their gradients in the autocast dtype, with weight gradients returned in the weights'
@@ -23,15 +23,58 @@ def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:
     return x.dtype, False
 
 
+def _norm_linear_forward(x, ln_w, ln_b, eps, w, b, cdt, autocast):
+    """(LayerNorm(x) @ w^T + b in cdt, mean, rstd); autocast runs layer_norm in fp32."""
+    x_ln = x.float() if autocast else x
+    y, mean, rstd = torch.ops.aten.native_layer_norm(x_ln, [x.shape[-1]], ln_w, ln_b, eps)
+    return F.linear(y.to(cdt), w.to(cdt), b.to(cdt)), mean, rstd
+
+
+def _norm_linear_backward(dh, x, ln_w, ln_b, mean, rstd, eps, w, cdt, autocast, need):
+    """Gradients (dx, dln_w, dln_b, dw, db) of `_norm_linear_forward` from dh = dL/d(output) [T, out] in cdt,
+    with the LayerNorm output recomputed; `need` says which of the five are wanted."""
+    x_ln = x.float() if autocast else x
+    y = torch.ops.aten.native_layer_norm(x_ln, [x.shape[-1]], ln_w, ln_b, eps)[0]  # recomputed
+    dw = (dh.t() @ y.to(cdt).reshape(-1, y.shape[-1])).to(w.dtype) if need[3] else None
+    db = dh.sum(0).to(w.dtype) if need[4] else None
+    dx = dlnw = dlnb = None
+    if need[0] or need[1] or need[2]:
+        dy = (dh @ w.to(cdt)).reshape(y.shape).to(y.dtype)
+        dx, dlnw, dlnb = torch.ops.aten.native_layer_norm_backward(
+            dy, x_ln, [x.shape[-1]], mean, rstd, ln_w, ln_b, [need[0], need[1], need[2]])
+        dx = dx.to(x.dtype) if dx is not None else None
+    return dx, dlnw, dlnb, dw, db
+
+
+class _NormLinear(torch.autograd.Function):
+    """linear(norm(x)), keeping x and the LayerNorm statistics (not the normalised x) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, eps, w, b):
+        cdt, autocast = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            out, mean, rstd = _norm_linear_forward(x, ln_w, ln_b, eps, w, b, cdt, autocast)
+        ctx.save_for_backward(x, ln_w, ln_b, mean, rstd, w)
+        ctx.cdt, ctx.autocast, ctx.eps = cdt, autocast, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, ln_w, ln_b, mean, rstd, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.autocast(x.device.type, enabled=False):
+            dh = dout.to(ctx.cdt).reshape(-1, dout.shape[-1])
+            dx, dlnw, dlnb, dw, db = _norm_linear_backward(dh, x, ln_w, ln_b, mean, rstd, ctx.eps, w, ctx.cdt,
+                                                           ctx.autocast, need[:3] + need[4:6])
+        return dx, dlnw, dlnb, None, dw, db
+
+
 class _NormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2):
         cdt, autocast = _compute_dtype(x)
-        dev = x.device.type
-        with torch.autocast(dev, enabled=False):
-            x_ln = x.float() if autocast else x  # autocast runs layer_norm in fp32
-            y, mean, rstd = torch.ops.aten.native_layer_norm(x_ln, [x.shape[-1]], ln_w, ln_b, eps)
-            h = F.linear(y.to(cdt), w1.to(cdt), b1.to(cdt))
+        with torch.autocast(x.device.type, enabled=False):
+            h, mean, rstd = _norm_linear_forward(x, ln_w, ln_b, eps, w1, b1, cdt, autocast)
             out = F.linear(F.gelu(h), w2.to(cdt), b2.to(cdt))
         ctx.save_for_backward(x, ln_w, ln_b, mean, rstd, w1, h, w2)
         ctx.cdt, ctx.autocast, ctx.eps = cdt, autocast, eps
@@ -42,33 +85,33 @@ class _NormMlp(torch.autograd.Function):
         x, ln_w, ln_b, mean, rstd, w1, h, w2 = ctx.saved_tensors
         cdt = ctx.cdt
         need = ctx.needs_input_grad
-        dev = x.device.type
-        with torch.autocast(dev, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             d_out = dout.to(cdt).reshape(-1, dout.shape[-1])
             h2 = h.reshape(-1, h.shape[-1])
             a = F.gelu(h2)  # recomputed
             dw2 = (d_out.t() @ a).to(w2.dtype) if need[6] else None
             db2 = d_out.sum(0).to(w2.dtype) if need[7] else None
-            dh = torch.ops.aten.gelu_backward(d_out @ w2.to(cdt), h2)
             del a
-            x_ln = x.float() if ctx.autocast else x
-            y = torch.ops.aten.native_layer_norm(x_ln, [x.shape[-1]], ln_w, ln_b, ctx.eps)[0]  # recomputed
-            y2 = y.to(cdt).reshape(-1, y.shape[-1])
-            dw1 = (dh.t() @ y2).to(w1.dtype) if need[4] else None
-            db1 = dh.sum(0).to(w1.dtype) if need[5] else None
-            dx = dlnw = dlnb = None
-            if need[0] or need[1] or need[2]:
-                dy = (dh @ w1.to(cdt)).reshape(y.shape).to(y.dtype)
-                dx, dlnw, dlnb = torch.ops.aten.native_layer_norm_backward(
-                    dy, x_ln, [x.shape[-1]], mean, rstd, ln_w, ln_b, [need[0], need[1], need[2]])
-                dx = dx.to(x.dtype) if dx is not None else None
+            dh = torch.ops.aten.gelu_backward(d_out @ w2.to(cdt), h2)
+            dx, dlnw, dlnb, dw1, db1 = _norm_linear_backward(dh, x, ln_w, ln_b, mean, rstd, ctx.eps, w1, cdt,
+                                                             ctx.autocast, need[:3] + need[4:6])
         return dx, dlnw, dlnb, None, dw1, db1, dw2, db2
+
+
+def _check_layers(norm, *linears) -> None:
+    if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise TypeError("the lean block takes a LayerNorm over the last dimension")
+    if any(lin.bias is None for lin in linears) or norm.weight is None:
+        raise TypeError("the lean block takes Linear layers with biases and an affine LayerNorm")
 
 
 def norm_mlp(x: torch.Tensor, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
     """fc2(gelu(fc1(norm(x)))), keeping x, the LayerNorm statistics and fc1's output for the backward."""
-    if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        raise TypeError("the lean MLP takes a LayerNorm over the last dimension")
-    if fc1.bias is None or fc2.bias is None or norm.weight is None:
-        raise TypeError("the lean MLP takes Linear layers with biases and an affine LayerNorm")
+    _check_layers(norm, fc1, fc2)
     return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+
+def norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear) -> torch.Tensor:
+    """linear(norm(x)), keeping x and the LayerNorm statistics for the backward (the attention half's qkv)."""
+    _check_layers(norm, linear)
+    return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)

@@ -31,16 +31,16 @@ class MaskedAutoencoderViT(nn.Module):
         the mask ratio is then 0.75).
       pred_masked_only: the decoder head predicts only the removed patches; `pred` is then
         [N, L - len_keep, p*p*C] in shuffled order (`ids_shuffle[:, len_keep:]`). Off by default.
-      lean_mlp: every block's MLP half keeps only its input, the LayerNorm statistics and the fc1 output for
-        the backward, and recomputes the LayerNorm and GELU there (`fastmae.model.lean`): about a quarter
-        less activation memory for one extra elementwise pass. Same numbers; off by default;
-        `model.lean_mlp = ...` works.
+      lean_blocks: every block keeps only its LayerNorms' inputs and statistics and the fc1 output for the
+        backward, and recomputes both LayerNorms and the GELU there (`fastmae.model.lean`): about a third less
+        activation memory for a few extra elementwise passes. Same numbers; off by default;
+        `model.lean_blocks = ...` works.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,
                  norm_layer=nn.LayerNorm, norm_pix_loss=False, *, backend=None, mask_strategy="random",
-                 pred_masked_only=False, lean_mlp=False):
+                 pred_masked_only=False, lean_blocks=False):
         super().__init__()
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}")
@@ -68,17 +68,17 @@ class MaskedAutoencoderViT(nn.Module):
         self.backend = backend
         self.mask_strategy = mask_strategy
         self.pred_masked_only = pred_masked_only
-        self.lean_mlp = lean_mlp
+        self.lean_blocks = lean_blocks
         self.initialize_weights()
 
     @property
-    def lean_mlp(self) -> bool:
-        return all(blk.lean_mlp for blk in [*self.blocks, *self.decoder_blocks])
+    def lean_blocks(self) -> bool:
+        return all(blk.lean_blocks for blk in [*self.blocks, *self.decoder_blocks])
 
-    @lean_mlp.setter
-    def lean_mlp(self, value: bool) -> None:
+    @lean_blocks.setter
+    def lean_blocks(self, value: bool) -> None:
         for blk in [*self.blocks, *self.decoder_blocks]:
-            blk.lean_mlp = bool(value)
+            blk.lean_blocks = bool(value)
 
     # ----------------------------------------------------------------------------------------- set-up
     def initialize_weights(self):

@@ -92,9 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on GPUs that support it, else fp16 (with a gradient scaler) on GPUs, "
                         "fp32 on CPUs")
     f.add_argument("--compile", action="store_true", help="torch.compile the model")
-    f.add_argument("--lean_mlp", action="store_true",
-                   help="recompute LayerNorm and GELU of the MLP halves in the backward: about a quarter less "
-                        "activation memory (a larger --batch_size fits) for an extra elementwise pass")
+    f.add_argument("--lean_blocks", action="store_true",
+                   help="recompute every block's LayerNorms and GELU in the backward: about a third less "
+                        "activation memory (a larger --batch_size fits) for a few extra elementwise passes")
     f.add_argument("--max_steps", default=0, type=int,
                    help="stop after this many optimizer steps in total (0: no limit); saves checkpoint-last.pth")
     f.add_argument("--save_every", default=20, type=int,
@@ -190,7 +190,7 @@ def train(args) -> PretrainResult:
         # the model is initialised from `seed` on every rank (DDP would broadcast rank 0's anyway)
         seed_everything(args.seed)
         model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size,
-                             backend=parse_backend(args.backend), lean_mlp=args.lean_mlp)
+                             backend=parse_backend(args.backend), lean_blocks=args.lean_blocks)
         model.to(device)
         seed_everything(args.seed + info.rank)
 

@@ -36,7 +36,7 @@ def test_out_folder_holds_json_csv_and_plots(run_dir, capsys):
     assert train["fastmae"]["status"] == "ok" and "mfu" in train["fastmae"]
     assert train["fastmae+lean"]["status"] == "ok" and train["fastmae+lean"]["mem_vs_official_eager"] > 0
     # activations kept for the backward, per image: fastmae's path keeps less than the official order of
-    # operations, and lean_mlp less again (deterministic byte counts, not timings)
+    # operations, and lean_blocks less again (deterministic byte counts, not timings)
     saved = {v: train[v]["saved_mb_per_image"] for v in ("official-eager", "fastmae", "fastmae+lean")}
     assert saved["official-eager"] > saved["fastmae"] > saved["fastmae+lean"] > 0, saved
     assert "saved_mb_per_image" not in train["fastmae+compile"]

@@ -1,4 +1,4 @@
-"""`lean_mlp`: the MLP half of a block recomputes LayerNorm and GELU in the backward (fastmae/model/lean.py).
+"""`lean_blocks`: a block recomputes its LayerNorms and GELU in the backward (fastmae/model/lean.py).
 
 It must give the plain block's numbers, forward and backward, in fp32 and under bf16 autocast, while keeping
 less for the backward. Tolerances: fp32 atol 1e-6 / rtol 1e-5 (the same ops in the same order; on a CPU the
@@ -18,7 +18,7 @@ TOL = {False: (1e-6, 1e-5), True: (1e-2, 1e-2)}
 
 
 def _block_run(blk, x, lean, amp, device):
-    blk.lean_mlp = lean
+    blk.lean_blocks = lean
     blk.zero_grad()
     x = x.detach().clone().requires_grad_()
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
@@ -48,7 +48,7 @@ def test_lean_block_keeps_less_for_the_backward():
     params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
 
     def saved_bytes(lean):
-        blk.lean_mlp = lean
+        blk.lean_blocks = lean
         seen, total = set(), [0]
 
         def pack(t):
@@ -63,9 +63,9 @@ def test_lean_block_keeps_less_for_the_backward():
         return total[0]
 
     plain, lean = saved_bytes(False), saved_bytes(True)
-    # per token, the MLP half no longer keeps the LayerNorm output (64 floats) and the GELU output (256); both
-    # paths keep the block's middle residual and the LayerNorm mean and rstd, the fc1 output and the weights
-    assert plain - lean == 2 * 50 * (64 + 256) * 4, (plain, lean)
+    # per token, the lean block no longer keeps the two LayerNorm outputs (64 floats each) and the GELU output
+    # (256); both keep the LayerNorms' inputs, means and rstds, q/k/v/out, the fc1 output and the weights
+    assert plain - lean == 2 * 50 * (64 + 64 + 256) * 4, (plain, lean)
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
@@ -81,22 +81,42 @@ def test_lean_model_matches_and_compiles(backend):
         return [loss.detach(), pred.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     plain = run(model)
-    model.lean_mlp = True
-    assert model.lean_mlp and all(b.lean_mlp for b in model.decoder_blocks)
+    model.lean_blocks = True
+    assert model.lean_blocks and all(b.lean_blocks for b in model.decoder_blocks)
     lean = run(model)
     compiled = run(torch.compile(model, fullgraph=True, backend="aot_eager"))  # fullgraph: no graph breaks
     assert len(lean) == len(plain) == len(compiled)
     for i, (a, b, c) in enumerate(zip(plain, lean, compiled)):
         assert_close(b, a, 1e-6, 1e-5, f"lean tensor {i}")
         assert_close(c, a, 1e-6, 1e-5, f"compiled lean tensor {i}")
-    assert "lean_mlp" not in "".join(model.state_dict())  # the official keys, unchanged
+    assert "lean_blocks" not in "".join(model.state_dict())  # the official keys, unchanged
 
 
-def test_lean_mlp_rejects_layers_it_cannot_recompute():
-    from fastmae.model.lean import norm_mlp
+def test_lean_functions_reject_layers_they_cannot_recompute():
+    from fastmae.model.lean import norm_linear, norm_mlp
 
     blk = Block(16, 2)
     with pytest.raises(TypeError, match="LayerNorm"):
         norm_mlp(torch.randn(1, 3, 16), torch.nn.Identity(), blk.mlp.fc1, blk.mlp.fc2)
     with pytest.raises(TypeError, match="biases"):
         norm_mlp(torch.randn(1, 3, 16), blk.norm2, torch.nn.Linear(16, 64, bias=False), blk.mlp.fc2)
+    with pytest.raises(TypeError, match="LayerNorm"):
+        norm_linear(torch.randn(1, 3, 16), torch.nn.LayerNorm((3, 16)), blk.attn.qkv)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_norm_linear_gives_only_the_gradients_asked_for(amp):
+    """Frozen LayerNorm and input: the lean function computes no gradient autograd did not ask for."""
+    from fastmae.model.lean import norm_linear
+
+    torch.manual_seed(0)
+    norm, lin = torch.nn.LayerNorm(32), torch.nn.Linear(32, 96)
+    norm.requires_grad_(False)
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = norm_linear(x, norm, lin)
+        ref = lin(norm(x))
+    assert out.dtype == ref.dtype
+    g, g_ref = torch.autograd.grad(out.float().sum(), lin.weight), torch.autograd.grad(ref.float().sum(), lin.weight)
+    assert_close(g[0], g_ref[0], *TOL[amp], "dW")
+    assert norm.weight.grad is None and x.grad is None

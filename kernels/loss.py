@@ -227,11 +227,44 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The launchers as torch.library custom ops with fake implementations, so torch.compile treats each as one
+# opaque op (see the note in tokens.py). Outputs never alias inputs: mask32 is copied when the mask already is
+# a contiguous fp32 [N, L] tensor, and without `write_grad` g is an empty placeholder.
+
+
+@torch.library.custom_op("fastmae::masked_mse_fwd", mutates_args=())
+def _masked_mse_fwd_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+                       pred_ids: torch.Tensor | None,
+                       write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, g, denom, mask32 = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad)
+    if mask32.data_ptr() == mask.data_ptr():
+        mask32 = mask32.clone()
+    return loss, (g if g is not None else pred.new_empty(0)), denom, mask32
+
+
+@_masked_mse_fwd_op.register_fake
+def _masked_mse_fwd_fake(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad):
+    f32 = torch.float32
+    g = pred.new_empty(pred.shape) if write_grad else pred.new_empty(0)
+    return (pred.new_empty((), dtype=f32), g, pred.new_empty(1, dtype=f32),
+            pred.new_empty((mask.shape[0], mask.numel() // max(1, mask.shape[0])), dtype=f32))
+
+
+@torch.library.custom_op("fastmae::masked_mse_bwd", mutates_args=())
+def _masked_mse_bwd_op(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor, mask32: torch.Tensor,
+                       has_ids: bool) -> torch.Tensor:
+    return masked_mse_loss_backward(grad_output, g, denom, mask32, has_ids)
+
+
+@_masked_mse_bwd_op.register_fake
+def _masked_mse_bwd_fake(grad_output, g, denom, mask32, has_ids):
+    return torch.empty_like(g)
+
+
 class MaskedMSELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, imgs, mask, patch_size, norm_pix, pred_ids):
-        loss, g, denom, mask32 = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids,
-                                                         write_grad=True)
+        loss, g, denom, mask32 = _masked_mse_fwd_op(pred, imgs, mask, patch_size, norm_pix, pred_ids, True)
         ctx.save_for_backward(g, denom, mask32)
         ctx.has_ids = pred_ids is not None
         return loss
@@ -239,7 +272,7 @@ class MaskedMSELossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         g, denom, mask32 = ctx.saved_tensors
-        grad_pred = masked_mse_loss_backward(grad_output, g, denom, mask32, ctx.has_ids)
+        grad_pred = _masked_mse_bwd_op(grad_output, g, denom, mask32, ctx.has_ids)
         return grad_pred, None, None, None, None, None
 
 
@@ -251,8 +284,7 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
                          "backend='reference'")
     if pred.requires_grad and torch.is_grad_enabled():
         return MaskedMSELossFunction.apply(pred, imgs, mask, int(patch_size), bool(norm_pix), pred_ids)
-    loss, _, _, _ = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad=False)
-    return loss
+    return _masked_mse_fwd_op(pred, imgs, mask, int(patch_size), bool(norm_pix), pred_ids, False)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -386,10 +386,87 @@ def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The launchers as torch.library custom ops with fake implementations: torch.compile treats each as one opaque
+# op (it never traces a Triton launch, which it cannot do under the interpreter and need not do on a GPU), so
+# a model on the triton backend compiles with fullgraph=True. Custom ops must not return views of their
+# inputs; every output here is a new tensor.
+
+
+@torch.library.custom_op("fastmae::gather_patches", mutates_args=())
+def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    return gather_patches_forward(imgs, ids_keep, patch_size)
+
+
+@_gather_patches_op.register_fake
+def _gather_patches_fake(imgs, ids_keep, patch_size):
+    return imgs.new_empty((imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size))
+
+
+@torch.library.custom_op("fastmae::gather_tokens_fwd", mutates_args=())
+def _gather_tokens_fwd_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor,
+                          cls_token: torch.Tensor | None, gathered: bool) -> torch.Tensor:
+    return gather_tokens_forward(x, ids_keep, pos_embed, cls_token, gathered)
+
+
+@_gather_tokens_fwd_op.register_fake
+def _gather_tokens_fwd_fake(x, ids_keep, pos_embed, cls_token, gathered):
+    dtype = torch.promote_types(x.dtype, pos_embed.dtype)
+    if cls_token is not None:
+        dtype = torch.promote_types(dtype, cls_token.dtype)
+    return x.new_empty((x.shape[0], ids_keep.shape[1] + int(cls_token is not None), x.shape[2]), dtype=dtype)
+
+
+@torch.library.custom_op("fastmae::gather_tokens_bwd_x", mutates_args=())
+def _gather_tokens_bwd_x_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
+                            has_cls: bool) -> torch.Tensor:
+    return gather_tokens_backward(grad_out, ids_keep, L, x_dtype, has_cls, None, False, need_x=True,
+                                  need_cls=False)[0]
+
+
+@_gather_tokens_bwd_x_op.register_fake
+def _gather_tokens_bwd_x_fake(grad_out, ids_keep, L, x_dtype, has_cls):
+    return grad_out.new_empty((grad_out.shape[0], L, grad_out.shape[2]), dtype=x_dtype)
+
+
+@torch.library.custom_op("fastmae::gather_tokens_bwd_cls", mutates_args=())
+def _gather_tokens_bwd_cls_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, cls_dtype: torch.dtype) -> torch.Tensor:
+    return gather_tokens_backward(grad_out, ids_keep, 0, grad_out.dtype, True, cls_dtype, True, need_x=False,
+                                  need_cls=True)[1]
+
+
+@_gather_tokens_bwd_cls_op.register_fake
+def _gather_tokens_bwd_cls_fake(grad_out, ids_keep, cls_dtype):
+    return grad_out.new_empty((1, 1, grad_out.shape[2]), dtype=cls_dtype)
+
+
+@torch.library.custom_op("fastmae::unshuffle_tokens_fwd", mutates_args=())
+def _unshuffle_fwd_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                      pos_embed: torch.Tensor) -> torch.Tensor:
+    return unshuffle_tokens_forward(x, ids_restore, mask_token, pos_embed)
+
+
+@_unshuffle_fwd_op.register_fake
+def _unshuffle_fwd_fake(x, ids_restore, mask_token, pos_embed):
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
+    return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=dtype)
+
+
+@torch.library.custom_op("fastmae::unshuffle_tokens_bwd", mutates_args=())
+def _unshuffle_bwd_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
+                      mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return unshuffle_tokens_backward(grad_out, ids_restore, K, x_dtype, mask_dtype)
+
+
+@_unshuffle_bwd_op.register_fake
+def _unshuffle_bwd_fake(grad_out, ids_restore, K, x_dtype, mask_dtype):
+    n, _, d = grad_out.shape
+    return grad_out.new_empty((n, K + 1, d), dtype=x_dtype), grad_out.new_empty((1, 1, d), dtype=mask_dtype)
+
+
 class GatherTokensFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids_keep, pos_embed, cls_token, gathered):
-        out = gather_tokens_forward(x, ids_keep, pos_embed, cls_token, gathered)
+        out = _gather_tokens_fwd_op(x, ids_keep, pos_embed, cls_token, gathered)
         ctx.save_for_backward(ids_keep)
         ctx.L = x.shape[1]
         ctx.x_dtype = x.dtype
@@ -400,16 +477,22 @@ class GatherTokensFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ids_keep,) = ctx.saved_tensors
-        grad_x, grad_cls = gather_tokens_backward(grad_out, ids_keep, ctx.L, ctx.x_dtype, ctx.cls_dtype is not None,
-                                                  ctx.cls_dtype, ctx.gathered, need_x=ctx.needs_input_grad[0],
-                                                  need_cls=ctx.needs_input_grad[3])
+        has_cls = ctx.cls_dtype is not None
+        grad_x = grad_cls = None
+        if ctx.needs_input_grad[0]:
+            if ctx.gathered:  # the kept rows of grad_out, as they are: a view (plain torch, no kernel)
+                grad_x = grad_out[:, int(has_cls):, :].to(ctx.x_dtype)
+            else:
+                grad_x = _gather_tokens_bwd_x_op(grad_out, ids_keep, ctx.L, ctx.x_dtype, has_cls)
+        if has_cls and ctx.needs_input_grad[3]:
+            grad_cls = _gather_tokens_bwd_cls_op(grad_out, ids_keep, ctx.cls_dtype)
         return grad_x, None, None, grad_cls, None
 
 
 class UnshuffleTokensFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids_restore, mask_token, pos_embed):
-        out = unshuffle_tokens_forward(x, ids_restore, mask_token, pos_embed)
+        out = _unshuffle_fwd_op(x, ids_restore, mask_token, pos_embed)
         ctx.save_for_backward(ids_restore)
         ctx.K = x.shape[1] - 1
         ctx.x_dtype = x.dtype
@@ -419,7 +502,7 @@ class UnshuffleTokensFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
-        grad_x, grad_mask = unshuffle_tokens_backward(grad_out, ids_restore, ctx.K, ctx.x_dtype, ctx.mask_dtype)
+        grad_x, grad_mask = _unshuffle_bwd_op(grad_out, ids_restore, ctx.K, ctx.x_dtype, ctx.mask_dtype)
         # one kernel computes both; a gradient nobody asked for is dropped
         return (grad_x if ctx.needs_input_grad[0] else None), None, \
             (grad_mask if ctx.needs_input_grad[2] else None), None
@@ -433,7 +516,7 @@ class UnshuffleTokensFunction(torch.autograd.Function):
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Patchify + gather: imgs [N, C, H, W], ids_keep [N, K] -> [N, K, C*p*p] in conv-weight (c, p, q) order."""
     _no_grad_to("imgs", imgs)
-    return gather_patches_forward(imgs, ids_keep, patch_size)
+    return _gather_patches_op(imgs, ids_keep, int(patch_size))
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor,

@@ -51,6 +51,22 @@ class Inputs:
     options: Mapping[str, object] = field(default_factory=dict)
 
 
+class LazyFn:
+    """A function imported on first use (kernel modules import triton). The registry replaces it with the real
+    function when it first picks the implementation (`OpImpl.ready`), outside any traced code: torch.compile
+    cannot trace `importlib.import_module`, so the ops never import while a model is being compiled."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+        self.__name__, self.__qualname__ = name, f"{module}.{name}"
+
+    def load(self) -> Callable:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args, **kwargs):
+        return self.load()(*args, **kwargs)
+
+
 @dataclass
 class OpImpl:
     """One backend's implementation of one op, and what it supports."""
@@ -69,6 +85,14 @@ class OpImpl:
     packed: Callable | None = None
     # tolerances the tests use for this implementation, per dtype: (atol, rtol)
     tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+
+    def ready(self) -> "OpImpl":
+        """Replace lazily imported functions by the real ones (once; the registry calls it when it picks this)."""
+        if isinstance(self.fn, LazyFn):
+            self.fn = self.fn.load()
+        if isinstance(self.packed, LazyFn):
+            self.packed = self.packed.load()
+        return self
 
     def install_reasons(self) -> list[str]:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -279,7 +303,7 @@ def _resolve(op: str, inputs: Inputs, backend: BackendSpec) -> OpImpl:
         reasons = [f"{name} does not implement {op}"] if impl is None else impl.reasons(inputs)
         if reasons:
             raise BackendUnavailable(f"backend {name!r} cannot run {op} on this input: " + "; ".join(reasons))
-        return impl
+        return impl.ready()
     tried = []
     for cand in priority(op, inputs.device.type):
         impl = _REGISTRY.get((op, cand))
@@ -287,7 +311,7 @@ def _resolve(op: str, inputs: Inputs, backend: BackendSpec) -> OpImpl:
             continue
         reasons = impl.reasons(inputs)
         if not reasons:
-            return impl
+            return impl.ready()
         tried.append(f"{cand}: " + "; ".join(reasons))
     raise BackendUnavailable(f"no backend can run {op} on this input. " + " | ".join(tried))
 

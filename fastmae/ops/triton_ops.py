@@ -6,24 +6,16 @@ The kernel modules are imported on first use, so importing fastmae never compile
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from ..kernels.utils import interpreter_enabled  # imports torch only, never triton
-from .registry import FLOAT_DTYPES, Inputs, OpImpl, register
+from .registry import FLOAT_DTYPES, Inputs, LazyFn, OpImpl, register
 
 ATTENTION_HEAD_DIMS = (16, 128)
 
 
-def _lazy(module: str, name: str):
-    def call(*args, **kwargs):
-        fn = getattr(importlib.import_module(f"fastmae.kernels.{module}"), name)
-        return fn(*args, **kwargs)
-
-    call.__name__ = name
-    call.__qualname__ = f"fastmae.kernels.{module}.{name}"
-    return call
+def _lazy(module: str, name: str) -> LazyFn:
+    return LazyFn(f"fastmae.kernels.{module}", name)
 
 
 def _device_reasons(inputs: Inputs) -> list[str]:

@@ -262,7 +262,7 @@ def run_ops(args) -> int:
     from . import ops_bench
     from .common import parse_list
     from .limits import measure_limits
-    from .records import environment, read_results
+    from .records import read_results
 
     if args.rank_from:
         if not args.write_priority:

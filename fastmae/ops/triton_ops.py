@@ -6,8 +6,6 @@ The kernel modules are imported on first use, so importing fastmae never compile
 """
 from __future__ import annotations
 
-import torch
-
 from ..kernels.utils import interpreter_enabled  # imports torch only, never triton
 from .registry import FLOAT_DTYPES, Inputs, LazyFn, OpImpl, register
 

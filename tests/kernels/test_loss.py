@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, masking, max_error, plain_for_rule, skip_unless_serves
+from tests.utils import DEVICES, assert_error_within_plain, masking, plain_for_rule, skip_unless_serves
 
 loss_mod = pytest.importorskip("fastmae.kernels.loss", reason="the Triton kernels need triton")
 

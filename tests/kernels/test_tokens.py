@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, masking, max_error, plain_for_rule, skip_unless_serves
+from tests.utils import DEVICES, assert_error_within_plain, plain_for_rule, skip_unless_serves
 
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
 

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, interpreter_enabled, next_power_of_2
+from .utils import CompileSpec, check_device, interpreter_enabled, next_power_of_2, split_qkv
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -609,9 +609,9 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
         raise ValueError(f"unknown attention kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
     if kernel in _FORCED:
         return _FORCED[kernel]
-    if capability is not None:
-        arch = f"sm_{capability[0]}{capability[1]}"
-        entry = tuned_table().get(arch, {}).get(kernel, {}).get(tuned_key(kernel, n, d, dtype))
+    table = tuned_table() if capability is not None else None
+    if table:  # nothing to look up, and no key to build on every launch, when nothing is tuned
+        entry = table.get(f"sm_{capability[0]}{capability[1]}", {}).get(kernel, {}).get(tuned_key(kernel, n, d, dtype))
         if entry:
             return LaunchSettings(*entry)
     return default_settings(kernel, n, d, dtype)
@@ -668,10 +668,11 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreter_enabled()
 
 
-def _new_output(q: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] as a view of a [B, N, H, D] buffer: merging the heads afterwards is free."""
+def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's (out, lse), as the kernels and the fake implementations allocate them: out [B, H, N, D] as
+    a view of a [B, N, H, D] buffer (merging the heads afterwards is free), lse [B, H, N] fp32."""
     B, H, N, D = q.shape
-    return q.new_empty((B, N, H, D)).transpose(1, 2)
+    return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -685,8 +686,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     check_device(q, k, v)
     B, H, N, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
-    out = _new_output(q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    out, lse = _new_outputs(q)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     kernel = "fwd_" + forward_path(N, D, q.dtype, path)
@@ -777,8 +777,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 @_attention_fwd_op.register_fake
 def _attention_fwd_fake(q, k, v, scale, path):
-    B, H, N, D = q.shape
-    return _new_output(q), q.new_empty((B, H, N), dtype=torch.float32)
+    return _new_outputs(q)
 
 
 @torch.library.custom_op("fastmae::attention_bwd", mutates_args=())
@@ -828,14 +827,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return out
 
 
-def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The packed projection [B, N, 3 * H * D] (timm's layout) as q, k, v [B, H, N, D] views."""
-    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv must be [B, N, 3 * heads * head_dim] with {num_heads} heads; got {tuple(qkv.shape)}")
-    B, N, C3 = qkv.shape
-    return qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 @torch.library.custom_op("fastmae::attention_qkv_fwd", mutates_args=())
 def _attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float,
                           path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -844,9 +835,7 @@ def _attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float,
 
 @_attention_qkv_fwd_op.register_fake
 def _attention_qkv_fwd_fake(qkv, num_heads, scale, path):
-    q = split_qkv(qkv, num_heads)[0]
-    B, H, N, D = q.shape
-    return _new_output(q), q.new_empty((B, H, N), dtype=torch.float32)
+    return _new_outputs(split_qkv(qkv, num_heads)[0])
 
 
 @torch.library.custom_op("fastmae::attention_qkv_bwd", mutates_args=())

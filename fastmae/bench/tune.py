@@ -87,9 +87,10 @@ def candidates(kernel: str, n_pad: int, quick: bool = False) -> list[tuple[int, 
 
 
 def _qkv(B, H, N, D, dtype, device, seed=0):
+    from ..kernels.utils import split_qkv
+
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, N, 3 * H * D, generator=g).to(device=device, dtype=dtype)  # one packed projection
-    return qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    return split_qkv(torch.randn(B, N, 3 * H * D, generator=g).to(device=device, dtype=dtype), H)  # packed
 
 
 def _run(attn, kernel: str, q, k, v, dout=None, out=None, lse=None):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.utils import split_qkv  # torch only, never triton
 from . import reference
 from .registry import (BACKENDS, ENV_VAR, OPS, BackendSpec, BackendUnavailable, Inputs, OpImpl, get_impl,
                        not_supported_reasons, priority, record_choices, requested, resolve, set_priority,
@@ -79,10 +80,7 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = No
     piece; the others run `attention` on q, k, v views of qkv, which is what the model did before.
     """
     _float_dtype("qkv", qkv)
-    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv must be [B, N, 3 * heads * head_dim] with {num_heads} heads; got {tuple(qkv.shape)}")
-    B, N, C3 = qkv.shape
-    q, k, v = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = split_qkv(qkv, num_heads)
     inputs = Inputs(qkv.device, qkv.dtype, head_dim=q.shape[-1], tensors={"q": q, "k": k, "v": v},
                     options={"op": "attention"})
     impl = resolve("attention", inputs, backend)

@@ -1,8 +1,7 @@
 """Helpers for the tests: devices to run on, backend skips with the registry's reasons, and comparisons.
 
-Tolerance rule for kernels (stated here, once): a fast path's error against an fp32 reference must be at
-most `ERROR_FACTOR` times the plain PyTorch path's error in the same dtype, plus an absolute floor
-`ERROR_FLOOR[dtype]`. The plain path is the reference implementation run in the test dtype.
+The tolerance rule for kernels is stated once, in `fastmae/bench/tolerance.py` (the tuner applies it too):
+err(fast, fp32 reference) <= ERROR_FACTOR x err(plain path in the same dtype) + ERROR_FLOOR[dtype] x scale.
 """
 from __future__ import annotations
 
@@ -10,11 +9,10 @@ import pytest
 import torch
 
 from fastmae import ops
+from fastmae.bench.tolerance import ERROR_FACTOR, error_bound, floor_scale, max_error
 from fastmae.ops.registry import Inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-ERROR_FACTOR = 2.0
-ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def skip_unless_serves(op: str, backend: str, device, dtype, head_dim=None, **tensors) -> None:
@@ -47,18 +45,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     assert ok, f"{name}: not within atol={atol}, rtol={rtol}: {describe_difference(actual, expected)}"
 
 
-def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.detach().double() - expected.detach().double()).abs().max().cpu()) if actual.numel() else 0.0
-
-
 def assert_error_within_plain(fast: torch.Tensor, plain: torch.Tensor, ref32: torch.Tensor, name: str = "") -> None:
-    """The tolerance rule above: err(fast, ref32) <= ERROR_FACTOR * err(plain, ref32) + floor[dtype]."""
+    """The tolerance rule above: err(fast, ref32) <= ERROR_FACTOR * err(plain, ref32) + floor[dtype] * scale."""
     assert fast.shape == ref32.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref32.shape)}"
     assert torch.isfinite(fast).all(), f"{name}: non-finite values: {describe_difference(fast, ref32)}"
-    bound = ERROR_FACTOR * max_error(plain, ref32) + ERROR_FLOOR[fast.dtype]
+    scale = floor_scale(ref32)
+    bound = error_bound(plain, ref32, fast.dtype)
     err = max_error(fast, ref32)
     assert err <= bound, (f"{name}: error {err:.3e} against the fp32 reference exceeds {bound:.3e} "
-                          f"({ERROR_FACTOR} x the plain {fast.dtype} path's error + floor): "
+                          f"({ERROR_FACTOR} x the plain {fast.dtype} path's error + floor x {scale:.3g}): "
                           f"{describe_difference(fast, ref32)}")
 
 

@@ -35,10 +35,9 @@ import torch
 from .common import parse_list, progress, resolve_device
 from .records import environment, table
 from .timing import measure
+from .tolerance import error_bound, max_error
 
 MIN_GAIN = 0.03  # a candidate must be this much faster than the rule's setting to be recorded
-ERROR_FACTOR = 2.0  # the tests' tolerance rule (tests/utils.py), applied to every candidate
-ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -146,10 +145,6 @@ def screen(cands: list[Candidate], shapes: dict[str, tuple], arch: int | None, d
             cands[i].problems = p
 
 
-def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-
-
 def plan(attn, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torch.device,
          quick: bool) -> list[Candidate]:
     """Every candidate of every kernel the automatic path launches for each shape and dtype; a (kernel, key)
@@ -189,7 +184,7 @@ def check_and_time(attn, cands: list[Candidate], shape: tuple, device: torch.dev
     qp, kp, vp = (t.detach().clone().requires_grad_() for t in (q, k, v))
     plain = reference.attention(qp, kp, vp)
     plain_all = [plain.detach(), *torch.autograd.grad(plain, (qp, kp, vp), dout)]
-    bounds = [ERROR_FACTOR * _max_error(p, t) + ERROR_FLOOR[dtype] for p, t in zip(plain_all, truth)]
+    bounds = [error_bound(p, t, dtype) for p, t in zip(plain_all, truth)]
 
     for c in cands:
         if c.problems and not c.default:
@@ -199,7 +194,7 @@ def check_and_time(attn, cands: list[Candidate], shape: tuple, device: torch.dev
         try:
             with attn.forced_settings(**{c.kernel: attn.LaunchSettings(*c.settings)}):
                 got = _run(attn, c.kernel, q, k, v, dout, out, lse)
-                errs = [_max_error(g, t) for g, t in zip([got[0]] if fwd else got, ref)]
+                errs = [max_error(g, t) for g, t in zip([got[0]] if fwd else got, ref)]
                 c.error = max(errs)
                 if any(not e <= b for e, b in zip(errs, bnd)):  # NaN fails too
                     c.problems.append(f"error {c.error:.3e} beyond the tolerance rule's bound {max(bnd):.3e}")

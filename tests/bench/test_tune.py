@@ -99,7 +99,11 @@ def test_recorded_table_is_sound():
     assert attn.validate_tuned(table) == []
 
 
-def test_tune_refuses_to_time_on_a_cpu_without_asking(capsys):
+def test_tune_refuses_to_time_on_a_cpu_without_asking(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine's CPU: no interpreter, no tuning
+    assert main(["bench", "tune", "--device", "cpu", "--allow-interpreter"]) == 2
+    assert "GPU" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as under the CPU suite: interpreter on, still no kernels' file
     assert main(["bench", "tune", "--device", "cpu"]) == 2
     assert "GPU" in capsys.readouterr().err
     assert main(["bench", "tune", "--device", "cpu", "--allow-interpreter", "--quick", "--write"]) == 2

@@ -84,7 +84,8 @@ def key_results(records: list[dict]) -> list[str]:
                 goal = f" (GPU target >= {target}x)" if r.get("device_type") == "cuda" else ""
                 extra.append(f"{k.replace('_', ' ')} {r[k]:.2f}x{goal}")
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
-        mem = f", peak {r['peak_mem_mb']:,.0f} MB" if r.get("peak_mem_mb") is not None else ""
+        mem_name = "peak" if r.get("device_type") == "cuda" else "resident-memory increase (sampled, coarse)"
+        mem = f", {mem_name} {r['peak_mem_mb']:,.0f} MB" if r.get("peak_mem_mb") is not None else ""
         if (r.get("mem_vs_official_eager") is not None and r["backend"].startswith("fastmae")
                 and r.get("device_type") == "cuda"):  # a CPU's sampled resident memory is too coarse for ratios
             mem += f" ({r['mem_vs_official_eager'] - 1:+.0%} vs official-eager; GPU target <= -20%)"

@@ -14,7 +14,8 @@
 # with its time. If the environment variable OUT is set, summary.md, results.json and a tarball of the run folder
 # are also copied there (flat, three files).
 #
-# Environment: PYTHON (default python3), FASTMAE_RESULTS_ROOT (default benchmarks/results),
+# Environment: PYTHON (default: .venv/bin/python if `make` built it, else python3),
+# FASTMAE_RESULTS_ROOT (default benchmarks/results),
 # FASTMAE_SUITE_BUDGET_S (the whole run's time budget: 530 s on the GPU, under 9 minutes with set-up and summary).
 set -u -o pipefail
 
@@ -32,7 +33,9 @@ for arg in "$@"; do
 done
 if [ "${FASTMAE_SUITE_CPU_QUICK:-0}" = "1" ]; then MODE=cpu-quick; fi
 
-PY=${PYTHON:-$(command -v python3 || command -v python)}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python  # the environment `make` builds
+else PY=$(command -v python3 || command -v python); fi
 case "$MODE" in
     gpu) DEVICE=cuda; Q="--device cuda"; DEFAULT_BUDGET=530; OPS_LIMIT=75 ;;
     cpu) DEVICE=cpu; Q="--device cpu"; DEFAULT_BUDGET=1200; OPS_LIMIT=180 ;;

@@ -135,8 +135,23 @@ log "results go to $RUN_DIR ($MODE)"
 
 # ---------------------------------------------------------------------------------------------- parts
 BENCH=("$PY" -m fastmae bench)
+
+# The attention tuner in whatever time the other parts left (at least 90 s), last: it records its winners in the
+# run folder (attention_tuned.json, with every measurement in tune.json), not in the kernels' own file, so the
+# parts above measured the launch rules as they are; copy the file to kernels/ after reading it.
+tune_part() {
+    local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
+    if [ "$left" -lt 90 ]; then
+        skip tune "needs 90 s of the suite's time budget, ${left}s left"
+        return
+    fi
+    local interp=()
+    if [ "$MODE" != gpu ]; then interp=(env TRITON_INTERPRET=1); fi  # code paths only, under the interpreter
+    run_part tune "$left" "${interp[@]}" "${BENCH[@]}" tune --no-progress "$@" \
+        --write "$RUN_DIR/attention_tuned.json" --out "$RUN_DIR"
+}
 if [ "$SLUG" = unknown-device ]; then
-    for p in gpu-tests bench-ops priority encoder-vit-b encoder-vit-l train-vit-b train-vit-l; do
+    for p in gpu-tests bench-ops priority encoder-vit-b encoder-vit-l train-vit-b train-vit-l tune; do
         skip "$p" "fastmae could not be installed"
     done
 else
@@ -172,6 +187,7 @@ else
             --dtype bfloat16 --out "$RUN_DIR"
         run_part train-vit-l 110 "${BENCH[@]}" train $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
             --dtype bfloat16 --out "$RUN_DIR"
+        tune_part --shapes enc-B,enc-H,dec-16
         ;;
     cpu)
         run_part encoder-cpu-default 120 "${BENCH[@]}" encoder $Q --no-progress --out "$RUN_DIR"
@@ -182,12 +198,14 @@ else
         run_part train-vit-b 300 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 4 \
             --out "$RUN_DIR"
         skip train-vit-l "ViT-L takes minutes per step on a small CPU; its shapes are GPU work"
+        skip tune "tuning times Triton kernels on a GPU (cpu-quick mode checks its code paths)"
         ;;
     cpu-quick)
         run_part encoder-vit-b 60 "${BENCH[@]}" encoder $Q --no-progress --out "$RUN_DIR"
         skip encoder-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
         run_part train-vit-b 60 "${BENCH[@]}" train $Q --no-progress --out "$RUN_DIR"
         skip train-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
+        tune_part --quick --allow-interpreter --device cpu
         ;;
     esac
 fi

@@ -324,6 +324,9 @@ def run(args: argparse.Namespace) -> int:
         groups.setdefault((c.shape, c.dtype), []).append(c)
     for (name, _), cands in progress(list(groups.items()), "tune", enabled=not args.no_progress):
         check_and_time(attn, cands, shapes[name], device, max_time, args.quick)
+        # what is measured so far is saved after every shape: a run cut short keeps it
+        if not save(args, attn, results, env, arch, quiet=True):
+            return 1
 
     best = winners(results)
     rows = []
@@ -338,28 +341,36 @@ def run(args: argparse.Namespace) -> int:
     for c in results:
         if c.problems and c.default:
             print(f"note: the rule's own setting for {c.kernel} [{c.key}] has problems: {'; '.join(c.problems)}")
+    return 0 if save(args, attn, results, env, arch, quiet=False) else 1
 
+
+def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, arch: str, quiet: bool) -> bool:
+    """Write every measurement (--out) and merge the winners so far into the table (--write), each file whole
+    or not at all; False when the table would be unsound (then it is not written)."""
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "tune.json")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]}, f, indent=1)
         os.replace(path + ".tmp", path)
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
     if args.write is not None:
         path = args.write or attn.TUNED_FILE
         old = {}
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
-        new = update_table(old, arch, best, env)
+        new = update_table(old, arch, winners(results), env)
         problems = attn.validate_tuned(new)
         if problems:  # never write what launch_settings would refuse
             print("not written, the table would be unsound: " + "; ".join(problems), file=sys.stderr)
-            return 1
+            return False
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(dump_table(new))
         os.replace(path + ".tmp", path)
-        n = sum(len(v) for v in new.get(arch, {}).values())
-        print(f"wrote {path}: {n} tuned settings for {arch}")
-    return 0
+        if not quiet:
+            n = sum(len(v) for v in new.get(arch, {}).values())
+            print(f"wrote {path}: {n} tuned settings for {arch}")
+    return True
+

@@ -36,6 +36,29 @@ def test_quick_tune_writes_a_sound_table(tmp_path):
     assert all(c["median_ms"] and not c["problems"] for c in cands if c["default"])  # the rule's own settings pass
 
 
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The table and tune.json are written after every shape: a tuner stopped by a timeout keeps its shapes."""
+    skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=16)
+    real, calls = tune.check_and_time, []
+
+    def first_shape_only(attn_, cands, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # as a timeout would stop it
+        calls.append(cands[0].shape)
+        return real(attn_, cands, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "check_and_time", first_shape_only)
+    table_path, out = tmp_path / "tuned.json", tmp_path / "out"
+    assert main(["bench", "tune", "--device", "cpu", "--quick", "--allow-interpreter", "--no-progress",
+                 "--max-time", "0.001", "--write", str(table_path), "--out", str(out)]) == 130  # interrupted
+    table = json.loads(table_path.read_text())
+    assert attn.validate_tuned(table) == []
+    shapes = {e["shape"] for k in table["measured"]["sm_90"].values() for e in k.values()}
+    assert shapes == set(calls)  # the first shape's measurements, nothing else
+    cands = json.loads((out / "tune.json").read_text())["candidates"]
+    assert {c["shape"] for c in cands if c["median_ms"]} == set(calls)
+
+
 def _cand(kernel, key, settings, ms, default=False):
     return tune.Candidate("s", key.split(",")[0], kernel, key, settings, default=default, median_ms=ms)
 

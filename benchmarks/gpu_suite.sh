@@ -179,8 +179,8 @@ else
 
     case "$MODE" in
     gpu)
-        run_part encoder-vit-b 40 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
-            --dtype bfloat16 --out "$RUN_DIR"
+        run_part encoder-vit-b 50 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
+            --dtype bfloat16 --cuda-graphs --out "$RUN_DIR"
         run_part encoder-vit-l 50 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
             --dtype bfloat16 --out "$RUN_DIR"
         run_part train-vit-b 100 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
@@ -201,7 +201,7 @@ else
         skip tune "tuning times Triton kernels on a GPU (cpu-quick mode checks its code paths)"
         ;;
     cpu-quick)
-        run_part encoder-vit-b 60 "${BENCH[@]}" encoder $Q --no-progress --out "$RUN_DIR"
+        run_part encoder-vit-b 60 "${BENCH[@]}" encoder $Q --no-progress --cuda-graphs --out "$RUN_DIR"
         skip encoder-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
         run_part train-vit-b 60 "${BENCH[@]}" train $Q --no-progress --out "$RUN_DIR"
         skip train-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"

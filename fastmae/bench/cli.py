@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "auto (fastmae's automatic choice; timed last, and not at all when it resolves to the same "
                    "backends as a path timed before)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time fastmae's automatic path replayed from CUDA graphs (backend auto+cudagraph; "
+                   "CUDA only): the eager rows' distance from it is launch overhead")
     p.set_defaults(bench_run=run_encoder)
 
     p = sub.add_parser("train", formatter_class=fmt, help="one pretraining step per variant: images/s, memory, MFU",
@@ -373,7 +376,7 @@ def run_encoder(args) -> int:
                        f", ratios {ratios}"))
     records = bench(device, model, batch, dtype, ratios, backends, modes, timing=_timing(args, "encoder", device),
                     allow_interpreter=args.allow_interpreter, on_record=recorder.add,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, cuda_graphs=args.cuda_graphs)
     print(encoder_table(records))
     _finish(args, recorder)
     return 0

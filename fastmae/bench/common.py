@@ -63,11 +63,12 @@ def parse_ratios(text: str) -> list[float]:
     return sorted(set(ratios))
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision as training runs it: fp32 weights, matmuls in `dtype`; nothing for float32."""
+def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
+    """Mixed precision as training runs it: fp32 weights, matmuls in `dtype`; nothing for float32.
+    `cache_enabled=False` for work captured in a CUDA graph (autocast's cast cache is not graph-safe)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def path_interpreter_reason(spec, device: torch.device, allow_interpreter: bool) -> str | None:

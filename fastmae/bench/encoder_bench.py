@@ -10,6 +10,11 @@ Beside each figure:
   ideal    = (L + 1) / (K + 1), the tokens the encoder sees at ratio 0 over those at the ratio, class
              token included (K = int(L * (1 - ratio)))
   of_ideal = speedup / ideal
+
+With `cuda_graphs` (CUDA only), fastmae's automatic path is timed once more as the backend `auto+cudagraph`:
+each ratio's forward (or forward+backward) captured once in a CUDA graph and replayed, so no Python, dispatch
+or kernel-launch time is left. Its distance from the eager `auto` rows is the share of the eager time that is
+launch overhead, not GPU work.
 """
 from __future__ import annotations
 
@@ -60,11 +65,14 @@ def _inputs(model, batch: int, device: torch.device, seed: int = 0):
     return imgs, noise
 
 
+GRAPH_BACKEND = "auto+cudagraph"
+
+
 def make_encoder_runner(model, imgs, noise, ratio: float, mode: str, device: torch.device,
-                        dtype: torch.dtype) -> Callable[[], object]:
+                        dtype: torch.dtype, cast_cache: bool = True) -> Callable[[], object]:
     if mode == "fwd":
         def fwd():
-            with torch.no_grad(), autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype, cast_cache):
                 return model.forward_encoder(imgs, ratio, noise)[0]
 
         return fwd
@@ -74,7 +82,7 @@ def make_encoder_runner(model, imgs, noise, ratio: float, mode: str, device: tor
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
+        with autocast(device, dtype, cast_cache):
             latent = model.forward_encoder(imgs, ratio, noise)[0]
         if "g" not in grad:
             gen = torch.Generator(device="cpu").manual_seed(1)
@@ -85,10 +93,40 @@ def make_encoder_runner(model, imgs, noise, ratio: float, mode: str, device: tor
     return fwd_bwd
 
 
+def cuda_graph_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    return None
+
+
+def make_graphed_runner(model, imgs, noise, ratio: float, mode: str, device: torch.device,
+                        dtype: torch.dtype, warmup: int = 3) -> Callable[[], object]:
+    """The runner's work captured once in a CUDA graph (after `warmup` eager calls on a side stream, which
+    compile and allocate); the returned function replays it and returns the captured output. Gradients of
+    fwd+bwd land in the parameters' .grad, as eager; the output tensor is overwritten by every replay."""
+    fn = make_encoder_runner(model, imgs, noise, ratio, mode, device, dtype, cast_cache=False)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    model.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
 def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, ratios: Sequence[float],
                 backends: Sequence[str], modes: Sequence[str] = ENCODER_MODES, *, timing: dict | None = None,
                 allow_interpreter: bool = False, on_record: Callable[[dict], None] | None = None,
-                show_progress: bool = True) -> list[dict]:
+                show_progress: bool = True, cuda_graphs: bool = False) -> list[dict]:
     torch.manual_seed(0)
     model = create_model(model_name).to(device)
     imgs, noise = _inputs(model, batch, device)
@@ -106,6 +144,15 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
         return {"kind": "encoder", "model": model_name, "backend": backend, "mode": mode, "mask_ratio": ratio,
                 "dtype": dtype_name(dtype), "amp": dtype != torch.float32,
                 "shape": {"batch": batch, "img": model.patch_embed.img_size[0], "L": L, "K": k, "tokens": k + 1}}
+
+    def emit_timings(backend, mode, timings, seen, **extra):
+        factor = 1.0 if mode == "fwd" else 3.0  # a backward costs about twice the forward
+        for r, t in timings.items():
+            sec = t.median_ms * 1e-3
+            emit({**base(backend, mode, r), "status": "ok", **t.as_dict(), **extra, "dispatch": dispatch_str(seen),
+                  "images_per_s": batch / sec, "images_per_s_p20": batch / (t.p80_ms * 1e-3),
+                  "images_per_s_p80": batch / (t.p20_ms * 1e-3),
+                  "tflops": factor * encoder_flops(model, batch, r) / sec / 1e12})
 
     # "auto" last: when it resolves to exactly the ops of a path measured before, it is not timed twice
     backends = sorted(backends, key=lambda b: b == "auto")
@@ -147,13 +194,31 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
             model.zero_grad(set_to_none=True)
             free(device)
         measured.setdefault((mode, dispatch_str(seen)), backend)
-        factor = 1.0 if mode == "fwd" else 3.0
-        for r, t in timings.items():
-            sec = t.median_ms * 1e-3
-            emit({**base(backend, mode, r), "status": "ok", **t.as_dict(), "dispatch": dispatch_str(seen),
-                  "images_per_s": batch / sec, "images_per_s_p20": batch / (t.p80_ms * 1e-3),
-                  "images_per_s_p80": batch / (t.p20_ms * 1e-3),
-                  "tflops": factor * encoder_flops(model, batch, r) / sec / 1e12})
+        emit_timings(backend, mode, timings, seen)
+    if cuda_graphs:  # last: whatever a capture does to the device, the eager rows are recorded
+        model.backend = MODEL_PATHS["auto"]
+        for mode in modes:
+            reason = cuda_graph_reason(device)
+            fns = {}
+            try:
+                if reason is None:
+                    with capture_dispatch() as seen:
+                        fns = {r: make_graphed_runner(model, imgs, noise, r, mode, device, dtype) for r in ratios}
+                    timings = measure_interleaved(fns, device, **(timing or {}))
+            except Exception as exc:
+                for r in ratios:
+                    emit({**base(GRAPH_BACKEND, mode, r), "status": "failed",
+                          "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+                continue
+            finally:
+                fns = None  # the graphs and their memory pools
+                model.zero_grad(set_to_none=True)
+                free(device)
+            if reason is not None:
+                for r in ratios:
+                    emit({**base(GRAPH_BACKEND, mode, r), "status": "skipped", "reason": reason})
+                continue
+            emit_timings(GRAPH_BACKEND, mode, timings, seen, cuda_graph=True)
     model.backend = None
     del model
     free(device)

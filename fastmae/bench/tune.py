@@ -334,9 +334,9 @@ def run(args: argparse.Namespace) -> int:
         n_bad = sum(1 for c in results if (c.kernel, c.key) == (kernel, key) and c.problems)
         n_all = sum(1 for c in results if (c.kernel, c.key) == (kernel, key))
         speed = default.median_ms / fastest.median_ms if default.median_ms else None
-        rows.append((fastest.shape, kernel, key, _cfg(default.settings), f"{default.median_ms:.4f}"
-                     if default.median_ms else "-", _cfg(fastest.settings), f"{fastest.median_ms:.4f}", f"{speed:.2f}x" if speed else "-",
-                     f"{n_all - n_bad}/{n_all}"))
+        rule_ms = f"{default.median_ms:.4f}" if default.median_ms else "-"
+        rows.append((fastest.shape, kernel, key, _cfg(default.settings), rule_ms, _cfg(fastest.settings),
+                     f"{fastest.median_ms:.4f}", f"{speed:.2f}x" if speed else "-", f"{n_all - n_bad}/{n_all}"))
     print(table(("shape", "kernel", "key", "rule", "rule ms", "best", "best ms", "gain", "passed"), rows))
     for c in results:
         if c.problems and c.default:

@@ -10,7 +10,7 @@ from fastmae import create_model
 from fastmae.bench import encoder_bench, train_bench
 from fastmae.bench.common import MODEL_PATHS
 
-from ..utils import assert_close
+from ..utils import DEVICES, assert_close
 
 CPU = torch.device("cpu")
 QUICK = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
@@ -60,6 +60,46 @@ def test_encoder_runner_matches_the_reference_path(mode):
         assert out["sdpa"][1].keys() == out["reference"][1].keys() and out["sdpa"][1]
         for name, g in out["reference"][1].items():
             assert_close(out["sdpa"][1][name], g, 1e-4, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_graph_rows(device):
+    """`--cuda-graphs`: on CUDA the auto path replayed from graphs is timed as auto+cudagraph; elsewhere every
+    such row is skipped with the reason."""
+    device = torch.device(device)
+    recs = encoder_bench.run_encoder(device, TINY, 2, torch.float32, [0.0, 0.75], ["sdpa"], ["fwd", "fwd+bwd"],
+                                     timing=QUICK, show_progress=False, cuda_graphs=True)
+    graphed = [r for r in recs if r["backend"] == encoder_bench.GRAPH_BACKEND]
+    assert {(r["mode"], r["mask_ratio"]) for r in graphed} == {(m, q) for m in ("fwd", "fwd+bwd") for q in (0.0, 0.75)}
+    if device.type == "cuda":
+        assert all(r["status"] == "ok" and r["cuda_graph"] and r["images_per_s"] > 0 for r in graphed), graphed
+        assert all(r.get("of_ideal") is not None for r in graphed)
+    else:
+        assert all(r["status"] == "skipped" and "CUDA graphs need a CUDA device" in r["reason"] for r in graphed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_graph_replay_matches_eager(mode, dtype):
+    """A replayed graph computes what the eager runner computes: the latent and every weight gradient, within
+    1e-5 (fp32) or 2e-2 (bf16 autocast, where the graph runs without autocast's cast cache)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = create_model(TINY).to(device)
+    imgs, noise = encoder_bench._inputs(model, 4, device)
+    latent = encoder_bench.make_encoder_runner(model, imgs, noise, 0.75, mode, device, dtype)().detach().clone()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    replay = encoder_bench.make_graphed_runner(model, imgs, noise, 0.75, mode, device, dtype)
+    for _ in range(2):  # every replay recomputes the same thing
+        out = replay()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert_close(out.float(), latent.float(), tol, tol, f"latent {mode}")
+        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert got.keys() == grads.keys()
+        for name, g in grads.items():
+            assert_close(got[name].float(), g.float(), tol, tol, f"grad {name}")
 
 
 def test_train_records():

@@ -154,6 +154,28 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
                   "images_per_s_p80": batch / (t.p20_ms * 1e-3),
                   "tflops": factor * encoder_flops(model, batch, r) / sec / 1e12})
 
+    def emit_all(backend, mode, status, reason):
+        for r in ratios:
+            emit({**base(backend, mode, r), "status": status, "reason": reason})
+
+    def time_ratios(backend, mode, make_runner, seen=None, **extra) -> bool:
+        """Time make_runner(ratio) at every ratio, interleaved, and emit the rows (failed ones on an error);
+        `seen` is the dispatch to report (default: what building the runners dispatched)."""
+        fns = {}
+        try:
+            with capture_dispatch() as built:
+                fns = {r: make_runner(r) for r in ratios}
+            timings = measure_interleaved(fns, device, **(timing or {}))
+        except Exception as exc:
+            emit_all(backend, mode, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            return False
+        finally:
+            fns = None  # the runners, and with CUDA graphs their memory pools
+            model.zero_grad(set_to_none=True)
+            free(device)
+        emit_timings(backend, mode, timings, built if seen is None else seen, **extra)
+        return True
+
     # "auto" last: when it resolves to exactly the ops of a path measured before, it is not timed twice
     backends = sorted(backends, key=lambda b: b == "auto")
     measured: dict[tuple[str, str], str] = {}  # (mode, dispatch) -> backend
@@ -179,46 +201,20 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
             except Exception as exc:
                 status, reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         if status != "ok":
-            for r in ratios:
-                emit({**base(backend, mode, r), "status": status, "reason": reason})
+            emit_all(backend, mode, status, reason)
             continue
-        fns = {r: make_encoder_runner(model, imgs, noise, r, mode, device, dtype) for r in ratios}
-        try:
-            timings = measure_interleaved(fns, device, **(timing or {}))
-        except Exception as exc:
-            for r in ratios:
-                emit({**base(backend, mode, r), "status": "failed",
-                      "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
-            continue
-        finally:
-            model.zero_grad(set_to_none=True)
-            free(device)
-        measured.setdefault((mode, dispatch_str(seen)), backend)
-        emit_timings(backend, mode, timings, seen)
+        if time_ratios(backend, mode, lambda r: make_encoder_runner(model, imgs, noise, r, mode, device, dtype),
+                       seen):
+            measured.setdefault((mode, dispatch_str(seen)), backend)
     if cuda_graphs:  # last: whatever a capture does to the device, the eager rows are recorded
         model.backend = MODEL_PATHS["auto"]
         for mode in modes:
             reason = cuda_graph_reason(device)
-            fns = {}
-            try:
-                if reason is None:
-                    with capture_dispatch() as seen:
-                        fns = {r: make_graphed_runner(model, imgs, noise, r, mode, device, dtype) for r in ratios}
-                    timings = measure_interleaved(fns, device, **(timing or {}))
-            except Exception as exc:
-                for r in ratios:
-                    emit({**base(GRAPH_BACKEND, mode, r), "status": "failed",
-                          "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
-                continue
-            finally:
-                fns = None  # the graphs and their memory pools
-                model.zero_grad(set_to_none=True)
-                free(device)
             if reason is not None:
-                for r in ratios:
-                    emit({**base(GRAPH_BACKEND, mode, r), "status": "skipped", "reason": reason})
+                emit_all(GRAPH_BACKEND, mode, "skipped", reason)
                 continue
-            emit_timings(GRAPH_BACKEND, mode, timings, seen, cuda_graph=True)
+            time_ratios(GRAPH_BACKEND, mode,
+                        lambda r: make_graphed_runner(model, imgs, noise, r, mode, device, dtype), cuda_graph=True)
     model.backend = None
     del model
     free(device)

@@ -3,6 +3,8 @@ computed from the measured numbers, skipped paths with their reasons, and the ti
 against the reference path."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -76,6 +78,71 @@ def test_cuda_graph_rows(device):
         assert all(r.get("of_ideal") is not None for r in graphed)
     else:
         assert all(r["status"] == "skipped" and "CUDA graphs need a CUDA device" in r["reason"] for r in graphed)
+
+
+class _FakeGraphs:
+    """Stand-ins for torch.cuda's stream and graph calls, so that the capture-and-replay flow runs on a CPU:
+    the 'capture' runs the work once, eagerly; a 'replay' counts and does nothing (the captured output stays)."""
+
+    def __init__(self, monkeypatch):
+        self.captures, self.replays = 0, 0
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+
+        class Capture:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                fake.captures += 1
+
+            def __exit__(self, *exc):
+                return False
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Capture)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_graphed_runner_flow(monkeypatch, mode):
+    """The capture-and-replay flow on a CPU with stand-in graph calls: warm-up calls, then the gradients set to
+    None so the captured backward owns them, one capture, and replays that return the captured output."""
+    fake = _FakeGraphs(monkeypatch)
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    imgs, noise = encoder_bench._inputs(model, 2, CPU)
+    eager = encoder_bench.make_encoder_runner(model, imgs, noise, 0.75, mode, CPU, torch.float32)().detach()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    replay = encoder_bench.make_graphed_runner(model, imgs, noise, 0.75, mode, CPU, torch.float32)
+    assert fake.captures == 1 and fake.replays == 0
+    assert_close(replay().detach(), eager, 1e-6, 1e-6, "captured latent")
+    assert fake.replays == 1
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == grads.keys() and (mode == "fwd") == (not grads)
+    for name, g in grads.items():  # the 'captured' backward's gradients, not an accumulation over the warm-ups
+        assert_close(got[name], g, 1e-6, 1e-6, f"grad {name}")
+
+    # and run_encoder's graph rows, as on CUDA
+    _FakeGraphs(monkeypatch)
+    monkeypatch.setattr(encoder_bench, "cuda_graph_reason", lambda device: None)
+    recs = encoder_bench.run_encoder(CPU, TINY, 2, torch.float32, [0.0, 0.75], ["sdpa"], [mode], timing=QUICK,
+                                     show_progress=False, cuda_graphs=True)
+    graphed = [r for r in recs if r["backend"] == encoder_bench.GRAPH_BACKEND]
+    assert len(graphed) == 2 and all(r["status"] == "ok" and r["cuda_graph"] for r in graphed), graphed
+    assert all(r["dispatch"].startswith("attention=sdpa") and r.get("of_ideal") is not None for r in graphed)
 
 
 @pytest.mark.gpu

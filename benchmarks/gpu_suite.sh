@@ -145,8 +145,15 @@ tune_part() {
         skip tune "needs 90 s of the suite's time budget, ${left}s left"
         return
     fi
-    local interp=()
-    if [ "$MODE" != gpu ]; then interp=(env TRITON_INTERPRET=1); fi  # code paths only, under the interpreter
+    local interp=() problem
+    if [ "$MODE" != gpu ]; then  # code paths only, under the interpreter, if it runs with these packages
+        problem=$("$PY" -c "from fastmae.kernels.utils import interpreter_problem as p; print(p() or '')" 2>&1)
+        if [ -n "$problem" ]; then
+            skip tune "$problem"
+            return
+        fi
+        interp=(env TRITON_INTERPRET=1)
+    fi
     run_part tune "$left" "${interp[@]}" "${BENCH[@]}" tune --no-progress "$@" \
         --write "$RUN_DIR/attention_tuned.json" --out "$RUN_DIR"
 }

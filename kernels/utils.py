@@ -1,8 +1,10 @@
 """Small helpers shared by the kernel launchers, and the compile-spec record every kernel module exports."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, Callable
 
 import torch
@@ -11,6 +13,29 @@ import torch
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET set before importing triton)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None (read from the
+    packages' metadata: triton is not imported). Triton 3.6 and older convert one-element arrays to Python
+    ints in the interpreter, which NumPy 2.4 and newer refuse; triton 3.7 fixed it."""
+    try:
+        triton_v, numpy_v = metadata.version("triton"), metadata.version("numpy")
+    except metadata.PackageNotFoundError:
+        return None
+    if _release(triton_v) < (3, 7) and _release(numpy_v) >= (2, 4):
+        return (f"triton {triton_v}'s interpreter fails with NumPy {numpy_v} (NumPy 2.4 refuses its int() of "
+                f"one-element arrays): use numpy<2.4 or triton>=3.7 to run the kernels on a CPU")
+    return None
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

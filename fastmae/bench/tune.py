@@ -274,7 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..kernels.utils import interpreter_enabled
+    from ..kernels.utils import interpreter_enabled, interpreter_problem
 
     device = resolve_device(args.device)
     if device.type != "cuda" and not (args.allow_interpreter and interpreter_enabled()):
@@ -284,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.write == "" and device.type != "cuda":
         raise ValueError("interpreter timings mean nothing: --write needs a FILE other than the kernels' own on a CPU")
+    if device.type != "cuda" and interpreter_problem():
+        raise ValueError(interpreter_problem())
     shapes = dict(QUICK_SHAPES) if args.quick else dict(SHAPES)
     if args.shapes and not args.quick:
         names = parse_list(args.shapes)

@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from fastmae.bench.suite import read_parts
+from fastmae.kernels.utils import interpreter_problem
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
@@ -31,7 +32,7 @@ def test_cpu_quick_suite(tmp_path):
     parts = {p["name"]: p for p in read_parts(str(run / "parts.tsv"))}
     expected = {"wheels": "skipped", "install": "skipped", "gpu-tests": "ok", "bench-ops": "ok",
                 "priority": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
-                "train-vit-l": "skipped", "tune": "ok"}
+                "train-vit-l": "skipped", "tune": "skipped" if interpreter_problem() else "ok"}
     assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout[-3000:]
     # the sharded test runner ran a few CPU tests, each shard with its own verbose log
     shard_logs = sorted((run / "logs").glob("tests-shard*.log"))
@@ -40,8 +41,9 @@ def test_cpu_quick_suite(tmp_path):
     for name in ("results.json", "results.csv", "priority.json", "summary.md", "ops.png",
                  "encoder_mae_vit_tiny_patch4.png", "train_mae_vit_tiny_patch4.png", "logs/bench-ops.log"):
         assert (run / name).is_file(), name
-    tuned = json.loads((run / "attention_tuned.json").read_text())  # the tuner's table, in the run folder only
-    assert tuned["measured"]["sm_90"] and (run / "tune.json").is_file()
+    if not interpreter_problem():
+        tuned = json.loads((run / "attention_tuned.json").read_text())  # the tuner's table, in the run folder
+        assert tuned["measured"]["sm_90"] and (run / "tune.json").is_file()
     summary = (run / "summary.md").read_text()
     assert "| bench-ops | ok |" in summary
     assert "| gpu-tests | ok |" in summary

@@ -112,3 +112,25 @@ def test_import_does_not_load_dynamo_or_triton():
     code = "import sys, fastmae; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_interpreter_problem_names_the_known_incompatibility(monkeypatch):
+    """Triton 3.6's interpreter fails with NumPy >= 2.4: the triton backend then declines CPU tensors with that
+    reason instead of failing inside a kernel; other pairs of versions are fine."""
+    from fastmae.kernels import utils
+
+    versions = {}
+    monkeypatch.setattr(utils.metadata, "version", lambda name: versions[name])
+    cases = [("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.5.0", False),
+             ("3.5.1", "2.10.0", True), ("3.9.0", "2.4.6", False), ("3.6.0+git1234", "2.4.0rc1", True)]
+    for triton_v, numpy_v, broken in cases:
+        versions.update(triton=triton_v, numpy=numpy_v)
+        utils.interpreter_problem.cache_clear()
+        problem = utils.interpreter_problem()
+        assert bool(problem) == broken, (triton_v, numpy_v, problem)
+        if broken:
+            assert triton_v in problem and "numpy<2.4" in problem
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            inputs = Inputs(torch.device("cpu"), torch.float32, tensors={}, options={"op": "attention"})
+            assert problem in ops.not_supported_reasons("attention", "triton", inputs)
+    utils.interpreter_problem.cache_clear()

@@ -134,3 +134,59 @@ def test_interpreter_problem_names_the_known_incompatibility(monkeypatch):
             inputs = Inputs(torch.device("cpu"), torch.float32, tensors={}, options={"op": "attention"})
             assert problem in ops.not_supported_reasons("attention", "triton", inputs)
     utils.interpreter_problem.cache_clear()
+
+
+XFORMERS_NO_OPERATOR = (  # the shape of xformers 0.0.35's message (its C++ extensions built for another torch)
+    "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+    "     query       : shape=(1, 1, 1, 64) (torch.bfloat16)\n"
+    "     attn_bias   : <class 'NoneType'>\n"
+    "`fa3F@0.0.0` is not supported because:\n"
+    "    operator wasn't built - see `python -m xformers.info` for more info\n"
+    "`fa2F@2.5.7-pt` is not supported because:\n"
+    "    bf16 is only supported on A100+ GPUs\n")
+
+
+@pytest.mark.parametrize("serves", [False, True])
+def test_xformers_check_asks_xformers_dispatcher(monkeypatch, serves):
+    """The xformers backend asks xformers' own dispatcher whether an operator serves the input (forward, and
+    backward when gradients are needed), once per kind of input, and passes its reasons on in one line.
+    xformers itself is stubbed: the CPU suite does not install it."""
+    import sys
+    import types
+
+    from fastmae.ops import xformers_ops
+
+    calls = []
+
+    class FakeInputs:
+        def __init__(self, query, key, value):
+            self.query = query
+
+    def dispatch_fw(inp, needs_gradient):
+        calls.append(("fw", tuple(inp.query.shape), needs_gradient))
+        if not serves:
+            raise NotImplementedError(XFORMERS_NO_OPERATOR)
+
+    def dispatch_bw(inp, varlen_lse_packed):
+        calls.append(("bw", tuple(inp.query.shape), varlen_lse_packed))
+
+    fmha = types.ModuleType("xformers.ops.fmha")
+    fmha.common = types.SimpleNamespace(Inputs=FakeInputs)
+    fmha.dispatch = types.SimpleNamespace(_dispatch_fw=dispatch_fw, _dispatch_bw=dispatch_bw)
+    for name, mod in {"xformers": types.ModuleType("xformers"), "xformers.ops": types.ModuleType("xformers.ops"),
+                      "xformers.ops.fmha": fmha}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    xformers_ops.dispatch_reasons.cache_clear()
+    q = torch.zeros(2, 3, 50, 80, requires_grad=True)
+    inputs = Inputs(torch.device("cpu"), torch.float32, head_dim=80, tensors={"q": q, "k": q, "v": q},
+                    options={"op": "attention"})
+    for _ in range(2):  # the second time from the cache
+        reasons = xformers_ops._check(inputs)
+    xformers_ops.dispatch_reasons.cache_clear()
+    if serves:
+        assert reasons == [] and calls == [("fw", (1, 1, 1, 80), True), ("bw", (1, 1, 1, 80), None)]
+    else:
+        assert calls == [("fw", (1, 1, 1, 80), True)]
+        assert reasons == ["xformers has no forward operator for this input (fa3F@0.0.0: operator wasn't built - "
+                           "see `python -m xformers.info` for more info; fa2F@2.5.7-pt: bf16 is only supported "
+                           "on A100+ GPUs)"]

@@ -158,7 +158,7 @@ tune_part() {
         --write "$RUN_DIR/attention_tuned.json" --out "$RUN_DIR"
 }
 if [ "$SLUG" = unknown-device ]; then
-    for p in gpu-tests bench-ops priority encoder-vit-b encoder-vit-l train-vit-b train-vit-l tune; do
+    for p in gpu-tests bench-ops priority bench-attention encoder-vit-b encoder-vit-l train-vit-b train-vit-l tune; do
         skip "$p" "fastmae could not be installed"
     done
 else
@@ -183,6 +183,12 @@ else
     else
         skip priority "bench-ops recorded no results to rank"
     fi
+
+    case "$MODE" in
+    gpu) ATTENTION_ARGS=(--batches 64,256 --max-time 0.05) ;;  # two MAE batches (time), every long case
+    *) ATTENTION_ARGS=() ;;
+    esac
+    run_part bench-attention 60 "${BENCH[@]}" attention $Q --no-progress "${ATTENTION_ARGS[@]}" --out "$RUN_DIR"
 
     case "$MODE" in
     gpu)

@@ -1,4 +1,4 @@
-"""`fastmae bench ops|encoder|train|readme`: the benchmark suite.
+"""`fastmae bench ops|attention|encoder|train|tune|readme`: the benchmark suite.
 
 Every command prints a table; with `--out DIR` it also writes DIR/results.json (merged with what the folder
 already holds), DIR/results.csv and PNG plots. Defaults depend on the device: on CUDA, MAE's real shapes in
@@ -19,6 +19,10 @@ DESCRIPTION = __doc__
 DEFAULTS = {
     "ops": {"cuda": {"batch": 64, "models": "B,L,H"}, "cpu": {"batch": 2, "models": "B,L,H"},
             "quick": {"batch": 1, "models": "B"}},
+    "attention": {"cuda": {"batches": "64,128,256,512", "long_ns": "1024,2048,4096,8192", "long_head_dims": "64,128",
+                           "long_tokens": 16384},
+                  "cpu": {"batches": "2", "long_ns": "256,512", "long_head_dims": "64", "long_tokens": 512},
+                  "quick": {"batches": "1", "long_ns": "64", "long_head_dims": "32", "long_tokens": 64}},
     "encoder": {"cuda": {"model": "mae_vit_base_patch16", "batch": 64},
                 "cpu": {"model": "mae_vit_cifar_small_patch4", "batch": 64},
                 "quick": {"model": "mae_vit_tiny_patch4", "batch": 4}},
@@ -31,6 +35,9 @@ TIMING = {
     "ops": {"cuda": dict(warmup=3, min_reps=10, max_reps=200, max_time_s=0.15),
             "cpu": dict(warmup=1, min_reps=3, max_reps=30, max_time_s=0.1),
             "quick": dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)},
+    "attention": {"cuda": dict(warmup=3, min_reps=10, max_reps=200, max_time_s=0.1),
+                  "cpu": dict(warmup=1, min_reps=3, max_reps=30, max_time_s=0.1),
+                  "quick": dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)},
     "encoder": {"cuda": dict(warmup=2, min_reps=8, max_reps=40, max_time_s=1.5),
                 "cpu": dict(warmup=1, min_reps=3, max_reps=12, max_time_s=8.0),
                 "quick": dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)},
@@ -100,6 +107,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "measuring")
     p.set_defaults(bench_run=run_ops)
 
+    p = sub.add_parser("attention", formatter_class=fmt,
+                       help="attention: triton vs every SDPA kernel and xformers, MAE's and long shapes",
+                       description="Attention at MAE's shapes (encoder and decoder of ViT-B/L/H, for each batch) "
+                       "and at long sequences (16 heads, batch 16384 // N on cuda), forward and forward+backward: "
+                       "triton, xformers, sdpa (PyTorch's choice) and each SDPA kernel forced (flash, efficient, "
+                       "cudnn, math), with TFLOP/s and every implementation's speedup over the fastest SDPA "
+                       "kernel, over SDPA's flash kernel and over xformers.")
+    _common(p)
+    p.add_argument("--batches", default=None, help="batches of the MAE cases (default: 64,128,256,512 on cuda, "
+                   "2 on cpu)")
+    p.add_argument("--models", default="B,L,H", help="ViT sizes whose encoder and decoder shapes to use")
+    p.add_argument("--long", dest="long_ns", default=None, help="sequence lengths of the long cases, or none "
+                   "(default: 1024,2048,4096,8192 on cuda with batch 16384 // N; 256,512 on cpu, batch 1)")
+    p.add_argument("--long-head-dims", default=None, help="head dims of the long cases (default: 64,128 on cuda, "
+                   "64 on cpu)")
+    p.add_argument("--impls", default=",".join(("triton", "xformers", "sdpa", "sdpa-flash", "sdpa-efficient",
+                                                "sdpa-cudnn", "sdpa-math")), help="implementations to time")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
+    p.set_defaults(bench_run=run_attention)
+
     p = sub.add_parser("encoder", formatter_class=fmt, help="encoder images/s vs mask ratio, per backend",
                        description="Images per second of model.forward_encoder, forward and forward+backward, for "
                        "each mask ratio and backend path, with the speedup over ratio 0, the ideal speedup "
@@ -159,7 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     fn = getattr(args, "bench_run", None)
     if fn is None:
-        print("usage: fastmae bench {ops,encoder,train,tune,readme} [options]; see fastmae bench WHAT --help",
+        print("usage: fastmae bench {ops,attention,encoder,train,tune,readme} [options]; see fastmae bench WHAT "
+              "--help",
               file=sys.stderr)
         return 2
     try:
@@ -241,23 +269,33 @@ def _header(env: dict, extra: str = "") -> str:
             f"commit {env['git_commit'][:12]} | {env['date']}" + (f"\n{extra}" if extra else ""))
 
 
+def _table_input(records: list[dict], kind: str) -> tuple[list[dict], dict, str]:
+    """The records of one kind, their reasons' footnote numbers and the footnotes."""
+    from .records import reasons_footnotes
+
+    rows_in = [r for r in records if r.get("kind") == kind]
+    return (rows_in, *reasons_footnotes(rows_in))
+
+
 # ------------------------------------------------------------------------------------------ ops
 def ops_table(records: list[dict]) -> str:
-    from .records import fmt, reasons_footnotes, shape_str, status_cell, table
+    from .records import fmt, shape_str, status_cell, table
 
-    rows_in = [r for r in records if r.get("kind") == "op"]
-    numbers, notes = reasons_footnotes(rows_in)
+    rows_in, numbers, notes = _table_input(records, "op")
     rows = []
     for r in rows_in:
         ok = r.get("status") == "ok"
         pct = f"{100 * r['frac_peak']:.1f}%" if ok and r.get("frac_peak") is not None else "-"
+        same = f"{100 * r['frac_copy_same_bytes']:.0f}%" if ok and r.get("frac_copy_same_bytes") else "-"
         rows.append([r["op"], r["case"], shape_str(r["shape"]), r["backend"], r["mode"],
                      r.get("median_ms") if ok else None,
                      f"{fmt(r['p20_ms'])}-{fmt(r['p80_ms'])}" if ok else "-",
-                     r.get("tflops") if ok else None, r.get("gbps") if ok else None, pct,
+                     r.get("tflops") if ok else None, r.get("gbps") if ok else None, pct, same,
                      f"{r['speedup']:.2f}x" if ok and r.get("speedup") else "-", status_cell(r, numbers)])
     out = table(["op", "case", "shape", "backend", "mode", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "of peak",
-                 "vs ref", "status"], rows, align="lllllrrrrrrl")
+                 "of same-size copy", "vs ref", "status"], rows, align="lllllrrrrrrrl")
+    out += ("\nof peak: of the large matmul or copy measured first; of same-size copy: of a device-to-device "
+            "copy moving the op's bytes, timed alike")
     return out + ("\n" + notes if notes else "")
 
 
@@ -336,12 +374,65 @@ def _print_priority(path: str) -> None:
             print(f"  {dev} {op}: {' > '.join(order)}")
 
 
+# ------------------------------------------------------------------------------------------ attention
+def attention_table(records: list[dict]) -> str:
+    from .records import shape_str, status_cell, table
+
+    rows_in, numbers, notes = _table_input(records, "attention")
+    rows = []
+    for r in rows_in:
+        ok = r.get("status") == "ok"
+
+        def x(k):
+            return f"{r[k]:.2f}x" if ok and r.get(k) else "-"
+
+        rows.append([r["case"], shape_str(r["shape"]), r["mode"], r["backend"], r.get("median_ms") if ok else None,
+                     r.get("tflops") if ok else None, x("vs_sdpa_best"), r.get("sdpa_best", "-") if ok else "-",
+                     x("vs_sdpa_flash"), x("vs_xformers"), status_cell(r, numbers)])
+    out = table(["case", "shape", "mode", "impl", "median ms", "TFLOP/s", "vs SDPA best", "SDPA best",
+                 "vs sdpa-flash", "vs xformers", "status"], rows, align="llllrrrlrrl")
+    return out + ("\n" + notes if notes else "")
+
+
+def run_attention(args) -> int:
+    from .attention_bench import IMPLS, MODES, run_attention as bench
+    from .common import parse_list
+
+    device, dtype, recorder, env = _setup(args)
+    d = _defaults(args, "attention", device)
+
+    def ints(text, what):
+        if text in ("", "none"):
+            return []
+        try:
+            values = [int(v) for v in parse_list(text)]
+        except ValueError:
+            raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        if any(v < 1 for v in values):
+            raise ValueError(f"{what} must be at least 1, got {text!r}")
+        return values
+
+    batches = ints(args.batches or d["batches"], "--batches")
+    long_ns = ints(args.long_ns if args.long_ns is not None else d["long_ns"], "--long")
+    head_dims = ints(args.long_head_dims or d["long_head_dims"], "--long-head-dims")
+    impls = _known(parse_list(args.impls), IMPLS, "implementation")
+    modes = _known(parse_list(args.modes), MODES, "mode")
+    models = parse_list(args.models)
+    print(_header(env, f"bench attention: {dtype}, MAE batches {batches}, long N {long_ns} at D {head_dims}"))
+    records = bench(device, dtype, batches=batches, models=models, long_ns=long_ns, long_head_dims=head_dims,
+                    long_tokens=d["long_tokens"], impls=impls, modes=modes, timing=_timing(args, "attention", device),
+                    allow_interpreter=args.allow_interpreter, on_record=recorder.add,
+                    show_progress=not args.no_progress)
+    print(attention_table(records))
+    _finish(args, recorder)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ encoder
 def encoder_table(records: list[dict]) -> str:
-    from .records import fmt, reasons_footnotes, status_cell, table
+    from .records import fmt, status_cell, table
 
-    rows_in = [r for r in records if r.get("kind") == "encoder"]
-    numbers, notes = reasons_footnotes(rows_in)
+    rows_in, numbers, notes = _table_input(records, "encoder")
     rows = []
     for r in rows_in:
         ok = r.get("status") == "ok"
@@ -384,10 +475,9 @@ def run_encoder(args) -> int:
 
 # ------------------------------------------------------------------------------------------ train
 def train_table(records: list[dict]) -> str:
-    from .records import fmt, reasons_footnotes, status_cell, table
+    from .records import fmt, status_cell, table
 
-    rows_in = [r for r in records if r.get("kind") == "train"]
-    numbers, notes = reasons_footnotes(rows_in)
+    rows_in, numbers, notes = _table_input(records, "train")
     rows = []
     for r in rows_in:
         ok = r.get("status") == "ok"

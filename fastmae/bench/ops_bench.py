@@ -277,16 +277,21 @@ def _dedupe(cases: list[OpCase]) -> list[OpCase]:
     return list(out.values())
 
 
+def mae_dims(model: str) -> tuple[dict, int, int]:
+    """(shape dict, patches L, kept K) of a ViT size at 224 pixels and 75% masking."""
+    if model not in MAE_SHAPES:
+        raise ValueError(f"unknown model size {model!r}; choose from {', '.join(MAE_SHAPES)}")
+    s = MAE_SHAPES[model]
+    L = (IMG // s["patch"]) ** 2
+    return s, L, int(L * (1 - MASK_RATIO))
+
+
 def mae_cases(batch: int, dtype: torch.dtype, models: Sequence[str] = ("B", "L", "H"),
               ops_filter: Sequence[str] | None = None, quick: bool = False) -> list[OpCase]:
     """The benchmark cases at MAE's shapes for the given ViT sizes; `quick` keeps one case per op."""
     cases: list[OpCase] = []
     for m in models:
-        if m not in MAE_SHAPES:
-            raise ValueError(f"unknown model size {m!r}; choose from {', '.join(MAE_SHAPES)}")
-        s = MAE_SHAPES[m]
-        L = (IMG // s["patch"]) ** 2
-        k = int(L * (1 - MASK_RATIO))
+        s, L, k = mae_dims(m)
         vit = f"ViT-{m}"
         cases.append(attention_case(f"{vit} encoder", batch, s["heads"], k + 1, s["width"] // s["heads"], dtype))
         cases.append(attention_case(f"{vit} decoder", batch, s["dec_heads"], L + 1, s["dec_width"] // s["dec_heads"],
@@ -362,7 +367,8 @@ def backends_for(case: OpCase, backends: Sequence[str]) -> list[str]:
     return ["torch"] if case.registry_inputs is None else list(backends)
 
 
-def figures(case: OpCase, mode: str, median_ms: float, limits: Limits | None) -> dict:
+def figures(case: OpCase, mode: str, median_ms: float, limits: Limits | None,
+            same_bytes_copy: Callable[[int], float] | None = None) -> dict:
     out = {}
     sec = median_ms * 1e-3
     if mode in case.flops:
@@ -373,11 +379,28 @@ def figures(case: OpCase, mode: str, median_ms: float, limits: Limits | None) ->
         out["gbps"] = case.bytes[mode] / sec / 1e9
         if limits:
             out["frac_peak"] = out["gbps"] / limits.copy_gbps
+        if same_bytes_copy is not None:
+            out["copy_same_bytes_gbps"] = same_bytes_copy(case.bytes[mode])
+            out["frac_copy_same_bytes"] = out["gbps"] / out["copy_same_bytes_gbps"]
     return out
 
 
+def same_bytes_copy_gbps(device: torch.device, nbytes: float, timing: dict | None = None,
+                         flush_cache: bool = True) -> float:
+    """GB/s of a device-to-device copy that moves `nbytes` in all (half read, half written), timed as the ops
+    are (median, same repetitions, cache flushed on CUDA): what memory-bound work of that size can reach on
+    this device, launch and ramp-up included."""
+    half = max(1, int(nbytes) // 2)
+    src = torch.ones(half, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, flush_cache=flush_cache and device.type == "cuda",
+                **(timing or {}))
+    return 2 * half / (t.median_ms * 1e-3) / 1e9
+
+
 def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits: Limits | None, *,
-             allow_interpreter: bool = False, timing: dict | None = None, flush_cache: bool = True) -> dict:
+             allow_interpreter: bool = False, timing: dict | None = None, flush_cache: bool = True,
+             same_bytes_copy: Callable[[int], float] | None = None) -> dict:
     """One record: the timing and figures, or status "skipped"/"failed" with the reason."""
     rec = {"kind": "op", "op": case.op, "case": case.name, "backend": backend, "mode": mode,
            "shape": dict(case.shape), "dtype": dtype_name(case.dtype), "mask_ratio": MASK_RATIO}
@@ -396,7 +419,7 @@ def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {**rec, "status": "ok", **t.as_dict(), **figures(case, mode, t.median_ms, limits)}
+    return {**rec, "status": "ok", **t.as_dict(), **figures(case, mode, t.median_ms, limits, same_bytes_copy)}
 
 
 def add_speedups(records: list[dict], baseline: str = "reference") -> list[dict]:
@@ -426,9 +449,18 @@ def run_ops(device: torch.device, dtype: torch.dtype, batch: int, *, models=("B"
             it = tqdm(jobs, desc="bench ops", unit="case", leave=False)
         except ImportError:
             pass
+    copies: dict[int, float] = {}  # bytes -> GB/s of a copy moving as many, measured once per size
+
+    def same_bytes_copy(nbytes: float) -> float:
+        nbytes = int(nbytes)
+        if nbytes not in copies:
+            copies[nbytes] = same_bytes_copy_gbps(device, nbytes, timing)
+        return copies[nbytes]
+
     records = []
     for case, backend, mode in it:
-        rec = run_case(case, backend, mode, device, limits, allow_interpreter=allow_interpreter, timing=timing)
+        rec = run_case(case, backend, mode, device, limits, allow_interpreter=allow_interpreter, timing=timing,
+                       same_bytes_copy=same_bytes_copy)
         records.append(rec)
         add_speedups(records)
         if on_record:

@@ -14,7 +14,7 @@ from .records import read_results
 
 START = "<!-- bench-results:start -->"
 END = "<!-- bench-results:end -->"
-MEASURED = ("op", "encoder", "train")
+MEASURED = ("op", "attention", "encoder", "train")
 
 
 def find_runs(results_root: str) -> list[tuple[str, list[dict]]]:
@@ -160,7 +160,8 @@ def ops_section(records: Sequence[dict]) -> list[str]:
     first = rows[0]
     out = [f"**Ops** ({first['dtype']}, batch {first['shape'].get('B', first['shape'].get('T', '?'))}): "
            f"median forward+backward time (forward only where an op has no backward), speedup over "
-           f"`reference`, and TFLOP/s or GB/s as a share of the limit measured in the same run", ""]
+           f"`reference`, and TFLOP/s or GB/s as a share of the limit measured in the same run (for memory-bound "
+           f"ops also of a copy that moves as many bytes, timed alike)", ""]
     table_rows = []
     for op, case in cases:
         crows = [r for r in rows if r["op"] == op and r["case"] == case]
@@ -175,7 +176,10 @@ def ops_section(records: Sequence[dict]) -> list[str]:
             else:
                 r = m[0]
                 sp = f" {r['speedup']:.2f}x" if r.get("speedup") and b != "reference" else ""
-                peak = f" ({r['frac_peak']:.0%})" if r.get("frac_peak") is not None else ""
+                peak = f" ({r['frac_peak']:.0%}" if r.get("frac_peak") is not None else ""
+                if peak and r.get("frac_copy_same_bytes") is not None:
+                    peak += f"; {r['frac_copy_same_bytes']:.0%} of a same-size copy"
+                peak += ")" if peak else ""
                 row.append(f"{r['median_ms']:.3g} ms{sp}{peak}")
         table_rows.append(row)
     out += _md_table(["op", "case", "mode"] + backends, table_rows)
@@ -187,6 +191,38 @@ def ops_section(records: Sequence[dict]) -> list[str]:
                  if first.get("device_type") == "cpu" else "")
         out.append("\nLimits measured in the same run: " + ", ".join(dict.fromkeys(parts)) + ". "
                    "`–`: the backend cannot serve the case (reasons in results.json)." + cache)
+    out.append("")
+    return out
+
+
+def attention_section(records: Sequence[dict]) -> list[str]:
+    """Triton's forward+backward attention per case and batch, beside the fastest SDPA kernel, SDPA's flash
+    kernel and xformers."""
+    rows = [r for r in records if r.get("kind") == "attention" and r.get("mode") == "fwd+bwd"]
+    if not rows:
+        return []
+    out = [f"**Attention** ({rows[0]['dtype']}), forward+backward: triton's TFLOP/s and its speedup over the "
+           f"fastest SDPA kernel (named), SDPA's flash kernel and xformers (`fastmae bench attention`)", ""]
+    table_rows = []
+    for case, shape in dict.fromkeys((r["case"], tuple(sorted(r["shape"].items()))) for r in rows):
+        crows = {r["backend"]: r for r in rows if r["case"] == case and tuple(sorted(r["shape"].items())) == shape}
+        t = crows.get("triton")
+        s = dict(shape)
+        if t is None:
+            continue
+        if t.get("status") != "ok":
+            table_rows.append([case, s["B"], "–", _short(t.get("reason", ""), 60), "", "", ""])
+            continue
+
+        def x(k):
+            return f"{t[k]:.2f}x" if t.get(k) is not None else "–"
+
+        best = crows.get(t.get("sdpa_best", ""), {})
+        table_rows.append([case, s["B"], _f(t["tflops"]), x("vs_sdpa_best"),
+                           f"{t.get('sdpa_best', '–')} ({_f(best.get('tflops'))})" if best else "–",
+                           x("vs_sdpa_flash"), x("vs_xformers")])
+    out += _md_table(["case", "batch", "triton TFLOP/s", "vs fastest SDPA", "fastest SDPA kernel (TFLOP/s)",
+                      "vs sdpa-flash", "vs xformers"], table_rows)
     out.append("")
     return out
 
@@ -217,6 +253,7 @@ def render(results_root: str, base: str) -> str:
         lines += encoder_section(records)
         lines += train_section(records)
         lines += ops_section(records)
+        lines += attention_section(records)
         lines += plot_link(folder, base)
     return "\n".join(lines)
 

@@ -19,6 +19,10 @@ import time
 PART_FIELDS = ("name", "status", "rc", "seconds", "note", "command")
 ENCODER_TARGET = {"cuda": 0.90, "cpu": 0.80}
 TRAIN_TARGETS = {"vs_official_eager": 1.5, "vs_reference_compile": 1.15}
+# triton attention, forward+backward: MAE's shapes against the fastest SDPA kernel, long ones against SDPA flash
+ATTENTION_TARGETS = {"mae": ("vs_sdpa_best", 1.3, "the fastest SDPA kernel"),
+                     "long": ("vs_sdpa_flash", 0.9, "SDPA's flash kernel")}
+MEMORY_OP_TARGETS = (0.80, 2.0)  # triton token and loss ops on a GPU: share of copy bandwidth, speedup over reference
 
 
 def read_parts(path: str) -> list[dict]:
@@ -73,6 +77,7 @@ def key_results(records: list[dict]) -> list[str]:
                      f"{r['speedup']:.2f}x of ideal {r['ideal_speedup']:.2f}x = {r['of_ideal']:.0%}"
                      + (f" (target for the fastmae path on {r.get('device_type')}: >= {target:.0%})"
                         if fastmae_path and target else ""))
+    lines += attention_key_results(records) + memory_op_key_results(records)
     train = [r for r in records if r.get("kind") == "train"]
     for r in train:
         if r.get("status") != "ok":
@@ -95,6 +100,47 @@ def key_results(records: list[dict]) -> list[str]:
                 mem += f" ({r['saved_vs_official_eager'] - 1:+.0%} vs official-eager)"
         lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
                      f"images/s{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
+    return lines
+
+
+def attention_key_results(records: list[dict]) -> list[str]:
+    """Triton's forward+backward attention against SDPA's kernels and xformers, per case and batch."""
+    lines = []
+    for r in records:
+        if not (r.get("kind") == "attention" and r.get("status") == "ok" and r.get("backend") == "triton"
+                and r.get("mode") == "fwd+bwd"):
+            continue
+        key, target, against = ATTENTION_TARGETS["long" if r["case"].startswith("long") else "mae"]
+        figures = [f"{r['tflops']:.3g} TFLOP/s"]
+        if r.get("vs_sdpa_best") is not None:
+            figures.append(f"{r['vs_sdpa_best']:.2f}x the fastest SDPA kernel ({r['sdpa_best']})")
+        for k, name in (("vs_sdpa_flash", "sdpa-flash"), ("vs_xformers", "xformers")):
+            if r.get(k) is not None:
+                figures.append(f"{r[k]:.2f}x {name}")
+        goal = (f" (GPU target: >= {target}x {against})" if r.get("device_type") == "cuda" and r.get(key) is not None
+                else "")
+        lines.append(f"- attention {r['case']} batch {r['shape']['B']} fwd+bwd, triton: {', '.join(figures)}{goal}")
+    return lines
+
+
+def memory_op_key_results(records: list[dict]) -> list[str]:
+    """Triton's memory-bound ops: GB/s against the copy bandwidth, and the speedup over the reference path."""
+    lines = []
+    for r in records:
+        if not (r.get("kind") == "op" and r.get("status") == "ok" and r.get("backend") == "triton"
+                and r.get("gbps") is not None):
+            continue
+        figures = [f"{r['gbps']:,.0f} GB/s"]
+        if r.get("frac_peak") is not None:
+            figures.append(f"{r['frac_peak']:.0%} of the copy bandwidth")
+        if r.get("frac_copy_same_bytes") is not None:
+            figures.append(f"{r['frac_copy_same_bytes']:.0%} of a copy of the same bytes")
+        if r.get("speedup") is not None:
+            figures.append(f"{r['speedup']:.2f}x reference")
+        bw, sp = MEMORY_OP_TARGETS
+        goal = f" (GPU targets: >= {bw:.0%} of copy bandwidth, >= {sp}x reference)" if r.get("device_type") == "cuda" \
+            else ""
+        lines.append(f"- {r['op']} {r['case']} {r['mode']}, triton: {', '.join(figures)}{goal}")
     return lines
 
 

@@ -31,7 +31,7 @@ def test_cpu_quick_suite(tmp_path):
     run = tmp_path / "results" / slug / date
     parts = {p["name"]: p for p in read_parts(str(run / "parts.tsv"))}
     expected = {"wheels": "skipped", "install": "skipped", "gpu-tests": "ok", "bench-ops": "ok",
-                "priority": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
+                "priority": "ok", "bench-attention": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
                 "train-vit-l": "skipped", "tune": "skipped" if interpreter_problem() else "ok"}
     assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout[-3000:]
     # the sharded test runner ran a few CPU tests, each shard with its own verbose log

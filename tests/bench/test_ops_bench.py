@@ -22,7 +22,8 @@ ATOL, RTOL = 1e-5, 1e-4
 @pytest.fixture(scope="module")
 def quick_records():
     limits = measure_limits(CPU, torch.float32, quick=True)
-    recs = ops_bench.run_ops(CPU, torch.float32, 1, models=("B",), ops_filter=("attention", "gather_tokens"),
+    recs = ops_bench.run_ops(CPU, torch.float32, 1, models=("B",),
+                             ops_filter=("attention", "gather_tokens", "gather_patches"),
                              quick=True, limits=limits, timing=QUICK_TIMING, progress=False)
     return ops_bench.add_speedups(recs), limits
 
@@ -38,6 +39,9 @@ def test_records_carry_the_fields(quick_records):
             assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["reps"] == 2
             assert r["frac_peak"] > 0
             assert ("tflops" in r) == (r["op"] == "attention") and ("gbps" in r) == (r["op"] != "attention")
+            if "gbps" in r:  # memory-bound: also against a copy that moves as many bytes, timed alike
+                assert r["copy_same_bytes_gbps"] > 0
+                assert r["frac_copy_same_bytes"] == pytest.approx(r["gbps"] / r["copy_same_bytes_gbps"])
         else:
             assert r["reason"], r
     ok = {(r["op"], r["backend"], r["mode"]) for r in recs if r["status"] == "ok"}

@@ -1,0 +1,147 @@
+"""`fastmae bench attention`: the cases, the forced SDPA kernels, the speedups, and the records it writes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmae.bench import attention_bench as ab
+from fastmae.cli import main
+
+from ..utils import DEVICES
+
+QUICK = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
+
+
+def test_mae_and_long_shapes():
+    assert ab.mae_shapes() == [("ViT-B encoder", 12, 50, 64), ("ViT-B/L decoder", 16, 197, 32),
+                               ("ViT-L encoder", 16, 50, 64), ("ViT-H encoder", 16, 65, 80),
+                               ("ViT-H decoder", 16, 257, 32)]
+    assert ab.long_shapes([1024, 8192], [64]) == [("long N=1024 D=64", 16, 16, 1024, 64),
+                                                  ("long N=8192 D=64", 2, 16, 8192, 64)]
+    with pytest.raises(ValueError, match="unknown model size"):
+        ab.mae_shapes(["X"])
+
+
+def _run(device: str) -> list[dict]:
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return ab.run_attention(device, dtype, batches=[1], models=["B"], long_ns=[64], long_head_dims=[32],
+                            long_tokens=64, impls=list(ab.IMPLS), timing=QUICK, allow_interpreter=True,
+                            show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """One quick run per device, shared by the tests below (triton runs under the interpreter on a CPU)."""
+    return {}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_records_speedups_and_reasons(device, runs):
+    if device not in runs:
+        runs[device] = _run(device)
+    recs = runs[device]
+    device = torch.device(device)
+    cases = {("ViT-B encoder", 1), ("ViT-B decoder", 1), ("long N=64 D=32", 1)}
+    assert {(r["case"], r["shape"]["B"]) for r in recs} == cases
+    assert len(recs) == len(cases) * len(ab.MODES) * len(ab.IMPLS)
+    for r in recs:
+        assert r["kind"] == "attention" and r["status"] in ("ok", "skipped"), r  # never "failed"
+        if r["status"] == "skipped":
+            assert r["reason"]
+            continue
+        s = r["shape"]
+        fwd = 4.0 * s["N"] ** 2 * s["D"] * s["B"] * s["H"]
+        assert r["flops"] == (fwd if r["mode"] == "fwd" else 3.5 * fwd)
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
+    ok = {(r["case"], r["mode"], r["backend"]): r for r in recs if r["status"] == "ok"}
+    # SDPA's own choice and its math kernel run everywhere; triton too (under the interpreter on a CPU)
+    for case in ("ViT-B encoder", "long N=64 D=32"):
+        for impl in ("sdpa", "sdpa-math", "triton"):
+            assert (case, "fwd+bwd", impl) in ok, impl
+    # the speedups: the fastest SDPA kernel's time over each implementation's
+    for (case, mode, impl), r in ok.items():
+        sdpa = {b: o["median_ms"] for (c, m, b), o in ok.items() if c == case and m == mode and b.startswith("sdpa")}
+        best = min(sdpa, key=sdpa.get)
+        assert r["sdpa_best"] == best and r["vs_sdpa_best"] == pytest.approx(sdpa[best] / r["median_ms"])
+        if (case, mode, "sdpa-flash") in ok:
+            assert r["vs_sdpa_flash"] == pytest.approx(ok[(case, mode, "sdpa-flash")]["median_ms"] / r["median_ms"])
+    if device.type == "cpu":  # kernels SDPA does not have on a CPU are skipped with its own words
+        cudnn = [r for r in recs if r["backend"] == "sdpa-cudnn"]
+        assert cudnn and all(r["status"] == "skipped" and "backend" in r["reason"] for r in cudnn)
+        xf = [r for r in recs if r["backend"] == "xformers"]
+        assert all(r["status"] == "skipped" and "xformers" in r["reason"] for r in xf)
+
+
+def test_math_is_not_timed_on_very_long_sequences():
+    rec = ab.run_case("long", 1, 1, 4096, 16, torch.float32, "sdpa-math", "fwd", torch.device("cpu"), timing=QUICK)
+    assert rec["status"] == "skipped" and "4096 x 4096" in rec["reason"]
+
+
+def test_forced_kernel_is_the_one_that_runs():
+    """Under `sdpa-math` SDPA runs its math kernel: with math disabled by the context, a math-only call fails."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 8, 16)
+    with ab.sdpa_kernel_context("sdpa-math"):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # math serves
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # nothing serves a CPU tensor
+    assert isinstance(ab.sdpa_kernel_context("triton"), type(ab.contextlib.nullcontext()))
+
+
+def test_cli_writes_records(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["bench", "attention", "--quick", "--device", "cpu", "--no-progress", "--no-plots",
+                 "--impls", "sdpa,sdpa-math,sdpa-flash", "--models", "B", "--out", str(out)]) == 0
+    recs = [r for r in json.loads((out / "results.json").read_text()) if r["kind"] == "attention"]
+    assert recs and all(r["device_type"] == "cpu" and r["git_commit"] for r in recs)
+    assert {r["backend"] for r in recs} == {"sdpa", "sdpa-math", "sdpa-flash"}
+    assert "vs SDPA best" in capsys.readouterr().out
+    assert main(["bench", "attention", "--quick", "--device", "cpu", "--impls", "nope"]) == 2
+    assert main(["bench", "attention", "--quick", "--device", "cpu", "--batches", "0"]) == 2
+    assert "--batches must be at least 1" in capsys.readouterr().err
+
+
+def test_summary_states_the_gpu_targets():
+    """The suite summary's key lines for triton's attention and memory-bound ops, with the issue's targets on
+    CUDA records (synthetic records: the figures are the inputs)."""
+    from fastmae.bench.suite import key_results
+
+    att = {"kind": "attention", "status": "ok", "backend": "triton", "mode": "fwd+bwd", "device_type": "cuda",
+           "shape": {"B": 64, "H": 12, "N": 50, "D": 64}, "tflops": 100.0, "sdpa_best": "sdpa-flash",
+           "vs_sdpa_best": 1.4, "vs_sdpa_flash": 1.4, "vs_xformers": 1.6}
+    op = {"kind": "op", "op": "gather_tokens", "case": "ViT-B gathered", "mode": "fwd", "backend": "triton",
+          "status": "ok", "device_type": "cuda", "gbps": 2000.0, "frac_peak": 0.5, "frac_copy_same_bytes": 0.9,
+          "speedup": 3.0}
+    lines = key_results([{**att, "case": "ViT-B encoder"}, {**att, "case": "long N=4096 D=64"}, op,
+                         {**op, "backend": "sdpa"}, {**att, "case": "ViT-B encoder", "mode": "fwd"}])
+    assert lines == [
+        "- attention ViT-B encoder batch 64 fwd+bwd, triton: 100 TFLOP/s, 1.40x the fastest SDPA kernel "
+        "(sdpa-flash), 1.40x sdpa-flash, 1.60x xformers (GPU target: >= 1.3x the fastest SDPA kernel)",
+        "- attention long N=4096 D=64 batch 64 fwd+bwd, triton: 100 TFLOP/s, 1.40x the fastest SDPA kernel "
+        "(sdpa-flash), 1.40x sdpa-flash, 1.60x xformers (GPU target: >= 0.9x SDPA's flash kernel)",
+        "- gather_tokens ViT-B gathered fwd, triton: 2,000 GB/s, 50% of the copy bandwidth, 90% of a copy of the "
+        "same bytes, 3.00x reference (GPU targets: >= 80% of copy bandwidth, >= 2.0x reference)"]
+
+
+def test_readme_attention_table(runs):
+    from fastmae.bench.readme import attention_section
+
+    if "cpu" not in runs:
+        runs["cpu"] = _run("cpu")
+    recs = runs["cpu"]
+    lines = attention_section(recs)
+    assert lines[0].startswith("**Attention** (float32), forward+backward")
+    rows = [ln for ln in lines if ln.startswith("| ViT-B") or ln.startswith("| long")]
+    assert [r.split(" | ")[0] for r in rows] == ["| ViT-B encoder", "| ViT-B decoder", "| long N=64 D=32"]
+    triton = {r["case"]: r for r in recs if r["backend"] == "triton" and r["mode"] == "fwd+bwd"}
+    for row in rows:
+        t = triton[row.split(" | ")[0][2:]]
+        if t["status"] == "ok":  # TFLOP/s, the speedup over the fastest SDPA kernel, and that kernel's name
+            assert f"{t['vs_sdpa_best']:.2f}x" in row and t["sdpa_best"] in row
+        else:
+            assert "–" in row
+    assert attention_section([]) == []

@@ -1,0 +1,38 @@
+"""The cases of `fastmae bench attention` under pytest-benchmark (cases from fastmae.bench.attention_bench)."""
+from __future__ import annotations
+
+import pytest
+
+from fastmae.bench import attention_bench as ab
+from fastmae.bench.cli import DEFAULTS
+from fastmae.bench.common import env_settings, parse_list
+from fastmae.bench.ops_bench import attention_case, make_runner
+from fastmae.bench.timing import synchronized
+
+DEVICE, DTYPE, QUICK = env_settings()
+_D = DEFAULTS["attention"]["quick" if QUICK else DEVICE.type]
+SHAPES = [(name, b, h, n, d) for b in map(int, parse_list(_D["batches"])) for name, h, n, d in ab.mae_shapes()]
+SHAPES += ab.long_shapes([int(n) for n in parse_list(_D["long_ns"])],
+                         [int(d) for d in parse_list(_D["long_head_dims"])], _D["long_tokens"])
+JOBS = [(s, impl, mode) for s in SHAPES for impl in ab.IMPLS for mode in ab.MODES]
+
+
+@pytest.mark.parametrize("shape,impl,mode", JOBS,
+                         ids=[f"{s[0].replace(' ', '_')}-B{s[1]}-{i}-{m}" for s, i, m in JOBS])
+def test_attention(benchmark, shape, impl, mode):
+    name, b, h, n, d = shape
+    # the benchmark's own check first: the same reasons `fastmae bench attention` records as skipped
+    rec = ab.run_case(name, b, h, n, d, DTYPE, impl, mode, DEVICE,
+                      timing=dict(warmup=1, min_reps=1, max_reps=1, max_time_s=0.0))
+    if rec["status"] != "ok":
+        pytest.skip(rec["reason"])
+    case = attention_case(name, b, h, n, d, DTYPE)
+    with ab.sdpa_kernel_context(impl):
+        fn = synchronized(make_runner(case, "sdpa" if impl.startswith("sdpa") else impl, mode, DEVICE), DEVICE)
+        benchmark.group = f"attention {name} B={b} {mode}"
+        benchmark.extra_info.update({"case": name, "shape": case.shape, "impl": impl, "mode": mode,
+                                     "dtype": str(DTYPE), "device": str(DEVICE)})
+        benchmark(fn)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["tflops"] = case.flops[mode] / median / 1e12
+    assert median > 0

@@ -1,0 +1,23 @@
+"""`pytest benchmarks/` (pytest-benchmark; not part of make test itself) still collects and runs: every case at
+the quick sizes with one round, so the benchmark files cannot rot between the runs that time them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_pytest_benchmarks_run_at_quick_sizes(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    env = {**os.environ, "FASTMAE_BENCH_QUICK": "1", "FASTMAE_BENCH_DEVICE": "cpu", "FASTMAE_BENCH_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/",
+                           "--benchmark-max-time=0.001", "--benchmark-min-rounds=1", "--benchmark-warmup=off",
+                           f"--benchmark-storage={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail

@@ -83,6 +83,15 @@ def test_records_speedups_and_reasons(device, runs):
         assert all(r["status"] == "skipped" and "xformers" in r["reason"] for r in xf)
 
 
+def test_case_order_puts_both_kinds_first():
+    recs = ab.run_attention(torch.device("cpu"), torch.float32, batches=[1, 2], models=["B"], long_ns=[64],
+                            long_head_dims=[32], long_tokens=64, impls=["sdpa"], modes=["fwd"], timing=QUICK,
+                            show_progress=False)
+    assert [(r["case"], r["shape"]["B"]) for r in recs] == [
+        ("ViT-B encoder", 1), ("ViT-B decoder", 1), ("long N=64 D=32", 1), ("ViT-B encoder", 2),
+        ("ViT-B decoder", 2)]
+
+
 def test_math_is_not_timed_on_very_long_sequences():
     rec = ab.run_case("long", 1, 1, 4096, 16, torch.float32, "sdpa-math", "fwd", torch.device("cpu"), timing=QUICK)
     assert rec["status"] == "skipped" and "4096 x 4096" in rec["reason"]

@@ -12,7 +12,8 @@
 # not stop the others. Everything goes to benchmarks/results/<device>/<date>/ (results.json, results.csv, plots,
 # priority.json, logs/, summary.md); summary.md lists every part as ok / failed (exit code) / skipped (reason)
 # with its time. If the environment variable OUT is set, summary.md, results.json and a tarball of the run folder
-# are also copied there (flat, three files).
+# are also copied there (flat, three files), and refreshed after every part, so a run stopped from outside
+# still leaves what it measured there.
 #
 # Environment: PYTHON (default: .venv/bin/python if `make` built it, else python3),
 # FASTMAE_RESULTS_ROOT (default benchmarks/results),
@@ -55,6 +56,19 @@ log() { echo "[gpu_suite $(( $(date +%s) - START ))s] $*"; }
 record() {  # name status rc seconds note command
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" >> "$PARTS_TMP"
     log "$1: $2${5:+ ($5)} in ${4}s"
+    copy_out
+}
+
+copy_out() {  # with OUT set: the run folder as it is now (results.json, parts.tsv, logs) to $OUT, after every
+    # part, so that a run stopped from outside still hands back what it measured
+    if [ -z "${OUT:-}" ] || [ -z "$RUN_DIR" ] || [ ! -d "$RUN_DIR" ]; then return; fi
+    mkdir -p "$OUT"
+    cat "$PARTS_TMP" > "$RUN_DIR/parts.tsv"
+    local tarball="$OUT/results-$SLUG-$DATE.tar.gz"  # whole or not at all: written aside, then renamed
+    tar -czf "$tarball.part" -C "$RESULTS_ROOT" "$SLUG/$DATE" 2>/dev/null && mv -f "$tarball.part" "$tarball"
+    rm -f "$tarball.part"
+    [ -f "$RUN_DIR/summary.md" ] && cp "$RUN_DIR/summary.md" "$OUT/"
+    [ -f "$RUN_DIR/results.json" ] && cp "$RUN_DIR/results.json" "$OUT/"
 }
 
 skip() {  # name reason
@@ -237,15 +251,12 @@ if ! "$PY" -m fastmae.bench.suite summary --parts "$RUN_DIR/parts.tsv" --results
         awk -F'\t' '{printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5}' "$RUN_DIR/parts.tsv"
     } > "$RUN_DIR/summary.md"
 fi
+if [ -n "${OUT:-}" ]; then
+    copy_out
+    log "copied summary.md, results.json and results-$SLUG-$DATE.tar.gz to \$OUT"
+fi
 rm -f "$PARTS_TMP"
 rm -rf "$LOG_TMP"
 cat "$RUN_DIR/summary.md"
-
-if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT"
-    cp "$RUN_DIR/summary.md" "$RUN_DIR/results.json" "$OUT/" 2>/dev/null
-    tar -czf "$OUT/results-$SLUG-$DATE.tar.gz" -C "$RESULTS_ROOT" "$SLUG/$DATE"
-    log "copied summary.md, results.json and results-$SLUG-$DATE.tar.gz to \$OUT"
-fi
 log "done in $(( $(date +%s) - START ))s: $RUN_DIR"
 exit 0

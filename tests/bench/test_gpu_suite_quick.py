@@ -77,3 +77,34 @@ def test_sharded_runner_reports_a_failure(tmp_path):
     assert "5 tests in 2 shards" in proc.stdout and "FAILED test_demo.py::test_bad" in proc.stdout
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("tests-shard*.log")))
     assert logs.count(" PASSED ") == 4 and logs.count(" FAILED ") == 1
+
+
+@pytest.mark.skipif(os.environ.get("FASTMAE_SUITE_RUNNING") == "1", reason="already inside gpu_suite.sh")
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_a_run_stopped_from_outside_leaves_its_parts_in_out(tmp_path):
+    """With OUT set the run folder is copied there after every part: stop the suite after its first measured
+    part and the tarball in OUT already holds that part's results and its line in parts.tsv."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "FASTMAE_SUITE_CPU_QUICK"}
+    env.update(PYTHON=sys.executable, FASTMAE_RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"))
+    proc = subprocess.Popen(["bash", SCRIPT, "--cpu-quick"], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (tmp_path / "out" / "results.json").is_file():
+            time.sleep(0.2)  # results.json reaches OUT once bench-ops has recorded and finished
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    out = tmp_path / "out"
+    (tarball,) = [p for p in os.listdir(out) if p.endswith(".tar.gz")]
+    with tarfile.open(out / tarball) as tar:
+        names = tar.getnames()
+        parts_name = next(n for n in names if n.endswith("/parts.tsv"))
+        parts = tar.extractfile(parts_name).read().decode()
+    assert any(n.endswith("/results.json") for n in names)
+    assert "bench-ops\tok" in parts and "gpu-tests\tok" in parts
+    assert not (out / "summary.md").exists()  # the run never reached its summary

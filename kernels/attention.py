@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, interpreter_enabled, next_power_of_2, split_qkv
+from .utils import CompileSpec, check_device, custom_op, interpreter_enabled, next_power_of_2, split_qkv
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -765,26 +765,22 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library custom ops: opaque to torch.compile, with fake implementations and an autograd formula
+# torch.library custom ops: opaque to torch.compile, with fake implementations and an autograd formula (eager
+# calls skip the custom-op dispatch: see `utils.custom_op`)
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmae::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(q, k, v, scale, path)
 
 
-@_attention_fwd_op.register_fake
-def _attention_fwd_fake(q, k, v, scale, path):
-    return _new_outputs(q)
-
-
-@torch.library.custom_op("fastmae::attention_bwd", mutates_args=())
-def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, scale: float,
-                      path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, scale: float, path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(dout, q, k, v, out, lse, scale, path)
+
+
+_attention_bwd_op = custom_op("fastmae::attention_bwd", _attention_bwd)
 
 
 @_attention_bwd_op.register_fake
@@ -810,7 +806,13 @@ def _attention_backward_formula(ctx, dout, dlse):
     return dq, dk, dv, None, None
 
 
-_attention_fwd_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
+_attention_fwd_op = custom_op("fastmae::attention_fwd", _attention_fwd, _attention_setup_context,
+                              _attention_backward_formula)
+
+
+@_attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, scale, path):
+    return _new_outputs(q)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
@@ -827,23 +829,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return out
 
 
-@torch.library.custom_op("fastmae::attention_qkv_fwd", mutates_args=())
-def _attention_qkv_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float,
-                          path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_qkv_fwd(qkv: torch.Tensor, num_heads: int, scale: float,
+                       path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(*split_qkv(qkv, num_heads), scale, path)
 
 
-@_attention_qkv_fwd_op.register_fake
-def _attention_qkv_fwd_fake(qkv, num_heads, scale, path):
-    return _new_outputs(split_qkv(qkv, num_heads)[0])
-
-
-@torch.library.custom_op("fastmae::attention_qkv_bwd", mutates_args=())
-def _attention_qkv_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          num_heads: int, scale: float, path: str) -> torch.Tensor:
+def _attention_qkv_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       num_heads: int, scale: float, path: str) -> torch.Tensor:
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     attention_backward(dout, *split_qkv(qkv, num_heads), out, lse, scale, path, grads=split_qkv(dqkv, num_heads))
     return dqkv
+
+
+_attention_qkv_bwd_op = custom_op("fastmae::attention_qkv_bwd", _attention_qkv_bwd)
 
 
 @_attention_qkv_bwd_op.register_fake
@@ -866,7 +864,13 @@ def _attention_qkv_backward_formula(ctx, dout, dlse):
     return _attention_qkv_bwd_op(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.path), None, None, None
 
 
-_attention_qkv_fwd_op.register_autograd(_attention_qkv_backward_formula, setup_context=_attention_qkv_setup_context)
+_attention_qkv_fwd_op = custom_op("fastmae::attention_qkv_fwd", _attention_qkv_fwd, _attention_qkv_setup_context,
+                                  _attention_qkv_backward_formula)
+
+
+@_attention_qkv_fwd_op.register_fake
+def _attention_qkv_fwd_fake(qkv, num_heads, scale, path):
+    return _new_outputs(split_qkv(qkv, num_heads)[0])
 
 
 def attention_packed(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, image_patches, next_power_of_2
+from .utils import CompileSpec, check_device, custom_op, image_patches, next_power_of_2
 
 FINALIZE_BLOCK = 1024
 
@@ -232,14 +232,16 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
 # a contiguous fp32 [N, L] tensor, and without `write_grad` g is an empty placeholder.
 
 
-@torch.library.custom_op("fastmae::masked_mse_fwd", mutates_args=())
-def _masked_mse_fwd_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
-                       pred_ids: torch.Tensor | None,
-                       write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _masked_mse_fwd(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+                    pred_ids: torch.Tensor | None,
+                    write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, g, denom, mask32 = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad)
     if mask32.data_ptr() == mask.data_ptr():
         mask32 = mask32.clone()
     return loss, (g if g is not None else pred.new_empty(0)), denom, mask32
+
+
+_masked_mse_fwd_op = custom_op("fastmae::masked_mse_fwd", _masked_mse_fwd)
 
 
 @_masked_mse_fwd_op.register_fake
@@ -250,10 +252,12 @@ def _masked_mse_fwd_fake(pred, imgs, mask, patch_size, norm_pix, pred_ids, write
             pred.new_empty((mask.shape[0], mask.numel() // max(1, mask.shape[0])), dtype=f32))
 
 
-@torch.library.custom_op("fastmae::masked_mse_bwd", mutates_args=())
-def _masked_mse_bwd_op(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor, mask32: torch.Tensor,
-                       has_ids: bool) -> torch.Tensor:
+def _masked_mse_bwd(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor, mask32: torch.Tensor,
+                    has_ids: bool) -> torch.Tensor:
     return masked_mse_loss_backward(grad_output, g, denom, mask32, has_ids)
+
+
+_masked_mse_bwd_op = custom_op("fastmae::masked_mse_bwd", _masked_mse_bwd)
 
 
 @_masked_mse_bwd_op.register_fake

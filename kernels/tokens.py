@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, image_patches, next_power_of_2
+from .utils import CompileSpec, check_device, custom_op, image_patches, next_power_of_2
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
 TOKEN_MAX_BLOCK_D = 1024  # row-copy kernels: one program per (block of rows, block of D)
@@ -392,9 +392,11 @@ def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor,
 # inputs; every output here is a new tensor.
 
 
-@torch.library.custom_op("fastmae::gather_patches", mutates_args=())
-def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+def _gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     return gather_patches_forward(imgs, ids_keep, patch_size)
+
+
+_gather_patches_op = custom_op("fastmae::gather_patches", _gather_patches)
 
 
 @_gather_patches_op.register_fake
@@ -402,10 +404,12 @@ def _gather_patches_fake(imgs, ids_keep, patch_size):
     return imgs.new_empty((imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size))
 
 
-@torch.library.custom_op("fastmae::gather_tokens_fwd", mutates_args=())
-def _gather_tokens_fwd_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor,
-                          cls_token: torch.Tensor | None, gathered: bool) -> torch.Tensor:
+def _gather_tokens_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor,
+                       cls_token: torch.Tensor | None, gathered: bool) -> torch.Tensor:
     return gather_tokens_forward(x, ids_keep, pos_embed, cls_token, gathered)
+
+
+_gather_tokens_fwd_op = custom_op("fastmae::gather_tokens_fwd", _gather_tokens_fwd)
 
 
 @_gather_tokens_fwd_op.register_fake
@@ -416,11 +420,13 @@ def _gather_tokens_fwd_fake(x, ids_keep, pos_embed, cls_token, gathered):
     return x.new_empty((x.shape[0], ids_keep.shape[1] + int(cls_token is not None), x.shape[2]), dtype=dtype)
 
 
-@torch.library.custom_op("fastmae::gather_tokens_bwd_x", mutates_args=())
-def _gather_tokens_bwd_x_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
-                            has_cls: bool) -> torch.Tensor:
+def _gather_tokens_bwd_x(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
+                         has_cls: bool) -> torch.Tensor:
     return gather_tokens_backward(grad_out, ids_keep, L, x_dtype, has_cls, None, False, need_x=True,
                                   need_cls=False)[0]
+
+
+_gather_tokens_bwd_x_op = custom_op("fastmae::gather_tokens_bwd_x", _gather_tokens_bwd_x)
 
 
 @_gather_tokens_bwd_x_op.register_fake
@@ -428,10 +434,12 @@ def _gather_tokens_bwd_x_fake(grad_out, ids_keep, L, x_dtype, has_cls):
     return grad_out.new_empty((grad_out.shape[0], L, grad_out.shape[2]), dtype=x_dtype)
 
 
-@torch.library.custom_op("fastmae::gather_tokens_bwd_cls", mutates_args=())
-def _gather_tokens_bwd_cls_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, cls_dtype: torch.dtype) -> torch.Tensor:
+def _gather_tokens_bwd_cls(grad_out: torch.Tensor, ids_keep: torch.Tensor, cls_dtype: torch.dtype) -> torch.Tensor:
     return gather_tokens_backward(grad_out, ids_keep, 0, grad_out.dtype, True, cls_dtype, True, need_x=False,
                                   need_cls=True)[1]
+
+
+_gather_tokens_bwd_cls_op = custom_op("fastmae::gather_tokens_bwd_cls", _gather_tokens_bwd_cls)
 
 
 @_gather_tokens_bwd_cls_op.register_fake
@@ -439,10 +447,12 @@ def _gather_tokens_bwd_cls_fake(grad_out, ids_keep, cls_dtype):
     return grad_out.new_empty((1, 1, grad_out.shape[2]), dtype=cls_dtype)
 
 
-@torch.library.custom_op("fastmae::unshuffle_tokens_fwd", mutates_args=())
-def _unshuffle_fwd_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                      pos_embed: torch.Tensor) -> torch.Tensor:
+def _unshuffle_fwd(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                   pos_embed: torch.Tensor) -> torch.Tensor:
     return unshuffle_tokens_forward(x, ids_restore, mask_token, pos_embed)
+
+
+_unshuffle_fwd_op = custom_op("fastmae::unshuffle_tokens_fwd", _unshuffle_fwd)
 
 
 @_unshuffle_fwd_op.register_fake
@@ -451,10 +461,12 @@ def _unshuffle_fwd_fake(x, ids_restore, mask_token, pos_embed):
     return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=dtype)
 
 
-@torch.library.custom_op("fastmae::unshuffle_tokens_bwd", mutates_args=())
-def _unshuffle_bwd_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
-                      mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
+                   mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return unshuffle_tokens_backward(grad_out, ids_restore, K, x_dtype, mask_dtype)
+
+
+_unshuffle_bwd_op = custom_op("fastmae::unshuffle_tokens_bwd", _unshuffle_bwd)
 
 
 @_unshuffle_bwd_op.register_fake

@@ -69,6 +69,8 @@ def custom_op(name: str, impl: Callable, setup_context: Callable | None = None,
     def call(*args):
         if torch.compiler.is_compiling() or not _plain_tensors(args):
             return op(*args)
+        if eager is not impl and not (torch.is_grad_enabled() and _any_requires_grad(args)):
+            return impl(*args)  # nothing to differentiate: no autograd.Function either
         return eager(*args)
 
     call.op, call.impl, call.register_fake = op, impl, op.register_fake
@@ -76,6 +78,10 @@ def custom_op(name: str, impl: Callable, setup_context: Callable | None = None,
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _any_requires_grad(args: tuple) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def _plain_tensors(args: tuple) -> bool:

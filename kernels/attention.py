@@ -69,7 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, custom_op, interpreter_enabled, next_power_of_2, split_qkv
+from .utils import (CompileSpec, check_device, custom_op, interpreter_enabled, next_power_of_2, qkv_head_dim,
+                    split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -880,10 +881,13 @@ def attention_packed(qkv: torch.Tensor, num_heads: int, scale: float | None = No
     The difference is the gradient: the kernels write dq, dk and dv straight into one [B, N, 3 * H * D] tensor,
     where autograd through `split_qkv` views would stack the three gradients and copy them into that layout.
     """
-    q, k, v = split_qkv(qkv, num_heads)
-    _check_inputs(q, k, v)
+    d = qkv_head_dim(qkv, num_heads)  # q, k and v are views of qkv: one shape, dtype and device
+    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the Triton attention takes float32, float16 or bfloat16, got {qkv.dtype}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {d}")
     _check_path(path)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = d ** -0.5 if scale is None else float(scale)
     out, _ = _attention_qkv_fwd_op(qkv, int(num_heads), scale, path)
     return out
 

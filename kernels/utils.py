@@ -90,12 +90,18 @@ def _plain_tensors(args: tuple) -> bool:
     return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
-def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The packed projection [B, N, 3 * H * D] (timm's layout) as q, k, v [B, H, N, D] views."""
+def qkv_head_dim(qkv: torch.Tensor, num_heads: int) -> int:
+    """The head dim of a packed projection [B, N, 3 * H * D], checking its shape (no views made)."""
     if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv must be [B, N, 3 * heads * head_dim] with {num_heads} heads; got {tuple(qkv.shape)}")
-    B, N, C3 = qkv.shape
-    return qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv.shape[-1] // (3 * num_heads)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed projection [B, N, 3 * H * D] (timm's layout) as q, k, v [B, H, N, D] views."""
+    d = qkv_head_dim(qkv, num_heads)
+    B, N, _ = qkv.shape
+    return qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def next_power_of_2(n: int) -> int:

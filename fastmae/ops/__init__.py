@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.utils import split_qkv  # torch only, never triton
+from ..kernels.utils import qkv_head_dim, split_qkv  # torch only, never triton
 from . import reference
 from .registry import (BACKENDS, ENV_VAR, OPS, BackendSpec, BackendUnavailable, Inputs, OpImpl, get_impl,
                        not_supported_reasons, priority, record_choices, requested, resolve, set_priority,
@@ -80,13 +80,14 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = No
     piece; the others run `attention` on q, k, v views of qkv, which is what the model did before.
     """
     _float_dtype("qkv", qkv)
-    q, k, v = split_qkv(qkv, num_heads)
-    inputs = Inputs(qkv.device, qkv.dtype, head_dim=q.shape[-1], tensors={"q": q, "k": k, "v": v},
+    # q, k and v share qkv's device, dtype and requires_grad: the choice is made on qkv, and views are made
+    # only for a backend without a packed form (a packed one splits inside its launcher)
+    inputs = Inputs(qkv.device, qkv.dtype, head_dim=qkv_head_dim(qkv, num_heads), tensors={"qkv": qkv},
                     options={"op": "attention"})
     impl = resolve("attention", inputs, backend)
     if impl.packed is not None:
         return impl.packed(qkv, num_heads, scale)
-    return impl.fn(q, k, v, scale)
+    return impl.fn(*split_qkv(qkv, num_heads), scale)
 
 
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, *,

@@ -168,6 +168,10 @@ def test_packed_qkv_gives_the_same_bits_with_one_gradient(N, D, dtype, path, dev
     assert dqkv_p.is_contiguous() and dqkv_p.grad_fn is None
     with pytest.raises(ValueError, match="3 \\* heads"):
         attn.attention_packed(qkv[..., :-1], 2)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        attn.attention_packed(qkv.detach().to(torch.float64), 2)
+    with pytest.raises(ValueError, match="head dims 1 to"):
+        attn.attention_packed(qkv.detach().new_zeros(1, 4, 3 * (attn.MAX_HEAD_DIM + 1)), 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

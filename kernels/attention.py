@@ -649,14 +649,18 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention takes q, k, v of one shape [B, H, N, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"the Triton attention takes float32, float16 or bfloat16, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-        raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    _check_dtype_head_dim(q.dtype, q.shape[-1])
+
+
+def _check_dtype_head_dim(dtype: torch.dtype, head_dim: int) -> None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the Triton attention takes float32, float16 or bfloat16, got {dtype}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {head_dim}")
 
 
 def _on_device(t: torch.Tensor):
@@ -882,10 +886,7 @@ def attention_packed(qkv: torch.Tensor, num_heads: int, scale: float | None = No
     where autograd through `split_qkv` views would stack the three gradients and copy them into that layout.
     """
     d = qkv_head_dim(qkv, num_heads)  # q, k and v are views of qkv: one shape, dtype and device
-    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"the Triton attention takes float32, float16 or bfloat16, got {qkv.dtype}")
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {d}")
+    _check_dtype_head_dim(qkv.dtype, d)
     _check_path(path)
     scale = d ** -0.5 if scale is None else float(scale)
     out, _ = _attention_qkv_fwd_op(qkv, int(num_heads), scale, path)

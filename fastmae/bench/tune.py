@@ -284,8 +284,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.write == "" and device.type != "cuda":
         raise ValueError("interpreter timings mean nothing: --write needs a FILE other than the kernels' own on a CPU")
-    if device.type != "cuda" and interpreter_problem():
-        raise ValueError(interpreter_problem())
+    if device.type != "cuda" and (problem := interpreter_problem()):
+        raise ValueError(problem)
     shapes = dict(QUICK_SHAPES) if args.quick else dict(SHAPES)
     if args.shapes and not args.quick:
         names = parse_list(args.shapes)

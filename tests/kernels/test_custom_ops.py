@@ -17,7 +17,7 @@ import torch
 from functorch.compile import aot_function, nop
 
 from fastmae.kernels.utils import split_qkv
-from tests.utils import DEVICES, skip_unless_serves
+from tests.utils import DEVICES, masking, skip_unless_serves
 
 attn = pytest.importorskip("fastmae.kernels.attention", reason="the Triton kernels need triton")
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
@@ -31,11 +31,10 @@ def _randn(*shape, device, dtype=torch.float32, seed=0, requires_grad=False):
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
-def _ids(n, L, K, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids_shuffle = torch.argsort(torch.rand(n, L, generator=g), dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle[:, :K].contiguous().to(device), ids_restore.to(device)
+def _ids(n, L, K, device):
+    """(ids_keep [n, K], ids_restore [n, L]) of one masking draw as the model makes it."""
+    ids_shuffle, ids_restore, _ = masking(n, L, K, device)
+    return ids_shuffle[:, :K].contiguous(), ids_restore
 
 
 def _check(op, args):

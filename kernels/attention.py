@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 
 from .utils import (CompileSpec, check_device, custom_op, interpreter_enabled, next_power_of_2, qkv_head_dim,
-                    split_qkv)
+                    recording_capability, split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -423,11 +423,12 @@ def _check_path(path: str) -> None:
 
 
 def _device_capability(device: torch.device) -> tuple[int, int]:
-    """The CUDA compute capability the settings are chosen for; (9, 0) under the interpreter, so that the
-    CPU tests run the short backward at the largest tiles any GPU gets."""
+    """The CUDA compute capability the settings are chosen for; on CPU tensors the one launches are recorded for
+    (`compile_check.record_launches`), else (9, 0) (the interpreter: the CPU tests run the short backward at the
+    largest tiles any GPU gets)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)
-    return (9, 0)
+    return recording_capability() or (9, 0)
 
 
 def _short_forward_fits(n_pad: int, d_pad: int, dtype: torch.dtype) -> bool:

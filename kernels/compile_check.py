@@ -26,7 +26,10 @@ turns integers equal to 1 into constants), which enables vector loads and can ch
 lot. Here pointer arguments are compiled as 16-byte aligned (what PyTorch's allocator gives); integer
 arguments are not assumed divisible by 16 unless the spec lists them in an optional `divisible_by_16`
 attribute (a tuple of argument names), or `aligned_ints=True` (`--aligned-ints`) assumes it for all of them.
-Constexpr parameters with a default value in the kernel need not be listed in `constexprs`.
+Constexpr parameters with a default value in the kernel need not be listed in `constexprs`. The exact
+specialisations of a real run come from `--traced` (`check_traced`): the launches of a training step,
+recorded at MAE's shapes without running anything, each specialised by Triton's own launcher code (see the
+section "Launches recorded at MAE's shapes" below).
 
 Interpreter: with `TRITON_INTERPRET=1` (the CPU test suite sets it before importing triton), `@triton.jit`
 returns an `InterpretedFunction`, which `triton.compile` cannot take (it has no `cache_key`), and the
@@ -46,7 +49,7 @@ of `[attribute, value]` pairs such as `["tt.divisibility", 16]`. The CompileSpec
 had a different `ASTSource` (a `constants=` argument and an `AttrsDescriptor`) and is refused clearly.
 
 Command line: `python -m fastmae.kernels.compile_check [--arch 80 90] [--module NAME ...] [--json FILE]
-[--sample] [--aligned-ints] [-v]` prints one row per (configuration, architecture) and exits with status 1
+[--sample] [--aligned-ints] [--traced [--batch N]] [-v]` prints one row per (configuration, architecture) and exits with status 1
 when any problem is found. Compiling takes 0.1 to 5 s per configuration and architecture on one CPU core
 (a few pathological ones far longer), so checking every configuration of all modules takes tens of
 minutes; `--sample` (what the CPU tests use) compiles `representative(...)` configurations only. Triton
@@ -113,8 +116,14 @@ class Report:
     static_shared: int = 0
     dynamic_shared: int = 0
     mma: str = ""  # tensor-core instructions in the PTX: "wgmma", "mma" or ""
+    # the sizes of the global loads / stores in the PTX, bytes per thread per instruction (16: 128-bit vectors,
+    # what a memory-bound kernel needs for full bandwidth; 2: one 16-bit element at a time)
+    load_bytes: list[int] = field(default_factory=list)
+    store_bytes: list[int] = field(default_factory=list)
     compile_seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # traced launches: the workloads that make this launch
+    specialized: str = ""  # traced launches: how Triton specialised the integer and pointer arguments
 
     @property
     def spill_bytes(self) -> int:
@@ -212,7 +221,8 @@ def _constexpr_defaults(fn) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
-def _make_source(fn, signature: dict[str, str], constexprs: dict[str, Any], divisible_by_16: Iterable[str] = ()):
+def _make_source(fn, signature: dict[str, str], constexprs: dict[str, Any], divisible_by_16: Iterable[str] = (),
+                 unaligned: Iterable[str] = ()):
     """Build a `triton.compiler.ASTSource` from the CompileSpec form (see the module docstring)."""
     import triton
     from triton.compiler import ASTSource
@@ -248,8 +258,10 @@ def _make_source(fn, signature: dict[str, str], constexprs: dict[str, Any], divi
     bad = [k for k in divisible if k not in full or full[k] == "constexpr"]
     if bad:
         raise ValueError(f"divisible_by_16 names {bad}, which are not runtime arguments")
+    unaligned = set(unaligned)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-             if full[name] != "constexpr" and (full[name].startswith("*") or name in divisible)}
+             if full[name] != "constexpr" and ((full[name].startswith("*") and name not in unaligned)
+                                               or name in divisible)}
     constants = {(names.index(k),): v for k, v in values.items()}
     return ASTSource(fn=fn, signature=full, constexprs=constants, attrs=attrs)
 
@@ -308,6 +320,24 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
             raise ValueError(f"ptxas -v printed no register count:\n{log}")
         out[key] = (sum(values) if key.startswith("spill") else max(values)) if values else 0
     return out
+
+
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)+)")
+
+
+def global_access_bytes(ptx: str) -> tuple[list[int], list[int]]:
+    """The distinct sizes of the global loads and of the global stores in the PTX, in bytes per thread and
+    instruction: `ld.global.v4.b32` is 16 (a 128-bit vector), `ld.global.b16` is 2."""
+    sizes: dict[str, set[int]] = {"ld": set(), "st": set()}
+    for op, suffix in _GLOBAL_ACCESS.findall(ptx):
+        vec, bits = 1, 0
+        for part in suffix.split(".")[1:]:
+            if re.fullmatch(r"v\d+", part):
+                vec = int(part[1:])
+            elif re.fullmatch(r"[bfus]\d+", part):
+                bits = int(part[1:])
+        sizes[op].add(vec * bits // 8)
+    return sorted(sizes["ld"]), sorted(sizes["st"])
 
 
 @functools.lru_cache(maxsize=256)
@@ -370,7 +400,8 @@ def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False)
         from triton.backends.compiler import GPUTarget
 
         fn = _jit_function(spec.fn)
-        src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), _divisible_names(spec, aligned_ints))
+        src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), _divisible_names(spec, aligned_ints),
+                           getattr(spec, "unaligned", ()))
         options = {"num_warps": report.num_warps, "num_stages": report.num_stages}
         start = time.perf_counter()
         # Triton prints the whole PTX to stdout when ptxas fails; the exception keeps what matters.
@@ -384,6 +415,7 @@ def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False)
     meta = kernel.metadata
     report.dynamic_shared = int(getattr(meta, "shared", 0) or 0)
     report.mma = "wgmma" if "wgmma." in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "")
+    report.load_bytes, report.store_bytes = global_access_bytes(ptx)
     try:
         usage = ptxas_usage(ptx, arch, bool(getattr(meta, "enable_fp_fusion", True)),
                             tuple((getattr(meta, "ptx_options", None) or "").split()))
@@ -429,7 +461,8 @@ def _spec_to_job(spec) -> dict:
     return dict(name=spec.name, module=module, qualname=qualname, signature=dict(spec.signature),
                 constexprs={k: _encode_value(v) for k, v in spec.constexprs.items()},
                 num_warps=int(spec.num_warps), num_stages=int(spec.num_stages),
-                divisible_by_16=list(getattr(spec, "divisible_by_16", ()) or ()))
+                divisible_by_16=list(getattr(spec, "divisible_by_16", ()) or ()),
+                unaligned=list(getattr(spec, "unaligned", ()) or ()))
 
 
 def _spec_from_job(job: dict):
@@ -442,6 +475,7 @@ def _spec_from_job(job: dict):
                        num_warps=job["num_warps"], num_stages=job["num_stages"])
     if job["divisible_by_16"]:
         spec.divisible_by_16 = tuple(job["divisible_by_16"])
+    spec.unaligned = tuple(job.get("unaligned", ()))
     return spec
 
 
@@ -469,7 +503,10 @@ def _worker_main(job_path: str, out_path: str) -> None:
     with open(job_path) as f:
         job = json.load(f)
     archs = job["archs"]
-    if "modules" in job:
+    if "traced" in job:
+        workloads = [Workload(**w) if isinstance(w, dict) else w for w in job["traced"]]
+        result = {"reports": [r.to_dict() for r in check_traced(workloads, archs)]}
+    elif "modules" in job:
         result = {"modules": [check_module(m, archs, job["sample"], aligned_ints=job["aligned_ints"]).to_dict()
                               for m in job["modules"]]}
     else:
@@ -651,6 +688,262 @@ def check_modules(names: Iterable[str] = KERNEL_MODULES, archs: Iterable[int] = 
 
 
 # --------------------------------------------------------------------------------------------------
+# Launches recorded at MAE's shapes: the exact specialisations a GPU run compiles
+# --------------------------------------------------------------------------------------------------
+#
+# `compile_specs()` lists block settings by rule and compiles them with the worst-case integer
+# specialisation (no argument known to be a multiple of 16 or equal to 1). A real launch is specialised on
+# its arguments: integers divisible by 16 get `tt.divisibility` (vector loads), integers equal to 1 (a unit
+# stride) become constants, misaligned pointers lose their alignment, and options not passed take Triton's
+# defaults (num_stages=3). Those binaries are what a GPU run compiles, so this part records the launches a
+# training step makes, at MAE's shapes and without running anything, and compiles each as Triton would:
+#
+# - `record_launches(capability)`: while active, `JITFunction.run` appends (kernel, args, kwargs) to a list
+#   instead of launching; the launchers and the registry's triton backend accept CPU tensors and choose their
+#   settings for that GPU capability (tuned tables included). The interpreter must be off.
+# - `launch_spec(launch, arch)`: the CompileSpec of one recorded launch, each runtime argument specialised by
+#   Triton's own `native_specialize_impl` with the target's backend (what `JITFunction.run` calls).
+# - `Workload`: one training step (forward, loss, backward) of an MAE preset on the triton backend, built on
+#   the meta device and materialised on the CPU with one encoder and one decoder block (depth changes no
+#   launch), its dtype as autocast; the outputs of recorded launches are left uninitialised, which no later
+#   launch's specialisation depends on.
+# - `trace(workloads, arch)` / `check_traced(workloads, archs)`: the distinct launches and their reports.
+
+
+@dataclass
+class Launch:
+    fn: Any  # the JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def record_launches(capability: tuple[int, int] = (9, 0)):
+    """Record every `@triton.jit` launch made inside (as `Launch` items of the yielded list) instead of running
+    it; CPU tensors are accepted and settings are chosen for GPU compute capability `capability`."""
+    if interpreter_active():
+        raise RuntimeError("record_launches needs the Triton interpreter off in this process "
+                           "(check_traced runs it in a fresh process when the interpreter is on)")
+    from triton.runtime.jit import JITFunction
+    from fastmae.kernels import utils
+
+    calls: list[Launch] = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        calls.append(Launch(self, args, dict(kwargs)))
+
+    JITFunction.run = run
+    utils._RECORDING["capability"] = tuple(capability)
+    try:
+        yield calls
+    finally:
+        JITFunction.run = original
+        utils._RECORDING.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _target_backend(arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    return make_backend(GPUTarget("cuda", arch, 32))
+
+
+def _option_defaults() -> dict[str, int]:
+    from triton.backends.nvidia.compiler import CUDAOptions
+    fields = CUDAOptions.__dataclass_fields__
+    return {"num_warps": fields["num_warps"].default, "num_stages": fields["num_stages"].default}
+
+
+def _short_value(value) -> str:
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def launch_spec(launch: Launch, arch: int = 90):
+    """The CompileSpec of a recorded launch, specialised as Triton's launcher specialises it for `arch`."""
+    from triton._C.libtriton import native_specialize_impl
+    from fastmae.kernels.utils import CompileSpec
+
+    fn = launch.fn
+    names = list(fn.arg_names)
+    options = {k: v for k, v in launch.kwargs.items() if k not in names}
+    unknown = sorted(set(options) - {"num_warps", "num_stages"})
+    if unknown:
+        raise ValueError(f"launch of {fn.__name__} passes options {unknown} that the compile check does not model")
+    options = {**_option_defaults(), **options}
+    bound = inspect.signature(_python_function(fn)).bind(
+        *launch.args, **{k: v for k, v in launch.kwargs.items() if k in names})
+    bound.apply_defaults()
+    signature, constexprs, divisible, unaligned = {}, {}, [], []
+    for p in fn.params:
+        value = bound.arguments[p.name]
+        if p.is_constexpr:
+            constexprs[p.name] = getattr(value, "value", value)
+            continue
+        kind, attr = native_specialize_impl(_target_backend(arch), value, bool(getattr(p, "is_const", False)),
+                                            not getattr(p, "do_not_specialize", False),
+                                            not getattr(p, "do_not_specialize_on_alignment", False))[:2]
+        if kind == "constexpr":  # an integer equal to 1, or None
+            constexprs[p.name] = attr
+        else:
+            signature[p.name] = kind
+            if kind.startswith("*") and attr != "D":
+                unaligned.append(p.name)
+            elif not kind.startswith("*") and attr == "D":
+                divisible.append(p.name)
+    pointers = ",".join(t[1:] for t in signature.values() if t.startswith("*"))
+    consts = ",".join(f"{k}={_short_value(v)}" for k, v in constexprs.items() if k.isupper())
+    ones = ",".join(k for k, v in constexprs.items() if not k.isupper() and v == 1)
+    name = (f"{fn.__name__.lstrip('_')}[{pointers}|{consts}" + (f"|{ones}=1" if ones else "")
+            + f"|w{options['num_warps']}s{options['num_stages']}]")
+    return CompileSpec(name=name, fn=fn, signature=signature, constexprs=constexprs,
+                       num_warps=int(options["num_warps"]), num_stages=int(options["num_stages"]),
+                       divisible_by_16=tuple(divisible), unaligned=tuple(unaligned), archs=(int(arch),))
+
+
+def specialization(spec) -> str:
+    """The integer and pointer specialisations of a spec in words (integers equal to 1 are constants)."""
+    ones = [k for k, v in spec.constexprs.items() if not k.isupper() and v == 1]
+    parts = [f"multiples of 16: {', '.join(spec.divisible_by_16) or 'none'}"]
+    if ones:
+        parts.append(f"equal to 1: {', '.join(ones)}")
+    parts.append(f"unaligned pointers: {', '.join(spec.unaligned) or 'none'}")
+    return "; ".join(parts)
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training step of `model` on the triton backend: batch, autocast dtype ('fp32': none), mask ratio and
+    the loss options. A string 'module:function' instead names a function (no arguments) to run as is."""
+
+    model: str = "mae_vit_base_patch16"
+    dtype: str = "bf16"
+    batch: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    pred_masked_only: bool = False
+
+    @property
+    def label(self) -> str:
+        name = self.model.replace("mae_vit_", "").replace("_patch", "/")
+        return (f"{name} {self.dtype} b{self.batch} r{self.mask_ratio:g}" + (" norm_pix" if self.norm_pix_loss else "")
+                + (" masked_only" if self.pred_masked_only else ""))
+
+    def run(self) -> None:
+        import torch
+        from fastmae.model import create_model
+
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"workload dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        with torch.device("meta"):
+            model = create_model(self.model, norm_pix_loss=self.norm_pix_loss, pred_masked_only=self.pred_masked_only,
+                                 backend="triton")
+        del model.blocks[1:]
+        del model.decoder_blocks[1:]
+        model = model.to_empty(device="cpu")
+        model.initialize_weights()
+        side = model.patch_embed.img_size[0]
+        gen = torch.Generator().manual_seed(0)
+        imgs = torch.randn(self.batch, model.in_chans, side, side, generator=gen)
+        noise = torch.rand(self.batch, model.num_patches, generator=gen)
+        dtype = getattr(torch, _DTYPES[self.dtype])
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(imgs, self.mask_ratio, noise=noise)[0]
+        loss.backward()
+
+
+def _run_workload(workload) -> None:
+    if isinstance(workload, Workload):
+        workload.run()
+        return
+    module, _, qualname = str(workload).partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    obj()
+
+
+def _workload_label(workload) -> str:
+    return workload.label if isinstance(workload, Workload) else str(workload)
+
+
+def trace(workloads: Sequence, arch: int = 90) -> list:
+    """The distinct launches the workloads make on a GPU of compute capability arch/10, as CompileSpecs (first
+    seen first), each with `sources`: the labels of the workloads that launch it."""
+    specs: dict[tuple, Any] = {}
+    for workload in workloads:
+        with record_launches((arch // 10, arch % 10)) as calls:
+            _run_workload(workload)
+        if not calls:
+            raise RuntimeError(f"workload {_workload_label(workload)!r} launched no Triton kernel")
+        for call in calls:
+            spec = launch_spec(call, arch)
+            key = (_python_function(spec.fn).__qualname__, tuple(spec.signature.items()),
+                   tuple((k, repr(v)) for k, v in spec.constexprs.items()), spec.divisible_by_16, spec.unaligned,
+                   spec.num_warps, spec.num_stages)
+            if key not in specs:
+                spec.sources = []
+                specs[key] = spec
+            label = _workload_label(workload)
+            if label not in specs[key].sources:
+                specs[key].sources.append(label)
+    out = list(specs.values())
+    seen: dict[str, int] = {}
+    for spec in out:  # launches that differ only in their specialisation get numbered names
+        seen[spec.name] = seen.get(spec.name, 0) + 1
+        if seen[spec.name] > 1:
+            spec.name += f" #{seen[spec.name]}"
+    return out
+
+
+def check_traced(workloads: Sequence = (), archs: Iterable[int] = ARCHS,
+                 progress: Callable[[Report], None] | None = None) -> list[Report]:
+    """Record the workloads' launches for each architecture (`trace`) and compile each distinct one for it; a
+    workload that fails gives a report with the error. Runs in a fresh process when the interpreter is on."""
+    workloads = list(workloads) or list(DEFAULT_WORKLOADS)
+    archs = [int(a) for a in archs]
+    if interpreter_active():
+        job = {"archs": archs, "traced": [asdict(w) if isinstance(w, Workload) else str(w) for w in workloads]}
+        try:
+            reports = [Report.from_dict(d) for d in _run_worker(job)["reports"]]
+        except Exception as exc:
+            return [Report(name="traced launches", arch=a, module="traced",
+                           problems=[f"compile worker failed: {_short(exc)}"]) for a in archs]
+        for r in reports if progress else ():
+            progress(r)
+        return reports
+    out: list[Report] = []
+    for arch in archs:
+        try:
+            specs = trace(workloads, arch)
+        except Exception as exc:
+            out.append(Report(name="traced launches", arch=arch, module="traced",
+                              problems=[f"recording the launches failed: {_short(exc)}"]))
+            continue
+        for spec in specs:
+            report = _compile_here(spec, arch, "traced")
+            report.sources = list(spec.sources)
+            report.specialized = specialization(spec)
+            out.append(report)
+            if progress:
+                progress(report)
+    return out
+
+
+# Every preset at bf16 (the training dtype), fp16 and fp32, with norm_pix_loss; the base model also without
+# it and with the masked-only decoder head. Batch 16: every batch-derived size is then a multiple of 16, as at
+# the benchmark batches (64 to 512), so the specialisations are theirs.
+DEFAULT_WORKLOADS = tuple(
+    [Workload(m, dt) for m in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
+     for dt in ("bf16", "fp16", "fp32")]
+    + [Workload("mae_vit_base_patch16", "bf16", norm_pix_loss=False),
+       Workload("mae_vit_base_patch16", "bf16", pred_masked_only=True)])
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
@@ -658,16 +951,23 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.1f}K" if n >= 1024 else str(n)
 
 
+def _access(r: Report) -> str:
+    if not (r.load_bytes or r.store_bytes):
+        return "-"
+    return f"{','.join(map(str, r.load_bytes)) or '-'}/{','.join(map(str, r.store_bytes)) or '-'}"
+
+
 def format_table(results: Sequence[ModuleResult]) -> str:
-    header = ("kernel config", "arch", "warps", "stages", "regs", "spill B", "smem", "mma", "compile s", "status")
+    header = ("kernel config", "arch", "warps", "stages", "regs", "spill B", "smem", "mma", "ld/st B", "compile s",
+              "status")
     rows = []
     for res in results:
         if res.status != "checked" and not res.reports:
-            rows.append((res.module, "-", "-", "-", "-", "-", "-", "-", "-", res.status.upper()))
+            rows.append((res.module, "-", "-", "-", "-", "-", "-", "-", "-", "-", res.status.upper()))
         for r in res.reports:
             rows.append((r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages),
                          "-" if r.registers is None else str(r.registers), str(r.spill_bytes), _kib(r.shared_bytes),
-                         r.mma or "-", f"{r.compile_seconds:.2f}", "ok" if r.ok else "FAIL"))
+                         r.mma or "-", _access(r), f"{r.compile_seconds:.2f}", "ok" if r.ok else "FAIL"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     problems = [p for res in results for p in res.problems]
@@ -690,8 +990,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aligned-ints", action="store_true",
                         help="compile every integer argument as divisible by 16 (all sizes and strides multiples "
                              "of 16) instead of only the spec's divisible_by_16")
+    parser.add_argument("--traced", action="store_true",
+                        help="instead of the modules' configurations, compile the launches a training step makes "
+                             "(every MAE preset in bf16, fp16 and fp32, recorded at their shapes without running "
+                             "anything) exactly as Triton specialises them on a GPU")
+    parser.add_argument("--batch", type=int, default=16, help="batch of the traced training steps (default 16)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each configuration as it is done")
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
+    if args.traced and (args.module or args.sample or args.aligned_ints):
+        parser.error("--traced compiles the recorded launches; it takes no --module, --sample or --aligned-ints")
     modules = [m if "." in m else f"fastmae.kernels.{m}" for m in (args.module or KERNEL_MODULES)]
     # triton 3.9 warns once that its fp-fusion default will change in 3.10; the check mirrors whatever the
     # installed triton does, so the notice is only noise in the table
@@ -703,8 +1012,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.spill_bytes} spill bytes, {r.shared_bytes} shared bytes, {r.compile_seconds:.2f} s"
               + ("" if r.ok else " FAIL"), flush=True)
 
-    results = check_modules(modules, args.arch, sample=args.sample, progress=progress if args.verbose else None,
-                            aligned_ints=args.aligned_ints)
+    if args.traced:
+        workloads = [Workload(**{**asdict(w), "batch": args.batch}) for w in DEFAULT_WORKLOADS]
+        reports = check_traced(workloads, args.arch, progress=progress if args.verbose else None)
+        results = [ModuleResult("traced launches", "checked", reports=reports)]
+    else:
+        results = check_modules(modules, args.arch, sample=args.sample,
+                                progress=progress if args.verbose else None, aligned_ints=args.aligned_ints)
     import triton
     print(f"triton {triton.__version__}; targets {', '.join(LIMITS[a].gpu for a in args.arch)}; "
           f"{time.perf_counter() - start:.1f} s")

@@ -15,6 +15,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set only inside `compile_check.record_launches`: launches are recorded instead of run, so the launchers and
+# the triton backend take CPU tensors without the interpreter, choosing settings for this GPU capability.
+_RECORDING: dict[str, Any] = {}
+
+
+def recording_capability() -> tuple[int, int] | None:
+    """The GPU compute capability that launches are being recorded for, or None when they run."""
+    return _RECORDING.get("capability")
+
+
 def _release(version: str) -> tuple[int, ...]:
     parts = []
     for piece in version.split(".")[:2]:
@@ -128,7 +138,7 @@ def check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cpu" and not interpreter_enabled():
+        if t.device.type == "cpu" and not interpreter_enabled() and not _RECORDING:
             raise RuntimeError("fastmae's Triton kernels run CPU tensors only under Triton's interpreter "
                                "(set TRITON_INTERPRET=1 before importing triton); use backend='reference' or 'sdpa'")
 
@@ -161,5 +171,7 @@ class CompileSpec:
     # integer arguments a launch sees as multiples of 16 (Triton specialises on that at run time, e.g. the
     # strides of MAE's tensors); the compile check compiles the spec with that assumption
     divisible_by_16: tuple[str, ...] = ()
+    # pointer arguments a launch sees as not 16-byte aligned (all others are, as PyTorch's allocator gives)
+    unaligned: tuple[str, ...] = ()
     # the GPU architectures whose launches can pick this configuration (compute capability x10)
     archs: tuple[int, ...] = (80, 90)

@@ -6,7 +6,7 @@ The kernel modules are imported on first use, so importing fastmae never compile
 """
 from __future__ import annotations
 
-from ..kernels.utils import interpreter_enabled, interpreter_problem  # imports torch only, never triton
+from ..kernels.utils import interpreter_enabled, interpreter_problem, recording_capability  # torch only, no triton
 from .registry import FLOAT_DTYPES, Inputs, LazyFn, OpImpl, register
 
 ATTENTION_HEAD_DIMS = (16, 128)
@@ -17,7 +17,7 @@ def _lazy(module: str, name: str) -> LazyFn:
 
 
 def _device_reasons(inputs: Inputs) -> list[str]:
-    if inputs.device.type == "cpu":
+    if inputs.device.type == "cpu" and recording_capability() is None:  # (recorded launches run nowhere)
         if not interpreter_enabled():
             return ["triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing "
                     "triton)"]

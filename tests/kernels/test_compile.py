@@ -185,3 +185,77 @@ def test_parse_ptxas_log():
 def test_missing_module_is_reported():
     result = cc.check_module("fastmae.kernels.no_such_module", [80])
     assert result.status == "missing" and not result.ok and result.reports == []
+
+
+# --- launches recorded from a training step, specialised as a GPU run specialises them -------------------
+
+TRACED_WORKLOADS = (cc.Workload("mae_vit_base_patch16", "bf16"),
+                    cc.Workload("mae_vit_base_patch16", "bf16", norm_pix_loss=False, pred_masked_only=True),
+                    "tests.kernels.test_compile:_launch_adds")
+# the row-copy kernels must read and write whole vectors at MAE's widths (a unit last stride and strides that
+# are multiples of 16 elements): their stores are only data, so the widest store says it
+VECTOR_STORES = ("gather_patches_kernel", "gather_tokens_fwd_kernel", "unshuffle_fwd_kernel", "unshuffle_bwd_kernel",
+                 "masked_mse_bwd_kernel")
+
+
+def _launch_adds():
+    """Three launches of `_add_kernel` (run under `record_launches`: nothing executes): a length of 1, a length
+    that is a multiple of 16, and a misaligned input with an odd length."""
+    import torch
+    x = torch.zeros(64)
+    _add_kernel[(1,)](x, x, x, 1, BLOCK=64)
+    _add_kernel[(1,)](x, x, x, 32, BLOCK=64)
+    _add_kernel[(1,)](x[1:], x, x, 7, BLOCK=64, num_warps=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _traced_reports() -> tuple[cc.Report, ...]:
+    return tuple(cc.check_traced(TRACED_WORKLOADS, cc.ARCHS))
+
+
+def _kernel(report: cc.Report) -> str:
+    return report.name.split("[")[0]
+
+
+def test_traced_launches_are_specialised_as_triton_does():
+    """Triton's launcher turns an integer 1 into a constant, marks multiples of 16, and drops the alignment of a
+    misaligned pointer; options not passed take Triton's defaults (num_stages=3)."""
+    adds = [r for r in _traced_reports() if _kernel(r) == "add_kernel" and r.arch == 90]
+    assert len(adds) == 3, [r.name for r in adds]
+    one, sixteen, odd = adds
+    assert "equal to 1: n" in one.specialized and "|n=1|" in one.name, one
+    assert "multiples of 16: n;" in sixteen.specialized and "unaligned pointers: none" in sixteen.specialized, sixteen
+    assert "multiples of 16: none" in odd.specialized and "unaligned pointers: x_ptr" in odd.specialized, odd
+    assert (one.num_warps, one.num_stages, odd.num_warps) == (4, 3, 2)
+    assert all(r.ok for r in adds), [r.problems for r in adds]
+    assert all(r.sources == ["tests.kernels.test_compile:_launch_adds"] for r in adds)
+
+
+@pytest.mark.parametrize("arch", cc.ARCHS)
+def test_traced_training_step_compiles(arch):
+    """Every launch of a ViT-B training step (bf16 autocast; with and without norm_pix_loss and the masked-only
+    head), as a GPU of that architecture specialises it, compiles without spills within the limits; the
+    memory-bound row kernels store whole vectors."""
+    reports = [r for r in _traced_reports() if r.arch == arch and _kernel(r) != "add_kernel"]
+    problems = [f"{r.name}: {p}" for r in reports for p in r.problems]
+    assert not problems, "\n".join(problems)
+    kernels = {_kernel(r) for r in reports}
+    expected = {"gather_patches_kernel", "gather_tokens_fwd_kernel", "unshuffle_fwd_kernel", "unshuffle_bwd_kernel",
+                "colsum_kernel", "masked_mse_fwd_kernel", "masked_mse_finalize_kernel", "masked_mse_bwd_kernel"}
+    assert expected <= kernels, sorted(expected - kernels)
+    assert any(k.startswith("attn_fwd") for k in kernels) and any(k.startswith("attn_bwd") for k in kernels), kernels
+    assert any("HAS_IDS=1" in r.name for r in reports), "the masked-only head's loss launch was not recorded"
+    patches = [r for r in reports if _kernel(r) == "gather_patches_kernel"]
+    assert all("equal to 1: stride_w" in r.specialized for r in patches), [r.specialized for r in patches]
+    for r in reports:
+        if _kernel(r) in VECTOR_STORES:
+            assert r.store_bytes and max(r.store_bytes) >= 8, (r.name, r.store_bytes)
+        if _kernel(r).startswith("attn_"):
+            assert "equal to 1: s" in r.specialized, r.specialized  # unit head-dim strides are constants
+
+
+def test_global_access_sizes():
+    ptx = ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n@%p1 ld.global.L1::evict_last.b16 {%rs1}, [%rd2];\n"
+           "ld.global.b64 %rd3, [%rd4];\nst.global.v2.b32 [%rd5], {%r5, %r6};\natom.global.add.f32 %f1, [%rd6], %f2;")
+    assert cc.global_access_bytes(ptx) == ([2, 8, 16], [8])
+    assert cc.global_access_bytes("") == ([], [])

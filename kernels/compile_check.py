@@ -124,6 +124,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # traced launches: the workloads that make this launch
     specialized: str = ""  # traced launches: how Triton specialised the integer and pointer arguments
+    config: str = ""  # traced launches: `config_key` of the launch
 
     @property
     def spill_bytes(self) -> int:
@@ -791,14 +792,34 @@ def launch_spec(launch: Launch, arch: int = 90):
                 unaligned.append(p.name)
             elif not kind.startswith("*") and attr == "D":
                 divisible.append(p.name)
-    pointers = ",".join(t[1:] for t in signature.values() if t.startswith("*"))
-    consts = ",".join(f"{k}={_short_value(v)}" for k, v in constexprs.items() if k.isupper())
-    ones = ",".join(k for k, v in constexprs.items() if not k.isupper() and v == 1)
-    name = (f"{fn.__name__.lstrip('_')}[{pointers}|{consts}" + (f"|{ones}=1" if ones else "")
-            + f"|w{options['num_warps']}s{options['num_stages']}]")
-    return CompileSpec(name=name, fn=fn, signature=signature, constexprs=constexprs,
+    spec = CompileSpec(name="", fn=fn, signature=signature, constexprs=constexprs,
                        num_warps=int(options["num_warps"]), num_stages=int(options["num_stages"]),
                        divisible_by_16=tuple(divisible), unaligned=tuple(unaligned), archs=(int(arch),))
+    ones = ",".join(k for k, v in constexprs.items() if not k.isupper() and v == 1)
+    key = config_key(spec)
+    spec.name = key[:-1] + (f"|{ones}=1" if ones else "") + "]"
+    return spec
+
+
+def config_key(spec) -> str:
+    """A spec's kernel configuration in one string, whatever its integer specialisation: the kernel's name, its
+    pointer types in argument order, its block constants (upper-case constexprs), warps and pipeline stages,
+    e.g. 'colsum_kernel[fp32,fp32|BLOCK_R=32,BLOCK_D=64|w4s3]'. Traced launches and the modules'
+    `compile_specs()` are compared by it."""
+    fn = _python_function(spec.fn)
+    names = list(getattr(_jit_or_none(spec.fn), "arg_names", None) or inspect.signature(fn).parameters)
+    pointers = ",".join(spec.signature[n][1:] for n in names
+                        if n in spec.signature and spec.signature[n].startswith("*"))
+    consts = ",".join(f"{n}={_short_value(spec.constexprs[n])}" for n in names
+                      if n in spec.constexprs and n.isupper())
+    return f"{fn.__name__.lstrip('_')}[{pointers}|{consts}|w{spec.num_warps}s{spec.num_stages}]"
+
+
+def _jit_or_none(fn):
+    try:
+        return _jit_function(fn)
+    except TypeError:
+        return None
 
 
 def specialization(spec) -> str:
@@ -926,6 +947,7 @@ def check_traced(workloads: Sequence = (), archs: Iterable[int] = ARCHS,
         for spec in specs:
             report = _compile_here(spec, arch, "traced")
             report.sources = list(spec.sources)
+            report.config = config_key(spec)
             report.specialized = specialization(spec)
             out.append(report)
             if progress:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, custom_op, image_patches, next_power_of_2
+from .utils import NUM_STAGES, CompileSpec, check_device, custom_op, image_patches, next_power_of_2
 
 FINALIZE_BLOCK = 1024
 
@@ -200,9 +200,9 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     _masked_mse_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, p, *imgs.stride(),
         NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, num_stages=NUM_STAGES)
     _masked_mse_finalize_kernel[(1,)](part, mask32, loss, denom, n_rows, float(max(n_rows, 1)),
-                                      HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK, num_warps=4)
+                                      HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK, num_warps=4, num_stages=NUM_STAGES)
     return loss, g, denom, mask32
 
 
@@ -218,7 +218,7 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
     block_r, block, num_warps = _row_settings(P)
     _masked_mse_bwd_kernel[(triton.cdiv(n_rows, block_r),)](g, mask32, go, denom, out, n_rows, P,
                                                             HAS_MASK=not has_ids, BLOCK_R=block_r, BLOCK=block,
-                                                            num_warps=num_warps)
+                                                            num_warps=num_warps, num_stages=NUM_STAGES)
     return out
 
 
@@ -327,7 +327,8 @@ def compile_specs() -> list[CompileSpec]:
                             f"ids{int(has_ids)},grad{int(write_grad)}]", _masked_mse_fwd_kernel,
                             dict(zip(fwd_names, types)),
                             {"NORM_PIX": norm_pix, "HAS_IDS": has_ids, "WRITE_GRAD": write_grad,
-                             "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p}, num_warps=nw))
+                             "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p},
+                            num_warps=nw, num_stages=NUM_STAGES))
     for tp in ("fp32", "fp16", "bf16"):
         for block_r, block, nw in rowset:
             for has_mask in (False, True):
@@ -335,11 +336,11 @@ def compile_specs() -> list[CompileSpec]:
                     f"masked_mse_bwd[{tp},R{block_r},B{block},mask{int(has_mask)}]", _masked_mse_bwd_kernel,
                     dict(zip("g_ptr mask_ptr go_ptr denom_ptr out_ptr n_rows P".split(),
                              [f"*{tp}", "*fp32", "*fp32", "*fp32", f"*{tp}", "i32", "i32"])),
-                    {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK": block}, num_warps=nw))
+                    {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK": block}, num_warps=nw, num_stages=NUM_STAGES))
     for has_mask in (False, True):
         specs.append(CompileSpec(
             f"masked_mse_finalize[mask{int(has_mask)}]", _masked_mse_finalize_kernel,
             dict(zip("part_ptr mask_ptr loss_ptr denom_ptr n_rows fixed_denom".split(),
                      ["*fp32", "*fp32", "*fp32", "*fp32", "i32", "fp32"])),
-            {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=4))
+            {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=4, num_stages=NUM_STAGES))
     return specs

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, check_device, custom_op, image_patches, next_power_of_2
+from .utils import NUM_STAGES, CompileSpec, check_device, custom_op, image_patches, next_power_of_2
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
 TOKEN_MAX_BLOCK_D = 1024  # row-copy kernels: one program per (block of rows, block of D)
@@ -243,8 +243,8 @@ def _colsum(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """src: [R, D] with a unit last stride -> out [D] (preallocated, any float dtype)."""
     R, D = src.shape
     block_d = min(next_power_of_2(D), COLSUM_MAX_BLOCK_D)
-    _colsum_kernel[(triton.cdiv(D, block_d),)](src, out, R, D, src.stride(0),
-                                                BLOCK_R=COLSUM_BLOCK_R, BLOCK_D=block_d, num_warps=4)
+    _colsum_kernel[(triton.cdiv(D, block_d),)](src, out, R, D, src.stride(0), BLOCK_R=COLSUM_BLOCK_R,
+                                                BLOCK_D=block_d, num_warps=4, num_stages=NUM_STAGES)
     return out
 
 
@@ -262,7 +262,7 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     block_r, block_c, block_p, num_warps = _patch_settings(c, p)
     _gather_patches_kernel[(triton.cdiv(n * K, block_r),)](imgs, ids, out, n * K, K, c, gw, p, *imgs.stride(),
                                                            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
-                                                           num_warps=num_warps)
+                                                           num_warps=num_warps, num_stages=NUM_STAGES)
     return out
 
 
@@ -289,7 +289,7 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(d, block_d))
     _gather_tokens_fwd_kernel[grid](x, ids, pos, cls, out, n_rows, K, d, x.stride(0), x.stride(1), pos.stride(0),
                                     out.stride(0), out.stride(1), HAS_CLS=int(has_cls), GATHERED=bool(gathered),
-                                    BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
+                                    BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES)
     return out
 
 
@@ -316,7 +316,8 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
             block_r, block_d, num_warps = _row_settings(d)
             _gather_tokens_bwd_kernel[(triton.cdiv(n * L, block_r), triton.cdiv(d, block_d))](
                 grad_out, inv, grad_x, n * L, L, d, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
-                grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
+                grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+                num_stages=NUM_STAGES)
     grad_cls = None
     if has_cls and need_cls:
         grad_cls = torch.empty((1, 1, d), device=grad_out.device, dtype=cls_dtype)
@@ -344,7 +345,7 @@ def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_to
     block_r, block_d, num_warps = _row_settings(d)
     _unshuffle_fwd_kernel[(triton.cdiv(n * (L + 1), block_r), triton.cdiv(d, block_d))](
         x, ids, mtok, pos, out, n * (L + 1), L, k1 - 1, d, x.stride(0), x.stride(1), pos.stride(0), out.stride(0),
-        out.stride(1), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
+        out.stride(1), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES)
     return out
 
 
@@ -376,7 +377,8 @@ def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor,
     num_warps = _warps(BWD_BLOCK_L * block_d)
     _unshuffle_bwd_kernel[(n * chunks, triton.cdiv(d, block_d))](
         grad_out, ids, grad_x, part, L, K, d, chunks, rows_per_prog, grad_out.stride(0), grad_out.stride(1),
-        grad_x.stride(0), grad_x.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_D=block_d, num_warps=num_warps)
+        grad_x.stride(0), grad_x.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_D=block_d, num_warps=num_warps,
+        num_stages=NUM_STAGES)
     _colsum(part, grad_mask.view(d))
     return grad_x, grad_mask
 
@@ -593,7 +595,7 @@ def compile_specs() -> list[CompileSpec]:
                 f"gather_patches[{t},R{block_r},C{block_c},P{block_p}]", _gather_patches_kernel,
                 _sig("img_ptr ids_ptr out_ptr n_rows K C gw p stride_n stride_c stride_h stride_w",
                      [f"*{t}", "*i64", f"*{t}"] + ["i32"] * 9),
-                {"BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p}, num_warps=nw))
+                {"BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p}, num_warps=nw, num_stages=NUM_STAGES))
     for tx, tp, to in _TOKEN_DTYPES:
         for block_r, block_d, nw in row_settings:
             for has_cls in (0, 1):
@@ -605,25 +607,25 @@ def compile_specs() -> list[CompileSpec]:
                              "stride_on stride_ol", [f"*{tx}", "*i64", f"*{tp}", f"*{tp if has_cls else tx}", f"*{to}"]
                              + ["i32"] * 8),
                         {"HAS_CLS": has_cls, "GATHERED": gathered, "BLOCK_R": block_r, "BLOCK_D": block_d},
-                        num_warps=nw))
+                        num_warps=nw, num_stages=NUM_STAGES))
             for has_cls in (0, 1):
                 specs.append(CompileSpec(
                     f"gather_tokens_bwd[{to}->{tx},R{block_r},D{block_d},cls{has_cls}]", _gather_tokens_bwd_kernel,
                     _sig("go_ptr inv_ptr gx_ptr n_rows L D stride_gon stride_gol stride_gxn stride_gxl",
                          [f"*{to}", "*i32", f"*{tx}"] + ["i32"] * 7),
-                    {"HAS_CLS": has_cls, "BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw))
+                    {"HAS_CLS": has_cls, "BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw, num_stages=NUM_STAGES))
             specs.append(CompileSpec(
                 f"unshuffle_fwd[{tx},{tp},{to},R{block_r},D{block_d}]", _unshuffle_fwd_kernel,
                 _sig("x_ptr ids_ptr mtok_ptr pos_ptr out_ptr n_rows L K D stride_xn stride_xk stride_pos stride_on "
                      "stride_ol", [f"*{tx}", "*i64", f"*{tp}", f"*{tp}", f"*{to}"] + ["i32"] * 9),
-                {"BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw))
+                {"BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw, num_stages=NUM_STAGES))
         for block_d in sorted({min(next_power_of_2(d), BWD_MAX_BLOCK_D) for d in widths}):
             specs.append(CompileSpec(
                 f"unshuffle_bwd[{to}->{tx},D{block_d}]", _unshuffle_bwd_kernel,
                 _sig("go_ptr ids_ptr gx_ptr part_ptr L K D chunks rows_per_prog stride_gon stride_gol stride_gxn "
                      "stride_gxk", [f"*{to}", "*i64", f"*{tx}", "*fp32"] + ["i32"] * 9),
                 {"BLOCK_L": BWD_BLOCK_L, "BLOCK_D": block_d},
-                num_warps=_warps(BWD_BLOCK_L * block_d)))
+                num_warps=_warps(BWD_BLOCK_L * block_d), num_stages=NUM_STAGES))
     # column sums: fp32 partials -> mask token grad; grad_out[:, 0] -> cls grad
     colsum_blocks = sorted({min(next_power_of_2(d), COLSUM_MAX_BLOCK_D) for d in widths})
     colsum_types = sorted({("fp32", tp) for _, tp, _ in _TOKEN_DTYPES} | {(to, tp) for _, tp, to in _TOKEN_DTYPES})
@@ -632,5 +634,5 @@ def compile_specs() -> list[CompileSpec]:
             specs.append(CompileSpec(
                 f"colsum[{ts}->{to},D{block_d}]", _colsum_kernel,
                 _sig("src_ptr out_ptr R D stride_r", [f"*{ts}", f"*{to}", "i32", "i32", "i32"]),
-                {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_D": block_d}, num_warps=4))
+                {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_D": block_d}, num_warps=4, num_stages=NUM_STAGES))
     return specs

@@ -114,6 +114,11 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
     return qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+# Pipeline stages of the token and loss kernels, passed at every launch and used by their compile specs alike
+# (Triton's own default, 3 in triton 3.6 to 3.9, stated so that a change of that default changes nothing here).
+NUM_STAGES = 3
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

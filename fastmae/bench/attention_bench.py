@@ -93,7 +93,7 @@ def run_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, impl
     try:
         with sdpa_kernel_context(impl):
             fn = make_runner(case, _backend_of(impl), mode, device)
-            t = measure(fn, device, flush_cache=device.type == "cuda", **(timing or {}))
+            t = measure(fn, device, flush_cache=device.type == "cuda", hide_launch=True, **(timing or {}))
     except Exception as exc:
         status = "skipped" if _unavailable(exc) else "failed"
         return {**rec, "status": status, "reason": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}

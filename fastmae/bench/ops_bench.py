@@ -394,7 +394,7 @@ def same_bytes_copy_gbps(device: torch.device, nbytes: float, timing: dict | Non
     src = torch.ones(half, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), device, flush_cache=flush_cache and device.type == "cuda",
-                **(timing or {}))
+                hide_launch=True, **(timing or {}))
     return 2 * half / (t.median_ms * 1e-3) / 1e9
 
 
@@ -413,7 +413,8 @@ def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits
         return {**rec, "status": "skipped", "reason": "; ".join(reasons)}
     try:
         fn = make_runner(case, backend, mode, device)
-        t = measure(fn, device, flush_cache=flush_cache and device.type == "cuda", **(timing or {}))
+        t = measure(fn, device, flush_cache=flush_cache and device.type == "cuda", hide_launch=True,
+                    **(timing or {}))
     except Exception as exc:  # a backend that breaks is reported, not fatal to the run
         return {**rec, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     finally:

@@ -137,6 +137,8 @@ def memory_op_key_results(records: list[dict]) -> list[str]:
             figures.append(f"{r['frac_copy_same_bytes']:.0%} of a copy of the same bytes")
         if r.get("speedup") is not None:
             figures.append(f"{r['speedup']:.2f}x reference")
+        if r.get("host_ms") is not None:
+            figures.append(f"GPU {r['median_ms'] * 1e3:,.1f} µs, host {r['host_ms'] * 1e3:,.1f} µs to issue")
         bw, sp = MEMORY_OP_TARGETS
         goal = f" (GPU targets: >= {bw:.0%} of copy bandwidth, >= {sp}x reference)" if r.get("device_type") == "cuda" \
             else ""

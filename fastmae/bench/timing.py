@@ -11,9 +11,19 @@ The number of repetitions adapts to the op: the warm-up is timed, and as many re
 `measure_interleaved` times several functions in rounds (one repetition of each per round). On a shared
 or throttling machine a slow spell then hits every function alike, which keeps their ratios (speedups)
 honest even when the absolute times drift.
+
+Host launch time on CUDA: the events time the GPU from the start event to the end event, and when issuing a
+call takes the host longer than its work takes the GPU (a few-microsecond kernel behind tens of microseconds of
+Python, dispatch and Triton's launcher), the GPU waits for the host between the events and the time measured is
+the host's. Kernel benchmarks (`bench ops`, `bench attention`) pass `hide_launch=True`: before each repetition
+the GPU is kept busy (`torch.cuda._sleep`, calibrated once per device) for 1.5 times the host time of one call
+measured in the warm-up (at most `HOLD_MAX_S`), so the call is queued before the start event runs and the
+events time the GPU work alone. That host time is reported as `host_ms` either way. Model benchmarks (encoder,
+training step) keep the default: a step's host time is part of what a user waits for.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +32,7 @@ from typing import Callable, Mapping
 import torch
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of any current GPU
+HOLD_MAX_S = 0.002  # the longest the GPU is held busy before a repetition (hide_launch)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,14 +56,22 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
+    host_ms: float | None = None  # CUDA: host time to issue one call (the last warm-up), its launch overhead
+    launch_hidden: bool = False  # CUDA: the GPU was held busy while each call was issued (see the docstring)
 
     @classmethod
-    def from_samples(cls, samples_ms: list[float]) -> "Timing":
+    def from_samples(cls, samples_ms: list[float], **extra) -> "Timing":
         return cls(median_ms=percentile(samples_ms, 50), p20_ms=percentile(samples_ms, 20),
-                   p80_ms=percentile(samples_ms, 80), reps=len(samples_ms))
+                   p80_ms=percentile(samples_ms, 80), reps=len(samples_ms), **extra)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The figures for a record; `host_ms` and `launch_hidden` only where they apply (CUDA)."""
+        d = asdict(self)
+        if d["host_ms"] is None:
+            del d["host_ms"]
+        if not d["launch_hidden"]:
+            del d["launch_hidden"]
+        return d
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -71,6 +90,31 @@ class _Flusher:
             self.buf.zero_()
 
 
+@functools.lru_cache(maxsize=None)
+def sleep_cycles_per_s(device_index: int) -> float | None:
+    """Clock cycles per second of `torch.cuda._sleep` on that GPU, measured once; None where torch lacks it."""
+    if not hasattr(torch.cuda, "_sleep"):
+        return None
+    with torch.cuda.device(device_index):
+        torch.cuda._sleep(1000)  # first call outside the measurement
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 5_000_000
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+    return cycles / (ms * 1e-3) if ms > 0 else None
+
+
+def hold_cycles(host_s: float, cycles_per_s: float | None) -> int:
+    """GPU cycles to stay busy while a call that takes the host `host_s` is issued: 1.5 times that plus 20 µs,
+    at most HOLD_MAX_S; 0 without a calibrated sleep."""
+    if not cycles_per_s or host_s < 0:
+        return 0
+    return int(min(HOLD_MAX_S, 1.5 * host_s + 20e-6) * cycles_per_s)
+
+
 def _reps_for(per_rep_s: float, max_time_s: float, min_reps: int, max_reps: int) -> int:
     if per_rep_s <= 0:
         return max_reps
@@ -78,16 +122,18 @@ def _reps_for(per_rep_s: float, max_time_s: float, min_reps: int, max_reps: int)
 
 
 def measure(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2, min_reps: int = 3,
-            max_reps: int = 100, max_time_s: float = 0.5, flush_cache: bool = False) -> Timing:
+            max_reps: int = 100, max_time_s: float = 0.5, flush_cache: bool = False,
+            hide_launch: bool = False) -> Timing:
     """Time `fn()` on `device`: `warmup` untimed calls, then repetitions as above."""
     return measure_interleaved({"fn": fn}, device, warmup=warmup, min_reps=min_reps, max_reps=max_reps,
-                               max_time_s=max_time_s, flush_cache=flush_cache)["fn"]
+                               max_time_s=max_time_s, flush_cache=flush_cache, hide_launch=hide_launch)["fn"]
 
 
 def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
                         warmup: int = 2, min_reps: int = 3, max_reps: int = 100, max_time_s: float = 0.5,
-                        flush_cache: bool = False) -> dict[str, Timing]:
-    """Time several functions in rounds; `max_time_s` bounds the measured time of all of them together."""
+                        flush_cache: bool = False, hide_launch: bool = False) -> dict[str, Timing]:
+    """Time several functions in rounds; `max_time_s` bounds the measured time of all of them together.
+    `hide_launch` (CUDA): time the GPU work alone, the host's launch time hidden (see the module docstring)."""
     device = torch.device(device)
     if min_reps < 1 or max_reps < min_reps:
         raise ValueError(f"need 1 <= min_reps <= max_reps, got {min_reps}, {max_reps}")
@@ -95,20 +141,28 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
     names = list(fns)
     synchronize(device)
     t0 = time.perf_counter()
+    host_s = {n: 0.0 for n in names}
     for _ in range(max(warmup, 1)):  # at least one untimed call: compiles, autotunes, allocates
         for name in names:
             flush()
+            t = time.perf_counter()
             fns[name]()
+            host_s[name] = time.perf_counter() - t  # the last warm-up call's: compiled and allocated by then
     synchronize(device)
     per_round = (time.perf_counter() - t0) / max(warmup, 1)
     reps = _reps_for(per_round, max_time_s, min_reps, max_reps)
 
     samples: dict[str, list[float]] = {n: [] for n in names}
     if device.type == "cuda":
+        rate = sleep_cycles_per_s(device.index if device.index is not None else torch.cuda.current_device()) \
+            if hide_launch else None
+        hold = {n: hold_cycles(host_s[n], rate) for n in names}
         events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)] for n in names}
         for i in range(reps):
             for name in names:
+                if hold[name]:
+                    torch.cuda._sleep(hold[name])
                 flush()
                 start, end = events[name][i]
                 start.record()
@@ -117,6 +171,8 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
         torch.cuda.synchronize(device)
         for name in names:
             samples[name] = [s.elapsed_time(e) for s, e in events[name]]
+        return {n: Timing.from_samples(samples[n], host_ms=host_s[n] * 1e3, launch_hidden=bool(hold[n]))
+                for n in names}
     else:
         for _ in range(reps):
             for name in names:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import fastmae
 from fastmae.bench import encoder_bench, ops_bench, train_bench
 from fastmae.bench.flops import encoder_flops, model_flops, train_step_flops
 from fastmae.bench.limits import Limits
-from fastmae.bench.timing import Timing, measure, measure_interleaved, percentile
+from fastmae.bench.timing import (HOLD_MAX_S, Timing, hold_cycles, measure, measure_interleaved, percentile,
+                                  sleep_cycles_per_s)
 
 
 def test_percentile_interpolates_like_numpy():
@@ -141,3 +143,43 @@ def test_vit_b_flops_formula():
     per_block = 2 * 50 * (12 * 768 ** 2) + 4 * 50 ** 2 * 768
     assert encoder_flops(model, 1, 0.75) == 12 * per_block + 2 * 49 * 768 * 768
     assert math.isclose(encoder_flops(model, 4, 0.75), 4 * encoder_flops(model, 1, 0.75))
+
+
+def test_hold_cycles_cover_the_host_time():
+    """The GPU is held for 1.5 times the host's time to issue a call plus 20 µs, capped, and not at all without a
+    calibrated sleep."""
+    rate = 1.5e9  # cycles per second
+    assert abs(hold_cycles(100e-6, rate) - 170e-6 * rate) <= 1
+    assert hold_cycles(1.0, rate) == int(HOLD_MAX_S * rate)
+    assert hold_cycles(100e-6, None) == 0 and hold_cycles(-1.0, rate) == 0
+
+
+def test_cpu_timings_carry_no_cuda_fields():
+    t = measure(lambda: None, "cpu", warmup=1, min_reps=2, max_reps=2, hide_launch=True)
+    assert t.host_ms is None and not t.launch_hidden
+    assert set(t.as_dict()) == {"median_ms", "p20_ms", "p80_ms", "reps"}
+
+
+def _busy_host(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+def test_hide_launch_times_the_gpu_work_alone():
+    """A call that keeps the host busy 300 µs before a microsecond kernel: timed plainly, the GPU waits for the
+    host between the events; with hide_launch the events see the kernel alone, and host_ms says 0.3 ms."""
+    assert sleep_cycles_per_s(torch.cuda.current_device()) > 1e8  # a GPU clock, in cycles per second
+    x = torch.zeros(1024, device="cuda")
+
+    def call():
+        _busy_host(300e-6)
+        x.add_(1.0)
+
+    plain = measure(call, "cuda", warmup=2, min_reps=10, max_reps=10)
+    hidden = measure(call, "cuda", warmup=2, min_reps=10, max_reps=10, hide_launch=True)
+    assert plain.median_ms > 0.25, plain
+    assert hidden.launch_hidden and hidden.median_ms < 0.1, hidden
+    assert hidden.host_ms >= 0.3 and plain.host_ms >= 0.3

@@ -146,10 +146,10 @@ def test_vit_b_flops_formula():
 
 
 def test_hold_cycles_cover_the_host_time():
-    """The GPU is held for 1.5 times the host's time to issue a call plus 20 µs, capped, and not at all without a
+    """The GPU is held for twice the host's time to issue a call plus 50 µs, capped, and not at all without a
     calibrated sleep."""
     rate = 1.5e9  # cycles per second
-    assert abs(hold_cycles(100e-6, rate) - 170e-6 * rate) <= 1
+    assert abs(hold_cycles(100e-6, rate) - 250e-6 * rate) <= 1
     assert hold_cycles(1.0, rate) == int(HOLD_MAX_S * rate)
     assert hold_cycles(100e-6, None) == 0 and hold_cycles(-1.0, rate) == 0
 

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (CompileSpec, check_device, custom_op, interpreter_enabled, next_power_of_2, qkv_head_dim,
+from .utils import (CompileSpec, cdiv, check_device, custom_op, interpreter_enabled, next_power_of_2, qkv_head_dim,
                     recording_capability, split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
@@ -671,7 +671,7 @@ def _on_device(t: torch.Tensor):
 
 def _upcast(dtype: torch.dtype) -> bool:
     """bf16 tiles go through fp32 under the interpreter, which holds bf16 as raw integers."""
-    return dtype == torch.bfloat16 and interpreter_enabled()
+    return dtype is torch.bfloat16 and interpreter_enabled()
 
 
 def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -698,7 +698,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     kernel = "fwd_" + forward_path(N, D, q.dtype, path)
     cfg = launch_settings(kernel, N, D, q.dtype, _device_capability(q.device))
     with _on_device(q):
-        KERNELS[kernel][(triton.cdiv(N, cfg.block_m) * B * H,)](
+        KERNELS[kernel][(cdiv(N, cfg.block_m) * B * H,)](
             q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -755,16 +755,16 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     cfg = launch_settings("bwd_preprocess", N, D, q.dtype, cap)
-    _attn_bwd_preprocess[(triton.cdiv(N, cfg.block_m) * B * H,)](
+    _attn_bwd_preprocess[(cdiv(N, cfg.block_m) * B * H,)](
         out, dout, delta, *out.stride(), *dout.stride(), H, N, D,
         BLOCK_M=cfg.block_m, D_PAD=meta["D_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     cfg = launch_settings("bwd_dkdv", N, D, q.dtype, cap)
-    _attn_bwd_dkdv[(triton.cdiv(N, cfg.block_n) * B * H,)](
+    _attn_bwd_dkdv[(cdiv(N, cfg.block_n) * B * H,)](
         q, k, v, dout, lse, delta, dk, dv, *strides_qkv, *dout.stride(), *dk.stride(), *dv.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
     cfg = launch_settings("bwd_dq", N, D, q.dtype, cap)
-    _attn_bwd_dq[(triton.cdiv(N, cfg.block_m) * B * H,)](
+    _attn_bwd_dq[(cdiv(N, cfg.block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, *strides_qkv, *dout.stride(), *dq.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)

@@ -49,8 +49,8 @@ of `[attribute, value]` pairs such as `["tt.divisibility", 16]`. The CompileSpec
 had a different `ASTSource` (a `constants=` argument and an `AttrsDescriptor`) and is refused clearly.
 
 Command line: `python -m fastmae.kernels.compile_check [--arch 80 90] [--module NAME ...] [--json FILE]
-[--sample] [--aligned-ints] [--traced [--batch N]] [-v]` prints one row per (configuration, architecture) and exits with status 1
-when any problem is found. Compiling takes 0.1 to 5 s per configuration and architecture on one CPU core
+[--sample] [--aligned-ints] [--traced [--batch N]] [-v]` prints one row per (configuration, architecture)
+and exits with status 1 when any problem is found. Compiling takes 0.1 to 5 s per configuration and architecture on one CPU core
 (a few pathological ones far longer), so checking every configuration of all modules takes tens of
 minutes; `--sample` (what the CPU tests use) compiles `representative(...)` configurations only. Triton
 caches compiled kernels (~/.triton/cache), so repeated runs on unchanged kernels are fast.

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import NUM_STAGES, CompileSpec, check_device, custom_op, image_patches, next_power_of_2
+from .utils import NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches, next_power_of_2
 
 FINALIZE_BLOCK = 1024
 
@@ -197,7 +197,7 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
         denom.fill_(1.0)
         return loss, g, denom, mask32
     block_r, block_c, block_p, num_warps = _patch_settings(c, p)
-    _masked_mse_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+    _masked_mse_fwd_kernel[(cdiv(n_rows, block_r),)](
         pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, p, *imgs.stride(),
         NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
         BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, num_stages=NUM_STAGES)
@@ -216,7 +216,7 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
         return out
     go = grad_output.detach().reshape(1).to(torch.float32)
     block_r, block, num_warps = _row_settings(P)
-    _masked_mse_bwd_kernel[(triton.cdiv(n_rows, block_r),)](g, mask32, go, denom, out, n_rows, P,
+    _masked_mse_bwd_kernel[(cdiv(n_rows, block_r),)](g, mask32, go, denom, out, n_rows, P,
                                                             HAS_MASK=not has_ids, BLOCK_R=block_r, BLOCK=block,
                                                             num_warps=num_warps, num_stages=NUM_STAGES)
     return out

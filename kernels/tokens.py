@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import NUM_STAGES, CompileSpec, check_device, custom_op, image_patches, next_power_of_2
+from .utils import NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches, next_power_of_2
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
 TOKEN_MAX_BLOCK_D = 1024  # row-copy kernels: one program per (block of rows, block of D)
@@ -243,7 +243,7 @@ def _colsum(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """src: [R, D] with a unit last stride -> out [D] (preallocated, any float dtype)."""
     R, D = src.shape
     block_d = min(next_power_of_2(D), COLSUM_MAX_BLOCK_D)
-    _colsum_kernel[(triton.cdiv(D, block_d),)](src, out, R, D, src.stride(0), BLOCK_R=COLSUM_BLOCK_R,
+    _colsum_kernel[(cdiv(D, block_d),)](src, out, R, D, src.stride(0), BLOCK_R=COLSUM_BLOCK_R,
                                                 BLOCK_D=block_d, num_warps=4, num_stages=NUM_STAGES)
     return out
 
@@ -260,7 +260,7 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     if out.numel() == 0:
         return out
     block_r, block_c, block_p, num_warps = _patch_settings(c, p)
-    _gather_patches_kernel[(triton.cdiv(n * K, block_r),)](imgs, ids, out, n * K, K, c, gw, p, *imgs.stride(),
+    _gather_patches_kernel[(cdiv(n * K, block_r),)](imgs, ids, out, n * K, K, c, gw, p, *imgs.stride(),
                                                            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
                                                            num_warps=num_warps, num_stages=NUM_STAGES)
     return out
@@ -286,7 +286,7 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
         return out
     block_r, block_d, num_warps = _row_settings(d)
     n_rows = n * (K + int(has_cls))
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(d, block_d))
+    grid = (cdiv(n_rows, block_r), cdiv(d, block_d))
     _gather_tokens_fwd_kernel[grid](x, ids, pos, cls, out, n_rows, K, d, x.stride(0), x.stride(1), pos.stride(0),
                                     out.stride(0), out.stride(1), HAS_CLS=int(has_cls), GATHERED=bool(gathered),
                                     BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES)
@@ -314,7 +314,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
         grad_x = torch.empty((n, L, d), device=grad_out.device, dtype=x_dtype)
         if grad_x.numel():
             block_r, block_d, num_warps = _row_settings(d)
-            _gather_tokens_bwd_kernel[(triton.cdiv(n * L, block_r), triton.cdiv(d, block_d))](
+            _gather_tokens_bwd_kernel[(cdiv(n * L, block_r), cdiv(d, block_d))](
                 grad_out, inv, grad_x, n * L, L, d, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
                 grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
                 num_stages=NUM_STAGES)
@@ -343,7 +343,7 @@ def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_to
     if out.numel() == 0:
         return out
     block_r, block_d, num_warps = _row_settings(d)
-    _unshuffle_fwd_kernel[(triton.cdiv(n * (L + 1), block_r), triton.cdiv(d, block_d))](
+    _unshuffle_fwd_kernel[(cdiv(n * (L + 1), block_r), cdiv(d, block_d))](
         x, ids, mtok, pos, out, n * (L + 1), L, k1 - 1, d, x.stride(0), x.stride(1), pos.stride(0), out.stride(0),
         out.stride(1), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES)
     return out
@@ -352,11 +352,11 @@ def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_to
 def _unshuffle_bwd_split(n: int, L: int, d: int) -> tuple[int, int, int]:
     """(block_d, rows per program, chunks per sample): enough programs to fill a GPU, few partial rows."""
     block_d = min(next_power_of_2(d), BWD_MAX_BLOCK_D)
-    d_blocks = triton.cdiv(d, block_d)
-    max_chunks = triton.cdiv(L + 1, BWD_BLOCK_L)
-    chunks = max(1, min(max_chunks, triton.cdiv(BWD_TARGET_PROGRAMS, max(1, n * d_blocks))))
-    rows_per_prog = triton.cdiv(triton.cdiv(L + 1, chunks), BWD_BLOCK_L) * BWD_BLOCK_L
-    chunks = triton.cdiv(L + 1, rows_per_prog)
+    d_blocks = cdiv(d, block_d)
+    max_chunks = cdiv(L + 1, BWD_BLOCK_L)
+    chunks = max(1, min(max_chunks, cdiv(BWD_TARGET_PROGRAMS, max(1, n * d_blocks))))
+    rows_per_prog = cdiv(cdiv(L + 1, chunks), BWD_BLOCK_L) * BWD_BLOCK_L
+    chunks = cdiv(L + 1, rows_per_prog)
     return block_d, rows_per_prog, chunks
 
 
@@ -375,7 +375,7 @@ def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor,
     block_d, rows_per_prog, chunks = _unshuffle_bwd_split(n, L, d)
     part = torch.empty((n * chunks, d), device=grad_out.device, dtype=torch.float32)
     num_warps = _warps(BWD_BLOCK_L * block_d)
-    _unshuffle_bwd_kernel[(n * chunks, triton.cdiv(d, block_d))](
+    _unshuffle_bwd_kernel[(n * chunks, cdiv(d, block_d))](
         grad_out, ids, grad_x, part, L, K, d, chunks, rows_per_prog, grad_out.stride(0), grad_out.stride(1),
         grad_x.stride(0), grad_x.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_D=block_d, num_warps=num_warps,
         num_stages=NUM_STAGES)

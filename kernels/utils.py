@@ -119,6 +119,11 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 NUM_STAGES = 3
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids (`triton.cdiv` is a Triton function: a few µs per call from Python)."""
+    return -(-int(a) // int(b))
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -143,7 +148,7 @@ def check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cpu" and not interpreter_enabled() and not _RECORDING:
+        if t.device.type == "cpu" and not _RECORDING and not interpreter_enabled():  # device first: CUDA is cheap
             raise RuntimeError("fastmae's Triton kernels run CPU tensors only under Triton's interpreter "
                                "(set TRITON_INTERPRET=1 before importing triton); use backend='reference' or 'sdpa'")
 

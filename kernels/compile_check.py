@@ -50,10 +50,12 @@ had a different `ASTSource` (a `constants=` argument and an `AttrsDescriptor`) a
 
 Command line: `python -m fastmae.kernels.compile_check [--arch 80 90] [--module NAME ...] [--json FILE]
 [--sample] [--aligned-ints] [--traced [--batch N]] [-v]` prints one row per (configuration, architecture)
-and exits with status 1 when any problem is found. Compiling takes 0.1 to 5 s per configuration and architecture on one CPU core
-(a few pathological ones far longer), so checking every configuration of all modules takes tens of
-minutes; `--sample` (what the CPU tests use) compiles `representative(...)` configurations only. Triton
-caches compiled kernels (~/.triton/cache), so repeated runs on unchanged kernels are fast.
+and exits with status 1 when any problem is found. Compiling takes 0.1 to 5 s per configuration and
+architecture on one CPU core (a few pathological ones far longer), so checking every configuration of all
+modules takes tens of minutes; `--sample` (what the CPU tests use) compiles `representative(...)`
+configurations only. Triton caches compiled kernels (~/.triton/cache), so repeated runs on unchanged kernels
+are fast. With `--traced` the table also gives each launch's grid and its waves: programs over the SMs of the
+GPU named in `LIMITS` times the blocks one SM holds (`blocks_per_sm`).
 """
 from __future__ import annotations
 
@@ -85,8 +87,13 @@ class ArchLimits:
     gpu: str
     gpu_name: str  # ptxas --gpu-name, as Triton spells it (sm_90a enables wgmma)
     max_registers_per_thread: int
-    registers_per_block: int
+    registers_per_block: int  # also the register file of one SM
     max_shared_per_block: int  # bytes a block may opt in to (static + dynamic)
+    sms: int  # streaming multiprocessors of the GPU named (for the waves of a traced launch)
+    shared_per_sm: int  # bytes of shared memory an SM gives its blocks
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+    reserved_shared_per_block: int = 1024  # the system's share of each block (cc 8.0 and newer)
 
 
 # Sources: CUDA C++ Programming Guide, "Technical Specifications per Compute Capability", and the
@@ -95,9 +102,23 @@ class ArchLimits:
 # (232448 bytes) per block. Both: 255 registers per thread, 64 K 32-bit registers per block and per SM.
 # (8.6 / 8.9 consumer GPUs allow only 99 KB per block; they are not targets of this check.)
 LIMITS = {
-    80: ArchLimits("A100 (sm_80)", "sm_80", 255, 65536, 163 * 1024),
-    90: ArchLimits("H100 (sm_90)", "sm_90a", 255, 65536, 227 * 1024),
+    80: ArchLimits("A100 (sm_80)", "sm_80", 255, 65536, 163 * 1024, sms=108, shared_per_sm=164 * 1024),
+    90: ArchLimits("H100 (sm_90)", "sm_90a", 255, 65536, 227 * 1024, sms=132, shared_per_sm=228 * 1024),
 }
+# SM counts: A100 108; H100 SXM 132 (the H200 has the same 132; the H100 PCIe has 114). 64 resident warps and
+# 32 resident blocks per SM on both.
+
+
+def blocks_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """How many blocks of a kernel one SM holds at once: the least of what its warps, registers (allocated per
+    warp in units of 256) and shared memory (plus the system's 1 KB per block) allow, at most 32."""
+    lim = LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = lim.registers_per_block // max(1, per_warp * num_warps)
+    by_smem = (lim.shared_per_sm // (shared_bytes + lim.reserved_shared_per_block) if shared_bytes
+               else lim.max_blocks_per_sm)
+    return max(0, min(lim.max_warps_per_sm // num_warps, by_regs, by_smem, lim.max_blocks_per_sm))
+
 
 
 @dataclass
@@ -123,6 +144,9 @@ class Report:
     compile_seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # traced launches: the workloads that make this launch
+    programs: int = 0  # traced launches: the grid's size (the first workload's)
+    blocks_per_sm: int = 0  # traced launches: resident blocks per SM (`blocks_per_sm`)
+    waves: float = 0.0  # traced launches: programs / (SMs x blocks per SM) on the GPU named in LIMITS
     specialized: str = ""  # traced launches: how Triton specialised the integer and pointer arguments
     config: str = ""  # traced launches: `config_key` of the launch
 
@@ -426,6 +450,11 @@ def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False)
     for key, value in usage.items():
         setattr(report, key, value)
     _check_limits(report)
+    report.programs = int(getattr(spec, "programs", 0) or 0)
+    if report.programs and report.registers:
+        report.blocks_per_sm = blocks_per_sm(arch, report.registers, report.num_warps, report.shared_bytes)
+        if report.blocks_per_sm:
+            report.waves = round(report.programs / (LIMITS[arch].sms * report.blocks_per_sm), 2)
     return report
 
 
@@ -716,6 +745,7 @@ class Launch:
     fn: Any  # the JITFunction
     args: tuple
     kwargs: dict
+    grid: Any = None
 
 
 @contextlib.contextmanager
@@ -732,7 +762,7 @@ def record_launches(capability: tuple[int, int] = (9, 0)):
     original = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        calls.append(Launch(self, args, dict(kwargs)))
+        calls.append(Launch(self, args, dict(kwargs), grid))
 
     JITFunction.run = run
     utils._RECORDING["capability"] = tuple(capability)
@@ -798,6 +828,12 @@ def launch_spec(launch: Launch, arch: int = 90):
     ones = ",".join(k for k, v in constexprs.items() if not k.isupper() and v == 1)
     key = config_key(spec)
     spec.name = key[:-1] + (f"|{ones}=1" if ones else "") + "]"
+    grid = launch.grid(dict(bound.arguments)) if callable(launch.grid) else launch.grid
+    if grid is not None:
+        grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+        spec.programs = 1
+        for g in grid:
+            spec.programs *= int(g)
     return spec
 
 
@@ -973,6 +1009,12 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.1f}K" if n >= 1024 else str(n)
 
 
+def _grid(r: Report) -> str:
+    if not r.programs:
+        return "-"
+    return f"{r.programs} ({r.waves:g})" if r.blocks_per_sm else f"{r.programs} (-)"
+
+
 def _access(r: Report) -> str:
     if not (r.load_bytes or r.store_bytes):
         return "-"
@@ -980,16 +1022,16 @@ def _access(r: Report) -> str:
 
 
 def format_table(results: Sequence[ModuleResult]) -> str:
-    header = ("kernel config", "arch", "warps", "stages", "regs", "spill B", "smem", "mma", "ld/st B", "compile s",
-              "status")
+    header = ("kernel config", "arch", "warps", "stages", "regs", "spill B", "smem", "mma", "ld/st B",
+              "grid (waves)", "compile s", "status")
     rows = []
     for res in results:
         if res.status != "checked" and not res.reports:
-            rows.append((res.module, "-", "-", "-", "-", "-", "-", "-", "-", "-", res.status.upper()))
+            rows.append((res.module, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", res.status.upper()))
         for r in res.reports:
             rows.append((r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages),
                          "-" if r.registers is None else str(r.registers), str(r.spill_bytes), _kib(r.shared_bytes),
-                         r.mma or "-", _access(r), f"{r.compile_seconds:.2f}", "ok" if r.ok else "FAIL"))
+                         r.mma or "-", _access(r), _grid(r), f"{r.compile_seconds:.2f}", "ok" if r.ok else "FAIL"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     problems = [p for res in results for p in res.problems]

@@ -270,3 +270,29 @@ def test_traced_launches_are_among_the_listed_configurations():
     assert traced and all(r.config for r in traced)
     missing = sorted({f"{r.config} (sm_{r.arch})" for r in traced if r.config not in listed})
     assert not missing, "traced launches whose configuration compile_specs() does not list:\n" + "\n".join(missing)
+
+
+def test_blocks_per_sm_takes_the_tightest_limit():
+    """Resident blocks per SM from synthetic numbers: warps (64 per SM), registers (64 K per SM, allocated per
+    warp in units of 256), shared memory (plus 1 KB per block), and at most 32 blocks."""
+    assert cc.blocks_per_sm(90, 32, 4, 0) == 16  # warps: 64 / 4
+    assert cc.blocks_per_sm(90, 128, 4, 0) == 4  # registers: 65536 / (128 * 32 * 4)
+    assert cc.blocks_per_sm(90, 129, 4, 0) == 3  # 129 registers allocate 4352 per warp
+    assert cc.blocks_per_sm(90, 32, 4, 60 * 1024) == 3  # shared memory: 228 KB / 61 KB
+    assert cc.blocks_per_sm(80, 32, 4, 60 * 1024) == 2  # 164 KB on an A100
+    assert cc.blocks_per_sm(90, 16, 1, 0) == 32  # the block limit
+    assert cc.blocks_per_sm(90, 255, 8, 0) == 1 and cc.blocks_per_sm(90, 255, 16, 0) == 0
+
+
+def test_traced_launches_report_their_grid():
+    """Each traced launch carries its grid's size and, from its registers and shared memory, its waves."""
+    reports = _traced_reports()
+    adds = [r for r in reports if _kernel(r) == "add_kernel"]
+    assert adds and all(r.programs == 1 for r in adds), [(r.name, r.programs) for r in adds]
+    for r in reports:
+        assert r.programs >= 1 and r.blocks_per_sm >= 1, (r.name, r.programs, r.blocks_per_sm)
+        sms = cc.LIMITS[r.arch].sms
+        assert r.waves == pytest.approx(r.programs / (sms * r.blocks_per_sm), abs=0.01), r
+    # the ViT-B encoder's attention forward at batch 16: one program per 64-row block of each of 16 x 12 heads
+    fwd = [r for r in reports if r.arch == 90 and _kernel(r) == "attn_fwd_short" and "D_PAD=64" in r.name]
+    assert fwd and all(r.programs == 16 * 12 for r in fwd), [(r.name, r.programs) for r in fwd]

@@ -180,9 +180,14 @@ def ops_section(records: Sequence[dict]) -> list[str]:
                 if peak and r.get("frac_copy_same_bytes") is not None:
                     peak += f"; {r['frac_copy_same_bytes']:.0%} of a same-size copy"
                 peak += ")" if peak else ""
-                row.append(f"{r['median_ms']:.3g} ms{sp}{peak}")
+                host = f", host {r['host_ms']:.3g} ms" if r.get("launch_hidden") and r.get("host_ms") is not None \
+                    else ""
+                row.append(f"{r['median_ms']:.3g} ms{sp}{peak}{host}")
         table_rows.append(row)
     out += _md_table(["op", "case", "mode"] + backends, table_rows)
+    if any(r.get("launch_hidden") for r in rows):
+        out.append("\nTimes are the GPU's: the host's time to issue the call (`host`) was hidden from the events "
+                   "(see benchmarks/README.md).")
     limits = [r for r in records if r.get("kind") == "limit" and r.get("case", "bench ops") == "bench ops"]
     if limits:
         parts = [f"matmul {r['tflops']:.3g} TFLOP/s ({r['dtype']})" if r["op"] == "matmul"

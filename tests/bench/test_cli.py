@@ -89,3 +89,19 @@ def test_clear_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "train", "--help"])
     assert exc.value.code == 0 and "--no-compile" in capsys.readouterr().out
+
+
+def test_readme_ops_table_shows_the_host_time_of_hidden_launches():
+    """A GPU op record timed with the launch hidden shows its host time beside the GPU's, with a footnote."""
+    from fastmae.bench.readme import ops_section
+
+    base = {"kind": "op", "op": "gather_tokens", "case": "enc-B", "mode": "fwd+bwd", "status": "ok",
+            "dtype": "bfloat16", "shape": {"B": 64}, "device_type": "cuda"}
+    recs = [{**base, "backend": "reference", "median_ms": 0.05, "speedup": 1.0, "host_ms": 0.08,
+             "launch_hidden": True},
+            {**base, "backend": "triton", "median_ms": 0.01, "speedup": 5.0, "host_ms": 0.06, "launch_hidden": True}]
+    text = "\n".join(ops_section(recs))
+    assert "0.01 ms 5.00x, host 0.06 ms" in text and "0.05 ms, host 0.08 ms" in text
+    assert "host's time to issue the call" in text
+    cpu = "\n".join(ops_section([{**r, "device_type": "cpu", "launch_hidden": False} for r in recs]))
+    assert "host" not in cpu

@@ -27,8 +27,10 @@ def test_attention(benchmark, shape, impl, mode):
     if rec["status"] != "ok":
         pytest.skip(rec["reason"])
     case = attention_case(name, b, h, n, d, DTYPE)
+    if impl in ab.TRITON_PATHS:  # fastmae's kernels on a forced path
+        case, _ = ab.forced_path_case(case, n, d, DTYPE, ab.TRITON_PATHS[impl], mode, DEVICE)
     with ab.sdpa_kernel_context(impl):
-        fn = synchronized(make_runner(case, "sdpa" if impl.startswith("sdpa") else impl, mode, DEVICE), DEVICE)
+        fn = synchronized(make_runner(case, ab.backend_of(impl), mode, DEVICE), DEVICE)
         benchmark.group = f"attention {name} B={b} {mode}"
         benchmark.extra_info.update({"case": name, "shape": case.shape, "impl": impl, "mode": mode,
                                      "dtype": str(DTYPE), "device": str(DEVICE)})

@@ -6,14 +6,18 @@ Cases (q, k, v as strided views of one packed projection, the model's layout):
         D = 64, 80, 32), for each batch in `batches`
   long  N in `long_ns` at head dims 64 and 128, 16 heads, batch `long_tokens` // N (16384 // N on a GPU)
 
-Implementations: `triton` (fastmae's kernels, the path chosen by shape), `xformers`, `sdpa` (PyTorch's own
-choice), and each SDPA kernel forced with `torch.nn.attention.sdpa_kernel`: `sdpa-flash`, `sdpa-efficient`,
-`sdpa-cudnn`, `sdpa-math` (math only up to N = 2048: it materialises the N x N scores). One that cannot serve a
-case is recorded as skipped with the reason (the registry's, or SDPA's own).
+Implementations: `triton` (fastmae's kernels, the path chosen by shape), `triton-short` and `triton-flash`
+(the same kernels with the path forced, forward and backward alike: where one differs from `triton`'s choice,
+which of the two paths is faster at that shape on this GPU; skipped where it is `triton`'s own choice or cannot
+serve the shape), `xformers`, `sdpa` (PyTorch's own choice), and each SDPA kernel forced with
+`torch.nn.attention.sdpa_kernel`: `sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn`, `sdpa-math` (math only up to
+N = 2048: it materialises the N x N scores). One that cannot serve a case is recorded as skipped with the reason
+(the registry's, or SDPA's own).
 
 Figures: median time (20th/80th percentiles), TFLOP/s with FLOPs = 4 N^2 D B H forward and 3.5x that forward
 + backward, and per case and mode, for every implementation: `vs_sdpa_best` (the fastest SDPA kernel's time
-over its time; `sdpa_best` names that kernel), `vs_sdpa_flash` and `vs_xformers`.
+over its time; `sdpa_best` names that kernel), `vs_sdpa_flash`, `vs_xformers` and, for the forced paths,
+`vs_triton` (the automatic path's time over theirs).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from .timing import measure
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
-IMPLS = ("triton", "xformers", "sdpa", *SDPA_KERNELS)
+TRITON_PATHS = {"triton-short": "short", "triton-flash": "flash"}
+IMPLS = ("triton", *TRITON_PATHS, "xformers", "sdpa", *SDPA_KERNELS)
 MODES = ("fwd", "fwd+bwd")
 MATH_MAX_N = 2048
 LONG_HEADS = 16
@@ -70,8 +75,34 @@ def sdpa_kernel_context(impl: str):
     return sdpa_kernel([backend])
 
 
-def _backend_of(impl: str) -> str:
+def backend_of(impl: str) -> str:
+    if impl in TRITON_PATHS:
+        return "triton"
     return "sdpa" if impl in SDPA_KERNELS else impl
+
+
+def forced_path_case(case, n: int, d: int, dtype: torch.dtype, path: str, mode: str, device: torch.device):
+    """The case with fastmae's kernels on `path` (forward and backward alike), or the reason it is not timed:
+    that path is the automatic one there (already timed as `triton`), or it cannot serve the shape."""
+    from dataclasses import replace
+
+    from ..kernels import attention as ka
+
+    capability = ka._device_capability(device)
+    try:
+        fwd = ka.forward_path(n, d, dtype, path)
+        bwd = ka.backward_path(n, d, dtype, path, capability) if mode == "fwd+bwd" else fwd
+    except ValueError as exc:
+        return None, str(exc)
+    auto = (ka.forward_path(n, d, dtype), ka.backward_path(n, d, dtype, capability=capability))
+    if (fwd, bwd) == (auto[0], auto[1] if mode == "fwd+bwd" else auto[0]):
+        return None, f"the {path} path is what `triton` takes here (timed as triton)"
+
+    def call(inp, backend):
+        q, k, v = inp["qkv"].permute(2, 0, 3, 1, 4).unbind(0)
+        return ka.attention(q, k, v, path=path)
+
+    return replace(case, call=call), None
 
 
 def _unavailable(exc: Exception) -> bool:
@@ -85,14 +116,17 @@ def run_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, impl
     case = attention_case(name, b, h, n, d, dtype)
     rec = {"kind": "attention", "op": "attention", "case": name, "backend": impl, "mode": mode,
            "shape": {"B": b, "H": h, "N": n, "D": d}, "dtype": dtype_name(dtype), "flops": case.flops[mode]}
-    reasons = case_reasons(case, _backend_of(impl), device, allow_interpreter)
+    reasons = case_reasons(case, backend_of(impl), device, allow_interpreter)
     if impl == "sdpa-math" and n > MATH_MAX_N:
         reasons.append(f"sdpa-math materialises the {n} x {n} scores; timed up to N = {MATH_MAX_N}")
+    if not reasons and impl in TRITON_PATHS:
+        case, why = forced_path_case(case, n, d, dtype, TRITON_PATHS[impl], mode, device)
+        reasons += [why] if why else []
     if reasons:
         return {**rec, "status": "skipped", "reason": "; ".join(reasons)}
     try:
         with sdpa_kernel_context(impl):
-            fn = make_runner(case, _backend_of(impl), mode, device)
+            fn = make_runner(case, backend_of(impl), mode, device)
             t = measure(fn, device, flush_cache=device.type == "cuda", hide_launch=True, **(timing or {}))
     except Exception as exc:
         status = "skipped" if _unavailable(exc) else "failed"
@@ -125,6 +159,8 @@ def add_speedups(records: list[dict]) -> list[dict]:
             r["vs_sdpa_flash"] = times["sdpa-flash"] / r["median_ms"]
         if "xformers" in times:
             r["vs_xformers"] = times["xformers"] / r["median_ms"]
+        if r["backend"] in TRITON_PATHS and "triton" in times:
+            r["vs_triton"] = times["triton"] / r["median_ms"]
     return records
 
 

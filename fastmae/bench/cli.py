@@ -122,8 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: 1024,2048,4096,8192 on cuda with batch 16384 // N; 256,512 on cpu, batch 1)")
     p.add_argument("--long-head-dims", default=None, help="head dims of the long cases (default: 64,128 on cuda, "
                    "64 on cpu)")
-    p.add_argument("--impls", default=",".join(("triton", "xformers", "sdpa", "sdpa-flash", "sdpa-efficient",
-                                                "sdpa-cudnn", "sdpa-math")), help="implementations to time")
+    p.add_argument("--impls", default=",".join(("triton", "triton-short", "triton-flash", "xformers", "sdpa",
+                                                "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")),
+                   help="implementations to time (triton-short / triton-flash: fastmae's kernels on that path)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     p.set_defaults(bench_run=run_attention)
 

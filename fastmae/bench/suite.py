@@ -120,6 +120,11 @@ def attention_key_results(records: list[dict]) -> list[str]:
         goal = (f" (GPU target: >= {target}x {against})" if r.get("device_type") == "cuda" and r.get(key) is not None
                 else "")
         lines.append(f"- attention {r['case']} batch {r['shape']['B']} fwd+bwd, triton: {', '.join(figures)}{goal}")
+    for r in records:  # the other path where triton's choice has one: which is faster at that shape
+        if (r.get("kind") == "attention" and r.get("status") == "ok" and r.get("vs_triton") is not None
+                and not r["case"].startswith("long")):
+            lines.append(f"- attention {r['case']} batch {r['shape']['B']} {r['mode']}, {r['backend']}: "
+                         f"{r['vs_triton']:.2f}x triton's own path choice")
     return lines
 
 

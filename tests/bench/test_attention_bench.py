@@ -162,3 +162,41 @@ def test_readme_attention_table(runs):
         else:
             assert "–" in row
     assert attention_section([]) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forced_triton_paths(device, runs):
+    """triton-short / triton-flash are timed only where they differ from triton's own choice and can serve the
+    shape, each with its speedup over that choice; elsewhere they are skipped with the reason."""
+    if device not in runs:
+        runs[device] = _run(device)
+    recs = [r for r in runs[device] if r["backend"] in ab.TRITON_PATHS]
+    assert {r["backend"] for r in recs} == set(ab.TRITON_PATHS)
+    auto = {(r["case"], r["mode"]) for r in runs[device] if r["backend"] == "triton" and r["status"] == "ok"}
+    if not auto:  # triton cannot run here at all (e.g. its interpreter with this NumPy): the registry said why
+        pytest.skip(next(r["reason"] for r in runs[device] if r["backend"] == "triton"))
+    timed = [r for r in recs if r["status"] == "ok"]
+    assert timed, recs  # the ViT-B encoder's flash path at least (triton takes the short one there)
+    for r in timed:
+        assert (r["case"], r["mode"]) in auto and r["vs_triton"] > 0, r
+    for r in recs:
+        if r["status"] == "skipped":
+            assert "what `triton` takes here" in r["reason"] or "does not fit" in r["reason"] \
+                or "at most" in r["reason"], r
+    enc = {r["mode"]: r for r in recs if r["case"] == "ViT-B encoder" and r["backend"] == "triton-short"}
+    assert enc["fwd"]["status"] == "skipped" and "what `triton` takes here" in enc["fwd"]["reason"], enc
+
+
+def test_summary_names_the_faster_path():
+    """The suite's key results give each forced path's speedup over triton's own choice at MAE's shapes."""
+    from fastmae.bench.suite import attention_key_results
+
+    base = {"kind": "attention", "case": "ViT-B/L decoder", "shape": {"B": 64, "H": 16, "N": 197, "D": 32},
+            "mode": "fwd+bwd", "status": "ok", "dtype": "bfloat16", "device_type": "cuda"}
+    recs = [{**base, "backend": "triton", "median_ms": 1.0, "tflops": 50.0},
+            {**base, "backend": "triton-flash", "median_ms": 0.8, "tflops": 62.5},
+            {**base, "backend": "sdpa-flash", "median_ms": 1.2, "tflops": 41.7}]
+    ab.add_speedups(recs)
+    lines = attention_key_results(recs)
+    assert "- attention ViT-B/L decoder batch 64 fwd+bwd, triton-flash: 1.25x triton's own path choice" in lines
+    assert any(line.startswith("- attention ViT-B/L decoder batch 64 fwd+bwd, triton: 50 TFLOP/s") for line in lines)

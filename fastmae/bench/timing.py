@@ -157,6 +157,8 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
         rate = sleep_cycles_per_s(device.index if device.index is not None else torch.cuda.current_device()) \
             if hide_launch else None
         hold = {n: hold_cycles(host_s[n], rate) for n in names}
+        if rate and any(hold.values()):  # the holds take GPU time too: keep the rounds within max_time_s
+            reps = _reps_for(per_round + sum(hold.values()) / rate, max_time_s, min_reps, max_reps)
         events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)] for n in names}
         for i in range(reps):

@@ -109,12 +109,16 @@ LIMITS = {
 # 32 resident blocks per SM on both.
 
 
+def registers_per_warp(registers: int) -> int:
+    """Registers a warp is allocated: 32 threads' worth, rounded up to a unit of 256 (cc 8.0 and 9.0)."""
+    return -(-registers * 32 // 256) * 256
+
+
 def blocks_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
     """How many blocks of a kernel one SM holds at once: the least of what its warps, registers (allocated per
-    warp in units of 256) and shared memory (plus the system's 1 KB per block) allow, at most 32."""
+    warp, `registers_per_warp`) and shared memory (plus the system's 1 KB per block) allow, at most 32."""
     lim = LIMITS[arch]
-    per_warp = -(-registers * 32 // 256) * 256
-    by_regs = lim.registers_per_block // max(1, per_warp * num_warps)
+    by_regs = lim.registers_per_block // max(1, registers_per_warp(registers) * num_warps)
     by_smem = (lim.shared_per_sm // (shared_bytes + lim.reserved_shared_per_block) if shared_bytes
                else lim.max_blocks_per_sm)
     return max(0, min(lim.max_warps_per_sm // num_warps, by_regs, by_smem, lim.max_blocks_per_sm))
@@ -396,8 +400,7 @@ def _check_limits(report: Report) -> None:
     if report.registers is not None:
         if report.registers > lim.max_registers_per_thread:
             report.problems.append(f"{report.registers} registers per thread exceed {lim.max_registers_per_thread}")
-        # Registers are allocated per warp in units of 256 (CUDA occupancy calculator, cc 8.0 and 9.0).
-        per_warp = -(-report.registers * 32 // 256) * 256
+        per_warp = registers_per_warp(report.registers)  # (the CUDA occupancy calculator's allocation rule)
         if per_warp * report.num_warps > lim.registers_per_block:
             report.problems.append(f"{report.registers} registers x {32 * report.num_warps} threads "
                                    f"({per_warp * report.num_warps} allocated) exceed the {lim.registers_per_block} "
@@ -825,9 +828,8 @@ def launch_spec(launch: Launch, arch: int = 90):
     spec = CompileSpec(name="", fn=fn, signature=signature, constexprs=constexprs,
                        num_warps=int(options["num_warps"]), num_stages=int(options["num_stages"]),
                        divisible_by_16=tuple(divisible), unaligned=tuple(unaligned), archs=(int(arch),))
-    ones = ",".join(k for k, v in constexprs.items() if not k.isupper() and v == 1)
-    key = config_key(spec)
-    spec.name = key[:-1] + (f"|{ones}=1" if ones else "") + "]"
+    ones = ",".join(_unit_arguments(spec))
+    spec.name = config_key(spec)[:-1] + (f"|{ones}=1" if ones else "") + "]"
     grid = launch.grid(dict(bound.arguments)) if callable(launch.grid) else launch.grid
     if grid is not None:
         grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
@@ -858,9 +860,14 @@ def _jit_or_none(fn):
         return None
 
 
+def _unit_arguments(spec) -> list[str]:
+    """The runtime arguments a launch turned into the constant 1 (lower-case names among the constexprs)."""
+    return [k for k, v in spec.constexprs.items() if not k.isupper() and v == 1]
+
+
 def specialization(spec) -> str:
     """The integer and pointer specialisations of a spec in words (integers equal to 1 are constants)."""
-    ones = [k for k, v in spec.constexprs.items() if not k.isupper() and v == 1]
+    ones = _unit_arguments(spec)
     parts = [f"multiples of 16: {', '.join(spec.divisible_by_16) or 'none'}"]
     if ones:
         parts.append(f"equal to 1: {', '.join(ones)}")

@@ -148,7 +148,7 @@ def check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cpu" and not _RECORDING and not interpreter_enabled():  # device first: CUDA is cheap
+        if t.device.type == "cpu" and recording_capability() is None and not interpreter_enabled():  # device first
             raise RuntimeError("fastmae's Triton kernels run CPU tensors only under Triton's interpreter "
                                "(set TRITON_INTERPRET=1 before importing triton); use backend='reference' or 'sdpa'")
 

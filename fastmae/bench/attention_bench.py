@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .limits import dtype_name
-from .ops_bench import attention_case, case_reasons, mae_dims, make_runner
+from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, qkv_views
 from .timing import measure
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -99,8 +99,7 @@ def forced_path_case(case, n: int, d: int, dtype: torch.dtype, path: str, mode: 
         return None, f"the {path} path is what `triton` takes here (timed as triton)"
 
     def call(inp, backend):
-        q, k, v = inp["qkv"].permute(2, 0, 3, 1, 4).unbind(0)
-        return ka.attention(q, k, v, path=path)
+        return ka.attention(*qkv_views(inp), path=path)
 
     return replace(case, call=call), None
 

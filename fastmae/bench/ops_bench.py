@@ -135,14 +135,18 @@ def _randn(shape, dtype, device, seed, requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
+def qkv_views(inp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, N, D] of an attention case's inputs: strided views of its packed [B, N, 3, H, D] qkv."""
+    return inp["qkv"].permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def attention_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype) -> OpCase:
     def build(device, grad):
         # the model's layout: q, k, v are strided views of one packed [B, N, 3, H, D] projection
         qkv = _randn((b, n, 3, h, d), dtype, device, 1, grad)
         return {"qkv": qkv}
 
-    def views(inp):
-        return inp["qkv"].permute(2, 0, 3, 1, 4).unbind(0)
+    views = qkv_views
 
     def call(inp, backend):
         q, k, v = views(inp)

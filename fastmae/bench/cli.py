@@ -476,7 +476,7 @@ def run_encoder(args) -> int:
 
 # ------------------------------------------------------------------------------------------ train
 def train_table(records: list[dict]) -> str:
-    from .records import fmt, status_cell, table
+    from .records import fmt, optimizer_cell, status_cell, table
 
     rows_in, numbers, notes = _table_input(records, "train")
     rows = []
@@ -489,9 +489,10 @@ def train_table(records: list[dict]) -> str:
                      f"{r['vs_reference_compile']:.2f}x" if ok and r.get("vs_reference_compile") else "-",
                      mem, r.get("saved_mb_per_image") if ok else None, r.get("tflops") if ok else None,
                      f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-",
-                     r.get("dispatch", "") if ok else "", status_cell(r, numbers)])
+                     optimizer_cell(r) if ok else "-", r.get("dispatch", "") if ok else "", status_cell(r, numbers)])
     out = table(["variant", "images/s", "p20-p80", "vs official-eager", "vs reference+compile", "peak MB",
-                 "saved MB/img", "TFLOP/s", "MFU", "served by", "status"], rows, align="lrrrrrrrrll")
+                 "saved MB/img", "TFLOP/s", "MFU", "AdamW step", "served by", "status"], rows,
+                align="lrrrrrrrrlll")
     kinds = sorted({r["peak_mem_kind"] for r in rows_in if r.get("peak_mem_kind")})
     if kinds:
         out += "\n  peak MB: " + "; ".join(kinds)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .records import read_results
+from .records import optimizer_cell, read_results
 
 START = "<!-- bench-results:start -->"
 END = "<!-- bench-results:end -->"
@@ -129,7 +129,7 @@ def train_section(records: Sequence[dict]) -> list[str]:
         for r in mrows:
             if r.get("status") != "ok":
                 table_rows.append([r["backend"], f"{r['status']}: {_short(r.get('reason', ''), 80)}", "", "", "",
-                                   "", "", ""])
+                                   "", "", "", ""])
                 continue
             mem = r.get("peak_mem_mb")
             table_rows.append([
@@ -139,14 +139,18 @@ def train_section(records: Sequence[dict]) -> list[str]:
                 f"{mem:,.0f} MB" if mem is not None else "n/a",
                 f"{r['saved_mb_per_image']:.1f} MB" if r.get("saved_mb_per_image") is not None else "–",
                 f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
+                optimizer_cell(r) if r.get("optimizer") or r.get("optimizer_ms") is not None else "–",
                 r.get("dispatch", "")])
         out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory",
-                          "saved/image", "MFU", "served by"], table_rows)
+                          "saved/image", "MFU", "AdamW step", "served by"], table_rows)
         kinds = sorted({r["peak_mem_kind"] for r in ok if r.get("peak_mem_kind")})
         if kinds:
             out.append(f"\nPeak memory: {'; '.join(kinds)}. Saved/image: activations autograd keeps for the "
                        f"backward, per image (eager variants). MFU: model FLOPs (3 x forward, linear layers and "
-                       f"attention) per second over the matmul peak measured in the same run.")
+                       f"attention) per second over the matmul peak measured in the same run."
+                       + (" AdamW step: the implementation and the time of the optimizer's step alone (reference "
+                          "variants: torch's default, as the official script constructs it)."
+                          if any(r.get("optimizer") for r in ok) else ""))
         out.append("")
     return out
 

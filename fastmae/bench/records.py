@@ -254,5 +254,13 @@ def status_cell(r: dict, numbers: dict[str, int]) -> str:
     return f"{r.get('status')} [{n}]" if n else str(r.get("status"))
 
 
+def optimizer_cell(r: dict) -> str:
+    """A training record's optimizer and the time of its step alone: "foreach, 4.1 ms"."""
+    impl = str(r.get("optimizer", "")).removeprefix("AdamW ").strip()
+    if r.get("optimizer_ms") is None:
+        return impl or "-"
+    return f"{impl}, {fmt(float(r['optimizer_ms']))} ms" if impl else f"{fmt(float(r['optimizer_ms']))} ms"
+
+
 def print_err(*args) -> None:
     print(*args, file=sys.stderr)

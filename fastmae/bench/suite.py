@@ -89,6 +89,8 @@ def key_results(records: list[dict]) -> list[str]:
                 goal = f" (GPU target >= {target}x)" if r.get("device_type") == "cuda" else ""
                 extra.append(f"{k.replace('_', ' ')} {r[k]:.2f}x{goal}")
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+        if r.get("optimizer_ms") is not None:
+            mfu += f", {r.get('optimizer', 'optimizer')} step {r['optimizer_ms']:.3g} ms"
         mem_name = "peak" if r.get("device_type") == "cuda" else "resident-memory increase (sampled, coarse)"
         mem = f", {mem_name} {r['peak_mem_mb']:,.0f} MB" if r.get("peak_mem_mb") is not None else ""
         if (r.get("mem_vs_official_eager") is not None and r["backend"].startswith("fastmae")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import atomic_save, read_checkpoint
+from .optim import load_optimizer_state
 
 LAST = "checkpoint-last.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
@@ -175,7 +176,7 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
     epoch = int(ckpt.get("epoch", -1))
     next_iter = int(ckpt.get("next_iter", 0))
     if "optimizer" in ckpt and "epoch" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # keeps this run's AdamW implementation
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     else:

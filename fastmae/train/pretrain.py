@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .optim import ADAMW_IMPLS
+
 HELP = "pretrain an MAE (the official main_pretrain.py flags; built-in dataset by default)"
 DESCRIPTION = (HELP + ". Under torchrun it trains data-parallel (NCCL on GPUs, gloo on CPUs). "
                "Writes checkpoint-{epoch}.pth, checkpoint-last.pth, log.txt (JSON lines), train_steps.jsonl "
@@ -92,6 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on GPUs that support it, else fp16 (with a gradient scaler) on GPUs, "
                         "fp32 on CPUs")
     f.add_argument("--compile", action="store_true", help="torch.compile the model")
+    f.add_argument("--adamw", default="auto", choices=ADAMW_IMPLS,
+                   help="AdamW implementation: auto = fused where torch has the kernel for the device (CUDA, CPU), "
+                        "else foreach; default = torch's own choice, as the official script (foreach on CUDA). "
+                        "Same update up to rounding; a resumed run keeps this choice")
     f.add_argument("--lean_blocks", action="store_true",
                    help="recompute every block's LayerNorms and GELU in the backward: about a third less "
                         "activation memory (a larger --batch_size fits) for a few extra elementwise passes")
@@ -174,7 +180,7 @@ def train(args) -> PretrainResult:
     from .distributed import barrier, cleanup, init_distributed
     from .engine import RunState, Schedule, make_scaler, train_one_epoch
     from .logs import RunLogger, plot_loss_curve
-    from .optim import absolute_lr, build_optimizer
+    from .optim import absolute_lr, adamw_impl, build_optimizer
 
     _check_args(args)
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp, args.local_rank)
@@ -214,7 +220,8 @@ def train(args) -> PretrainResult:
             f"{args.accum_iter}  effective batch size: {eff_batch}  iterations per epoch: {iters_per_epoch}")
 
         model_without_ddp = model
-        optimizer = build_optimizer(model_without_ddp, args.lr, args.weight_decay)
+        optimizer = build_optimizer(model_without_ddp, args.lr, args.weight_decay, impl=args.adamw)
+        say(f"optimizer: AdamW, {adamw_impl(optimizer)} implementation")
         scaler = make_scaler(device, precision)
 
         start_epoch, skip_iters, step = args.start_epoch, 0, 0

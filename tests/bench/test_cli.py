@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from fastmae.bench import readme
+from fastmae.bench.records import fmt
 from fastmae.cli import main
 
 
@@ -71,6 +72,9 @@ def test_readme_block_is_rendered_from_the_files(run_dir, tmp_path, capsys):
     enc = next(r for r in recs if r["kind"] == "encoder" and r["mask_ratio"] == 0.75 and r["backend"] == "sdpa")
     assert f"({enc['speedup']:.2f}x, {enc['of_ideal']:.0%})" in new
     assert "| official-eager |" in new and "![encoder_mae_vit_tiny_patch4](results/cpu-x/2099-01-01/" in new
+    train = {r["backend"]: r for r in recs if r["kind"] == "train"}
+    assert f"| fused, {fmt(train['fastmae']['optimizer_ms'])} ms |" in new  # the AdamW step column
+    assert f"| for-loop, {fmt(train['official-eager']['optimizer_ms'])} ms |" in new
     assert main(["bench", "readme", "--results", str(root), "--readme", str(path)]) == 0
     assert path.read_text() == new  # idempotent
     path.write_text("no markers\n")

@@ -188,6 +188,12 @@ def test_train_records():
         assert r["vs_official_eager"] == pytest.approx(r["images_per_s"] / by["official-eager"]["images_per_s"])
     assert "attention=reference" in by["official-eager"]["dispatch"]
     assert "attention=sdpa" in by["reference+sdpa"]["dispatch"]
+    # the reference variants construct AdamW as the official script (torch's default: a loop on the CPU),
+    # fastmae's variants as `fastmae pretrain` (fused); each record times its optimizer's step alone
+    assert by["official-eager"]["optimizer"] == by["reference+sdpa"]["optimizer"] == "AdamW for-loop"
+    assert by["fastmae"]["optimizer"] == by["fastmae+lean"]["optimizer"] == "AdamW fused"
+    for v in ("official-eager", "reference+sdpa", "fastmae", "fastmae+lean"):
+        assert 0 < by[v]["optimizer_ms"] < by[v]["median_ms"]
     assert "gather_tokens=reference" in by["reference+sdpa"]["dispatch"]
 
 

@@ -194,10 +194,11 @@ def test_command_line_help_and_clear_errors(tmp_path, capsys):
 
 def test_resume_from_an_official_style_checkpoint(tmp_path, capsys):
     """Official checkpoints hold {'model', 'optimizer', 'scaler', 'epoch', 'args': argparse.Namespace}: they
-    need --allow-pickle (weights_only loading refuses the Namespace), then resume at epoch + 1."""
+    need --allow-pickle (weights_only loading refuses the Namespace), then resume at epoch + 1. The official
+    script's optimizer state (torch's default AdamW) resumes into fastmae's fused AdamW, which stays fused."""
     import argparse
     src = tmp_path / "src"
-    train(pretrain_args(src, "--epochs", "1"))
+    train(pretrain_args(src, "--epochs", "1", "--adamw", "default"))
     ours = read_checkpoint(src / "checkpoint-0.pth")
     official = {"model": ours["model"], "optimizer": ours["optimizer"], "epoch": 0, "scaler": {},
                 "args": argparse.Namespace(model="mae_vit_tiny_patch4", epochs=2)}
@@ -208,4 +209,6 @@ def test_resume_from_an_official_style_checkpoint(tmp_path, capsys):
     assert "allow_pickle" in capsys.readouterr().err
     result = train(pretrain_args(dst, "--resume", str(path), "--allow-pickle"))
     assert result.step == 8 and len(result.losses) == 4  # epoch 1 only; the step count derived from epoch
+    assert "optimizer: AdamW, fused implementation" in capsys.readouterr().out
+    assert read_checkpoint(dst / "checkpoint-last.pth")["optimizer"]["param_groups"][0]["fused"] is True
     assert [s["epoch"] for s in read_step_log(dst)] == [1] * 4

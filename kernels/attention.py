@@ -665,8 +665,10 @@ def _check_dtype_head_dim(dtype: torch.dtype, head_dim: int) -> None:
 
 
 def _on_device(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU (Triton launches on the current device); nothing to do where it is current."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _upcast(dtype: torch.dtype) -> bool:

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches, next_power_of_2
+from .utils import (NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
+                    launches_on_device_of_first_arg, next_power_of_2)
 
 FINALIZE_BLOCK = 1024
 
@@ -175,6 +176,7 @@ def _check(pred, imgs, mask, patch_size, pred_ids):
     return n, c, gw, p, rows, P
 
 
+@launches_on_device_of_first_arg
 def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
                             norm_pix: bool = False, pred_ids: torch.Tensor | None = None, write_grad: bool = False):
     """Returns (loss: 0-dim fp32, g: [N, rows, P] in pred's dtype or None, denom: [1] fp32, mask32: [N, L] fp32).
@@ -206,6 +208,7 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     return loss, g, denom, mask32
 
 
+@launches_on_device_of_first_arg
 def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor,
                              mask32: torch.Tensor, has_ids: bool) -> torch.Tensor:
     """grad_pred = g * grad_output / denom, zeros at rows of weight 0 (g is not read there)."""

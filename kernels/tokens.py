@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches, next_power_of_2
+from .utils import (NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
+                    launches_on_device_of_first_arg, next_power_of_2)
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
 TOKEN_MAX_BLOCK_D = 1024  # row-copy kernels: one program per (block of rows, block of D)
@@ -248,6 +249,7 @@ def _colsum(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@launches_on_device_of_first_arg
 def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """imgs: [N, C, H, W] (any strides), ids_keep: [N, K] int64 -> [N, K, C*p*p] in (c, p, q) order."""
     check_device(imgs, ids_keep)
@@ -266,6 +268,7 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     return out
 
 
+@launches_on_device_of_first_arg
 def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor,
                           cls_token: torch.Tensor | None, gathered: bool) -> torch.Tensor:
     """See `reference.gather_tokens`. x: [N, L, D] (or [N, K, D] if gathered) -> [N, K+1, D] / [N, K, D]."""
@@ -293,6 +296,7 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
     return out
 
 
+@launches_on_device_of_first_arg
 def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
                            has_cls: bool, cls_dtype: torch.dtype | None, gathered: bool,
                            need_x: bool = True, need_cls: bool = True):
@@ -328,6 +332,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
     return grad_x, grad_cls
 
 
+@launches_on_device_of_first_arg
 def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                              pos_embed: torch.Tensor) -> torch.Tensor:
     """See `reference.unshuffle_tokens`. x: [N, K+1, Dd], ids_restore: [N, L] -> [N, L+1, Dd]."""
@@ -360,6 +365,7 @@ def _unshuffle_bwd_split(n: int, L: int, d: int) -> tuple[int, int, int]:
     return block_d, rows_per_prog, chunks
 
 
+@launches_on_device_of_first_arg
 def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
                               mask_dtype: torch.dtype):
     """Returns (grad_x [N, K+1, Dd], grad_mask_token [1, 1, Dd]); deterministic, no atomics."""

@@ -25,6 +25,20 @@ def recording_capability() -> tuple[int, int] | None:
     return _RECORDING.get("capability")
 
 
+def launches_on_device_of_first_arg(launcher: Callable) -> Callable:
+    """Run a kernel launcher with the GPU of its first (tensor) argument as the current device: Triton launches
+    on the current device, so a tensor on another GPU than the current one would otherwise be handed to a kernel
+    running elsewhere. Free when it is already current, and for CPU tensors."""
+    @functools.wraps(launcher)
+    def run(first: torch.Tensor, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return run
+
+
 def _release(version: str) -> tuple[int, ...]:
     parts = []
     for piece in version.split(".")[:2]:

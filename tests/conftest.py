@@ -24,6 +24,19 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _full_fp32_convolutions():
+    """cuDNN convolutions in full fp32 for the whole suite. torch lets them use TF32 by default, while matrix
+    products stay full fp32: on a GPU the reference path's patch embedding (a Conv2d) would then round to TF32's
+    10-bit mantissa and the other paths' (a linear layer on gathered pixels) would not, a difference of about
+    5e-4 that the fp32 comparisons, written for fp32 against fp32, would count as the kernels' error. No effect
+    on a CPU."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer CPU tests")

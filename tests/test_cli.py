@@ -39,7 +39,8 @@ def test_demo_prints_loss_and_backends(capsys):
 
 
 def test_clear_error_for_unavailable_backend(capsys):
-    assert main(["demo", "--batch_size", "1", "--backend", "xformers"]) == 2
+    # on the CPU: on a GPU an installed xformers may serve the demo
+    assert main(["demo", "--batch_size", "1", "--backend", "xformers", "--device", "cpu"]) == 2
     assert "xformers" in capsys.readouterr().err
 
 

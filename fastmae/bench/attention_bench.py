@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .limits import dtype_name
-from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, qkv_views
+from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, qkv_views, release_inputs
 from .timing import measure
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -181,11 +181,14 @@ def run_attention(device: torch.device, dtype: torch.dtype, *, batches: Sequence
     shapes += [s for per_batch in mae[1:] for s in per_batch]
     jobs = [(s, m, i) for s in shapes for m in modes for i in impls]
     records: list[dict] = []
-    for (name, b, h, n, d), mode, impl in progress(jobs, "bench attention", show_progress):
-        rec = run_case(name, b, h, n, d, dtype, impl, mode, device, timing=timing,
-                       allow_interpreter=allow_interpreter)
-        records.append(rec)
-        add_speedups(records)  # as the records arrive: a run cut short keeps its speedups
-        if on_record:
-            on_record(rec)
+    try:
+        for (name, b, h, n, d), mode, impl in progress(jobs, "bench attention", show_progress):
+            rec = run_case(name, b, h, n, d, dtype, impl, mode, device, timing=timing,
+                           allow_interpreter=allow_interpreter)
+            records.append(rec)
+            add_speedups(records)  # as the records arrive: a run cut short keeps its speedups
+            if on_record:
+                on_record(rec)
+    finally:
+        release_inputs()  # the inputs are built once per shape and shared by its implementations and modes
     return add_speedups(records)

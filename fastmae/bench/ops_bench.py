@@ -120,8 +120,8 @@ def linear_flops(tokens: int, fan_in: int, fan_out: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ cases
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(seed)
+def _gen(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _ids(b: int, L: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +131,29 @@ def _ids(b: int, L: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 
 def _randn(shape, dtype, device, seed, requires_grad=False):
-    t = torch.randn(*shape, generator=_gen(seed)).to(device=device, dtype=dtype)
+    """Normal samples made on `device` itself: drawing a long case's hundreds of millions on the host and
+    copying them over would take a GPU run's benchmark parts most of their time."""
+    t = torch.randn(*shape, generator=_gen(seed, device), device=device).to(dtype)
     return t.requires_grad_(requires_grad)
+
+
+_BUILT: dict = {}  # the inputs of the latest case, per `grad`: shared by its backends, modes and checks
+
+
+def built_inputs(case: OpCase, device: torch.device, grad: bool) -> dict:
+    """`case.build(device, grad)`, built once for all the backends and modes timed on this case (the benchmark
+    loops go case by case); the previous case's inputs are released when the case changes."""
+    key = (case.op, case.name, repr(case.shape), case.dtype, str(device))
+    if _BUILT.get("key") != key:
+        _BUILT.clear()
+        _BUILT["key"] = key
+    if grad not in _BUILT:
+        _BUILT[grad] = case.build(device, grad)
+    return _BUILT[grad]
+
+
+def release_inputs() -> None:
+    _BUILT.clear()
 
 
 def qkv_views(inp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,7 +355,7 @@ def case_reasons(case: OpCase, backend: str, device: torch.device, allow_interpr
     """Why `backend` cannot serve this case: the registry's reasons, or the benchmark's own."""
     if case.registry_inputs is None:
         return [] if backend == "torch" else [f"{case.op} is plain torch (cuBLAS / the CPU BLAS); no backends"]
-    inputs = case.registry_inputs(case.build(device, False))
+    inputs = case.registry_inputs(built_inputs(case, device, False))
     reasons = ops.not_supported_reasons(case.op, backend, inputs)
     if not reasons and backend == "triton" and not allow_interpreter:
         why = interpreter_reason(device)
@@ -346,7 +367,7 @@ def case_reasons(case: OpCase, backend: str, device: torch.device, allow_interpr
 def make_runner(case: OpCase, backend: str, mode: str, device: torch.device) -> Callable[[], object]:
     """A function that runs one repetition of the case (inputs built once, outside the timing)."""
     if mode == "fwd":
-        inp = case.build(device, False)
+        inp = built_inputs(case, device, False)
 
         def fwd():
             with torch.no_grad():
@@ -355,10 +376,10 @@ def make_runner(case: OpCase, backend: str, mode: str, device: torch.device) -> 
         return fwd
     if mode != "fwd+bwd":
         raise ValueError(f"unknown mode {mode!r}")
-    inp = case.build(device, True)
+    inp = built_inputs(case, device, True)
     leaves = [inp[n] for n in case.grad_leaves]
     out = case.call(inp, backend)
-    grad_out = None if out.dim() == 0 else torch.randn(out.shape, generator=_gen(99)).to(out.device, out.dtype)
+    grad_out = None if out.dim() == 0 else _randn(out.shape, out.dtype, out.device, 99)
 
     def fwd_bwd():
         y = case.call(inp, backend)
@@ -463,13 +484,16 @@ def run_ops(device: torch.device, dtype: torch.dtype, batch: int, *, models=("B"
         return copies[nbytes]
 
     records = []
-    for case, backend, mode in it:
-        rec = run_case(case, backend, mode, device, limits, allow_interpreter=allow_interpreter, timing=timing,
-                       same_bytes_copy=same_bytes_copy)
-        records.append(rec)
-        add_speedups(records)
-        if on_record:
-            on_record(rec)
+    try:
+        for case, backend, mode in it:
+            rec = run_case(case, backend, mode, device, limits, allow_interpreter=allow_interpreter, timing=timing,
+                           same_bytes_copy=same_bytes_copy)
+            records.append(rec)
+            add_speedups(records)
+            if on_record:
+                on_record(rec)
+    finally:
+        release_inputs()
     return records
 
 

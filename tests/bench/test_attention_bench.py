@@ -12,6 +12,7 @@ from fastmae.cli import main
 from ..utils import DEVICES
 
 QUICK = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
+THIRD_PARTY = ("sdpa-cudnn", "xformers")  # kernels fastmae does not own
 
 
 def test_mae_and_long_shapes():
@@ -51,8 +52,11 @@ def test_records_speedups_and_reasons(device, runs):
     assert {(r["case"], r["shape"]["B"]) for r in recs} == cases
     assert len(recs) == len(cases) * len(ab.MODES) * len(ab.IMPLS)
     for r in recs:
-        assert r["kind"] == "attention" and r["status"] in ("ok", "skipped"), r  # never "failed"
-        if r["status"] == "skipped":
+        # fastmae's own paths and SDPA's common kernels never fail; a third-party kernel that raises on some
+        # input (cuDNN's or xformers' on a GPU) is recorded as failed with its error, not fatal to the run
+        assert r["kind"] == "attention" and r["status"] in ("ok", "skipped") or (
+            r["status"] == "failed" and r["backend"] in THIRD_PARTY and r["reason"]), r
+        if r["status"] != "ok":
             assert r["reason"]
             continue
         s = r["shape"]

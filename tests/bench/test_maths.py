@@ -181,5 +181,7 @@ def test_hide_launch_times_the_gpu_work_alone():
     plain = measure(call, "cuda", warmup=2, min_reps=10, max_reps=10)
     hidden = measure(call, "cuda", warmup=2, min_reps=10, max_reps=10, hide_launch=True)
     assert plain.median_ms > 0.25, plain
-    assert hidden.launch_hidden and hidden.median_ms < 0.1, hidden
+    # the kernel alone takes a few µs; other processes of the sharded GPU suite may share the GPU, so the bound
+    # is relative: without the host's 300 µs between the events, at most a third of the plain time
+    assert hidden.launch_hidden and hidden.median_ms < plain.median_ms / 3, (hidden, plain)
     assert hidden.host_ms >= 0.3 and plain.host_ms >= 0.3

@@ -235,3 +235,45 @@ def test_gather_tokens_cls_grad_is_deterministic(device):
         grads.append(torch.autograd.grad(tokens.gather_tokens(x, ids_keep, pos, c), [c], go)[0])
     assert torch.equal(grads[0], grads[1])
     assert_error_within_plain(grads[0].view(-1), grads[0].view(-1), go[:, 0].double().sum(0).float(), "cls grad")
+
+
+def test_launchers_run_on_the_gpu_of_their_tensors(monkeypatch):
+    """Triton launches on the current device: every token and loss launcher makes its first tensor's GPU current
+    for the launch when another one is (a fake two-GPU machine; the wrapper is what is tested), and leaves the
+    device alone when it is already current or the tensor is on the CPU."""
+    from fastmae.kernels import loss as loss_mod
+    from fastmae.kernels.utils import launches_on_device_of_first_arg
+
+    current, entered = [0], []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.before, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    class FakeCudaTensor:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+
+    @launches_on_device_of_first_arg
+    def launcher(t, *args):
+        return current[0]
+
+    assert launcher(FakeCudaTensor(1)) == 1 and entered == [1] and current[0] == 0
+    assert launcher(FakeCudaTensor(0)) == 0 and entered == [1]  # already current: no switch
+    assert launcher(torch.zeros(1)) == 0 and entered == [1]
+    for fn in (tokens.gather_patches_forward, tokens.gather_tokens_forward, tokens.gather_tokens_backward,
+               tokens.unshuffle_tokens_forward, tokens.unshuffle_tokens_backward,
+               loss_mod.masked_mse_loss_forward, loss_mod.masked_mse_loss_backward):
+        assert fn.__code__ is launcher.__code__, fn.__name__  # wrapped by the same guard

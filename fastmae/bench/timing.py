@@ -5,8 +5,8 @@ after one `torch.cuda.synchronize()` at the end), and the cache can be flushed b
 by zeroing a buffer larger than the L2 (outside the events), so memory-bound ops are not timed from
 cache. On the CPU each repetition is timed with `time.perf_counter()`.
 
-The number of repetitions adapts to the op: the warm-up is timed, and as many repetitions as fit in
-`max_time_s` are run, clamped to `[min_reps, max_reps]`.
+The number of repetitions adapts to the op: each warm-up round is timed, and as many repetitions as fit in
+`max_time_s` at the fastest round's pace are run (the first round may compile), clamped to `[min_reps, max_reps]`.
 
 `measure_interleaved` times several functions in rounds (one repetition of each per round). On a shared
 or throttling machine a slow spell then hits every function alike, which keeps their ratios (speedups)
@@ -140,16 +140,20 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
     flush = _Flusher(device, flush_cache)
     names = list(fns)
     synchronize(device)
-    t0 = time.perf_counter()
     host_s = {n: 0.0 for n in names}
+    round_s = []
     for _ in range(max(warmup, 1)):  # at least one untimed call: compiles, autotunes, allocates
+        r0 = time.perf_counter()
         for name in names:
             flush()
             t = time.perf_counter()
             fns[name]()
             host_s[name] = time.perf_counter() - t  # the last warm-up call's: compiled and allocated by then
-    synchronize(device)
-    per_round = (time.perf_counter() - t0) / max(warmup, 1)
+        synchronize(device)
+        round_s.append(time.perf_counter() - r0)
+    # the repetitions that fit in max_time_s, from the fastest warm-up round: the first one may have compiled
+    # a kernel (a second or so), which must not cut a microsecond kernel down to min_reps
+    per_round = min(round_s)
     reps = _reps_for(per_round, max_time_s, min_reps, max_reps)
 
     samples: dict[str, list[float]] = {n: [] for n in names}

@@ -40,6 +40,20 @@ def test_measure_counts_repetitions_and_orders_percentiles():
     assert seen == ["a", "b"] * 4  # rounds: one of each per round
 
 
+def test_a_slow_first_call_does_not_cut_the_repetitions():
+    """The first warm-up call may compile a kernel (here: 0.3 s of sleep); the repetitions that fit in
+    max_time_s follow the calls after it (about 1 ms), not the average with the compile."""
+    calls = []
+
+    def fn():
+        time.sleep(0.3 if not calls else 0.001)
+        calls.append(1)
+
+    t = measure(fn, "cpu", warmup=2, min_reps=3, max_reps=40, max_time_s=0.2)
+    assert t.reps >= 20, t  # about 0.2 s / 1 ms (bounded by 40); the mean with the compile would allow 1, so 3
+    assert t.median_ms < 50
+
+
 def test_ideal_speedup_counts_the_class_token():
     assert encoder_bench.ideal_speedup(196, 0.0) == 1.0
     assert encoder_bench.ideal_speedup(196, 0.75) == pytest.approx(197 / 50)  # K = 49

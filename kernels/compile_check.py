@@ -839,6 +839,19 @@ def launch_spec(launch: Launch, arch: int = 90):
     return spec
 
 
+def spec_key(spec) -> tuple:
+    """What makes two specs one compiled kernel: the function, its argument types and constants, the integer
+    and pointer specialisations, warps and stages."""
+    return (_python_function(spec.fn).__qualname__, tuple(spec.signature.items()),
+            tuple((k, repr(v)) for k, v in spec.constexprs.items()), spec.divisible_by_16, spec.unaligned,
+            spec.num_warps, spec.num_stages)
+
+
+def python_function(fn):
+    """The plain Python function of a `@triton.jit` kernel (or of any wrapper around one)."""
+    return _python_function(fn)
+
+
 def config_key(spec) -> str:
     """A spec's kernel configuration in one string, whatever its integer specialisation: the kernel's name, its
     pointer types in argument order, its block constants (upper-case constexprs), warps and pipeline stages,
@@ -889,12 +902,13 @@ class Workload:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     pred_masked_only: bool = False
+    grad: bool = True  # False: the forward alone, under torch.no_grad (as an inference or encoder benchmark)
 
     @property
     def label(self) -> str:
         name = self.model.replace("mae_vit_", "").replace("_patch", "/")
         return (f"{name} {self.dtype} b{self.batch} r{self.mask_ratio:g}" + (" norm_pix" if self.norm_pix_loss else "")
-                + (" masked_only" if self.pred_masked_only else ""))
+                + (" masked_only" if self.pred_masked_only else "") + ("" if self.grad else " no_grad"))
 
     def run(self) -> None:
         import torch
@@ -914,9 +928,10 @@ class Workload:
         imgs = torch.randn(self.batch, model.in_chans, side, side, generator=gen)
         noise = torch.rand(self.batch, model.num_patches, generator=gen)
         dtype = getattr(torch, _DTYPES[self.dtype])
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), torch.set_grad_enabled(self.grad):
             loss = model(imgs, self.mask_ratio, noise=noise)[0]
-        loss.backward()
+        if self.grad:
+            loss.backward()
 
 
 def _run_workload(workload) -> None:
@@ -945,9 +960,7 @@ def trace(workloads: Sequence, arch: int = 90) -> list:
             raise RuntimeError(f"workload {_workload_label(workload)!r} launched no Triton kernel")
         for call in calls:
             spec = launch_spec(call, arch)
-            key = (_python_function(spec.fn).__qualname__, tuple(spec.signature.items()),
-                   tuple((k, repr(v)) for k, v in spec.constexprs.items()), spec.divisible_by_16, spec.unaligned,
-                   spec.num_warps, spec.num_stages)
+            key = spec_key(spec)
             if key not in specs:
                 spec.sources = []
                 specs[key] = spec

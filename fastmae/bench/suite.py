@@ -5,7 +5,8 @@
     python -m fastmae.bench.suite tests --jobs N --logs DIR [--first WORD ...] -- PYTEST_ARGS...
 
 PARTS.tsv holds one line per part of the suite: name, status (ok / failed / timeout / skipped), exit code,
-seconds, note (the reason of a skip), command; tab-separated.
+seconds, note (a skip's reason, a failure's last log line, a result line of some parts), command;
+tab-separated.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def read_parts(path: str) -> list[dict]:
 def _status(p: dict) -> str:
     s = p["status"]
     if s == "ok":
-        return "ok"
+        return "ok" + (f" ({p['note']})" if p["note"] else "")
     if s == "skipped":
         return f"skipped: {p['note']}"
     if s == "timeout":

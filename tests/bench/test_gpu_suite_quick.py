@@ -30,7 +30,7 @@ def test_cpu_quick_suite(tmp_path):
     (date,) = os.listdir(tmp_path / "results" / slug)
     run = tmp_path / "results" / slug / date
     parts = {p["name"]: p for p in read_parts(str(run / "parts.tsv"))}
-    expected = {"wheels": "skipped", "install": "skipped", "gpu-tests": "ok", "bench-ops": "ok",
+    expected = {"wheels": "skipped", "install": "skipped", "warm": "ok", "gpu-tests": "ok", "bench-ops": "ok",
                 "priority": "ok", "bench-attention": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
                 "train-vit-l": "skipped", "tune": "skipped" if interpreter_problem() else "ok"}
     assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout[-3000:]
@@ -44,9 +44,13 @@ def test_cpu_quick_suite(tmp_path):
     if not interpreter_problem():
         tuned = json.loads((run / "attention_tuned.json").read_text())  # the tuner's table, in the run folder
         assert tuned["measured"]["sm_90"] and (run / "tune.json").is_file()
+    # the warm-up recorded a tiny model's launches and compiled them for sm_90 through Triton's launch path
+    warm = json.loads((run / "warm.json").read_text())
+    assert warm["arch"] == 90 and warm["results"] and all(r["ok"] for r in warm["results"]), warm
     summary = (run / "summary.md").read_text()
     assert "| bench-ops | ok |" in summary
     assert "| gpu-tests | ok |" in summary
+    assert "| warm | ok (" in summary and "distinct launches warmed" in summary  # ran beside the tests
     assert "## Key results" in summary and "of ideal" in summary
     assert "cpu attention:" in summary  # the measured order
     # with OUT set: three flat files, the tarball holding the run folder

@@ -1,0 +1,340 @@
+"""Compile the Triton kernels a GPU benchmark run will launch, before it, in parallel, into Triton's cache.
+
+Triton compiles each new kernel specialisation on its first launch, in the launching process, one at a time:
+about half a second each on this project's kernels. The benchmark parts of `benchmarks/gpu_suite.sh` meet some
+sixty distinct ones (attention at MAE's and the long shapes on both paths, the token and loss ops at the widths
+of ViT-B/L/H, the encoder at five mask ratios), so each part would spend a good share of its time limit
+compiling, one kernel after another, while the GPU waits.
+
+`python -m fastmae.bench.warm` records the launches of those workloads on the CPU without running anything
+(`fastmae.kernels.compile_check.record_launches`, settings chosen for the GPU's compute capability), keeps one
+launch per distinct specialisation, and compiles each one through Triton's own launch path
+(`JITFunction.warmup`: the specialisation and cache key of the launch itself) in worker processes. The
+benchmarks then load them from Triton's on-disk cache. The GPU suite runs it beside the test suite, which uses
+the GPU little and the CPU much.
+
+Batch sizes: the workloads run at batch 16 (the long attention cases at their own shapes). Triton specialises
+integers by divisibility by 16 and equality to 1, so every batch that is a multiple of 16 (the benchmarks use 64
+to 512) gives the same kernels; only the grid differs.
+
+`--arch 90` compiles for that GPU without one (a stand-in driver that only names the target; nothing is loaded
+or launched): the CPU tests exercise the whole path that way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+WORKLOAD_BATCH = 16
+RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)
+BENCH_MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16")
+HIT_S = 0.075  # a warm-up faster than this loaded the kernel from the cache (the smallest compile takes 0.1 s)
+
+
+# ------------------------------------------------------------------------------------------ workloads
+def _ops_launches(models: Sequence[str], dtype: torch.dtype, batch: int) -> None:
+    """Every triton case of `bench ops` (forward and forward+backward) at `batch`."""
+    from .ops_bench import make_runner, mae_cases, release_inputs
+
+    cpu = torch.device("cpu")
+    try:
+        for case in mae_cases(batch, dtype, models, None, False):
+            if case.registry_inputs is not None:
+                for mode in case.modes:
+                    make_runner(case, "triton", mode, cpu)()
+    finally:
+        release_inputs()
+
+
+def _attention_launches(models: Sequence[str], dtype: torch.dtype, batch: int, long_ns: Sequence[int],
+                        long_head_dims: Sequence[int], long_tokens: int) -> None:
+    """`bench attention`'s triton, triton-short and triton-flash at MAE's shapes and the long ones."""
+    from .attention_bench import MODES, TRITON_PATHS, forced_path_case, long_shapes, mae_shapes
+    from .ops_bench import attention_case, make_runner, release_inputs
+
+    cpu = torch.device("cpu")
+    shapes = [(name, batch, h, n, d) for name, h, n, d in mae_shapes(models)]
+    shapes += long_shapes(long_ns, long_head_dims, long_tokens)
+    try:
+        for name, b, h, n, d in shapes:
+            for mode in MODES:
+                for path in (None, *TRITON_PATHS.values()):
+                    case = attention_case(name, b, h, n, d, dtype)
+                    if path is not None:
+                        case, why = forced_path_case(case, n, d, dtype, path, mode, cpu)
+                        if why:
+                            continue
+                    make_runner(case, "triton", mode, cpu)()
+    finally:
+        release_inputs()
+
+
+def bench_workloads(models: Sequence[str] = BENCH_MODELS, dtype: str = "bf16", ratios: Sequence[float] = RATIOS,
+                    batch: int = WORKLOAD_BATCH) -> list[tuple[str, Callable[[], None]]]:
+    """(label, function) pairs whose Triton launches the GPU suite's benchmarks make: `bench ops` and `bench
+    attention` with their CUDA defaults (`fastmae.bench.cli.DEFAULTS`), `bench encoder` (forward under no_grad
+    and forward+backward, every ratio) and `bench train` (a step at 75%, without norm_pix_loss as the official
+    default) for `models`, in `dtype`."""
+    from ..kernels.compile_check import _DTYPES, Workload
+    from .cli import DEFAULTS
+    from .common import parse_list
+
+    torch_dtype = getattr(torch, _DTYPES[dtype])
+    op_models = parse_list(DEFAULTS["ops"]["cuda"]["models"])
+    att = DEFAULTS["attention"]["cuda"]
+    long_ns = [int(n) for n in parse_list(att["long_ns"])]
+    long_head_dims = [int(d) for d in parse_list(att["long_head_dims"])]
+    long_tokens = int(att["long_tokens"])
+    out: list[tuple[str, Callable[[], None]]] = [
+        (f"bench ops {','.join(op_models)} {dtype} b{batch}", lambda: _ops_launches(op_models, torch_dtype, batch)),
+        (f"bench attention {','.join(op_models)} {dtype} b{batch} + long",
+         lambda: _attention_launches(op_models, torch_dtype, batch, long_ns, long_head_dims, long_tokens)),
+    ]
+    for model in models:
+        for ratio in ratios:
+            for grad in (False, True):
+                w = Workload(model, dtype, batch=batch, mask_ratio=ratio, grad=grad)
+                out.append((w.label, w.run))
+        w = Workload(model, dtype, batch=batch, mask_ratio=0.75, norm_pix_loss=False)
+        out.append((w.label, w.run))
+    return out
+
+
+def quick_workloads() -> list[tuple[str, Callable[[], None]]]:
+    """A tiny model's training step: the CPU tests' smoke run of the whole path."""
+    from ..kernels.compile_check import Workload
+
+    w = Workload("mae_vit_tiny_patch4", "fp32", batch=WORKLOAD_BATCH, mask_ratio=0.75)
+    return [(w.label, w.run)]
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def _encode(value: Any) -> Any:
+    """A launch argument as JSON: tensors by dtype and 16-byte alignment (all that Triton specialises them on)."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot describe a launch argument of type {type(value).__name__}")
+
+
+class _Pointer:
+    """What Triton's launcher reads of a tensor argument: its dtype and its address (0: aligned, 8: not)."""
+
+    def __init__(self, dtype: torch.dtype, aligned: bool):
+        self.dtype = dtype
+        self._address = 0 if aligned else 8
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "tensor" in value:
+        return _Pointer(getattr(torch, value["tensor"]), value["aligned"])
+    if isinstance(value, dict) and "dtype" in value:
+        return getattr(torch, value["dtype"])
+    return value
+
+
+def collect(workloads: Sequence[tuple[str, Callable[[], None]]], arch: int) -> tuple[list[dict], list[str]]:
+    """One recipe (kernel, encoded arguments, label) per distinct specialisation the workloads launch on a GPU of
+    compute capability arch/10, and the errors of workloads that could not be recorded."""
+    from ..kernels import compile_check as cc
+
+    recipes: dict[tuple, dict] = {}
+    errors = []
+    for label, run in workloads:
+        try:
+            with cc.record_launches((arch // 10, arch % 10)) as calls:
+                run()
+        except Exception as exc:  # noqa: BLE001 - one workload that breaks does not stop the others
+            errors.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            continue
+        for call in calls:
+            spec = cc.launch_spec(call, arch)
+            key = cc.spec_key(spec)
+            if key in recipes:
+                continue
+            fn = cc.python_function(call.fn)
+            recipes[key] = {"module": fn.__module__, "kernel": fn.__name__, "name": spec.name, "source": label,
+                            "args": [_encode(a) for a in call.args],
+                            "kwargs": {k: _encode(v) for k, v in call.kwargs.items()}}
+    return list(recipes.values()), errors
+
+
+# ------------------------------------------------------------------------------------------ compiling
+class _TargetDriver:
+    """A stand-in for Triton's active driver that names a target GPU and nothing else: enough for
+    `JITFunction.warmup` to specialise and compile (nothing is loaded or launched in warm-up)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
+def warm_here(recipes: Sequence[dict], arch: int | None = None, out_path: str | None = None) -> list[dict]:
+    """Compile each recipe in this process through `JITFunction.warmup`; with `arch`, for that target without a
+    GPU. One result per recipe: name, seconds, whether it came from the cache, the error if any (written to
+    `out_path` after each one, so a worker stopped by its time limit still reports what it did)."""
+    import importlib
+
+    from triton.runtime import driver
+    if arch is not None:
+        driver.set_active(_TargetDriver(arch))
+    try:  # outside the timings: the first compile's fixed costs (Triton hashes its own library for the cache
+        # key, and the backend asks ptxas for its version: a few tenths of a second)
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.cache import triton_key
+        triton_key()
+        make_backend(driver.active.get_current_target()).hash()
+    except Exception:  # noqa: BLE001 - only a warm-up of the warm-up
+        pass
+    results = []
+    for recipe in recipes:
+        res = {"name": recipe["name"], "source": recipe["source"]}
+        try:
+            kernel = getattr(importlib.import_module(recipe["module"]), recipe["kernel"])  # outside the timing
+        except Exception as exc:  # noqa: BLE001
+            kernel, res["import_error"] = None, f"{type(exc).__name__}: {exc}"
+        t0 = time.perf_counter()
+        try:
+            if kernel is None:
+                raise ImportError(res.pop("import_error"))
+            args = [_decode(a) for a in recipe["args"]]
+            kwargs = {k: _decode(v) for k, v in recipe["kwargs"].items()}
+            kernel.warmup(*args, grid=(1,), **kwargs)
+            res["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - reported per kernel
+            res["ok"] = False
+            res["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc) else ''}"
+        res["seconds"] = time.perf_counter() - t0
+        res["cached"] = res["ok"] and res["seconds"] < HIT_S
+        results.append(res)
+        if out_path:
+            with open(out_path, "w", encoding="utf-8") as f:
+                json.dump(results, f)
+    return results
+
+
+def warm(recipes: Sequence[dict], workers: int, arch: int | None = None, timeout_s: float = 600.0) -> list[dict]:
+    """`warm_here` spread over `workers` fresh processes (Triton's interpreter off in them); results in recipe
+    order as far as the workers got."""
+    workers = max(1, min(workers, len(recipes)))
+    if not recipes:
+        return []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="fastmae-warm-") as tmp:
+        procs = []
+        for i in range(workers):
+            job, out = os.path.join(tmp, f"job{i}.json"), os.path.join(tmp, f"out{i}.json")
+            with open(job, "w", encoding="utf-8") as f:
+                json.dump({"recipes": list(recipes[i::workers]), "arch": arch}, f)
+            cmd = [sys.executable, "-m", "fastmae.bench.warm", "--worker", job, out]
+            procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True), out))
+        deadline = time.monotonic() + timeout_s
+        results: list[dict] = []
+        for proc, out in procs:
+            try:
+                _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            done = []
+            if os.path.exists(out):
+                with open(out, encoding="utf-8") as f:
+                    done = json.load(f)
+            if proc.returncode not in (0, None) and not done:
+                tail = (err or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+                done = [{"name": "worker", "source": "", "ok": False, "error": f"worker failed: {tail[0][:500]}",
+                         "seconds": 0.0, "cached": False}]
+            results += done
+    return results
+
+
+def summary(recipes: Sequence[dict], results: Sequence[dict], seconds: float, workers: int) -> str:
+    compiled = sum(1 for r in results if r["ok"] and not r["cached"])
+    cached = sum(1 for r in results if r["cached"])
+    failed = [r for r in results if not r["ok"]]
+    cpu_s = sum(r["seconds"] for r in results)
+    lines = [f"{len(results)} of {len(recipes)} distinct launches warmed in {seconds:.1f} s with {workers} "
+             f"worker(s): {compiled} compiled ({cpu_s:.1f} s of compiling in all), {cached} already in Triton's "
+             f"cache, {len(failed)} failed"]
+    lines += [f"  failed: {r['name']} (from {r['source']}): {r['error']}" for r in failed]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m fastmae.bench.warm",
+        description="Compile, in parallel and into Triton's cache, the kernels the GPU suite's benchmarks will "
+                    "launch (recorded on the CPU without running anything; compiled through Triton's own launch "
+                    "path, so the launches find them).")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   help="compile processes (default: half the CPUs, at most 8)")
+    p.add_argument("--arch", type=int, default=None,
+                   help="compile for this compute capability (90: H100) without a GPU; default: this machine's GPU")
+    p.add_argument("--quick", action="store_true", help="a tiny model's training step only (the CPU tests)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds the compile workers may take")
+    p.add_argument("--json", metavar="FILE", help="also write every kernel's result to FILE")
+    p.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        with open(args.worker[0], encoding="utf-8") as f:
+            job = json.load(f)
+        warm_here(job["recipes"], job.get("arch"), args.worker[1])
+        return 0
+
+    from ..kernels.compile_check import interpreter_active
+
+    if interpreter_active():
+        print("warm: Triton's interpreter is on in this process (TRITON_INTERPRET); run without it",
+              file=sys.stderr)
+        return 2
+    arch = args.arch
+    if arch is None:
+        if not torch.cuda.is_available():
+            print("warm: no GPU here; pass --arch (80 or 90) to compile for one without it", file=sys.stderr)
+            return 2
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    t0 = time.perf_counter()
+    recipes, errors = collect(quick_workloads() if args.quick else bench_workloads(), arch)
+    traced_s = time.perf_counter() - t0
+    print(f"recorded {len(recipes)} distinct launches for sm_{arch} in {traced_s:.1f} s", flush=True)
+    for e in errors:
+        print(f"  could not record {e}")
+    results = warm(recipes, args.workers, args.arch, args.timeout)
+    print(summary(recipes, results, time.perf_counter() - t0 - traced_s, max(1, min(args.workers, len(recipes)))))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"arch": arch, "results": results, "record_errors": errors}, f, indent=1)
+    failed = errors or any(not r["ok"] for r in results) or len(results) < len(recipes)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`python -m fastmae.bench.warm`: the recorded launches, described as recipes, specialise as the launches
+themselves, and the command's clear errors. (The whole path, recording and compiling for sm_90 through Triton's
+launch path in worker processes, runs in tests/bench/test_gpu_suite_quick.py.)"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastmae.bench import warm
+
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # recording needs the interpreter off
+
+
+def test_tensor_arguments_are_described_by_dtype_and_alignment():
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    aligned, unaligned = warm._encode(base), warm._encode(base[1:])  # 2 bytes in: off the 16-byte grid
+    assert aligned == {"tensor": "bfloat16", "aligned": True} and unaligned["aligned"] is False
+    p, q = warm._decode(aligned), warm._decode(unaligned)
+    assert p.dtype is torch.bfloat16 and p.data_ptr() % 16 == 0 and q.data_ptr() % 16 != 0
+    assert warm._decode(warm._encode(torch.float16)) is torch.float16
+    for v in (3, 16, 1, 2.5, True, None, "x"):
+        assert warm._decode(warm._encode(v)) == v
+    with pytest.raises(TypeError, match="cannot describe"):
+        warm._encode(object())
+
+
+def test_recipes_specialise_as_the_recorded_launches(tmp_path):
+    """Every distinct launch of a tiny model's training step, rebuilt from its recipe (pointers as stand-ins),
+    gets the specialisation Triton gives the launch itself on sm_90: the same kernel, argument types, constants,
+    multiples of 16, unit integers and alignments; so the warm-up compiles what the run will look up."""
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent("""
+        import importlib
+        from fastmae.bench import warm
+        from fastmae.kernels import compile_check as cc
+
+        recipes, errors = warm.collect(warm.quick_workloads(), 90)
+        assert not errors, errors
+        with cc.record_launches((9, 0)) as calls:
+            warm.quick_workloads()[0][1]()
+        launched = {cc.spec_key(cc.launch_spec(c, 90)) for c in calls}
+        rebuilt = set()
+        for r in recipes:
+            fn = getattr(importlib.import_module(r["module"]), r["kernel"])
+            launch = cc.Launch(fn, tuple(warm._decode(a) for a in r["args"]),
+                               {k: warm._decode(v) for k, v in r["kwargs"].items()})
+            rebuilt.add(cc.spec_key(cc.launch_spec(launch, 90)))
+        assert rebuilt == launched and len(recipes) == len(launched) >= 10, (len(recipes), len(launched))
+        print("recipes", len(recipes))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "recipes" in proc.stdout
+
+
+def test_bench_workloads_cover_every_benchmark_part():
+    labels = [label for label, _ in warm.bench_workloads()]
+    assert labels[0].startswith("bench ops") and labels[1].startswith("bench attention")
+    for model in ("base/16", "large/16"):
+        for ratio in warm.RATIOS:
+            assert f"{model} bf16 b16 r{ratio:g} norm_pix no_grad" in labels  # encoder forward
+            assert f"{model} bf16 b16 r{ratio:g} norm_pix" in labels  # encoder forward+backward
+        assert f"{model} bf16 b16 r0.75" in labels  # the training step, without norm_pix_loss
+
+
+def test_clear_errors(capsys):
+    from fastmae.kernels.compile_check import interpreter_active
+
+    if interpreter_active():  # the CPU suite's process: Triton's interpreter is on
+        assert warm.main(["--arch", "90", "--quick"]) == 2
+        assert "interpreter" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "fastmae.bench.warm", "--quick"], env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "pass --arch" in proc.stderr, proc.stderr

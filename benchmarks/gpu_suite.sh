@@ -216,7 +216,7 @@ else
     # compiled first, in parallel, into Triton's cache (fastmae.bench.warm), beside the test suite on the GPU
     WARM=(env -u TRITON_INTERPRET "$PY" -m fastmae.bench.warm)
     case "$MODE" in
-    gpu) bg_start warm 200 "${WARM[@]}" --workers 8 --json "$RUN_DIR/warm.json" ;;
+    gpu) bg_start warm 200 "${WARM[@]}" --workers 6 --json "$RUN_DIR/warm.json" ;;  # 8 test shards beside it
     cpu-quick) bg_start warm 90 "${WARM[@]}" --arch 90 --quick --workers 2 --json "$RUN_DIR/warm.json" ;;
     *) skip warm "the CPU runs Triton kernels only under its interpreter: nothing to compile" ;;
     esac

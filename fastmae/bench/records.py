@@ -26,6 +26,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from typing import Iterable, Sequence
 
 import torch
@@ -161,11 +162,13 @@ def write_csv(path: str, records: Sequence[dict]) -> None:
             w.writerow([_csv_value(r.get(k)) for k in fields])
 
 
-def write_results(out_dir: str, records: Sequence[dict]) -> list[dict]:
-    """Merge `records` into out_dir/results.json and rewrite out_dir/results.csv; returns the merged list."""
+def write_results(out_dir: str, records: Sequence[dict], old: Sequence[dict] | None = None) -> list[dict]:
+    """Merge `records` into out_dir/results.json (or into `old`, the file's records read before) and rewrite
+    out_dir/results.csv; returns the merged list."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
-    old = read_results(path) if os.path.isfile(path) else []
+    if old is None:
+        old = read_results(path) if os.path.isfile(path) else []
     merged = merge(old, records)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -177,24 +180,33 @@ def write_results(out_dir: str, records: Sequence[dict]) -> list[dict]:
 
 
 class Recorder:
-    """Collects records and, with an output folder, writes them after every step (so a run that is cut
-    off by a timeout keeps what it measured)."""
+    """Collects records and, with an output folder, writes them as they come, at most every `interval_s`
+    seconds (so a run cut off by a timeout keeps what it measured, without rewriting a growing file after each
+    of hundreds of records), and at `flush()`."""
 
-    def __init__(self, out_dir: str | None, env: dict):
+    def __init__(self, out_dir: str | None, env: dict, interval_s: float = 2.0):
         self.out_dir = out_dir
         self.env = env
+        self.interval_s = interval_s
         self.records: list[dict] = []
+        self._old: list[dict] | None = None  # what the file held before this run, read once
+        self._written = float("-inf")
 
     def add(self, *records: dict) -> None:
         for r in records:  # stamped in place: figures added to a record later (speedups) are kept
             for k, v in self.env.items():
                 r.setdefault(k, v)
             self.records.append(r)
-        self.flush()
+        if time.monotonic() - self._written >= self.interval_s:
+            self.flush()
 
     def flush(self) -> None:
         if self.out_dir:
-            write_results(self.out_dir, self.records)
+            if self._old is None:
+                path = os.path.join(self.out_dir, "results.json")
+                self._old = read_results(path) if os.path.isfile(path) else []
+            write_results(self.out_dir, self.records, self._old)
+            self._written = time.monotonic()
 
 
 # ------------------------------------------------------------------------------------------ terminal

@@ -49,6 +49,26 @@ def test_recorder_stamps_in_place_and_flushes(tmp_path):
     assert saved[0]["device"] == "d" and saved[0]["speedup"] == 1.0
 
 
+def test_recorder_writes_as_records_come_at_most_every_interval(tmp_path):
+    """The first record is written at once, the next ones when `interval_s` has passed since the last write
+    (a run cut short keeps all but the last moments), and flush() writes the rest; records from an earlier
+    run in the file are kept unless measured again."""
+    def r(i):
+        return {"kind": "op", "op": "o", "case": f"c{i}", "backend": "b", "mode": "fwd", "status": "ok"}
+
+    records.write_results(str(tmp_path), [r(0)])  # an earlier part of the run
+    rec = records.Recorder(str(tmp_path), {"device": "d"}, interval_s=3600.0)
+    rec.add(r(1))
+    assert [x["case"] for x in records.read_results(str(tmp_path))] == ["c0", "c1"]
+    rec.add(r(2))
+    assert len(records.read_results(str(tmp_path))) == 2  # within the interval: not yet written
+    rec.flush()
+    assert [x["case"] for x in records.read_results(str(tmp_path))] == ["c0", "c1", "c2"]
+    rec.interval_s = 0.0
+    rec.add(r(3))
+    assert len(records.read_results(str(tmp_path))) == 4
+
+
 def test_table_and_footnotes():
     rs = [{"status": "ok"}, {"status": "skipped", "reason": "r1"}, {"status": "failed", "reason": "r2"},
           {"status": "skipped", "reason": "r1"}]

@@ -18,6 +18,7 @@ for and cannot serve the input raises `BackendUnavailable` with its reasons: nev
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -115,13 +116,19 @@ class OpImpl:
             if not lo <= inputs.head_dim <= hi:
                 out.append(f"{self.backend} supports head dims {lo} to {hi}, not {inputs.head_dim}")
         if self.min_capability is not None and dev == "cuda":
-            cap = torch.cuda.get_device_capability(inputs.device)
+            cap = _capability(inputs.device.index if inputs.device.index is not None
+                              else torch.cuda.current_device())
             if cap < self.min_capability:
                 out.append(f"{self.backend} needs compute capability {self.min_capability[0]}.{self.min_capability[1]}"
                            f" or newer, this GPU has {cap[0]}.{cap[1]}")
         if self.check is not None and not out:
             out.extend(self.check(inputs))
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 _REGISTRY: dict[tuple[str, str], OpImpl] = {}
@@ -176,7 +183,14 @@ def _validate_name(name: str) -> str:
 
 
 def _parse_env() -> BackendSpec:
-    raw = os.environ.get(ENV_VAR, "").strip()
+    spec = _parse_env_text(os.environ.get(ENV_VAR, ""))  # read every call, parsed once per value
+    return dict(spec) if isinstance(spec, tuple) else spec
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env_text(raw: str):
+    """`_parse_env` of one value of the variable; per-op specs as a tuple of items (cached, so immutable)."""
+    raw = raw.strip()
     if not raw:
         return None
     if "=" in raw:  # "attention=triton,gather_tokens=reference"
@@ -187,7 +201,7 @@ def _parse_env() -> BackendSpec:
             if op not in OPS:
                 raise ValueError(f"{ENV_VAR}: unknown op {op!r}; ops are {', '.join(OPS)}")
             spec[op] = _validate_name(name)
-        return spec
+        return tuple(spec.items())
     return _validate_name(raw)
 
 

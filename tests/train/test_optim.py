@@ -124,3 +124,25 @@ def test_adjust_learning_rate_sets_every_group():
     assert value == pytest.approx(1e-3 * 1.3 / 2)
     assert opt.param_groups[0]["lr"] == pytest.approx(value)
     assert opt.param_groups[1]["lr"] == pytest.approx(value * 0.5)
+
+
+def test_an_old_checkpoints_plain_number_steps_load_into_the_fused_optimizer():
+    """Checkpoints written by old torch versions (the official MAE ones among them) hold each `step` as a plain
+    number and no `fused`/`foreach` flags; they load into the fused optimizer, which steps on from there."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    old = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    layer(torch.randn(2, 4)).sum().backward()
+    old.step()
+    state = old.state_dict()
+    for st in state["state"].values():
+        st["step"] = 1
+    for g in state["param_groups"]:
+        for k in ("fused", "foreach", "capturable", "differentiable"):
+            g.pop(k, None)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, fused=True)
+    load_optimizer_state(opt, state)
+    assert adamw_impl(opt) == "fused"
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert all(st["step"].item() == 2 for st in opt.state.values())

@@ -118,16 +118,17 @@ bg_start() {  # name timeout_s command...: a part that runs beside the next ones
     if [ "$limit" -gt "$left" ]; then limit=$left; fi
     log "$name: starting in the background (timeout ${limit}s): $*"
     BG_NAME=$name BG_CMD="$*" BG_T0=$(date +%s) BG_LOG="$RUN_DIR/logs/$name.log"
-    ( timeout --kill-after=10 "$limit" "$@" > "$BG_LOG" 2>&1; echo $? > "$LOG_TMP/$name.rc" ) &
-    BG_PID=$!
+    timeout --kill-after=10 "$limit" "$@" > "$BG_LOG" 2>&1 &
+    BG_PID=$!  # timeout's own: a TERM to it reaches the whole part (see the trap below)
 }
+# stopped from outside: stop the background part too (timeout passes the signal on to its command)
+trap 'if [ -n "$BG_PID" ]; then kill -TERM "$BG_PID" 2>/dev/null; fi; exit 143' TERM INT
 
 bg_wait() {  # note-pattern: the log line quoted in the summary when the part succeeds
     if [ -z "$BG_PID" ]; then return; fi
-    wait "$BG_PID"
+    local rc=0
+    wait "$BG_PID" || rc=$?
     BG_PID=""
-    local rc
-    rc=$(cat "$LOG_TMP/$BG_NAME.rc" 2>/dev/null || echo 1)
     finish_part "$BG_NAME" "$rc" "$(( $(date +%s) - BG_T0 ))" "$BG_LOG" \
         "$(grep -m1 -e "$1" "$BG_LOG" 2>/dev/null | tr '\t' ' ' | cut -c1-160)" "$BG_CMD"
 }
@@ -216,8 +217,8 @@ else
     # compiled first, in parallel, into Triton's cache (fastmae.bench.warm), beside the test suite on the GPU
     WARM=(env -u TRITON_INTERPRET "$PY" -m fastmae.bench.warm)
     case "$MODE" in
-    gpu) bg_start warm 200 "${WARM[@]}" --workers 6 --json "$RUN_DIR/warm.json" ;;  # 8 test shards beside it
-    cpu-quick) bg_start warm 90 "${WARM[@]}" --arch 90 --quick --workers 2 --json "$RUN_DIR/warm.json" ;;
+    gpu) bg_start warm 200 "${WARM[@]}" --workers 6 --timeout 150 --json "$RUN_DIR/warm.json" ;;  # 8 test shards beside it
+    cpu-quick) bg_start warm 90 "${WARM[@]}" --arch 90 --quick --workers 2 --timeout 60 --json "$RUN_DIR/warm.json" ;;
     *) skip warm "the CPU runs Triton kernels only under its interpreter: nothing to compile" ;;
     esac
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 import torch
 
@@ -184,6 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(bench_run=run_readme)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     fn = getattr(args, "bench_run", None)
     if fn is None:
@@ -191,11 +197,18 @@ def run(args: argparse.Namespace) -> int:
               "--help",
               file=sys.stderr)
         return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # a time limit's SIGTERM ends the run through SystemExit, so the records not yet written are (atexit)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(fn(args) or 0)
     except ValueError as exc:  # bad option values: a clear message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -16,6 +16,7 @@ the same key: same kind, op/case/model, backend, mode, shape, dtype, mask ratio 
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import datetime as _dt
 import functools
@@ -191,12 +192,20 @@ class Recorder:
         self.records: list[dict] = []
         self._old: list[dict] | None = None  # what the file held before this run, read once
         self._written = float("-inf")
+        self._unwritten = False
+        if out_dir:  # what is left unwritten when the process ends (a SIGTERM from a time limit: see cli.run)
+            atexit.register(self._flush_if_unwritten)
+
+    def _flush_if_unwritten(self) -> None:
+        if self._unwritten:
+            self.flush()
 
     def add(self, *records: dict) -> None:
         for r in records:  # stamped in place: figures added to a record later (speedups) are kept
             for k, v in self.env.items():
                 r.setdefault(k, v)
             self.records.append(r)
+        self._unwritten = True
         if time.monotonic() - self._written >= self.interval_s:
             self.flush()
 
@@ -207,6 +216,7 @@ class Recorder:
                 self._old = read_results(path) if os.path.isfile(path) else []
             write_results(self.out_dir, self.records, self._old)
             self._written = time.monotonic()
+            self._unwritten = False
 
 
 # ------------------------------------------------------------------------------------------ terminal

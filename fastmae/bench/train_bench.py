@@ -247,7 +247,10 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
             loss = float(built["step"]().detach())
             saved = built["saved_mb_per_image"]() if built["saved_mb_per_image"] else None
             optimizer = f"AdamW {adamw_impl(built['optimizer'])}"
-            opt_t = time_optimizer_step(built["optimizer"], device)
+            try:  # an extra figure: its failure (memory, say) does not undo the step's
+                opt_ms, opt_error = time_optimizer_step(built["optimizer"], device).median_ms, None
+            except Exception as exc:  # noqa: BLE001
+                opt_ms, opt_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     except BackendUnavailable as exc:
         return {**rec, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
@@ -261,7 +264,9 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
     out = {**rec, "status": "ok", **t.as_dict(), "dispatch": dispatch, "images_per_s": batch / sec,
            "images_per_s_p20": batch / (t.p80_ms * 1e-3), "images_per_s_p80": batch / (t.p20_ms * 1e-3),
            "flops_per_step": flops, "tflops": flops / sec / 1e12, "loss": loss,
-           "optimizer": optimizer, "optimizer_ms": opt_t.median_ms}
+           "optimizer": optimizer, "optimizer_ms": opt_ms}
+    if opt_error:
+        out["optimizer_error"] = opt_error
     if saved is not None:
         out["saved_mb_per_image"] = saved
     if device.type == "cuda":

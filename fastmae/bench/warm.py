@@ -17,8 +17,10 @@ Batch sizes: the workloads run at batch 16 (the long attention cases at their ow
 integers by divisibility by 16 and equality to 1, so every batch that is a multiple of 16 (the benchmarks use 64
 to 512) gives the same kernels; only the grid differs.
 
-`--arch 90` compiles for that GPU without one (a stand-in driver that only names the target; nothing is loaded
-or launched): the CPU tests exercise the whole path that way.
+The compile workers always use a stand-in driver that only names the target GPU (nothing is loaded or launched,
+and no CUDA context is opened beside the tests); on a GPU machine the target is that GPU's, and the workers also
+build each kernel's C launcher (triton 3.6 compiles one with gcc per kernel signature at the first launch).
+`--arch 90` compiles for that GPU without one: the CPU tests exercise the whole path that way.
 """
 from __future__ import annotations
 
@@ -195,15 +197,28 @@ class _TargetDriver:
         return True
 
 
-def warm_here(recipes: Sequence[dict], arch: int | None = None, out_path: str | None = None) -> list[dict]:
-    """Compile each recipe in this process through `JITFunction.warmup`; with `arch`, for that target without a
-    GPU. One result per recipe: name, seconds, whether it came from the cache, the error if any (written to
-    `out_path` after each one, so a worker stopped by its time limit still reports what it did)."""
+def _write_json(path: str, data) -> None:
+    """Whole or not at all: written aside, then renamed (a worker killed mid-write leaves the previous file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_path: str | None = None) -> list[dict]:
+    """Compile each recipe in this process for compute capability arch/10, through Triton's launch path in
+    warm-up mode (`JITFunction.run(..., warmup=True)`) with a stand-in driver that names the target: no GPU
+    is touched, and the nvidia backend's options and compiler never ask the driver anything else, so the cache
+    keys are a real launch's. With `launchers` (a GPU machine), also build each kernel's C launcher, which
+    triton 3.6 compiles with gcc on a kernel's first launch (triton 3.9's launcher is generic).
+
+    One result per recipe: name, seconds, whether it came from the cache, the error if any. With `out_path`,
+    {"results": [...], "current": the recipe being compiled} is rewritten before and after each one, so a
+    worker stopped by its time limit or a crash still reports what it did, and where it stopped."""
     import importlib
 
     from triton.runtime import driver
-    if arch is not None:
-        driver.set_active(_TargetDriver(arch))
+    driver.set_active(_TargetDriver(arch))
     try:  # outside the timings: the first compile's fixed costs (Triton hashes its own library for the cache
         # key, and the backend asks ptxas for its version: a few tenths of a second)
         from triton.compiler.compiler import make_backend
@@ -212,15 +227,23 @@ def warm_here(recipes: Sequence[dict], arch: int | None = None, out_path: str | 
         make_backend(driver.active.get_current_target()).hash()
     except Exception:  # noqa: BLE001 - only a warm-up of the warm-up
         pass
+    launcher_cls = None
+    if launchers:
+        try:
+            from triton.backends.nvidia.driver import CudaLauncher as launcher_cls
+        except ImportError:
+            launcher_cls = None
     hits: list[bool] = []  # Triton's compilation listener says whether each compile came from its cache
     try:
         from triton import knobs
         knobs.compilation.listener = lambda **kw: hits.append(bool(kw.get("cache_hit")))
     except Exception:  # noqa: BLE001 - without the listener, the time tells
         pass
-    results = []
+    results: list[dict] = []
     for recipe in recipes:
         hits.clear()
+        if out_path:
+            _write_json(out_path, {"results": results, "current": recipe["name"]})
         res = {"name": recipe["name"], "source": recipe["source"]}
         try:
             kernel = getattr(importlib.import_module(recipe["module"]), recipe["kernel"])  # outside the timing
@@ -232,57 +255,73 @@ def warm_here(recipes: Sequence[dict], arch: int | None = None, out_path: str | 
                 raise ImportError(res.pop("import_error"))
             args = [_decode(a) for a in recipe["args"]]
             kwargs = {k: _decode(v) for k, v in recipe["kwargs"].items()}
-            kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled = kernel.run(*args, grid=(1,), warmup=True, **kwargs)
             res["ok"] = True
         except Exception as exc:  # noqa: BLE001 - reported per kernel
-            res["ok"] = False
+            compiled, res["ok"] = None, False
             res["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc) else ''}"
         res["seconds"] = time.perf_counter() - t0
         res["cached"] = res["ok"] and (all(hits) if hits else res["seconds"] < HIT_S)
+        if launcher_cls is not None and compiled is not None:
+            try:
+                launcher_cls(compiled.src, compiled.metadata)
+            except Exception as exc:  # noqa: BLE001 - the launch builds it again, and says why
+                res["launcher_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
         results.append(res)
-        if out_path:
-            with open(out_path, "w", encoding="utf-8") as f:
-                json.dump(results, f)
+    if out_path:
+        _write_json(out_path, {"results": results, "current": None})
     return results
 
 
-def warm(recipes: Sequence[dict], workers: int, arch: int | None = None, timeout_s: float = 600.0) -> list[dict]:
-    """`warm_here` spread over `workers` fresh processes (Triton's interpreter off in them); results in recipe
-    order as far as the workers got."""
-    workers = max(1, min(workers, len(recipes)))
+def warm(recipes: Sequence[dict], workers: int, arch: int, launchers: bool = False,
+         timeout_s: float = 600.0) -> tuple[list[dict], list[str]]:
+    """`warm_here` spread over `workers` fresh processes (Triton's interpreter off in them): the kernels'
+    results as far as the workers got, and what went wrong with workers (a timeout, a crash: which kernel it
+    was compiling and the end of its error output)."""
     if not recipes:
-        return []
+        return [], []
+    workers = max(1, min(workers, len(recipes)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    results: list[dict] = []
+    problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fastmae-warm-") as tmp:
         procs = []
         for i in range(workers):
-            job, out = os.path.join(tmp, f"job{i}.json"), os.path.join(tmp, f"out{i}.json")
+            job, out, err = (os.path.join(tmp, f"{what}{i}.json") for what in ("job", "out", "err"))
             with open(job, "w", encoding="utf-8") as f:
-                json.dump({"recipes": list(recipes[i::workers]), "arch": arch}, f)
-            cmd = [sys.executable, "-m", "fastmae.bench.warm", "--worker", job, out]
-            procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           text=True), out))
+                json.dump({"recipes": list(recipes[i::workers]), "arch": arch, "launchers": launchers}, f)
+            with open(err, "w", encoding="utf-8") as errf:  # a file, not a pipe: a chatty worker never blocks
+                proc = subprocess.Popen([sys.executable, "-m", "fastmae.bench.warm", "--worker", job, out],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=errf)
+            procs.append((i, proc, out, err))
         deadline = time.monotonic() + timeout_s
-        results: list[dict] = []
-        for proc, out in procs:
+        for i, proc, out, err in procs:
+            timed_out = False
             try:
-                _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                _, err = proc.communicate()
-            done = []
-            if os.path.exists(out):
+                proc.wait()
+                timed_out = True
+            state = {"results": [], "current": None}
+            try:
                 with open(out, encoding="utf-8") as f:
-                    done = json.load(f)
-            if proc.returncode not in (0, None) and not done:
-                tail = (err or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-                done = [{"name": "worker", "source": "", "ok": False, "error": f"worker failed: {tail[0][:500]}",
-                         "seconds": 0.0, "cached": False}]
-            results += done
-    return results
+                    state = json.load(f)
+            except (OSError, ValueError):
+                pass
+            results += state["results"]
+            if timed_out or proc.returncode != 0:
+                with open(err, encoding="utf-8", errors="replace") as f:
+                    tail = [line for line in f.read().strip().splitlines() if line.strip()][-1:]
+                what = f"timed out after {timeout_s:g} s" if timed_out else f"exited with code {proc.returncode}"
+                where = f" while compiling {state['current']}" if state.get("current") else ""
+                problems.append(f"worker {i} {what}{where}" + (f": {tail[0][:300]}" if tail else "")
+                                + f" ({len(state['results'])} of its kernels done)")
+    return results, problems
 
 
-def summary(recipes: Sequence[dict], results: Sequence[dict], seconds: float, workers: int) -> str:
+def summary(recipes: Sequence[dict], results: Sequence[dict], problems: Sequence[str], seconds: float,
+            workers: int) -> str:
     compiled = sum(1 for r in results if r["ok"] and not r["cached"])
     cached = sum(1 for r in results if r["cached"])
     failed = [r for r in results if not r["ok"]]
@@ -291,6 +330,9 @@ def summary(recipes: Sequence[dict], results: Sequence[dict], seconds: float, wo
              f"worker(s): {compiled} compiled ({cpu_s:.1f} s of compiling in all), {cached} already in Triton's "
              f"cache, {len(failed)} failed"]
     lines += [f"  failed: {r['name']} (from {r['source']}): {r['error']}" for r in failed]
+    lines += [f"  {p}" for p in problems]
+    launcher_errors = sorted({r["launcher_error"] for r in results if r.get("launcher_error")})
+    lines += [f"  launcher not built ahead (the launch builds it): {e}" for e in launcher_errors[:3]]
     return "\n".join(lines)
 
 
@@ -312,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         with open(args.worker[0], encoding="utf-8") as f:
             job = json.load(f)
-        warm_here(job["recipes"], job.get("arch"), args.worker[1])
+        warm_here(job["recipes"], job["arch"], job.get("launchers", False), args.worker[1])
         return 0
 
     from ..kernels.compile_check import interpreter_active
@@ -322,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     arch = args.arch
-    if arch is None:
+    on_gpu = arch is None
+    if on_gpu:
         if not torch.cuda.is_available():
             print("warm: no GPU here; pass --arch (80 or 90) to compile for one without it", file=sys.stderr)
             return 2
@@ -335,12 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recorded {len(recipes)} distinct launches for sm_{arch} in {traced_s:.1f} s", flush=True)
     for e in errors:
         print(f"  could not record {e}")
-    results = warm(recipes, args.workers, args.arch, args.timeout)
-    print(summary(recipes, results, time.perf_counter() - t0 - traced_s, max(1, min(args.workers, len(recipes)))))
+    results, problems = warm(recipes, args.workers, arch, launchers=on_gpu, timeout_s=args.timeout)
+    print(summary(recipes, results, problems, time.perf_counter() - t0 - traced_s,
+                  max(1, min(args.workers, len(recipes)))))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"arch": arch, "results": results, "record_errors": errors}, f, indent=1)
-    failed = errors or any(not r["ok"] for r in results) or len(results) < len(recipes)
+            json.dump({"arch": arch, "results": results, "record_errors": errors, "worker_problems": problems},
+                      f, indent=1)
+    failed = errors or problems or any(not r["ok"] for r in results) or len(results) < len(recipes)
     return 1 if failed else 0
 
 

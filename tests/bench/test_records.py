@@ -77,3 +77,36 @@ def test_table_and_footnotes():
     assert records.status_cell(rs[3], numbers) == "skipped [1]"
     text = records.table(["a", "b"], [["x", 1.5], ["yy", None]])
     assert text.splitlines()[0].startswith("a ") and "1.5" in text and "-" in text.splitlines()[3]
+
+
+def test_a_run_stopped_by_sigterm_keeps_its_last_records(tmp_path):
+    """`timeout` stops a part with SIGTERM: the bench command turns it into SystemExit, and the records not yet
+    written (the Recorder writes at most every 2 s) reach the file on the way out."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from fastmae.bench import cli, records
+
+        def bench(args):
+            rec = records.Recorder({str(tmp_path)!r}, {{"device": "d"}}, interval_s=3600.0)
+            for i in range(3):
+                rec.add({{"kind": "op", "op": "o", "case": f"c{{i}}", "backend": "b", "mode": "fwd"}})
+            print("ready", flush=True)
+            time.sleep(60)
+
+        class Args:
+            bench_run = staticmethod(bench)
+
+        cli.run(Args())
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert len(records.read_results(str(tmp_path))) == 1  # the first record only, within the interval
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert [r["case"] for r in records.read_results(str(tmp_path))] == ["c0", "c1", "c2"]

@@ -93,3 +93,25 @@ def test_workers_report_kernel_errors_and_their_own_timeouts():
     assert len(problems) == 1 and "worker 0 timed out" in problems[0] and "of its kernels done" in problems[0]
     text = warm.summary([bogus, bogus], results, problems, 1.0, 1)
     assert text.startswith(f"{len(results)} of 2 distinct launches") and "timed out" in text
+
+
+@pytest.mark.slow
+def test_every_benchmark_workload_records(tmp_path):
+    """The GPU suite's warm-up records every workload of `bench_workloads()` (bench ops and attention at their
+    CUDA defaults, the encoder at every ratio, the training step) without an error, on the CPU (about 20 s)."""
+    script = tmp_path / "collect.py"
+    script.write_text(textwrap.dedent("""
+        from fastmae.bench import warm
+
+        recipes, errors = warm.collect(warm.bench_workloads(), 90)
+        assert not errors, errors
+        kernels = {r["kernel"] for r in recipes}
+        print(len(recipes), sorted(kernels))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    count, kernels = proc.stdout.split(" ", 1)
+    assert int(count) >= 50
+    for name in ("_attn_fwd_short", "_attn_bwd_dkdv", "_gather_patches_kernel", "_unshuffle_fwd_kernel",
+                 "_masked_mse_fwd_kernel"):
+        assert name in kernels, (name, kernels)

@@ -1,17 +1,17 @@
 """Compile the Triton kernels a GPU benchmark run will launch, before it, in parallel, into Triton's cache.
 
 Triton compiles each new kernel specialisation on its first launch, in the launching process, one at a time:
-about half a second each on this project's kernels. The benchmark parts of `benchmarks/gpu_suite.sh` meet some
-sixty distinct ones (attention at MAE's and the long shapes on both paths, the token and loss ops at the widths
+0.1 to 0.7 s each on this project's kernels. The benchmark parts of `benchmarks/gpu_suite.sh` meet some
+seventy distinct ones (attention at MAE's and the long shapes on both paths, the token and loss ops at the widths
 of ViT-B/L/H, the encoder at five mask ratios), so each part would spend a good share of its time limit
 compiling, one kernel after another, while the GPU waits.
 
 `python -m fastmae.bench.warm` records the launches of those workloads on the CPU without running anything
 (`fastmae.kernels.compile_check.record_launches`, settings chosen for the GPU's compute capability), keeps one
 launch per distinct specialisation, and compiles each one through Triton's own launch path
-(`JITFunction.warmup`: the specialisation and cache key of the launch itself) in worker processes. The
-benchmarks then load them from Triton's on-disk cache. The GPU suite runs it beside the test suite, which uses
-the GPU little and the CPU much.
+(`JITFunction.run(..., warmup=True)`: the specialisation and cache key of the launch itself) in worker
+processes. The benchmarks then load them from Triton's on-disk cache. The GPU suite runs it beside the test
+suite, which uses the GPU little and the CPU much.
 
 Batch sizes: the workloads run at batch 16 (the long attention cases at their own shapes). Triton specialises
 integers by divisibility by 16 and equality to 1, so every batch that is a multiple of 16 (the benchmarks use 64

@@ -29,33 +29,50 @@ def test_tensor_arguments_are_described_by_dtype_and_alignment():
         warm._encode(object())
 
 
-def test_recipes_specialise_as_the_recorded_launches(tmp_path):
-    """Every distinct launch of a tiny model's training step, rebuilt from its recipe (pointers as stand-ins),
-    gets the specialisation Triton gives the launch itself on sm_90: the same kernel, argument types, constants,
-    multiples of 16, unit integers and alignments; so the warm-up compiles what the run will look up."""
-    script = tmp_path / "check.py"
+def test_recipes_compile_under_the_cache_keys_of_the_launches(tmp_path):
+    """Every launch of a tiny model's training step and of a ViT-B bf16 one goes through Triton's own launch path
+    (the stand-in driver names sm_90; the compile itself is replaced by a probe), once as recorded and once
+    rebuilt from its recipe with stand-in pointers, as the warm-up runs it: Triton computes the same cache key
+    for both, so the launches of a benchmark find what the warm-up compiled."""
+    script = tmp_path / "keys.py"
     script.write_text(textwrap.dedent("""
-        import importlib
+        import json
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+        from triton.compiler.compiler import get_cache_key
+        from triton._C.libtriton import get_cache_invalidating_env_vars
         from fastmae.bench import warm
         from fastmae.kernels import compile_check as cc
 
-        recipes, errors = warm.collect(warm.quick_workloads(), 90)
-        assert not errors, errors
-        with cc.record_launches((9, 0)) as calls:
-            warm.quick_workloads()[0][1]()
-        launched = {cc.spec_key(cc.launch_spec(c, 90)) for c in calls}
-        rebuilt = set()
-        for r in recipes:
-            fn = getattr(importlib.import_module(r["module"]), r["kernel"])
-            launch = cc.Launch(fn, tuple(warm._decode(a) for a in r["args"]),
-                               {k: warm._decode(v) for k, v in r["kwargs"].items()})
-            rebuilt.add(cc.spec_key(cc.launch_spec(launch, 90)))
-        assert rebuilt == launched and len(recipes) == len(launched) >= 10, (len(recipes), len(launched))
-        print("recipes", len(recipes))
+        workloads = warm.quick_workloads() + [(w.label, w.run) for w in [cc.Workload("mae_vit_base_patch16", "bf16")]]
+        calls = []
+        for label, run in workloads:
+            with cc.record_launches((9, 0)) as rec:
+                run()
+            calls += rec
+        driver.set_active(warm._TargetDriver(90))
+        env, keys = get_cache_invalidating_env_vars(), []
+
+        def probe(self, key, signature, device, constexprs, options, attrs, warmup):
+            backend = self.device_caches[device][3]
+            keys.append(get_cache_key(self.ASTSource(self, signature, constexprs, attrs), backend, options, env))
+
+        JITFunction._do_compile = probe
+        roundtrip = lambda v: warm._decode(json.loads(json.dumps(warm._encode(v))))
+        distinct = set()
+        for c in calls:
+            keys.clear()
+            c.fn.run(*c.args, grid=c.grid, warmup=False, **c.kwargs)
+            c.fn.run(*map(roundtrip, c.args), grid=(1,), warmup=True, **{k: roundtrip(v) for k, v in c.kwargs.items()})
+            assert len(keys) == 2 and keys[0] == keys[1], cc.launch_spec(c, 90).name
+            distinct.add(keys[0])
+        recipes, errors = warm.collect(workloads, 90)
+        assert not errors and len(recipes) == len(distinct), (len(recipes), len(distinct))
+        print("launches", len(calls), "kernels", len(distinct))
     """))
     proc = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "recipes" in proc.stdout
+    assert "launches" in proc.stdout
 
 
 def test_bench_workloads_cover_every_benchmark_part():

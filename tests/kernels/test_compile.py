@@ -296,3 +296,49 @@ def test_traced_launches_report_their_grid():
     # the ViT-B encoder's attention forward at batch 16: one program per 64-row block of each of 16 x 12 heads
     fwd = [r for r in reports if r.arch == 90 and _kernel(r) == "attn_fwd_short" and "D_PAD=64" in r.name]
     assert fwd and all(r.programs == 16 * 12 for r in fwd), [(r.name, r.programs) for r in fwd]
+
+
+def test_traced_specs_are_the_sources_tritons_launch_path_compiles(tmp_path):
+    """For every launch of a traced ViT-B bf16 training step, the source the compile check builds from the
+    launch (`launch_spec` + `_make_source`) is the one Triton's own launch path builds on sm_90 (a stand-in
+    driver names the target; the compile is replaced by a probe): the same argument types, constants,
+    attributes (alignment, divisibility) and options. Triton's launch path also lists the arguments without
+    attributes, with an empty list, which changes its cache key but nothing compiled."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "sources.py"
+    script.write_text(textwrap.dedent("""
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+        from fastmae.bench.warm import _TargetDriver
+        from fastmae.kernels import compile_check as cc
+
+        with cc.record_launches((9, 0)) as calls:
+            cc.Workload("mae_vit_base_patch16", "bf16").run()
+        driver.set_active(_TargetDriver(90))
+        seen = {}
+
+        def probe(self, key, signature, device, constexprs, options, attrs, warmup):
+            seen.update(src=self.ASTSource(self, signature, constexprs, attrs), options=options,
+                        backend=self.device_caches[device][3])
+
+        JITFunction._do_compile = probe
+        for c in calls:
+            c.fn.run(*c.args, grid=c.grid, warmup=False, **c.kwargs)
+            spec = cc.launch_spec(c, 90)
+            src = cc._make_source(cc._jit_function(spec.fn), dict(spec.signature), dict(spec.constexprs),
+                                  cc._divisible_names(spec, False), spec.unaligned)
+            real = seen["src"]
+            assert src.signature == real.signature, (spec.name, src.signature, real.signature)
+            assert src.constants == real.constants, (spec.name, src.constants, real.constants)
+            assert src.attrs == {k: v for k, v in real.attrs.items() if v}, (spec.name, src.attrs, real.attrs)
+            ours = seen["backend"].parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            assert ours.hash() == seen["options"].hash(), (spec.name, ours, seen["options"])
+        print("launches", len(calls))
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "launches" in proc.stdout

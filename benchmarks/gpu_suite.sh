@@ -211,8 +211,6 @@ if [ "$SLUG" = unknown-device ]; then
         skip "$p" "fastmae could not be installed"
     done
 else
-    # The test suite in parallel shards (a cold run mostly compiles Triton kernels, one at a time per process),
-    # the CUDA cases first; one verbose log per shard in logs/, so a timeout still shows what passed.
     # Triton compiles each kernel specialisation on its first launch, one at a time: the benchmarks' ones are
     # compiled first, in parallel, into Triton's cache (fastmae.bench.warm), beside the test suite on the GPU
     WARM=(env -u TRITON_INTERPRET "$PY" -m fastmae.bench.warm)
@@ -222,6 +220,8 @@ else
     *) skip warm "the CPU runs Triton kernels only under its interpreter: nothing to compile" ;;
     esac
 
+    # The test suite in parallel shards (a cold run mostly compiles Triton kernels, one at a time per process),
+    # the CUDA cases first; one verbose log per shard in logs/, so a timeout still shows what passed.
     TESTS=("$PY" -m fastmae.bench.suite tests --logs "$RUN_DIR/logs" --first cuda --first gpu --)
     if ! "$PY" -c "import pytest" 2>/dev/null; then
         skip gpu-tests "pytest is not installed (carry its wheel in .whl/)"

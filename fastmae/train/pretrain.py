@@ -2,8 +2,8 @@
 
 The flags of the official `main_pretrain.py` keep their names and defaults, so an official command works
 after replacing `python main_pretrain.py` with `fastmae pretrain` (under torchrun the same way). Added:
-`--backend`, `--precision`, `--compile`, `--max_steps`, `--save_every`, `--builtin_size`, `--verify_images`,
-`--allow-pickle`, `--no_progress`, and `--data_path builtin` (the default), the built-in labelled dataset
+`--backend`, `--precision`, `--adamw`, `--compile`, `--lean_blocks`, `--max_steps`, `--save_every`,
+`--builtin_size`, `--verify_images`, `--allow-pickle`, `--no_progress`, and `--data_path builtin` (the default), the built-in labelled dataset
 that needs no download.
 
 Differences from the official script, on purpose:
@@ -14,7 +14,9 @@ Differences from the official script, on purpose:
     support it (fp16 with a gradient scaler on older GPUs) and fp32 on CPUs;
   * the model is built for `--input_size` (official factories always build 224);
   * `checkpoint-last.pth` is written every epoch (atomically) besides `checkpoint-{epoch}.pth` every
-    `--save_every` epochs and at the end; `--resume auto` picks it up.
+    `--save_every` epochs and at the end; `--resume auto` picks it up;
+  * AdamW runs torch's fused kernel where it has one (`--adamw auto`; `--adamw default` constructs it as the
+    official script does): the same update up to rounding, one pass over the parameters instead of several.
 """
 from __future__ import annotations
 

@@ -77,14 +77,22 @@ skip() {  # name reason
     record "$1" skipped "" 0 "$2" ""
 }
 
-run_part() {  # name timeout_s command...
-    local name=$1 limit=$2; shift 2
+part_limit() {  # name timeout_s: LIMIT = the timeout cut to what is left of the suite's budget; with too little
+    # left the part is recorded as skipped and the status is 1
     local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
     if [ "$left" -lt 15 ]; then
-        skip "$name" "out of the suite's time budget (${BUDGET}s)"
-        return
+        skip "$1" "out of the suite's time budget (${BUDGET}s)"
+        return 1
     fi
-    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    LIMIT=$2
+    if [ "$LIMIT" -gt "$left" ]; then LIMIT=$left; fi
+}
+
+run_part() {  # name timeout_s command...
+    local name=$1
+    part_limit "$1" "$2" || return
+    local limit=$LIMIT
+    shift 2
     local logdir=${RUN_DIR:+$RUN_DIR/logs}
     logdir=${logdir:-$LOG_TMP}
     mkdir -p "$logdir"
@@ -109,13 +117,10 @@ finish_part() {  # name rc seconds logfile note-when-ok command
 
 BG_PID=""
 bg_start() {  # name timeout_s command...: a part that runs beside the next ones; bg_wait records it
-    local name=$1 limit=$2; shift 2
-    local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
-    if [ "$left" -lt 15 ]; then
-        skip "$name" "out of the suite's time budget (${BUDGET}s)"
-        return
-    fi
-    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    local name=$1
+    part_limit "$1" "$2" || return
+    local limit=$LIMIT
+    shift 2
     log "$name: starting in the background (timeout ${limit}s): $*"
     BG_NAME=$name BG_CMD="$*" BG_T0=$(date +%s) BG_LOG="$RUN_DIR/logs/$name.log"
     timeout --kill-after=10 "$limit" "$@" > "$BG_LOG" 2>&1 &

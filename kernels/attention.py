@@ -69,8 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (CompileSpec, cdiv, check_device, custom_op, interpreter_enabled, next_power_of_2, qkv_head_dim,
-                    recording_capability, split_qkv)
+from .utils import (CompileSpec, cdiv, check_device, custom_op, interpreter_enabled, launches_on_device_of_first_arg,
+                    next_power_of_2, qkv_head_dim, recording_capability, split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -664,13 +664,6 @@ def _check_dtype_head_dim(dtype: torch.dtype, head_dim: int) -> None:
         raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {head_dim}")
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device); nothing to do where it is current."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _upcast(dtype: torch.dtype) -> bool:
     """bf16 tiles go through fp32 under the interpreter, which holds bf16 as raw integers."""
     return dtype is torch.bfloat16 and interpreter_enabled()
@@ -683,6 +676,7 @@ def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
 
 
+@launches_on_device_of_first_arg
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                       path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: [B, H, N, D] (any strides) -> (out [B, H, N, D] in q's dtype, a view of a [B, N, H, D] buffer,
@@ -699,14 +693,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return out, lse.fill_(float("-inf"))
     kernel = "fwd_" + forward_path(N, D, q.dtype, path)
     cfg = launch_settings(kernel, N, D, q.dtype, _device_capability(q.device))
-    with _on_device(q):
-        KERNELS[kernel][(cdiv(N, cfg.block_m) * B * H,)](
-            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    KERNELS[kernel][(cdiv(N, cfg.block_m) * B * H,)](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
+@launches_on_device_of_first_arg
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, scale: float | None = None, path: str = "auto",
                        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -737,8 +731,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                              f"{q.device}")
     if dq.numel() == 0:
         return dq, dk, dv
-    with _on_device(q):
-        _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale, path)
+    _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale, path)
     return dq, dk, dv
 
 

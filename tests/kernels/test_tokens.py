@@ -238,9 +238,9 @@ def test_gather_tokens_cls_grad_is_deterministic(device):
 
 
 def test_launchers_run_on_the_gpu_of_their_tensors(monkeypatch):
-    """Triton launches on the current device: every token and loss launcher makes its first tensor's GPU current
-    for the launch when another one is (a fake two-GPU machine; the wrapper is what is tested), and leaves the
-    device alone when it is already current or the tensor is on the CPU."""
+    """Triton launches on the current device: every attention, token and loss launcher makes its first
+    tensor's GPU current for the launch when another one is (a fake two-GPU machine; the wrapper is what is
+    tested), and leaves the device alone when it is already current or the tensor is on the CPU."""
     from fastmae.kernels import loss as loss_mod
     from fastmae.kernels.utils import launches_on_device_of_first_arg
 
@@ -273,7 +273,10 @@ def test_launchers_run_on_the_gpu_of_their_tensors(monkeypatch):
     assert launcher(FakeCudaTensor(1)) == 1 and entered == [1] and current[0] == 0
     assert launcher(FakeCudaTensor(0)) == 0 and entered == [1]  # already current: no switch
     assert launcher(torch.zeros(1)) == 0 and entered == [1]
+    from fastmae.kernels import attention as attention_mod
+
     for fn in (tokens.gather_patches_forward, tokens.gather_tokens_forward, tokens.gather_tokens_backward,
                tokens.unshuffle_tokens_forward, tokens.unshuffle_tokens_backward,
-               loss_mod.masked_mse_loss_forward, loss_mod.masked_mse_loss_backward):
+               loss_mod.masked_mse_loss_forward, loss_mod.masked_mse_loss_backward,
+               attention_mod.attention_forward, attention_mod.attention_backward):
         assert fn.__code__ is launcher.__code__, fn.__name__  # wrapped by the same guard

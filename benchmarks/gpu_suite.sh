@@ -10,7 +10,9 @@
 # priority, bench-attention, encoder-vit-b/l, train-vit-b/l, tune (in the time left).
 # Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable
 # pip install; if pip cannot, this checkout on PYTHONPATH with fastmae/kernels linked to kernels/ for the run),
-# installs any wheels carried in .whl/ (xformers, pytest, ...), then runs each part under its own timeout. A failing part does
+# installs any wheels carried in .whl/ (xformers, pytest, ...) into a folder of the run's own on PYTHONPATH (the
+# environment itself may not be writable; the folder goes when the script ends), then runs each part under its
+# own timeout. A failing part does
 # not stop the others. Everything goes to benchmarks/results/<device>/<date>/ (results.json, results.csv, plots,
 # priority.json, logs/, summary.md); summary.md lists every part as ok / failed (exit code) / skipped (reason)
 # with its time. If the environment variable OUT is set, summary.md, results.json and a tarball of the run folder
@@ -18,7 +20,9 @@
 # still leaves what it measured there.
 #
 # Environment: PYTHON (default: .venv/bin/python if `make` built it, else python3),
-# FASTMAE_RESULTS_ROOT (default benchmarks/results),
+# FASTMAE_RESULTS_ROOT (default benchmarks/results), FASTMAE_SUITE_WHEELS (the folder of wheels to install:
+# .whl on the GPU, none in the CPU modes unless set), FASTMAE_COMMIT (the commit the records name when the
+# checkout travelled without its .git folder),
 # FASTMAE_SUITE_BUDGET_S (the whole run's time budget: 530 s on the GPU, under 9 minutes with set-up and summary).
 set -u -o pipefail
 
@@ -128,6 +132,8 @@ bg_start() {  # name timeout_s command...: a part that runs beside the next ones
 }
 # stopped from outside: stop the background part too (timeout passes the signal on to its command)
 trap 'if [ -n "$BG_PID" ]; then kill -TERM "$BG_PID" 2>/dev/null; fi; exit 143' TERM INT
+CLEANUP=()  # paths the run made outside its results (the wheels' folder, the kernels link): gone at the end
+trap 'if [ ${#CLEANUP[@]} -gt 0 ]; then rm -rf "${CLEANUP[@]}"; fi' EXIT
 
 bg_wait() {  # note-pattern: the log line quoted in the summary when the part succeeds
     if [ -z "$BG_PID" ]; then return; fi
@@ -139,12 +145,17 @@ bg_wait() {  # note-pattern: the log line quoted in the summary when the part su
 }
 
 # ---------------------------------------------------------------------------------------------- set-up
-if [ "$MODE" != gpu ]; then
-    skip wheels "$MODE mode installs nothing"
-elif ls .whl/*.whl >/dev/null 2>&1; then
-    run_part wheels 120 "$PY" -m pip install --no-deps --no-index .whl/*.whl
+WHEELS=${FASTMAE_SUITE_WHEELS:-}
+if [ -z "$WHEELS" ] && [ "$MODE" = gpu ]; then WHEELS=.whl; fi
+if [ -z "$WHEELS" ]; then
+    skip wheels "$MODE mode installs nothing (FASTMAE_SUITE_WHEELS names a folder of wheels to install)"
+elif ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    SITE=$(mktemp -d)
+    CLEANUP+=("$SITE")
+    run_part wheels 120 "$PY" -m pip install --no-deps --no-index --no-compile --target "$SITE" "$WHEELS"/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-    skip wheels "no .whl/ folder with carried wheels"
+    skip wheels "no wheels in $WHEELS/ to install"
 fi
 
 # one interpreter start checks torch, fastmae and fastmae.kernels and the device, and names the device's folder
@@ -168,7 +179,7 @@ else
         # the run (every part runs here, where `python -m` and pytest put this folder first on the path, so a
         # copy elsewhere on PYTHONPATH would lose to ./fastmae); the link goes when the script ends
         if [ ! -e fastmae/kernels ] && ln -s ../kernels fastmae/kernels; then
-            trap 'rm -f "$REPO/fastmae/kernels"' EXIT
+            CLEANUP+=("$REPO/fastmae/kernels")  # the link only (rm does not follow it)
         fi
         export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
         if SLUG=$(slug); then

@@ -44,18 +44,24 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
+COMMIT_ENV = "FASTMAE_COMMIT"
+
+
 def git_commit(repo: str = REPO_ROOT) -> str:
-    """The checked-out commit (with "+dirty" when tracked files are modified), or "unknown"."""
+    """The checked-out commit (with "+dirty" when tracked files are modified). Where git cannot tell (a copy of the
+    checkout without its .git folder, no git installed), the commit named by the environment variable
+    FASTMAE_COMMIT, marked as stated rather than read; else "unknown"."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        commit = head.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10)
-        return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                   capture_output=True, text=True, timeout=10)
+            return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    stated = os.environ.get(COMMIT_ENV, "").strip()
+    return f"{stated} (from {COMMIT_ENV})" if stated else "unknown"
 
 
 def cpu_name() -> str:

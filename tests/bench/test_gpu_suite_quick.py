@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,29 @@ SCRIPT = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
 @pytest.mark.skipif(os.environ.get("FASTMAE_SUITE_RUNNING") == "1", reason="already inside gpu_suite.sh")
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils' timeout")
+def _probe_wheel(folder) -> str:
+    """A minimal pure-Python wheel (one module), as a carried wheel would be; returns its module name."""
+    import zipfile
+
+    name, version = "fastmae_suite_probe", "0.0.1"
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": "VALUE = 1\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{dist}/RECORD,,\n"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return name
+
+
 def test_cpu_quick_suite(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FASTMAE_SUITE_CPU_QUICK"}
     env.update(PYTHON=sys.executable, FASTMAE_RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"))
+    # carried wheels: installed into a folder of the run's own (not this environment), removed at the end
+    probe = _probe_wheel(tmp_path / "wheels")
+    env["FASTMAE_SUITE_WHEELS"] = str(tmp_path / "wheels")
     proc = subprocess.run(["bash", SCRIPT, "--cpu-quick"], cwd=str(tmp_path), env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,7 +51,11 @@ def test_cpu_quick_suite(tmp_path):
     (date,) = os.listdir(tmp_path / "results" / slug)
     run = tmp_path / "results" / slug / date
     parts = {p["name"]: p for p in read_parts(str(run / "parts.tsv"))}
-    expected = {"wheels": "skipped", "install": "skipped", "warm": "ok", "gpu-tests": "ok", "bench-ops": "ok",
+    assert "Successfully installed fastmae-suite-probe-0.0.1" in (run / "logs" / "wheels.log").read_text()
+    target = re.search(r"wheels: starting .* --target (\S+)", proc.stdout).group(1)
+    assert not os.path.exists(target)  # the wheels' folder went with the run
+    assert subprocess.run([sys.executable, "-c", f"import {probe}"], capture_output=True).returncode != 0
+    expected = {"wheels": "ok", "install": "skipped", "warm": "ok", "gpu-tests": "ok", "bench-ops": "ok",
                 "priority": "ok", "bench-attention": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
                 "train-vit-l": "skipped", "tune": "skipped" if interpreter_problem() else "ok"}
     assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout[-3000:]

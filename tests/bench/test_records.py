@@ -18,6 +18,17 @@ def test_environment_stamp_has_every_field():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", env["date"])
 
 
+def test_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
+    """A copy of the checkout without its .git folder (as a GPU machine may get it): the commit the caller states
+    in FASTMAE_COMMIT, marked as stated; "unknown" without it. Inside a checkout git's answer wins."""
+    monkeypatch.delenv(records.COMMIT_ENV, raising=False)
+    assert records.git_commit(str(tmp_path)) == "unknown"
+    monkeypatch.setenv(records.COMMIT_ENV, "0123abcd" * 5)
+    assert records.git_commit(str(tmp_path)) == "0123abcd" * 5 + " (from FASTMAE_COMMIT)"
+    read = records.git_commit()
+    assert read == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", read)
+
+
 def test_slugs_are_folder_names():
     assert records.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert records.slugify("Intel(R) Xeon(R) Platinum 8480+") == "intel-xeon-platinum-8480"

@@ -145,6 +145,15 @@ bg_wait() {  # note-pattern: the log line quoted in the summary when the part su
 }
 
 # ---------------------------------------------------------------------------------------------- set-up
+# Triton compiles into ~/.triton/cache; where that cannot be written (no home folder for this user), into a
+# folder of the run's own, which every part shares (the warm-up fills it for the benchmarks)
+if [ -z "${TRITON_CACHE_DIR:-}" ] && ! { mkdir -p "${HOME:-/nonexistent}/.triton/cache" 2>/dev/null \
+        && [ -w "$HOME/.triton/cache" ]; }; then
+    TRITON_CACHE_DIR=$(mktemp -d)
+    export TRITON_CACHE_DIR
+    CLEANUP+=("$TRITON_CACHE_DIR")
+    log "Triton's cache: $TRITON_CACHE_DIR (~/.triton/cache cannot be written)"
+fi
 WHEELS=${FASTMAE_SUITE_WHEELS:-}
 if [ -z "$WHEELS" ] && [ "$MODE" = gpu ]; then WHEELS=.whl; fi
 if [ -z "$WHEELS" ]; then

@@ -8,16 +8,15 @@
 #
 # Parts: warm (the benchmarks' Triton kernels compiled in parallel, beside the tests), gpu-tests, bench-ops,
 # priority, bench-attention, encoder-vit-b/l, train-vit-b/l, tune (in the time left).
-# Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable
-# pip install; if pip cannot, this checkout on PYTHONPATH with fastmae/kernels linked to kernels/ for the run),
+# Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable pip
+# install; if pip cannot, this checkout on PYTHONPATH with fastmae/kernels linked to kernels/ for the run),
 # installs any wheels carried in .whl/ (xformers, pytest, ...) into a folder of the run's own on PYTHONPATH (the
-# environment itself may not be writable; the folder goes when the script ends), then runs each part under its
-# own timeout. A failing part does
-# not stop the others. Everything goes to benchmarks/results/<device>/<date>/ (results.json, results.csv, plots,
-# priority.json, logs/, summary.md); summary.md lists every part as ok / failed (exit code) / skipped (reason)
-# with its time. If the environment variable OUT is set, summary.md, results.json and a tarball of the run folder
-# are also copied there (flat, three files), and refreshed after every part, so a run stopped from outside
-# still leaves what it measured there.
+# environment itself may not be writable; the folder goes when the script ends), then runs each part under its own
+# timeout. A failing part does not stop the others. Everything goes to benchmarks/results/<device>/<date>/
+# (results.json, results.csv, plots, priority.json, logs/, summary.md); summary.md lists every part as ok / failed
+# (exit code) / skipped (reason) with its time. If the environment variable OUT is set, summary.md, results.json
+# and a tarball of the run folder are also copied there (flat, three files), and refreshed after every part, so a
+# run stopped from outside still leaves what it measured there.
 #
 # Environment: PYTHON (default: .venv/bin/python if `make` built it, else python3),
 # FASTMAE_RESULTS_ROOT (default benchmarks/results), FASTMAE_SUITE_WHEELS (the folder of wheels to install:

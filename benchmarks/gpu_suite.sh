@@ -100,9 +100,11 @@ run_part() {  # name timeout_s command...
     logdir=${logdir:-$LOG_TMP}
     mkdir -p "$logdir"
     log "$name: starting (timeout ${limit}s): $*"
-    local t0=$(date +%s) rc
-    timeout --kill-after=10 "$limit" "$@" > "$logdir/$name.log" 2>&1
-    rc=$?
+    local t0=$(date +%s) rc=0
+    start_part "$limit" "$logdir/$name.log" "$@"
+    FG_PID=$PART_PID
+    wait "$FG_PID" || rc=$?
+    FG_PID=""
     finish_part "$name" "$rc" "$(( $(date +%s) - t0 ))" "$logdir/$name.log" "" "$*"
 }
 
@@ -118,7 +120,17 @@ finish_part() {  # name rc seconds logfile note-when-ok command
     tail -n 25 "$logfile" | sed 's/^/    /'
 }
 
-BG_PID=""
+# A part runs under timeout in the background and the script waits for it: a TERM or INT to the script then
+# runs its trap at once (bash defers traps until a foreground command ends, and timeout's own process group does
+# not get a terminal's Ctrl-C). PART_PID is timeout's pid: a TERM to it reaches the whole part.
+FG_PID="" BG_PID=""
+start_part() {  # timeout_s logfile command...
+    local limit=$1 logfile=$2
+    shift 2
+    timeout --kill-after=10 "$limit" "$@" > "$logfile" 2>&1 &
+    PART_PID=$!
+}
+
 bg_start() {  # name timeout_s command...: a part that runs beside the next ones; bg_wait records it
     local name=$1
     part_limit "$1" "$2" || return
@@ -126,11 +138,11 @@ bg_start() {  # name timeout_s command...: a part that runs beside the next ones
     shift 2
     log "$name: starting in the background (timeout ${limit}s): $*"
     BG_NAME=$name BG_CMD="$*" BG_T0=$(date +%s) BG_LOG="$RUN_DIR/logs/$name.log"
-    timeout --kill-after=10 "$limit" "$@" > "$BG_LOG" 2>&1 &
-    BG_PID=$!  # timeout's own: a TERM to it reaches the whole part (see the trap below)
+    start_part "$limit" "$BG_LOG" "$@"
+    BG_PID=$PART_PID
 }
-# stopped from outside: stop the background part too (timeout passes the signal on to its command)
-trap 'if [ -n "$BG_PID" ]; then kill -TERM "$BG_PID" 2>/dev/null; fi; exit 143' TERM INT
+# stopped from outside: stop the running parts too (timeout passes the signal on to its command)
+trap 'for p in $FG_PID $BG_PID; do kill -TERM "$p" 2>/dev/null; done; exit 143' TERM INT
 CLEANUP=()  # paths the run made outside its results (the wheels' folder, the kernels link): gone at the end
 trap 'if [ ${#CLEANUP[@]} -gt 0 ]; then rm -rf "${CLEANUP[@]}"; fi' EXIT
 
@@ -146,8 +158,9 @@ bg_wait() {  # note-pattern: the log line quoted in the summary when the part su
 # ---------------------------------------------------------------------------------------------- set-up
 # Triton compiles into ~/.triton/cache; where that cannot be written (no home folder for this user), into a
 # folder of the run's own, which every part shares (the warm-up fills it for the benchmarks)
-if [ -z "${TRITON_CACHE_DIR:-}" ] && ! { mkdir -p "${HOME:-/nonexistent}/.triton/cache" 2>/dev/null \
-        && [ -w "$HOME/.triton/cache" ]; }; then
+HOME_CACHE=${HOME:+$HOME/.triton/cache}
+if [ -z "${TRITON_CACHE_DIR:-}" ] && ! { [ -n "$HOME_CACHE" ] && mkdir -p "$HOME_CACHE" 2>/dev/null \
+        && [ -w "$HOME_CACHE" ]; }; then
     TRITON_CACHE_DIR=$(mktemp -d)
     export TRITON_CACHE_DIR
     CLEANUP+=("$TRITON_CACHE_DIR")

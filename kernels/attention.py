@@ -69,8 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (CompileSpec, cdiv, check_device, custom_op, interpreter_enabled, launches_on_device_of_first_arg,
-                    next_power_of_2, qkv_head_dim, recording_capability, split_qkv)
+from .utils import (CompileSpec, cdiv, check_device, custom_op, interpreter_enabled, launch_capability,
+                    launches_on_device_of, next_power_of_2, qkv_head_dim, split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -422,15 +422,6 @@ def _check_path(path: str) -> None:
         raise ValueError(f"attention path must be one of {', '.join(PATHS)}, got {path!r}")
 
 
-def _device_capability(device: torch.device) -> tuple[int, int]:
-    """The CUDA compute capability the settings are chosen for; on CPU tensors the one launches are recorded for
-    (`compile_check.record_launches`), else (9, 0) (the interpreter: the CPU tests run the short backward at the
-    largest tiles any GPU gets)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
-    return recording_capability() or (9, 0)
-
-
 def _short_forward_fits(n_pad: int, d_pad: int, dtype: torch.dtype) -> bool:
     # fp32 tiles take twice the shared memory and their 3xTF32 products twice the registers
     return n_pad <= (128 if dtype == torch.float32 else SHORT_MAX_N)
@@ -676,7 +667,7 @@ def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("q")
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                       path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: [B, H, N, D] (any strides) -> (out [B, H, N, D] in q's dtype, a view of a [B, N, H, D] buffer,
@@ -692,7 +683,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     kernel = "fwd_" + forward_path(N, D, q.dtype, path)
-    cfg = launch_settings(kernel, N, D, q.dtype, _device_capability(q.device))
+    cfg = launch_settings(kernel, N, D, q.dtype, launch_capability(q.device))
     KERNELS[kernel][(cdiv(N, cfg.block_m) * B * H,)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
@@ -700,7 +691,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out, lse
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("q")
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, scale: float | None = None, path: str = "auto",
                        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -739,7 +730,7 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
     B, H, N, D = q.shape
     meta = dict(D_PAD=_pad(D), UPCAST=_upcast(q.dtype))
     strides_qkv = (*q.stride(), *k.stride(), *v.stride())
-    cap = _device_capability(q.device)
+    cap = launch_capability(q.device)
     if backward_path(N, D, q.dtype, path, cap) == "short":
         cfg = launch_settings("bwd_short", N, D, q.dtype, cap)
         _attn_bwd_short[(B * H,)](

@@ -429,7 +429,7 @@ def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False)
 
         fn = _jit_function(spec.fn)
         src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), _divisible_names(spec, aligned_ints),
-                           getattr(spec, "unaligned", ()))
+                           spec.unaligned)
         options = {"num_warps": report.num_warps, "num_stages": report.num_stages}
         start = time.perf_counter()
         # Triton prints the whole PTX to stdout when ptxas fails; the exception keeps what matters.
@@ -495,7 +495,7 @@ def _spec_to_job(spec) -> dict:
                 constexprs={k: _encode_value(v) for k, v in spec.constexprs.items()},
                 num_warps=int(spec.num_warps), num_stages=int(spec.num_stages),
                 divisible_by_16=list(getattr(spec, "divisible_by_16", ()) or ()),
-                unaligned=list(getattr(spec, "unaligned", ()) or ()))
+                unaligned=list(spec.unaligned or ()))
 
 
 def _spec_from_job(job: dict):

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .utils import (NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
-                    launches_on_device_of_first_arg, next_power_of_2)
+                    launches_on_device_of, next_power_of_2)
 
 FINALIZE_BLOCK = 1024
 
@@ -176,7 +176,7 @@ def _check(pred, imgs, mask, patch_size, pred_ids):
     return n, c, gw, p, rows, P
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("pred")
 def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
                             norm_pix: bool = False, pred_ids: torch.Tensor | None = None, write_grad: bool = False):
     """Returns (loss: 0-dim fp32, g: [N, rows, P] in pred's dtype or None, denom: [1] fp32, mask32: [N, L] fp32).
@@ -208,7 +208,7 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     return loss, g, denom, mask32
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("g")
 def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor,
                              mask32: torch.Tensor, has_ids: bool) -> torch.Tensor:
     """grad_pred = g * grad_output / denom, zeros at rows of weight 0 (g is not read there)."""
@@ -331,7 +331,7 @@ def compile_specs() -> list[CompileSpec]:
                             dict(zip(fwd_names, types)),
                             {"NORM_PIX": norm_pix, "HAS_IDS": has_ids, "WRITE_GRAD": write_grad,
                              "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p},
-                            num_warps=nw, num_stages=NUM_STAGES))
+                            num_warps=nw))
     for tp in ("fp32", "fp16", "bf16"):
         for block_r, block, nw in rowset:
             for has_mask in (False, True):
@@ -339,11 +339,11 @@ def compile_specs() -> list[CompileSpec]:
                     f"masked_mse_bwd[{tp},R{block_r},B{block},mask{int(has_mask)}]", _masked_mse_bwd_kernel,
                     dict(zip("g_ptr mask_ptr go_ptr denom_ptr out_ptr n_rows P".split(),
                              [f"*{tp}", "*fp32", "*fp32", "*fp32", f"*{tp}", "i32", "i32"])),
-                    {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK": block}, num_warps=nw, num_stages=NUM_STAGES))
+                    {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK": block}, num_warps=nw))
     for has_mask in (False, True):
         specs.append(CompileSpec(
             f"masked_mse_finalize[mask{int(has_mask)}]", _masked_mse_finalize_kernel,
             dict(zip("part_ptr mask_ptr loss_ptr denom_ptr n_rows fixed_denom".split(),
                      ["*fp32", "*fp32", "*fp32", "*fp32", "i32", "fp32"])),
-            {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=4, num_stages=NUM_STAGES))
+            {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=4))
     return specs

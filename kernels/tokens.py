@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .utils import (NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
-                    launches_on_device_of_first_arg, next_power_of_2)
+                    launches_on_device_of, next_power_of_2)
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
 TOKEN_MAX_BLOCK_D = 1024  # row-copy kernels: one program per (block of rows, block of D)
@@ -249,7 +249,7 @@ def _colsum(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("imgs")
 def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """imgs: [N, C, H, W] (any strides), ids_keep: [N, K] int64 -> [N, K, C*p*p] in (c, p, q) order."""
     check_device(imgs, ids_keep)
@@ -268,7 +268,7 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     return out
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("x")
 def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor,
                           cls_token: torch.Tensor | None, gathered: bool) -> torch.Tensor:
     """See `reference.gather_tokens`. x: [N, L, D] (or [N, K, D] if gathered) -> [N, K+1, D] / [N, K, D]."""
@@ -296,7 +296,7 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
     return out
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("grad_out")
 def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
                            has_cls: bool, cls_dtype: torch.dtype | None, gathered: bool,
                            need_x: bool = True, need_cls: bool = True):
@@ -332,7 +332,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
     return grad_x, grad_cls
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("x")
 def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                              pos_embed: torch.Tensor) -> torch.Tensor:
     """See `reference.unshuffle_tokens`. x: [N, K+1, Dd], ids_restore: [N, L] -> [N, L+1, Dd]."""
@@ -365,7 +365,7 @@ def _unshuffle_bwd_split(n: int, L: int, d: int) -> tuple[int, int, int]:
     return block_d, rows_per_prog, chunks
 
 
-@launches_on_device_of_first_arg
+@launches_on_device_of("grad_out")
 def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
                               mask_dtype: torch.dtype):
     """Returns (grad_x [N, K+1, Dd], grad_mask_token [1, 1, Dd]); deterministic, no atomics."""
@@ -601,7 +601,7 @@ def compile_specs() -> list[CompileSpec]:
                 f"gather_patches[{t},R{block_r},C{block_c},P{block_p}]", _gather_patches_kernel,
                 _sig("img_ptr ids_ptr out_ptr n_rows K C gw p stride_n stride_c stride_h stride_w",
                      [f"*{t}", "*i64", f"*{t}"] + ["i32"] * 9),
-                {"BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p}, num_warps=nw, num_stages=NUM_STAGES))
+                {"BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p}, num_warps=nw))
     for tx, tp, to in _TOKEN_DTYPES:
         for block_r, block_d, nw in row_settings:
             for has_cls in (0, 1):
@@ -613,25 +613,25 @@ def compile_specs() -> list[CompileSpec]:
                              "stride_on stride_ol", [f"*{tx}", "*i64", f"*{tp}", f"*{tp if has_cls else tx}", f"*{to}"]
                              + ["i32"] * 8),
                         {"HAS_CLS": has_cls, "GATHERED": gathered, "BLOCK_R": block_r, "BLOCK_D": block_d},
-                        num_warps=nw, num_stages=NUM_STAGES))
+                        num_warps=nw))
             for has_cls in (0, 1):
                 specs.append(CompileSpec(
                     f"gather_tokens_bwd[{to}->{tx},R{block_r},D{block_d},cls{has_cls}]", _gather_tokens_bwd_kernel,
                     _sig("go_ptr inv_ptr gx_ptr n_rows L D stride_gon stride_gol stride_gxn stride_gxl",
                          [f"*{to}", "*i32", f"*{tx}"] + ["i32"] * 7),
-                    {"HAS_CLS": has_cls, "BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw, num_stages=NUM_STAGES))
+                    {"HAS_CLS": has_cls, "BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw))
             specs.append(CompileSpec(
                 f"unshuffle_fwd[{tx},{tp},{to},R{block_r},D{block_d}]", _unshuffle_fwd_kernel,
                 _sig("x_ptr ids_ptr mtok_ptr pos_ptr out_ptr n_rows L K D stride_xn stride_xk stride_pos stride_on "
                      "stride_ol", [f"*{tx}", "*i64", f"*{tp}", f"*{tp}", f"*{to}"] + ["i32"] * 9),
-                {"BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw, num_stages=NUM_STAGES))
+                {"BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw))
         for block_d in sorted({min(next_power_of_2(d), BWD_MAX_BLOCK_D) for d in widths}):
             specs.append(CompileSpec(
                 f"unshuffle_bwd[{to}->{tx},D{block_d}]", _unshuffle_bwd_kernel,
                 _sig("go_ptr ids_ptr gx_ptr part_ptr L K D chunks rows_per_prog stride_gon stride_gol stride_gxn "
                      "stride_gxk", [f"*{to}", "*i64", f"*{tx}", "*fp32"] + ["i32"] * 9),
                 {"BLOCK_L": BWD_BLOCK_L, "BLOCK_D": block_d},
-                num_warps=_warps(BWD_BLOCK_L * block_d), num_stages=NUM_STAGES))
+                num_warps=_warps(BWD_BLOCK_L * block_d)))
     # column sums: fp32 partials -> mask token grad; grad_out[:, 0] -> cls grad
     colsum_blocks = sorted({min(next_power_of_2(d), COLSUM_MAX_BLOCK_D) for d in widths})
     colsum_types = sorted({("fp32", tp) for _, tp, _ in _TOKEN_DTYPES} | {(to, tp) for _, tp, to in _TOKEN_DTYPES})
@@ -640,5 +640,5 @@ def compile_specs() -> list[CompileSpec]:
             specs.append(CompileSpec(
                 f"colsum[{ts}->{to},D{block_d}]", _colsum_kernel,
                 _sig("src_ptr out_ptr R D stride_r", [f"*{ts}", f"*{to}", "i32", "i32", "i32"]),
-                {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_D": block_d}, num_warps=4, num_stages=NUM_STAGES))
+                {"BLOCK_R": COLSUM_BLOCK_R, "BLOCK_D": block_d}, num_warps=4))
     return specs

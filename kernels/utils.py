@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -25,18 +26,45 @@ def recording_capability() -> tuple[int, int] | None:
     return _RECORDING.get("capability")
 
 
-def launches_on_device_of_first_arg(launcher: Callable) -> Callable:
-    """Run a kernel launcher with the GPU of its first (tensor) argument as the current device: Triton launches
-    on the current device, so a tensor on another GPU than the current one would otherwise be handed to a kernel
-    running elsewhere. Free when it is already current, and for CPU tensors."""
-    @functools.wraps(launcher)
-    def run(first: torch.Tensor, *args, **kwargs):
-        if first.is_cuda and first.device.index != torch.cuda.current_device():
-            with torch.cuda.device(first.device):
-                return launcher(first, *args, **kwargs)
-        return launcher(first, *args, **kwargs)
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
-    return run
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device (the current one when it has no index), read once per GPU: the
+    registry and the launchers ask for it on every call."""
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_capability(device: torch.device) -> tuple[int, int]:
+    """The GPU compute capability launch settings are chosen for: the device's own for CUDA tensors; for CPU
+    tensors the one launches are recorded for (`compile_check.record_launches`), else (9, 0) (the interpreter:
+    the CPU tests run the short backward at the largest tiles any GPU gets)."""
+    if device.type == "cuda":
+        return cuda_capability(device)
+    return recording_capability() or (9, 0)
+
+
+def launches_on_device_of(arg: str) -> Callable[[Callable], Callable]:
+    """Decorate a kernel launcher to run with the GPU of its tensor argument `arg` as the current device: Triton
+    launches on the current device, so a tensor on another GPU than the current one would otherwise be handed to
+    a kernel running elsewhere. Free when it is already current, and for CPU tensors; `arg` may be passed by
+    position or by keyword."""
+    def wrap(launcher: Callable) -> Callable:
+        position = list(inspect.signature(launcher).parameters).index(arg)
+
+        @functools.wraps(launcher)
+        def run(*args, **kwargs):
+            t = args[position] if len(args) > position else kwargs[arg]
+            if t.is_cuda and t.device.index != torch.cuda.current_device():
+                with torch.cuda.device(t.device):
+                    return launcher(*args, **kwargs)
+            return launcher(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -191,7 +219,7 @@ class CompileSpec:
     signature: dict[str, str]
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = NUM_STAGES  # as every token and loss launch passes it
     # integer arguments a launch sees as multiples of 16 (Triton specialises on that at run time, e.g. the
     # strides of MAE's tensors); the compile check compiles the spec with that assumption
     divisible_by_16: tuple[str, ...] = ()

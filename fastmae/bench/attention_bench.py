@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..kernels.utils import launch_capability  # torch only, never triton
 from .limits import dtype_name
 from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, qkv_views, release_inputs
 from .timing import measure
@@ -88,7 +89,7 @@ def forced_path_case(case, n: int, d: int, dtype: torch.dtype, path: str, mode: 
 
     from ..kernels import attention as ka
 
-    capability = ka._device_capability(device)
+    capability = launch_capability(device)
     try:
         fwd = ka.forward_path(n, d, dtype, path)
         bwd = ka.backward_path(n, d, dtype, path, capability) if mode == "fwd+bwd" else fwd

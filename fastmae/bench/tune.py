@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..kernels.utils import launch_capability  # torch only, never triton
 from .common import parse_list, progress, resolve_device
 from .records import environment, table
 from .timing import measure
@@ -150,7 +151,7 @@ def plan(attn, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
          quick: bool) -> list[Candidate]:
     """Every candidate of every kernel the automatic path launches for each shape and dtype; a (kernel, key)
     that an earlier shape already covers is not tried again."""
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    cap = launch_capability(device)
     seen, out = set(), []
     for dtype in dtypes:
         dt = _DT[dtype]
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch must be at least 1")
     jobs = args.jobs if args.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 1))
                                                     if device.type == "cuda" else 0)
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    cap = launch_capability(device)
     arch = f"sm_{cap[0]}{cap[1]}"
     check_arch = cap[0] * 10 + cap[1] if cap[0] * 10 + cap[1] in (80, 90) else None  # what compile_check knows
     max_time = args.max_time if args.max_time is not None else (0.05 if device.type == "cuda" else 0.01)

@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 
+from ..kernels.utils import cuda_capability  # torch only, never triton
+
 OPS = ("attention", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss")
 BACKENDS = ("reference", "sdpa", "xformers", "triton")
 ENV_VAR = "FASTMAE_BACKEND"
@@ -116,19 +118,13 @@ class OpImpl:
             if not lo <= inputs.head_dim <= hi:
                 out.append(f"{self.backend} supports head dims {lo} to {hi}, not {inputs.head_dim}")
         if self.min_capability is not None and dev == "cuda":
-            cap = _capability(inputs.device.index if inputs.device.index is not None
-                              else torch.cuda.current_device())
+            cap = cuda_capability(inputs.device)
             if cap < self.min_capability:
                 out.append(f"{self.backend} needs compute capability {self.min_capability[0]}.{self.min_capability[1]}"
                            f" or newer, this GPU has {cap[0]}.{cap[1]}")
         if self.check is not None and not out:
             out.extend(self.check(inputs))
         return out
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 _REGISTRY: dict[tuple[str, str], OpImpl] = {}

@@ -97,7 +97,7 @@ def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.con
 
 
 ADD = CompileSpec("add_fp16_b1024", _add_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"},
-                  {"BLOCK": 1024}, num_warps=4)
+                  {"BLOCK": 1024}, num_warps=4, num_stages=2)
 HOARD = CompileSpec("hoard_b8192_w1", _hoard_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"}, {"BLOCK": 8192},
                     num_warps=1)
 DOT = CompileSpec("dot_64x64x32_fp16", _dot_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},

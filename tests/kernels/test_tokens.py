@@ -238,11 +238,12 @@ def test_gather_tokens_cls_grad_is_deterministic(device):
 
 
 def test_launchers_run_on_the_gpu_of_their_tensors(monkeypatch):
-    """Triton launches on the current device: every attention, token and loss launcher makes its first
+    """Triton launches on the current device: every attention, token and loss launcher makes its main
     tensor's GPU current for the launch when another one is (a fake two-GPU machine; the wrapper is what is
-    tested), and leaves the device alone when it is already current or the tensor is on the CPU."""
+    tested), and leaves the device alone when it is already current or the tensor is on the CPU. The tensor
+    may be passed by position or by keyword."""
     from fastmae.kernels import loss as loss_mod
-    from fastmae.kernels.utils import launches_on_device_of_first_arg
+    from fastmae.kernels.utils import launches_on_device_of
 
     current, entered = [0], []
 
@@ -266,13 +267,14 @@ def test_launchers_run_on_the_gpu_of_their_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
 
-    @launches_on_device_of_first_arg
-    def launcher(t, *args):
+    @launches_on_device_of("t")
+    def launcher(first, t, *args):
         return current[0]
 
-    assert launcher(FakeCudaTensor(1)) == 1 and entered == [1] and current[0] == 0
-    assert launcher(FakeCudaTensor(0)) == 0 and entered == [1]  # already current: no switch
-    assert launcher(torch.zeros(1)) == 0 and entered == [1]
+    assert launcher(None, FakeCudaTensor(1)) == 1 and entered == [1] and current[0] == 0
+    assert launcher(None, FakeCudaTensor(0)) == 0 and entered == [1]  # already current: no switch
+    assert launcher(None, torch.zeros(1)) == 0 and entered == [1]
+    assert launcher(None, t=FakeCudaTensor(1)) == 1 and entered == [1, 1] and current[0] == 0  # by keyword
     from fastmae.kernels import attention as attention_mod
 
     for fn in (tokens.gather_patches_forward, tokens.gather_tokens_forward, tokens.gather_tokens_backward,

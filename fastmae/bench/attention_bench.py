@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..kernels.utils import launch_capability  # torch only, never triton
+from .common import error_line
 from .limits import dtype_name
 from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, qkv_views, release_inputs
 from .timing import measure
@@ -130,7 +131,7 @@ def run_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, impl
             t = measure(fn, device, flush_cache=device.type == "cuda", hide_launch=True, **(timing or {}))
     except Exception as exc:
         status = "skipped" if _unavailable(exc) else "failed"
-        return {**rec, "status": status, "reason": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
+        return {**rec, "status": status, "reason": error_line(exc)}
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -23,6 +23,12 @@ MODEL_PATHS: dict[str, object] = {
 }
 
 
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """"Type: first line of the message" (cut to `limit` characters) for a record's reason; safe for empty messages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,8 @@ import torch
 
 from .. import create_model
 from ..ops import BackendUnavailable
-from .common import MODEL_PATHS, autocast, capture_dispatch, dispatch_str, free, path_interpreter_reason, progress
+from .common import (MODEL_PATHS, autocast, capture_dispatch, dispatch_str, error_line, free, path_interpreter_reason,
+                     progress)
 from .flops import encoder_flops, len_keep
 from .limits import dtype_name
 from .timing import measure_interleaved
@@ -167,7 +168,7 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
                 fns = {r: make_runner(r) for r in ratios}
             timings = measure_interleaved(fns, device, **(timing or {}))
         except Exception as exc:
-            emit_all(backend, mode, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            emit_all(backend, mode, "failed", error_line(exc))
             return False
         finally:
             fns = None  # the runners, and with CUDA graphs their memory pools
@@ -199,7 +200,7 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
             except BackendUnavailable as exc:  # the registry's reasons
                 reason = str(exc)
             except Exception as exc:
-                status, reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                status, reason = "failed", error_line(exc)
         if status != "ok":
             emit_all(backend, mode, status, reason)
             continue

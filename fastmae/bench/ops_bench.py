@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.registry import OPS, Inputs
+from .common import error_line
 from .limits import Limits, dtype_name
 from .timing import measure
 
@@ -441,7 +442,7 @@ def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits
         t = measure(fn, device, flush_cache=flush_cache and device.type == "cuda", hide_launch=True,
                     **(timing or {}))
     except Exception as exc:  # a backend that breaks is reported, not fatal to the run
-        return {**rec, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        return {**rec, "status": "failed", "reason": error_line(exc)}
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

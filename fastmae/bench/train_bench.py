@@ -36,7 +36,7 @@ import torch
 from .. import create_model
 from ..ops import BackendUnavailable
 from ..train.optim import adamw_impl, build_optimizer
-from .common import autocast, capture_dispatch, dispatch_str, free, path_interpreter_reason, progress
+from .common import autocast, capture_dispatch, dispatch_str, error_line, free, path_interpreter_reason, progress
 from .flops import len_keep, train_step_flops
 from .limits import dtype_name
 from .timing import Timing, measure
@@ -250,11 +250,11 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
             try:  # an extra figure: its failure (memory, say) does not undo the step's
                 opt_ms, opt_error = time_optimizer_step(built["optimizer"], device).median_ms, None
             except Exception as exc:  # noqa: BLE001
-                opt_ms, opt_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                opt_ms, opt_error = None, error_line(exc, 200)
     except BackendUnavailable as exc:
         return {**rec, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
-        return {**rec, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        return {**rec, "status": "failed", "reason": error_line(exc)}
     finally:
         flops, dispatch = (built["flops"], built["dispatch"]) if built else (None, "")
         built = None  # release the model and optimizer before the next variant

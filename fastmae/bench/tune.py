@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..kernels.utils import launch_capability  # torch only, never triton
-from .common import parse_list, progress, resolve_device
+from .common import error_line, parse_list, progress, resolve_device
 from .records import environment, table
 from .timing import measure
 from .tolerance import error_bound, max_error
@@ -128,7 +128,7 @@ def _screen_chunk(items: list[dict]) -> list[list[str]]:
                 _run(attn, it["kernel"], q, k, v, torch.randn_like(out), out, lse)
             torch.cuda.synchronize()
         except Exception as exc:  # a launch the compile check missed: drop the candidate, say why
-            probs.append(f"launch failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            probs.append("launch failed: " + error_line(exc, 200))
     return problems
 
 
@@ -207,7 +207,7 @@ def check_and_time(attn, cands: list[Candidate], shape: tuple, device: torch.dev
                                       max_time_s=max_time, warmup=1 if quick else 2,
                                       min_reps=1 if quick else 3, hide_launch=True).median_ms
         except Exception as exc:
-            c.problems.append(f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            c.problems.append("failed: " + error_line(exc, 200))
 
 
 def winners(results: list[Candidate]) -> dict[tuple[str, str], tuple[Candidate, Candidate]]:

@@ -153,25 +153,30 @@ def collect(workloads: Sequence[tuple[str, Callable[[], None]]], arch: int) -> t
     """One recipe (kernel, encoded arguments, label) per distinct specialisation the workloads launch on a GPU of
     compute capability arch/10, and the errors of workloads that could not be recorded."""
     from ..kernels import compile_check as cc
+    from .common import error_line
 
     recipes: dict[tuple, dict] = {}
     errors = []
     for label, run in workloads:
-        try:
+        try:  # one workload that breaks (recording, specialising or encoding) does not stop the others
             with cc.record_launches((arch // 10, arch % 10)) as calls:
                 run()
-        except Exception as exc:  # noqa: BLE001 - one workload that breaks does not stop the others
-            errors.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            if not calls:
+                raise RuntimeError("the workload launched no Triton kernel")
+            found = {}
+            for call in calls:
+                spec = cc.launch_spec(call, arch)
+                key = cc.spec_key(spec)
+                if key in recipes or key in found:
+                    continue
+                fn = cc.python_function(call.fn)
+                found[key] = {"module": fn.__module__, "kernel": fn.__name__, "name": spec.name, "source": label,
+                              "args": [_encode(a) for a in call.args],
+                              "kwargs": {k: _encode(v) for k, v in call.kwargs.items()}}
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{label}: {error_line(exc)}")
             continue
-        for call in calls:
-            spec = cc.launch_spec(call, arch)
-            key = cc.spec_key(spec)
-            if key in recipes:
-                continue
-            fn = cc.python_function(call.fn)
-            recipes[key] = {"module": fn.__module__, "kernel": fn.__name__, "name": spec.name, "source": label,
-                            "args": [_encode(a) for a in call.args],
-                            "kwargs": {k: _encode(v) for k, v in call.kwargs.items()}}
+        recipes.update(found)
     return list(recipes.values()), errors
 
 
@@ -258,8 +263,10 @@ def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_p
             compiled = kernel.run(*args, grid=(1,), warmup=True, **kwargs)
             res["ok"] = True
         except Exception as exc:  # noqa: BLE001 - reported per kernel
+            from .common import error_line
+
             compiled, res["ok"] = None, False
-            res["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc) else ''}"
+            res["error"] = error_line(exc, 500)
         res["seconds"] = time.perf_counter() - t0
         res["cached"] = res["ok"] and (all(hits) if hits else res["seconds"] < HIT_S)
         if launcher_cls is not None and compiled is not None:

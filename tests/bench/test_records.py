@@ -121,3 +121,12 @@ def test_a_run_stopped_by_sigterm_keeps_its_last_records(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert [r["case"] for r in records.read_results(str(tmp_path))] == ["c0", "c1", "c2"]
+
+
+def test_error_line_is_the_type_and_first_line_even_for_empty_messages():
+    from fastmae.bench.common import error_line
+
+    assert error_line(ValueError("bad shape\nmore detail")) == "ValueError: bad shape"
+    assert error_line(RuntimeError()) == "RuntimeError: "  # no IndexError from an empty message
+    assert error_line(RuntimeError("  \n ")) == "RuntimeError: "
+    assert error_line(OSError("x" * 50), 10) == "OSError: " + "x" * 10

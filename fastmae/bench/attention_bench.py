@@ -91,13 +91,12 @@ def forced_path_case(case, n: int, d: int, dtype: torch.dtype, path: str, mode: 
     from ..kernels import attention as ka
 
     capability = launch_capability(device)
-    try:
-        fwd = ka.forward_path(n, d, dtype, path)
-        bwd = ka.backward_path(n, d, dtype, path, capability) if mode == "fwd+bwd" else fwd
+    try:  # the paths the mode runs: the forward's, and the backward's with fwd+bwd
+        forced = (ka.choose_paths(n, d, dtype, path, capability) if mode == "fwd+bwd"
+                  else (ka.forward_path(n, d, dtype, path),))
     except ValueError as exc:
         return None, str(exc)
-    auto = (ka.forward_path(n, d, dtype), ka.backward_path(n, d, dtype, capability=capability))
-    if (fwd, bwd) == (auto[0], auto[1] if mode == "fwd+bwd" else auto[0]):
+    if forced == ka.choose_paths(n, d, dtype, capability=capability)[:len(forced)]:
         return None, f"the {path} path is what `triton` takes here (timed as triton)"
 
     def call(inp, backend):

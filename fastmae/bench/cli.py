@@ -124,9 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: 1024,2048,4096,8192 on cuda with batch 16384 // N; 256,512 on cpu, batch 1)")
     p.add_argument("--long-head-dims", default=None, help="head dims of the long cases (default: 64,128 on cuda, "
                    "64 on cpu)")
-    p.add_argument("--impls", default=",".join(("triton", "triton-short", "triton-flash", "xformers", "sdpa",
-                                                "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")),
-                   help="implementations to time (triton-short / triton-flash: fastmae's kernels on that path)")
+    p.add_argument("--impls", default=None,
+                   help="implementations to time (default: all of triton, triton-short, triton-flash, xformers, sdpa, "
+                   "sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math; triton-short / triton-flash: fastmae's kernels "
+                   "on that path)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     p.set_defaults(bench_run=run_attention)
 
@@ -429,7 +430,7 @@ def run_attention(args) -> int:
     batches = ints(args.batches or d["batches"], "--batches")
     long_ns = ints(args.long_ns if args.long_ns is not None else d["long_ns"], "--long")
     head_dims = ints(args.long_head_dims or d["long_head_dims"], "--long-head-dims")
-    impls = _known(parse_list(args.impls), IMPLS, "implementation")
+    impls = _known(parse_list(args.impls), IMPLS, "implementation") if args.impls else list(IMPLS)
     modes = _known(parse_list(args.modes), MODES, "mode")
     models = parse_list(args.models)
     print(_header(env, f"bench attention: {dtype}, MAE batches {batches}, long N {long_ns} at D {head_dims}"))

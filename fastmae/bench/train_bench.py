@@ -248,7 +248,7 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
             saved = built["saved_mb_per_image"]() if built["saved_mb_per_image"] else None
             optimizer = f"AdamW {adamw_impl(built['optimizer'])}"
             try:  # an extra figure: its failure (memory, say) does not undo the step's
-                opt_ms, opt_error = time_optimizer_step(built["optimizer"], device).median_ms, None
+                opt_ms, opt_error = time_optimizer_step(built["optimizer"], device, timing).median_ms, None
             except Exception as exc:  # noqa: BLE001
                 opt_ms, opt_error = None, error_line(exc, 200)
     except BackendUnavailable as exc:
@@ -286,15 +286,15 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
     return out
 
 
-def time_optimizer_step(opt: torch.optim.Optimizer, device: torch.device) -> Timing:
+def time_optimizer_step(opt: torch.optim.Optimizer, device: torch.device, timing: dict | None = None) -> Timing:
     """The optimizer's step alone (every parameter given a gradient; no scaler), to show how much of a training
-    step it takes. The update's cost does not depend on the values, so the gradients are zeros; the weights
-    move, which is harmless after the figures above."""
+    step it takes, under the run's `timing` with one warm-up call. The update's cost does not depend on the
+    values, so the gradients are zeros; the weights move, which is harmless after the figures above."""
     params = [p for g in opt.param_groups for p in g["params"]]
     for p in params:
         p.grad = torch.zeros_like(p)
     try:
-        return measure(opt.step, device, warmup=1, min_reps=3, max_reps=20, max_time_s=0.5)
+        return measure(opt.step, device, **{**(timing or {}), "warmup": 1})
     finally:
         for p in params:
             p.grad = None

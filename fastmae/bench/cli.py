@@ -21,10 +21,12 @@ DESCRIPTION = __doc__
 DEFAULTS = {
     "ops": {"cuda": {"batch": 64, "models": "B,L,H"}, "cpu": {"batch": 2, "models": "B,L,H"},
             "quick": {"batch": 1, "models": "B"}},
-    "attention": {"cuda": {"batches": "64,128,256,512", "long_ns": "1024,2048,4096,8192", "long_head_dims": "64,128",
-                           "long_tokens": 16384},
-                  "cpu": {"batches": "2", "long_ns": "256,512", "long_head_dims": "64", "long_tokens": 512},
-                  "quick": {"batches": "1", "long_ns": "64", "long_head_dims": "32", "long_tokens": 64}},
+    "attention": {"cuda": {"batches": "64,128,256,512", "models": "B,L,H", "long_ns": "1024,2048,4096,8192",
+                           "long_head_dims": "64,128", "long_tokens": 16384},
+                  "cpu": {"batches": "2", "models": "B,L,H", "long_ns": "256,512", "long_head_dims": "64",
+                          "long_tokens": 512},
+                  "quick": {"batches": "1", "models": "B,L,H", "long_ns": "64", "long_head_dims": "32",
+                            "long_tokens": 64}},
     "encoder": {"cuda": {"model": "mae_vit_base_patch16", "batch": 64},
                 "cpu": {"model": "mae_vit_cifar_small_patch4", "batch": 64},
                 "quick": {"model": "mae_vit_tiny_patch4", "batch": 4}},
@@ -47,6 +49,7 @@ TIMING = {
               "cpu": dict(warmup=1, min_reps=3, max_reps=10, max_time_s=5.0),
               "quick": dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)},
 }
+ENCODER_RATIOS = "0,0.25,0.5,0.75,0.9"  # bench encoder's default mask ratios
 COMPILE_WARMUP = 3  # torch.compile compiles on the first calls
 
 
@@ -119,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--batches", default=None, help="batches of the MAE cases (default: 64,128,256,512 on cuda, "
                    "2 on cpu)")
-    p.add_argument("--models", default="B,L,H", help="ViT sizes whose encoder and decoder shapes to use")
+    p.add_argument("--models", default=None, help="ViT sizes whose encoder and decoder shapes to use (default: B,L,H)")
     p.add_argument("--long", dest="long_ns", default=None, help="sequence lengths of the long cases, or none "
                    "(default: 1024,2048,4096,8192 on cuda with batch 16384 // N; 256,512 on cpu, batch 1)")
     p.add_argument("--long-head-dims", default=None, help="head dims of the long cases (default: 64,128 on cuda, "
@@ -139,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
                    "mae_vit_cifar_small_patch4 on cpu)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: 64)")
-    p.add_argument("--ratios", default="0,0.25,0.5,0.75,0.9", help="mask ratios (0 is always added)")
+    p.add_argument("--ratios", default=ENCODER_RATIOS, help="mask ratios (0 is always added)")
     p.add_argument("--backends", default="triton,sdpa,xformers,reference,auto",
                    help="backend paths, timed in this order: triton, sdpa, xformers (attention only), reference, "
                    "auto (fastmae's automatic choice; timed last, and not at all when it resolves to the same "
@@ -432,7 +435,7 @@ def run_attention(args) -> int:
     head_dims = ints(args.long_head_dims or d["long_head_dims"], "--long-head-dims")
     impls = _known(parse_list(args.impls), IMPLS, "implementation") if args.impls else list(IMPLS)
     modes = _known(parse_list(args.modes), MODES, "mode")
-    models = parse_list(args.models)
+    models = parse_list(args.models or d["models"])
     print(_header(env, f"bench attention: {dtype}, MAE batches {batches}, long N {long_ns} at D {head_dims}"))
     records = bench(device, dtype, batches=batches, models=models, long_ns=long_ns, long_head_dims=head_dims,
                     long_tokens=d["long_tokens"], impls=impls, modes=modes, timing=_timing(args, "attention", device),

@@ -36,7 +36,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 WORKLOAD_BATCH = 16
-RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)
 BENCH_MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16")
 HIT_S = 0.075  # without Triton's compilation listener: a warm-up this fast loaded the kernel from the cache
 
@@ -79,26 +78,28 @@ def _attention_launches(models: Sequence[str], dtype: torch.dtype, batch: int, l
         release_inputs()
 
 
-def bench_workloads(models: Sequence[str] = BENCH_MODELS, dtype: str = "bf16", ratios: Sequence[float] = RATIOS,
+def bench_workloads(models: Sequence[str] = BENCH_MODELS, dtype: str = "bf16", ratios: Sequence[float] | None = None,
                     batch: int = WORKLOAD_BATCH) -> list[tuple[str, Callable[[], None]]]:
     """(label, function) pairs whose Triton launches the GPU suite's benchmarks make: `bench ops` and `bench
     attention` with their CUDA defaults (`fastmae.bench.cli.DEFAULTS`), `bench encoder` (forward under no_grad
-    and forward+backward, every ratio) and `bench train` (a step at 75%, without norm_pix_loss as the official
-    default) for `models`, in `dtype`."""
+    and forward+backward, every ratio: its default ones unless `ratios` is given) and `bench train` (a step at
+    75%, without norm_pix_loss as the official default) for `models`, in `dtype`."""
     from ..kernels.compile_check import _DTYPES, Workload
-    from .cli import DEFAULTS
+    from .cli import DEFAULTS, ENCODER_RATIOS
     from .common import parse_list
 
     torch_dtype = getattr(torch, _DTYPES[dtype])
+    ratios = [float(r) for r in parse_list(ENCODER_RATIOS)] if ratios is None else ratios
     op_models = parse_list(DEFAULTS["ops"]["cuda"]["models"])
     att = DEFAULTS["attention"]["cuda"]
+    att_models = parse_list(att["models"])
     long_ns = [int(n) for n in parse_list(att["long_ns"])]
     long_head_dims = [int(d) for d in parse_list(att["long_head_dims"])]
     long_tokens = int(att["long_tokens"])
     out: list[tuple[str, Callable[[], None]]] = [
         (f"bench ops {','.join(op_models)} {dtype} b{batch}", lambda: _ops_launches(op_models, torch_dtype, batch)),
-        (f"bench attention {','.join(op_models)} {dtype} b{batch} + long",
-         lambda: _attention_launches(op_models, torch_dtype, batch, long_ns, long_head_dims, long_tokens)),
+        (f"bench attention {','.join(att_models)} {dtype} b{batch} + long",
+         lambda: _attention_launches(att_models, torch_dtype, batch, long_ns, long_head_dims, long_tokens)),
     ]
     for model in models:
         for ratio in ratios:

@@ -64,11 +64,9 @@ _IMPL_FLAGS = {"fused": {"fused": True, "foreach": False}, "foreach": {"fused": 
 
 def fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
     """Whether torch has a fused AdamW kernel for every one of these parameters (floating point, on a device
-    with fused kernels: CUDA and CPU among them)."""
-    get = getattr(_torch_optimizer, "_get_fused_kernels_supported_devices", lambda: ["cuda", "cpu"])
-    devices = set(get())
+    with fused kernels: CUDA and CPU among them), as torch itself decides it."""
     params = list(params)
-    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+    return bool(params) and _torch_optimizer._default_to_fused_or_foreach(params, False, use_fused=True)[0]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, impl: str = "auto") -> torch.optim.AdamW:
@@ -98,9 +96,7 @@ def adamw_impl(optimizer: torch.optim.Optimizer) -> str:
         return "fused"
     if group.get("foreach") is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        choose = getattr(_torch_optimizer, "_default_to_fused_or_foreach", None)
-        foreach = choose(params, False, False)[1] if choose is not None else False
-        return "foreach" if foreach else "for-loop"
+        return "foreach" if _torch_optimizer._default_to_fused_or_foreach(params, False, False)[1] else "for-loop"
     return "foreach" if group["foreach"] else "for-loop"
 
 
@@ -109,18 +105,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
 
     torch's `load_state_dict` replaces each group's settings with the saved ones, `fused` and `foreach` among
     them, so a run would take on the implementation of whatever wrote the checkpoint (an official checkpoint:
-    torch's default). The saved groups get this optimizer's flags first; torch then places each `step` counter
-    where that implementation keeps it (on the parameter's device for fused, a CPU scalar otherwise)."""
+    torch's default). The saved groups get this optimizer's flags first. torch then puts each `step` counter of a
+    fused (or capturable) group on its parameter's device, and turns plain-number counters into tensors; it
+    leaves the other groups' counters where they were saved, so a counter that a fused run kept on the GPU is
+    brought back to the CPU here, where foreach and for-loop keep it."""
     flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
     saved = state_dict.get("param_groups", [])
-    if len(saved) == len(flags):
+    if len(saved) == len(flags):  # (a different count: torch's own error below)
         state_dict = {**state_dict, "param_groups": [{**ng, **f} for ng, f in zip(saved, flags)]}
     optimizer.load_state_dict(state_dict)
     for group in optimizer.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
+        if group.get("fused") or group.get("capturable"):
+            continue
         for p in group["params"]:
             step = optimizer.state.get(p, {}).get("step")
-            if isinstance(step, torch.Tensor):
-                want = p.device if on_device else torch.device("cpu")
-                if step.device != want:
-                    optimizer.state[p]["step"] = step.to(device=want, dtype=torch.float32)
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                optimizer.state[p]["step"] = step.cpu()

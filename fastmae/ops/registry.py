@@ -23,6 +23,7 @@ import importlib.util
 import os
 import sys
 import threading
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence, Union
 
@@ -179,13 +180,12 @@ def _validate_name(name: str) -> str:
 
 
 def _parse_env() -> BackendSpec:
-    spec = _parse_env_text(os.environ.get(ENV_VAR, ""))  # read every call, parsed once per value
-    return dict(spec) if isinstance(spec, tuple) else spec
+    return _parse_env_text(os.environ.get(ENV_VAR, ""))  # read every call, parsed once per value
 
 
 @functools.lru_cache(maxsize=16)
 def _parse_env_text(raw: str):
-    """`_parse_env` of one value of the variable; per-op specs as a tuple of items (cached, so immutable)."""
+    """`_parse_env` of one value of the variable; per-op specs as a read-only mapping (the result is cached)."""
     raw = raw.strip()
     if not raw:
         return None
@@ -197,7 +197,7 @@ def _parse_env_text(raw: str):
             if op not in OPS:
                 raise ValueError(f"{ENV_VAR}: unknown op {op!r}; ops are {', '.join(OPS)}")
             spec[op] = _validate_name(name)
-        return tuple(spec.items())
+        return types.MappingProxyType(spec)
     return _validate_name(raw)
 
 

@@ -174,9 +174,7 @@ def write_results(out_dir: str, records: Sequence[dict], old: Sequence[dict] | N
     out_dir/results.csv; returns the merged list."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
-    if old is None:
-        old = read_results(path) if os.path.isfile(path) else []
-    merged = merge(old, records)
+    merged = merge(_results_in(out_dir) if old is None else old, records)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(merged, f, indent=1, default=str)
@@ -184,6 +182,12 @@ def write_results(out_dir: str, records: Sequence[dict], old: Sequence[dict] | N
     os.replace(tmp, path)
     write_csv(os.path.join(out_dir, "results.csv"), merged)
     return merged
+
+
+def _results_in(out_dir: str) -> list[dict]:
+    """The records out_dir/results.json holds ([] when there is none)."""
+    path = os.path.join(out_dir, "results.json")
+    return read_results(path) if os.path.isfile(path) else []
 
 
 class Recorder:
@@ -199,12 +203,6 @@ class Recorder:
         self._old: list[dict] | None = None  # what the file held before this run, read once
         self._written = float("-inf")
         self._unwritten = False
-        if out_dir:  # what is left unwritten when the process ends (a SIGTERM from a time limit: see cli.run)
-            atexit.register(self._flush_if_unwritten)
-
-    def _flush_if_unwritten(self) -> None:
-        if self._unwritten:
-            self.flush()
 
     def add(self, *records: dict) -> None:
         for r in records:  # stamped in place: figures added to a record later (speedups) are kept
@@ -212,17 +210,28 @@ class Recorder:
                 r.setdefault(k, v)
             self.records.append(r)
         self._unwritten = True
+        if self.out_dir:  # written when the process ends if not before (a SIGTERM from a time limit: see cli.run)
+            _UNWRITTEN.add(self)
         if time.monotonic() - self._written >= self.interval_s:
             self.flush()
 
     def flush(self) -> None:
         if self.out_dir:
             if self._old is None:
-                path = os.path.join(self.out_dir, "results.json")
-                self._old = read_results(path) if os.path.isfile(path) else []
+                self._old = _results_in(self.out_dir)
             write_results(self.out_dir, self.records, self._old)
             self._written = time.monotonic()
             self._unwritten = False
+            _UNWRITTEN.discard(self)
+
+
+_UNWRITTEN: set[Recorder] = set()  # recorders holding records not yet written (held only until they are)
+
+
+@atexit.register
+def _flush_unwritten() -> None:
+    for recorder in list(_UNWRITTEN):
+        recorder.flush()
 
 
 # ------------------------------------------------------------------------------------------ terminal

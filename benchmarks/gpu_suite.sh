@@ -80,11 +80,11 @@ skip() {  # name reason
     record "$1" skipped "" 0 "$2" ""
 }
 
-part_limit() {  # name timeout_s: LIMIT = the timeout cut to what is left of the suite's budget; with too little
-    # left the part is recorded as skipped and the status is 1
-    local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
-    if [ "$left" -lt 15 ]; then
-        skip "$1" "out of the suite's time budget (${BUDGET}s)"
+part_limit() {  # name timeout_s [least_s]: LIMIT = the timeout cut to what is left of the suite's budget; with
+    # less than least_s (default 15) left the part is recorded as skipped and the status is 1
+    local left=$(( BUDGET - ($(date +%s) - START) - 10 )) least=${3:-15}
+    if [ "$left" -lt "$least" ]; then
+        skip "$1" "out of the suite's time budget (${BUDGET}s): needs ${least}s, ${left}s left"
         return 1
     fi
     LIMIT=$2
@@ -226,12 +226,8 @@ BENCH=("$PY" -m fastmae bench)
 # run folder (attention_tuned.json, with every measurement in tune.json), not in the kernels' own file, so the
 # parts above measured the launch rules as they are; copy the file to kernels/ after reading it.
 tune_part() {
-    local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
-    if [ "$left" -lt 90 ]; then
-        skip tune "needs 90 s of the suite's time budget, ${left}s left"
-        return
-    fi
-    local interp=() problem
+    part_limit tune "$BUDGET" 90 || return 0  # LIMIT: all the time that is left
+    local limit=$LIMIT interp=() problem
     if [ "$MODE" != gpu ]; then  # code paths only, under the interpreter, if it runs with these packages
         problem=$("$PY" -c "from fastmae.kernels.utils import interpreter_problem as p; print(p() or '')" 2>&1)
         if [ -n "$problem" ]; then
@@ -240,7 +236,7 @@ tune_part() {
         fi
         interp=(env TRITON_INTERPRET=1)
     fi
-    run_part tune "$left" "${interp[@]}" "${BENCH[@]}" tune --no-progress "$@" \
+    run_part tune "$limit" "${interp[@]}" "${BENCH[@]}" tune --no-progress "$@" \
         --write "$RUN_DIR/attention_tuned.json" --out "$RUN_DIR"
 }
 if [ "$SLUG" = unknown-device ]; then

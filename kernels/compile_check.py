@@ -776,6 +776,28 @@ def record_launches(capability: tuple[int, int] = (9, 0)):
         utils._RECORDING.clear()
 
 
+class TargetDriver:
+    """A stand-in for Triton's active driver that names a target GPU and nothing else: enough for
+    `JITFunction.warmup` and `JITFunction.run(..., warmup=True)` to specialise and compile for that GPU without
+    one (nothing is loaded or launched in warm-up): `fastmae.bench.warm` compiles the benchmarks' kernels so."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
 @functools.lru_cache(maxsize=None)
 def _target_backend(arch: int):
     from triton.backends.compiler import GPUTarget
@@ -842,7 +864,8 @@ def launch_spec(launch: Launch, arch: int = 90):
 def spec_key(spec) -> tuple:
     """What makes two specs one compiled kernel: the function, its argument types and constants, the integer
     and pointer specialisations, warps and stages."""
-    return (_python_function(spec.fn).__qualname__, tuple(spec.signature.items()),
+    fn = _python_function(spec.fn)
+    return (fn.__module__, fn.__qualname__, tuple(spec.signature.items()),
             tuple((k, repr(v)) for k, v in spec.constexprs.items()), spec.divisible_by_16, spec.unaligned,
             spec.num_warps, spec.num_stages)
 

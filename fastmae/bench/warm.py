@@ -182,27 +182,6 @@ def collect(workloads: Sequence[tuple[str, Callable[[], None]]], arch: int) -> t
 
 
 # ------------------------------------------------------------------------------------------ compiling
-class _TargetDriver:
-    """A stand-in for Triton's active driver that names a target GPU and nothing else: enough for
-    `JITFunction.warmup` to specialise and compile (nothing is loaded or launched in warm-up)."""
-
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-    def is_active(self):
-        return True
-
-
 def _write_json(path: str, data) -> None:
     """Whole or not at all: written aside, then renamed (a worker killed mid-write leaves the previous file)."""
     tmp = path + ".tmp"
@@ -224,7 +203,8 @@ def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_p
     import importlib
 
     from triton.runtime import driver
-    driver.set_active(_TargetDriver(arch))
+    from ..kernels.compile_check import TargetDriver
+    driver.set_active(TargetDriver(arch))
     try:  # outside the timings: the first compile's fixed costs (Triton hashes its own library for the cache
         # key, and the backend asks ptxas for its version: a few tenths of a second)
         from triton.compiler.compiler import make_backend

@@ -50,7 +50,7 @@ def test_recipes_compile_under_the_cache_keys_of_the_launches(tmp_path):
             with cc.record_launches((9, 0)) as rec:
                 run()
             calls += rec
-        driver.set_active(warm._TargetDriver(90))
+        driver.set_active(cc.TargetDriver(90))
         env, keys = get_cache_invalidating_env_vars(), []
 
         def probe(self, key, signature, device, constexprs, options, attrs, warmup):

@@ -312,12 +312,11 @@ def test_traced_specs_are_the_sources_tritons_launch_path_compiles(tmp_path):
     script.write_text(textwrap.dedent("""
         from triton.runtime import driver
         from triton.runtime.jit import JITFunction
-        from fastmae.bench.warm import _TargetDriver
         from fastmae.kernels import compile_check as cc
 
         with cc.record_launches((9, 0)) as calls:
             cc.Workload("mae_vit_base_patch16", "bf16").run()
-        driver.set_active(_TargetDriver(90))
+        driver.set_active(cc.TargetDriver(90))
         seen = {}
 
         def probe(self, key, signature, device, constexprs, options, attrs, warmup):

@@ -169,17 +169,22 @@ def write_csv(path: str, records: Sequence[dict]) -> None:
             w.writerow([_csv_value(r.get(k)) for k in fields])
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write a file whole or not at all: aside first, then renamed over `path` (a process stopped mid-write
+    leaves the previous file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_results(out_dir: str, records: Sequence[dict], old: Sequence[dict] | None = None) -> list[dict]:
     """Merge `records` into out_dir/results.json (or into `old`, the file's records read before) and rewrite
     out_dir/results.csv; returns the merged list."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     merged = merge(_results_in(out_dir) if old is None else old, records)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(merged, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(merged, indent=1, default=str) + "\n")
     write_csv(os.path.join(out_dir, "results.csv"), merged)
     return merged
 

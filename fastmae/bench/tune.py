@@ -35,7 +35,7 @@ import torch
 
 from ..kernels.utils import launch_capability  # torch only, never triton
 from .common import error_line, parse_list, progress, resolve_device
-from .records import environment, table
+from .records import environment, table, write_atomic
 from .timing import measure
 from .tolerance import error_bound, max_error
 
@@ -356,9 +356,7 @@ def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, ar
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "tune.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]}, indent=1))
         if not quiet:
             print(f"wrote {path}")
     if args.write is not None:
@@ -372,9 +370,7 @@ def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, ar
         if problems:  # never write what launch_settings would refuse
             print("not written, the table would be unsound: " + "; ".join(problems), file=sys.stderr)
             return False
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(dump_table(new))
-        os.replace(path + ".tmp", path)
+        write_atomic(path, dump_table(new))
         if not quiet:
             n = sum(len(v) for v in new.get(arch, {}).values())
             print(f"wrote {path}: {n} tuned settings for {arch}")

@@ -183,11 +183,9 @@ def collect(workloads: Sequence[tuple[str, Callable[[], None]]], arch: int) -> t
 
 # ------------------------------------------------------------------------------------------ compiling
 def _write_json(path: str, data) -> None:
-    """Whole or not at all: written aside, then renamed (a worker killed mid-write leaves the previous file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    """Whole or not at all (a worker killed mid-write leaves the previous file)."""
+    from .records import write_atomic
+    write_atomic(path, json.dumps(data))
 
 
 def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_path: str | None = None) -> list[dict]:

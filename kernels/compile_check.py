@@ -512,11 +512,18 @@ def _spec_from_job(job: dict):
     return spec
 
 
-def _run_worker(job: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
+def worker_env() -> dict[str, str]:
+    """The environment of a compile worker process: Triton's interpreter off, and this process's import path
+    (so the worker imports the same fastmae, installed or not)."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [os.getcwd()] +
                                         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _run_worker(job: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
+    env = worker_env()
     with tempfile.TemporaryDirectory(prefix="fastmae-compile-") as tmp:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:

@@ -267,7 +267,9 @@ def warm(recipes: Sequence[dict], workers: int, arch: int, launchers: bool = Fal
     if not recipes:
         return [], []
     workers = max(1, min(workers, len(recipes)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    from ..kernels.compile_check import worker_env
+
+    env = worker_env()
     results: list[dict] = []
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fastmae-warm-") as tmp:

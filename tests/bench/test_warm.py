@@ -99,16 +99,19 @@ def test_clear_errors(capsys):
         assert proc.returncode == 2 and "pass --arch" in proc.stderr, proc.stderr
 
 
-def test_workers_report_kernel_errors_and_their_own_timeouts():
+def test_workers_report_kernel_errors_and_their_own_timeouts(tmp_path, monkeypatch):
     """A recipe that names no kernel fails alone, with its error; a worker that runs out of time is reported as
     such (with the kernel it was on, if it got that far), apart from the kernels' results."""
+    (tmp_path / "fastmae_test_slow_kernels.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the workers import what this process can
     bogus = {"module": "fastmae.kernels.tokens", "kernel": "no_such_kernel", "name": "nope[fp32]", "source": "t",
              "args": [], "kwargs": {}}
     results, problems = warm.warm([bogus], workers=1, arch=90, timeout_s=120)
     assert problems == [] and len(results) == 1
     assert results[0]["ok"] is False and "AttributeError" in results[0]["error"]
-    # a worker takes seconds to import torch and triton: a 1 s limit (the least) stops it
-    results, problems = warm.warm([bogus, dict(bogus, name="nope2")], workers=1, arch=90, timeout_s=0.0)
+    # a kernel module whose import takes a minute: a 1 s limit (the least) stops its worker
+    slow = dict(bogus, module="fastmae_test_slow_kernels")
+    results, problems = warm.warm([slow, dict(slow, name="nope2")], workers=1, arch=90, timeout_s=0.0)
     assert len(problems) == 1 and "worker 0 timed out" in problems[0] and "of its kernels done" in problems[0]
     text = warm.summary([bogus, bogus], results, problems, 1.0, 1)
     assert text.startswith(f"{len(results)} of 2 distinct launches") and "timed out" in text

@@ -979,18 +979,27 @@ def _workload_label(workload) -> str:
     return workload.label if isinstance(workload, Workload) else str(workload)
 
 
+def recorded_specs(run: Callable[[], Any], arch: int = 90) -> list[tuple[tuple, Any, Launch]]:
+    """(spec_key, CompileSpec, Launch) of each launch `run()` makes, in order, recorded (not run) and specialised
+    for a GPU of compute capability arch/10; [] when it launches no Triton kernel."""
+    with record_launches((arch // 10, arch % 10)) as calls:
+        run()
+    out = []
+    for call in calls:
+        spec = launch_spec(call, arch)
+        out.append((spec_key(spec), spec, call))
+    return out
+
+
 def trace(workloads: Sequence, arch: int = 90) -> list:
     """The distinct launches the workloads make on a GPU of compute capability arch/10, as CompileSpecs (first
     seen first), each with `sources`: the labels of the workloads that launch it."""
     specs: dict[tuple, Any] = {}
     for workload in workloads:
-        with record_launches((arch // 10, arch % 10)) as calls:
-            _run_workload(workload)
-        if not calls:
+        launches = recorded_specs(lambda: _run_workload(workload), arch)
+        if not launches:
             raise RuntimeError(f"workload {_workload_label(workload)!r} launched no Triton kernel")
-        for call in calls:
-            spec = launch_spec(call, arch)
-            key = spec_key(spec)
+        for key, spec, _ in launches:
             if key not in specs:
                 spec.sources = []
                 specs[key] = spec

@@ -160,14 +160,11 @@ def collect(workloads: Sequence[tuple[str, Callable[[], None]]], arch: int) -> t
     errors = []
     for label, run in workloads:
         try:  # one workload that breaks (recording, specialising or encoding) does not stop the others
-            with cc.record_launches((arch // 10, arch % 10)) as calls:
-                run()
-            if not calls:
+            launches = cc.recorded_specs(run, arch)
+            if not launches:
                 raise RuntimeError("the workload launched no Triton kernel")
             found = {}
-            for call in calls:
-                spec = cc.launch_spec(call, arch)
-                key = cc.spec_key(spec)
+            for key, spec, call in launches:
                 if key in recipes or key in found:
                     continue
                 fn = cc.python_function(call.fn)

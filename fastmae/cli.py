@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args._run(args) or 0)
-    except (BackendUnavailable, CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
+    except (BackendUnavailable, CheckpointError, FileNotFoundError, ValueError) as exc:
         # bad input or an unavailable backend: a clear message, not a traceback
         print(f"fastmae {args.command}: error: {exc}", file=sys.stderr)
         return 2

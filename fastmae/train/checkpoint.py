@@ -141,12 +141,17 @@ def save(checkpoint: dict, output_dir: str | Path, *, numbered: bool) -> list[Pa
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
-    """`checkpoint-last.pth` in `output_dir` if present, else the highest-numbered `checkpoint-N.pth`."""
+    """The newest checkpoint in `output_dir`: `checkpoint-last.pth`, unless the highest-numbered
+    `checkpoint-N.pth` was written after it (a run stopped between writing that file and linking
+    `checkpoint-last.pth` to it); the highest-numbered file when there is no `checkpoint-last.pth`."""
     out = Path(output_dir)
-    if (out / LAST).is_file():
-        return out / LAST
     numbered = [(int(m.group(1)), p) for p in out.glob("checkpoint-*.pth") if (m := _NUMBERED.match(p.name))]
-    return max(numbered)[1] if numbered else None
+    newest = max(numbered)[1] if numbered else None
+    if (out / LAST).is_file():
+        if newest is not None and newest.stat().st_mtime_ns > (out / LAST).stat().st_mtime_ns:
+            return newest
+        return out / LAST
+    return newest
 
 
 def resolve_resume(resume: str, output_dir: str) -> Path | None:
@@ -162,9 +167,15 @@ def resolve_resume(resume: str, output_dir: str) -> Path | None:
 
 
 def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle: bool = False,
-                    iters_per_epoch: int, accum_iter: int, restore_rng: bool = True) -> dict:
+                    iters_per_epoch: int, accum_iter: int, restore_rng: bool = True,
+                    layout: dict | None = None) -> dict:
     """Load a checkpoint into model / optimizer / scaler; returns where to continue:
-    {'start_epoch', 'skip_iters', 'step', 'path'}."""
+    {'start_epoch', 'skip_iters', 'step', 'path'}. `start_epoch` is None for a weights-only file (no optimizer
+    state or epoch): the caller keeps its own `--start_epoch`, as the official script does.
+
+    `layout` ({'batch_size', 'world_size', 'accum_iter'} of this run): a checkpoint written in the middle of an
+    epoch resumes only with the layout it was written with, since its position counts that run's iterations.
+    """
     ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a training checkpoint (no 'model' entry)")
@@ -173,21 +184,34 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path} does not fit this model (check --model and --input_size): {exc}") from exc
-    epoch = int(ckpt.get("epoch", -1))
+    if not ("optimizer" in ckpt and "epoch" in ckpt):
+        # weights only: no schedule position to continue from
+        return {"start_epoch": None, "skip_iters": 0, "step": 0, "path": str(path)}
+    epoch = int(ckpt["epoch"])
     next_iter = int(ckpt.get("next_iter", 0))
-    if "optimizer" in ckpt and "epoch" in ckpt:
-        load_optimizer_state(optimizer, ckpt["optimizer"])  # keeps this run's AdamW implementation
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-    else:
-        epoch, next_iter = -1, 0  # weights only: start the schedule from the beginning
+    if 0 < next_iter < iters_per_epoch and layout:
+        saved = ckpt.get("args")
+        saved = saved if isinstance(saved, dict) else dict(vars(saved)) if saved is not None else {}
+        differ = [f"--{k} {saved[k]} then, {v} now" for k, v in layout.items()
+                  if k in saved and int(saved[k]) != int(v)]
+        if differ:
+            raise ValueError(f"{path} stopped in the middle of epoch {epoch} (iteration {next_iter}) with another "
+                             f"batch layout ({'; '.join(differ)}): its position counts that run's iterations. "
+                             "Resume with the same --batch_size, --accum_iter and number of processes, or from "
+                             "a checkpoint written at the end of an epoch (checkpoint-N.pth)")
+    load_optimizer_state(optimizer, ckpt["optimizer"])  # keeps this run's AdamW implementation
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     if 0 < next_iter < iters_per_epoch:
         start_epoch, skip = epoch, next_iter
     else:
         start_epoch, skip = epoch + 1, 0
     step = ckpt.get("step")
     if step is None:
-        step = (start_epoch * iters_per_epoch + skip) // max(accum_iter, 1)
+        # official checkpoints: every completed epoch took iters_per_epoch // accum_iter steps (a last partial
+        # group is dropped), then the steps of this epoch's first `skip` iterations
+        accum = max(accum_iter, 1)
+        step = start_epoch * (iters_per_epoch // accum) + skip // accum
     if restore_rng and isinstance(ckpt.get("rng"), dict):
         set_rng_state(ckpt["rng"])
     return {"start_epoch": start_epoch, "skip_iters": skip, "step": int(step), "path": str(path)}

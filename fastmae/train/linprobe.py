@@ -176,7 +176,8 @@ def linear_probe(model, train_data, val_data, *, pool: str = "cls", num_classes:
 def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2, builtin_size: int = 5000,
                    seed: int = 0):
     """(train, val, class names) as EvalDatasets: the built-in set's train/val splits; a folder's train/ and
-    val/ subfolders; or one folder split at random (by seed) into 1 - val_fraction / val_fraction."""
+    val/ subfolders; or one folder (the `train/` subfolder where there is no `val/`, as `fastmae pretrain`
+    reads it) split at random (by seed) into 1 - val_fraction / val_fraction."""
     from .data import BUILTIN, DataError, EvalDataset, ImageFolder, open_dataset
     if data_path in (None, "", BUILTIN):
         train = open_dataset(None, input_size=input_size, split="train", builtin_size=builtin_size, seed=seed)
@@ -188,6 +189,8 @@ def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2
         if train.classes != val.classes:
             raise DataError(f"train/ and val/ of {root} have different classes")
         return EvalDataset(train, input_size), EvalDataset(val, input_size), train.classes
+    if (root / "train").is_dir():
+        root = root / "train"  # no val/ beside it: split train/ itself
     base = ImageFolder(root)
     if len(base.classes) < 2:
         raise DataError(f"{root} holds no class subfolders; a linear probe needs labelled images "

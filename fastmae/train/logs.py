@@ -107,12 +107,19 @@ def _duration(seconds: float) -> str:
 
 
 def read_step_log(output_dir: str | Path) -> list[dict]:
-    """The records of `train_steps.jsonl` (all runs appended, resumed ones included)."""
+    """The records of `train_steps.jsonl`, one per (epoch, iteration) in that order. Every run appends to the
+    file; where a run resumed from an earlier point than the last one recorded (after a crash, from
+    `checkpoint-last.pth` of the last finished epoch), the later record of an iteration replaces the earlier."""
     path = Path(output_dir) / STEP_LOG
     if not path.is_file():
         return []
+    latest = {}
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                latest[(record["epoch"], record["iter"])] = record
+    return [latest[key] for key in sorted(latest)]
 
 
 def plot_loss_curve(output_dir: str | Path) -> Path | None:

@@ -79,10 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes")
     g.add_argument("--pin_mem", action="store_true",
                    help="pin CPU memory in the DataLoader for faster transfer to the GPU")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
     p.set_defaults(pin_mem=True)
     g.add_argument("--world_size", default=1, type=int,
-                   help="number of processes (read from the launcher's environment)")
+                   help="number of processes; kept for the official command lines, the launcher's environment "
+                        "(torchrun's WORLD_SIZE) decides")
     g.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                    help="set by torch.distributed.launch; torchrun sets LOCAL_RANK instead")
     g.add_argument("--dist_on_itp", action="store_true", help="read ranks from OpenMPI variables (ITP clusters)")
@@ -135,7 +136,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # bf16 in hardware from sm_80 (Ampere) on; `torch.cuda.is_bf16_supported()` also counts the emulated
+        # bf16 of older GPUs, which is slower than fp16 there, and asks about the current device, not `device`
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     return "fp32"
 
 
@@ -169,8 +172,16 @@ def _check_args(args) -> None:
         raise ValueError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if args.max_steps < 0 or args.num_workers < 0 or args.warmup_epochs < 0:
         raise ValueError("--max_steps, --num_workers and --warmup_epochs must not be negative")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: fastmae pretrain runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def train(args) -> PretrainResult:
@@ -210,6 +221,14 @@ def train(args) -> PretrainResult:
                                           seed=args.seed, num_workers=num_workers,
                                           pin_memory=args.pin_mem and device.type == "cuda")
         iters_per_epoch = len(sampler.sampler) // args.batch_size
+        if iters_per_epoch < args.accum_iter:
+            raise ValueError(f"--accum_iter {args.accum_iter} is more than the {iters_per_epoch} iterations of an "
+                             f"epoch ({len(sampler.sampler)} images per process, batch {args.batch_size}): no "
+                             "optimizer step would ever be taken; lower --accum_iter or --batch_size")
+        if iters_per_epoch % args.accum_iter:
+            say(f"warning: {iters_per_epoch} iterations per epoch are not a multiple of --accum_iter "
+                f"{args.accum_iter}: the last {iters_per_epoch % args.accum_iter} of each epoch are computed and "
+                "their gradients dropped, as in the official script")
 
         eff_batch = args.batch_size * args.accum_iter * info.world_size
         args.lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, info.world_size)
@@ -233,9 +252,15 @@ def train(args) -> PretrainResult:
         if resume_path is not None:
             where = ckpt_io.load_for_resume(resume_path, model_without_ddp, optimizer, scaler,
                                             allow_pickle=args.allow_pickle, iters_per_epoch=iters_per_epoch,
-                                            accum_iter=args.accum_iter, restore_rng=info.is_main)
-            start_epoch, skip_iters, step = where["start_epoch"], where["skip_iters"], where["step"]
-            say(f"resumed from {resume_path}: epoch {start_epoch}, iteration {skip_iters}, step {step}")
+                                            accum_iter=args.accum_iter, restore_rng=info.is_main,
+                                            layout={"batch_size": args.batch_size, "world_size": info.world_size,
+                                                    "accum_iter": args.accum_iter})
+            if where["start_epoch"] is None:
+                say(f"loaded the weights of {resume_path} (no optimizer state or epoch in it): training from "
+                    f"epoch {start_epoch} with a fresh optimizer")
+            else:
+                start_epoch, skip_iters, step = where["start_epoch"], where["skip_iters"], where["step"]
+                say(f"resumed from {resume_path}: epoch {start_epoch}, iteration {skip_iters}, step {step}")
 
         if info.distributed:
             ids = [info.local_rank] if device.type == "cuda" else None

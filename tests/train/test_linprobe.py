@@ -83,6 +83,12 @@ def test_linprobe_command_on_a_folder(tmp_path, capsys):
     assert result["num_classes"] == 3 and result["num_val"] == 7 and result["num_train"] == 29
     assert result["acc"] >= 0.99  # three flat colours: separable even with a random encoder
     assert result["classes"] == ["class0", "class1", "class2"]
+    # a train/ subfolder without val/ beside it, as `fastmae pretrain` reads folders: train/ is split
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (tmp_path / "data").rename(nested / "train")
+    probe_train, probe_val, classes = probe_datasets(str(nested), 32, val_fraction=0.2, seed=0)
+    assert classes == ["class0", "class1", "class2"] and (len(probe_train), len(probe_val)) == (29, 7)
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(flat / "a.png")

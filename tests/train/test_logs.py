@@ -53,3 +53,15 @@ def test_loss_curve_needs_matplotlib_only_optionally(tmp_path, monkeypatch, caps
     assert plot_loss_curve(tmp_path) is None
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert not (tmp_path / CURVE).exists()
+
+
+def test_the_step_log_keeps_the_latest_record_of_each_iteration(tmp_path):
+    """A run that crashed in epoch 1 and resumed from the end of epoch 0 records epoch 1's first iterations
+    twice: the reader keeps the resumed run's records, in (epoch, iteration) order."""
+    import json
+    from fastmae.train.logs import STEP_LOG
+    rows = [(0, 0, 1.0), (0, 1, 0.9), (1, 0, 0.8), (1, 1, 0.7), (1, 0, 0.75), (1, 1, 0.65), (1, 2, 0.6)]
+    (tmp_path / STEP_LOG).write_text("".join(json.dumps({"epoch": e, "iter": i, "step": 0, "loss": x, "lr": 0.0})
+                                             + "\n" for e, i, x in rows))
+    assert [(r["epoch"], r["iter"], r["loss"]) for r in read_step_log(tmp_path)] == \
+        [(0, 0, 1.0), (0, 1, 0.9), (1, 0, 0.75), (1, 1, 0.65), (1, 2, 0.6)]

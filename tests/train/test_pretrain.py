@@ -212,3 +212,84 @@ def test_resume_from_an_official_style_checkpoint(tmp_path, capsys):
     assert "optimizer: AdamW, fused implementation" in capsys.readouterr().out
     assert read_checkpoint(dst / "checkpoint-last.pth")["optimizer"]["param_groups"][0]["fused"] is True
     assert [s["epoch"] for s in read_step_log(dst)] == [1] * 4
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_its_batch_layout(tmp_path, capsys):
+    """A run stopped by --max_steps inside epoch 0 (batch 16, iteration 2 of 4) counts its position in batch-16
+    iterations: resuming it with batch 8 would repeat or skip samples, so it is refused with the reason."""
+    train(pretrain_args(tmp_path, "--max_steps", "2"))
+    assert run(pretrain_args(tmp_path, "--resume", "auto", "--batch_size", "8")) == 2
+    err = capsys.readouterr().err
+    assert "middle of epoch 0 (iteration 2)" in err and "--batch_size 16 then, 8 now" in err
+    assert run(pretrain_args(tmp_path, "--resume", "auto", "--accum_iter", "2")) == 2
+    assert "--accum_iter 1 then, 2 now" in capsys.readouterr().err
+    # at an epoch boundary the layout may change, as officially
+    train(pretrain_args(tmp_path, "--resume", "auto", "--max_steps", "4"))
+    r = train(pretrain_args(tmp_path, "--resume", "auto", "--batch_size", "8", "--epochs", "2"))
+    assert [s["epoch"] for s in read_step_log(tmp_path)][-8:] == [1] * 8 and len(r.losses) == 8
+
+
+def test_a_weights_only_file_keeps_start_epoch_and_official_steps_count_whole_groups(tmp_path, capsys):
+    """--resume with a file of weights alone loads them and trains from --start_epoch with a fresh optimizer
+    (the official rule); an official checkpoint's step count is whole accumulation groups per epoch."""
+    src = tmp_path / "src"
+    train(pretrain_args(src, "--epochs", "1"))
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": read_checkpoint(src / "checkpoint-0.pth")["model"]}, weights)
+    dst = tmp_path / "dst"
+    r = train(pretrain_args(dst, "--resume", str(weights), "--start_epoch", "1"))
+    assert "loaded the weights of" in capsys.readouterr().out
+    assert [s["epoch"] for s in read_step_log(dst)] == [1] * 4 and r.step == 4
+    assert torch.equal(_params(src / "checkpoint-0.pth")["norm.weight"], read_checkpoint(weights)["model"]["norm.weight"])
+
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    opt = torch.optim.AdamW(model.parameters())
+    official = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 2, "scaler": {}}
+    torch.save(official, tmp_path / "official.pth")
+    where = ckpt_io.load_for_resume(tmp_path / "official.pth", model, opt, None, iters_per_epoch=4, accum_iter=3,
+                                    restore_rng=False)
+    assert (where["start_epoch"], where["skip_iters"], where["step"]) == (3, 0, 3)  # 3 epochs of one step
+
+
+def test_accumulation_longer_than_an_epoch_is_refused_and_a_remainder_warned(tmp_path, capsys):
+    assert run(pretrain_args(tmp_path, "--accum_iter", "8")) == 2
+    assert "more than the 4 iterations of an epoch" in capsys.readouterr().err
+    r = train(pretrain_args(tmp_path, "--accum_iter", "3", "--epochs", "1"))
+    assert r.step == 1 and len(r.losses) == 4
+    assert "the last 1 of each epoch are computed and their gradients dropped" in capsys.readouterr().out
+
+
+def test_resume_auto_takes_a_numbered_file_written_after_the_last_one(tmp_path):
+    """Killed between writing checkpoint-N.pth and linking checkpoint-last.pth to it: the newer file wins."""
+    import os
+    model = fastmae.create_model("mae_vit_tiny_patch4")
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt_io.save(ckpt_io.make_checkpoint(model, opt, None, epoch=0, step=4, args={}), tmp_path, numbered=True)
+    assert ckpt_io.find_latest(tmp_path).name == "checkpoint-last.pth"  # a link to checkpoint-0.pth
+    ckpt_io.save(ckpt_io.make_checkpoint(model, opt, None, epoch=1, step=6, args={}, next_iter=2), tmp_path,
+                 numbered=False)
+    assert ckpt_io.find_latest(tmp_path).name == "checkpoint-last.pth"  # mid-epoch 1, newer than epoch 0
+    newer = tmp_path / "checkpoint-1.pth"
+    torch.save(ckpt_io.make_checkpoint(model, opt, None, epoch=1, step=8, args={}), newer)
+    last_ns = (tmp_path / "checkpoint-last.pth").stat().st_mtime_ns
+    os.utime(newer, ns=(last_ns + 10 ** 9, last_ns + 10 ** 9))
+    assert ckpt_io.find_latest(tmp_path) == newer
+
+
+@pytest.mark.parametrize("major, expected", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_auto_precision_asks_the_chosen_gpu_for_hardware_bf16(monkeypatch, major, expected):
+    """`torch.cuda.is_bf16_supported()` also counts emulated bf16 (slow on pre-Ampere GPUs) and asks the
+    current device: the choice is made on the compute capability of the device the run uses."""
+    from fastmae.train.pretrain import resolve_precision
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (major, 0))
+    assert resolve_precision("auto", torch.device("cuda", 1)) == expected
+    assert asked == [torch.device("cuda", 1)]
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "is not a device"), ("meta", "runs on cpu or cuda")])
+def test_a_bad_device_is_a_clear_error(tmp_path, capsys, device, message):
+    assert run(pretrain_args(tmp_path, "--device", device)) == 2
+    assert message in capsys.readouterr().err

@@ -13,11 +13,22 @@ from .. import ops
 from .lean import norm_linear, norm_mlp
 
 
+def _square(name: str, size) -> int:
+    """An int, or a (h, w) pair with h == w as timm's layers accept it; MAE's grids are square."""
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"{name} must be an int or a square (h, w) pair, got {tuple(size)}")
+        size = size[0]
+    return int(size)
+
+
 class PatchEmbed(nn.Module):
     """Image [N, C, H, W] -> patch tokens [N, L, D] with a Conv2d(C, D, kernel=p, stride=p) named `proj`."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
+                 in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
+        img_size, patch_size = _square("img_size", img_size), _square("patch_size", patch_size)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.img_size = (img_size, img_size)

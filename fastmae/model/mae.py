@@ -45,6 +45,7 @@ class MaskedAutoencoderViT(nn.Module):
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        patch_size = self.patch_embed.patch_size[0]  # an int, also when given as timm's (p, p) pair
         num_patches = self.patch_embed.num_patches
         if mask_strategy == "grid" and self.patch_embed.grid_size[0] % 2:
             raise ValueError(f"grid masking needs an even number of patches per side, got {self.patch_embed.grid_size[0]}")
@@ -111,19 +112,22 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ------------------------------------------------------------------------------------- pixels
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs: [N, C, H, W] -> x: [N, L, p*p*C] in the official (p, q, c) order."""
-        self.check_images(imgs)
+        """imgs: [N, C, H, W] -> x: [N, L, p*p*C] in the official (p, q, c) order. As officially, any square
+        image whose side the patch divides, of any dtype (not only the size the model was built for)."""
+        self.check_images(imgs, any_size=True, any_dtype=True)
         return ops.reference.patchify(imgs, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, L, p*p*C] -> imgs: [N, C, H, W]."""
         return ops.reference.unpatchify(x, self.patch_size, self.in_chans)
 
-    def check_images(self, imgs: torch.Tensor) -> None:
+    def check_images(self, imgs: torch.Tensor, *, any_size: bool = False, any_dtype: bool = False) -> None:
+        """Raise a clear error unless `imgs` is what the model takes: [N, C, H, W] floats, C = in_chans, square,
+        of the size it was built for (`any_size`: any side the patch divides; `any_dtype`: integers too)."""
         if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
             raise ValueError(f"images must be a [N, C, H, W] tensor, got "
                              f"{tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__}")
-        if not imgs.is_floating_point():
+        if not any_dtype and not imgs.is_floating_point():
             raise TypeError(f"images must be float32, float16 or bfloat16, got {imgs.dtype}")
         n, c, h, w = imgs.shape
         if c != self.in_chans:
@@ -133,19 +137,25 @@ class MaskedAutoencoderViT(nn.Module):
         if h % self.patch_size:
             raise ValueError(f"image side {h} is not divisible by the patch size {self.patch_size}")
         expected = self.patch_embed.img_size[0]
-        if h != expected:
+        if h != expected and not any_size:
             raise ValueError(f"this model was built for {expected}x{expected} images, got {h}x{w} "
                              f"(build it with img_size={h}, or load weights with fastmae.load_checkpoint, "
                              f"which resizes position embeddings)")
 
     # ------------------------------------------------------------------------------------ masking
-    def masking_ids(self, n: int, mask_ratio: float, noise: torch.Tensor | None = None, device=None):
+    def masking_ids(self, n: int, mask_ratio: float, noise: torch.Tensor | None = None, device=None,
+                    length: int | None = None):
         """Indices of one masking draw: (ids_shuffle [N, L], ids_restore [N, L], len_keep, mask [N, L]).
 
-        Small noise is kept; mask is 0 for kept and 1 for removed patches, in patch order.
+        Small noise is kept; mask is 0 for kept and 1 for removed patches, in patch order. L is `length`, or the
+        model's patch count. Grid masking is a fixed pattern: it checks `noise`'s shape and does not use it.
         """
-        L = self.num_patches
+        L = self.num_patches if length is None else int(length)
+        if noise is not None and tuple(noise.shape) != (n, L):
+            raise ValueError(f"noise must be [N, L] = [{n}, {L}], got {tuple(noise.shape)}")
         if self.mask_strategy == "grid":
+            if L != self.num_patches:
+                raise ValueError(f"grid masking works on this model's {self.num_patches} patches, got {L} tokens")
             if abs(mask_ratio - 0.75) > 1e-9:
                 raise ValueError(f"grid masking keeps one patch of every 2x2 cell (mask_ratio 0.75), got {mask_ratio}")
             g = self.patch_embed.grid_size[0]
@@ -157,8 +167,6 @@ class MaskedAutoencoderViT(nn.Module):
                 raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
             if noise is None:
                 noise = torch.rand(n, L, device=device)
-        if tuple(noise.shape) != (n, L):
-            raise ValueError(f"noise must be [N, L] = [{n}, {L}], got {tuple(noise.shape)}")
         len_keep = int(L * (1 - mask_ratio))
         if len_keep < 1:
             raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
@@ -176,7 +184,7 @@ class MaskedAutoencoderViT(nn.Module):
         x: [N, L, D] -> (x_masked [N, len_keep, D], mask [N, L] with 0 keep / 1 remove, ids_restore [N, L]).
         """
         n, L, d = x.shape
-        ids_shuffle, ids_restore, len_keep, mask = self.masking_ids(n, mask_ratio, noise, x.device)
+        ids_shuffle, ids_restore, len_keep, mask = self.masking_ids(n, mask_ratio, noise, x.device, length=L)
         x_masked = torch.gather(x, 1, ids_shuffle[:, :len_keep].unsqueeze(-1).expand(-1, -1, d))
         return x_masked, mask, ids_restore
 

@@ -21,7 +21,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     q, k, v: [B, H, N, D] (the SDPA layout); returns [B, H, N, D] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = (q @ k.transpose(-2, -1)) * scale  # timm 0.3.2's order: the scale after the product
     attn = attn.softmax(dim=-1)
     return attn @ v
 
@@ -119,6 +119,8 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
     `(t - mean) / sqrt(var + 1e-6)`. Returns a 0-dim fp32 tensor; 0 when no patch is removed
     (the official code divides 0 by 0 there).
     """
+    if pred_ids is not None and pred_ids.shape[1] == 0:
+        return pred.float().sum() * 0.0  # no removed patch to score (mask_ratio 0); still in pred's graph
     target = patchify(imgs, patch_size)
     if pred_ids is not None:
         target = torch.gather(target, 1, pred_ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))

@@ -38,6 +38,7 @@ ENV_VAR = "FASTMAE_BACKEND"
 BackendSpec = Union[None, str, Mapping[str, str]]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)  # the plain PyTorch paths (reference, sdpa)
 
 
 class BackendUnavailable(RuntimeError):
@@ -78,7 +79,7 @@ class OpImpl:
     op: str
     backend: str
     fn: Callable
-    devices: tuple[str, ...] = ("cpu", "cuda")
+    devices: tuple[str, ...] | None = ("cpu", "cuda")  # None: any device PyTorch runs the code on
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     head_dims: tuple[int, int] | None = None  # inclusive range, attention only
     min_capability: tuple[int, int] | None = None  # CUDA compute capability
@@ -109,7 +110,7 @@ class OpImpl:
         """Plain sentences saying why this implementation cannot serve `inputs`; empty if it can."""
         out = self.install_reasons()
         dev = inputs.device.type
-        if dev not in self.devices:
+        if self.devices is not None and dev not in self.devices:
             out.append(f"{self.backend} runs on {' or '.join(self.devices)} tensors, not {dev}")
         if inputs.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
@@ -136,6 +137,7 @@ _DEFAULT_PRIORITY = {
     "cpu": ["sdpa", "reference"],
     "cuda": ["triton", "sdpa", "xformers", "reference"],
 }
+_OTHER_DEVICES = ["sdpa", "reference"]  # mps, xpu, meta, ...: the plain PyTorch paths
 _local = threading.local()
 
 
@@ -157,7 +159,7 @@ def set_priority(op: str, device_type: str, order: Sequence[str]) -> None:
 
 
 def priority(op: str, device_type: str) -> list[str]:
-    return list(_PRIORITY.get((op, device_type), _DEFAULT_PRIORITY.get(device_type, ["reference"])))
+    return list(_PRIORITY.get((op, device_type), _DEFAULT_PRIORITY.get(device_type, _OTHER_DEVICES)))
 
 
 def get_impl(op: str, backend: str) -> OpImpl | None:
@@ -208,8 +210,17 @@ def _name_for(spec: BackendSpec, op: str) -> str | None:
         name = _validate_name(spec)
         # a single name covers the ops that backend implements (xformers: attention only)
         return name if name == "auto" or (op, name) in _REGISTRY else None
+    _check_ops(spec)
     name = spec.get(op)
     return None if name is None else _validate_name(name)
+
+
+def _check_ops(spec: Mapping[str, str]) -> None:
+    """A per-op spec names ops only: a misspelt op would otherwise be ignored without a word."""
+    unknown = [op for op in spec if op not in OPS]
+    if unknown:
+        raise ValueError(f"unknown op(s) {', '.join(map(repr, unknown))} in a backend mapping; ops are "
+                         f"{', '.join(OPS)}")
 
 
 def _context_stack() -> list:
@@ -228,9 +239,8 @@ def use_backend(backend: BackendSpec) -> Iterator[None]:
     if isinstance(backend, str):
         _validate_name(backend)
     elif backend is not None:
-        for op, name in backend.items():
-            if op not in OPS:
-                raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        _check_ops(backend)
+        for name in backend.values():
             _validate_name(name)
     stack = _context_stack()
     stack.append(backend)
@@ -327,17 +337,28 @@ def _resolve(op: str, inputs: Inputs, backend: BackendSpec) -> OpImpl:
 
 
 _loaded = False
+_loading = False
+_load_lock = threading.RLock()
 
 
 def _ensure_loaded() -> None:
-    """Import the backend modules once; each registers its implementations."""
-    global _loaded
+    """Import the backend modules once; each registers its implementations. Other threads wait until the
+    registry is whole (a thread that saw it half-filled would take a missing backend for one not asked for);
+    a failed load is tried again, and fails again, at the next call."""
+    global _loaded, _loading
     if _loaded:
         return
-    _loaded = True
-    from . import reference_ops, sdpa_ops, triton_ops, xformers_ops  # noqa: F401
+    with _load_lock:
+        if _loaded or _loading:  # _loading: this thread, re-entering while it imports the modules
+            return
+        _loading = True
+        try:
+            from . import reference_ops, sdpa_ops, triton_ops, xformers_ops  # noqa: F401
 
-    load_priority_file(PRIORITY_FILE)
+            load_priority_file(PRIORITY_FILE)
+            _loaded = True
+        finally:
+            _loading = False
 
 
 PRIORITY_FILE = os.path.join(os.path.dirname(__file__), "priority.json")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .registry import OpImpl, register
+from .registry import ALL_FLOAT_DTYPES, OpImpl, register
 
 
 def attention(q, k, v, scale=None):
@@ -57,8 +57,9 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
     return torch.cat([x[:, :1, :], body], dim=1) + pos_embed
 
 
-register(OpImpl(op="attention", backend="sdpa", fn=attention))
-register(OpImpl(op="gather_patches", backend="sdpa", fn=gather_patches))
-register(OpImpl(op="gather_tokens", backend="sdpa", fn=gather_tokens))
-register(OpImpl(op="unshuffle_tokens", backend="sdpa", fn=unshuffle_tokens))
-register(OpImpl(op="masked_mse_loss", backend="sdpa", fn=reference.masked_mse_loss))
+_ANYWHERE = dict(devices=None, dtypes=ALL_FLOAT_DTYPES)  # plain PyTorch: any device, any float dtype
+register(OpImpl(op="attention", backend="sdpa", fn=attention, **_ANYWHERE))
+register(OpImpl(op="gather_patches", backend="sdpa", fn=gather_patches, **_ANYWHERE))
+register(OpImpl(op="gather_tokens", backend="sdpa", fn=gather_tokens, **_ANYWHERE))
+register(OpImpl(op="unshuffle_tokens", backend="sdpa", fn=unshuffle_tokens, **_ANYWHERE))
+register(OpImpl(op="masked_mse_loss", backend="sdpa", fn=reference.masked_mse_loss, **_ANYWHERE))

@@ -122,6 +122,14 @@ def test_mask_ratio_zero_gives_zero_loss_and_single_patch_works():
     assert mask.sum() == 0 and loss.item() == 0.0
     loss, pred, mask = model(torch.randn(1, 3, 16, 16), mask_ratio=15 / 16)
     assert mask.sum() == 15 and torch.isfinite(loss)
+    # predicting removed patches only, with nothing removed: 0, no warning from an empty variance, a gradient
+    model = small_model(norm_pix_loss=True, pred_masked_only=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, pred, mask = model(torch.randn(1, 3, 16, 16), mask_ratio=0.0)
+    loss.backward()
+    assert pred.shape == (1, 0, 48) and loss.item() == 0.0 and model.decoder_pred.weight.grad is not None
 
 
 def test_context_manager_env_and_per_call_choice(monkeypatch):
@@ -149,3 +157,70 @@ def test_torch_compile_traces_the_model_without_graph_breaks(backend):
     loss, pred, _ = model(imgs, noise=noise)
     assert_close(loss_c, loss, 1e-6, 1e-5, "loss")
     assert_close(pred_c, pred, 1e-5, 1e-5, "pred")
+
+
+def test_random_masking_sizes_by_its_input_as_officially():
+    """The official `random_masking` takes L from x, not from the model: any token count works."""
+    model = small_model()  # 16 patches
+    for L in (10, 25):
+        x = torch.randn(2, L, 8)
+        noise = torch.rand(2, L)
+        x_masked, mask, ids_restore = model.random_masking(x, 0.75, noise=noise)
+        keep = torch.argsort(noise, dim=1)[:, :int(L * 0.25)]
+        assert torch.equal(x_masked, torch.stack([x[i, keep[i]] for i in range(2)]))
+        assert mask.shape == ids_restore.shape == (2, L) and mask.sum().item() == 2 * (L - keep.shape[1])
+    with pytest.raises(ValueError, match="noise must be"):
+        model.random_masking(torch.randn(2, 10, 8), 0.75, noise=torch.rand(2, 16))
+
+
+def test_patchify_takes_any_square_divisible_image_and_timm_size_pairs():
+    """The official patchify asserts only a square side the patch divides; timm's layers take (h, w) pairs."""
+    model = small_model()  # built for 16 x 16
+    big = torch.randn(1, 3, 24, 24)
+    assert torch.equal(model.patchify(big)[0], patch_vectors(big[0], 4))
+    pixels = torch.randint(0, 255, (1, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(model.patchify(pixels)[0], patch_vectors(pixels[0], 4))
+    with pytest.raises(ValueError, match="square"):
+        model.patchify(torch.randn(1, 3, 16, 24))
+    with pytest.raises(ValueError, match="built for 16x16"):
+        model(big)  # the forward pass still needs the size of the position embeddings
+    pair = small_model(img_size=(16, 16), patch_size=(4, 4))
+    assert pair.patch_embed.img_size == (16, 16) and pair.num_patches == 16
+    with pytest.raises(ValueError, match="square"):
+        small_model(img_size=(16, 32))
+
+
+def test_grid_masking_checks_the_shape_of_noise_it_does_not_use():
+    model = small_model(mask_strategy="grid")
+    with pytest.raises(ValueError, match="noise must be"):
+        model(torch.randn(2, 3, 16, 16), mask_ratio=0.75, noise=torch.rand(2, 5))
+    a = model(torch.ones(2, 3, 16, 16), mask_ratio=0.75, noise=torch.rand(2, 16))[2]
+    b = model(torch.ones(2, 3, 16, 16), mask_ratio=0.75)[2]
+    assert torch.equal(a, b)
+
+
+def test_float64_and_other_devices_take_the_plain_pytorch_paths():
+    """reference and sdpa are plain PyTorch: float64 runs (as the official model does), and a device with no
+    measured order (here meta) gets sdpa, then reference."""
+    model = small_model()
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    loss32 = model(imgs, noise=noise)[0]
+    with fastmae.ops.record_choices() as served:
+        loss64, pred64, _ = model.double()(imgs.double(), noise=noise.double())
+    assert pred64.dtype == torch.float64 and set(served.values()) == {"sdpa"}
+    torch.testing.assert_close(loss64.double(), loss32.double(), atol=1e-5, rtol=1e-5)
+    meta = small_model().to("meta")
+    with fastmae.ops.record_choices() as served:
+        loss, pred, mask = meta(torch.randn(2, 3, 16, 16, device="meta"))
+    assert pred.device.type == "meta" and pred.shape == (2, 16, 48) and set(served.values()) == {"sdpa"}
+    assert fastmae.ops.priority("attention", "mps") == ["sdpa", "reference"]
+
+
+def test_reference_attention_scales_after_the_product_as_timm():
+    """The official (timm 0.3.2) order is (q @ k^T) * scale; at head dim 32 (scale not a power of two) it is
+    not bit for bit (q * scale) @ k^T in bf16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 32, dtype=torch.bfloat16) for _ in range(3))
+    scale = 32 ** -0.5
+    expected = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+    assert torch.equal(fastmae.ops.reference.attention(q, k, v, scale), expected)

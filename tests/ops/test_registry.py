@@ -69,6 +69,46 @@ def test_bad_names_are_errors(monkeypatch):
     monkeypatch.setenv(ops.ENV_VAR, "attention=nope")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         ops.requested("attention")
+    monkeypatch.delenv(ops.ENV_VAR)
+    # a misspelt op in a call's (or a model's) mapping is an error, not a mapping that silently names nothing
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="unknown op.*'atention'"):
+        ops.attention(q, q, q, backend={"atention": "reference"})
+
+
+def test_a_thread_waits_for_the_registry_to_load_and_a_failed_load_is_retried(monkeypatch):
+    """While one thread loads the registry, another must not see it half-filled (it would take a backend missing
+    from it for one not asked for); a load that fails is not marked done."""
+    import threading
+    import time
+    real = registry.load_priority_file
+    entered, order = threading.Event(), []
+
+    def slow(path):
+        entered.set()
+        time.sleep(0.3)
+        order.append("loaded")
+        return real(path)
+
+    monkeypatch.setattr(registry, "load_priority_file", slow)
+    monkeypatch.setattr(registry, "_loaded", False)
+    loader = threading.Thread(target=registry._ensure_loaded)
+    loader.start()
+    assert entered.wait(5)
+    registry._ensure_loaded()  # this thread waits for the loader
+    order.append("returned")
+    loader.join()
+    assert order == ["loaded", "returned"] and registry._loaded
+
+    def fails(path):
+        raise OSError("unreadable priority file (simulated)")
+
+    monkeypatch.setattr(registry, "load_priority_file", fails)
+    monkeypatch.setattr(registry, "_loaded", False)
+    for _ in range(2):  # the second call tries again instead of running on a half-loaded registry
+        with pytest.raises(OSError, match="simulated"):
+            registry._ensure_loaded()
+    assert not registry._loaded
 
 
 def test_priority_file(tmp_path, monkeypatch):

@@ -427,15 +427,21 @@ def _short_forward_fits(n_pad: int, d_pad: int, dtype: torch.dtype) -> bool:
     return n_pad <= (128 if dtype == torch.float32 else SHORT_MAX_N)
 
 
+_LARGE_SHARED_MEMORY_MAJORS = (9, 10)  # sm_90 (Hopper), sm_100 (B200/GB200): 227 KB of shared memory per block
+
+
 def _short_backward_fits(n_pad: int, d_pad: int, dtype: torch.dtype, capability: tuple[int, int]) -> bool:
     """Whether the one-program-per-head backward keeps K, V and the fp32 dK, dV tiles on chip without spills
     (measured with ptxas for sm_80 and sm_90). Hopper's wgmma reads its B operands from shared memory, so
-    it holds twice the tile of Ampere's mma, which needs them in registers."""
+    it holds twice the tile of Ampere's mma, which needs them in registers. The larger tiles need Hopper's
+    227 KB of shared memory per block: data-centre Blackwell (sm_100) has as much; the GPUs of compute
+    capability 8.x and 12.x (consumer and workstation Blackwell, no wgmma) have about 99 KB and take Ampere's
+    rule, as does any architecture not named here."""
     if n_pad > SHORT_MAX_N:
         return False
     if dtype == torch.float32:
         return n_pad <= 32 and d_pad <= 64
-    if capability >= (9, 0):
+    if capability[0] in _LARGE_SHARED_MEMORY_MAJORS:
         return n_pad * d_pad <= SHORT_BWD_MAX_TILE and (n_pad <= 128 or d_pad in (32, 64))
     return n_pad <= 64 or (n_pad == 128 and d_pad <= 32)
 
@@ -655,6 +661,21 @@ def _check_dtype_head_dim(dtype: torch.dtype, head_dim: int) -> None:
         raise ValueError(f"the Triton attention takes head dims 1 to {MAX_HEAD_DIM}, got {head_dim}")
 
 
+_I32_LIMIT = 2 ** 31
+
+
+def _head_span(t: torch.Tensor) -> int:
+    """The largest element offset inside one [N, D] slice of a [B, H, N, D] tensor. The kernels compute the
+    batch and head offsets in 64 bits and the offsets inside a head in 32."""
+    return (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
+
+
+def _i32_addressable(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy when its rows lie too far apart for 32-bit offsets inside a head (views of a
+    sequence-first [N, B, H * D] tensor at a large batch and length); no layout the model makes needs it."""
+    return t if _head_span(t) < _I32_LIMIT else t.contiguous()
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     """bf16 tiles go through fp32 under the interpreter, which holds bf16 as raw integers."""
     return dtype is torch.bfloat16 and interpreter_enabled()
@@ -677,6 +698,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     _check_inputs(q, k, v)
     check_device(q, k, v)
+    q, k, v = (_i32_addressable(t) for t in (q, k, v))
     B, H, N, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     out, lse = _new_outputs(q)
@@ -709,7 +731,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          f"{tuple(dout.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
     if lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError("attention_backward: lse must be the forward's contiguous fp32 [B, H, N] tensor")
-    dout = dout.to(q.dtype)
+    dout, q, k, v, out = (_i32_addressable(t) for t in (dout.to(q.dtype), q, k, v, out))
     scale = D ** -0.5 if scale is None else float(scale)
     if grads is None:
         dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -720,6 +742,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         if any(g.shape != q.shape or g.dtype != q.dtype or g.device != q.device for g in grads):
             raise ValueError(f"attention_backward: grads must be three {tuple(q.shape)} tensors of {q.dtype} on "
                              f"{q.device}")
+        if any(_head_span(g) >= _I32_LIMIT for g in grads):  # written in a layout the kernels can address
+            for g, fresh in zip(grads, attention_backward(dout, q, k, v, out, lse, scale, path)):
+                g.copy_(fresh)
+            return dq, dk, dv
     if dq.numel() == 0:
         return dq, dk, dv
     _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale, path)

@@ -182,7 +182,8 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     """Returns (loss: 0-dim fp32, g: [N, rows, P] in pred's dtype or None, denom: [1] fp32, mask32: [N, L] fp32).
 
     g (only when `write_grad`) holds 2 * w * (pred - target) / P at rows with w != 0 and is left unwritten
-    elsewhere; `masked_mse_loss_backward` turns it into grad_pred.
+    elsewhere; `masked_mse_loss_backward` turns it into grad_pred. `pred_ids` are not bounds-checked on the
+    device (as the token kernels' indices): each must be a patch index in [0, L).
     """
     n, c, gw, p, rows, P = _check(pred, imgs, mask, patch_size, pred_ids)
     pred = pred.contiguous()

@@ -108,7 +108,7 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tens
     if x.dim() != 3:
         raise ValueError(f"x must be [N, L, D] or [N, K, D], got {tuple(x.shape)}")
     _index("ids_keep", ids_keep, 2, x.shape[0])
-    if pos_embed.dim() != 3 or pos_embed.shape[-1] != x.shape[-1]:
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[-1] != x.shape[-1]:
         raise ValueError(f"pos_embed must be [1, L+1, D] with D = {x.shape[-1]}, got {tuple(pos_embed.shape)}")
     if not gathered and pos_embed.shape[1] != x.shape[1] + 1:
         raise ValueError(f"pos_embed has {pos_embed.shape[1]} rows, expected L+1 = {x.shape[1] + 1}")
@@ -127,7 +127,7 @@ def unshuffle_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
     L = ids_restore.shape[1]
     if x.dim() != 3 or x.shape[1] - 1 > L:
         raise ValueError(f"x must be [N, K+1, Dd] with K <= L = {L}, got {tuple(x.shape)}")
-    if tuple(pos_embed.shape[1:]) != (L + 1, x.shape[-1]):
+    if tuple(pos_embed.shape) != (1, L + 1, x.shape[-1]):
         raise ValueError(f"pos_embed must be [1, {L + 1}, {x.shape[-1]}], got {tuple(pos_embed.shape)}")
     inputs = Inputs(x.device, dtype, tensors={"x": x, "mask_token": mask_token, "pos_embed": pos_embed},
                     options={"op": "unshuffle_tokens"})

@@ -124,6 +124,37 @@ def test_backward_takes_strided_gradients(path, device):
             assert torch.equal(a, b), name
 
 
+def test_rows_too_far_apart_for_32_bit_offsets_are_copied():
+    """Inside a head the kernels address rows with 32-bit offsets: q as a view of a sequence-first packed
+    [N, B, 3*H*D] projection at B 256, H 16, D 64, N 8192 spans 8191 x 786432 elements. Such inputs are copied
+    first (meta tensors: no memory), the layouts MAE makes are passed as they are."""
+    seq_first = torch.empty(8192, 256, 3 * 16 * 64, device="meta", dtype=F16)
+    wide = seq_first.view(8192, 256, 3, 16, 64).permute(2, 1, 3, 0, 4)[0]  # q: [B, H, N, D]
+    assert wide.shape == (256, 16, 8192, 64) and attn._head_span(wide) >= 2 ** 31
+    assert attn._i32_addressable(wide).is_contiguous()
+    packed = torch.empty(512, 8192, 3 * 16 * 128, device="meta", dtype=F16)
+    for view in ops.split_qkv(packed, 16):
+        assert attn._i32_addressable(view) is view
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["short", "flash"])
+def test_the_copies_for_32_bit_offsets_give_the_same_numbers(path, device, monkeypatch):
+    """With the limit lowered so that packed views and the packed gradient count as too far apart, the forward
+    copies q, k, v and the backward writes the gradient of qkv through a fresh tensor: the same bits."""
+    skip_unless_serves("attention", "triton", device, F16, head_dim=32)
+    qkv = torch.randn(1, 40, 3 * 2 * 32, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=F16)
+    dout = torch.randn(1, 2, 40, 32, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=F16)
+    runs = []
+    for limit in (2 ** 31, 64 * 40):  # the packed views span 39 * 192 + 31 elements, a copy (1, 2, 40, 32) 1279
+        monkeypatch.setattr(attn, "_I32_LIMIT", limit)
+        x = qkv.clone().requires_grad_()
+        out = attn.attention_packed(x, 2, path=path)
+        (dqkv,) = torch.autograd.grad(out, x, dout)
+        runs.append((out, dqkv))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_traces_without_graph_break(device):
     skip_unless_serves("attention", "triton", device, F32, head_dim=32)
@@ -216,6 +247,13 @@ def test_paths_for_mae_shapes():
     assert attn.backward_path(197, 32, BF16, capability=(9, 0)) == "short"
     assert attn.backward_path(65, 80, BF16, capability=(9, 0)) == "short"
     assert attn.backward_path(197, 32, BF16, capability=(8, 0)) == "flash"
+    # compute capability 12.x (consumer Blackwell: no wgmma, about 99 KB of shared memory per block) and 8.6/8.9
+    # take Ampere's tiles: Hopper's at N 129-256 x D 64 or N 65-128 x D 128 need 110 KB there
+    for cap in ((8, 6), (8, 9), (12, 0), (12, 1)):
+        assert attn.backward_path(197, 64, BF16, capability=cap) == "flash"
+        assert attn.backward_path(65, 80, F16, capability=cap) == "flash"
+        assert attn.backward_path(50, 64, F16, capability=cap) == "short"
+    assert attn.backward_path(65, 80, BF16, capability=(10, 0)) == "short"
     assert attn.kernels_for(300, 64, F16) == ["fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"]
     with pytest.raises(ValueError, match="short"):
         attn.forward_path(300, 64, F16, "short")

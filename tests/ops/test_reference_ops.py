@@ -131,3 +131,14 @@ def test_sdpa_attention_matches_reference(shape, strided):
         assert_close(gs, gr, 1e-5, 1e-4, f"d{name}")
     out_scaled = ops.attention(q, k, v, scale=0.3, backend="sdpa")
     assert_close(out_scaled, reference.attention(q, k, v, scale=0.3), 1e-5, 1e-5, "scale")
+
+
+def test_token_ops_take_one_position_embedding_for_the_batch():
+    """pos_embed is [1, L+1, D]: a per-sample [N, L+1, D] one is refused (the kernels read one table for the
+    whole batch, and would silently give every sample the first sample's)."""
+    x, ids = torch.randn(2, 8, 4), torch.stack([torch.randperm(8)[:3] for _ in range(2)])
+    with pytest.raises(ValueError, match=r"pos_embed must be \[1, L\+1, D\]"):
+        ops.gather_tokens(x, ids, torch.randn(2, 9, 4), torch.randn(1, 1, 4))
+    ids_restore = torch.stack([torch.randperm(8) for _ in range(2)])
+    with pytest.raises(ValueError, match=r"pos_embed must be \[1, 9, 4\]"):
+        ops.unshuffle_tokens(torch.randn(2, 4, 4), ids_restore, torch.randn(1, 1, 4), torch.randn(2, 9, 4))

@@ -18,9 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
 
 
-@pytest.mark.skipif(os.environ.get("FASTMAE_SUITE_RUNNING") == "1", reason="already inside gpu_suite.sh")
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                    reason="needs bash and coreutils' timeout")
 def _probe_wheel(folder) -> str:
     """A minimal pure-Python wheel (one module), as a carried wheel would be; returns its module name."""
     import zipfile
@@ -38,6 +35,9 @@ def _probe_wheel(folder) -> str:
     return name
 
 
+@pytest.mark.skipif(os.environ.get("FASTMAE_SUITE_RUNNING") == "1", reason="already inside gpu_suite.sh")
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
 def test_cpu_quick_suite(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FASTMAE_SUITE_CPU_QUICK"}
     env.update(PYTHON=sys.executable, FASTMAE_RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"))
@@ -137,3 +137,15 @@ def test_a_run_stopped_from_outside_leaves_its_parts_in_out(tmp_path):
     assert any(n.endswith("/results.json") for n in names)
     assert "bench-ops\tok" in parts and "gpu-tests\tok" in parts
     assert not (out / "summary.md").exists()  # the run never reached its summary
+
+
+@pytest.mark.skipif(os.environ.get("FASTMAE_SUITE_RUNNING") == "1", reason="already inside gpu_suite.sh")
+def test_the_suite_does_not_start_itself_from_its_test_part(tmp_path):
+    """gpu_suite.sh runs the test suite with FASTMAE_SUITE_RUNNING=1: there the test above must skip, or the
+    GPU run would spend its test part on a nested CPU-quick run."""
+    env = {**os.environ, "FASTMAE_SUITE_RUNNING": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           f"{__file__}::test_cpu_quick_suite"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "1 skipped" in proc.stdout and "already inside gpu_suite.sh" in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -91,11 +91,14 @@ def gather_patches_bytes(b: int, k: int, p_pixels: int, img_es: int) -> dict[str
 
 def gather_tokens_bytes(b: int, L: int, k: int, d: int, es: int, gathered: bool) -> dict[str, float]:
     """Forward: read the K kept rows of x, the indices, pos_embed once and the class token; write [B, K+1, D].
-    Backward: read grad_out [B, K+1, D] and the indices; write grad_x ([B, L, D] with zeros for removed rows,
-    or [B, K, D] when gathered) and grad of the class token."""
+    Backward: read grad_out [B, K+1, D] and the indices; write grad_x [B, L, D] (zeros for removed rows) and
+    the grad of the class token. Gathered (x is already [B, K, D] in kept order): grad_x is grad_out's kept
+    rows, a view, so the backward reads only grad_out's class-token rows and writes the class token's grad."""
     fwd = es * (b * k * d + (L + 1) * d + d + b * (k + 1) * d) + b * k * IDX_BYTES
-    rows = k if gathered else L
-    bwd = es * (b * (k + 1) * d + b * rows * d + d) + b * k * IDX_BYTES
+    if gathered:
+        bwd = es * (b * d + d)
+    else:
+        bwd = es * (b * (k + 1) * d + b * L * d + d) + b * k * IDX_BYTES
     return {"fwd": fwd, "fwd+bwd": fwd + bwd}
 
 
@@ -107,11 +110,15 @@ def unshuffle_bytes(b: int, L: int, k: int, d: int, es: int) -> dict[str, float]
     return {"fwd": fwd, "fwd+bwd": fwd + bwd}
 
 
-def loss_bytes(b: int, L: int, p_pixels: int, es: int, img_es: int, mask_es: int = 4) -> dict[str, float]:
-    """Forward: read pred [B, L, P], the images [B, C, H, W] (= B * L * P pixels) and mask [B, L]; write a
-    scalar. Backward: read pred, images and mask again, write grad_pred [B, L, P]."""
-    fwd = b * L * p_pixels * (es + img_es) + b * L * mask_es + 4
-    bwd = b * L * p_pixels * (2 * es + img_es) + b * L * mask_es
+def loss_bytes(b: int, L: int, k: int, p_pixels: int, es: int, img_es: int, mask_es: int = 4) -> dict[str, float]:
+    """Only the R = L - K removed patches are scored. Forward: read the mask [B, L], and pred and the image
+    pixels at the removed patches only; write a scalar. Backward: read the mask, get each removed row's
+    residual either by reading pred and pixels again (R * P * (es + img_es) bytes) or by the forward writing it
+    in pred's dtype for the backward to read (2 * R * P * es), whichever is less; write grad_pred in full,
+    [B, L, P], zeros at kept rows."""
+    r = L - k
+    fwd = b * r * p_pixels * (es + img_es) + b * L * mask_es + 4
+    bwd = b * r * p_pixels * min(es + img_es, 2 * es) + b * L * p_pixels * es + b * L * mask_es
     return {"fwd": fwd, "fwd+bwd": fwd + bwd}
 
 
@@ -272,7 +279,7 @@ def loss_case(name: str, b: int, patch: int, dtype: torch.dtype, norm_pix: bool)
                       options={"op": "masked_mse_loss"})
 
     return OpCase("masked_mse_loss", name, {"B": b, "img": IMG, "p": patch, "L": L, "P": P, "norm_pix": norm_pix},
-                  dtype, build, call, reg, ("pred",), bytes=loss_bytes(b, L, P, es, 4))
+                  dtype, build, call, reg, ("pred",), bytes=loss_bytes(b, L, k, P, es, 4))
 
 
 def projection_case(name: str, tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype) -> OpCase:

@@ -125,9 +125,19 @@ def test_byte_counts_by_hand():
     u = ops_bench.unshuffle_bytes(1, 4, 1, 2, 2)
     fwd = 2 * (1 * 2 * 2 + 2 + 5 * 2 + 1 * 5 * 2) + 4 * 8
     assert u["fwd"] == fwd and u["fwd+bwd"] == fwd + 2 * (5 * 2 + 2 * 2 + 2) + 4 * 8
-    # the loss reads pred (bf16), images (fp32) and the mask (fp32)
-    lb = ops_bench.loss_bytes(1, 196, 768, 2, 4)
-    assert lb["fwd"] == 196 * 768 * (2 + 4) + 196 * 4 + 4
+    # the loss reads pred (bf16) and images (fp32) at the 147 removed patches of 196, and the mask (fp32); the
+    # backward gets the residual from a bf16 buffer the forward wrote (2 + 2 bytes a pixel, less than 2 + 4)
+    # and writes grad_pred at all 196 rows
+    lb = ops_bench.loss_bytes(1, 196, 49, 768, 2, 4)
+    assert lb["fwd"] == 147 * 768 * (2 + 4) + 196 * 4 + 4
+    assert lb["fwd+bwd"] == lb["fwd"] + 147 * 768 * (2 + 2) + 196 * 768 * 2 + 196 * 4
+    assert ops_bench.loss_bytes(1, 196, 49, 768, 4, 4)["fwd+bwd"] == \
+        147 * 768 * 8 + 196 * 4 + 4 + 147 * 768 * 8 + 196 * 768 * 4 + 196 * 4
+    # gather_tokens: B=1, L=4, K=2, D=2, es=2; gathered, grad_x is a view of grad_out: only the class row moves
+    g = ops_bench.gather_tokens_bytes(1, 4, 2, 2, 2, gathered=True)
+    assert g["fwd+bwd"] - g["fwd"] == 2 * (1 * 2 + 2)
+    g = ops_bench.gather_tokens_bytes(1, 4, 2, 2, 2, gathered=False)
+    assert g["fwd+bwd"] - g["fwd"] == 2 * (3 * 2 + 4 * 2 + 2) + 2 * 8
     case = ops_bench.gather_patches_case("x", 2, 16, torch.float32)
     fig = ops_bench.figures(case, "fwd", 2.0, Limits("cpu", "float32", 1, 1.0, 1, copy_gbps=100.0))
     assert fig["gbps"] == pytest.approx(case.bytes["fwd"] / 2e-3 / 1e9)

@@ -918,7 +918,7 @@ _HEAD_DIM_TILES = (16, 32, 64, 128)
 
 
 def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, n_pad: int | None = None,
-          note: str = "") -> CompileSpec:
+          note: str = "", aligned: bool = True) -> CompileSpec:
     fn = KERNELS[kernel]
     constexprs = {"BLOCK_M": cfg.block_m, "D_PAD": d_pad}
     if "BLOCK_N" in fn.arg_names:
@@ -944,10 +944,11 @@ def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, n_pa
     spec = CompileSpec(name=f"attention.{kernel}[{dt},{tiles}]{note}", fn=fn, signature=signature,
                        constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # With a head dim that is a multiple of 16 (every MAE model) all strides and head_dim are multiples of
-    # 16 as well (packed qkv views included), which Triton's launcher specializes (vector loads): the specs
-    # describe that case. Other head dims launch a less specialized variant: correct, slower, unlisted.
-    spec.divisible_by_16 = tuple(name for name in signature if name.startswith("s") and signature[name] == "i32")
-    spec.divisible_by_16 += ("head_dim",)
+    # 16 as well (packed qkv views included), which Triton's launcher specializes (vector loads): `aligned`
+    # specs describe that case. Other head dims launch a less specialized variant (`aligned=False`).
+    if aligned:
+        spec.divisible_by_16 = tuple(name for name in signature if name.startswith("s") and signature[name] == "i32")
+        spec.divisible_by_16 += ("head_dim",)
     return spec
 
 
@@ -975,6 +976,15 @@ def compile_specs() -> list[CompileSpec]:
                     specs.append(spec)
             for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
                 specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype)))
+    # A head dim that is not a multiple of 16 (the registry takes 16 to 128), here 24: its strides and head_dim
+    # are not multiples of 16 either, so Triton launches the least specialised variant. Every kernel once, in
+    # fp16, compiled by `make test`'s sample too.
+    for kernel in KERNELS:
+        n = 64 if kernel in _SHORT_KERNELS else SHORT_MAX_N + 1
+        spec = _spec(kernel, torch.float16, _pad(24), launch_settings(kernel, n, 24, torch.float16),
+                     _pad(n) if kernel in _SHORT_KERNELS else None, " (head dim 24, unaligned)", aligned=False)
+        spec.always_check = True
+        specs.append(spec)
     return specs + tuned_specs(tuned_table())
 
 

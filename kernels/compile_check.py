@@ -588,15 +588,19 @@ def _is_16bit(spec) -> bool:
 
 def representative(specs: Sequence) -> list:
     """A few configurations standing for all of them, for quick runs (the CPU test suite): per kernel
-    function, the one with the largest `tile_pressure` among those with fp16/bf16 data (the training
-    dtypes; among all when there are none), where registers and shared memory run out first, and the one
-    with the smallest `tile_pressure` (where tl.dot's minimum sizes bite); plus every spec marked
-    `always_check` (settings measured on a GPU and recorded, which few tests launch). The order of `specs` is
-    kept; the command line checks every configuration unless told `--sample`."""
+    function and set of architectures it is launched on (`archs`: a tile only sm_90 launches is not what
+    sm_80's largest is), the one with the largest `tile_pressure` among those with fp16/bf16 data (the
+    training dtypes; among all when there are none), where registers and shared memory run out first, and
+    the one with the smallest `tile_pressure` (where tl.dot's minimum sizes bite); plus every spec marked
+    `always_check` (settings measured on a GPU and recorded, which few tests launch, and variants no MAE
+    shape launches). The order of `specs` is kept; the command line checks every configuration unless told
+    `--sample`."""
     groups: dict[tuple, list] = {}
     for spec in specs:
         fn = _python_function(spec.fn)
-        groups.setdefault((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn))), []).append(spec)
+        key = (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
+               tuple(sorted(int(a) for a in (getattr(spec, "archs", None) or ()))))
+        groups.setdefault(key, []).append(spec)
     chosen = {id(s) for s in specs if getattr(s, "always_check", False)}
     for members in groups.values():
         half = [s for s in members if _is_16bit(s)] or members

@@ -57,7 +57,8 @@ def test_kernel_module_compiles(module, arch):
 
 
 def test_representative_sample():
-    """The sample keeps, per kernel function, its largest 16-bit tile and its smallest tile."""
+    """The sample keeps, per kernel function and set of architectures, its largest 16-bit tile and its smallest
+    tile."""
     def spec(name, block, dtype, warps=4):
         return CompileSpec(name, _add_kernel, {"x_ptr": dtype, "y_ptr": dtype, "out_ptr": dtype, "n": "i32"},
                            {"BLOCK": block}, num_warps=warps)
@@ -65,6 +66,10 @@ def test_representative_sample():
              spec("e", 4096, "*fp16", warps=8), CompileSpec("f", _hoard_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"},
                                                             {"BLOCK": 64})]
     assert [s.name for s in cc.representative(specs)] == ["a", "d", "f"]
+    # a larger tile launched on sm_90 only does not stand for sm_80's largest: each set of archs has its own
+    hopper = spec("g", 8192, "*fp16")
+    hopper.archs = (90,)
+    assert [s.name for s in cc.representative(specs + [hopper])] == ["a", "d", "f", "g"]
 
 
 # --- the checker itself --------------------------------------------------------------------------

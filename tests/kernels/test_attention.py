@@ -23,7 +23,9 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (B, H, N, D, dtype, layout, path, scale)
 CASES = [
     (1, 2, 1, 32, F32, "contiguous", "auto", None),
+    (2, 2, 1, 64, F16, "packed", "auto", None),
     (2, 2, 7, 64, F16, "contiguous", "auto", None),
+    (2, 2, 7, 32, F32, "packed", "flash", None),
     (2, 3, 50, 64, F32, "packed", "auto", None),  # MAE ViT-B/L encoder: 49 visible patches + class token
     (2, 3, 50, 64, F16, "packed", "auto", None),
     (1, 2, 50, 64, BF16, "packed", "auto", None),

@@ -63,9 +63,9 @@ def _leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
 
 # --- gather_patches ------------------------------------------------------------------------------
 
-# (N, C, p, grid h, grid w, kept K): L = 4, 64, 196, 256, one non-square image, a single kept patch
+# (N, C, p, grid h, grid w, kept K): L = 4, 64, 196, 256, one non-square image, a single kept patch, none removed
 PATCH_CASES = [(2, 1, 4, 2, 2, 2), (2, 3, 4, 8, 8, 16), (1, 3, 16, 14, 14, 49), (1, 1, 4, 16, 16, 25),
-               (2, 3, 5, 2, 3, 3), (2, 2, 8, 4, 4, 1)]
+               (2, 3, 5, 2, 3, 3), (2, 2, 8, 4, 4, 1), (2, 3, 4, 4, 4, 16)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -112,7 +112,7 @@ def _gather_tokens_case(device, dtype, L, D, K, gathered, with_cls, n=2):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gathered,with_cls", [(False, True), (True, True), (False, False), (True, False)])
-@pytest.mark.parametrize("L,D,K", TOKEN_CASES[:4])
+@pytest.mark.parametrize("L,D,K", TOKEN_CASES)
 def test_gather_tokens_matches_reference(device, dtype, gathered, with_cls, L, D, K):
     skip_unless_serves("gather_tokens", "triton", device, dtype)
     ids_keep, x32, pos32, cls32 = _gather_tokens_case(device, dtype, L, D, K, gathered, with_cls)

@@ -1,7 +1,9 @@
 """`fastmae bench attention`: the attention kernels side by side, at MAE's shapes over a range of batches and
 at long sequences, against every SDPA kernel and xformers.
 
-Cases (q, k, v as strided views of one packed projection, the model's layout):
+Cases (attention as the model calls it, `ops.attention_qkv` on one packed qkv projection: triton writes the
+projection's gradient in one piece, the others take q, k, v as strided views of it and autograd gathers their
+gradients into that layout, a copy the model makes too):
   MAE   the encoder and decoder of ViT-B/L/H at 75% masking (N = 50 and 197 for B and L, 65 and 257 for H;
         D = 64, 80, 32), for each batch in `batches`
   long  N in `long_ns` at head dims 64 and 128, 16 heads, batch `long_tokens` // N (16384 // N on a GPU)
@@ -29,7 +31,7 @@ import torch
 from ..kernels.utils import launch_capability  # torch only, never triton
 from .common import error_line
 from .limits import dtype_name
-from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, qkv_views, release_inputs
+from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, packed_qkv, release_inputs
 from .timing import measure
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -100,7 +102,7 @@ def forced_path_case(case, n: int, d: int, dtype: torch.dtype, path: str, mode: 
         return None, f"the {path} path is what `triton` takes here (timed as triton)"
 
     def call(inp, backend):
-        return ka.attention(*qkv_views(inp), path=path)
+        return ka.attention_packed(*packed_qkv(inp), path=path)
 
     return replace(case, call=call), None
 

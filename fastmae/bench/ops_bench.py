@@ -164,26 +164,25 @@ def release_inputs() -> None:
     _BUILT.clear()
 
 
-def qkv_views(inp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v [B, H, N, D] of an attention case's inputs: strided views of its packed [B, N, 3, H, D] qkv."""
-    return inp["qkv"].permute(2, 0, 3, 1, 4).unbind(0)
+def packed_qkv(inp: dict) -> tuple[torch.Tensor, int]:
+    """An attention case's input as the model hands it to `ops.attention_qkv`: the packed projection
+    [B, N, 3 * H * D] (a view of the case's [B, N, 3, H, D] tensor) and the number of heads."""
+    return inp["qkv"].flatten(2), inp["qkv"].shape[3]
 
 
 def attention_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype) -> OpCase:
+    """Attention as the model calls it: `ops.attention_qkv` on one packed qkv projection. Backends with a packed
+    form (triton) write the projection's gradient in one piece; the others take q, k, v as strided views of it,
+    and autograd gathers their three gradients into the projection's layout, as in the model."""
     def build(device, grad):
-        # the model's layout: q, k, v are strided views of one packed [B, N, 3, H, D] projection
-        qkv = _randn((b, n, 3, h, d), dtype, device, 1, grad)
-        return {"qkv": qkv}
-
-    views = qkv_views
+        return {"qkv": _randn((b, n, 3, h, d), dtype, device, 1, grad)}
 
     def call(inp, backend):
-        q, k, v = views(inp)
-        return ops.attention(q, k, v, backend=backend)
+        return ops.attention_qkv(*packed_qkv(inp), backend=backend)
 
     def reg(inp):
-        q, k, v = views(inp)
-        return Inputs(q.device, q.dtype, head_dim=d, tensors={"q": q, "k": k, "v": v}, options={"op": "attention"})
+        qkv, _ = packed_qkv(inp)
+        return Inputs(qkv.device, qkv.dtype, head_dim=d, tensors={"qkv": qkv}, options={"op": "attention"})
 
     return OpCase("attention", name, {"B": b, "H": h, "N": n, "D": d}, dtype, build, call, reg, ("qkv",),
                   flops=attention_flops(b, h, n, d))

@@ -1,15 +1,22 @@
 """The whole model on the triton backend against the reference: same weights and noise, loss, prediction and
-every parameter's gradient (on the CPU through Triton's interpreter, on CUDA when present)."""
+every parameter's gradient (on the CPU through Triton's interpreter, on CUDA when present).
+
+Tolerance: the suite's one rule (`tests.utils.assert_error_within_plain`), at the model's level: the ground
+truth is the reference path in float64, the plain path the reference in fp32; the triton model in fp32 may be
+off the ground truth by at most twice the plain path's error plus the fp32 floor.
+"""
+import copy
+
 import pytest
 import torch
 
 import fastmae
 from fastmae.ops.registry import Inputs
-from tests.utils import DEVICES, assert_close
+from tests.utils import DEVICES, assert_close, assert_error_within_plain
 
-# fp32 throughout: the paths differ by summation order only (attention, the loss reduction and the fused
-# scatters), so loss and gradients agree to ~1e-6 relative; the bound leaves room for 4 stacked blocks.
-ATOL, RTOL = 1e-5, 1e-4
+# compiled against eager on the same backend: the same kernels, but the traced graph may regroup PyTorch's own
+# operations (the accumulation of gradients, for one), so the two agree to rounding, not bit for bit
+COMPILED_ATOL, COMPILED_RTOL = 1e-5, 1e-4
 
 
 def skip_unless_triton(device):
@@ -39,13 +46,15 @@ def test_triton_model_matches_reference(device, norm_pix, pred_masked_only):
     noise = torch.rand(2, 64, device=device)
     l_ref, p_ref, m_ref, g_ref, s_ref = run(model, imgs, noise, "reference")
     l_tri, p_tri, m_tri, g_tri, s_tri = run(model, imgs, noise, "triton")
+    l_64, p_64, m_64, g_64, _ = run(copy.deepcopy(model).double(), imgs.double(), noise.double(), "reference")
     assert set(s_ref.values()) == {"reference"} and set(s_tri.values()) == {"triton"}
-    assert torch.equal(m_ref, m_tri)
-    assert_close(l_tri, l_ref, ATOL, RTOL, "loss")
-    assert_close(p_tri, p_ref, ATOL, RTOL, "pred")
-    assert g_ref.keys() == g_tri.keys() and "patch_embed.proj.weight" in g_tri and "mask_token" in g_tri
+    assert torch.equal(m_ref, m_tri) and torch.equal(m_ref, m_64.float())
+    assert_error_within_plain(l_tri, l_ref, l_64, "loss")
+    assert_error_within_plain(p_tri, p_ref, p_64, "pred")
+    assert g_ref.keys() == g_tri.keys() == g_64.keys()
+    assert "patch_embed.proj.weight" in g_tri and "mask_token" in g_tri
     for k in g_ref:
-        assert_close(g_tri[k], g_ref[k], ATOL, RTOL, f"grad {k}")
+        assert_error_within_plain(g_tri[k], g_ref[k], g_64[k], f"grad {k}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,10 +88,10 @@ def test_triton_model_compiles_without_graph_breaks(device, pred_masked_only):
     model.zero_grad()
     loss, pred, _ = compiled(imgs, noise=noise)
     loss.backward()
-    assert_close(loss.detach(), eager[0], ATOL, RTOL, "loss")
-    assert_close(pred.detach(), eager[1], ATOL, RTOL, "pred")
+    assert_close(loss.detach(), eager[0], COMPILED_ATOL, COMPILED_RTOL, "loss")
+    assert_close(pred.detach(), eager[1], COMPILED_ATOL, COMPILED_RTOL, "pred")
     for k, p in model.named_parameters():
         if p.grad is not None:
-            assert_close(p.grad, eager[3][k], ATOL, RTOL, f"grad {k}")
+            assert_close(p.grad, eager[3][k], COMPILED_ATOL, COMPILED_RTOL, f"grad {k}")
     with torch.no_grad():  # the no-grad loss path is an op too
-        assert_close(compiled(imgs, noise=noise)[0], eager[0], ATOL, RTOL, "no-grad loss")
+        assert_close(compiled(imgs, noise=noise)[0], eager[0], COMPILED_ATOL, COMPILED_RTOL, "no-grad loss")

@@ -287,7 +287,8 @@ def test_compile_specs_cover_every_launch():
         assert all(t in ("*fp16", "*bf16", "*fp32", "i32", "fp32") for t in spec.signature.values()), spec.name
         assert set(spec.divisible_by_16) <= set(spec.signature), spec.name
         constexprs = tuple(sorted((k, v) for k, v in spec.constexprs.items() if k.isupper()))
-        key = (spec.fn, spec.signature.get("Q", spec.signature.get("O")), constexprs, spec.num_warps, spec.num_stages)
+        key = (spec.fn, spec.signature.get("Q", spec.signature.get("O")), constexprs, spec.num_warps, spec.num_stages,
+               bool(spec.divisible_by_16))  # aligned (head dims multiples of 16) or the unaligned variant
         assert key not in listed, f"duplicate spec {spec.name}"
         listed[key] = spec
     pointer = {F32: "*fp32", F16: "*fp16", BF16: "*bf16"}
@@ -303,7 +304,8 @@ def test_compile_specs_cover_every_launch():
                             constexprs["BLOCK_N"] = cfg.block_n
                         if "UPCAST" in fn.arg_names:
                             constexprs["UPCAST"] = False
-                        key = (fn, pointer[dtype], tuple(sorted(constexprs.items())), cfg.num_warps, cfg.num_stages)
+                        key = (fn, pointer[dtype], tuple(sorted(constexprs.items())), cfg.num_warps, cfg.num_stages,
+                               True)
                         assert key in listed, f"{kernel} for N={n}, D={d}, {dtype}, sm{cap}: {cfg} not listed"
                         # a spec restricted to some architectures must cover every one that launches it
                         assert cap[0] * 10 in getattr(listed[key], "archs", (80, 90)), listed[key].name

@@ -221,6 +221,10 @@ log "results go to $RUN_DIR ($MODE)"
 
 # ---------------------------------------------------------------------------------------------- parts
 BENCH=("$PY" -m fastmae bench)
+# the training step's variants (fastmae.bench.train_bench.VARIANTS) in two GPU parts: eager, and torch.compile
+# with the eager pair they are compared with (tests/bench/test_gpu_suite_quick.py checks they cover them all)
+TRAIN_EAGER=fastmae,official-eager,reference+sdpa,fastmae+lean
+TRAIN_COMPILE=fastmae,official-eager,reference+compile,fastmae+compile
 
 # The attention tuner in whatever time the other parts left (at least 90 s), last: it records its winners in the
 # run folder (attention_tuned.json, with every measurement in tune.json), not in the kernels' own file, so the
@@ -240,7 +244,8 @@ tune_part() {
         --write "$RUN_DIR/attention_tuned.json" --out "$RUN_DIR"
 }
 if [ "$SLUG" = unknown-device ]; then
-    for p in warm gpu-tests bench-ops priority bench-attention encoder-vit-b encoder-vit-l train-vit-b train-vit-l tune; do
+    for p in warm gpu-tests bench-ops priority bench-attention encoder-vit-b encoder-vit-l train-vit-b train-vit-l \
+             train-compile-vit-b tune; do
         skip "$p" "fastmae could not be installed"
     done
 else
@@ -288,10 +293,15 @@ else
             --dtype bfloat16 --cuda-graphs --out "$RUN_DIR"
         run_part encoder-vit-l 50 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
             --dtype bfloat16 --out "$RUN_DIR"
-        run_part train-vit-b 100 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
-            --dtype bfloat16 --out "$RUN_DIR"
-        run_part train-vit-l 110 "${BENCH[@]}" train $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
-            --dtype bfloat16 --out "$RUN_DIR"
+        # the eager variants of both models first; the torch.compile ones (a cold Inductor build of the forward
+        # and backward each, the longest work here) in a part of their own afterwards, with the eager pair they
+        # are compared with timed again in the same run; what is left over goes to the tuner
+        run_part train-vit-b 70 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
+            --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
+        run_part train-vit-l 70 "${BENCH[@]}" train $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
+            --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
+        run_part train-compile-vit-b 150 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 \
+            --batch 64 --dtype bfloat16 --variants "$TRAIN_COMPILE" --out "$RUN_DIR"
         tune_part --shapes enc-B,enc-H,dec-16
         ;;
     cpu)
@@ -303,6 +313,7 @@ else
         run_part train-vit-b 300 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 4 \
             --out "$RUN_DIR"
         skip train-vit-l "ViT-L takes minutes per step on a small CPU; its shapes are GPU work"
+        skip train-compile-vit-b "train-vit-b runs every variant here (torch.compile ones when asked: --compile)"
         skip tune "tuning times Triton kernels on a GPU (cpu-quick mode checks its code paths)"
         ;;
     cpu-quick)
@@ -310,6 +321,7 @@ else
         skip encoder-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
         run_part train-vit-b 60 "${BENCH[@]}" train $Q --no-progress --out "$RUN_DIR"
         skip train-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
+        skip train-compile-vit-b "cpu-quick mode runs every variant in train-vit-b (the CPU's default skips compiling)"
         tune_part --quick --allow-interpreter --device cpu
         ;;
     esac

@@ -376,7 +376,10 @@ def _priority_source(stamp: dict) -> dict:
     if "shape" in stamp and isinstance(stamp["shape"], dict) and "B" in stamp["shape"]:
         src["batch"] = stamp["shape"]["B"]
     src["metric"] = ("median forward+backward time at MAE's shapes (forward for gather_patches); per op, the "
-                     "geometric mean over cases of each backend's time over the fastest backend's time")
+                     "geometric mean over cases of each backend's time over the fastest backend's time"
+                     + ("; on CUDA the GPU's time, without the host's time to issue the call (host_ms in the "
+                        "results): a training step at these batches keeps the GPU busy while the host runs ahead"
+                        if stamp.get("device_type") == "cuda" else ""))
     return src
 
 

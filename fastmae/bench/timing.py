@@ -19,7 +19,10 @@ the host's. Kernel benchmarks (`bench ops`, `bench attention`) pass `hide_launch
 the GPU is kept busy (`torch.cuda._sleep`, calibrated once per device) for twice the host time of one call
 measured in the warm-up plus 50 µs (at most `HOLD_MAX_S`), so the call is queued before the start event runs and the
 events time the GPU work alone. That host time is reported as `host_ms` either way. Model benchmarks (encoder,
-training step) keep the default: a step's host time is part of what a user waits for.
+training step) keep the default: a step's host time is part of what a user waits for. Without `hide_launch` the
+device is synchronised before each start event, so no call is issued ahead while the GPU still runs the previous
+one: otherwise, with functions interleaved, the backlog a GPU-bound function leaves (a low mask ratio) would let
+the host issue the next, host-bound one (a high ratio) before the GPU reached it, and hide its host time.
 """
 from __future__ import annotations
 
@@ -170,6 +173,8 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
                 if hold[name]:
                     torch.cuda._sleep(hold[name])
                 flush()
+                if not hold[name]:  # nothing queued ahead: the events see this call's host time (docstring)
+                    torch.cuda.synchronize(device)
                 start, end = events[name][i]
                 start.record()
                 fns[name]()
@@ -177,7 +182,9 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
         torch.cuda.synchronize(device)
         for name in names:
             samples[name] = [s.elapsed_time(e) for s, e in events[name]]
-        return {n: Timing.from_samples(samples[n], host_ms=host_s[n] * 1e3, launch_hidden=bool(hold[n]))
+        # hidden only where the hold outlasted the host's issuing of the call (it is capped at HOLD_MAX_S)
+        return {n: Timing.from_samples(samples[n], host_ms=host_s[n] * 1e3,
+                                       launch_hidden=bool(hold[n]) and hold[n] / rate >= host_s[n])
                 for n in names}
     else:
         for _ in range(reps):

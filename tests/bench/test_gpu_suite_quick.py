@@ -57,7 +57,8 @@ def test_cpu_quick_suite(tmp_path):
     assert subprocess.run([sys.executable, "-c", f"import {probe}"], capture_output=True).returncode != 0
     expected = {"wheels": "ok", "install": "skipped", "warm": "ok", "gpu-tests": "ok", "bench-ops": "ok",
                 "priority": "ok", "bench-attention": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
-                "train-vit-l": "skipped", "tune": "skipped" if interpreter_problem() else "ok"}
+                "train-vit-l": "skipped", "train-compile-vit-b": "skipped",
+                "tune": "skipped" if interpreter_problem() else "ok"}
     assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout[-3000:]
     # the sharded test runner ran a few CPU tests, each shard with its own verbose log
     shard_logs = sorted((run / "logs").glob("tests-shard*.log"))
@@ -149,3 +150,15 @@ def test_the_suite_does_not_start_itself_from_its_test_part(tmp_path):
                           timeout=120)
     assert proc.returncode == 0 and "1 skipped" in proc.stdout and "already inside gpu_suite.sh" in proc.stdout, \
         proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_the_gpu_parts_cover_every_training_variant():
+    """The GPU mode splits `bench train` into an eager part per model and a torch.compile part: together they
+    name every variant, and the compile part times the eager pair its speedups are stated against."""
+    from fastmae.bench.train_bench import VARIANTS
+    text = open(SCRIPT, encoding="utf-8").read()
+    eager = re.search(r"^TRAIN_EAGER=(\S+)$", text, re.M).group(1).split(",")
+    compiled = re.search(r"^TRAIN_COMPILE=(\S+)$", text, re.M).group(1).split(",")
+    assert set(eager) | set(compiled) == set(VARIANTS)
+    assert not any(VARIANTS[v]["compile"] for v in eager)
+    assert {"official-eager", "reference+compile"} <= set(compiled)

@@ -209,3 +209,21 @@ def test_hide_launch_times_the_gpu_work_alone():
     # is relative: without the host's 300 µs between the events, at most a third of the plain time
     assert hidden.launch_hidden and hidden.median_ms < plain.median_ms / 3, (hidden, plain)
     assert hidden.host_ms >= 0.3 and plain.host_ms >= 0.3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+def test_interleaved_timing_keeps_each_calls_host_time():
+    """A GPU-bound function (2 ms of GPU work) interleaved with a host-bound one (300 µs of host time before a
+    tiny kernel): the backlog the first leaves must not let the second be issued before its start event."""
+    assert sleep_cycles_per_s(torch.cuda.current_device()) > 1e8
+    cycles = int(2e-3 * sleep_cycles_per_s(torch.cuda.current_device()))
+    x = torch.zeros(1024, device="cuda")
+
+    def host_bound():
+        _busy_host(300e-6)
+        x.add_(1.0)
+
+    t = measure_interleaved({"gpu": lambda: torch.cuda._sleep(cycles), "host": host_bound}, "cuda", warmup=2,
+                            min_reps=10, max_reps=10)
+    assert t["gpu"].median_ms > 1.5 and t["host"].median_ms > 0.25, t

@@ -188,8 +188,8 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
         # weights only: no schedule position to continue from
         return {"start_epoch": None, "skip_iters": 0, "step": 0, "path": str(path)}
     epoch = int(ckpt["epoch"])
-    next_iter = int(ckpt.get("next_iter", 0))
-    if 0 < next_iter < iters_per_epoch and layout:
+    next_iter = int(ckpt.get("next_iter", 0))  # 0 for a finished epoch: > 0 only in the middle of one
+    if next_iter > 0 and layout:
         saved = ckpt.get("args")
         saved = saved if isinstance(saved, dict) else dict(vars(saved)) if saved is not None else {}
         differ = [f"--{k} {saved[k]} then, {v} now" for k, v in layout.items()
@@ -199,6 +199,9 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
                              f"batch layout ({'; '.join(differ)}): its position counts that run's iterations. "
                              "Resume with the same --batch_size, --accum_iter and number of processes, or from "
                              "a checkpoint written at the end of an epoch (checkpoint-N.pth)")
+        if next_iter >= iters_per_epoch:
+            raise ValueError(f"{path} stopped at iteration {next_iter} of epoch {epoch}, but an epoch of this run "
+                             f"has {iters_per_epoch} iterations: the dataset is not the one it was written with")
     load_optimizer_state(optimizer, ckpt["optimizer"])  # keeps this run's AdamW implementation
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])

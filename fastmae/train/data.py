@@ -207,16 +207,33 @@ def open_dataset(data_path: str | None, *, input_size: int, split: str = "train"
                  seed: int = 0, verify: bool = False, prefer_subdir: bool = True):
     """The dataset named by `data_path`: "builtin" / None / "" for the built-in set, else a folder.
 
-    Like the official scripts, a folder holding a `train` (or `val`) subfolder is read from that subfolder.
+    Like the official scripts, a folder holding a `train` (or `val`) split subfolder is read from that
+    subfolder (`split_folder`).
     """
     if data_path in (None, "", BUILTIN):
         from .synthetic import SyntheticShapes
         n = builtin_size if split == "train" else max(1, builtin_size // 5)
         return SyntheticShapes(n, image_size=input_size, seed=seed, split=split)
     root = Path(data_path).expanduser()
-    if prefer_subdir and (root / split).is_dir():
-        root = root / split
+    if prefer_subdir:
+        root = split_folder(root, split)
     return ImageFolder(root, verify=verify)
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """`root/split` when it is a split folder, else `root`. It is one when it holds class subfolders itself, or
+    when every subfolder of `root` is a split name (train/, val/, test/). A class that happens to be called
+    `train` beside other class folders (CIFAR-100 has one) is a class, not a split."""
+    sub = root / split
+    if not sub.is_dir():
+        return root
+    if any(d.is_dir() and not d.name.startswith(".") for d in sub.iterdir()):
+        return sub
+    others = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return sub if all(name in SPLIT_NAMES for name in others) else root
 
 
 class PretrainDataset(torch.utils.data.Dataset):

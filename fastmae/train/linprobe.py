@@ -178,7 +178,7 @@ def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2
     """(train, val, class names) as EvalDatasets: the built-in set's train/val splits; a folder's train/ and
     val/ subfolders; or one folder (the `train/` subfolder where there is no `val/`, as `fastmae pretrain`
     reads it) split at random (by seed) into 1 - val_fraction / val_fraction."""
-    from .data import BUILTIN, DataError, EvalDataset, ImageFolder, open_dataset
+    from .data import BUILTIN, DataError, EvalDataset, ImageFolder, open_dataset, split_folder
     if data_path in (None, "", BUILTIN):
         train = open_dataset(None, input_size=input_size, split="train", builtin_size=builtin_size, seed=seed)
         val = open_dataset(None, input_size=input_size, split="val", builtin_size=builtin_size, seed=seed)
@@ -189,8 +189,7 @@ def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2
         if train.classes != val.classes:
             raise DataError(f"train/ and val/ of {root} have different classes")
         return EvalDataset(train, input_size), EvalDataset(val, input_size), train.classes
-    if (root / "train").is_dir():
-        root = root / "train"  # no val/ beside it: split train/ itself
+    root = split_folder(root, "train")  # a train/ split without val/ beside it: split train/ itself
     base = ImageFolder(root)
     if len(base.classes) < 2:
         raise DataError(f"{root} holds no class subfolders; a linear probe needs labelled images "

@@ -155,6 +155,21 @@ def test_flat_folder_and_train_subfolder(tmp_path):
     _write_folder(root / "train", corrupt=False)
     ds = open_dataset(str(root), input_size=16)  # the official layout: data_path/train/<class>/...
     assert ds.root.endswith("train") and len(ds) == 6
+    # a flat train/ split alone is a split too; a class called "train" beside other classes is a class
+    alone = tmp_path / "alone"
+    (alone / "train").mkdir(parents=True)
+    for i in range(2):
+        _image(i).save(alone / "train" / f"{i}.jpg")
+    assert open_dataset(str(alone), input_size=16).root.endswith("train")
+    classes = tmp_path / "classes"
+    for name in ("bus", "tractor", "train"):
+        (classes / name).mkdir(parents=True)
+        for i in range(2):
+            _image(i).save(classes / name / f"{i}.jpg")
+    ds = open_dataset(str(classes), input_size=16)
+    assert ds.classes == ["bus", "tractor", "train"] and len(ds) == 6
+    from fastmae.train.linprobe import probe_datasets
+    assert probe_datasets(str(classes), 16)[2] == ["bus", "tractor", "train"]
 
 
 def test_missing_or_empty_folder_fails_clearly(tmp_path):

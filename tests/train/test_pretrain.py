@@ -223,6 +223,13 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_its_batch_layout(tmp_path, cap
     assert "middle of epoch 0 (iteration 2)" in err and "--batch_size 16 then, 8 now" in err
     assert run(pretrain_args(tmp_path, "--resume", "auto", "--accum_iter", "2")) == 2
     assert "--accum_iter 1 then, 2 now" in capsys.readouterr().err
+    # a larger batch has 2 iterations an epoch: iteration 2 is past its end, and still refused, not taken as
+    # the end of the epoch (which would skip the rest of epoch 0)
+    assert run(pretrain_args(tmp_path, "--resume", "auto", "--batch_size", "32")) == 2
+    assert "--batch_size 16 then, 32 now" in capsys.readouterr().err
+    # the same layout on fewer images: the position is past the end of this run's epoch
+    assert run(pretrain_args(tmp_path, "--resume", "auto", "--builtin_size", "32")) == 2
+    assert "the dataset is not the one it was written with" in capsys.readouterr().err
     # at an epoch boundary the layout may change, as officially
     train(pretrain_args(tmp_path, "--resume", "auto", "--max_steps", "4"))
     r = train(pretrain_args(tmp_path, "--resume", "auto", "--batch_size", "8", "--epochs", "2"))
@@ -240,7 +247,13 @@ def test_a_weights_only_file_keeps_start_epoch_and_official_steps_count_whole_gr
     r = train(pretrain_args(dst, "--resume", str(weights), "--start_epoch", "1"))
     assert "loaded the weights of" in capsys.readouterr().out
     assert [s["epoch"] for s in read_step_log(dst)] == [1] * 4 and r.step == 4
-    assert torch.equal(_params(src / "checkpoint-0.pth")["norm.weight"], read_checkpoint(weights)["model"]["norm.weight"])
+    # it trained from those weights: its first loss is the source run's model's loss on that batch, which a
+    # freshly initialised model does not give
+    fresh = train(pretrain_args(tmp_path / "fresh", "--start_epoch", "1", "--max_steps", "1"))
+    first = read_step_log(dst)[0]["loss"]
+    resumed = train(pretrain_args(tmp_path / "again", "--resume", str(weights), "--start_epoch", "1",
+                                  "--max_steps", "1"))
+    assert resumed.losses[0] == pytest.approx(first, abs=1e-6) and abs(fresh.losses[0] - first) > 1e-3
 
     model = fastmae.create_model("mae_vit_tiny_patch4")
     opt = torch.optim.AdamW(model.parameters())

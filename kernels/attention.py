@@ -683,9 +683,14 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward's (out, lse), as the kernels and the fake implementations allocate them: out [B, H, N, D] as
-    a view of a [B, N, H, D] buffer (merging the heads afterwards is free), lse [B, H, N] fp32."""
+    a view of a [B, N, H, D] buffer (merging the heads afterwards is free), lse [B, H, N] fp32. Where the rows
+    of that buffer lie too far apart for 32-bit offsets inside a head (about a million tokens at 16 x 128),
+    out is a plain contiguous [B, H, N, D] tensor instead."""
     B, H, N, D = q.shape
-    return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
+    lse = q.new_empty((B, H, N), dtype=torch.float32)
+    if (N - 1) * H * D + D - 1 < _I32_LIMIT:
+        return q.new_empty((B, N, H, D)).transpose(1, 2), lse
+    return q.new_empty((B, H, N, D)), lse
 
 
 @launches_on_device_of("q")
@@ -957,7 +962,7 @@ def compile_specs() -> list[CompileSpec]:
     kernels for every key tile 16..SHORT_MAX_N that `forward_path` / `backward_path` allow, and the flash
     kernels (settings independent of N). Two optional attributes beyond `CompileSpec`'s fields:
     `divisible_by_16` (the integer arguments a launch specializes as multiples of 16) and, on the short
-    backward configurations only sm_90 and newer pick, `archs = (90,)`."""
+    backward configurations only GPUs with Hopper's shared memory pick (sm_90, sm_100; not 12.x), `archs = (90,)`."""
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for d_pad in _HEAD_DIM_TILES:
@@ -976,9 +981,9 @@ def compile_specs() -> list[CompileSpec]:
                     specs.append(spec)
             for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
                 specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype)))
-    # A head dim that is not a multiple of 16 (the registry takes 16 to 128), here 24: its strides and head_dim
-    # are not multiples of 16 either, so Triton launches the least specialised variant. Every kernel once, in
-    # fp16, compiled by `make test`'s sample too.
+    # A head dim that is not a multiple of 16 (the registry takes 16 to 128), here 24, compiled with no integer
+    # taken as a multiple of 16: the least specialised case, which bounds the variants such head dims launch
+    # (some of their strides may still be multiples of 16). Every kernel once, in fp16, in `make test`'s sample.
     for kernel in KERNELS:
         n = 64 if kernel in _SHORT_KERNELS else SHORT_MAX_N + 1
         spec = _spec(kernel, torch.float16, _pad(24), launch_settings(kernel, n, 24, torch.float16),

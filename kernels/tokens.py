@@ -268,12 +268,22 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     return out
 
 
+def _one_table(op: str, pos_embed: torch.Tensor, d: int, rows: int | None = None) -> None:
+    """The kernels read pos_embed as one [rows, D] table for the whole batch: refuse a per-sample one (its
+    first sample's rows would serve every sample)."""
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[-1] != d or \
+            (rows is not None and pos_embed.shape[1] != rows):
+        want = f"[1, {rows if rows is not None else 'L+1'}, {d}]"
+        raise ValueError(f"{op}: pos_embed must be {want}, one table for the batch; got {tuple(pos_embed.shape)}")
+
+
 @launches_on_device_of("x")
 def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor,
                           cls_token: torch.Tensor | None, gathered: bool) -> torch.Tensor:
     """See `reference.gather_tokens`. x: [N, L, D] (or [N, K, D] if gathered) -> [N, K+1, D] / [N, K, D]."""
     check_device(x, ids_keep, pos_embed, cls_token)
     n, _, d = x.shape
+    _one_table("gather_tokens", pos_embed, d, None if gathered else x.shape[1] + 1)
     K = ids_keep.shape[1]
     has_cls = cls_token is not None
     x = _last_dim_contiguous(x)
@@ -339,6 +349,7 @@ def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_to
     check_device(x, ids_restore, mask_token, pos_embed)
     n, k1, d = x.shape
     L = ids_restore.shape[1]
+    _one_table("unshuffle_tokens", pos_embed, d, L + 1)
     x = _last_dim_contiguous(x)
     pos = _last_dim_contiguous(pos_embed.reshape(-1, d))
     mtok = mask_token.reshape(d).contiguous()

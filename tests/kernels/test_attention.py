@@ -137,6 +137,11 @@ def test_rows_too_far_apart_for_32_bit_offsets_are_copied():
     packed = torch.empty(512, 8192, 3 * 16 * 128, device="meta", dtype=F16)
     for view in ops.split_qkv(packed, 16):
         assert attn._i32_addressable(view) is view
+    # the forward's output: heads merged ([B, N, H, D] underneath) up to where that layout's rows leave 32 bits
+    out, _ = attn._new_outputs(torch.empty(2, 16, 8192, 128, device="meta", dtype=F16))
+    assert out.transpose(1, 2).is_contiguous()
+    out, _ = attn._new_outputs(torch.empty(1, 16, 1_100_000, 128, device="meta", dtype=F16))
+    assert out.is_contiguous() and attn._head_span(out) < 2 ** 31
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -157,6 +157,19 @@ def test_gather_tokens_refuses_pos_embed_requiring_grad(device):
         tokens.gather_tokens(x, torch.zeros(1, 2, dtype=torch.int64, device=device), pos)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_kernels_refuse_a_per_sample_position_table(device):
+    """The kernels read pos_embed as one table for the batch: [N, L+1, D] would give every sample the first
+    sample's rows, so their own entry points refuse it (not only fastmae.ops)."""
+    skip_unless_serves("gather_tokens", "triton", device, torch.float32)
+    ids_keep, ids_restore = _ids(2, 8, 3, device)
+    with pytest.raises(ValueError, match="one table for the batch"):
+        tokens.gather_tokens(torch.randn(2, 8, 16, device=device), ids_keep, torch.randn(2, 9, 16, device=device))
+    with pytest.raises(ValueError, match="one table for the batch"):
+        tokens.unshuffle_tokens(torch.randn(2, 4, 16, device=device), ids_restore, torch.randn(1, 1, 16, device=device),
+                                torch.randn(2, 9, 16, device=device))
+
+
 # --- unshuffle_tokens --------------------------------------------------------------------------
 
 def _unshuffle_inputs(device, L, D, K, n=2):

@@ -109,3 +109,17 @@ def test_readme_ops_table_shows_the_host_time_of_hidden_launches():
     assert "host's time to issue the call" in text
     cpu = "\n".join(ops_section([{**r, "device_type": "cpu", "launch_hidden": False} for r in recs]))
     assert "host" not in cpu
+
+
+def test_training_ratios_agree_across_two_runs_into_one_folder(tmp_path):
+    """As the GPU suite times the eager variants, then the compiled ones with the eager pair again: after the
+    second run every ratio in the folder is against the official-eager record the folder keeps."""
+    common = ["--quick", "--device", "cpu", "--no-progress", "--threads", "1", "--no-plots", "--out", str(tmp_path)]
+    assert main(["bench", "train", "--variants", "fastmae,official-eager,fastmae+lean", *common]) == 0
+    assert main(["bench", "train", "--variants", "fastmae,official-eager", *common]) == 0
+    recs = {r["backend"]: r for r in json.loads((tmp_path / "results.json").read_text()) if r["kind"] == "train"}
+    assert set(recs) == {"fastmae", "official-eager", "fastmae+lean"}
+    base = recs["official-eager"]
+    for r in recs.values():
+        assert r["vs_official_eager"] == pytest.approx(r["images_per_s"] / base["images_per_s"], rel=1e-12)
+        assert r["mem_vs_official_eager"] == pytest.approx(r["peak_mem_mb"] / base["peak_mem_mb"], rel=1e-12)

@@ -664,10 +664,14 @@ def _check_dtype_head_dim(dtype: torch.dtype, head_dim: int) -> None:
 _I32_LIMIT = 2 ** 31
 
 
+def _span(n: int, d: int, stride_n: int, stride_d: int) -> int:
+    """The largest element offset inside one [N, D] slice of a [B, H, N, D] tensor with those strides. The
+    kernels compute the batch and head offsets in 64 bits and the offsets inside a head in 32."""
+    return (n - 1) * abs(stride_n) + (d - 1) * abs(stride_d)
+
+
 def _head_span(t: torch.Tensor) -> int:
-    """The largest element offset inside one [N, D] slice of a [B, H, N, D] tensor. The kernels compute the
-    batch and head offsets in 64 bits and the offsets inside a head in 32."""
-    return (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
+    return _span(t.shape[2], t.shape[3], t.stride(2), t.stride(3))
 
 
 def _i32_addressable(t: torch.Tensor) -> torch.Tensor:
@@ -688,7 +692,7 @@ def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out is a plain contiguous [B, H, N, D] tensor instead."""
     B, H, N, D = q.shape
     lse = q.new_empty((B, H, N), dtype=torch.float32)
-    if (N - 1) * H * D + D - 1 < _I32_LIMIT:
+    if _span(N, D, H * D, 1) < _I32_LIMIT:  # the rows of the [B, N, H, D] buffer
         return q.new_empty((B, N, H, D)).transpose(1, 2), lse
     return q.new_empty((B, H, N, D)), lse
 

@@ -283,7 +283,6 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
     """See `reference.gather_tokens`. x: [N, L, D] (or [N, K, D] if gathered) -> [N, K+1, D] / [N, K, D]."""
     check_device(x, ids_keep, pos_embed, cls_token)
     n, _, d = x.shape
-    _one_table("gather_tokens", pos_embed, d, None if gathered else x.shape[1] + 1)
     K = ids_keep.shape[1]
     has_cls = cls_token is not None
     x = _last_dim_contiguous(x)
@@ -349,7 +348,6 @@ def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_to
     check_device(x, ids_restore, mask_token, pos_embed)
     n, k1, d = x.shape
     L = ids_restore.shape[1]
-    _one_table("unshuffle_tokens", pos_embed, d, L + 1)
     x = _last_dim_contiguous(x)
     pos = _last_dim_contiguous(pos_embed.reshape(-1, d))
     mtok = mask_token.reshape(d).contiguous()
@@ -561,6 +559,7 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tens
         raise ValueError(f"gathered x has {x.shape[1]} tokens but ids_keep keeps {ids_keep.shape[1]}")
     if cls_token is not None and cls_token.numel() != x.shape[-1]:
         raise ValueError(f"cls_token must hold D = {x.shape[-1]} values, got {tuple(cls_token.shape)}")
+    _one_table("gather_tokens", pos_embed, x.shape[-1], None if gathered else x.shape[1] + 1)
     return GatherTokensFunction.apply(x, ids_keep, pos_embed.detach(), cls_token, bool(gathered))
 
 
@@ -573,6 +572,7 @@ def unshuffle_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
                          f"{tuple(ids_restore.shape)}")
     if mask_token.numel() != x.shape[-1]:
         raise ValueError(f"mask_token must hold Dd = {x.shape[-1]} values, got {tuple(mask_token.shape)}")
+    _one_table("unshuffle_tokens", pos_embed, x.shape[-1], ids_restore.shape[1] + 1)
     return UnshuffleTokensFunction.apply(x, ids_restore, mask_token, pos_embed.detach())
 
 

@@ -210,7 +210,6 @@ def _name_for(spec: BackendSpec, op: str) -> str | None:
         name = _validate_name(spec)
         # a single name covers the ops that backend implements (xformers: attention only)
         return name if name == "auto" or (op, name) in _REGISTRY else None
-    _check_ops(spec)
     name = spec.get(op)
     return None if name is None else _validate_name(name)
 
@@ -253,6 +252,8 @@ def use_backend(backend: BackendSpec) -> Iterator[None]:
 def requested(op: str, backend: BackendSpec = None) -> str:
     """The backend name asked for op, by call, context or environment ("auto" if none)."""
     _ensure_loaded()
+    if backend is not None and not isinstance(backend, str):
+        _check_ops(backend)  # a call's own mapping; use_backend and the environment check theirs once
     for spec in (backend, *reversed(_context_stack()), _parse_env()):
         name = _name_for(spec, op)
         if name is not None:

@@ -166,6 +166,14 @@ def resolve_resume(resume: str, output_dir: str) -> Path | None:
     return path
 
 
+def saved_args(ckpt) -> dict:
+    """A checkpoint's `args` as a dict: fastmae's plain dict, the official script's argparse.Namespace, or {}."""
+    raw = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if raw is None:
+        return {}
+    return raw if isinstance(raw, dict) else dict(vars(raw))
+
+
 def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle: bool = False,
                     iters_per_epoch: int, accum_iter: int, restore_rng: bool = True,
                     layout: dict | None = None) -> dict:
@@ -190,8 +198,7 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
     epoch = int(ckpt["epoch"])
     next_iter = int(ckpt.get("next_iter", 0))  # 0 for a finished epoch: > 0 only in the middle of one
     if next_iter > 0 and layout:
-        saved = ckpt.get("args")
-        saved = saved if isinstance(saved, dict) else dict(vars(saved)) if saved is not None else {}
+        saved = saved_args(ckpt)
         differ = [f"--{k} {saved[k]} then, {v} now" for k, v in layout.items()
                   if k in saved and int(saved[k]) != int(v)]
         if differ:
@@ -234,9 +241,7 @@ def model_from_checkpoint(path: str | Path | None, *, model: str | None = None, 
     ckpt, saved = None, {}
     if path:
         ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
-        raw = ckpt.get("args") if isinstance(ckpt, dict) else None
-        if raw is not None:
-            saved = raw if isinstance(raw, dict) else dict(vars(raw))
+        saved = saved_args(ckpt)
     name = model or saved.get("model") or (default_model if not path else None)
     if not name:
         raise ValueError(f"{path} does not say which model it holds; pass --model (e.g. mae_vit_base_patch16)")

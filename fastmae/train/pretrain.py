@@ -253,8 +253,8 @@ def train(args) -> PretrainResult:
             where = ckpt_io.load_for_resume(resume_path, model_without_ddp, optimizer, scaler,
                                             allow_pickle=args.allow_pickle, iters_per_epoch=iters_per_epoch,
                                             accum_iter=args.accum_iter, restore_rng=info.is_main,
-                                            layout={"batch_size": args.batch_size, "world_size": info.world_size,
-                                                    "accum_iter": args.accum_iter})
+                                            layout={k: getattr(args, k) for k in ("batch_size", "world_size",
+                                                                                  "accum_iter")})
             if where["start_epoch"] is None:
                 say(f"loaded the weights of {resume_path} (no optimizer state or epoch in it): training from "
                     f"epoch {start_epoch} with a fresh optimizer")

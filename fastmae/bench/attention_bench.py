@@ -31,7 +31,7 @@ import torch
 from ..kernels.utils import launch_capability  # torch only, never triton
 from .common import error_line
 from .limits import dtype_name
-from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, packed_qkv, release_inputs
+from .ops_bench import attention_case, case_reasons, mae_dims, make_runner, release_inputs
 from .timing import measure
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -102,7 +102,7 @@ def forced_path_case(case, n: int, d: int, dtype: torch.dtype, path: str, mode: 
         return None, f"the {path} path is what `triton` takes here (timed as triton)"
 
     def call(inp, backend):
-        return ka.attention_packed(*packed_qkv(inp), path=path)
+        return ka.attention_packed(inp["qkv"], case.shape["H"], path=path)
 
     return replace(case, call=call), None
 

@@ -566,7 +566,7 @@ def _restate_train_ratios(recorder, records: list[dict], env: dict) -> None:
     with the eager pair again). The other run's records of this model, shape, dtype and mask ratio, from the
     same commit, versions and device, get their ratios (`vs_official_eager`, ...) restated against the records
     the folder keeps now, and this run's get the ratios only the other run can give; both are written back."""
-    from .records import STAMP_FIELDS, _results_in, record_key
+    from .records import STAMP_FIELDS, record_key
     from .train_bench import add_train_speedups
 
     ok = [r for r in records if r.get("kind") == "train"]
@@ -575,7 +575,7 @@ def _restate_train_ratios(recorder, records: list[dict], env: dict) -> None:
     group = ("model", "shape", "dtype", "mask_ratio")
     same_run = [k for k in STAMP_FIELDS if k != "date"]
     mine = {record_key(r) for r in ok}
-    other = [r for r in _results_in(recorder.out_dir)
+    other = [r for r in recorder.earlier()
              if r.get("kind") == "train" and record_key(r) not in mine
              and all(r.get(k) == ok[0].get(k) for k in group) and all(r.get(k) == env.get(k) for k in same_run)]
     if other:

@@ -164,24 +164,18 @@ def release_inputs() -> None:
     _BUILT.clear()
 
 
-def packed_qkv(inp: dict) -> tuple[torch.Tensor, int]:
-    """An attention case's input as the model hands it to `ops.attention_qkv`: the packed projection
-    [B, N, 3 * H * D] (a view of the case's [B, N, 3, H, D] tensor) and the number of heads."""
-    return inp["qkv"].flatten(2), inp["qkv"].shape[3]
-
-
 def attention_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype) -> OpCase:
     """Attention as the model calls it: `ops.attention_qkv` on one packed qkv projection. Backends with a packed
     form (triton) write the projection's gradient in one piece; the others take q, k, v as strided views of it,
     and autograd gathers their three gradients into the projection's layout, as in the model."""
-    def build(device, grad):
-        return {"qkv": _randn((b, n, 3, h, d), dtype, device, 1, grad)}
+    def build(device, grad):  # the packed projection [B, N, 3 * H * D], as the model hands it over
+        return {"qkv": _randn((b, n, 3 * h * d), dtype, device, 1, grad)}
 
     def call(inp, backend):
-        return ops.attention_qkv(*packed_qkv(inp), backend=backend)
+        return ops.attention_qkv(inp["qkv"], h, backend=backend)
 
     def reg(inp):
-        qkv, _ = packed_qkv(inp)
+        qkv = inp["qkv"]
         return Inputs(qkv.device, qkv.dtype, head_dim=d, tensors={"qkv": qkv}, options={"op": "attention"})
 
     return OpCase("attention", name, {"B": b, "H": h, "N": n, "D": d}, dtype, build, call, reg, ("qkv",),

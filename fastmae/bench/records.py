@@ -207,26 +207,27 @@ class Recorder:
         self.records: list[dict] = []
         self._old: list[dict] | None = None  # what the file held before this run, read once
         self._written = float("-inf")
-        self._unwritten = False
 
     def add(self, *records: dict) -> None:
         for r in records:  # stamped in place: figures added to a record later (speedups) are kept
             for k, v in self.env.items():
                 r.setdefault(k, v)
             self.records.append(r)
-        self._unwritten = True
         if self.out_dir:  # written when the process ends if not before (a SIGTERM from a time limit: see cli.run)
             _UNWRITTEN.add(self)
         if time.monotonic() - self._written >= self.interval_s:
             self.flush()
 
+    def earlier(self) -> list[dict]:
+        """The records the output folder held before this run (read once; [] without a folder)."""
+        if self._old is None:
+            self._old = _results_in(self.out_dir) if self.out_dir else []
+        return self._old
+
     def flush(self) -> None:
         if self.out_dir:
-            if self._old is None:
-                self._old = _results_in(self.out_dir)
-            write_results(self.out_dir, self.records, self._old)
+            write_results(self.out_dir, self.records, self.earlier())
             self._written = time.monotonic()
-            self._unwritten = False
             _UNWRITTEN.discard(self)
 
 

@@ -35,6 +35,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .common import error_line
+
 WORKLOAD_BATCH = 16
 BENCH_MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16")
 HIT_S = 0.075  # without Triton's compilation listener: a warm-up this fast loaded the kernel from the cache
@@ -86,10 +88,10 @@ def bench_workloads(models: Sequence[str] = BENCH_MODELS, dtype: str = "bf16", r
     75%, without norm_pix_loss as the official default) for `models`, in `dtype`."""
     from ..kernels.compile_check import _DTYPES, Workload
     from .cli import DEFAULTS, ENCODER_RATIOS
-    from .common import parse_list
+    from .common import parse_list, parse_ratios
 
     torch_dtype = getattr(torch, _DTYPES[dtype])
-    ratios = [float(r) for r in parse_list(ENCODER_RATIOS)] if ratios is None else ratios
+    ratios = parse_ratios(ENCODER_RATIOS) if ratios is None else ratios
     op_models = parse_list(DEFAULTS["ops"]["cuda"]["models"])
     att = DEFAULTS["attention"]["cuda"]
     att_models = parse_list(att["models"])
@@ -154,7 +156,6 @@ def collect(workloads: Sequence[tuple[str, Callable[[], None]]], arch: int) -> t
     """One recipe (kernel, encoded arguments, label) per distinct specialisation the workloads launch on a GPU of
     compute capability arch/10, and the errors of workloads that could not be recorded."""
     from ..kernels import compile_check as cc
-    from .common import error_line
 
     recipes: dict[tuple, dict] = {}
     errors = []
@@ -228,19 +229,16 @@ def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_p
         res = {"name": recipe["name"], "source": recipe["source"]}
         try:
             kernel = getattr(importlib.import_module(recipe["module"]), recipe["kernel"])  # outside the timing
-        except Exception as exc:  # noqa: BLE001
-            kernel, res["import_error"] = None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - reported per kernel
+            results.append({**res, "ok": False, "error": error_line(exc, 500), "seconds": 0.0, "cached": False})
+            continue
         t0 = time.perf_counter()
         try:
-            if kernel is None:
-                raise ImportError(res.pop("import_error"))
             args = [_decode(a) for a in recipe["args"]]
             kwargs = {k: _decode(v) for k, v in recipe["kwargs"].items()}
             compiled = kernel.run(*args, grid=(1,), warmup=True, **kwargs)
             res["ok"] = True
         except Exception as exc:  # noqa: BLE001 - reported per kernel
-            from .common import error_line
-
             compiled, res["ok"] = None, False
             res["error"] = error_line(exc, 500)
         res["seconds"] = time.perf_counter() - t0
@@ -249,7 +247,7 @@ def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_p
             try:
                 launcher_cls(compiled.src, compiled.metadata)
             except Exception as exc:  # noqa: BLE001 - the launch builds it again, and says why
-                res["launcher_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+                res["launcher_error"] = error_line(exc)
         results.append(res)
     if out_path:
         _write_json(out_path, {"results": results, "current": None})

@@ -66,7 +66,7 @@ def test_triton_model_is_deterministic(device):
     noise = torch.rand(2, 64, device=device)
     first = run(model, imgs, noise, "triton")
     second = run(model, imgs, noise, "triton")
-    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # loss and prediction
     for k in first[3]:
         assert torch.equal(first[3][k], second[3][k]), k
 

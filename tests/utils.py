@@ -5,6 +5,8 @@ err(fast, fp32 reference) <= ERROR_FACTOR x err(plain path in the same dtype) + 
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -21,6 +23,28 @@ def skip_unless_serves(op: str, backend: str, device, dtype, head_dim=None, **te
     reasons = ops.not_supported_reasons(op, backend, inputs)
     if reasons:
         pytest.skip("; ".join(reasons))
+
+
+@contextlib.contextmanager
+def launched_kernels():
+    """Record the Triton kernels launched inside the block (they still run, compiled or interpreted): yields a
+    list of (kernel function name, launch keyword arguments: the constexprs, num_warps, num_stages)."""
+    from fastmae.kernels import attention  # every kernel of the project is an object of this one class
+
+    cls = type(attention.KERNELS["fwd_short"])
+    original = cls.run
+    launched: list[tuple[str, dict]] = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            launched.append((self.fn.__name__, dict(kwargs)))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    cls.run = run
+    try:
+        yield launched
+    finally:
+        cls.run = original
 
 
 def describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
+from fastmae import ops
 from fastmae.bench import attention_bench as ab
 from fastmae.cli import main
 
-from ..utils import DEVICES
+from ..utils import DEVICES, launched_kernels
 
 QUICK = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
 THIRD_PARTY = ("sdpa-cudnn", "xformers")  # kernels fastmae does not own
@@ -23,6 +24,41 @@ def test_mae_and_long_shapes():
                                                   ("long N=8192 D=64", 2, 16, 8192, 64)]
     with pytest.raises(ValueError, match="unknown model size"):
         ab.mae_shapes(["X"])
+
+
+def test_each_implementation_runs_what_it_names(monkeypatch):
+    """What `bench attention` times under each name is that implementation: the registry serves the backend
+    the name stands for (sdpa for SDPA's forced kernels), and fastmae's forced paths launch that path's kernels
+    (checked on one call of each timed function; triton runs under the suite's interpreter)."""
+    seen = {}
+    measure = ab.measure
+
+    def spy(fn, device, **kw):
+        with ops.record_choices() as served, launched_kernels() as launched:
+            fn()
+        seen.update(served=dict(served), kernels={name for name, _ in launched})
+        return measure(fn, device, **kw)
+
+    monkeypatch.setattr(ab, "measure", spy)
+    cpu = torch.device("cpu")
+    timed = set()
+    for impl in ab.IMPLS:
+        seen.clear()
+        rec = ab.run_case("t", 1, 2, 50, 64, torch.float32, impl, "fwd+bwd", cpu, timing=QUICK,
+                          allow_interpreter=True)
+        if rec["status"] != "ok":
+            assert not seen, impl
+            continue
+        timed.add(impl)
+        if impl in ab.TRITON_PATHS:  # fastmae's kernels called directly, on the named path
+            path = ab.TRITON_PATHS[impl]
+            assert seen["served"] == {} and f"_attn_fwd_{path}" in seen["kernels"], (impl, seen)
+            assert not any(k.startswith("_attn_fwd_") and not k.endswith(path) for k in seen["kernels"]), seen
+        else:
+            assert seen["served"] == {"attention": ab.backend_of(impl)}, (impl, seen)
+            assert bool(seen["kernels"]) == (impl == "triton"), (impl, seen)
+    # on a CPU: SDPA's own choice and its math kernel; triton on its short forward, and its flash path forced
+    assert {"sdpa", "sdpa-math", "triton", "triton-flash"} <= timed, timed
 
 
 def dtype_of(device: torch.device) -> torch.dtype:

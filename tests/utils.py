@@ -6,6 +6,7 @@ err(fast, fp32 reference) <= ERROR_FACTOR x err(plain path in the same dtype) + 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -25,19 +26,25 @@ def skip_unless_serves(op: str, backend: str, device, dtype, head_dim=None, **te
         pytest.skip("; ".join(reasons))
 
 
+class Launch(NamedTuple):
+    name: str  # the kernel function's name
+    args: tuple  # positional arguments: tensors, strides, sizes
+    kwargs: dict  # the constexprs, num_warps, num_stages
+
+
 @contextlib.contextmanager
 def launched_kernels():
     """Record the Triton kernels launched inside the block (they still run, compiled or interpreted): yields a
-    list of (kernel function name, launch keyword arguments: the constexprs, num_warps, num_stages)."""
+    list of `Launch` items."""
     from fastmae.kernels import attention  # every kernel of the project is an object of this one class
 
     cls = type(attention.KERNELS["fwd_short"])
     original = cls.run
-    launched: list[tuple[str, dict]] = []
+    launched: list[Launch] = []
 
     def run(self, *args, grid, warmup, **kwargs):
         if not warmup:
-            launched.append((self.fn.__name__, dict(kwargs)))
+            launched.append(Launch(self.fn.__name__, args, dict(kwargs)))
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     cls.run = run

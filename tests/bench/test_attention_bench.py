@@ -36,7 +36,7 @@ def test_each_implementation_runs_what_it_names(monkeypatch):
     def spy(fn, device, **kw):
         with ops.record_choices() as served, launched_kernels() as launched:
             fn()
-        seen.update(served=dict(served), kernels={name for name, _ in launched})
+        seen.update(served=dict(served), kernels={launch.name for launch in launched})
         return measure(fn, device, **kw)
 
     monkeypatch.setattr(ab, "measure", spy)

@@ -122,7 +122,7 @@ def test_launchers_use_the_tuned_settings_of_their_architecture(monkeypatch):
     q, k, v = make_qkv(1, 2, n, d, dtype, "packed", "cpu")
     with launched_kernels() as launched:
         out = attn.attention(q, k, v)
-    assert [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) for name, kw in launched
+    assert [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) for name, _, kw in launched
             if name == "_attn_fwd_short"] == [tuple(tuned)]
     ref = reference.attention(*(t.detach() for t in (q, k, v)))
     assert_error_within_plain(out.detach(), ref, ref, name="out with tuned settings")

@@ -14,7 +14,7 @@ import torch
 
 from fastmae import ops
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, make_qkv, skip_unless_serves
+from tests.utils import DEVICES, assert_error_within_plain, launched_kernels, make_qkv, skip_unless_serves
 
 attn = pytest.importorskip("fastmae.kernels.attention")
 
@@ -156,10 +156,26 @@ def test_the_copies_for_32_bit_offsets_give_the_same_numbers(path, device, monke
     for limit in (2 ** 31, 64 * 40):  # the packed views span 39 * 192 + 31 elements, a copy (1, 2, 40, 32) 1279
         monkeypatch.setattr(attn, "_I32_LIMIT", limit)
         x = qkv.clone().requires_grad_()
-        out = attn.attention_packed(x, 2, path=path)
-        (dqkv,) = torch.autograd.grad(out, x, dout)
+        with launched_kernels() as launched:
+            out = attn.attention_packed(x, 2, path=path)
+            (dqkv,) = torch.autograd.grad(out, x, dout)
+        # what the kernels were given: q, k, v read in place from x, or copies; gradients written into dqkv, or
+        # into fresh tensors copied there afterwards
+        inputs = [a for ln in launched if ln.name.startswith("_attn_fwd_") for a in ln.args[:3]]
+        grads = [a for ln in launched if ln.name in _GRAD_ARGS for a in ln.args[_GRAD_ARGS[ln.name]]]
+        assert len(inputs) == 3 and len(grads) == 3, [ln.name for ln in launched]
+        in_place = ({_same_storage(a, x) for a in inputs}, {_same_storage(g, dqkv) for g in grads})
+        assert in_place == (({True}, {True}) if limit == 2 ** 31 else ({False}, {False})), (limit, in_place)
         runs.append((out, dqkv))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+# where each backward kernel takes the gradients it writes, among its positional arguments
+_GRAD_ARGS = {"_attn_bwd_short": slice(6, 9), "_attn_bwd_dkdv": slice(6, 8), "_attn_bwd_dq": slice(6, 7)}
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -198,8 +214,14 @@ def test_packed_qkv_gives_the_same_bits_with_one_gradient(N, D, dtype, path, dev
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, N, 3 * 2 * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
     dout = torch.randn(2, 2, N, D, generator=g).to(device=device, dtype=dtype)
-    out_p = attn.attention_packed(qkv, 2, path=path)
-    (dqkv_p,) = torch.autograd.grad(out_p, qkv, dout)
+    with launched_kernels() as launched:
+        out_p = attn.attention_packed(qkv, 2, path=path)
+        (dqkv_p,) = torch.autograd.grad(out_p, qkv, dout)
+    # the backward kernels wrote dq, dk and dv into d(qkv) itself, and q, k, v were read from qkv in place
+    written = [a for ln in launched if ln.name in _GRAD_ARGS for a in ln.args[_GRAD_ARGS[ln.name]]]
+    read = [a for ln in launched if ln.name.startswith("_attn_fwd_") for a in ln.args[:3]]
+    assert len(written) == 3 and all(_same_storage(g, dqkv_p) for g in written), [ln.name for ln in launched]
+    assert len(read) == 3 and all(_same_storage(t, qkv) for t in read)
     out_s = attn.attention(*attn.split_qkv(qkv, 2), path=path)
     (dqkv_s,) = torch.autograd.grad(out_s, qkv, dout)
     assert torch.equal(out_p, out_s) and torch.equal(dqkv_p, dqkv_s)

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, masking, plain_for_rule, skip_unless_serves
+from tests.utils import (DEVICES, assert_error_within_plain, launched_kernels, masking, plain_for_rule,
+                         skip_unless_serves)
 
 loss_mod = pytest.importorskip("fastmae.kernels.loss", reason="the Triton kernels need triton")
 
@@ -99,19 +100,27 @@ def test_masked_mse_half_pred_fp32_images(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_masked_mse_strided_images(device):
-    """Channels-last images are read in place with their strides."""
+    """Channels-last and other strided images are read in place (the kernel is given the image itself, not a
+    copy), with the reference's loss and gradient."""
     skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
     case = (2, 3, 4, 8, 8, 16)
     imgs, pred = _inputs(case, device)
     _, _, mask = masking(2, 64, 16, device)
     channels_last = imgs.to(memory_format=torch.channels_last)
     transposed = imgs.transpose(2, 3).contiguous().transpose(2, 3)
+    upstream = 16 * 48 / 2
     for strided in (channels_last, transposed):
         assert not strided.is_contiguous()
         for norm_pix in (False, True):
-            a = loss_mod.masked_mse_loss(pred, strided, mask, 4, norm_pix)
-            b = reference.masked_mse_loss(pred, imgs, mask, 4, norm_pix)
-            assert_error_within_plain(a, b, b, "strided loss")
+            with launched_kernels() as launched:
+                loss, grad = _loss_and_grad(loss_mod.masked_mse_loss, pred, strided, mask, 4, norm_pix, None,
+                                            upstream)
+            # the one kernel that reads the image (it writes the gradient's rows in the same pass)
+            (reader,) = [ln for ln in launched if ln.name == "_masked_mse_fwd_kernel"]
+            assert any(a is strided for a in reader.args) and reader.kwargs["WRITE_GRAD"]
+            ref, ref_grad = _loss_and_grad(reference.masked_mse_loss, pred, imgs, mask, 4, norm_pix, None, upstream)
+            assert_error_within_plain(loss, ref, ref, "strided loss")
+            assert_error_within_plain(grad, ref_grad, ref_grad, "strided grad pred")
 
 
 @pytest.mark.parametrize("device", DEVICES)

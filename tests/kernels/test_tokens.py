@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, plain_for_rule, skip_unless_serves
+from tests.utils import (DEVICES, assert_error_within_plain, launched_kernels, plain_for_rule,
+                         skip_unless_serves)
 
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
 
@@ -83,12 +84,16 @@ def test_gather_patches_matches_reference(device, dtype, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gather_patches_strided_image(device):
-    """A channels-last image (a strided view) is read in place and gives the same patches."""
+    """A channels-last image (a strided view) is read in place (the kernel is given the image itself, not a copy)
+    and gives the same patches."""
     imgs = _randn(2, 3, 32, 32, dtype=torch.float32, device=device, seed=2).to(memory_format=torch.channels_last)
     skip_unless_serves("gather_patches", "triton", device, torch.float32, imgs=imgs)
     assert not imgs.is_contiguous()
     ids_keep, _ = _ids(2, 64, 16, device)
-    assert torch.equal(tokens.gather_patches(imgs, ids_keep, 4), reference.gather_patches(imgs, ids_keep, 4))
+    with launched_kernels() as launched:
+        out = tokens.gather_patches(imgs, ids_keep, 4)
+    assert len(launched) == 1 and any(a is imgs for a in launched[0].args)
+    assert torch.equal(out, reference.gather_patches(imgs, ids_keep, 4))
 
 
 @pytest.mark.parametrize("device", DEVICES)

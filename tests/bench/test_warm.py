@@ -4,6 +4,7 @@ launch path in worker processes, runs in tests/bench/test_gpu_suite_quick.py.)""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -72,7 +73,8 @@ def test_recipes_compile_under_the_cache_keys_of_the_launches(tmp_path):
     """))
     proc = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "launches" in proc.stdout
+    counts = re.search(r"^launches (\d+) kernels (\d+)$", proc.stdout, re.M)
+    assert counts and int(counts.group(1)) > 0 and int(counts.group(2)) > 0, proc.stdout[-2000:]
 
 
 def test_bench_workloads_cover_every_benchmark_part():

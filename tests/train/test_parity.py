@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from fastmae import ops
 from fastmae.train.logs import read_step_log
 from fastmae.train.pretrain import train
 
@@ -35,6 +36,25 @@ def test_reference_and_sdpa_loss_curves_agree(tmp_path):
     steps_ref, steps_fast = read_step_log(tmp_path / "reference"), read_step_log(tmp_path / "sdpa")
     assert [s["lr"] for s in steps_ref] == [s["lr"] for s in steps_fast]
     print(f"largest relative loss difference over {STEPS} steps: {worst:.2e}")
+
+
+def test_triton_loss_curve_matches_reference_on_cpu(tmp_path):
+    """`fastmae pretrain --backend triton` runs the training loop on fastmae's kernels (under the suite's Triton
+    interpreter here): a few fp32 steps give the reference's losses within the bound above, and every op of the
+    model is served by triton."""
+    import torch
+
+    from tests.utils import skip_unless_serves
+
+    skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=16)
+    common = ("--epochs", "1", "--max_steps", "3", "--norm_pix_loss")
+    ref = train(pretrain_args(tmp_path / "reference", *common, "--backend", "reference"))
+    with ops.record_choices() as served:
+        fast = train(pretrain_args(tmp_path / "triton", *common, "--backend", "triton"))
+    assert served == {op: "triton" for op in ops.OPS}, served
+    assert len(ref.losses) == len(fast.losses) == 3
+    for i, (a, b) in enumerate(zip(ref.losses, fast.losses)):
+        assert math.isfinite(b) and b == pytest.approx(a, rel=RTOL, abs=ATOL), f"step {i}: {a:.8f} vs {b:.8f}"
 
 
 # On a GPU: the same run in bf16 autocast with the triton backend against the reference in bf16. bf16 rounds

@@ -8,6 +8,7 @@ from fastmae.bench.cli import DEFAULTS
 from fastmae.bench.common import env_settings, parse_list
 from fastmae.bench.ops_bench import attention_case, make_runner
 from fastmae.bench.timing import synchronized
+from fastmae.ops import record_choices
 
 DEVICE, DTYPE, QUICK = env_settings()
 _D = DEFAULTS["attention"]["quick" if QUICK else DEVICE.type]
@@ -31,10 +32,12 @@ def test_attention(benchmark, shape, impl, mode):
         case, _ = ab.forced_path_case(case, n, d, DTYPE, ab.TRITON_PATHS[impl], mode, DEVICE)
     with ab.sdpa_kernel_context(impl):
         fn = synchronized(make_runner(case, ab.backend_of(impl), mode, DEVICE), DEVICE)
+        with record_choices() as served:  # what is timed is the backend named (forced paths call fastmae's own)
+            fn()
+        assert served == ({} if impl in ab.TRITON_PATHS else {"attention": ab.backend_of(impl)}), served
         benchmark.group = f"attention {name} B={b} {mode}"
         benchmark.extra_info.update({"case": name, "shape": case.shape, "impl": impl, "mode": mode,
                                      "dtype": str(DTYPE), "device": str(DEVICE)})
         benchmark(fn)
     median = benchmark.stats.stats.median
     benchmark.extra_info["tflops"] = case.flops[mode] / median / 1e12
-    assert median > 0

@@ -26,7 +26,8 @@ class MaskedAutoencoderViT(nn.Module):
     """Masked Autoencoder with a VisionTransformer backbone.
 
     Extra arguments beyond the official ones:
-      backend: None, a backend name or a mapping op -> name, read at every call (`model.backend = ...` works).
+      backend: None, a backend name, a mapping op -> name or its text form "attention=triton,gather_tokens=reference",
+        checked when set and read at every call (`model.backend = ...` works).
       mask_strategy: "random" (the paper's) or "grid" (keep one patch of every 2x2 cell, a fixed pattern;
         the mask ratio is then 0.75).
       pred_masked_only: the decoder head predicts only the removed patches; `pred` is then
@@ -101,6 +102,15 @@ class MaskedAutoencoderViT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
+
+    @property
+    def backend(self):
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        spec = ops.parse_backend(value)  # a misspelt name fails here, not at the first forward
+        self._backend = spec if spec is None or isinstance(spec, str) else dict(spec)
 
     @property
     def patch_size(self) -> int:
@@ -197,6 +207,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """imgs [N, C, H, W] -> (latent [N, len_keep+1, D], mask [N, L], ids_restore [N, L])."""
         self.check_images(x)
+        if x.shape[0] == 0:
+            raise ValueError("images must hold at least one image, got an empty batch")
         imgs = x
         ids_shuffle, ids_restore, len_keep, mask = self.masking_ids(imgs.shape[0], mask_ratio, noise, imgs.device)
         ids_keep = ids_shuffle[:, :len_keep]

@@ -21,12 +21,12 @@ import torch
 from ..kernels.utils import qkv_head_dim, split_qkv  # torch only, never triton
 from . import reference
 from .registry import (BACKENDS, ENV_VAR, OPS, BackendSpec, BackendUnavailable, Inputs, OpImpl, get_impl,
-                       not_supported_reasons, priority, record_choices, requested, resolve, set_priority,
-                       use_backend)
+                       not_supported_reasons, parse_backend, priority, record_choices, requested, resolve,
+                       set_priority, use_backend)
 
 __all__ = [
     "attention", "attention_qkv", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss", "backend_for",
-    "use_backend", "BackendUnavailable", "BACKENDS", "OPS", "ENV_VAR", "reference", "resolve", "Inputs",
+    "use_backend", "parse_backend", "BackendUnavailable", "BACKENDS", "OPS", "ENV_VAR", "reference", "resolve", "Inputs",
     "OpImpl", "get_impl", "record_choices", "not_supported_reasons", "priority", "set_priority", "requested",
 ]
 

@@ -188,19 +188,38 @@ def _parse_env() -> BackendSpec:
 @functools.lru_cache(maxsize=16)
 def _parse_env_text(raw: str):
     """`_parse_env` of one value of the variable; per-op specs as a read-only mapping (the result is cached)."""
+    return _parse_text(raw, ENV_VAR) if raw.strip() else None
+
+
+def _parse_text(raw: str, where: str) -> BackendSpec:
+    """A backend name, or the text form of a per-op mapping ("attention=triton,gather_tokens=reference")."""
     raw = raw.strip()
-    if not raw:
+    if "=" not in raw:
+        return _validate_name(raw)
+    spec = {}
+    for part in raw.split(","):
+        op, _, name = part.partition("=")
+        op = op.strip()
+        if op not in OPS:
+            raise ValueError(f"{where}: unknown op {op!r}; ops are {', '.join(OPS)}")
+        if op in spec:
+            raise ValueError(f"{where}: op {op!r} is given twice")
+        spec[op] = _validate_name(name)
+    return types.MappingProxyType(spec)
+
+
+def parse_backend(backend) -> BackendSpec:
+    """A backend choice, checked: None, "auto" or a backend name, a mapping op -> name, or the text form of a
+    mapping as `FASTMAE_BACKEND` and `--backend` take it ("attention=triton,gather_tokens=reference"). Returns
+    None, a lower-case name or a read-only mapping; raises ValueError naming what is wrong."""
+    if backend is None:
         return None
-    if "=" in raw:  # "attention=triton,gather_tokens=reference"
-        spec = {}
-        for part in raw.split(","):
-            op, _, name = part.partition("=")
-            op = op.strip()
-            if op not in OPS:
-                raise ValueError(f"{ENV_VAR}: unknown op {op!r}; ops are {', '.join(OPS)}")
-            spec[op] = _validate_name(name)
-        return types.MappingProxyType(spec)
-    return _validate_name(raw)
+    if isinstance(backend, str):
+        return _parse_text(backend, "backend")
+    if not isinstance(backend, Mapping):
+        raise TypeError(f"a backend is a name, a mapping op -> name or None, got {type(backend).__name__}")
+    _check_ops(backend)
+    return types.MappingProxyType({op: _validate_name(name) for op, name in backend.items()})
 
 
 def _name_for(spec: BackendSpec, op: str) -> str | None:
@@ -230,19 +249,14 @@ def _context_stack() -> list:
 
 @contextlib.contextmanager
 def use_backend(backend: BackendSpec) -> Iterator[None]:
-    """Choose the backend for every op called inside the block (unless a call or model names one).
+    """Choose the backend for every op called inside the block (unless a call or model names one): a name, a
+    mapping op -> name, or its text form "attention=triton,gather_tokens=reference" (`parse_backend`).
 
     >>> with use_backend("sdpa"):
     ...     loss, pred, mask = model(imgs)
     """
-    if isinstance(backend, str):
-        _validate_name(backend)
-    elif backend is not None:
-        _check_ops(backend)
-        for name in backend.values():
-            _validate_name(name)
     stack = _context_stack()
-    stack.append(backend)
+    stack.append(parse_backend(backend))
     try:
         yield
     finally:

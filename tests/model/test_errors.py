@@ -39,9 +39,34 @@ def test_unknown_model_backend_and_mask_strategy():
         fastmae.create_model("mae_vit_gigantic")
     with pytest.raises(ValueError, match="mask_strategy"):
         fastmae.mae_vit_tiny_patch4(mask_strategy="block")
-    m = fastmae.mae_vit_tiny_patch4(backend="flash")
-    with pytest.raises(ValueError, match="unknown backend 'flash'"):
-        m(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):  # when set, not at the first forward
+        fastmae.mae_vit_tiny_patch4(backend="flash")
+    m = fastmae.mae_vit_tiny_patch4(backend="attention=sdpa,gather_tokens=reference")  # the text form
+    assert m.backend == {"attention": "sdpa", "gather_tokens": "reference"}
+    for bad, match in [("attn=sdpa", "unknown op 'attn'"), ("attention=", "unknown backend ''"),
+                       ("attention=reference,attention=sdpa", "'attention' is given twice"),
+                       ({"attention": "flash"}, "unknown backend 'flash'"), ({"attn": "sdpa"}, "unknown op")]:
+        with pytest.raises(ValueError, match=match):
+            m.backend = bad
+    with pytest.raises(TypeError, match="a backend is a name"):
+        m.backend = 3
+    assert m.backend == {"attention": "sdpa", "gather_tokens": "reference"}  # unchanged by the refusals
+
+
+def test_empty_batch():
+    with pytest.raises(ValueError, match="at least one image, got an empty batch"):
+        fastmae.mae_vit_tiny_patch4()(torch.randn(0, 3, 32, 32))
+
+
+def test_use_backend_takes_the_text_form():
+    """`use_backend` takes what --backend and FASTMAE_BACKEND take, with the same checks."""
+    with fastmae.ops.use_backend("attention=reference, gather_tokens=sdpa"):
+        assert fastmae.ops.requested("attention") == "reference"
+        assert fastmae.ops.requested("gather_tokens") == "sdpa"
+        assert fastmae.ops.requested("masked_mse_loss") == "auto"
+    with pytest.raises(ValueError, match="given twice"):
+        with fastmae.ops.use_backend("attention=reference,attention=sdpa"):
+            pass
 
 
 def test_unavailable_backend_raises_with_reasons(model):

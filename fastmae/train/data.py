@@ -189,14 +189,17 @@ class ImageFolder:
     def load(self, index: int):
         """(RGB image, label, skipped): a corrupt file is replaced by the next readable one."""
         n = len(self.samples)
-        for skipped in range(min(n, MAX_CONSECUTIVE_BAD)):
+        tries = min(n, MAX_CONSECUTIVE_BAD)
+        for skipped in range(tries):
             path, label = self.samples[(index + skipped) % n]
             try:
                 with Image.open(path) as im:
                     return im.convert("RGB"), label, skipped
             except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
                 self._mark_bad(path, exc)
-        raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in {self.root}; "
+        if tries == n:
+            raise DataError(f"none of the {n} image file(s) in {self.root} can be read; is this an image folder?")
+        raise DataError(f"{tries} consecutive unreadable images from index {index} in {self.root}; "
                         f"is this an image folder?")
 
     def __repr__(self) -> str:

@@ -186,10 +186,16 @@ def test_missing_or_empty_folder_fails_clearly(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ImageFolder(garbage, verify=True)
-    with pytest.raises(DataError, match="consecutive unreadable"):
+    with pytest.raises(DataError, match=r"none of the 1 image file\(s\) in .* can be read"):  # not "64 in a row"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ImageFolder(garbage).load(0)
+    for i in range(1, 70):  # more files than the run of unreadable ones it tries
+        (garbage / f"{i}.png").write_bytes(b"no")
+    with pytest.raises(DataError, match="64 consecutive unreadable images from index 3"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ImageFolder(garbage).load(3)
 
 
 def test_samples_are_a_function_of_seed_epoch_and_index():

@@ -53,8 +53,17 @@ def _f(v: float | None, digits: int = 3) -> str:
 
 
 def _short(reason: str, n: int = 110) -> str:
+    """A reason for a table cell: whole if it fits in n characters, else cut before the last parenthesis or clause
+    that starts within them, else before the last clause after a colon or comma (mid-word only when none does),
+    marked with "…" (results.json has it whole)."""
     reason = (reason or "").replace("|", "/").replace("\n", " ")
-    return reason if len(reason) <= n else reason[: n - 1] + "…"
+    if len(reason) <= n:
+        return reason
+    head = reason[:n]  # a cut at or before n - 2 leaves room for " …"
+    cut = max(head.rfind(" ("), head.rfind("; "))
+    if cut < n // 3:
+        cut = max(head.rfind(": "), head.rfind(", "))
+    return (head[:cut].rstrip() if n // 3 <= cut <= n - 2 else head[: n - 2]) + " …"
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

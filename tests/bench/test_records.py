@@ -130,3 +130,16 @@ def test_error_line_is_the_type_and_first_line_even_for_empty_messages():
     assert error_line(RuntimeError()) == "RuntimeError: "  # no IndexError from an empty message
     assert error_line(RuntimeError("  \n ")) == "RuntimeError: "
     assert error_line(OSError("x" * 50), 10) == "OSError: " + "x" * 10
+
+
+def test_table_reasons_are_cut_at_a_clause():
+    """A long reason in a README table is cut before a parenthesis or clause, not mid-word, and marked."""
+    from fastmae.bench.readme import _short
+
+    reason = ("backend 'triton' cannot run gather_tokens on this input: triton runs CPU tensors only under its "
+              "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    assert _short(reason) == reason[:reason.index(" (")] + " …"
+    assert _short(reason, 80) == "backend 'triton' cannot run gather_tokens on this input …"
+    assert _short("a|b\nc") == "a/b c"  # table-safe, whole when it fits
+    word = "x" * 200
+    assert _short(word, 50) == "x" * 48 + " …" and len(_short(reason, 30)) <= 30

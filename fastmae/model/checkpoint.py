@@ -2,12 +2,15 @@
 
 Files are read with `torch.load(..., weights_only=True)`: loading never runs code from a file. Old pickles
 that need more (for example an `argparse.Namespace` stored beside the weights) fail with a clear message;
-`allow_pickle=True` is the explicit opt-in for files you trust.
+`allow_pickle=True` is the explicit opt-in for files you trust. Empty, truncated and corrupt files fail with a
+one-line `CheckpointError` too.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,13 @@ POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the model (the message names the keys)."""
+    """A checkpoint cannot be read, or does not fit the model (the message says why in one line)."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torch's weights_only unpickler (the same wording in torch 2.11 to 2.14)
+_DISALLOWED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
+_BLOCKED_GLOBAL = re.compile(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked")
 
 
 @dataclass
@@ -50,19 +59,74 @@ class LoadReport:
 
 
 def read_checkpoint(path: str | Path, allow_pickle: bool = False, map_location="cpu") -> dict:
-    """Read a checkpoint file safely. `allow_pickle=True` runs the full unpickler: only for trusted files."""
+    """Read a checkpoint file safely. `allow_pickle=True` runs the full unpickler: only for trusted files.
+
+    Raises `FileNotFoundError` for a missing file and a one-line `CheckpointError` for a folder, an empty,
+    truncated or corrupt file, and a file that holds Python objects `weights_only=True` refuses (naming the
+    first one). torch's own exception stays on the error's `__context__`.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if allow_pickle:
-        return torch.load(path, map_location=map_location, weights_only=False)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} holds Python objects beyond tensors and plain values, and fastmae loads with "
-            f"weights_only=True so that no code from the file runs. If you trust the file, pass "
-            f"allow_pickle=True (command line: --allow-pickle). Details: {exc}") from exc
+        empty = path.stat().st_size == 0
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if empty:
+        raise CheckpointError(f"{path} is an empty file, not a checkpoint (a run stopped while writing it?)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not allow_pickle)
+    except Exception as exc:
+        error = _read_error(path, exc, allow_pickle)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _read_error(path: Path, exc: Exception, allow_pickle: bool) -> CheckpointError | None:
+    """The one-line error for `torch.load(path)` raising `exc`; None for a failure that is not the file's."""
+    text = _ANSI.sub("", str(exc))
+    if "deserialize object on" in text:  # a map_location device this machine lacks
+        return None
+    if isinstance(exc, pickle.UnpicklingError) and not allow_pickle:
+        found = _DISALLOWED_GLOBAL.search(text)
+        if found and _may_exist(found.group(1)):
+            return CheckpointError(
+                f"{path} holds Python objects beyond tensors and plain values ({found.group(1)}), and fastmae "
+                f"loads with weights_only=True so that no code from the file runs. If you trust the file, pass "
+                f"allow_pickle=True (command line: --allow-pickle)")
+        found = _BLOCKED_GLOBAL.search(text)
+        if found:
+            return CheckpointError(f"{path} refers to {found.group(1)}, which can run commands on this machine: "
+                                   "it is not a file of weights, and it is not loaded")
+    if allow_pickle and isinstance(exc, (ImportError, AttributeError)):
+        return CheckpointError(f"{path} refers to Python code that is not available here: {_reason(exc)}")
+    if isinstance(exc, OSError):
+        return CheckpointError(f"cannot read {path}: {exc.strerror or _reason(exc)}")
+    return CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {_reason(exc)}")
+
+
+def _may_exist(full_name: str) -> bool:
+    """False when `full_name` is `module.name` of an imported module that has no such name: a reference cut
+    short by a truncated file (e.g. 'torch._utils._rebuild_tens'), not a class the file was written with."""
+    module, _, name = full_name.rpartition(".")
+    loaded = sys.modules.get(module)
+    return loaded is None or hasattr(loaded, name)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of an exception's message, without torch's advice around it or terminal escapes."""
+    text = _ANSI.sub("", str(exc))
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if unpickler:
+        text = unpickler.group(1)
+    text = " ".join(text.removeprefix("Weights only load failed.").split())
+    line = text.split(". ", 1)[0].rstrip(".")
+    if not line:
+        return type(exc).__name__
+    return line if isinstance(exc, (RuntimeError, pickle.UnpicklingError)) else f"{type(exc).__name__}: {line}"
 
 
 def extract_state_dict(obj) -> dict[str, torch.Tensor]:
@@ -117,21 +181,47 @@ def export_encoder(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
 
 
+def temp_path(path: str | Path, pid: int | None = None) -> Path:
+    """The temporary file `atomic_save` writes `path` through: `.{name}.tmp-{pid}` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it: a run killed
-    while writing leaves the previous file intact and never a half-written one."""
+    while writing leaves the previous file intact and never a half-written one. The temporary file is removed
+    whatever stops the write; a Ctrl-C (or SystemExit) during it is re-raised as itself."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        interrupt = _interruption(exc)
+        if interrupt is not None and interrupt is not exc:
+            # interrupted inside torch.save: its zip writer then fails to close ("unexpected pos ..."), and
+            # that RuntimeError would replace the KeyboardInterrupt
+            raise interrupt from None
+        raise
+
+
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt / SystemExit that `exc` is or was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if not isinstance(exc, Exception):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
 
 
 def save_encoder(model: nn.Module, path: str | Path) -> None:

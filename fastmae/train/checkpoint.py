@@ -15,22 +15,29 @@ A checkpoint is a dict of tensors and plain Python values only, so it loads with
 
 Official checkpoints (`model`, `optimizer`, `scaler`, `epoch`, `args` as an argparse.Namespace) resume too,
 with `allow_pickle=True` because of the Namespace.
+
+A process killed hard while saving leaves its temporary file behind (`.checkpoint-last.pth.tmp-<pid>`):
+`remove_stale_temp_files` deletes those of processes that no longer run.
 """
 from __future__ import annotations
 
 import os
 import random
 import re
+import stat
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..model.checkpoint import atomic_save, read_checkpoint
+from ..model.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from .optim import load_optimizer_state
 
 LAST = "checkpoint-last.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+# the temporary files of `atomic_save` (`model.checkpoint.temp_path`) and of `save`'s link, named after the pid
+_TEMP = re.compile(r"^\.checkpoint[^/]*\.pth\.(?:tmp|link)-([1-9][0-9]*)$")
 
 
 class NonFiniteStateError(RuntimeError):
@@ -140,6 +147,58 @@ def save(checkpoint: dict, output_dir: str | Path, *, numbered: bool) -> list[Pa
     return [path, last]
 
 
+def remove_stale_temp_files(output_dir: str | Path, *, min_age_s: float = 60.0) -> list[Path]:
+    """Delete what unfinished checkpoint writes left in `output_dir`: `.checkpoint*.pth.tmp-<pid>` (and `save`'s
+    `.checkpoint-last.pth.link-<pid>`) files whose process <pid> no longer runs on this machine, or (on Linux)
+    runs but started more than `min_age_s` seconds after the file was last written (the pid reused, e.g. by a
+    restarted container). Files a live process may be writing, files changed in the last `min_age_s` seconds
+    (maybe another machine's, in a shared folder) and every other file are left alone. Returns the removed
+    paths."""
+    out = Path(output_dir)
+    if os.name != "posix" or not out.is_dir():  # os.kill(pid, 0) only probes on POSIX
+        return []
+    removed = []
+    for p in sorted(out.iterdir()):
+        found = _TEMP.match(p.name)
+        if not found:
+            continue
+        try:
+            st = p.lstat()
+            if (not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < min_age_s
+                    or _writer_may_run(int(found.group(1)), st.st_mtime, margin=max(min_age_s, 2.0))):
+                continue
+            p.unlink()
+        except OSError:  # removed meanwhile, or not ours to remove
+            continue
+        removed.append(p)
+    return removed
+
+
+def _writer_may_run(pid: int, mtime: float, margin: float) -> bool:
+    """Whether process `pid`, which wrote a file last changed at `mtime`, may still run: it is alive and did not
+    start more than `margin` seconds after `mtime` (clocks and /proc's whole-second boot time). True when unsure."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: alive, another user's
+        pass
+    started = _start_time(pid)
+    return started is None or started > time.time() + 1.0 or started <= mtime + margin
+
+
+def _start_time(pid: int) -> float | None:
+    """When process `pid` started, in seconds since the epoch, from /proc (Linux); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def find_latest(output_dir: str | Path) -> Path | None:
     """The newest checkpoint in `output_dir`: `checkpoint-last.pth`, unless the highest-numbered
     `checkpoint-N.pth` was written after it (a run stopped between writing that file and linking
@@ -174,27 +233,73 @@ def saved_args(ckpt) -> dict:
     return raw if isinstance(raw, dict) else dict(vars(raw))
 
 
+def model_name_of(model) -> str | None:
+    """The `MODELS` preset that builds `model`'s architecture (the same state dict keys and shapes at its input
+    size), or None. The first of aliases (mae_vit_base_patch16 and ..._dec512d8b) is named."""
+    from ..model import MODELS
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    size = model.patch_embed.img_size[0]
+    for name, factory in MODELS.items():
+        try:
+            with torch.device("meta"):
+                other = factory(img_size=size)
+        except ValueError:  # e.g. an input size its patch does not divide
+            continue
+        if {k: tuple(v.shape) for k, v in other.state_dict().items()} == own:
+            return name
+    return None
+
+
+def check_fits(path: str | Path, ckpt: dict, state: dict, model, *, model_name: str | None = None) -> None:
+    """Raise a one-line `CheckpointError` when `state` (the weights of `ckpt`, read from `path`) does not load
+    strictly into `model`: "<path> holds <model> at input size <n>; this run builds <model> at <n>" from the
+    checkpoint's saved args, else the first mismatched keys and their count. `model_name`: this run's
+    `--model` (found from the model's shapes when not given)."""
+    own = model.state_dict()
+    problems = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+                for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    problems += [f"{k} missing" for k in own if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in own]
+    if not problems:
+        return
+    saved = saved_args(ckpt)
+    size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else None
+    if saved.get("model") and saved.get("input_size") and size is not None:
+        name = model_name or model_name_of(model)
+        if (str(saved["model"]), int(saved["input_size"])) != (name, int(size)):
+            raise CheckpointError(f"{path} holds {saved['model']} at input size {saved['input_size']}; this run "
+                                  f"builds {name or 'another model'} at {size} (resume it with --model "
+                                  f"{saved['model']} --input_size {saved['input_size']})")
+    more = f"; ... ({len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise CheckpointError(f"{path} does not fit this model (check --model and --input_size): {len(problems)} "
+                          f"mismatched keys: {'; '.join(problems[:3])}{more}")
+
+
 def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle: bool = False,
                     iters_per_epoch: int, accum_iter: int, restore_rng: bool = True,
-                    layout: dict | None = None) -> dict:
+                    layout: dict | None = None, model_name: str | None = None) -> dict:
     """Load a checkpoint into model / optimizer / scaler; returns where to continue:
-    {'start_epoch', 'skip_iters', 'step', 'path'}. `start_epoch` is None for a weights-only file (no optimizer
-    state or epoch): the caller keeps its own `--start_epoch`, as the official script does.
+    {'start_epoch', 'skip_iters', 'step', 'path', 'missing'}. `start_epoch` is None for a weights-only file (no
+    optimizer state or no epoch): the caller keeps its own `--start_epoch`, as the official script does, and
+    `missing` says what the file lacks, for "no {missing} in it": "optimizer state", "epoch" or "optimizer state
+    or epoch" ('' for a full checkpoint).
 
     `layout` ({'batch_size', 'world_size', 'accum_iter'} of this run): a checkpoint written in the middle of an
     epoch resumes only with the layout it was written with, since its position counts that run's iterations.
+    `model_name` (this run's `--model`) names the model when the checkpoint holds another (see `check_fits`).
     """
     ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is not a training checkpoint (no 'model' entry)")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path} does not fit this model (check --model and --input_size): {exc}") from exc
-    if not ("optimizer" in ckpt and "epoch" in ckpt):
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a training checkpoint (its 'model' entry is not a state dict)")
+    check_fits(path, ckpt, state, model, model_name=model_name)
+    model.load_state_dict(state)
+    missing = " or ".join(k for k, key in (("optimizer state", "optimizer"), ("epoch", "epoch")) if key not in ckpt)
+    if missing:
         # weights only: no schedule position to continue from
-        return {"start_epoch": None, "skip_iters": 0, "step": 0, "path": str(path)}
+        return {"start_epoch": None, "skip_iters": 0, "step": 0, "path": str(path), "missing": missing}
     epoch = int(ckpt["epoch"])
     next_iter = int(ckpt.get("next_iter", 0))  # 0 for a finished epoch: > 0 only in the middle of one
     if next_iter > 0 and layout:
@@ -224,7 +329,7 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
         step = start_epoch * (iters_per_epoch // accum) + skip // accum
     if restore_rng and isinstance(ckpt.get("rng"), dict):
         set_rng_state(ckpt["rng"])
-    return {"start_epoch": start_epoch, "skip_iters": skip, "step": int(step), "path": str(path)}
+    return {"start_epoch": start_epoch, "skip_iters": skip, "step": int(step), "path": str(path), "missing": ""}
 
 
 def model_from_checkpoint(path: str | Path | None, *, model: str | None = None, input_size: int | None = None,

@@ -1,6 +1,7 @@
 """Official state-dict keys and shapes, checkpoint loading (official, encoder-only, other resolutions,
 legacy pickles), the encoder export, and initialisation."""
 import argparse
+import io
 
 import pytest
 import torch
@@ -155,5 +156,138 @@ def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatc
     with pytest.raises(OSError):
         atomic_save({"x": torch.zeros(2)}, path)
     monkeypatch.undo()
+    assert torch.equal(read_checkpoint(path)["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def _unreadable_files(folder):
+    """name -> a path that is no checkpoint: cut short, empty, a folder, garbage, a pickle that ends early."""
+    good = folder / "good.pth"
+    torch.save({"model": fastmae.mae_vit_tiny_patch4().state_dict(), "epoch": 3}, good)
+    data = good.read_bytes()
+    files = {"truncated": data[:len(data) // 2], "empty": b"", "garbage": b"this is not a checkpoint\n" * 20,
+             "eof": b"\x80\x02"}  # a pickle protocol header, then nothing: EOFError
+    paths = {}
+    for name, content in files.items():
+        paths[name] = folder / f"{name}.pth"
+        paths[name].write_bytes(content)
+    paths["folder"] = folder / "a_folder.pth"
+    paths["folder"].mkdir()
+    return paths
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_unreadable_files_raise_one_line_checkpoint_errors(tmp_path, allow_pickle):
+    """A truncated or corrupt file is a one-line CheckpointError naming the file, with torch's reason in brief,
+    never torch's raw RuntimeError / EOFError nor advice to allow pickles."""
+    expected = {"truncated": "is not a readable checkpoint (truncated or corrupt): PytorchStreamReader failed",
+                "garbage": "is not a readable checkpoint (truncated or corrupt)",
+                "eof": "is not a readable checkpoint (truncated or corrupt): EOFError",
+                "empty": "is an empty file, not a checkpoint", "folder": "is a folder, not a checkpoint file"}
+    for name, path in _unreadable_files(tmp_path).items():
+        for load in (lambda: read_checkpoint(path, allow_pickle=allow_pickle),
+                     lambda: load_checkpoint(fastmae.mae_vit_tiny_patch4(), path, allow_pickle=allow_pickle)):
+            with pytest.raises(CheckpointError) as info:
+                load()
+            msg = str(info.value)
+            assert msg.startswith(str(path)) and expected[name] in msg, (name, msg)
+            assert "\n" not in msg and "\x1b" not in msg and "allow_pickle" not in msg, (name, msg)
+            assert len(msg) < 300 and "This is an internal miniz error" not in msg, (name, msg)
+
+
+def test_an_eof_error_from_torch_is_a_checkpoint_error(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    path.write_bytes(b"x" * 100)
+
+    def eof(*args, **kwargs):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(torch, "load", eof)
+    with pytest.raises(CheckpointError, match=r"c\.pth is not a readable checkpoint \(truncated or corrupt\): "
+                                              r"EOFError: Ran out of input$"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("content, advice", [
+    (b"\x80\x02cargparse\nNamespace\n", "argparse.Namespace"),  # a class the official script pickles
+    (b"\x80\x02ctorch._utils\n_rebuild_tens\n", None),  # a name cut short by a truncated file: no such name
+    (b"\x80\x02cos\nsystem\n", None),  # torch blocks the module: never worth allowing
+])
+def test_only_a_disallowed_class_gets_the_allow_pickle_advice(tmp_path, content, advice):
+    path = tmp_path / "c.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    msg = str(info.value)
+    assert "\n" not in msg and "\x1b" not in msg and "add_safe_globals" not in msg, msg
+    if advice:
+        assert f"({advice})" in msg and "allow_pickle=True" in msg, msg
+    else:
+        assert "allow_pickle" not in msg, msg
+
+
+def test_an_official_style_checkpoint_error_is_one_line_naming_the_class(tmp_path):
+    path = tmp_path / "official.pth"
+    torch.save({"model": fastmae.mae_vit_tiny_patch4().state_dict(), "epoch": 0,
+                "args": argparse.Namespace(model="mae_vit_tiny_patch4")}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(fastmae.mae_vit_tiny_patch4(), path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path} holds Python objects beyond tensors and plain values (argparse.Namespace)")
+    assert msg.endswith("pass allow_pickle=True (command line: --allow-pickle)")
+    assert "\n" not in msg and "\x1b" not in msg and "WeightsUnpickler" not in msg and "PyTorch 2.6" not in msg
+    assert info.value.__suppress_context__ and info.value.__context__ is not None  # torch's error kept
+
+
+class _InterruptedFile(io.RawIOBase):
+    """A file whose `n`-th write writes a few bytes, then gets Ctrl-C."""
+
+    def __init__(self, f, n):
+        self.f, self.n, self.calls = f, n, 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.calls += 1
+        if self.calls == self.n:
+            self.f.write(bytes(b)[:10])
+            raise KeyboardInterrupt
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+    def tell(self):
+        return self.f.tell()
+
+
+@pytest.mark.parametrize("how", ["torch", "simulated", "exit"])
+def test_atomic_save_interrupted_reraises_the_interrupt(tmp_path, monkeypatch, how):
+    """Ctrl-C inside torch.save makes torch's zip writer fail to close ("unexpected pos"): that RuntimeError
+    must not replace the KeyboardInterrupt (nor a SystemExit), and the temporary file goes in every case."""
+    path = tmp_path / "c.pth"
+    atomic_save({"x": torch.ones(2)}, path)
+    real_save, seen = torch.save, []
+
+    def interrupted(obj, f, *a, **k):
+        if how == "torch":  # the real zip writer, interrupted on its third write
+            try:
+                real_save(obj, _InterruptedFile(f, 3), *a, **k)
+            except BaseException as exc:
+                seen.append((type(exc), type(exc.__context__)))
+                raise
+        f.write(b"part of a checkpoint")
+        try:
+            raise KeyboardInterrupt if how == "simulated" else SystemExit(3)
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 292 vs 0")
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt if how != "exit" else SystemExit):
+        atomic_save({"x": torch.zeros(100000)}, path)
+    monkeypatch.undo()
+    if how == "torch":  # the chain this guards against, as torch produces it
+        assert seen[0] in ((KeyboardInterrupt, type(None)), (RuntimeError, KeyboardInterrupt)), seen
     assert torch.equal(read_checkpoint(path)["x"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]

@@ -15,19 +15,26 @@ HELP = "forward + backward of a preset on generated images; prints the loss and 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import mask_ratio, positive_int, seed
     parser.add_argument("--model", default="mae_vit_tiny_patch4", choices=sorted(MODELS), help="preset")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="generated images in the batch")
+    parser.add_argument("--mask_ratio", type=mask_ratio, default=0.75, help="fraction of patches removed, in [0, 1)")
     parser.add_argument("--norm_pix_loss", action="store_true")
-    parser.add_argument("--backend", default=None, help="auto, reference, sdpa, xformers or triton")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default=None,
+                        help="auto, reference, sdpa, xformers, triton, or op=name,op=name; None: automatic, "
+                             "or FASTMAE_BACKEND")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda, cuda:N or cpu; cuda when available")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the weights, the images and the masking")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli import check_backend, check_device, check_mask_ratio
+    device = check_device(args.device)
+    backend = check_backend(args.backend)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, backend=args.backend).to(device)
+    model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, backend=backend).to(device)
+    check_mask_ratio(args.mask_ratio, model.num_patches)
     size = model.patch_embed.img_size[0]
     imgs = torch.randn(args.batch_size, model.in_chans, size, size, device=device)
     with ops.record_choices() as served:

@@ -1,7 +1,10 @@
 """The command line: `fastmae info` and `fastmae demo` run and say what they should."""
+import os
 import subprocess
 import sys
 
+import pytest
+import torch
 
 from fastmae.cli import main
 
@@ -49,3 +52,154 @@ def test_module_entry_points():
         res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert "fastmae" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ user errors
+def _one_line_error(err: str, command: str) -> str:
+    """The argparse-style error line of `err` (a usage line may precede it); no traceback."""
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fastmae {command}: error: "), err
+    return line
+
+
+@pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--batch_size", "-2"), ("--mask_ratio", "1.0"),
+                                         ("--mask_ratio", "-0.1"), ("--seed", "-1"), ("--seed", "x")])
+def test_demo_refuses_bad_numbers_when_parsing(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--device", "cpu", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be" in _one_line_error(capsys.readouterr().err, "demo")
+
+
+def test_demo_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--batch_size BATCH_SIZE generated images", "--mask_ratio MASK_RATIO fraction of patches removed",
+                 "--device DEVICE cuda", "--seed SEED seed of"):
+        assert text in out, text
+
+
+def test_demo_mask_ratio_keeping_no_patch_is_a_clear_error(capsys):
+    assert main(["demo", "--device", "cpu", "--mask_ratio", "0.999"]) == 2
+    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in _one_line_error(capsys.readouterr().err,
+                                                                                          "demo")
+
+
+@pytest.mark.parametrize("command", ["demo", "visualize", "linprobe"])
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "--device 'bogus' is not a device: use cpu, cuda or cuda:N"),
+    ("meta", "fastmae runs on cpu or cuda"),
+    pytest.param("cuda", "no CUDA device is available (use --device cpu)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param("cuda:99", "this machine has", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")),
+])
+def test_every_command_refuses_a_device_it_cannot_use(tmp_path, capsys, command, device, message):
+    argv = [command, "--device", device]
+    if command == "visualize":
+        argv += ["--output", str(tmp_path / "v.png")]
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys.readouterr().err, command)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backend_choice_is_checked_before_any_work(capsys, monkeypatch):
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    for spec, message in [("bogus", "--backend bogus: unknown backend 'bogus'"),
+                          ("attention=reference,attention=sdpa", "op 'attention' is given twice"),
+                          ("attn=sdpa", "unknown op 'attn'")]:
+        assert main(["demo", "--device", "cpu", "--backend", spec]) == 2
+        captured = capsys.readouterr()
+        assert message in _one_line_error(captured.err, "demo") and captured.out == ""
+    monkeypatch.setenv("FASTMAE_BACKEND", "bogus")
+    assert main(["demo", "--device", "cpu", "--backend", "sdpa"]) == 2
+    assert "FASTMAE_BACKEND=bogus: unknown backend 'bogus'" in _one_line_error(capsys.readouterr().err, "demo")
+
+
+def test_info_takes_the_short_dtype_names_too(capsys):
+    assert main(["info", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "[cpu, bfloat16]" in out and "[cpu, float32]" not in out
+
+
+def test_path_errors_are_one_line_and_other_os_errors_keep_their_traceback(monkeypatch, capsys):
+    import fastmae.demo
+
+    def unwritable(args):
+        raise PermissionError(13, "Permission denied", "somewhere/file.png")
+
+    monkeypatch.setattr(fastmae.demo, "run", unwritable)
+    assert main(["demo"]) == 2
+    assert _one_line_error(capsys.readouterr().err, "demo") == \
+        "fastmae demo: error: somewhere/file.png: Permission denied"
+
+    def broken(args):
+        raise OSError("an I/O failure that names no path")
+
+    monkeypatch.setattr(fastmae.demo, "run", broken)
+    with pytest.raises(OSError, match="names no path"):
+        main(["demo"])
+
+
+def test_output_checks_refuse_unwritable_places_and_leave_nothing(tmp_path):
+    from fastmae.cli import check_output_dir, check_output_file
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(a_file, "is a file, not a folder"), (a_file / "sub", "Not a directory")]
+    if sys.platform.startswith("linux"):  # places not even root can write to
+        cases += [("/proc/fastmae-test/x", ""), ("/sys/fastmae-test", "")]
+    for path, reason in cases:
+        with pytest.raises(ValueError, match="cannot write there") as exc:
+            check_output_dir(path, "--output_dir")
+        assert str(exc.value).startswith(f"--output_dir {path}: cannot write there (") and reason in str(exc.value)
+    with pytest.raises(ValueError, match=r"--output .*: cannot write there \(it is a folder"):
+        check_output_file(tmp_path, "--output")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_output_file(a_file / "x.png", "--output")
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert check_output_file(tmp_path / "other" / "x.png") == tmp_path / "other" / "x.png"
+    # the folders were made and the probe files removed again
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == \
+        ["a_file", "new", "new/deeper", "other"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused(tmp_path):
+    from fastmae.cli import check_output_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="Permission denied"):
+            check_output_dir(ro)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
+    from fastmae.cli import discarding_new_dirs
+
+    def fails():
+        (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+        return 2
+
+    assert discarding_new_dirs(tmp_path / "a" / "b" / "c", fails) == 2
+    assert list(tmp_path.iterdir()) == []  # all three levels were new and left empty
+
+    def writes_then_fails():
+        (tmp_path / "a" / "b").mkdir(parents=True)
+        (tmp_path / "a" / "b" / "log.txt").write_text("x")
+        raise ValueError("stopped")
+
+    with pytest.raises(ValueError):
+        discarding_new_dirs(tmp_path / "a" / "b", writes_then_fails)
+    assert (tmp_path / "a" / "b" / "log.txt").exists()  # a folder with a file in it stays
+    (tmp_path / "keep").mkdir()
+    assert discarding_new_dirs(tmp_path / "keep", lambda: 2) == 2
+    assert (tmp_path / "keep").is_dir()  # it was there before
+    assert discarding_new_dirs(tmp_path / "ok", lambda: (tmp_path / "ok").mkdir() or 0) == 0
+    assert (tmp_path / "ok").is_dir()  # a successful run keeps its (even empty) folder

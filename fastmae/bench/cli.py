@@ -63,13 +63,14 @@ def _known(values, allowed, what: str):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from ..cli import positive_float
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: bfloat16 on cuda, "
                    "float32 on cpu); the model-level benchmarks run it as autocast with fp32 weights")
     p.add_argument("--out", metavar="DIR", help="also write DIR/results.json, DIR/results.csv and plots")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 repetitions: checks the code paths, "
                    "the numbers mean little")
-    p.add_argument("--max-time", type=float, default=None, metavar="S",
+    p.add_argument("--max-time", type=positive_float, default=None, metavar="S",
                    help="time budget of one measurement in seconds (the default depends on the device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="with --out, write no PNG plots")
@@ -90,6 +91,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import positive_int
     sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
     fmt = _Formatter
 
@@ -100,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "bandwidth measured in the same run. Backends that cannot serve a case are listed with "
                        "the registry's reason.")
     _common(p)
-    p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on cuda, 2 on cpu)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch (default: 64 on cuda, 2 on cpu)")
     p.add_argument("--models", default=None, help="ViT sizes whose shapes to use, from B,L,H (default: all)")
     p.add_argument("--ops", default=None, help="comma-separated ops (default: all, and the projections)")
     p.add_argument("--backends", default=None, help="comma-separated backends (default: all registered)")
@@ -141,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
                    "mae_vit_cifar_small_patch4 on cpu)")
-    p.add_argument("--batch", type=int, default=None, help="batch (default: 64)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch (default: 64)")
     p.add_argument("--ratios", default=ENCODER_RATIOS, help="mask ratios (0 is always added)")
     p.add_argument("--backends", default="triton,sdpa,xformers,reference,auto",
                    help="backend paths, timed in this order: triton, sdpa, xformers (attention only), reference, "
@@ -155,12 +157,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("train", formatter_class=fmt, help="one pretraining step per variant: images/s, memory, MFU",
                        description="One full pretraining step (forward, loss, backward, AdamW) for: official-eager, "
-                       "reference+sdpa, reference+compile, fastmae, fastmae+compile; images/s, peak memory and "
-                       "model-FLOPs utilisation against the matmul peak measured in the same run.")
+                       "reference+sdpa, reference+compile, fastmae, fastmae+compile, fastmae+lean; images/s, peak "
+                       "memory and model-FLOPs utilisation against the matmul peak measured in the same run.")
     _common(p)
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
                    "mae_vit_cifar_small_patch4 on cpu)")
-    p.add_argument("--batch", type=int, default=None, help="batch (default: 64)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch (default: 64)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="the masking of every variant")
     p.add_argument("--variants",
                    default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile,fastmae+lean",
@@ -201,14 +203,32 @@ def run(args: argparse.Namespace) -> int:
               "--help",
               file=sys.stderr)
         return 2
+    from ..cli import discarding_new_dirs
+    out = getattr(args, "out", None)
+    return discarding_new_dirs(out, lambda: _run(fn, args))
+
+
+def _run(fn, args: argparse.Namespace) -> int:
+    from ..cli import check_device, check_output_dir
+
     previous = None
     if threading.current_thread() is threading.main_thread():
         # a time limit's SIGTERM ends the run through SystemExit, so the records not yet written are (atexit)
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        # the flags every measuring command has, checked before anything is measured
+        if getattr(args, "device", "auto") not in (None, "", "auto"):
+            check_device(args.device)
+        if getattr(args, "out", None):
+            check_output_dir(args.out, "--out")
         return int(fn(args) or 0)
-    except ValueError as exc:  # bad option values: a clear message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as exc:  # bad option values: a clear message, not a traceback
+        print(f"fastmae bench {args.bench_command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a real failure, with its traceback
+            raise
+        print(f"fastmae bench {args.bench_command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
@@ -337,18 +357,18 @@ def run_ops(args) -> int:
         _print_priority(args.write_priority)
         return 0
 
-    device, dtype, recorder, env = _setup(args)
-    d = _defaults(args, "ops", device)
-    batch = args.batch or d["batch"]
-    models = parse_list(args.models or d["models"])
-    ops_filter = parse_list(args.ops) if args.ops else None
-    from ..ops.registry import BACKENDS
+    from ..ops.registry import BACKENDS, OPS
+    ops_filter = _known(parse_list(args.ops), (*OPS, "projection"), "op") if args.ops else None
+    if args.models:
+        _known(parse_list(args.models), ops_bench.MAE_SHAPES, "model size")
     backends = parse_list(args.backends) if args.backends else list(BACKENDS)
     _known(backends, BACKENDS, "backend")
     modes = parse_list(args.modes)
     _known(modes, ops_bench.MODES, "mode")
-    if batch < 1:
-        raise ValueError("--batch must be at least 1")
+    device, dtype, recorder, env = _setup(args)
+    d = _defaults(args, "ops", device)
+    batch = args.batch or d["batch"]
+    models = parse_list(args.models or d["models"])
 
     print(_header(env, f"bench ops: batch {batch}, dtype {dtype}, shapes of ViT-{'/'.join(models)}"))
     limits = measure_limits(device, dtype, quick=args.quick)
@@ -439,6 +459,8 @@ def run_attention(args) -> int:
     impls = _known(parse_list(args.impls), IMPLS, "implementation") if args.impls else list(IMPLS)
     modes = _known(parse_list(args.modes), MODES, "mode")
     models = parse_list(args.models or d["models"])
+    from .ops_bench import MAE_SHAPES
+    _known(models, MAE_SHAPES, "model size")
     print(_header(env, f"bench attention: {dtype}, MAE batches {batches}, long N {long_ns} at D {head_dims}"))
     records = bench(device, dtype, batches=batches, models=models, long_ns=long_ns, long_head_dims=head_dims,
                     long_tokens=d["long_tokens"], impls=impls, modes=modes, timing=_timing(args, "attention", device),

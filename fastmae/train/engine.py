@@ -55,12 +55,14 @@ def make_scaler(device: torch.device, precision: str):
 
 def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoch: int, sched: Schedule,
                     state: RunState, *, precision: str = "fp32", dist_info: DistInfo | None = None,
-                    logger=None, skip_iters: int = 0) -> tuple[dict, int]:
+                    logger=None, skip_iters: int = 0, last_checkpoint: str | None = None) -> tuple[dict, int]:
     """Train over `loader` (which already skips the first `skip_iters` iterations when resuming mid-epoch).
 
     Batches are `(images, labels, noise, skipped)`; `noise` [N, L] drives the masking. Returns
     (stats, next_iter): stats as the official log keys (`lr`, `loss`, averaged over iterations and ranks)
     plus `skipped_images`; next_iter == iters_per_epoch unless `max_steps` stopped the epoch early.
+    `last_checkpoint`: the newest good checkpoint on disk (None: there is none), named if the loss turns
+    non-finite.
     """
     dist_info = dist_info or DistInfo()
     model.train(True)
@@ -88,11 +90,11 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
             # the mean over ranks is NaN if any rank's loss is: every rank stops at the same iteration
             loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
             if not math.isfinite(loss_mean):
+                last = f"the last good one is {last_checkpoint}" if last_checkpoint else "this run wrote none before it"
                 raise NonFiniteLossError(
                     f"loss is {loss_mean if dist_info.distributed else loss_value} at epoch {epoch}, iteration "
                     f"{it} (optimizer step {state.step + 1}); stopping. No checkpoint of this state was "
-                    f"written; the last good one is checkpoint-last.pth. Try a lower --blr, more "
-                    f"--warmup_epochs or --precision fp32.")
+                    f"written; {last}. Try a lower --blr, more --warmup_epochs or --precision fp32.")
             scaler.scale(loss / accum).backward()
         if update:
             scaler.step(optimizer)

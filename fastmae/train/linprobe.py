@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_path", default="builtin",
                    help="folder with class subfolders (with train/ and val/ subfolders if present), or 'builtin'")
     p.add_argument("--val_fraction", default=0.2, type=float,
-                   help="held-out fraction when --data_path has no val/ subfolder")
+                   help="held-out fraction, in (0, 1), when --data_path has no val/ subfolder")
     p.add_argument("--builtin_size", default=5000, type=int, help="training images of the built-in set "
                                                                   "(its val split has a fifth as many)")
     p.add_argument("--pool", default="cls", choices=POOLS, help="class token or mean of the patch tokens")
@@ -187,12 +188,18 @@ def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2
     if (root / "train").is_dir() and (root / "val").is_dir():
         train, val = ImageFolder(root / "train"), ImageFolder(root / "val")
         if train.classes != val.classes:
-            raise DataError(f"train/ and val/ of {root} have different classes")
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
+            what = "; ".join(f"only in {name}/: {', '.join(c[:5])}{' ...' if len(c) > 5 else ''}"
+                             for name, c in (("train", only_train), ("val", only_val)) if c)
+            raise DataError(f"train/ and val/ of {root} have different classes ({what or 'in another order'})")
         return EvalDataset(train, input_size), EvalDataset(val, input_size), train.classes
     root = split_folder(root, "train")  # a train/ split without val/ beside it: split train/ itself
     base = ImageFolder(root)
     if len(base.classes) < 2:
-        raise DataError(f"{root} holds no class subfolders; a linear probe needs labelled images "
+        held = (f"one class subfolder ({base.classes[0]})" if base.classes and base.classes[0] != root.name
+                else "no class subfolders")
+        raise DataError(f"{root} holds {held}; a linear probe needs labelled images of at least two classes "
                         f"(one subfolder per class)")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val_fraction must be in (0, 1), got {val_fraction}")
@@ -203,21 +210,39 @@ def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2
 
 
 def run(args) -> int:
+    from ..cli import discarding_new_dirs
+    return discarding_new_dirs(args.output_dir, lambda: _run(args))
+
+
+def _run(args) -> int:
+    from ..cli import check_backend, check_device, check_output_dir
     from ..model.checkpoint import CheckpointError
     from .checkpoint import model_from_checkpoint
     from .data import DataError
-    from .pretrain import parse_backend
     try:
-        if args.epochs < 1 or args.batch_size < 2:
-            raise ValueError("--epochs must be at least 1 and --batch_size at least 2")
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+        if args.batch_size < 2:
+            raise ValueError(f"--batch_size must be at least 2, got {args.batch_size}")
+        if args.builtin_size < 1:
+            raise ValueError(f"--builtin_size must be at least 1, got {args.builtin_size}")
+        if not 0.0 < args.val_fraction < 1.0:  # checked whether or not a split uses it
+            raise ValueError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+        for name in ("warmup_epochs", "num_workers"):
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
+        device = check_device(args.device)
+        backend = check_backend(args.backend)
+        if args.output_dir:
+            check_output_dir(args.output_dir, "--output_dir")
         model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
-                                            allow_pickle=args.allow_pickle, backend=parse_backend(args.backend),
+                                            allow_pickle=args.allow_pickle, backend=backend,
                                             default_model="mae_vit_tiny_patch4")
         train, val, classes = probe_datasets(args.data_path, info["input_size"], val_fraction=args.val_fraction,
                                              builtin_size=args.builtin_size, seed=args.seed)
         result = linear_probe(model, train, val, pool=args.pool, num_classes=len(classes), epochs=args.epochs,
                               batch_size=args.batch_size, blr=args.blr, weight_decay=args.weight_decay,
-                              warmup_epochs=args.warmup_epochs, device=torch.device(args.device), seed=args.seed,
+                              warmup_epochs=args.warmup_epochs, device=device, seed=args.seed,
                               num_workers=args.num_workers)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"fastmae linprobe: error: {exc}", file=sys.stderr)
@@ -230,8 +255,14 @@ def run(args) -> int:
           f"{result['num_classes']} classes: top-1 {100 * result['acc']:.2f}% (train {100 * result['train_acc']:.2f}%, "
           f"chance {100 * result['chance']:.2f}%)")
     if args.output_dir:
-        path = Path(args.output_dir) / "linprobe.json"
+        path = Path(args.output_dir).expanduser() / "linprobe.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        # written whole or not at all: a temporary file beside it, renamed over it
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"wrote {path}")
     return 0

@@ -21,10 +21,13 @@ Differences from the official script, on purpose:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +76,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=_default_device(), help="cuda or cpu; cuda when available")
     g.add_argument("--seed", default=0, type=int, help="random seed (rank r uses seed + r for its global RNGs)")
     g.add_argument("--resume", default="",
-                   help="checkpoint to resume from, or 'auto' for the latest in --output_dir")
+                   help="checkpoint to resume from, a folder (its latest checkpoint), or 'auto' for the latest in "
+                        "--output_dir")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N",
-                   help="first epoch (overridden by --resume)")
+                   help="first epoch, less than --epochs (overridden by --resume)")
     g.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes")
-    g.add_argument("--pin_mem", action="store_true",
+    g.add_argument("--pin_mem", action="store_true", default=True,
                    help="pin CPU memory in the DataLoader for faster transfer to the GPU")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
-    p.set_defaults(pin_mem=True)
+    # the default is --pin_mem's alone: the help shows it there only
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", default=argparse.SUPPRESS,
+                   help="do not pin CPU memory")
     g.add_argument("--world_size", default=1, type=int,
                    help="number of processes; kept for the official command lines, the launcher's environment "
                         "(torchrun's WORLD_SIZE) decides")
@@ -119,16 +124,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_backend(raw: str | None):
-    """'sdpa' -> 'sdpa'; 'attention=triton,gather_tokens=sdpa' -> dict; None/'' -> None."""
-    if not raw:
-        return None
-    if "=" not in raw:
-        return raw.strip()
-    spec = {}
-    for part in raw.split(","):
-        op, _, name = part.partition("=")
-        spec[op.strip()] = name.strip()
-    return spec
+    """'sdpa' -> 'sdpa'; 'attention=triton,gather_tokens=sdpa' -> a mapping; None/'' -> None. Checked, with
+    FASTMAE_BACKEND: a ValueError naming --backend (or the variable) and what is wrong."""
+    from ..cli import check_backend
+    return check_backend(raw)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -162,6 +161,8 @@ class PretrainResult:
 
 
 def _check_args(args) -> None:
+    """The checks that need no data, model or output: every flag's value on its own."""
+    from ..cli import check_device
     from ..model import MODELS
     if args.model not in MODELS:
         raise ValueError(f"unknown --model {args.model!r}; choose one of {', '.join(MODELS)}")
@@ -170,24 +171,23 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0.0 < args.mask_ratio < 1.0:
         raise ValueError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if args.max_steps < 0 or args.num_workers < 0 or args.warmup_epochs < 0:
-        raise ValueError("--max_steps, --num_workers and --warmup_epochs must not be negative")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {args.device!r}: fastmae pretrain runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    for name in ("max_steps", "num_workers", "warmup_epochs", "start_epoch"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.start_epoch >= args.epochs:
+        raise ValueError(f"--start_epoch {args.start_epoch} is not before --epochs {args.epochs}: there would be "
+                         "nothing to train")
+    if args.builtin_size < 1:
+        raise ValueError(f"--builtin_size must be at least 1, got {args.builtin_size}")
+    check_device(args.device)
+    parse_backend(args.backend)
 
 
 def train(args) -> PretrainResult:
     """Run pretraining as `fastmae pretrain` does (args: the parsed namespace). Raises on bad arguments,
     bad data and a non-finite loss."""
     from .. import create_model
+    from ..cli import check_mask_ratio
     from . import checkpoint as ckpt_io
     from .data import PretrainDataset, open_dataset, pretrain_loader
     from .distributed import barrier, cleanup, init_distributed
@@ -196,6 +196,7 @@ def train(args) -> PretrainResult:
     from .optim import absolute_lr, adamw_impl, build_optimizer
 
     _check_args(args)
+    resume_path = _resume_path(args.resume, args.output_dir)
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp, args.local_rank)
     try:
         device = torch.device(args.device)
@@ -205,11 +206,15 @@ def train(args) -> PretrainResult:
         args.distributed = info.distributed
         precision = resolve_precision(args.precision, device)
         say = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+        if args.output_dir and info.is_main:
+            for stale in ckpt_io.remove_stale_temp_files(args.output_dir):
+                say(f"removed {stale}, left by a run stopped while it wrote a checkpoint")
 
         # the model is initialised from `seed` on every rank (DDP would broadcast rank 0's anyway)
         seed_everything(args.seed)
         model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size,
                              backend=parse_backend(args.backend), lean_blocks=args.lean_blocks)
+        check_mask_ratio(args.mask_ratio, model.num_patches)
         model.to(device)
         seed_everything(args.seed + info.rank)
 
@@ -246,7 +251,6 @@ def train(args) -> PretrainResult:
         scaler = make_scaler(device, precision)
 
         start_epoch, skip_iters, step = args.start_epoch, 0, 0
-        resume_path = ckpt_io.resolve_resume(args.resume, args.output_dir)
         if args.resume == "auto" and resume_path is None:
             say(f"--resume auto: no checkpoint in {args.output_dir!r} yet, starting from scratch")
         if resume_path is not None:
@@ -254,9 +258,10 @@ def train(args) -> PretrainResult:
                                             allow_pickle=args.allow_pickle, iters_per_epoch=iters_per_epoch,
                                             accum_iter=args.accum_iter, restore_rng=info.is_main,
                                             layout={k: getattr(args, k) for k in ("batch_size", "world_size",
-                                                                                  "accum_iter")})
+                                                                                  "accum_iter")},
+                                            model_name=args.model)
             if where["start_epoch"] is None:
-                say(f"loaded the weights of {resume_path} (no optimizer state or epoch in it): training from "
+                say(f"loaded the weights of {resume_path} (no {where['missing']} in it): training from "
                     f"epoch {start_epoch} with a fresh optimizer")
             else:
                 start_epoch, skip_iters, step = where["start_epoch"], where["skip_iters"], where["step"]
@@ -273,6 +278,8 @@ def train(args) -> PretrainResult:
         state = RunState(step=step)
         result = PretrainResult(step=step, epoch=start_epoch - 1)
         writes = bool(args.output_dir) and info.is_main
+        # the newest good state on disk, named if the loss turns non-finite: the resumed one, then this run's
+        last_good = str(resume_path) if resume_path is not None else None
         total_iters = (args.epochs - start_epoch) * iters_per_epoch - skip_iters
         logger = RunLogger(args.output_dir if writes else None, args.log_dir if info.is_main else None,
                            enabled=info.is_main, progress=not args.no_progress, total_iters=total_iters)
@@ -288,7 +295,7 @@ def train(args) -> PretrainResult:
                 logger.start_epoch(epoch, iters_per_epoch, skip_iters)
                 stats, next_iter = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, sched,
                                                    state, precision=precision, dist_info=info, logger=logger,
-                                                   skip_iters=skip_iters)
+                                                   skip_iters=skip_iters, last_checkpoint=last_good)
                 skip_iters = 0
                 complete = next_iter >= iters_per_epoch
                 result.epoch = epoch
@@ -297,6 +304,7 @@ def train(args) -> PretrainResult:
                                                 args=args, next_iter=0 if complete else next_iter)
                     numbered = complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs)
                     result.checkpoints += [str(x) for x in ckpt_io.save(c, args.output_dir, numbered=numbered)]
+                    last_good = result.checkpoints[-1]
                     del c
                 log = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": state.step}
                 if not complete:
@@ -323,22 +331,72 @@ def train(args) -> PretrainResult:
         cleanup(info)
 
 
+def _resume_path(resume: str, output_dir: str) -> Path | None:
+    """`--resume`: '' (none), 'auto' (the latest in output_dir, or none yet), a checkpoint file, or a folder
+    (its latest checkpoint, as 'auto' finds it)."""
+    from . import checkpoint as ckpt_io
+    if resume and resume != "auto" and Path(resume).expanduser().is_dir():
+        latest = ckpt_io.find_latest(Path(resume).expanduser())
+        if latest is None:
+            raise FileNotFoundError(f"--resume {resume}: that folder holds no checkpoint (checkpoint-last.pth or "
+                                    "checkpoint-N.pth)")
+        return latest
+    return ckpt_io.resolve_resume(resume, output_dir)
+
+
+def _check_outputs(args) -> None:
+    """--output_dir (and --log_dir, where TensorBoard would write) must be folders this process can write to:
+    refused before any work, not at the first write after training has started."""
+    from importlib.util import find_spec
+
+    from ..cli import check_output_dir
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output_dir")
+    if args.log_dir and find_spec("tensorboard") is not None:
+        check_output_dir(args.log_dir, "--log_dir")
+
+
 def run(args) -> int:
+    from ..cli import discarding_new_dirs
     from .data import DataError
     from .engine import NonFiniteLossError
     from .checkpoint import NonFiniteStateError
     from ..model.checkpoint import CheckpointError
+
+    def body() -> int:
+        try:
+            _check_args(args)
+            _check_outputs(args)
+            train(args)
+        except (NonFiniteLossError, NonFiniteStateError) as exc:
+            print(f"fastmae pretrain: {exc}", file=sys.stderr)
+            return 1
+        except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
+            print(f"fastmae pretrain: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    # an error leaves no empty --output_dir (or --log_dir) behind
+    with _sigterm_as_exit():
+        return discarding_new_dirs(args.log_dir, lambda: discarding_new_dirs(args.output_dir, body))
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (what `kill`, `timeout` and cluster schedulers send) raises SystemExit(143) inside the block, so
+    that cleanup runs as for Ctrl-C: a checkpoint being written is removed, never left half-written."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        if args.output_dir:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        train(args)
-    except (NonFiniteLossError, NonFiniteStateError) as exc:
-        print(f"fastmae pretrain: {exc}", file=sys.stderr)
-        return 1
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"fastmae pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

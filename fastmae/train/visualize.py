@@ -15,6 +15,7 @@ Models trained without norm_pix_loss are shown as predicted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import torch
 from PIL import Image, ImageDraw
 
 HELP = "draw reconstructions (original, masked, reconstruction, + visible) as a PNG grid"
-DESCRIPTION = HELP + ". " + __doc__.split("\n\n")[1].replace("\n", " ")
+# the docstring after its first paragraph, formula included, as one paragraph (argparse reflows it anyway)
+DESCRIPTION = HELP + ". " + " ".join(p if p.endswith((".", ":")) else p + "."
+                                     for p in (" ".join(part.split()) for part in __doc__.split("\n\n")[1:]))
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
@@ -104,7 +107,13 @@ def save_grid(result: dict, path: str | Path, tile: int = 128, pad: int = 4, hea
             canvas.paste(_to_uint8(result[key][i], tile), (pad + j * (tile + pad), top + pad + i * (tile + pad)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+    # written whole or not at all: a temporary file beside it, renamed over it
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -120,19 +129,29 @@ def load_images(data_path: str, input_size: int, num_images: int, seed: int = 0)
 
 
 def run(args) -> int:
+    from ..cli import discarding_new_dirs
+    return discarding_new_dirs(Path(args.output).expanduser().parent, lambda: _run(args))
+
+
+def _run(args) -> int:
+    from ..cli import check_backend, check_device, check_mask_ratio, check_output_file
     from ..model.checkpoint import CheckpointError
     from .checkpoint import model_from_checkpoint
     from .data import DataError
-    from .pretrain import parse_backend
     try:
-        if args.num_images < 1 or args.tile < 8:
-            raise ValueError("--num_images must be at least 1 and --tile at least 8")
+        if args.num_images < 1:
+            raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
+        if args.tile < 8:
+            raise ValueError(f"--tile must be at least 8, got {args.tile}")
         if not 0.0 <= args.mask_ratio < 1.0:
             raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+        device = check_device(args.device)
+        backend = check_backend(args.backend)
+        check_output_file(args.output, "--output")
         model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
                                             norm_pix_loss=args.norm_pix_loss, allow_pickle=args.allow_pickle,
-                                            backend=parse_backend(args.backend), default_model="mae_vit_tiny_patch4")
-        device = torch.device(args.device)
+                                            backend=backend, default_model="mae_vit_tiny_patch4")
+        check_mask_ratio(args.mask_ratio, model.num_patches)
         model.to(device)
         imgs = load_images(args.data_path, info["input_size"], args.num_images, args.seed).to(device)
         g = torch.Generator().manual_seed(args.seed)

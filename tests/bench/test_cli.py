@@ -123,3 +123,65 @@ def test_training_ratios_agree_across_two_runs_into_one_folder(tmp_path):
     for r in recs.values():
         assert r["vs_official_eager"] == pytest.approx(r["images_per_s"] / base["images_per_s"], rel=1e-12)
         assert r["mem_vs_official_eager"] == pytest.approx(r["peak_mem_mb"] / base["peak_mem_mb"], rel=1e-12)
+
+
+def _error_line(err: str, command: str) -> str:
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fastmae bench {command}: error: "), err
+    return line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ops", "--ops", "bogus"], "unknown op 'bogus'"),
+    (["ops", "--models", "B,X"], "unknown model size 'X'"),
+    (["ops", "--device", "bogus"], "--device 'bogus' is not a device"),
+    (["attention", "--models", "X"], "unknown model size 'X'"),
+    (["encoder", "--device", "meta"], "fastmae runs on cpu or cuda"),
+])
+def test_bad_values_are_refused_before_anything_is_measured(tmp_path, capsys, monkeypatch, argv, message):
+    from fastmae.bench import limits
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(limits, "measure_limits", no_measuring)
+    monkeypatch.setattr(limits, "measure_matmul_tflops", no_measuring)
+    out = tmp_path / "new" / "out"
+    assert main(["bench", *argv, "--quick", "--no-progress", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert message in _error_line(captured.err, argv[0])
+    assert captured.out == ""  # not even the header
+    assert list(tmp_path.iterdir()) == []  # no empty --out folder left behind
+
+
+@pytest.mark.parametrize("what", ["ops", "encoder", "train"])
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--batch", "-1"), ("--max-time", "-1"),
+                                         ("--max-time", "0")])
+def test_non_positive_sizes_and_times_are_refused(capsys, what, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", what, "--quick", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be a positive" in _error_line(capsys.readouterr().err, what)
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert main(["bench", "train", "--quick", "--no-progress", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert f"--out {out}: cannot write there" in _error_line(captured.err, "train") and captured.out == ""
+
+
+def test_train_help_lists_every_variant(capsys, monkeypatch):
+    from fastmae.bench.train_bench import VARIANTS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside a hyphenated name
+
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    description = text.split("options:")[0]
+    for v in VARIANTS:
+        assert v in description, v

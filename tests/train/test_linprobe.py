@@ -93,4 +93,58 @@ def test_linprobe_command_on_a_folder(tmp_path, capsys):
     flat.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(flat / "a.png")
     assert cli_main(["linprobe", "--data_path", str(flat), "--device", "cpu"]) == 2
-    assert "class subfolders" in capsys.readouterr().err
+    assert "holds no class subfolders" in capsys.readouterr().err
+    one = tmp_path / "one"
+    (one / "cls1").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(one / "cls1" / "a.png")
+    assert cli_main(["linprobe", "--data_path", str(one), "--device", "cpu"]) == 2
+    assert "holds one class subfolder (cls1); a linear probe needs labelled images of at least two classes" in \
+        capsys.readouterr().err
+    split = tmp_path / "split"
+    for part, names in (("train", ("a", "b", "c")), ("val", ("a", "b", "d"))):
+        for name in names:
+            (split / part / name).mkdir(parents=True)
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(split / part / name / "x.png")
+    assert cli_main(["linprobe", "--data_path", str(split), "--device", "cpu"]) == 2
+    assert "different classes (only in train/: c; only in val/: d)" in capsys.readouterr().err
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fastmae linprobe: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--val_fraction", "1.0"], "--val_fraction must be in (0, 1), got 1.0"),
+    (["--val_fraction", "0"], "--val_fraction must be in (0, 1), got 0.0"),
+    (["--builtin_size", "0"], "--builtin_size must be at least 1, got 0"),
+    (["--batch_size", "1"], "--batch_size must be at least 2, got 1"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--num_workers", "-1"], "--num_workers must not be negative, got -1"),
+])
+def test_bad_flags_on_the_builtin_set_are_refused_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
+    import fastmae.train.linprobe as lp
+
+    monkeypatch.setattr(lp, "probe_datasets", lambda *a, **k: pytest.fail("work started"))
+    out = tmp_path / "new" / "out"
+    assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(out), *extra]) == 2
+    assert message in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # no empty --output_dir left behind
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import fastmae.train.linprobe as lp
+
+    monkeypatch.setattr(lp, "probe_datasets", lambda *a, **k: pytest.fail("work started"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(out)]) == 2
+        assert f"--output_dir {out}: cannot write there (" in _error_line(capsys)
+    # an error after the check removes the folder it made
+    assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(tmp_path / "new"), "--checkpoint",
+                     str(tmp_path / "none.pth")]) == 2
+    assert "checkpoint not found" in _error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]

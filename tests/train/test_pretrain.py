@@ -2,6 +2,8 @@
 accumulation, atomic saves, and the stop on a non-finite loss."""
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -245,7 +247,7 @@ def test_a_weights_only_file_keeps_start_epoch_and_official_steps_count_whole_gr
     torch.save({"model": read_checkpoint(src / "checkpoint-0.pth")["model"]}, weights)
     dst = tmp_path / "dst"
     r = train(pretrain_args(dst, "--resume", str(weights), "--start_epoch", "1"))
-    assert "loaded the weights of" in capsys.readouterr().out
+    assert f"loaded the weights of {weights} (no optimizer state or epoch in it)" in capsys.readouterr().out
     assert [s["epoch"] for s in read_step_log(dst)] == [1] * 4 and r.step == 4
     # it trained from those weights: its first loss is the source run's model's loss on that batch, which a
     # freshly initialised model does not give
@@ -306,3 +308,185 @@ def test_auto_precision_asks_the_chosen_gpu_for_hardware_bf16(monkeypatch, major
 def test_a_bad_device_is_a_clear_error(tmp_path, capsys, device, message):
     assert run(pretrain_args(tmp_path, "--device", device)) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ user errors
+def _refused(capsys, args) -> str:
+    """Run the command; it must stop with exit status 2 before any work, with a one-line message."""
+    assert run(args) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "start training" not in captured.out and "data:" not in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastmae pretrain: error: "), captured.err
+    return lines[0]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    places = [a_file, a_file / "sub"] + (["/proc/fastmae-test", "/sys/fastmae-test"]
+                                         if sys.platform.startswith("linux") else [])
+    for place in places:
+        assert f"--output_dir {place}: cannot write there (" in _refused(capsys, pretrain_args(place))
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_dir_is_refused_before_training(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert "Permission denied" in _refused(capsys, pretrain_args(ro))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_early_errors_leave_no_empty_output_dir(tmp_path, capsys):
+    out = tmp_path / "runs" / "one"
+    for extra, message in [(["--data_path", str(tmp_path / "missing")], "data folder not found"),
+                           (["--resume", str(tmp_path / "nope.pth")], "checkpoint not found"),
+                           (["--backend", "bogus"], "unknown backend"),
+                           (["--mask_ratio", "0.999"], "keeps none"),
+                           (["--batch_size", "128"], "fewer than one batch")]:
+        assert message in _refused(capsys, pretrain_args(out, *extra))
+        assert list(tmp_path.iterdir()) == [], extra
+    out.mkdir(parents=True)  # a folder that was there before stays
+    _refused(capsys, pretrain_args(out, "--backend", "bogus"))
+    assert out.is_dir()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bogus", "--backend bogus: unknown backend 'bogus'"), ("attn=sdpa", "--backend attn=sdpa: unknown op 'attn'"),
+    ("attention=", "--backend attention=: unknown backend ''"),
+    ("attention=reference,attention=sdpa", "op 'attention' is given twice")])
+def test_a_bad_backend_is_refused_before_any_work(tmp_path, capsys, monkeypatch, spec, message):
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    assert message in _refused(capsys, pretrain_args(tmp_path / "out", "--backend", spec))
+
+
+def test_a_bad_backend_variable_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTMAE_BACKEND", "bogus")
+    assert "FASTMAE_BACKEND=bogus: unknown backend 'bogus'" in _refused(capsys, pretrain_args(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max_steps", "-1"], "--max_steps must not be negative, got -1"),
+    (["--num_workers", "-1"], "--num_workers must not be negative, got -1"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must not be negative, got -1"),
+    (["--builtin_size", "0"], "--builtin_size must be at least 1, got 0"),
+    (["--start_epoch", "5", "--epochs", "1"], "--start_epoch 5 is not before --epochs 1"),
+    (["--start_epoch", "2"], "--start_epoch 2 is not before --epochs 2"),
+    (["--mask_ratio", "0.999"], "--mask_ratio 0.999 keeps none of the model's 64 patches"),
+])
+def test_each_bad_flag_is_named_alone(tmp_path, capsys, extra, message):
+    line = _refused(capsys, pretrain_args(tmp_path / "out", *extra))
+    assert message in line
+    others = {"--max_steps", "--num_workers", "--warmup_epochs"} - {extra[0]}
+    assert not any(flag in line for flag in others), line
+
+
+def test_resume_from_a_folder_takes_its_latest_checkpoint(tmp_path, capsys):
+    src = tmp_path / "src"
+    train(pretrain_args(src, "--epochs", "1"))
+    r = train(pretrain_args(tmp_path / "dst", "--resume", str(src)))
+    assert r.step == 8 and len(r.losses) == 4  # epoch 1 only
+    assert f"resumed from {src / 'checkpoint-last.pth'}" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"--resume {empty}: that folder holds no checkpoint" in _refused(
+        capsys, pretrain_args(tmp_path / "dst2", "--resume", str(empty)))
+
+
+def test_the_non_finite_loss_message_names_a_checkpoint_only_if_there_is_one(tmp_path, capsys, monkeypatch):
+    real_forward = fastmae.MaskedAutoencoderViT.forward
+    calls = {"n": 0, "nan_at": 1}
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        loss, pred, mask = real_forward(self, imgs, mask_ratio, noise)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == calls["nan_at"] else loss), pred, mask
+
+    monkeypatch.setattr(fastmae.MaskedAutoencoderViT, "forward", forward)
+    assert run(pretrain_args(tmp_path / "first")) == 1
+    err = capsys.readouterr().err
+    assert "this run wrote none before it" in err and "checkpoint-last.pth" not in err
+    assert not list((tmp_path / "first").glob("checkpoint-*"))
+    calls.update(n=0, nan_at=6)  # in epoch 1, after epoch 0's checkpoint
+    assert run(pretrain_args(tmp_path / "second")) == 1
+    assert f"the last good one is {tmp_path / 'second' / 'checkpoint-last.pth'}" in capsys.readouterr().err
+
+
+def test_pin_mem_help_shows_the_default_once(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--pin_mem pin CPU memory in the DataLoader for faster transfer to the GPU (default: True)" in out
+    assert "--no_pin_mem do not pin CPU memory --" in out  # no "(default: True)" on the flag that turns it off
+    assert pretrain_args("x").pin_mem is True and pretrain_args("x", "--no_pin_mem").pin_mem is False
+    assert pretrain_args("x", "--no_pin_mem", "--pin_mem").pin_mem is True  # the last one wins
+
+
+def test_a_file_with_an_epoch_but_no_optimizer_says_what_it_lacks(tmp_path, capsys):
+    src = tmp_path / "src"
+    train(pretrain_args(src, "--epochs", "1"))
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": read_checkpoint(src / "checkpoint-0.pth")["model"], "epoch": 3}, weights)
+    train(pretrain_args(tmp_path / "dst", "--resume", str(weights), "--max_steps", "1"))
+    assert f"loaded the weights of {weights} (no optimizer state in it)" in capsys.readouterr().out
+
+
+def test_a_run_removes_the_temp_files_of_killed_writers(tmp_path, capsys):
+    """A checkpoint temp file whose writer no longer runs (a hard kill while saving) is removed at the start of
+    the next run in that folder, and said; a file of a live process stays."""
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale, live = out / f".checkpoint-last.pth.tmp-{dead.pid}", out / ".checkpoint-last.pth.tmp-1"
+    # pid 1 runs (since boot, or since the container started); its file was written after that, long ago
+    started = ckpt_io._start_time(1) or 1e9
+    for f, when in ((stale, 1e9), (live, started + 1)):
+        f.write_bytes(b"half a checkpoint")
+        os.utime(f, (when, when))
+    train(pretrain_args(out, "--epochs", "1", "--max_steps", "1"))
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale}" in capsys.readouterr().out
+
+
+def test_sigterm_stops_a_run_as_an_exit_with_cleanup(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler's preemption) ends `fastmae pretrain` through SystemExit(143), so a
+    checkpoint being written is removed as on Ctrl-C, and no temp file is left."""
+    import signal
+    import subprocess
+    import time
+
+    from fastmae.train.pretrain import _sigterm_as_exit
+
+    with pytest.raises(SystemExit) as stopped:
+        with _sigterm_as_exit():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode: never reached
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "fastmae", "pretrain", "--model", "mae_vit_tiny_patch4", "--input_size", "32",
+            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--builtin_size", "64",
+            "--batch_size", "16", "--epochs", "400", "--output_dir", str(out), "--log_dir", ""]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint-last.pth").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "checkpoint-last.pth").exists(), proc.communicate()[0] if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert not [f.name for f in out.iterdir() if ".tmp-" in f.name or ".link-" in f.name]
+    read_checkpoint(out / "checkpoint-last.pth")  # whole

@@ -95,3 +95,63 @@ def test_released_style_checkpoint_needs_the_model_name(tmp_path, capsys):
     assert "pass --model" in capsys.readouterr().err
     assert cli_main(argv + ["--model", "mae_vit_tiny_patch4"]) == 0
     assert Image.open(out).size[1] == 18 + 128 + 8
+
+
+def test_help_keeps_the_whole_description_with_its_formula(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["visualize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "statistics of that same patch: pixels = pred * sqrt(var + 1e-6) + mean" in text
+    assert "Models trained without norm_pix_loss are shown as predicted." in text
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fastmae visualize: error: "), err
+    return err.strip()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import fastmae.train.visualize as vis
+
+    monkeypatch.setattr(vis, "load_images", lambda *a, **k: pytest.fail("work started"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for output, reason in [(a_file / "v.png", "is a file, not a folder"), (tmp_path, "it is a folder")]:
+        assert cli_main(["visualize", "--output", str(output), "--device", "cpu"]) == 2
+        line = _error_line(capsys)
+        assert f"--output {output}: cannot write there (" in line and reason in line
+    # a later error removes the folder made for the output, and leaves no partial PNG
+    out = tmp_path / "new" / "v.png"
+    assert cli_main(["visualize", "--output", str(out), "--device", "cpu", "--checkpoint",
+                     str(tmp_path / "none.pth")]) == 2
+    assert "checkpoint not found" in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_mask_ratio_keeping_no_patch_is_refused_before_drawing(tmp_path, capsys, monkeypatch):
+    import fastmae.train.visualize as vis
+
+    monkeypatch.setattr(vis, "load_images", lambda *a, **k: pytest.fail("work started"))
+    assert cli_main(["visualize", "--output", str(tmp_path / "v.png"), "--device", "cpu",
+                     "--mask_ratio", "0.999"]) == 2
+    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in _error_line(capsys)
+
+
+def test_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    imgs = torch.randn(1, 3, 32, 32)
+    result = {"original": imgs, "masked": imgs, "reconstruction": imgs, "pasted": imgs}
+    path = save_grid(result, tmp_path / "g.png", tile=16)
+    before = path.read_bytes()
+
+    def dies_midway(self, fp, format=None, **params):
+        Path(fp).write_bytes(b"half a png")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Image.Image, "save", dies_midway)
+    with pytest.raises(OSError, match="simulated"):
+        save_grid(result, path, tile=16)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.png"]

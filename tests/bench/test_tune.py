@@ -160,3 +160,10 @@ def test_tune_refuses_to_time_on_a_cpu_without_asking(capsys, monkeypatch):
     assert "GPU" in capsys.readouterr().err
     assert main(["bench", "tune", "--device", "cpu", "--allow-interpreter", "--quick", "--write"]) == 2
     assert "--write needs a FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--jobs", "0"), ("--max-time", "-1")])
+def test_tune_refuses_non_positive_numbers(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "tune", "--device", "cpu", flag, value])
+    assert exit_.value.code == 2 and f"{flag}: must be a positive" in capsys.readouterr().err

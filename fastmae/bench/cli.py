@@ -63,15 +63,16 @@ def _known(values, allowed, what: str):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from ..cli import positive_float
+    from ..cli import non_negative_float
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: bfloat16 on cuda, "
                    "float32 on cpu); the model-level benchmarks run it as autocast with fp32 weights")
     p.add_argument("--out", metavar="DIR", help="also write DIR/results.json, DIR/results.csv and plots")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 repetitions: checks the code paths, "
                    "the numbers mean little")
-    p.add_argument("--max-time", type=positive_float, default=None, metavar="S",
-                   help="time budget of one measurement in seconds (the default depends on the device)")
+    p.add_argument("--max-time", type=non_negative_float, default=None, metavar="S",
+                   help="time budget of one measurement in seconds (the default depends on the device; 0: the "
+                        "minimum repetitions only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="with --out, write no PNG plots")
     p.add_argument("--threads", default="auto",

@@ -257,21 +257,22 @@ def _cfg(settings) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import positive_float, positive_int
+    from ..cli import non_negative_float, non_negative_int, positive_int
 
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16, fp16, fp32; each dtype is tuned on its "
                    "own (default: bf16, MAE's training dtype, on cuda; fp32 on cpu)")
     p.add_argument("--shapes", default=None, help=f"comma-separated, from {', '.join(SHAPES)} (default: all)")
     p.add_argument("--batch", type=positive_int, default=64, help="batch of the MAE shapes (the long ones use 4)")
-    p.add_argument("--jobs", type=positive_int, default=None,
+    p.add_argument("--jobs", type=non_negative_int, default=None,
                    help="worker processes that compile-check and pre-compile candidates (default: up to 8 on "
                    "cuda, 0 = none on cpu)")
     p.add_argument("--write", nargs="?", const="", default=None, metavar="FILE",
                    help="merge the winners into FILE (without FILE: the kernels' attention_tuned.json)")
     p.add_argument("--out", metavar="DIR", help="write every measurement to DIR/tune.json")
-    p.add_argument("--max-time", type=positive_float, default=None, metavar="S",
-                   help="time budget of one candidate's measurement (default 0.05 s on cuda)")
+    p.add_argument("--max-time", type=non_negative_float, default=None, metavar="S",
+                   help="time budget of one candidate's measurement (default 0.05 s on cuda; 0: the minimum "
+                        "repetitions only)")
     p.add_argument("--quick", action="store_true", help="two tiny fp32 shapes and two candidates per kernel: "
                    "checks the code paths (with --allow-interpreter on a CPU), the numbers mean nothing")
     p.add_argument("--allow-interpreter", action="store_true",

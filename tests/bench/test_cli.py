@@ -156,13 +156,14 @@ def test_bad_values_are_refused_before_anything_is_measured(tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("what", ["ops", "encoder", "train"])
-@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--batch", "-1"), ("--max-time", "-1"),
-                                         ("--max-time", "0")])
-def test_non_positive_sizes_and_times_are_refused(capsys, what, flag, value):
+@pytest.mark.parametrize("flag, value, what_it_must_be", [
+    ("--batch", "0", "a positive integer"), ("--batch", "-1", "a positive integer"),
+    ("--max-time", "-1", "a non-negative number")])  # --max-time 0: the minimum repetitions only
+def test_sizes_and_times_out_of_range_are_refused(capsys, what, flag, value, what_it_must_be):
     with pytest.raises(SystemExit) as exc:
         main(["bench", what, "--quick", flag, value])
     assert exc.value.code == 2
-    assert f"argument {flag}: must be a positive" in _error_line(capsys.readouterr().err, what)
+    assert f"argument {flag}: must be {what_it_must_be}" in _error_line(capsys.readouterr().err, what)
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, capsys):

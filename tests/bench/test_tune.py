@@ -162,8 +162,10 @@ def test_tune_refuses_to_time_on_a_cpu_without_asking(capsys, monkeypatch):
     assert "--write needs a FILE" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--jobs", "0"), ("--max-time", "-1")])
-def test_tune_refuses_non_positive_numbers(capsys, flag, value):
+@pytest.mark.parametrize("flag,value,what", [("--batch", "0", "a positive integer"),
+                                             ("--jobs", "-1", "a non-negative integer"),  # 0: no worker processes
+                                             ("--max-time", "-1", "a non-negative number")])  # 0: minimum reps
+def test_tune_refuses_numbers_out_of_range(capsys, flag, value, what):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "tune", "--device", "cpu", flag, value])
-    assert exit_.value.code == 2 and f"{flag}: must be a positive" in capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{flag}: must be {what}, got {value}" in capsys.readouterr().err

@@ -7,11 +7,13 @@ one-line `CheckpointError` too.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import re
 import sys
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +92,8 @@ def _read_error(path: Path, exc: Exception, allow_pickle: bool) -> CheckpointErr
     text = _ANSI.sub("", str(exc))
     if "deserialize object on" in text:  # a map_location device this machine lacks
         return None
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # the machine's, not the file's
+        return None
     if isinstance(exc, pickle.UnpicklingError) and not allow_pickle:
         found = _DISALLOWED_GLOBAL.search(text)
         if found and _may_exist(found.group(1)):
@@ -97,6 +101,9 @@ def _read_error(path: Path, exc: Exception, allow_pickle: bool) -> CheckpointErr
                 f"{path} holds Python objects beyond tensors and plain values ({found.group(1)}), and fastmae "
                 f"loads with weights_only=True so that no code from the file runs. If you trust the file, pass "
                 f"allow_pickle=True (command line: --allow-pickle)")
+        if found and zipfile.is_zipfile(path):  # whole (its index was read): a class of the program that wrote it
+            return CheckpointError(f"{path} refers to {found.group(1)}, which is not available here (a class of "
+                                   "the program that wrote it): it cannot be loaded without that code")
         found = _BLOCKED_GLOBAL.search(text)
         if found:
             return CheckpointError(f"{path} refers to {found.group(1)}, which can run commands on this machine: "
@@ -109,11 +116,19 @@ def _read_error(path: Path, exc: Exception, allow_pickle: bool) -> CheckpointErr
 
 
 def _may_exist(full_name: str) -> bool:
-    """False when `full_name` is `module.name` of an imported module that has no such name: a reference cut
-    short by a truncated file (e.g. 'torch._utils._rebuild_tens'), not a class the file was written with."""
+    """Whether `full_name` ('module.name') can name something here: its module is imported and has the name, or
+    can be found and imported. False for a reference cut short by a truncated file ('torch._utils._rebuild_tens',
+    'collecti.') and for a class this program does not have ('__main__.Config' of another script)."""
     module, _, name = full_name.rpartition(".")
+    if not module or not name:
+        return False
     loaded = sys.modules.get(module)
-    return loaded is None or hasattr(loaded, name)
+    if loaded is not None:
+        return hasattr(loaded, name)
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that does not exist, or a malformed name
+        return False
 
 
 def _reason(exc: BaseException) -> str:

@@ -212,6 +212,7 @@ def test_an_eof_error_from_torch_is_a_checkpoint_error(tmp_path, monkeypatch):
     (b"\x80\x02cargparse\nNamespace\n", "argparse.Namespace"),  # a class the official script pickles
     (b"\x80\x02ctorch._utils\n_rebuild_tens\n", None),  # a name cut short by a truncated file: no such name
     (b"\x80\x02cos\nsystem\n", None),  # torch blocks the module: never worth allowing
+    (b"\x80\x02ccollecti\nOrderedDict\n", None),  # a legacy (non-zip) file cut inside a module name
 ])
 def test_only_a_disallowed_class_gets_the_allow_pickle_advice(tmp_path, content, advice):
     path = tmp_path / "c.pth"
@@ -224,6 +225,38 @@ def test_only_a_disallowed_class_gets_the_allow_pickle_advice(tmp_path, content,
         assert f"({advice})" in msg and "allow_pickle=True" in msg, msg
     else:
         assert "allow_pickle" not in msg, msg
+
+
+def test_a_whole_file_with_a_class_missing_here_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A checkpoint that pickles a class of the script that wrote it (absent here) is whole: the error says the
+    class is not available, not that the file is truncated, and gives no allow-pickle advice."""
+    import __main__
+
+    class Config:
+        pass
+
+    Config.__module__, Config.__qualname__ = "__main__", "FastmaeTestConfig"
+    monkeypatch.setattr(__main__, "FastmaeTestConfig", Config, raising=False)
+    path = tmp_path / "script.pth"
+    torch.save({"model": {}, "config": Config()}, path)
+    monkeypatch.delattr(__main__, "FastmaeTestConfig")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    msg = str(info.value)
+    assert "refers to __main__.FastmaeTestConfig, which is not available here" in msg, msg
+    assert "corrupt" not in msg and "allow_pickle" not in msg
+
+
+def test_running_out_of_memory_is_not_blamed_on_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    torch.save({"model": {}}, path)
+
+    def oom(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(torch, "load", oom)
+    with pytest.raises(MemoryError):
+        read_checkpoint(path)
 
 
 def test_an_official_style_checkpoint_error_is_one_line_naming_the_class(tmp_path):

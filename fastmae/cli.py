@@ -28,15 +28,22 @@ SUBCOMMANDS = {
 
 
 # ------------------------------------------------------------------------------------------ shared checks
-def check_device(name: str):
-    """The torch.device a `--device` flag names, or a ValueError saying why this machine cannot run on it."""
+def check_device(name: str, other_devices: bool = False):
+    """The torch.device a `--device` flag names, or a ValueError saying why this machine cannot run on it.
+    `other_devices`: also an available device of another type (mps, xpu, ...), where the reference and sdpa
+    backends run (demo, visualize, linprobe); pretraining and the benchmarks take cpu and cuda."""
     import torch
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: fastmae runs on cpu or cuda")
+        runtime = getattr(torch, device.type, None)
+        if not other_devices:
+            raise ValueError(f"--device {name!r}: this command runs on cpu or cuda")
+        if not callable(getattr(runtime, "is_available", None)) or not runtime.is_available():
+            raise ValueError(f"--device {name!r}: no such device is available here (use cpu or cuda)")
+        return device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

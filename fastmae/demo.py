@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .cli import check_backend, check_device, check_mask_ratio
-    device = check_device(args.device)
+    device = check_device(args.device, other_devices=True)
     backend = check_backend(args.backend)
     torch.manual_seed(args.seed)
     model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, backend=backend).to(device)

@@ -90,7 +90,7 @@ def test_demo_mask_ratio_keeping_no_patch_is_a_clear_error(capsys):
 @pytest.mark.parametrize("command", ["demo", "visualize", "linprobe"])
 @pytest.mark.parametrize("device, message", [
     ("bogus", "--device 'bogus' is not a device: use cpu, cuda or cuda:N"),
-    ("meta", "fastmae runs on cpu or cuda"),
+    ("meta", "no such device is available here"),
     pytest.param("cuda", "no CUDA device is available (use --device cpu)",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     pytest.param("cuda:99", "this machine has", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -203,3 +203,17 @@ def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
     assert (tmp_path / "keep").is_dir()  # it was there before
     assert discarding_new_dirs(tmp_path / "ok", lambda: (tmp_path / "ok").mkdir() or 0) == 0
     assert (tmp_path / "ok").is_dir()  # a successful run keeps its (even empty) folder
+
+
+def test_demo_visualize_and_linprobe_take_other_available_devices(monkeypatch):
+    """Devices of other types (mps, xpu, ...) serve the reference and sdpa backends: the commands that only run
+    the model take them when available; pretraining and the benchmarks keep to cpu and cuda."""
+    from fastmae.cli import check_device
+
+    monkeypatch.setattr(torch.mps, "is_available", lambda: True)
+    assert check_device("mps", other_devices=True) == torch.device("mps")
+    with pytest.raises(ValueError, match="this command runs on cpu or cuda"):
+        check_device("mps")
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no such device is available here"):
+        check_device("mps", other_devices=True)

@@ -231,7 +231,7 @@ def _run(args) -> int:
         for name in ("warmup_epochs", "num_workers"):
             if getattr(args, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
-        device = check_device(args.device)
+        device = check_device(args.device, other_devices=True)
         backend = check_backend(args.backend)
         if args.output_dir:
             check_output_dir(args.output_dir, "--output_dir")

@@ -145,7 +145,7 @@ def _run(args) -> int:
             raise ValueError(f"--tile must be at least 8, got {args.tile}")
         if not 0.0 <= args.mask_ratio < 1.0:
             raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-        device = check_device(args.device)
+        device = check_device(args.device, other_devices=True)
         backend = check_backend(args.backend)
         check_output_file(args.output, "--output")
         model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,

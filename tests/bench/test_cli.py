@@ -137,7 +137,7 @@ def _error_line(err: str, command: str) -> str:
     (["ops", "--models", "B,X"], "unknown model size 'X'"),
     (["ops", "--device", "bogus"], "--device 'bogus' is not a device"),
     (["attention", "--models", "X"], "unknown model size 'X'"),
-    (["encoder", "--device", "meta"], "fastmae runs on cpu or cuda"),
+    (["encoder", "--device", "meta"], "this command runs on cpu or cuda"),
 ])
 def test_bad_values_are_refused_before_anything_is_measured(tmp_path, capsys, monkeypatch, argv, message):
     from fastmae.bench import limits

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(fn, args: argparse.Namespace) -> int:
-    from ..cli import check_device, check_output_dir
+    from ..cli import check_backend, check_device, check_output_dir
 
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -220,6 +220,7 @@ def _run(fn, args: argparse.Namespace) -> int:
         # the flags every measuring command has, checked before anything is measured
         if getattr(args, "device", "auto") not in (None, "", "auto"):
             check_device(args.device)
+        check_backend(None)  # FASTMAE_BACKEND, which every op reads: a bad value would fail every measurement
         if getattr(args, "out", None):
             check_output_dir(args.out, "--out")
         return int(fn(args) or 0)

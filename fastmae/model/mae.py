@@ -105,7 +105,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     @property
     def backend(self):
-        return self._backend
+        # a model pickled whole before `backend` became a property holds it under its own name
+        return self.__dict__.get("_backend", self.__dict__.get("backend"))
 
     @backend.setter
     def backend(self, value) -> None:

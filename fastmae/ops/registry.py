@@ -175,6 +175,8 @@ def not_supported_reasons(op: str, backend: str, inputs: Inputs) -> list[str]:
 
 
 def _validate_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"a backend name is a string, got {type(name).__name__}")
     name = name.strip().lower()
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -219,12 +221,22 @@ def parse_backend(backend) -> BackendSpec:
     if not isinstance(backend, Mapping):
         raise TypeError(f"a backend is a name, a mapping op -> name or None, got {type(backend).__name__}")
     _check_ops(backend)
-    return types.MappingProxyType({op: _validate_name(name) for op, name in backend.items()})
+    # None for an op: no choice for it here (the context, environment or automatic order decides)
+    return types.MappingProxyType({op: None if name is None else _validate_name(name)
+                                   for op, name in backend.items()})
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_call_text(raw: str) -> BackendSpec:
+    """A call's `backend=` in the text form of a mapping, parsed once per value."""
+    return _parse_text(raw, "backend")
 
 
 def _name_for(spec: BackendSpec, op: str) -> str | None:
     if spec is None:
         return None
+    if isinstance(spec, str) and "=" in spec:  # the text form of a mapping
+        spec = _parse_call_text(spec)
     if isinstance(spec, str):
         name = _validate_name(spec)
         # a single name covers the ops that backend implements (xformers: attention only)

@@ -140,9 +140,10 @@ def save(checkpoint: dict, output_dir: str | Path, *, numbered: bool) -> list[Pa
             tmp.unlink()
         os.link(path, tmp)
         os.replace(tmp, last)
-    except OSError:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException as exc:  # a file system without hard links; or Ctrl-C / SIGTERM, after the cleanup
+        tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         atomic_save(checkpoint, last)
     return [path, last]
 

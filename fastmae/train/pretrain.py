@@ -304,8 +304,9 @@ def train(args) -> PretrainResult:
                                                 args=args, next_iter=0 if complete else next_iter)
                     numbered = complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs)
                     result.checkpoints += [str(x) for x in ckpt_io.save(c, args.output_dir, numbered=numbered)]
-                    last_good = result.checkpoints[-1]
                     del c
+                if args.output_dir:  # every rank names it: rank 0 wrote it (each rank reports a non-finite loss)
+                    last_good = str(Path(args.output_dir) / ckpt_io.LAST)
                 log = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": state.step}
                 if not complete:
                     log["partial"] = True
@@ -363,10 +364,16 @@ def run(args) -> int:
     from .checkpoint import NonFiniteStateError
     from ..model.checkpoint import CheckpointError
 
+    # under torchrun (or mpirun with --dist_on_itp) only rank 0 writes to --output_dir: the others neither probe
+    # it nor remove it
+    rank = os.environ.get("RANK") or (os.environ.get("OMPI_COMM_WORLD_RANK") if args.dist_on_itp else None)
+    main_rank = int(rank or 0) == 0
+
     def body() -> int:
         try:
             _check_args(args)
-            _check_outputs(args)
+            if main_rank:
+                _check_outputs(args)
             train(args)
         except (NonFiniteLossError, NonFiniteStateError) as exc:
             print(f"fastmae pretrain: {exc}", file=sys.stderr)
@@ -378,6 +385,8 @@ def run(args) -> int:
 
     # an error leaves no empty --output_dir (or --log_dir) behind
     with _sigterm_as_exit():
+        if not main_rank:
+            return body()
         return discarding_new_dirs(args.log_dir, lambda: discarding_new_dirs(args.output_dir, body))
 
 
@@ -390,6 +399,8 @@ def _sigterm_as_exit():
         return
 
     def stop(signum, frame):
+        if hasattr(signal, "SIGCHLD"):  # DataLoader workers killed with us (scancel, kill -PGID): exiting anyway
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)

@@ -138,9 +138,14 @@ def _error_line(err: str, command: str) -> str:
     (["ops", "--device", "bogus"], "--device 'bogus' is not a device"),
     (["attention", "--models", "X"], "unknown model size 'X'"),
     (["encoder", "--device", "meta"], "this command runs on cpu or cuda"),
+    (["encoder", "FASTMAE_BACKEND=bogus"], "FASTMAE_BACKEND=bogus: unknown backend 'bogus'"),
 ])
 def test_bad_values_are_refused_before_anything_is_measured(tmp_path, capsys, monkeypatch, argv, message):
     from fastmae.bench import limits
+
+    for arg in [a for a in argv if a.startswith("FASTMAE_BACKEND=")]:
+        monkeypatch.setenv("FASTMAE_BACKEND", arg.partition("=")[2])
+        argv = [a for a in argv if a != arg]
 
     def no_measuring(*a, **k):
         raise AssertionError("measured before the arguments were checked")

@@ -50,6 +50,8 @@ def test_unknown_model_backend_and_mask_strategy():
             m.backend = bad
     with pytest.raises(TypeError, match="a backend is a name"):
         m.backend = 3
+    with pytest.raises(TypeError, match="a backend name is a string"):
+        m.backend = {"attention": 3}
     assert m.backend == {"attention": "sdpa", "gather_tokens": "reference"}  # unchanged by the refusals
 
 
@@ -76,3 +78,28 @@ def test_unavailable_backend_raises_with_reasons(model):
             model(torch.randn(1, 3, 32, 32))
     finally:
         model.backend = None
+
+
+def test_a_mapping_may_leave_an_op_to_the_other_choices():
+    """None for an op in a mapping: no choice for that op there; the context, environment or automatic order
+    decides it."""
+    m = fastmae.mae_vit_tiny_patch4(backend={"attention": "reference", "gather_tokens": None})
+    with fastmae.ops.use_backend("gather_tokens=sdpa"), fastmae.ops.record_choices() as served:
+        m(torch.randn(1, 3, 32, 32))
+    assert served["attention"] == "reference" and served["gather_tokens"] == "sdpa"
+
+
+def test_op_calls_take_the_text_form_too():
+    q = torch.randn(1, 2, 8, 16)
+    with fastmae.ops.record_choices() as served:
+        fastmae.ops.attention(q, q, q, backend="attention=reference,gather_tokens=sdpa")
+    assert served == {"attention": "reference"}
+    with pytest.raises(ValueError, match="unknown op 'attn'"):
+        fastmae.ops.attention(q, q, q, backend="attn=reference")
+
+
+def test_a_model_pickled_before_backend_was_a_property_keeps_its_choice():
+    m = fastmae.mae_vit_tiny_patch4()
+    del m.__dict__["_backend"]
+    m.__dict__["backend"] = "sdpa"  # what such a pickle restores
+    assert m.backend == "sdpa"

@@ -324,8 +324,8 @@ def _refused(capsys, args) -> str:
 def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    places = [a_file, a_file / "sub"] + (["/proc/fastmae-test", "/sys/fastmae-test"]
-                                         if sys.platform.startswith("linux") else [])
+    # and places not even root can write to, where they are mounted
+    places = [a_file, a_file / "sub"] + [f"{m}/fastmae-test" for m in ("/proc", "/sys") if os.path.ismount(m)]
     for place in places:
         assert f"--output_dir {place}: cannot write there (" in _refused(capsys, pretrain_args(place))
     assert a_file.read_text() == "x"
@@ -465,12 +465,16 @@ def test_sigterm_stops_a_run_as_an_exit_with_cleanup(tmp_path):
 
     from fastmae.train.pretrain import _sigterm_as_exit
 
-    with pytest.raises(SystemExit) as stopped:
-        with _sigterm_as_exit():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler runs at the next bytecode: never reached
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    before, before_chld = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGCHLD)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with _sigterm_as_exit():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs at the next bytecode: never reached
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is before  # restored
+    finally:
+        signal.signal(signal.SIGCHLD, before_chld)  # the handler let go of DataLoader's, the process exiting
 
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "fastmae", "pretrain", "--model", "mae_vit_tiny_patch4", "--input_size", "32",
@@ -490,3 +494,14 @@ def test_sigterm_stops_a_run_as_an_exit_with_cleanup(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert not [f.name for f in out.iterdir() if ".tmp-" in f.name or ".link-" in f.name]
     read_checkpoint(out / "checkpoint-last.pth")  # whole
+
+
+def test_only_rank_0_probes_the_output_dir(tmp_path, capsys, monkeypatch):
+    """Under torchrun only rank 0 writes to --output_dir: another rank does not probe it (a folder its node
+    cannot write to does not stop the job there) and would fail on its own errors instead."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    args = pretrain_args(a_file / "out", "--data_path", str(tmp_path / "no_data"))
+    assert "cannot write there" in _refused(capsys, args)
+    monkeypatch.setenv("RANK", "1")  # without WORLD_SIZE: one process, as rank 1 would check its flags
+    assert "cannot write there" not in _refused(capsys, args)

@@ -398,14 +398,22 @@ def _sigterm_as_exit():
         yield
         return
 
+    stopped = []
+
     def stop(signum, frame):
         if hasattr(signal, "SIGCHLD"):  # DataLoader workers killed with us (scancel, kill -PGID): exiting anyway
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        stopped.append(signum)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except SystemExit:
+        if stopped:
+            print("fastmae pretrain: terminated (SIGTERM); the checkpoints written so far are whole "
+                  "(--resume auto continues from the latest)", file=sys.stderr)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -492,6 +492,9 @@ def test_sigterm_stops_a_run_as_an_exit_with_cleanup(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert output.rstrip().endswith("fastmae pretrain: terminated (SIGTERM); the checkpoints written so far are "
+                                    "whole (--resume auto continues from the latest)"), output[-2000:]
+    assert "Traceback" not in output
     assert not [f.name for f in out.iterdir() if ".tmp-" in f.name or ".link-" in f.name]
     read_checkpoint(out / "checkpoint-last.pth")  # whole
 

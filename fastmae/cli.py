@@ -160,6 +160,21 @@ mask_ratio = _argtype(float, lambda v: 0.0 <= v < 1.0, "a mask ratio in [0, 1)",
 seed = _argtype(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)", "seed")
 
 
+def report_user_error(prog: str, exc: BaseException) -> bool:
+    """Print `exc` as one line, `PROG: error: ...`, and return True when it is the user's to mend: bad input or an
+    unavailable backend (ValueError and its kind), a missing file, or a path that cannot be read or written
+    (permissions, a file where a folder should be, a full disk). False for an OSError that names no path: a real
+    failure, for the caller to re-raise with its traceback."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        message = f"{exc.filename}: {exc.strerror or exc}"
+    elif isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        return False
+    else:
+        message = str(exc)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return True
+
+
 # ------------------------------------------------------------------------------------------ the command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmae", description="Masked Autoencoders with fused GPU kernels.")
@@ -189,15 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args._run(args) or 0)
-    except (BackendUnavailable, CheckpointError, FileNotFoundError, ValueError) as exc:
-        # bad input or an unavailable backend: a clear message, not a traceback
-        print(f"fastmae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if exc.filename is None:  # not about a path the user gave: a real failure, with its traceback
+    except (BackendUnavailable, CheckpointError, ValueError, OSError) as exc:
+        if not report_user_error(f"fastmae {args.command}", exc):
             raise
-        # a path that cannot be read or written (permissions, a file where a folder should be, a full disk)
-        print(f"fastmae {args.command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastmae {args.command}: interrupted", file=sys.stderr)

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(fn, args: argparse.Namespace) -> int:
-    from ..cli import check_backend, check_device, check_output_dir
+    from ..cli import check_backend, check_device, check_output_dir, report_user_error
 
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -224,13 +224,9 @@ def _run(fn, args: argparse.Namespace) -> int:
         if getattr(args, "out", None):
             check_output_dir(args.out, "--out")
         return int(fn(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # bad option values: a clear message, not a traceback
-        print(f"fastmae bench {args.bench_command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if exc.filename is None:  # not about a path the user gave: a real failure, with its traceback
+    except (ValueError, OSError) as exc:  # bad option values or paths: a clear message, not a traceback
+        if not report_user_error(f"fastmae bench {args.bench_command}", exc):
             raise
-        print(f"fastmae bench {args.bench_command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

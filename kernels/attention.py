@@ -43,7 +43,7 @@ Limits and differences from flash-attention (the CUDA library and its Triton fil
   the interpreter), overridden per GPU architecture by the settings that `fastmae bench tune` measured on
   such a GPU and recorded in `attention_tuned.json`; see `launch_settings`.
 * `compile_specs()` lists every kernel configuration the launchers can pick, for an ahead-of-time compile
-  check on sm_80/sm_90.
+  check on sm_80/sm_90 (and sm_100 on request).
 
 Under Triton's CPU interpreter (TRITON_INTERPRET=1) bf16 tensors are held as raw 16-bit integers, so for
 bf16 inputs the launchers set `UPCAST` and every tile is converted to fp32 right after its load (the
@@ -486,13 +486,14 @@ def kernels_for(n: int, d: int, dtype: torch.dtype, path: str = "auto",
 
 
 # Flash-path settings per head-dim tile, (BLOCK_M, BLOCK_N, num_warps, num_stages): for each, the largest
-# tiles of a short list that compile without register spills for sm_80 and sm_90 and within 96 KiB of
+# tiles of a short list that compile without register spills for sm_80, sm_90 and sm_100 and within 96 KiB of
 # shared memory on sm_80 (sm_86/89 parts have about 99 KiB) and 200 KiB on sm_90, with triton 3.6 and 3.9
-# (3.6 spills 60 bytes at fp32 head dim 128 with 32 x 32 tiles, where 3.9 does not).
+# (3.6 spills 60 bytes at fp32 head dim 128 with 32 x 32 tiles, where 3.9 does not; fp32 head dim 64 takes 8
+# warps: with 4, sm_100 spills 68 bytes and sm_80 sits at 255 registers).
 _FLASH = {
     # kernel: ({d_pad: settings} for fp16/bf16, {d_pad: settings} for fp32)
     "fwd_flash": ({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)},
-                  {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 4, 3), 128: (16, 32, 4, 2)}),
+                  {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 8, 3), 128: (16, 32, 4, 2)}),
     "bwd_dkdv": ({16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3), 128: (32, 64, 4, 3)},
                  {16: (32, 128, 8, 3), 32: (16, 64, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2)}),
     "bwd_dq": ({16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 3), 128: (64, 32, 4, 3)},
@@ -602,7 +603,8 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
       elements, 16 rows beyond, 8 warps from 8192 elements.
     * bwd_short: all keys in one tile; query blocks of up to 32 rows and 4 warps up to 1024 key x head-dim
       elements, 16 rows and 8 warps beyond, no pipelining at 16384 (fp32: 16 rows, 4 warps).
-    * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`; bwd_preprocess: 64 rows, 4 warps.
+    * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`; bwd_preprocess: 64 rows, 4 warps (8 from
+      head dim 128, or 64 in fp32).
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
@@ -633,8 +635,8 @@ def default_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchS
         if tile <= 1024:
             return LaunchSettings(min(n_pad, 32), n_pad, 4, 2)
         return LaunchSettings(16, n_pad, 8, 1 if tile >= 16384 else 2)
-    if kernel == "bwd_preprocess":
-        return LaunchSettings(64, 16, 4, 1)
+    if kernel == "bwd_preprocess":  # with 4 warps, sm_100 spills at fp32 head dim 64 and 16-bit head dim 128
+        return LaunchSettings(64, 16, 8 if d_pad >= (64 if wide else 128) else 4, 1)
     return LaunchSettings(*_FLASH[kernel][1 if wide else 0][d_pad])
 
 
@@ -966,7 +968,7 @@ def compile_specs() -> list[CompileSpec]:
     kernels for every key tile 16..SHORT_MAX_N that `forward_path` / `backward_path` allow, and the flash
     kernels (settings independent of N). Two optional attributes beyond `CompileSpec`'s fields:
     `divisible_by_16` (the integer arguments a launch specializes as multiples of 16) and, on the short
-    backward configurations only GPUs with Hopper's shared memory pick (sm_90, sm_100; not 12.x), `archs = (90,)`."""
+    backward configurations only GPUs with Hopper's shared memory pick (sm_90, sm_100; not 12.x), `archs = (90, 100)`."""
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for d_pad in _HEAD_DIM_TILES:
@@ -974,14 +976,14 @@ def compile_specs() -> list[CompileSpec]:
                 if forward_path(n_pad, d_pad, dtype) == "short":
                     specs.append(_spec("fwd_short", dtype, d_pad, launch_settings("fwd_short", n_pad, d_pad, dtype),
                                        n_pad))
-                archs = [cap for cap in ((8, 0), (9, 0))
+                archs = [cap for cap in ((8, 0), (9, 0), (10, 0))
                          if backward_path(n_pad, d_pad, dtype, capability=cap) == "short"]
                 if archs:
-                    note = "" if (8, 0) in archs else " (sm_90 only)"
+                    note = "" if (8, 0) in archs else " (sm_90, sm_100)"
                     spec = _spec("bwd_short", dtype, d_pad, launch_settings("bwd_short", n_pad, d_pad, dtype),
                                  n_pad, note)
-                    if (8, 0) not in archs:  # sm_80 never launches it (it would spill there): compile for sm_90
-                        spec.archs = (90,)
+                    if (8, 0) not in archs:  # sm_80 never launches it (it would spill there): sm_90 and sm_100
+                        spec.archs = tuple(major * 10 + minor for major, minor in archs)
                     specs.append(spec)
             for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
                 specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype)))

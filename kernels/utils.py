@@ -226,4 +226,4 @@ class CompileSpec:
     # pointer arguments a launch sees as not 16-byte aligned (all others are, as PyTorch's allocator gives)
     unaligned: tuple[str, ...] = ()
     # the GPU architectures whose launches can pick this configuration (compute capability x10)
-    archs: tuple[int, ...] = (80, 90)
+    archs: tuple[int, ...] = (80, 90, 100)

@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
                                                     if device.type == "cuda" else 0)
     cap = launch_capability(device)
     arch = f"sm_{cap[0]}{cap[1]}"
-    check_arch = cap[0] * 10 + cap[1] if cap[0] * 10 + cap[1] in (80, 90) else None  # what compile_check knows
+    check_arch = cap[0] * 10 + cap[1] if cap[0] * 10 + cap[1] in (80, 90, 100) else None  # what compile_check knows
     max_time = args.max_time if args.max_time is not None else (0.05 if device.type == "cuda" else 0.01)
     env = environment(device)
     print(f"tuning attention on {env['device']} ({arch}) | torch {env['torch']} | triton {env['triton']} | "

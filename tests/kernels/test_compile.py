@@ -57,6 +57,18 @@ def test_kernel_module_compiles(module, arch):
         assert r.shared_bytes <= cc.LIMITS[arch].max_shared_per_block, r
 
 
+def test_kernel_modules_compile_for_sm_100():
+    """Data-centre Blackwell (sm_100, B200) takes Hopper's tiles: the representative configurations of every
+    module that it launches compile for it without spills, within its limits (not in the default set of
+    architectures; `--arch 100` checks them all)."""
+    results = cc.check_modules(cc.KERNEL_MODULES, [100], sample=True)
+    for result in results:
+        assert result.status == "checked", f"{result.module}: {result.status}: {result.message}"
+        assert result.reports and all(r.arch == 100 for r in result.reports), result.module
+    problems = [p for result in results for p in result.problems]
+    assert not problems, "\n".join(problems)
+
+
 def test_representative_sample():
     """The sample keeps, per kernel function and set of architectures, its largest 16-bit tile and its smallest
     tile."""

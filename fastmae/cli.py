@@ -3,17 +3,21 @@ defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
 
 The checks the subcommands share live here too: `check_device`, `check_backend`, `check_mask_ratio`,
 `check_output_dir` / `check_output_file` (with `discarding_new_dirs`, which removes the folders a failed run
-created and left empty), and argparse types for numbers (`positive_int`, ...). They raise ValueError (argparse
+created and left empty), argparse types for numbers (`positive_int`, ...), `report_user_error` and
+`sigterm_as_exit`. They raise ValueError (argparse
 types: ArgumentTypeError) with a message naming the flag, which the commands print as
 `fastmae <command>: error: ...` with exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -137,6 +141,34 @@ def discarding_new_dirs(path: str | os.PathLike | None, fn: Callable[[], int]) -
                     d.rmdir()
                 except OSError:  # not empty (or never created): neither are its parents
                     break
+
+
+@contextlib.contextmanager
+def sigterm_as_exit(message: str | None = None):
+    """SIGTERM (what `kill`, `timeout` and cluster schedulers send) raises SystemExit(143) inside the block, so
+    that cleanup runs as for Ctrl-C: a file being written is removed, never left half-written, and what atexit
+    writes is written. `message` is printed to stderr when that happens. A no-op outside the main thread
+    (signal handlers belong to it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopped = []
+
+    def stop(signum, frame):
+        if hasattr(signal, "SIGCHLD"):  # DataLoader workers killed with us (scancel, kill -PGID): exiting anyway
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        stopped.append(signum)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except SystemExit:
+        if stopped and message:
+            print(message, file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _argtype(convert: Callable, test: Callable, what: str, name: str) -> Callable:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 
 import torch
 
@@ -193,10 +191,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(bench_run=run_readme)
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def run(args: argparse.Namespace) -> int:
     fn = getattr(args, "bench_run", None)
     if fn is None:
@@ -210,27 +204,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(fn, args: argparse.Namespace) -> int:
-    from ..cli import check_backend, check_device, check_output_dir, report_user_error
+    from ..cli import check_backend, check_device, check_output_dir, report_user_error, sigterm_as_exit
 
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # a time limit's SIGTERM ends the run through SystemExit, so the records not yet written are (atexit)
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        # the flags every measuring command has, checked before anything is measured
-        if getattr(args, "device", "auto") not in (None, "", "auto"):
-            check_device(args.device)
-        check_backend(None)  # FASTMAE_BACKEND, which every op reads: a bad value would fail every measurement
-        if getattr(args, "out", None):
-            check_output_dir(args.out, "--out")
-        return int(fn(args) or 0)
-    except (ValueError, OSError) as exc:  # bad option values or paths: a clear message, not a traceback
-        if not report_user_error(f"fastmae bench {args.bench_command}", exc):
-            raise
-        return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    # a time limit's SIGTERM ends the run through SystemExit, so the records not yet written are (atexit)
+    with sigterm_as_exit():
+        try:
+            # the flags every measuring command has, checked before anything is measured
+            if getattr(args, "device", "auto") not in (None, "", "auto"):
+                check_device(args.device)
+            check_backend(None)  # FASTMAE_BACKEND, which every op reads: a bad value would fail every measurement
+            if getattr(args, "out", None):
+                check_output_dir(args.out, "--out")
+            return int(fn(args) or 0)
+        except (ValueError, OSError) as exc:  # bad option values or paths: a clear message, not a traceback
+            if not report_user_error(f"fastmae bench {args.bench_command}", exc):
+                raise
+            return 2
 
 
 # ------------------------------------------------------------------------------------------ helpers

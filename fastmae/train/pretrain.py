@@ -21,13 +21,10 @@ Differences from the official script, on purpose:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,7 +355,7 @@ def _check_outputs(args) -> None:
 
 
 def run(args) -> int:
-    from ..cli import discarding_new_dirs
+    from ..cli import discarding_new_dirs, sigterm_as_exit
     from .data import DataError
     from .engine import NonFiniteLossError
     from .checkpoint import NonFiniteStateError
@@ -384,38 +381,11 @@ def run(args) -> int:
         return 0
 
     # an error leaves no empty --output_dir (or --log_dir) behind
-    with _sigterm_as_exit():
+    with sigterm_as_exit("fastmae pretrain: terminated (SIGTERM); the checkpoints written so far are whole "
+                         "(--resume auto continues from the latest)"):
         if not main_rank:
             return body()
         return discarding_new_dirs(args.log_dir, lambda: discarding_new_dirs(args.output_dir, body))
-
-
-@contextlib.contextmanager
-def _sigterm_as_exit():
-    """SIGTERM (what `kill`, `timeout` and cluster schedulers send) raises SystemExit(143) inside the block, so
-    that cleanup runs as for Ctrl-C: a checkpoint being written is removed, never left half-written."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
-        yield
-        return
-
-    stopped = []
-
-    def stop(signum, frame):
-        if hasattr(signal, "SIGCHLD"):  # DataLoader workers killed with us (scancel, kill -PGID): exiting anyway
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        stopped.append(signum)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    except SystemExit:
-        if stopped:
-            print("fastmae pretrain: terminated (SIGTERM); the checkpoints written so far are whole "
-                  "(--resume auto continues from the latest)", file=sys.stderr)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

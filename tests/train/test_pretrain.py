@@ -463,12 +463,12 @@ def test_sigterm_stops_a_run_as_an_exit_with_cleanup(tmp_path):
     import subprocess
     import time
 
-    from fastmae.train.pretrain import _sigterm_as_exit
+    from fastmae.cli import sigterm_as_exit
 
     before, before_chld = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGCHLD)
     try:
         with pytest.raises(SystemExit) as stopped:
-            with _sigterm_as_exit():
+            with sigterm_as_exit():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # the handler runs at the next bytecode: never reached
         assert stopped.value.code == 128 + signal.SIGTERM

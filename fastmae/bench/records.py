@@ -170,12 +170,10 @@ def write_csv(path: str, records: Sequence[dict]) -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write a file whole or not at all: aside first, then renamed over `path` (a process stopped mid-write
-    leaves the previous file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write a text file whole or not at all (a process stopped mid-write leaves the previous file)."""
+    from ..model.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_results(out_dir: str, records: Sequence[dict], old: Sequence[dict] | None = None) -> list[dict]:

@@ -16,6 +16,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 import torch.nn as nn
@@ -203,15 +204,21 @@ def temp_path(path: str | Path, pid: int | None = None) -> Path:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it: a run killed
-    while writing leaves the previous file intact and never a half-written one. The temporary file is removed
-    whatever stops the write; a Ctrl-C (or SystemExit) during it is re-raised as itself."""
+    """torch.save through `atomic_write`: a run killed while writing leaves the previous file intact and never
+    a half-written one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(f)` into a temporary binary file beside `path` (`temp_path`), flushed to disk, then renamed over
+    it: the file is written whole or not at all. The temporary file is removed whatever stops the write; a
+    Ctrl-C (or SystemExit) during it is re-raised as itself."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -222,8 +229,8 @@ def atomic_save(obj, path: str | Path) -> None:
             pass
         interrupt = _interruption(exc)
         if interrupt is not None and interrupt is not exc:
-            # interrupted inside torch.save: its zip writer then fails to close ("unexpected pos ..."), and
-            # that RuntimeError would replace the KeyboardInterrupt
+            # interrupted inside torch.save, say: its zip writer then fails to close ("unexpected pos ..."),
+            # and that RuntimeError would replace the KeyboardInterrupt
             raise interrupt from None
         raise
 

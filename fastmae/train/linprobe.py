@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -215,38 +213,34 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    """The command's body: a user error raises (cli.main prints it as one line, exit 2)."""
     from ..cli import check_backend, check_device, check_output_dir
-    from ..model.checkpoint import CheckpointError
     from .checkpoint import model_from_checkpoint
-    from .data import DataError
-    try:
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
-        if args.batch_size < 2:
-            raise ValueError(f"--batch_size must be at least 2, got {args.batch_size}")
-        if args.builtin_size < 1:
-            raise ValueError(f"--builtin_size must be at least 1, got {args.builtin_size}")
-        if not 0.0 < args.val_fraction < 1.0:  # checked whether or not a split uses it
-            raise ValueError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
-        for name in ("warmup_epochs", "num_workers"):
-            if getattr(args, name) < 0:
-                raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
-        device = check_device(args.device, other_devices=True)
-        backend = check_backend(args.backend)
-        if args.output_dir:
-            check_output_dir(args.output_dir, "--output_dir")
-        model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
-                                            allow_pickle=args.allow_pickle, backend=backend,
-                                            default_model="mae_vit_tiny_patch4")
-        train, val, classes = probe_datasets(args.data_path, info["input_size"], val_fraction=args.val_fraction,
-                                             builtin_size=args.builtin_size, seed=args.seed)
-        result = linear_probe(model, train, val, pool=args.pool, num_classes=len(classes), epochs=args.epochs,
-                              batch_size=args.batch_size, blr=args.blr, weight_decay=args.weight_decay,
-                              warmup_epochs=args.warmup_epochs, device=device, seed=args.seed,
-                              num_workers=args.num_workers)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"fastmae linprobe: error: {exc}", file=sys.stderr)
-        return 2
+
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.batch_size < 2:
+        raise ValueError(f"--batch_size must be at least 2, got {args.batch_size}")
+    if args.builtin_size < 1:
+        raise ValueError(f"--builtin_size must be at least 1, got {args.builtin_size}")
+    if not 0.0 < args.val_fraction < 1.0:  # checked whether or not a split uses it
+        raise ValueError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    for name in ("warmup_epochs", "num_workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
+    device = check_device(args.device, other_devices=True)
+    backend = check_backend(args.backend)
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output_dir")
+    model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
+                                        allow_pickle=args.allow_pickle, backend=backend,
+                                        default_model="mae_vit_tiny_patch4")
+    train, val, classes = probe_datasets(args.data_path, info["input_size"], val_fraction=args.val_fraction,
+                                         builtin_size=args.builtin_size, seed=args.seed)
+    result = linear_probe(model, train, val, pool=args.pool, num_classes=len(classes), epochs=args.epochs,
+                          batch_size=args.batch_size, blr=args.blr, weight_decay=args.weight_decay,
+                          warmup_epochs=args.warmup_epochs, device=device, seed=args.seed,
+                          num_workers=args.num_workers)
     result.pop("head")
     summary = {**result, "model": info["model"], "checkpoint": info["checkpoint"], "data_path": args.data_path,
                "classes": list(classes)}
@@ -255,14 +249,10 @@ def _run(args) -> int:
           f"{result['num_classes']} classes: top-1 {100 * result['acc']:.2f}% (train {100 * result['train_acc']:.2f}%, "
           f"chance {100 * result['chance']:.2f}%)")
     if args.output_dir:
+        from ..model.checkpoint import atomic_write
+
         path = Path(args.output_dir).expanduser() / "linprobe.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # written whole or not at all: a temporary file beside it, renamed over it
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))  # written whole or not at all
         print(f"wrote {path}")
     return 0

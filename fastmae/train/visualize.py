@@ -15,8 +15,6 @@ Models trained without norm_pix_loss are shown as predicted.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,15 +103,10 @@ def save_grid(result: dict, path: str | Path, tile: int = 128, pad: int = 4, hea
     for i in range(n):
         for j, key in enumerate(keys):
             canvas.paste(_to_uint8(result[key][i], tile), (pad + j * (tile + pad), top + pad + i * (tile + pad)))
+    from ..model.checkpoint import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # written whole or not at all: a temporary file beside it, renamed over it
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))  # written whole or not at all
     return path
 
 
@@ -134,33 +127,29 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    """The command's body: a user error raises (cli.main prints it as one line, exit 2)."""
     from ..cli import check_backend, check_device, check_mask_ratio, check_output_file
-    from ..model.checkpoint import CheckpointError
     from .checkpoint import model_from_checkpoint
-    from .data import DataError
-    try:
-        if args.num_images < 1:
-            raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
-        if args.tile < 8:
-            raise ValueError(f"--tile must be at least 8, got {args.tile}")
-        if not 0.0 <= args.mask_ratio < 1.0:
-            raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-        device = check_device(args.device, other_devices=True)
-        backend = check_backend(args.backend)
-        check_output_file(args.output, "--output")
-        model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
-                                            norm_pix_loss=args.norm_pix_loss, allow_pickle=args.allow_pickle,
-                                            backend=backend, default_model="mae_vit_tiny_patch4")
-        check_mask_ratio(args.mask_ratio, model.num_patches)
-        model.to(device)
-        imgs = load_images(args.data_path, info["input_size"], args.num_images, args.seed).to(device)
-        g = torch.Generator().manual_seed(args.seed)
-        noise = torch.rand(imgs.shape[0], model.num_patches, generator=g).to(device)
-        result = reconstruct(model, imgs, args.mask_ratio, noise)
-        path = save_grid(result, args.output, tile=args.tile)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"fastmae visualize: error: {exc}", file=sys.stderr)
-        return 2
+
+    if args.num_images < 1:
+        raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
+    if args.tile < 8:
+        raise ValueError(f"--tile must be at least 8, got {args.tile}")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    device = check_device(args.device, other_devices=True)
+    backend = check_backend(args.backend)
+    check_output_file(args.output, "--output")
+    model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
+                                        norm_pix_loss=args.norm_pix_loss, allow_pickle=args.allow_pickle,
+                                        backend=backend, default_model="mae_vit_tiny_patch4")
+    check_mask_ratio(args.mask_ratio, model.num_patches)
+    model.to(device)
+    imgs = load_images(args.data_path, info["input_size"], args.num_images, args.seed).to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=g).to(device)
+    result = reconstruct(model, imgs, args.mask_ratio, noise)
+    path = save_grid(result, args.output, tile=args.tile)
     print(f"{info['model']} ({info['checkpoint'] or 'random init'}), norm_pix_loss {info['norm_pix_loss']}, "
           f"mask ratio {args.mask_ratio}: loss {result['loss']:.4f} on {imgs.shape[0]} images -> {path}")
     return 0

@@ -30,14 +30,12 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """`--device`: auto (cuda when available), else the command line's one device check."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"benchmarks run on cuda or cpu, not {device.type}")
-    return device
+    from ..cli import check_device
+
+    return check_device(name)
 
 
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:

@@ -40,19 +40,19 @@ def test_reference_and_sdpa_loss_curves_agree(tmp_path):
 
 def test_triton_loss_curve_matches_reference_on_cpu(tmp_path):
     """`fastmae pretrain --backend triton` runs the training loop on fastmae's kernels (under the suite's Triton
-    interpreter here): a few fp32 steps give the reference's losses within the bound above, and every op of the
-    model is served by triton."""
+    interpreter here): two fp32 steps (the second after an AdamW update) give the reference's losses within the
+    bound above, and every op of the model is served by triton."""
     import torch
 
     from tests.utils import skip_unless_serves
 
     skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=16)
-    common = ("--epochs", "1", "--max_steps", "3", "--norm_pix_loss")
+    common = ("--epochs", "1", "--max_steps", "2", "--norm_pix_loss")
     ref = train(pretrain_args(tmp_path / "reference", *common, "--backend", "reference"))
     with ops.record_choices() as served:
         fast = train(pretrain_args(tmp_path / "triton", *common, "--backend", "triton"))
     assert served == {op: "triton" for op in ops.OPS}, served
-    assert len(ref.losses) == len(fast.losses) == 3
+    assert len(ref.losses) == len(fast.losses) == 2
     for i, (a, b) in enumerate(zip(ref.losses, fast.losses)):
         assert math.isfinite(b) and b == pytest.approx(a, rel=RTOL, abs=ATOL), f"step {i}: {a:.8f} vs {b:.8f}"
 

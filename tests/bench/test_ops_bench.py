@@ -11,7 +11,7 @@ from fastmae import ops
 from fastmae.bench import ops_bench
 from fastmae.bench.limits import measure_limits
 
-from ..utils import assert_close
+from ..utils import INTERPRETER_RUNS, assert_close
 
 CPU = torch.device("cpu")
 QUICK_TIMING = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
@@ -93,7 +93,8 @@ def test_benchmarked_functions_match_the_reference(op):
             assert_close(run(backend, "fwd"), ref_fwd, ATOL, RTOL, f"{case.op} {case.name} {backend} fwd")
             for g, g_ref, name in zip(run(backend, "fwd+bwd"), ref_bwd, case.grad_leaves):
                 assert_close(g, g_ref, ATOL, RTOL, f"{case.op} {case.name} {backend} grad {name}")
-        assert {"sdpa", "triton"} <= set(compared), f"{case.op} {case.name}: compared only {compared}"
+        wanted = {"sdpa", "triton"} if INTERPRETER_RUNS else {"sdpa"}
+        assert wanted <= set(compared), f"{case.op} {case.name}: compared only {compared}"
 
 
 def test_gather_patches_is_forward_only_and_matches():

@@ -94,18 +94,47 @@ PATHS = ("auto", "short", "flash")
 
 
 @triton.jit
+def _batch_head(pid_bh, n_heads):
+    """Batch and head of the (batch, head) index pid_bh = b * n_heads + h, as 64-bit values for the offsets."""
+    return (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
+
+
+@triton.jit
+def _block_program(n_ctx, n_heads, BLOCK: tl.constexpr):
+    """For a grid of cdiv(n_ctx, BLOCK) programs per (batch, head): this program's block, its (batch, head)
+    index and that index's batch and head."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(n_ctx, BLOCK)
+    pid_bh = pid // num_blocks
+    b, h = _batch_head(pid_bh, n_heads)
+    return pid % num_blocks, pid_bh, b, h
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_r, stride_c, mask_r, mask_c, UPCAST: tl.constexpr):
+    """The tile ptr[rows * stride_r + cols * stride_c] ([len(rows), len(cols)]), zeros outside the masks;
+    converted to fp32 under UPCAST."""
+    t = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask_r[:, None] & mask_c[None, :],
+                other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _store_tile(ptr, rows, cols, stride_r, stride_c, mask_r, mask_c, value):
+    """Store `value` in ptr's dtype at ptr[rows * stride_r + cols * stride_c], inside the masks."""
+    tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, value.to(ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_c[None, :])
+
+
+@triton.jit
 def _attn_fwd_short(Q, K, V, O, LSE,
                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                     n_heads, n_ctx, head_dim, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
     """One block of BLOCK_M queries against all keys (BLOCK_N >= n_ctx): a plain softmax, no running max."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(n_ctx, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-
+    pid_m, pid_bh, b, h = _block_program(n_ctx, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -113,16 +142,9 @@ def _attn_fwd_short(Q, K, V, O, LSE,
     mask_n = offs_n < n_ctx
     mask_d = offs_d < head_dim
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, mask_m, mask_d, UPCAST)
+    k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, mask_n, mask_d, UPCAST)
+    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, mask_n, mask_d, UPCAST)
 
     s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
     s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -130,10 +152,8 @@ def _attn_fwd_short(Q, K, V, O, LSE,
     p = tl.exp2(s - m[:, None])
     l = tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
-    out = acc / l[:, None]
 
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    _store_tile(O + b * sob + h * soh, offs_m, offs_d, son, sod, mask_m, mask_d, acc / l[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * n_ctx + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=mask_m)
 
 
@@ -143,23 +163,16 @@ def _attn_fwd_flash(Q, K, V, O, LSE,
                     n_heads, n_ctx, head_dim, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
     """One block of BLOCK_M queries, online softmax over key blocks of BLOCK_N."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(n_ctx, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-
+    pid_m, pid_bh, b, h = _block_program(n_ctx, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     mask_m = offs_m < n_ctx
     mask_d = offs_d < head_dim
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, mask_m, mask_d, UPCAST)
+    # the key and value pointer tiles are made once and moved by a block each step: the register use of every
+    # configuration in `compile_specs` depends on it (building the offsets again in the loop spills at D_PAD 128)
     k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
 
@@ -182,9 +195,7 @@ def _attn_fwd_flash(Q, K, V, O, LSE,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    _store_tile(O + b * sob + h * soh, offs_m, offs_d, son, sod, mask_m, mask_d, acc / l_i[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * n_ctx + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
 
@@ -194,20 +205,14 @@ def _attn_bwd_preprocess(O, DO, DELTA,
                          n_heads, n_ctx, head_dim,
                          BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
     """delta = rowsum(dO * O) in fp32, the softmax backward's per-row term (flash backward only)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(n_ctx, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    pid_m, pid_bh, b, h = _block_program(n_ctx, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     mask_m = offs_m < n_ctx
-    mask = mask_m[:, None] & (offs_d < head_dim)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * n_ctx + offs_m, delta, mask=mask_m)
+    mask_d = offs_d < head_dim
+    o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, son, sod, mask_m, mask_d, True)
+    do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, mask_m, mask_d, True)
+    tl.store(DELTA + pid_bh.to(tl.int64) * n_ctx + offs_m, tl.sum(o * do, 1), mask=mask_m)
 
 
 @triton.jit
@@ -218,22 +223,15 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
     """The whole backward of one (batch, head): K, V, dK, dV stay on chip, query blocks stream through."""
     pid_bh = tl.program_id(0)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-
+    b, h = _batch_head(pid_bh, n_heads)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_mb = tl.arange(0, BLOCK_M)
     mask_n = offs_n < n_ctx
     mask_d = offs_d < head_dim
-    mask_kv = mask_n[:, None] & mask_d[None, :]
 
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-
+    k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, mask_n, mask_d, UPCAST)
+    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, mask_n, mask_d, UPCAST)
     q_base = Q + b * sqb + h * sqh
     o_base = O + b * sob + h * soh
     do_base = DO + b * sdob + h * sdoh
@@ -245,15 +243,11 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
     for start_m in range(0, n_ctx, BLOCK_M):
         offs_m = start_m + offs_mb
         mask_m = offs_m < n_ctx
-        mask_md = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
-        o = tl.load(o_base + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask_md, other=0.0)
+        q = _load_tile(q_base, offs_m, offs_d, sqn, sqd, mask_m, mask_d, UPCAST)
+        do = _load_tile(do_base, offs_m, offs_d, sdon, sdod, mask_m, mask_d, UPCAST)
+        o = _load_tile(o_base, offs_m, offs_d, son, sod, mask_m, mask_d, True)
         lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        delta = tl.sum(do.to(tl.float32) * o, 1)
 
         s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
         p = tl.exp2(s * qk_scale - lse[:, None])
@@ -261,15 +255,12 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
         dp = tl.dot(do, tl.trans(v), input_precision="tf32x3")
         ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k, input_precision="tf32x3") * sm_scale
-        tl.store(dq_base + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
+        _store_tile(dq_base, offs_m, offs_d, sdqn, sdqd, mask_m, mask_d,
+                    tl.dot(ds, k, input_precision="tf32x3") * sm_scale)
         dk += tl.dot(tl.trans(ds), q, input_precision="tf32x3")
 
-    dk = dk * sm_scale
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=mask_kv)
-    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=mask_kv)
+    _store_tile(DK + b * sdkb + h * sdkh, offs_n, offs_d, sdkn, sdkd, mask_n, mask_d, dk * sm_scale)
+    _store_tile(DV + b * sdvb + h * sdvh, offs_n, offs_d, sdvn, sdvd, mask_n, mask_d, dv)
 
 
 @triton.jit
@@ -279,26 +270,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    n_heads, n_ctx, head_dim, sm_scale, qk_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
     """dK and dV of one block of BLOCK_N keys, walking over all query blocks of BLOCK_M (computed transposed)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(n_ctx, BLOCK_N)
-    pid_n = pid % num_n
-    pid_bh = pid // num_n
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-
+    pid_n, pid_bh, b, h = _block_program(n_ctx, n_heads, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_mb = tl.arange(0, BLOCK_M)
     mask_n = offs_n < n_ctx
     mask_d = offs_d < head_dim
-    mask_kv = mask_n[:, None] & mask_d[None, :]
 
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-
+    k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, mask_n, mask_d, UPCAST)
+    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, mask_n, mask_d, UPCAST)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     row_base = pid_bh.to(tl.int64) * n_ctx
@@ -309,14 +289,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         offs_m = start_m + offs_mb
         mask_m = offs_m < n_ctx
         # Q and dO loaded transposed ([D_PAD, BLOCK_M]) so that S^T = K Q^T needs no register transpose.
-        mask_dm = mask_d[:, None] & mask_m[None, :]
-        qT = tl.load(q_base + offs_d[:, None] * sqd + offs_m[None, :] * sqn, mask=mask_dm, other=0.0)
-        doT = tl.load(do_base + offs_d[:, None] * sdod + offs_m[None, :] * sdon, mask=mask_dm, other=0.0)
+        qT = _load_tile(q_base, offs_d, offs_m, sqd, sqn, mask_d, mask_m, UPCAST)
+        doT = _load_tile(do_base, offs_d, offs_m, sdod, sdon, mask_d, mask_m, UPCAST)
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        if UPCAST:
-            qT = qT.to(tl.float32)
-            doT = doT.to(tl.float32)
 
         sT = tl.dot(k, qT, input_precision="tf32x3")
         pT = tl.exp2(sT * qk_scale - lse[None, :])
@@ -325,11 +301,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk += tl.dot(dsT, tl.trans(qT), input_precision="tf32x3")
 
-    dk = dk * sm_scale
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=mask_kv)
-    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=mask_kv)
+    _store_tile(DK + b * sdkb + h * sdkh, offs_n, offs_d, sdkn, sdkd, mask_n, mask_d, dk * sm_scale)
+    _store_tile(DV + b * sdvb + h * sdvh, offs_n, offs_d, sdvn, sdvd, mask_n, mask_d, dv)
 
 
 @triton.jit
@@ -339,29 +312,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  n_heads, n_ctx, head_dim, sm_scale, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
     """dQ of one block of BLOCK_M queries, walking over all key blocks of BLOCK_N."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(n_ctx, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-
+    pid_m, pid_bh, b, h = _block_program(n_ctx, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_nb = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     mask_m = offs_m < n_ctx
     mask_d = offs_d < head_dim
-    mask_md = mask_m[:, None] & mask_d[None, :]
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md,
-                 other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, mask_m, mask_d, UPCAST)
+    do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, mask_m, mask_d, UPCAST)
     row_base = pid_bh.to(tl.int64) * n_ctx
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -370,12 +332,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         offs_n = start_n + offs_nb
         mask_n = offs_n < n_ctx
         # K and V loaded transposed ([D_PAD, BLOCK_N]) for S = Q K^T and dP = dO V^T.
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        kT = tl.load(k_base + offs_d[:, None] * skd + offs_n[None, :] * skn, mask=mask_dn, other=0.0)
-        vT = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svn, mask=mask_dn, other=0.0)
-        if UPCAST:
-            kT = kT.to(tl.float32)
-            vT = vT.to(tl.float32)
+        kT = _load_tile(k_base, offs_d, offs_n, skd, skn, mask_d, mask_n, UPCAST)
+        vT = _load_tile(v_base, offs_d, offs_n, svd, svn, mask_d, mask_n, UPCAST)
         s = tl.dot(q, kT, input_precision="tf32x3")
         p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
@@ -383,9 +341,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         ds = (p * (dp - delta[:, None])).to(kT.dtype)
         dq += tl.dot(ds, tl.trans(kT), input_precision="tf32x3")
 
-    dq = dq * sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=mask_md)
+    _store_tile(DQ + b * sdqb + h * sdqh, offs_m, offs_d, sdqn, sdqd, mask_m, mask_d, dq * sm_scale)
 
 
 # ----------------------------------------------------------------------------------------------------

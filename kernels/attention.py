@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (CompileSpec, cdiv, check_device, custom_op, interpreter_enabled, launch_capability,
+from .utils import (FP_FUSION, CompileSpec, cdiv, check_device, custom_op, interpreter_enabled, launch_capability,
                     launches_on_device_of, next_power_of_2, qkv_head_dim, split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
@@ -676,7 +676,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     KERNELS[kernel][(cdiv(N, cfg.block_m) * B * H,)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     return out, lse
 
 
@@ -729,24 +729,28 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
         _attn_bwd_short[(B * H,)](
             q, k, v, out, dout, lse, dq, dk, dv, *strides_qkv, *out.stride(), *dout.stride(), *dq.stride(),
             *dk.stride(), *dv.stride(), H, N, D, scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)
         return
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     cfg = launch_settings("bwd_preprocess", N, D, q.dtype, cap)
     _attn_bwd_preprocess[(cdiv(N, cfg.block_m) * B * H,)](
         out, dout, delta, *out.stride(), *dout.stride(), H, N, D,
-        BLOCK_M=cfg.block_m, D_PAD=meta["D_PAD"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_M=cfg.block_m, D_PAD=meta["D_PAD"],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     cfg = launch_settings("bwd_dkdv", N, D, q.dtype, cap)
     _attn_bwd_dkdv[(cdiv(N, cfg.block_n) * B * H,)](
         q, k, v, dout, lse, delta, dk, dv, *strides_qkv, *dout.stride(), *dk.stride(), *dv.stride(),
         H, N, D, scale, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)
     cfg = launch_settings("bwd_dq", N, D, q.dtype, cap)
     _attn_bwd_dq[(cdiv(N, cfg.block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, *strides_qkv, *dout.stride(), *dq.stride(),
         H, N, D, scale, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)
 
 
 # ----------------------------------------------------------------------------------------------------

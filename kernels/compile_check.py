@@ -7,7 +7,8 @@ compile for a GPU target on a machine without one, so this module does exactly t
 `CompileSpec` the kernel modules export (`compile_specs() -> list[CompileSpec]`, see `kernels/utils.py`)
 and each target architecture:
 
-1. `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32), options={num_warps, num_stages})`
+1. `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32), options={num_warps, num_stages,
+   enable_fp_fusion})`
    builds TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, exactly as a launch on that GPU would (sm_90 emits wgmma).
 2. The PTX goes through the `ptxas` that Triton itself uses for that architecture, with `-v` and the same
    flags Triton passes, which reports registers per thread, spill stores/loads and static shared memory.
@@ -73,7 +74,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -433,7 +433,8 @@ def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False)
         fn = _jit_function(spec.fn)
         src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), _divisible_names(spec, aligned_ints),
                            spec.unaligned)
-        options = {"num_warps": report.num_warps, "num_stages": report.num_stages}
+        from fastmae.kernels.utils import FP_FUSION
+        options = {"num_warps": report.num_warps, "num_stages": report.num_stages, "enable_fp_fusion": FP_FUSION}
         start = time.perf_counter()
         # Triton prints the whole PTX to stdout when ptxas fails; the exception keeps what matters.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -832,14 +833,15 @@ def _short_value(value) -> str:
 def launch_spec(launch: Launch, arch: int = 90):
     """The CompileSpec of a recorded launch, specialised as Triton's launcher specialises it for `arch`."""
     from triton._C.libtriton import native_specialize_impl
-    from fastmae.kernels.utils import CompileSpec
+    from fastmae.kernels.utils import FP_FUSION, CompileSpec
 
     fn = launch.fn
     names = list(fn.arg_names)
     options = {k: v for k, v in launch.kwargs.items() if k not in names}
-    unknown = sorted(set(options) - {"num_warps", "num_stages"})
-    if unknown:
-        raise ValueError(f"launch of {fn.__name__} passes options {unknown} that the compile check does not model")
+    unknown = sorted(set(options) - {"num_warps", "num_stages", "enable_fp_fusion"})
+    if unknown or options.get("enable_fp_fusion", FP_FUSION) != FP_FUSION:
+        raise ValueError(f"launch of {fn.__name__} passes options {unknown or options} that the compile check does "
+                         f"not model (it compiles with enable_fp_fusion={FP_FUSION})")
     options = {**_option_defaults(), **options}
     bound = inspect.signature(_python_function(fn)).bind(
         *launch.args, **{k: v for k, v in launch.kwargs.items() if k in names})
@@ -1132,9 +1134,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.traced and (args.module or args.sample or args.aligned_ints):
         parser.error("--traced compiles the recorded launches; it takes no --module, --sample or --aligned-ints")
     modules = [m if "." in m else f"fastmae.kernels.{m}" for m in (args.module or KERNEL_MODULES)]
-    # triton 3.9 warns once that its fp-fusion default will change in 3.10; the check mirrors whatever the
-    # installed triton does, so the notice is only noise in the table
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")
     start = time.perf_counter()
 
     def progress(r: Report) -> None:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
+from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
                     launches_on_device_of, next_power_of_2)
 
 FINALIZE_BLOCK = 1024
@@ -203,9 +203,11 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     _masked_mse_fwd_kernel[(cdiv(n_rows, block_r),)](
         pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, p, *imgs.stride(),
         NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, num_stages=NUM_STAGES)
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     _masked_mse_finalize_kernel[(1,)](part, mask32, loss, denom, n_rows, float(max(n_rows, 1)),
-                                      HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK, num_warps=4, num_stages=NUM_STAGES)
+                                      HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK,
+                                      num_warps=4, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return loss, g, denom, mask32
 
 
@@ -220,9 +222,9 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
         return out
     go = grad_output.detach().reshape(1).to(torch.float32)
     block_r, block, num_warps = _row_settings(P)
-    _masked_mse_bwd_kernel[(cdiv(n_rows, block_r),)](g, mask32, go, denom, out, n_rows, P,
-                                                            HAS_MASK=not has_ids, BLOCK_R=block_r, BLOCK=block,
-                                                            num_warps=num_warps, num_stages=NUM_STAGES)
+    _masked_mse_bwd_kernel[(cdiv(n_rows, block_r),)](
+        g, mask32, go, denom, out, n_rows, P, HAS_MASK=not has_ids, BLOCK_R=block_r, BLOCK=block,
+        num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
 
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
+from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
                     launches_on_device_of, next_power_of_2)
 
 # Launch choices (constants, not tuned on a GPU yet; the compile specs below follow them).
@@ -245,7 +245,8 @@ def _colsum(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     R, D = src.shape
     block_d = min(next_power_of_2(D), COLSUM_MAX_BLOCK_D)
     _colsum_kernel[(cdiv(D, block_d),)](src, out, R, D, src.stride(0), BLOCK_R=COLSUM_BLOCK_R,
-                                                BLOCK_D=block_d, num_warps=4, num_stages=NUM_STAGES)
+                                                BLOCK_D=block_d,
+                                                num_warps=4, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -262,9 +263,9 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     if out.numel() == 0:
         return out
     block_r, block_c, block_p, num_warps = _patch_settings(c, p)
-    _gather_patches_kernel[(cdiv(n * K, block_r),)](imgs, ids, out, n * K, K, c, gw, p, *imgs.stride(),
-                                                           BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
-                                                           num_warps=num_warps, num_stages=NUM_STAGES)
+    _gather_patches_kernel[(cdiv(n * K, block_r),)](
+        imgs, ids, out, n * K, K, c, gw, p, *imgs.stride(), BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -301,7 +302,8 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
     grid = (cdiv(n_rows, block_r), cdiv(d, block_d))
     _gather_tokens_fwd_kernel[grid](x, ids, pos, cls, out, n_rows, K, d, x.stride(0), x.stride(1), pos.stride(0),
                                     out.stride(0), out.stride(1), HAS_CLS=int(has_cls), GATHERED=bool(gathered),
-                                    BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES)
+                                    BLOCK_R=block_r, BLOCK_D=block_d,
+                                    num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -330,7 +332,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
             _gather_tokens_bwd_kernel[(cdiv(n * L, block_r), cdiv(d, block_d))](
                 grad_out, inv, grad_x, n * L, L, d, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
                 grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-                num_stages=NUM_STAGES)
+                num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     grad_cls = None
     if has_cls and need_cls:
         grad_cls = torch.empty((1, 1, d), device=grad_out.device, dtype=cls_dtype)
@@ -359,7 +361,8 @@ def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_to
     block_r, block_d, num_warps = _row_settings(d)
     _unshuffle_fwd_kernel[(cdiv(n * (L + 1), block_r), cdiv(d, block_d))](
         x, ids, mtok, pos, out, n * (L + 1), L, k1 - 1, d, x.stride(0), x.stride(1), pos.stride(0), out.stride(0),
-        out.stride(1), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES)
+        out.stride(1), BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -393,7 +396,7 @@ def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor,
     _unshuffle_bwd_kernel[(n * chunks, cdiv(d, block_d))](
         grad_out, ids, grad_x, part, L, K, d, chunks, rows_per_prog, grad_out.stride(0), grad_out.stride(1),
         grad_x.stride(0), grad_x.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_D=block_d, num_warps=num_warps,
-        num_stages=NUM_STAGES)
+        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     _colsum(part, grad_mask.view(d))
     return grad_x, grad_mask
 

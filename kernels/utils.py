@@ -159,6 +159,10 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 # Pipeline stages of the token and loss kernels, passed at every launch and used by their compile specs alike
 # (Triton's own default, 3 in triton 3.6 to 3.9, stated so that a change of that default changes nothing here).
 NUM_STAGES = 3
+# Floating-point contraction (a * b + c as one FMA) in every kernel, passed at every launch and to the compile check
+# alike: on in triton 3.6 to 3.9 by default, stated so that triton 3.9's warning about a coming change of that
+# default stays silent and the kernels' numbers and register use do not change with it.
+FP_FUSION = True
 
 
 def cdiv(a: int, b: int) -> int:

@@ -290,6 +290,36 @@ def test_traced_launches_are_among_the_listed_configurations():
     assert not missing, "traced launches whose configuration compile_specs() does not list:\n" + "\n".join(missing)
 
 
+def test_every_kernel_is_launched_with_the_fp_fusion_the_check_compiles_with():
+    """Every kernel the modules list for the check, launched by a training step (plus the flash attention path
+    and the gather of ungathered tokens), passes enable_fp_fusion=FP_FUSION, the option the check compiles with:
+    what runs and what is checked stay the same code whatever the installed triton's default (triton 3.9 warns
+    that its default changes in 3.10)."""
+    import importlib
+
+    import torch
+
+    import fastmae
+    from fastmae.kernels import attention as attn
+    from fastmae.kernels.utils import FP_FUSION
+    from tests.utils import launched_kernels, skip_unless_serves
+
+    skip_unless_serves("gather_tokens", "triton", "cpu", torch.float32)
+    listed = {cc.python_function(s.fn).__name__ for m in cc.KERNEL_MODULES
+              for s in importlib.import_module(m).compile_specs()}
+    model = fastmae.mae_vit_tiny_patch4(norm_pix_loss=True, backend="triton")
+    q = torch.randn(1, 2, 40, 32, requires_grad=True)
+    x = torch.randn(2, 64, 64, requires_grad=True)
+    with launched_kernels() as launched:
+        model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)[0].backward()
+        attn.attention(q, q, q, path="flash").sum().backward()
+        fastmae.ops.gather_tokens(x, torch.randperm(64)[:16].repeat(2, 1), model.pos_embed, model.cls_token,
+                                  backend="triton").sum().backward()
+    assert {ln.name for ln in launched} == listed, sorted({ln.name for ln in launched} ^ listed)
+    assert all(ln.kwargs.get("enable_fp_fusion") is FP_FUSION for ln in launched), \
+        sorted({ln.name for ln in launched if ln.kwargs.get("enable_fp_fusion") is not FP_FUSION})
+
+
 def test_blocks_per_sm_takes_the_tightest_limit():
     """Resident blocks per SM from synthetic numbers: warps (64 per SM), registers (64 K per SM, allocated per
     warp in units of 256), shared memory (plus 1 KB per block), and at most 32 blocks."""

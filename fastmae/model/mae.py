@@ -103,10 +103,15 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
+    def __setstate__(self, state: dict) -> None:
+        # a model pickled whole before `backend` became a property holds it under its own name
+        if "_backend" not in state:
+            state["_backend"] = state.pop("backend", None)
+        super().__setstate__(state)
+
     @property
     def backend(self):
-        # a model pickled whole before `backend` became a property holds it under its own name
-        return self.__dict__.get("_backend", self.__dict__.get("backend"))
+        return self._backend
 
     @backend.setter
     def backend(self, value) -> None:

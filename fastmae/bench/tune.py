@@ -309,14 +309,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch must be at least 1")
     jobs = args.jobs if args.jobs is not None else (min(8, max(1, (os.cpu_count() or 2) - 1))
                                                     if device.type == "cuda" else 0)
+    from ..kernels.compile_check import LIMITS  # the architectures the compile check knows
+
     cap = launch_capability(device)
     arch = f"sm_{cap[0]}{cap[1]}"
-    check_arch = cap[0] * 10 + cap[1] if cap[0] * 10 + cap[1] in (80, 90, 100) else None  # what compile_check knows
+    check_arch = cap[0] * 10 + cap[1] if cap[0] * 10 + cap[1] in LIMITS else None
     max_time = args.max_time if args.max_time is not None else (0.05 if device.type == "cuda" else 0.01)
     env = environment(device)
+    known = ", ".join(f"sm_{a}" for a in sorted(LIMITS))
     print(f"tuning attention on {env['device']} ({arch}) | torch {env['torch']} | triton {env['triton']} | "
           f"{len(shapes)} shapes x {len(dtypes)} dtypes | {jobs} workers"
-          + ("" if check_arch else f" | no compile check for {arch} (it knows sm_80 and sm_90)"), flush=True)
+          + ("" if check_arch else f" | no compile check for {arch} (it knows {known})"), flush=True)
 
     shapes = {n: (B or args.batch, H, N, D) for n, (H, N, D, B) in shapes.items()}
     results = plan(attn, shapes, dtypes, device, args.quick)

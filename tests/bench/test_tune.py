@@ -169,3 +169,24 @@ def test_tune_refuses_numbers_out_of_range(capsys, flag, value, what):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "tune", "--device", "cpu", flag, value])
     assert exit_.value.code == 2 and f"{flag}: must be {what}, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cap,check_arch", [((10, 0), 100), ((12, 0), None)])
+def test_tune_compile_checks_on_every_architecture_the_check_knows(monkeypatch, capsys, cap, check_arch):
+    """The tuner screens candidates with the compile check for the GPU's architecture when the check knows it
+    (sm_80, sm_90, sm_100), and says which it knows when it does not."""
+    skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=16)
+
+    class Screened(Exception):
+        pass
+
+    def screen(results, shapes, arch, *rest):
+        raise Screened(arch)
+
+    monkeypatch.setattr(tune, "launch_capability", lambda device: cap)
+    monkeypatch.setattr(tune, "screen", screen)
+    with pytest.raises(Screened) as stop:
+        main(["bench", "tune", "--device", "cpu", "--quick", "--allow-interpreter", "--no-progress"])
+    assert stop.value.args == (check_arch,)
+    out = capsys.readouterr().out
+    assert ("no compile check for sm_120 (it knows sm_80, sm_90, sm_100)" in out) == (check_arch is None), out

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastmae.cli import main
+from tests.utils import error_line
 
 
 def test_info_lists_every_op_and_backend(capsys):
@@ -55,21 +56,13 @@ def test_module_entry_points():
 
 
 # ------------------------------------------------------------------------------------------ user errors
-def _one_line_error(err: str, command: str) -> str:
-    """The argparse-style error line of `err` (a usage line may precede it); no traceback."""
-    assert "Traceback" not in err, err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith(f"fastmae {command}: error: "), err
-    return line
-
-
 @pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--batch_size", "-2"), ("--mask_ratio", "1.0"),
                                          ("--mask_ratio", "-0.1"), ("--seed", "-1"), ("--seed", "x")])
 def test_demo_refuses_bad_numbers_when_parsing(capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--device", "cpu", flag, value])
     assert exc.value.code == 2
-    assert f"argument {flag}: must be" in _one_line_error(capsys.readouterr().err, "demo")
+    assert f"argument {flag}: must be" in error_line(capsys.readouterr().err, "demo")
 
 
 def test_demo_help_explains_every_flag(capsys):
@@ -83,7 +76,7 @@ def test_demo_help_explains_every_flag(capsys):
 
 def test_demo_mask_ratio_keeping_no_patch_is_a_clear_error(capsys):
     assert main(["demo", "--device", "cpu", "--mask_ratio", "0.999"]) == 2
-    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in _one_line_error(capsys.readouterr().err,
+    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in error_line(capsys.readouterr().err,
                                                                                           "demo")
 
 
@@ -101,7 +94,7 @@ def test_every_command_refuses_a_device_it_cannot_use(tmp_path, capsys, command,
     if command == "visualize":
         argv += ["--output", str(tmp_path / "v.png")]
     assert main(argv) == 2
-    assert message in _one_line_error(capsys.readouterr().err, command)
+    assert message in error_line(capsys.readouterr().err, command)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -112,10 +105,10 @@ def test_backend_choice_is_checked_before_any_work(capsys, monkeypatch):
                           ("attn=sdpa", "unknown op 'attn'")]:
         assert main(["demo", "--device", "cpu", "--backend", spec]) == 2
         captured = capsys.readouterr()
-        assert message in _one_line_error(captured.err, "demo") and captured.out == ""
+        assert message in error_line(captured.err, "demo") and captured.out == ""
     monkeypatch.setenv("FASTMAE_BACKEND", "bogus")
     assert main(["demo", "--device", "cpu", "--backend", "sdpa"]) == 2
-    assert "FASTMAE_BACKEND=bogus: unknown backend 'bogus'" in _one_line_error(capsys.readouterr().err, "demo")
+    assert "FASTMAE_BACKEND=bogus: unknown backend 'bogus'" in error_line(capsys.readouterr().err, "demo")
 
 
 def test_info_takes_the_short_dtype_names_too(capsys):
@@ -132,7 +125,7 @@ def test_path_errors_are_one_line_and_other_os_errors_keep_their_traceback(monke
 
     monkeypatch.setattr(fastmae.demo, "run", unwritable)
     assert main(["demo"]) == 2
-    assert _one_line_error(capsys.readouterr().err, "demo") == \
+    assert error_line(capsys.readouterr().err, "demo") == \
         "fastmae demo: error: somewhere/file.png: Permission denied"
 
     def broken(args):

@@ -9,6 +9,7 @@ import pytest
 from fastmae.bench import readme
 from fastmae.bench.records import fmt
 from fastmae.cli import main
+from tests.utils import error_line
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +126,6 @@ def test_training_ratios_agree_across_two_runs_into_one_folder(tmp_path):
         assert r["mem_vs_official_eager"] == pytest.approx(r["peak_mem_mb"] / base["peak_mem_mb"], rel=1e-12)
 
 
-def _error_line(err: str, command: str) -> str:
-    assert "Traceback" not in err, err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith(f"fastmae bench {command}: error: "), err
-    return line
-
-
 @pytest.mark.parametrize("argv, message", [
     (["ops", "--ops", "bogus"], "unknown op 'bogus'"),
     (["ops", "--models", "B,X"], "unknown model size 'X'"),
@@ -155,7 +149,7 @@ def test_bad_values_are_refused_before_anything_is_measured(tmp_path, capsys, mo
     out = tmp_path / "new" / "out"
     assert main(["bench", *argv, "--quick", "--no-progress", "--out", str(out)]) == 2
     captured = capsys.readouterr()
-    assert message in _error_line(captured.err, argv[0])
+    assert message in error_line(captured.err, f"bench {argv[0]}")
     assert captured.out == ""  # not even the header
     assert list(tmp_path.iterdir()) == []  # no empty --out folder left behind
 
@@ -168,7 +162,7 @@ def test_sizes_and_times_out_of_range_are_refused(capsys, what, flag, value, wha
     with pytest.raises(SystemExit) as exc:
         main(["bench", what, "--quick", flag, value])
     assert exc.value.code == 2
-    assert f"argument {flag}: must be {what_it_must_be}" in _error_line(capsys.readouterr().err, what)
+    assert f"argument {flag}: must be {what_it_must_be}" in error_line(capsys.readouterr().err, f"bench {what}")
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, capsys):
@@ -177,7 +171,7 @@ def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, capsys):
     for out in (a_file, a_file / "sub"):
         assert main(["bench", "train", "--quick", "--no-progress", "--out", str(out)]) == 2
         captured = capsys.readouterr()
-        assert f"--out {out}: cannot write there" in _error_line(captured.err, "train") and captured.out == ""
+        assert f"--out {out}: cannot write there" in error_line(captured.err, "bench train") and captured.out == ""
 
 
 def test_train_help_lists_every_variant(capsys, monkeypatch):

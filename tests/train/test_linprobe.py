@@ -8,6 +8,7 @@ import torch
 import fastmae
 from fastmae.cli import main as cli_main
 from fastmae.train.linprobe import encode, linear_probe, make_head, probe_datasets, train_head
+from tests.utils import error_line
 
 
 def test_head_is_the_official_one():
@@ -109,13 +110,6 @@ def test_linprobe_command_on_a_folder(tmp_path, capsys):
     assert "different classes (only in train/: c; only in val/: d)" in capsys.readouterr().err
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("fastmae linprobe: error: "), err
-    return err.strip()
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--val_fraction", "1.0"], "--val_fraction must be in (0, 1), got 1.0"),
     (["--val_fraction", "0"], "--val_fraction must be in (0, 1), got 0.0"),
@@ -130,7 +124,7 @@ def test_bad_flags_on_the_builtin_set_are_refused_before_any_work(tmp_path, caps
     monkeypatch.setattr(lp, "probe_datasets", lambda *a, **k: pytest.fail("work started"))
     out = tmp_path / "new" / "out"
     assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(out), *extra]) == 2
-    assert message in _error_line(capsys)
+    assert message in error_line(capsys.readouterr().err, "linprobe")
     assert list(tmp_path.iterdir()) == []  # no empty --output_dir left behind
 
 
@@ -142,9 +136,9 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_pat
     a_file.write_text("x")
     for out in (a_file, a_file / "sub"):
         assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(out)]) == 2
-        assert f"--output_dir {out}: cannot write there (" in _error_line(capsys)
+        assert f"--output_dir {out}: cannot write there (" in error_line(capsys.readouterr().err, "linprobe")
     # an error after the check removes the folder it made
     assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(tmp_path / "new"), "--checkpoint",
                      str(tmp_path / "none.pth")]) == 2
-    assert "checkpoint not found" in _error_line(capsys)
+    assert "checkpoint not found" in error_line(capsys.readouterr().err, "linprobe")
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]

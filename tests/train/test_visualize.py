@@ -8,6 +8,7 @@ from PIL import Image
 import fastmae
 from fastmae.cli import main as cli_main
 from fastmae.train.visualize import load_images, reconstruct, save_grid, unnormalize_pred
+from tests.utils import error_line
 
 from .common import pretrain_args
 
@@ -105,13 +106,6 @@ def test_help_keeps_the_whole_description_with_its_formula(capsys):
     assert "Models trained without norm_pix_loss are shown as predicted." in text
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("fastmae visualize: error: "), err
-    return err.strip()
-
-
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     import fastmae.train.visualize as vis
 
@@ -120,13 +114,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     a_file.write_text("x")
     for output, reason in [(a_file / "v.png", "is a file, not a folder"), (tmp_path, "it is a folder")]:
         assert cli_main(["visualize", "--output", str(output), "--device", "cpu"]) == 2
-        line = _error_line(capsys)
+        line = error_line(capsys.readouterr().err, "visualize")
         assert f"--output {output}: cannot write there (" in line and reason in line
     # a later error removes the folder made for the output, and leaves no partial PNG
     out = tmp_path / "new" / "v.png"
     assert cli_main(["visualize", "--output", str(out), "--device", "cpu", "--checkpoint",
                      str(tmp_path / "none.pth")]) == 2
-    assert "checkpoint not found" in _error_line(capsys)
+    assert "checkpoint not found" in error_line(capsys.readouterr().err, "visualize")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
@@ -136,7 +130,7 @@ def test_mask_ratio_keeping_no_patch_is_refused_before_drawing(tmp_path, capsys,
     monkeypatch.setattr(vis, "load_images", lambda *a, **k: pytest.fail("work started"))
     assert cli_main(["visualize", "--output", str(tmp_path / "v.png"), "--device", "cpu",
                      "--mask_ratio", "0.999"]) == 2
-    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in _error_line(capsys)
+    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in error_line(capsys.readouterr().err, "visualize")
 
 
 def test_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):

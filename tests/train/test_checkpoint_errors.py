@@ -13,8 +13,9 @@ import fastmae
 from fastmae.cli import main as cli_main
 from fastmae.model.checkpoint import CheckpointError, temp_path
 from fastmae.train import checkpoint as ckpt_io
+from tests.utils import error_line
 
-from .common import TINY
+from .common import dead_pid, pretrain_argv
 
 TINY_ARGS = {"model": "mae_vit_tiny_patch4", "input_size": 32, "batch_size": 16, "accum_iter": 1, "world_size": 1}
 
@@ -27,17 +28,10 @@ def _checkpoint(folder):
     return ckpt_io.save(ckpt, folder, numbered=True)[-1]
 
 
-def _one_error_line(capsys, command):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"fastmae {command}: error: ") and "\n" not in err and "\x1b" not in err, err
-    assert "Traceback" not in err and len(err) < 600, err
-    return err
-
-
 @pytest.fixture
 def argv(tmp_path):
     """`fastmae pretrain` arguments of the tiny preset, writing to tmp_path / 'run'."""
-    return ["pretrain", *TINY, "--output_dir", str(tmp_path / "run"), "--log_dir", ""]
+    return pretrain_argv(tmp_path / "run")
 
 
 def test_truncated_and_corrupt_checkpoints_are_one_line_errors(tmp_path, argv, capsys):
@@ -53,11 +47,11 @@ def test_truncated_and_corrupt_checkpoints_are_one_line_errors(tmp_path, argv, c
                          (garbage, "is not a readable checkpoint (truncated or corrupt)"),
                          (empty, "is an empty file, not a checkpoint")):
         assert cli_main([*argv, "--resume", str(path)]) == 2
-        assert f"{path} {reason}" in _one_error_line(capsys, "pretrain")
+        assert f"{path} {reason}" in error_line(capsys.readouterr().err, "pretrain")
         for command in ("visualize", "linprobe"):
             assert cli_main([command, "--checkpoint", str(path), "--device", "cpu",
                              "--output" if command == "visualize" else "--output_dir", str(tmp_path / "out")]) == 2
-            err = _one_error_line(capsys, command)
+            err = error_line(capsys.readouterr().err, command)
             assert f"{path} {reason}" in err and "allow" not in err
         with pytest.raises(CheckpointError, match="not a readable checkpoint|empty file"):
             fastmae.load_checkpoint(fastmae.mae_vit_tiny_patch4(), path)
@@ -65,10 +59,11 @@ def test_truncated_and_corrupt_checkpoints_are_one_line_errors(tmp_path, argv, c
     last.unlink()  # a hard link to checkpoint-0.pth: write a new file, not through the link
     last.write_bytes(data[:len(data) // 2])
     assert cli_main([*argv, "--resume", "auto"]) == 2
-    assert f"{last} is not a readable checkpoint (truncated or corrupt)" in _one_error_line(capsys, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain")
+    assert f"{last} is not a readable checkpoint (truncated or corrupt)" in err
     # a folder given as the checkpoint
     assert cli_main(["visualize", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "v.png")]) == 2
-    assert f"{tmp_path / 'run'} is a folder, not a checkpoint file" in _one_error_line(capsys, "visualize")
+    assert f"{tmp_path / 'run'} is a folder, not a checkpoint file" in error_line(capsys.readouterr().err, "visualize")
 
 
 def test_an_official_style_checkpoint_is_one_line_naming_the_namespace(tmp_path, argv, capsys):
@@ -76,7 +71,7 @@ def test_an_official_style_checkpoint_is_one_line_naming_the_namespace(tmp_path,
     path = tmp_path / "official.pth"
     torch.save({"model": model.state_dict(), "epoch": 0, "args": argparse.Namespace(**TINY_ARGS)}, path)
     assert cli_main([*argv, "--resume", str(path)]) == 2
-    err = _one_error_line(capsys, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain")
     assert "(argparse.Namespace)" in err and err.endswith("(command line: --allow-pickle)")
     assert "WeightsUnpickler" not in err and "add_safe_globals" not in err
 
@@ -85,11 +80,11 @@ def test_resuming_another_models_checkpoint_is_one_line(tmp_path, argv, capsys):
     _checkpoint(tmp_path / "run")
     last = tmp_path / "run" / "checkpoint-last.pth"
     assert cli_main([*argv, "--model", "mae_vit_cifar_small_patch4", "--resume", "auto"]) == 2
-    err = _one_error_line(capsys, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain")
     assert (f"{last} holds mae_vit_tiny_patch4 at input size 32; this run builds mae_vit_cifar_small_patch4 at 32"
             in err), err
     assert cli_main([*argv, "--input_size", "64", "--resume", str(last)]) == 2
-    err = _one_error_line(capsys, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain")
     assert f"{last} holds mae_vit_tiny_patch4 at input size 32; this run builds mae_vit_tiny_patch4 at 64" in err
 
     # a checkpoint without args: the first mismatched keys and their count
@@ -98,7 +93,7 @@ def test_resuming_another_models_checkpoint_is_one_line(tmp_path, argv, capsys):
     bare = tmp_path / "bare.pth"
     torch.save(ckpt, bare)
     assert cli_main([*argv, "--model", "mae_vit_cifar_small_patch4", "--resume", str(bare)]) == 2
-    err = _one_error_line(capsys, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain")
     assert "does not fit this model (check --model and --input_size)" in err and "mismatched keys: cls_token" in err
     assert err.count(" in the file, ") == 3 and "more)" in err and "Missing key" not in err
 
@@ -132,14 +127,8 @@ def test_a_weights_only_file_says_what_it_lacks(tmp_path, keys, missing):
     assert (where["start_epoch"] is None) == bool(missing)
 
 
-def _dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_remove_stale_temp_files_only_removes_dead_processes_files(tmp_path):
-    dead, old, now = _dead_pid(), time.time() - 3600, time.time()
+    dead, old, now = dead_pid(), time.time() - 3600, time.time()
     stale = [temp_path(tmp_path / "checkpoint-last.pth", dead), temp_path(tmp_path / "checkpoint-12.pth", dead),
              tmp_path / f".checkpoint-last.pth.link-{dead}"]
     others = [tmp_path / "checkpoint-last.pth", tmp_path / "checkpoint-3.pth",  # not temporary files

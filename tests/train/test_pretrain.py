@@ -17,7 +17,7 @@ from fastmae.train.logs import read_step_log
 from fastmae.train.optim import lr_at
 from fastmae.train.pretrain import run, train
 
-from .common import pretrain_args
+from .common import dead_pid, pretrain_args
 
 
 def _params(path):
@@ -439,13 +439,10 @@ def test_a_file_with_an_epoch_but_no_optimizer_says_what_it_lacks(tmp_path, caps
 def test_a_run_removes_the_temp_files_of_killed_writers(tmp_path, capsys):
     """A checkpoint temp file whose writer no longer runs (a hard kill while saving) is removed at the start of
     the next run in that folder, and said; a file of a live process stays."""
-    import subprocess
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = dead_pid()
     out = tmp_path / "out"
     out.mkdir()
-    stale, live = out / f".checkpoint-last.pth.tmp-{dead.pid}", out / ".checkpoint-last.pth.tmp-1"
+    stale, live = out / f".checkpoint-last.pth.tmp-{dead}", out / ".checkpoint-last.pth.tmp-1"
     # pid 1 runs (since boot, or since the container started); its file was written after that, long ago
     started = ckpt_io._start_time(1) or 1e9
     for f, when in ((stale, 1e9), (live, started + 1)):

@@ -419,6 +419,13 @@ def _divisible_names(spec, aligned_ints: bool) -> tuple[str, ...]:
     return tuple(getattr(spec, "divisible_by_16", ()) or ())
 
 
+def compile_options(num_warps: int, num_stages: int) -> dict[str, Any]:
+    """The options of every compile here: the spec's warps and stages, and the fp fusion every launch states
+    (`kernels.utils.FP_FUSION`), so that a compile here is the launch's compile whatever Triton's default."""
+    from fastmae.kernels.utils import FP_FUSION
+    return {"num_warps": int(num_warps), "num_stages": int(num_stages), "enable_fp_fusion": FP_FUSION}
+
+
 def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False) -> Report:
     """Compile one spec for one architecture in this process (the interpreter must be off)."""
     report = Report(name=spec.name, arch=arch, module=module, num_warps=int(spec.num_warps),
@@ -433,8 +440,7 @@ def _compile_here(spec, arch: int, module: str = "", aligned_ints: bool = False)
         fn = _jit_function(spec.fn)
         src = _make_source(fn, dict(spec.signature), dict(spec.constexprs), _divisible_names(spec, aligned_ints),
                            spec.unaligned)
-        from fastmae.kernels.utils import FP_FUSION
-        options = {"num_warps": report.num_warps, "num_stages": report.num_stages, "enable_fp_fusion": FP_FUSION}
+        options = compile_options(report.num_warps, report.num_stages)
         start = time.perf_counter()
         # Triton prints the whole PTX to stdout when ptxas fails; the exception keeps what matters.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -839,9 +845,11 @@ def launch_spec(launch: Launch, arch: int = 90):
     names = list(fn.arg_names)
     options = {k: v for k, v in launch.kwargs.items() if k not in names}
     unknown = sorted(set(options) - {"num_warps", "num_stages", "enable_fp_fusion"})
-    if unknown or options.get("enable_fp_fusion", FP_FUSION) != FP_FUSION:
-        raise ValueError(f"launch of {fn.__name__} passes options {unknown or options} that the compile check does "
-                         f"not model (it compiles with enable_fp_fusion={FP_FUSION})")
+    if unknown:
+        raise ValueError(f"launch of {fn.__name__} passes options {unknown} that the compile check does not model")
+    if options.get("enable_fp_fusion", FP_FUSION) != FP_FUSION:
+        raise ValueError(f"launch of {fn.__name__} passes enable_fp_fusion={options['enable_fp_fusion']}; the compile "
+                         f"check compiles with {FP_FUSION} (kernels.utils.FP_FUSION)")
     options = {**_option_defaults(), **options}
     bound = inspect.signature(_python_function(fn)).bind(
         *launch.args, **{k: v for k, v in launch.kwargs.items() if k in names})

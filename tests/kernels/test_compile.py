@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton", reason="the compile check needs triton (p
 import triton.language as tl  # noqa: E402
 
 from fastmae.kernels import compile_check as cc  # noqa: E402
-from fastmae.kernels.utils import CompileSpec  # noqa: E402
+from fastmae.kernels.utils import FP_FUSION, CompileSpec  # noqa: E402
 
 COMPILE_ALL = os.environ.get("FASTMAE_COMPILE_CHECK", "").lower() == "all"
 
@@ -249,6 +249,18 @@ def test_traced_launches_are_specialised_as_triton_does():
     assert all(r.sources == ["tests.kernels.test_compile:_launch_adds"] for r in adds)
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"enable_fp_fusion": not FP_FUSION}, f"passes enable_fp_fusion={not FP_FUSION}; the compile check compiles with"),
+    ({"maxnreg": 128}, "passes options ['maxnreg'] that the compile check does not model"),
+])
+def test_launch_spec_refuses_options_the_check_does_not_compile_with(option, message):
+    import torch
+    x = torch.zeros(64)
+    launch = cc.Launch(_add_kernel, (x, x, x, 64), {"BLOCK": 64, "num_warps": 4, **option}, (1,))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cc.launch_spec(launch, 90)
+
+
 @pytest.mark.parametrize("arch", cc.ARCHS)
 def test_traced_training_step_compiles(arch):
     """Every launch of a ViT-B training step (bf16 autocast; with and without norm_pix_loss and the masked-only
@@ -301,7 +313,6 @@ def test_every_kernel_is_launched_with_the_fp_fusion_the_check_compiles_with():
 
     import fastmae
     from fastmae.kernels import attention as attn
-    from fastmae.kernels.utils import FP_FUSION
     from tests.utils import launched_kernels, skip_unless_serves
 
     skip_unless_serves("gather_tokens", "triton", "cpu", torch.float32)
@@ -350,8 +361,8 @@ def test_traced_specs_are_the_sources_tritons_launch_path_compiles(tmp_path):
     """For every launch of a traced ViT-B bf16 training step, the source the compile check builds from the
     launch (`launch_spec` + `_make_source`) is the one Triton's own launch path builds on sm_90 (a stand-in
     driver names the target; the compile is replaced by a probe): the same argument types, constants,
-    attributes (alignment, divisibility) and options. Triton's launch path also lists the arguments without
-    attributes, with an empty list, which changes its cache key but nothing compiled."""
+    attributes (alignment, divisibility) and options, fp fusion included. Triton's launch path also lists the
+    arguments without attributes, with an empty list, which changes its cache key but nothing compiled."""
     import subprocess
     import sys
     import textwrap
@@ -381,11 +392,13 @@ def test_traced_specs_are_the_sources_tritons_launch_path_compiles(tmp_path):
             assert src.signature == real.signature, (spec.name, src.signature, real.signature)
             assert src.constants == real.constants, (spec.name, src.constants, real.constants)
             assert src.attrs == {k: v for k, v in real.attrs.items() if v}, (spec.name, src.attrs, real.attrs)
-            ours = seen["backend"].parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            ours = seen["backend"].parse_options(cc.compile_options(spec.num_warps, spec.num_stages))
             assert ours.hash() == seen["options"].hash(), (spec.name, ours, seen["options"])
         print("launches", len(calls))
     """))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # with Triton's fp-fusion default turned off, the options still agree only if every launch and the check's
+    # compiles state the fusion themselves (kernels.utils.FP_FUSION)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_DEFAULT_FP_FUSION": "0"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     launches = re.search(r"^launches (\d+)$", proc.stdout, re.M)

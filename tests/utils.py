@@ -59,12 +59,14 @@ def launched_kernels():
         cls.run = original
 
 
-def error_line(err: str, command: str) -> str:
+def error_line(err: str, command: str, *, alone: bool = False) -> str:
     """The error line a command printed to stderr for a user error, "fastmae <command>: error: ...", checked: no
-    traceback, no colour codes, short enough to read, nothing before it but an argparse usage line or notes."""
+    traceback, no colour codes, short enough to read, nothing before it but an argparse usage line or notes
+    (with `alone`, nothing at all)."""
     assert "Traceback" not in err and "\x1b" not in err, err
     lines = err.strip().splitlines()
     assert lines and lines[-1].startswith(f"fastmae {command}: error: ") and len(lines[-1]) < 600, err
+    assert not (alone and len(lines) > 1), err
     assert all(line.startswith(("usage:", " ", "note: ")) for line in lines[:-1]), err
     return lines[-1]
 

@@ -47,11 +47,11 @@ def test_truncated_and_corrupt_checkpoints_are_one_line_errors(tmp_path, argv, c
                          (garbage, "is not a readable checkpoint (truncated or corrupt)"),
                          (empty, "is an empty file, not a checkpoint")):
         assert cli_main([*argv, "--resume", str(path)]) == 2
-        assert f"{path} {reason}" in error_line(capsys.readouterr().err, "pretrain")
+        assert f"{path} {reason}" in error_line(capsys.readouterr().err, "pretrain", alone=True)
         for command in ("visualize", "linprobe"):
             assert cli_main([command, "--checkpoint", str(path), "--device", "cpu",
                              "--output" if command == "visualize" else "--output_dir", str(tmp_path / "out")]) == 2
-            err = error_line(capsys.readouterr().err, command)
+            err = error_line(capsys.readouterr().err, command, alone=True)
             assert f"{path} {reason}" in err and "allow" not in err
         with pytest.raises(CheckpointError, match="not a readable checkpoint|empty file"):
             fastmae.load_checkpoint(fastmae.mae_vit_tiny_patch4(), path)
@@ -59,11 +59,12 @@ def test_truncated_and_corrupt_checkpoints_are_one_line_errors(tmp_path, argv, c
     last.unlink()  # a hard link to checkpoint-0.pth: write a new file, not through the link
     last.write_bytes(data[:len(data) // 2])
     assert cli_main([*argv, "--resume", "auto"]) == 2
-    err = error_line(capsys.readouterr().err, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain", alone=True)
     assert f"{last} is not a readable checkpoint (truncated or corrupt)" in err
     # a folder given as the checkpoint
     assert cli_main(["visualize", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "v.png")]) == 2
-    assert f"{tmp_path / 'run'} is a folder, not a checkpoint file" in error_line(capsys.readouterr().err, "visualize")
+    err = error_line(capsys.readouterr().err, "visualize", alone=True)
+    assert f"{tmp_path / 'run'} is a folder, not a checkpoint file" in err
 
 
 def test_an_official_style_checkpoint_is_one_line_naming_the_namespace(tmp_path, argv, capsys):
@@ -71,7 +72,7 @@ def test_an_official_style_checkpoint_is_one_line_naming_the_namespace(tmp_path,
     path = tmp_path / "official.pth"
     torch.save({"model": model.state_dict(), "epoch": 0, "args": argparse.Namespace(**TINY_ARGS)}, path)
     assert cli_main([*argv, "--resume", str(path)]) == 2
-    err = error_line(capsys.readouterr().err, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain", alone=True)
     assert "(argparse.Namespace)" in err and err.endswith("(command line: --allow-pickle)")
     assert "WeightsUnpickler" not in err and "add_safe_globals" not in err
 
@@ -80,11 +81,11 @@ def test_resuming_another_models_checkpoint_is_one_line(tmp_path, argv, capsys):
     _checkpoint(tmp_path / "run")
     last = tmp_path / "run" / "checkpoint-last.pth"
     assert cli_main([*argv, "--model", "mae_vit_cifar_small_patch4", "--resume", "auto"]) == 2
-    err = error_line(capsys.readouterr().err, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain", alone=True)
     assert (f"{last} holds mae_vit_tiny_patch4 at input size 32; this run builds mae_vit_cifar_small_patch4 at 32"
             in err), err
     assert cli_main([*argv, "--input_size", "64", "--resume", str(last)]) == 2
-    err = error_line(capsys.readouterr().err, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain", alone=True)
     assert f"{last} holds mae_vit_tiny_patch4 at input size 32; this run builds mae_vit_tiny_patch4 at 64" in err
 
     # a checkpoint without args: the first mismatched keys and their count
@@ -93,7 +94,7 @@ def test_resuming_another_models_checkpoint_is_one_line(tmp_path, argv, capsys):
     bare = tmp_path / "bare.pth"
     torch.save(ckpt, bare)
     assert cli_main([*argv, "--model", "mae_vit_cifar_small_patch4", "--resume", str(bare)]) == 2
-    err = error_line(capsys.readouterr().err, "pretrain")
+    err = error_line(capsys.readouterr().err, "pretrain", alone=True)
     assert "does not fit this model (check --model and --input_size)" in err and "mismatched keys: cls_token" in err
     assert err.count(" in the file, ") == 3 and "more)" in err and "Missing key" not in err
 

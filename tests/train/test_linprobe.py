@@ -124,7 +124,7 @@ def test_bad_flags_on_the_builtin_set_are_refused_before_any_work(tmp_path, caps
     monkeypatch.setattr(lp, "probe_datasets", lambda *a, **k: pytest.fail("work started"))
     out = tmp_path / "new" / "out"
     assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(out), *extra]) == 2
-    assert message in error_line(capsys.readouterr().err, "linprobe")
+    assert message in error_line(capsys.readouterr().err, "linprobe", alone=True)
     assert list(tmp_path.iterdir()) == []  # no empty --output_dir left behind
 
 
@@ -136,9 +136,10 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_pat
     a_file.write_text("x")
     for out in (a_file, a_file / "sub"):
         assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(out)]) == 2
-        assert f"--output_dir {out}: cannot write there (" in error_line(capsys.readouterr().err, "linprobe")
+        err = error_line(capsys.readouterr().err, "linprobe", alone=True)
+        assert f"--output_dir {out}: cannot write there (" in err
     # an error after the check removes the folder it made
     assert cli_main(["linprobe", "--device", "cpu", "--output_dir", str(tmp_path / "new"), "--checkpoint",
                      str(tmp_path / "none.pth")]) == 2
-    assert "checkpoint not found" in error_line(capsys.readouterr().err, "linprobe")
+    assert "checkpoint not found" in error_line(capsys.readouterr().err, "linprobe", alone=True)
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]

@@ -114,13 +114,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     a_file.write_text("x")
     for output, reason in [(a_file / "v.png", "is a file, not a folder"), (tmp_path, "it is a folder")]:
         assert cli_main(["visualize", "--output", str(output), "--device", "cpu"]) == 2
-        line = error_line(capsys.readouterr().err, "visualize")
+        line = error_line(capsys.readouterr().err, "visualize", alone=True)
         assert f"--output {output}: cannot write there (" in line and reason in line
     # a later error removes the folder made for the output, and leaves no partial PNG
     out = tmp_path / "new" / "v.png"
     assert cli_main(["visualize", "--output", str(out), "--device", "cpu", "--checkpoint",
                      str(tmp_path / "none.pth")]) == 2
-    assert "checkpoint not found" in error_line(capsys.readouterr().err, "visualize")
+    assert "checkpoint not found" in error_line(capsys.readouterr().err, "visualize", alone=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
@@ -130,7 +130,8 @@ def test_mask_ratio_keeping_no_patch_is_refused_before_drawing(tmp_path, capsys,
     monkeypatch.setattr(vis, "load_images", lambda *a, **k: pytest.fail("work started"))
     assert cli_main(["visualize", "--output", str(tmp_path / "v.png"), "--device", "cpu",
                      "--mask_ratio", "0.999"]) == 2
-    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in error_line(capsys.readouterr().err, "visualize")
+    err = error_line(capsys.readouterr().err, "visualize", alone=True)
+    assert "--mask_ratio 0.999 keeps none of the model's 64 patches" in err
 
 
 def test_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):

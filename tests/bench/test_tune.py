@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastmae.bench import tune
+from fastmae.kernels.compile_check import LIMITS
 from fastmae.cli import main
 from fastmae.ops import reference
 from tests.utils import assert_error_within_plain, launched_kernels, make_qkv, skip_unless_serves
@@ -171,10 +172,12 @@ def test_tune_refuses_numbers_out_of_range(capsys, flag, value, what):
     assert exit_.value.code == 2 and f"{flag}: must be {what}, got {value}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cap,check_arch", [((10, 0), 100), ((12, 0), None)])
-def test_tune_compile_checks_on_every_architecture_the_check_knows(monkeypatch, capsys, cap, check_arch):
+@pytest.mark.parametrize("cap,check_arch,taught", [((a // 10, a % 10), a, False) for a in sorted(LIMITS)]
+                         + [((12, 0), None, False), ((12, 0), 120, True)])
+def test_tune_compile_checks_on_every_architecture_the_check_knows(monkeypatch, capsys, cap, check_arch, taught):
     """The tuner screens candidates with the compile check for the GPU's architecture when the check knows it
-    (sm_80, sm_90, sm_100), and says which it knows when it does not."""
+    (`compile_check.LIMITS`: sm_80, sm_90, sm_100, and any architecture added there), and says which it knows when
+    it does not."""
     skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=16)
 
     class Screened(Exception):
@@ -183,6 +186,8 @@ def test_tune_compile_checks_on_every_architecture_the_check_knows(monkeypatch, 
     def screen(results, shapes, arch, *rest):
         raise Screened(arch)
 
+    if taught:
+        monkeypatch.setitem(LIMITS, 120, LIMITS[90])
     monkeypatch.setattr(tune, "launch_capability", lambda device: cap)
     monkeypatch.setattr(tune, "screen", screen)
     with pytest.raises(Screened) as stop:

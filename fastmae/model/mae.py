@@ -104,10 +104,13 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def __setstate__(self, state: dict) -> None:
-        # a model pickled whole before `backend` became a property holds it under its own name
-        if "_backend" not in state:
-            state["_backend"] = state.pop("backend", None)
+        # a model pickled whole before `backend` became a property holds it under its own name: set it through
+        # the property, which checks it as it checks a new one
+        legacy = "_backend" not in state
+        value = state.pop("backend", None) if legacy else None
         super().__setstate__(state)
+        if legacy:
+            self.backend = value
 
     @property
     def backend(self):

@@ -106,6 +106,9 @@ def test_a_model_pickled_before_backend_was_a_property_keeps_its_choice():
     m.__dict__["backend"] = "sdpa"  # what such a pickle holds
     restored = pickle.loads(pickle.dumps(m))
     assert restored.backend == "sdpa" and "backend" not in restored.__dict__
+    m.__dict__["backend"] = "attn=sdpa"  # checked as a new value is
+    with pytest.raises(ValueError, match="unknown op 'attn'"):
+        pickle.loads(pickle.dumps(m))
     del m.__dict__["backend"]  # older still: no backend at all
     assert pickle.loads(pickle.dumps(m)).backend is None
     assert pickle.loads(pickle.dumps(fastmae.mae_vit_tiny_patch4(backend="reference"))).backend == "reference"

@@ -16,6 +16,7 @@ from fastmae.train.engine import NonFiniteLossError
 from fastmae.train.logs import read_step_log
 from fastmae.train.optim import lr_at
 from fastmae.train.pretrain import run, train
+from tests.utils import error_line
 
 from .common import dead_pid, pretrain_args
 
@@ -315,10 +316,8 @@ def _refused(capsys, args) -> str:
     """Run the command; it must stop with exit status 2 before any work, with a one-line message."""
     assert run(args) == 2
     captured = capsys.readouterr()
-    assert "Traceback" not in captured.err and "start training" not in captured.out and "data:" not in captured.out
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastmae pretrain: error: "), captured.err
-    return lines[0]
+    assert "start training" not in captured.out and "data:" not in captured.out
+    return error_line(captured.err, "pretrain", alone=True)
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):

@@ -10,14 +10,14 @@ every tensor, so no copy is made. The gradients are new contiguous tensors in q'
 
 Two paths, chosen per call from the shape by `choose_paths` (launch settings by `launch_settings`):
 
-* short (all keys of a head in one tile: N <= 256 for fp16/bf16, N <= 128 for fp32): the forward computes
+* short (all keys of a head in one tile: N <= 256 for fp16/bf16, N <= 64 for fp32): the forward computes
   S = scale * Q K^T for a block of queries against all keys and a plain softmax (one max, one sum, no
   running rescale). The backward is one program per (batch, head) that keeps K and V and the fp32 dK, dV
   accumulators on chip, walks over the query blocks once and writes dQ of each block when it is done
   (all keys are in the tile, so dQ is complete): one launch, no atomics, and delta = rowsum(dO * O) is
   computed inside the same loop. It is used where those tiles fit without register spills, which depends
   on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at head dim 128; on
-  sm_80 up to 64 keys, or 128 keys at head dim 32 or less. Elsewhere the backward takes the flash kernels.
+  sm_80 up to 64 keys. Elsewhere the backward takes the flash kernels.
 * flash (any N): online softmax over key blocks in the forward (FlashAttention-2 order). The backward
   is three launches: delta = rowsum(dO * O); one program per key block that walks over the query
   blocks for dK and dV; one program per query block that walks over the key blocks for dQ.
@@ -379,8 +379,9 @@ def _check_path(path: str) -> None:
 
 
 def _short_forward_fits(n_pad: int, d_pad: int, dtype: torch.dtype) -> bool:
-    # fp32 tiles take twice the shared memory and their 3xTF32 products twice the registers
-    return n_pad <= (128 if dtype == torch.float32 else SHORT_MAX_N)
+    # fp32 tiles take twice the shared memory and their 3xTF32 products twice the registers: at 128 keys triton
+    # 3.8's register allocation spills at head dims 16 and 128 whatever the block, so fp32 stops at 64 keys
+    return n_pad <= (64 if dtype == torch.float32 else SHORT_MAX_N)
 
 
 _LARGE_SHARED_MEMORY_MAJORS = (9, 10)  # sm_90 (Hopper), sm_100 (B200/GB200): 227 KB of shared memory per block
@@ -399,17 +400,17 @@ def _short_backward_fits(n_pad: int, d_pad: int, dtype: torch.dtype, capability:
         return n_pad <= 32 and d_pad <= 64
     if capability[0] in _LARGE_SHARED_MEMORY_MAJORS:
         return n_pad * d_pad <= SHORT_BWD_MAX_TILE and (n_pad <= 128 or d_pad in (32, 64))
-    return n_pad <= 64 or (n_pad == 128 and d_pad <= 32)
+    return n_pad <= 64  # 128 keys fit at head dim 32 with triton 3.6 and 3.9, but spill with 3.8
 
 
 def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
-    """'short' when all n keys fit one tile (n <= 256; n <= 128 for fp32), else 'flash'; `path` may force one."""
+    """'short' when all n keys fit one tile (n <= 256; n <= 64 for fp32), else 'flash'; `path` may force one."""
     _check_path(path)
     fits = _short_forward_fits(_pad(n), _pad(d), dtype)
     if path == "auto":
         return "short" if fits else "flash"
     if path == "short" and not fits:
-        raise ValueError(f"the short attention path takes at most {SHORT_MAX_N} tokens (128 in fp32); got {n} "
+        raise ValueError(f"the short attention path takes at most {SHORT_MAX_N} tokens (64 in fp32); got {n} "
                          f"in {str(dtype).replace('torch.', '')}")
     return path
 
@@ -443,17 +444,18 @@ def kernels_for(n: int, d: int, dtype: torch.dtype, path: str = "auto",
 
 # Flash-path settings per head-dim tile, (BLOCK_M, BLOCK_N, num_warps, num_stages): for each, the largest
 # tiles of a short list that compile without register spills for sm_80, sm_90 and sm_100 and within 96 KiB of
-# shared memory on sm_80 (sm_86/89 parts have about 99 KiB) and 200 KiB on sm_90, with triton 3.6 and 3.9
+# shared memory on sm_80 (sm_86/89 parts have about 99 KiB) and 200 KiB on sm_90, with triton 3.6 to 3.9
 # (3.6 spills 60 bytes at fp32 head dim 128 with 32 x 32 tiles, where 3.9 does not; fp32 head dim 64 takes 8
-# warps: with 4, sm_100 spills 68 bytes and sm_80 sits at 255 registers).
+# warps: with 4, sm_100 spills 68 bytes and sm_80 sits at 255 registers; triton 3.8 spills on sm_80 with fp32
+# 128 x 64 tiles at head dim 32 and 64 x 32 at 64, and in fp32 dQ at head dim 128 with two stages).
 _FLASH = {
     # kernel: ({d_pad: settings} for fp16/bf16, {d_pad: settings} for fp32)
     "fwd_flash": ({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)},
-                  {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 8, 3), 128: (16, 32, 4, 2)}),
+                  {16: (128, 64, 8, 3), 32: (128, 32, 8, 3), 64: (64, 16, 8, 3), 128: (16, 32, 4, 2)}),
     "bwd_dkdv": ({16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3), 128: (32, 64, 4, 3)},
                  {16: (32, 128, 8, 3), 32: (16, 64, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2)}),
     "bwd_dq": ({16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 3), 128: (64, 32, 4, 3)},
-               {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2)}),
+               {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (32, 32, 4, 2), 128: (16, 32, 4, 1)}),
 }
 
 
@@ -551,14 +553,14 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
     the entry measured for this GPU architecture (`capability`) in `attention_tuned.json`, else the rule below.
 
     Only the tiles matter: next_power_of_2(n) (the short kernels' key tile) and next_power_of_2(d) (the
-    head-dim tile), both at least 16. Every choice below compiles without register spills for sm_80 and
-    sm_90 (ptxas -v, for the specializations Triton's launcher makes for 16-aligned pointers and strides);
-    they were picked by compiling, not by timing, and are the first thing to tune on a GPU.
+    head-dim tile), both at least 16. Every choice below compiles without register spills for sm_80, sm_90
+    and sm_100 with triton 3.6 to 3.9 (ptxas -v, for the specializations Triton's launcher makes for 16-aligned
+    pointers and strides); they were picked by compiling, not by timing, and are the first thing to tune on a GPU.
     * fwd_short: all keys in one tile, no loop. fp16/bf16: 64 query rows per program (32 at 256 keys with
-      head dim 64 or more), 4 warps (8 at 256 keys x head dim 128). fp32: 64 rows up to 2048 key x head-dim
+      head dim 64 or more), 4 warps (8 at 256 keys x head dim 128). fp32: 64 rows up to 1024 key x head-dim
       elements, 16 rows beyond, 8 warps from 8192 elements.
     * bwd_short: all keys in one tile; query blocks of up to 32 rows and 4 warps up to 1024 key x head-dim
-      elements, 16 rows and 8 warps beyond, no pipelining at 16384 (fp32: 16 rows, 4 warps).
+      elements, 16 rows and 8 warps beyond, no pipelining at 16384 (fp32: 16 rows, 8 warps from 1024 elements).
     * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`; bwd_preprocess: 64 rows, 4 warps (8 from
       head dim 128, or 64 in fp32).
     """
@@ -581,13 +583,13 @@ def default_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchS
     tile = n_pad * d_pad
     if kernel == "fwd_short":
         if wide:
-            return LaunchSettings(min(n_pad, 64) if tile <= 2048 else 16, n_pad, 8 if tile >= 8192 else 4, 1)
+            return LaunchSettings(min(n_pad, 64) if tile <= 1024 else 16, n_pad, 8 if tile >= 8192 else 4, 1)
         if n_pad >= 256 and d_pad >= 64:
             return LaunchSettings(32, n_pad, 8 if d_pad >= 128 else 4, 1)
         return LaunchSettings(min(n_pad, 64), n_pad, 4, 1)
     if kernel == "bwd_short":
         if wide:
-            return LaunchSettings(16, n_pad, 4, 2)
+            return LaunchSettings(16, n_pad, 8 if tile >= 1024 else 4, 2)
         if tile <= 1024:
             return LaunchSettings(min(n_pad, 32), n_pad, 4, 2)
         return LaunchSettings(16, n_pad, 8, 1 if tile >= 16384 else 2)

@@ -107,13 +107,10 @@ def report(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
     return "\n".join(lines)
 
 
-# --dtype: torch's names and the short ones `fastmae pretrain --precision` takes
-DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-               "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=[*DTYPE_NAMES, "all"], default="all",
+    from .bench.common import DTYPES  # torch's names and the short ones `fastmae pretrain --precision` takes
+
+    parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all",
                         help="which dtype(s) to report (fp32, fp16 and bf16 name the same ones)")
 
 
@@ -121,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "all":
         dtypes = (torch.float32, torch.float16, torch.bfloat16)
     else:
-        dtypes = (getattr(torch, DTYPE_NAMES[args.dtype]),)
+        from .bench.common import DTYPES
+
+        dtypes = (DTYPES[args.dtype],)
     print(report(dtypes))
     return 0
 

@@ -34,15 +34,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..kernels.utils import launch_capability  # torch only, never triton
-from .common import error_line, parse_list, progress, resolve_device
+from .common import DTYPES, error_line, parse_list, progress, resolve_device
 from .records import environment, table, write_atomic
 from .timing import measure
 from .tolerance import error_bound, max_error
 
 MIN_GAIN = 0.03  # a candidate must be this much faster than the rule's setting to be recorded
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 # name: (heads, tokens, head dim, batch or None for --batch)
 SHAPES = {
@@ -112,7 +110,7 @@ def _screen_chunk(items: list[dict]) -> list[list[str]]:
     for i, it in enumerate(items):
         if it["arch"]:
             B, H, N, D = it["shape"]
-            specs.append(attn.settings_spec(it["kernel"], N, D, DTYPE_NAMES[it["dtype"]],
+            specs.append(attn.settings_spec(it["kernel"], N, D, DTYPES[it["dtype"]],
                                             attn.LaunchSettings(*it["settings"])))
             where.append(i)
     for i, report in zip(where, check_specs(specs, [items[where[0]]["arch"]]) if specs else []):
@@ -121,7 +119,7 @@ def _screen_chunk(items: list[dict]) -> list[list[str]]:
         if probs or it["device"] != "cuda":
             continue
         B, H, N, D = it["shape"]
-        q, k, v = _qkv(1, H, N, D, DTYPE_NAMES[it["dtype"]], "cuda")
+        q, k, v = _qkv(1, H, N, D, DTYPES[it["dtype"]], "cuda")
         try:
             out, lse = attn.attention_forward(q, k, v)
             with attn.forced_settings(**{it["kernel"]: attn.LaunchSettings(*it["settings"])}):
@@ -175,7 +173,7 @@ def check_and_time(attn, cands: list[Candidate], shape: tuple, device: torch.dev
     from ..ops import reference
 
     B, H, N, D = shape
-    dtype = DTYPE_NAMES[cands[0].dtype]
+    dtype = DTYPES[cands[0].dtype]
     q, k, v = _qkv(B, H, N, D, dtype, device)
     dout = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     out, lse = attn.attention_forward(q, k, v)
@@ -302,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         shapes = {n: SHAPES[n] for n in names}
     default_dtypes = "fp32" if (args.quick or device.type != "cuda") else "bf16"
     try:
-        dtypes = [DTYPE_NAMES[d.lower()] for d in parse_list(args.dtypes or default_dtypes)]
+        dtypes = [DTYPES[d.lower()] for d in parse_list(args.dtypes or default_dtypes)]
     except KeyError as exc:
         raise ValueError(f"unknown dtype {exc.args[0]!r}; choose bf16, fp16 or fp32") from None
     if args.batch < 1:

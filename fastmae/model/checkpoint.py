@@ -205,22 +205,39 @@ def temp_path(path: str | Path, pid: int | None = None) -> Path:
 
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save through `atomic_write`: a run killed while writing leaves the previous file intact and never
-    a half-written one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    a half-written one.
+
+    torch.save gets the temporary file's path, not an open file, so its zip writer writes through C++ alone. A
+    Ctrl-C or SIGTERM whose handler stops the save before the writer has finished the file leaves the writer alive
+    in the exception's traceback, and it finishes itself at interpreter exit: into a Python file closed meanwhile
+    that ended the process with "terminate called ... write to closed file" (an abort, status 134, instead of
+    the exit); through C++ it is harmless. (torch itself falls back to a Python file for a path that is not
+    ASCII.)"""
+    atomic_write(path, lambda tmp: torch.save(obj, os.fspath(tmp)), to_path=True)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object] | Callable[[Path], object], *,
+                 to_path: bool = False) -> None:
     """`write(f)` into a temporary binary file beside `path` (`temp_path`), flushed to disk, then renamed over
-    it: the file is written whole or not at all. The temporary file is removed whatever stops the write; a
-    Ctrl-C (or SystemExit) during it is re-raised as itself."""
+    it: the file is written whole or not at all. With `to_path`, `write` gets the temporary file's path and
+    creates the file itself. The temporary file is removed whatever stops the write; a Ctrl-C (or SystemExit)
+    during it is re-raised as itself."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if to_path:
+            write(tmp)
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         try:

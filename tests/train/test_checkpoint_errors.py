@@ -170,7 +170,7 @@ def test_a_save_killed_midway_leaves_a_file_that_is_then_removed(tmp_path):
     script = ("import sys, time, torch\n"
               "from fastmae.model.checkpoint import atomic_save\n"
               "def slow(obj, f, *a, **k):\n"
-              "    f.write(b'part of a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+              "    open(f, 'wb').write(b'part of a checkpoint'); print('writing', flush=True); time.sleep(60)\n"
               "torch.save = slow\n"
               "atomic_save({'x': torch.zeros(2)}, sys.argv[1])\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(last)], stdout=subprocess.PIPE, text=True,

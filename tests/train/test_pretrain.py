@@ -123,8 +123,9 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     newer = ckpt_io.make_checkpoint(model, opt, None, epoch=0, step=2, args={})
     real_save = torch.save
 
-    def dies_midway(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
+    def dies_midway(obj, f, *a, **k):  # torch.save is given the temporary file's path
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", dies_midway)

@@ -17,7 +17,7 @@ Two paths, chosen per call from the shape by `choose_paths` (launch settings by 
   (all keys are in the tile, so dQ is complete): one launch, no atomics, and delta = rowsum(dO * O) is
   computed inside the same loop. It is used where those tiles fit without register spills, which depends
   on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at head dim 128; on
-  sm_80 up to 64 keys. Elsewhere the backward takes the flash kernels.
+  sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the backward takes the flash kernels.
 * flash (any N): online softmax over key blocks in the forward (FlashAttention-2 order). The backward
   is three launches: delta = rowsum(dO * O); one program per key block that walks over the query
   blocks for dK and dV; one program per query block that walks over the key blocks for dQ.
@@ -380,7 +380,7 @@ def _check_path(path: str) -> None:
 
 def _short_forward_fits(n_pad: int, d_pad: int, dtype: torch.dtype) -> bool:
     # fp32 tiles take twice the shared memory and their 3xTF32 products twice the registers: at 128 keys triton
-    # 3.8's register allocation spills at head dims 16 and 128 whatever the block, so fp32 stops at 64 keys
+    # 3.8's register allocation spilled at head dims 16 and 128 with every block tried, so fp32 stops at 64 keys
     return n_pad <= (64 if dtype == torch.float32 else SHORT_MAX_N)
 
 
@@ -400,7 +400,8 @@ def _short_backward_fits(n_pad: int, d_pad: int, dtype: torch.dtype, capability:
         return n_pad <= 32 and d_pad <= 64
     if capability[0] in _LARGE_SHARED_MEMORY_MAJORS:
         return n_pad * d_pad <= SHORT_BWD_MAX_TILE and (n_pad <= 128 or d_pad in (32, 64))
-    return n_pad <= 64  # 128 keys fit at head dim 32 with triton 3.6 and 3.9, but spill with 3.8
+    # 128 keys: clean at head dim 16 on triton 3.6 to 3.9; at head dim 32 clean on 3.6 and 3.9, spilling on 3.8
+    return n_pad <= 64 or (n_pad == 128 and d_pad <= 16)
 
 
 def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:

@@ -7,6 +7,7 @@ one-line `CheckpointError` too.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import pickle
@@ -207,13 +208,20 @@ def atomic_save(obj, path: str | Path) -> None:
     """torch.save through `atomic_write`: a run killed while writing leaves the previous file intact and never
     a half-written one.
 
-    torch.save gets the temporary file's path, not an open file, so its zip writer writes through C++ alone. A
-    Ctrl-C or SIGTERM whose handler stops the save before the writer has finished the file leaves the writer alive
-    in the exception's traceback, and it finishes itself at interpreter exit: into a Python file closed meanwhile
-    that ended the process with "terminate called ... write to closed file" (an abort, status 134, instead of
-    the exit); through C++ it is harmless. (torch itself falls back to a Python file for a path that is not
-    ASCII.)"""
-    atomic_write(path, lambda tmp: torch.save(obj, os.fspath(tmp)), to_path=True)
+    torch.save gets the temporary file's path, not an open file, so no Python file object sits under its zip
+    writer. A Ctrl-C or SIGTERM whose handler stops the save before the writer has finished the file leaves the
+    writer alive in the exception's traceback, and it finishes itself at interpreter exit: into a Python file
+    closed meanwhile that ended the process with "terminate called ... write to closed file" (an abort, status
+    134, instead of the exit); into its own C++ file it is harmless. (torch itself falls back to a Python file for
+    a path that is not ASCII.) Failures of torch's writer (a full disk) are raised as OSError naming the file, as
+    a Python file's would be."""
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(obj, os.fspath(tmp))
+        except RuntimeError as exc:  # torch's C++ writer: a failed write, a full disk
+            raise OSError(errno.EIO, str(exc).strip().splitlines()[0], os.fspath(tmp)) from exc
+
+    atomic_write(path, save, to_path=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object] | Callable[[Path], object], *,
@@ -227,8 +235,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object] | Callabl
     tmp = temp_path(path)
     try:
         if to_path:
+            open(tmp, "wb").close()  # a folder that cannot be written fails here, as the OSError it is
             write(tmp)
-            fd = os.open(tmp, os.O_RDWR)
+            fd = os.open(tmp, os.O_RDONLY if os.name == "posix" else os.O_RDWR)  # fsync wants write access on Windows
             try:
                 os.fsync(fd)
             finally:

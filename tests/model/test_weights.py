@@ -282,8 +282,10 @@ class _CtrlC:
 
 @pytest.mark.parametrize("how", ["torch", "simulated", "exit"])
 def test_atomic_save_interrupted_reraises_the_interrupt(tmp_path, monkeypatch, how):
-    """Ctrl-C inside torch.save: the interrupt is re-raised as itself (a RuntimeError from a zip writer failing to
-    close, "unexpected pos", must not replace it, nor a SystemExit), and the temporary file goes in every case."""
+    """Ctrl-C inside torch.save: the interrupt is re-raised as itself, and the temporary file goes in every case.
+    The real torch.save stopped while it pickles raises the plain KeyboardInterrupt; the stubs add what a zip
+    writer on a Python file raised when it failed to close ("unexpected pos"), a RuntimeError that must not
+    replace the KeyboardInterrupt (nor a SystemExit)."""
     path = tmp_path / "c.pth"
     atomic_save({"x": torch.ones(2)}, path)
     if how == "torch":  # the real torch.save, stopped while it pickles
@@ -303,6 +305,27 @@ def test_atomic_save_interrupted_reraises_the_interrupt(tmp_path, monkeypatch, h
         monkeypatch.undo()
     assert torch.equal(read_checkpoint(path)["x"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_atomic_save_failures_are_os_errors_naming_the_file(tmp_path, monkeypatch):
+    """torch's C++ writer reports a failed write (a full disk) as a RuntimeError without the file: atomic_save
+    raises it as an OSError naming the temporary file, as a Python file's failure would be, so the commands
+    report it in one line; the previous checkpoint stays and the temporary file goes."""
+    path = tmp_path / "c.pth"
+    atomic_save({"x": torch.ones(2)}, path)
+
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed\nException raised from ...")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        atomic_save({"x": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert info.value.filename and os.path.dirname(info.value.filename) == str(tmp_path)
+    assert "file write failed" in str(info.value) and "Exception raised from" not in str(info.value)
+    assert torch.equal(read_checkpoint(path)["x"], torch.ones(2)) and [p.name for p in tmp_path.iterdir()] == ["c.pth"]
 
 
 def test_a_save_stopped_before_the_zip_is_finished_exits_cleanly(tmp_path):
@@ -325,10 +348,10 @@ def test_a_save_stopped_before_the_zip_is_finished_exits_cleanly(tmp_path):
 
 
 def test_atomic_save_gives_torch_save_a_path(tmp_path, monkeypatch):
-    """torch.save gets the temporary file's path, so its zip writer writes from C++ with no Python call between
-    its writes for a Ctrl-C or SIGTERM to stop it in. Given a Python file, a stopped save could leave the writer
-    unfinished in the exception's traceback, finishing itself at interpreter exit into the closed file: an
-    abort ("terminate called ... write to closed file") instead of the exit."""
+    """torch.save gets the temporary file's path, so no Python file object sits under its zip writer. Given a
+    Python file, a stopped save could leave the writer unfinished in the exception's traceback, finishing itself
+    at interpreter exit into the closed file: an abort ("terminate called ... write to closed file") instead of
+    the exit."""
     real_save, given = torch.save, []
 
     def recording(obj, f, *a, **k):

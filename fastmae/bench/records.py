@@ -169,20 +169,15 @@ def write_csv(path: str, records: Sequence[dict]) -> None:
             w.writerow([_csv_value(r.get(k)) for k in fields])
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write a text file whole or not at all (a process stopped mid-write leaves the previous file)."""
-    from ..model.checkpoint import atomic_write
-
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def write_results(out_dir: str, records: Sequence[dict], old: Sequence[dict] | None = None) -> list[dict]:
     """Merge `records` into out_dir/results.json (or into `old`, the file's records read before) and rewrite
     out_dir/results.csv; returns the merged list."""
+    from ..model.checkpoint import atomic_write_text
+
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     merged = merge(_results_in(out_dir) if old is None else old, records)
-    write_atomic(path, json.dumps(merged, indent=1, default=str) + "\n")
+    atomic_write_text(path, json.dumps(merged, indent=1, default=str) + "\n")
     write_csv(os.path.join(out_dir, "results.csv"), merged)
     return merged
 

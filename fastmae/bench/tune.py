@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..kernels.utils import launch_capability  # torch only, never triton
+from ..model.checkpoint import atomic_write_text
 from .common import DTYPES, error_line, parse_list, progress, resolve_device
-from .records import environment, table, write_atomic
+from .records import environment, table
 from .timing import measure
 from .tolerance import error_bound, max_error
 
@@ -360,7 +361,7 @@ def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, ar
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "tune.json")
-        write_atomic(path, json.dumps({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]}, indent=1))
+        atomic_write_text(path, json.dumps({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]}, indent=1))
         if not quiet:
             print(f"wrote {path}")
     if args.write is not None:
@@ -374,7 +375,7 @@ def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, ar
         if problems:  # never write what launch_settings would refuse
             print("not written, the table would be unsound: " + "; ".join(problems), file=sys.stderr)
             return False
-        write_atomic(path, dump_table(new))
+        atomic_write_text(path, dump_table(new))
         if not quiet:
             n = sum(len(v) for v in new.get(arch, {}).values())
             print(f"wrote {path}: {n} tuned settings for {arch}")

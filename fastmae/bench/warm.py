@@ -182,8 +182,9 @@ def collect(workloads: Sequence[tuple[str, Callable[[], None]]], arch: int) -> t
 # ------------------------------------------------------------------------------------------ compiling
 def _write_json(path: str, data) -> None:
     """Whole or not at all (a worker killed mid-write leaves the previous file)."""
-    from .records import write_atomic
-    write_atomic(path, json.dumps(data))
+    from ..model.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data))
 
 
 def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_path: str | None = None) -> list[dict]:

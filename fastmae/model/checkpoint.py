@@ -17,7 +17,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -221,32 +221,24 @@ def atomic_save(obj, path: str | Path) -> None:
         except RuntimeError as exc:  # torch's C++ writer: a failed write, a full disk
             raise OSError(errno.EIO, str(exc).strip().splitlines()[0], os.fspath(tmp)) from exc
 
-    atomic_write(path, save, to_path=True)
+    atomic_write(path, save)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object] | Callable[[Path], object], *,
-                 to_path: bool = False) -> None:
-    """`write(f)` into a temporary binary file beside `path` (`temp_path`), flushed to disk, then renamed over
-    it: the file is written whole or not at all. With `to_path`, `write` gets the temporary file's path and
-    creates the file itself. The temporary file is removed whatever stops the write; a Ctrl-C (or SystemExit)
-    during it is re-raised as itself."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` creates a temporary file beside `path` (`temp_path`), which is flushed to disk and renamed over
+    `path`: the file is written whole or not at all. The temporary file is removed whatever stops the write; a
+    Ctrl-C (or SystemExit) during it is re-raised as itself."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        if to_path:
-            open(tmp, "wb").close()  # a folder that cannot be written fails here, as the OSError it is
-            write(tmp)
-            fd = os.open(tmp, os.O_RDONLY if os.name == "posix" else os.O_RDWR)  # fsync wants write access on Windows
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
+        open(tmp, "wb").close()  # a folder that cannot be written fails here, as the OSError it is
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY if os.name == "posix" else os.O_RDWR)  # fsync wants write access on Windows
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -259,6 +251,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object] | Callabl
             # and that RuntimeError would replace the KeyboardInterrupt
             raise interrupt from None
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` of a UTF-8 text file."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
 
 def _interruption(exc: BaseException) -> BaseException | None:

@@ -249,10 +249,9 @@ def _run(args) -> int:
           f"{result['num_classes']} classes: top-1 {100 * result['acc']:.2f}% (train {100 * result['train_acc']:.2f}%, "
           f"chance {100 * result['chance']:.2f}%)")
     if args.output_dir:
-        from ..model.checkpoint import atomic_write
+        from ..model.checkpoint import atomic_write_text
 
         path = Path(args.output_dir).expanduser() / "linprobe.json"
-        text = json.dumps(summary, indent=2) + "\n"
-        atomic_write(path, lambda f: f.write(text.encode("utf-8")))  # written whole or not at all
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")  # written whole or not at all
         print(f"wrote {path}")
     return 0

@@ -106,7 +106,7 @@ def save_grid(result: dict, path: str | Path, tile: int = 128, pad: int = 4, hea
     from ..model.checkpoint import atomic_write
 
     path = Path(path)
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"))  # written whole or not at all
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))  # written whole or not at all
     return path
 
 

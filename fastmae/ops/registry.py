@@ -184,13 +184,15 @@ def _validate_name(name: str) -> str:
 
 
 def _parse_env() -> BackendSpec:
-    return _parse_env_text(os.environ.get(ENV_VAR, ""))  # read every call, parsed once per value
+    raw = os.environ.get(ENV_VAR, "")  # read every call, parsed once per value
+    return _parse_cached(raw, ENV_VAR) if raw.strip() else None
 
 
-@functools.lru_cache(maxsize=16)
-def _parse_env_text(raw: str):
-    """`_parse_env` of one value of the variable; per-op specs as a read-only mapping (the result is cached)."""
-    return _parse_text(raw, ENV_VAR) if raw.strip() else None
+@functools.lru_cache(maxsize=64)
+def _parse_cached(raw: str, where: str) -> BackendSpec:
+    """`_parse_text`, once per value: for the environment variable and a call's own text form, read on every
+    op call (per-op specs come back as read-only mappings, safe to share)."""
+    return _parse_text(raw, where)
 
 
 def _parse_text(raw: str, where: str) -> BackendSpec:
@@ -226,17 +228,9 @@ def parse_backend(backend) -> BackendSpec:
                                    for op, name in backend.items()})
 
 
-@functools.lru_cache(maxsize=64)
-def _parse_call_text(raw: str) -> BackendSpec:
-    """A call's `backend=` in the text form of a mapping, parsed once per value."""
-    return _parse_text(raw, "backend")
-
-
 def _name_for(spec: BackendSpec, op: str) -> str | None:
     if spec is None:
         return None
-    if isinstance(spec, str) and "=" in spec:  # the text form of a mapping
-        spec = _parse_call_text(spec)
     if isinstance(spec, str):
         name = _validate_name(spec)
         # a single name covers the ops that backend implements (xformers: attention only)
@@ -280,6 +274,8 @@ def requested(op: str, backend: BackendSpec = None) -> str:
     _ensure_loaded()
     if backend is not None and not isinstance(backend, str):
         _check_ops(backend)  # a call's own mapping; use_backend and the environment check theirs once
+    if isinstance(backend, str) and "=" in backend:  # a call's own text form of a mapping (the others come parsed)
+        backend = _parse_cached(backend, "backend")
     for spec in (backend, *reversed(_context_stack()), _parse_env()):
         name = _name_for(spec, op)
         if name is not None:

@@ -10,7 +10,8 @@ every tensor, so no copy is made. The gradients are new contiguous tensors in q'
 
 Two paths, chosen per call from the shape by `choose_paths` (launch settings by `launch_settings`):
 
-* short (all keys of a head in one tile: N <= 256 for fp16/bf16, N <= 64 for fp32): the forward computes
+* short (all keys of a head in one tile; "auto" takes it up to N = 128 for fp16/bf16 and 64 for fp32, where
+  it was faster than flash on an H200, and path="short" up to 256 keys in fp16/bf16): the forward computes
   S = scale * Q K^T for a block of queries against all keys and a plain softmax (one max, one sum, no
   running rescale). The backward is one program per (batch, head) that keeps K and V and the fp32 dK, dV
   accumulators on chip, walks over the query blocks once and writes dQ of each block when it is done
@@ -38,7 +39,8 @@ Limits and differences from flash-attention (the CUDA library and its Triton fil
 * any sequence length: the key and query tails are masked; nothing assumes a multiple of a block.
 * the short path has no counterpart in flash-attention, whose tiles (64 or 128 rows, online softmax, a
   separate dQ pass or atomics) are made for long sequences and waste work at MAE's 50 to 197 tokens.
-  257 tokens (the ViT-H/14 decoder) take the flash path: a one-tile 512-key tile would be half padding.
+  The decoders' 197 and 257 tokens take the flash path: at a 256-key tile the flash kernels were already
+  faster on an H200 (`AUTO_SHORT_MAX_N`).
 * launch settings come from a plain heuristic (no autotuning at run time: predictable, no tuning run under
   the interpreter), overridden per GPU architecture by the settings that `fastmae bench tune` measured on
   such a GPU and recorded in `attention_tuned.json`; see `launch_settings`.
@@ -80,6 +82,12 @@ __all__ = ["attention", "attention_forward", "attention_backward", "forward_path
 LOG2E = 1.4426950408889634
 
 SHORT_MAX_N = 256  # longest sequence whose keys form one tile on the short path (fp16/bf16; a power of two)
+# Longest sequence that "auto" sends to the short path; longer ones take the flash kernels, which were faster
+# from a 256-key tile on. Measured on an H200 (triton 3.6, bf16, batch 64, 16 heads): at 197 keys x head dim 32
+# (the MAE decoders) flash took 60 us forward and 199 us forward+backward against the short path's 73 and 329;
+# at 65 keys x 80 (ViT-H's encoder, a 128-key tile) the two were even (52 / 169 against 51 / 172); at 50 keys
+# x 64 the short path won (13 / 48 against 19 / 67). A forced path="short" still takes up to SHORT_MAX_N.
+AUTO_SHORT_MAX_N = 128
 SHORT_BWD_MAX_TILE = 16384  # largest key x head-dim tile of the one-program backward (sm_90, fp16/bf16)
 MAX_HEAD_DIM = 128
 PATHS = ("auto", "short", "flash")
@@ -405,11 +413,12 @@ def _short_backward_fits(n_pad: int, d_pad: int, dtype: torch.dtype, capability:
 
 
 def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
-    """'short' when all n keys fit one tile (n <= 256; n <= 64 for fp32), else 'flash'; `path` may force one."""
+    """'short' for n <= AUTO_SHORT_MAX_N (128; 64 for fp32), else 'flash'; `path` may force one ('short' takes
+    up to SHORT_MAX_N = 256 keys in fp16/bf16)."""
     _check_path(path)
     fits = _short_forward_fits(_pad(n), _pad(d), dtype)
     if path == "auto":
-        return "short" if fits else "flash"
+        return "short" if fits and n <= AUTO_SHORT_MAX_N else "flash"
     if path == "short" and not fits:
         raise ValueError(f"the short attention path takes at most {SHORT_MAX_N} tokens (64 in fp32); got {n} "
                          f"in {str(dtype).replace('torch.', '')}")
@@ -418,12 +427,12 @@ def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
 
 def backward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto",
                   capability: tuple[int, int] = (9, 0)) -> str:
-    """'short' (one program per head) when its tiles fit on chip for this GPU (`_short_backward_fits`), else
-    'flash'; `path` may force one. `capability` is the GPU's compute capability ((9, 0) for the interpreter)."""
+    """'short' (one program per head) for n <= AUTO_SHORT_MAX_N where its tiles fit on chip for this GPU
+    (`_short_backward_fits`), else 'flash'; `path` may force one. `capability` is the GPU's compute capability ((9, 0) for the interpreter)."""
     _check_path(path)
     fits = _short_backward_fits(_pad(n), _pad(d), dtype, capability)
     if path == "auto":
-        return "short" if fits else "flash"
+        return "short" if fits and n <= AUTO_SHORT_MAX_N else "flash"
     if path == "short" and not fits:
         raise ValueError(f"the short attention backward does not fit N={n}, D={d} in "
                          f"{str(dtype).replace('torch.', '')} on compute capability {capability[0]}.{capability[1]}")
@@ -448,11 +457,13 @@ def kernels_for(n: int, d: int, dtype: torch.dtype, path: str = "auto",
 # shared memory on sm_80 (sm_86/89 parts have about 99 KiB) and 200 KiB on sm_90, with triton 3.6 to 3.9
 # (3.6 spills 60 bytes at fp32 head dim 128 with 32 x 32 tiles, where 3.9 does not; fp32 head dim 64 takes 8
 # warps: with 4, sm_100 spills 68 bytes and sm_80 sits at 255 registers; triton 3.8 spills on sm_80 with fp32
-# 128 x 64 tiles at head dim 32 and 64 x 32 at 64, and in fp32 dQ at head dim 128 with two stages).
+# 128 x 64 tiles at head dim 32 and 64 x 32 at 64, and in fp32 dQ at head dim 128 with two stages). fp32 head
+# dim 64 takes 128 x 16 tiles: 64 x 16 with 8 warps compiled clean but made illegal memory accesses on an H200
+# (triton 3.6), and 128 x 16 is clean on every version and architecture above.
 _FLASH = {
     # kernel: ({d_pad: settings} for fp16/bf16, {d_pad: settings} for fp32)
     "fwd_flash": ({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)},
-                  {16: (128, 64, 8, 3), 32: (128, 32, 8, 3), 64: (64, 16, 8, 3), 128: (16, 32, 4, 2)}),
+                  {16: (128, 64, 8, 3), 32: (128, 32, 8, 3), 64: (128, 16, 8, 3), 128: (16, 32, 4, 2)}),
     "bwd_dkdv": ({16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3), 128: (32, 64, 4, 3)},
                  {16: (32, 128, 8, 3), 32: (16, 64, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2)}),
     "bwd_dq": ({16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 3), 128: (64, 32, 4, 3)},

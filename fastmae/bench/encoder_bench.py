@@ -89,7 +89,10 @@ def make_encoder_runner(model, imgs, noise, ratio: float, mode: str, device: tor
             gen = torch.Generator(device="cpu").manual_seed(1)
             grad["g"] = torch.randn(latent.shape, generator=gen).to(latent.device, latent.dtype)
         latent.backward(grad["g"])
-        return latent
+        # detached: a latent that keeps its autograd graph alive keeps the parameters' gradient accumulators
+        # alive too, and the next ratio's capture then reused accumulators bound to this graph's capture stream
+        # (torch 2.11 on an H200: a stream-mismatch warning, then a crash inside the captured backward)
+        return latent.detach()
 
     return fwd_bwd
 

@@ -124,7 +124,8 @@ def test_graphed_runner_flow(monkeypatch, mode):
     torch.manual_seed(0)
     model = create_model(TINY)
     imgs, noise = encoder_bench._inputs(model, 2, CPU)
-    eager = encoder_bench.make_encoder_runner(model, imgs, noise, 0.75, mode, CPU, torch.float32)().detach()
+    eager = encoder_bench.make_encoder_runner(model, imgs, noise, 0.75, mode, CPU, torch.float32)()
+    assert eager.grad_fn is None  # no autograd graph outlives a call (a captured one would pin its accumulators)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     replay = encoder_bench.make_graphed_runner(model, imgs, noise, 0.75, mode, CPU, torch.float32)
     assert fake.captures == 1 and fake.replays == 0
@@ -158,7 +159,9 @@ def test_graph_replay_matches_eager(mode, dtype):
     imgs, noise = encoder_bench._inputs(model, 4, device)
     latent = encoder_bench.make_encoder_runner(model, imgs, noise, 0.75, mode, device, dtype)().detach().clone()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    replay = encoder_bench.make_graphed_runner(model, imgs, noise, 0.75, mode, device, dtype)
+    replay_first = encoder_bench.make_graphed_runner(model, imgs, noise, 0.5, mode, device, dtype)
+    replay = encoder_bench.make_graphed_runner(model, imgs, noise, 0.75, mode, device, dtype)  # a second capture
+    replay_first()  # the first graph replayed between the second's capture and replays (as run_encoder times)
     for _ in range(2):  # every replay recomputes the same thing
         out = replay()
         tol = 1e-5 if dtype == torch.float32 else 2e-2

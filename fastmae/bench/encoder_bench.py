@@ -12,8 +12,8 @@ Beside each figure:
   of_ideal = speedup / ideal
 
 With `cuda_graphs` (CUDA only), fastmae's automatic path is timed once more as the backend `auto+cudagraph`:
-each ratio's forward (or forward+backward) captured once in a CUDA graph and replayed, so no Python, dispatch
-or kernel-launch time is left. Its distance from the eager `auto` rows is the share of the eager time that is
+each ratio's forward (or forward+backward) captured once in a CUDA graph and replayed (one ratio's graph at a
+time), so no Python, dispatch or kernel-launch time is left. Its distance from the eager `auto` rows is the share of the eager time that is
 launch overhead, not GPU work.
 """
 from __future__ import annotations
@@ -124,6 +124,7 @@ def make_graphed_runner(model, imgs, noise, ratio: float, mode: str, device: tor
         graph.replay()
         return out
 
+    replay.runner = fn  # what the graph reads (the backward's incoming gradient) lives as long as the graph
     return replay
 
 
@@ -162,16 +163,18 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
         for r in ratios:
             emit({**base(backend, mode, r), "status": status, "reason": reason})
 
-    def time_ratios(backend, mode, make_runner, seen=None, **extra) -> bool:
-        """Time make_runner(ratio) at every ratio, interleaved, and emit the rows (failed ones on an error);
-        `seen` is the dispatch to report (default: what building the runners dispatched)."""
+    def time_ratios(backend, mode, make_runner, seen=None, only=None, **extra) -> bool:
+        """Time make_runner(ratio) at every ratio (or at `only`), interleaved, and emit the rows (failed ones on an
+        error); `seen` is the dispatch to report (default: what building the runners dispatched)."""
         fns = {}
+        todo = ratios if only is None else [only]
         try:
             with capture_dispatch() as built:
-                fns = {r: make_runner(r) for r in ratios}
+                fns = {r: make_runner(r) for r in todo}
             timings = measure_interleaved(fns, device, **(timing or {}))
         except Exception as exc:
-            emit_all(backend, mode, "failed", error_line(exc))
+            for r in todo:
+                emit({**base(backend, mode, r), "status": "failed", "reason": error_line(exc)})
             return False
         finally:
             fns = None  # the runners, and with CUDA graphs their memory pools
@@ -217,8 +220,12 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
             if reason is not None:
                 emit_all(GRAPH_BACKEND, mode, "skipped", reason)
                 continue
-            time_ratios(GRAPH_BACKEND, mode,
-                        lambda r: make_graphed_runner(model, imgs, noise, r, mode, device, dtype), cuda_graph=True)
+            # one graph at a time, each released before the next is captured: on an H200 (torch 2.11) the
+            # ViT-B graphs of two ratios timed interleaved made illegal memory accesses, where one alone ran
+            for r in ratios:
+                time_ratios(GRAPH_BACKEND, mode,
+                            lambda r: make_graphed_runner(model, imgs, noise, r, mode, device, dtype), only=r,
+                            cuda_graph=True)
     model.backend = None
     del model
     free(device)

@@ -20,8 +20,8 @@
 #
 # Environment: PYTHON (default: .venv/bin/python if `make` built it, else python3),
 # FASTMAE_RESULTS_ROOT (default benchmarks/results), FASTMAE_SUITE_WHEELS (the folder of wheels to install:
-# .whl on the GPU, none in the CPU modes unless set), FASTMAE_COMMIT (the commit the records name when the
-# checkout travelled without its .git folder),
+# .whl on the GPU, none in the CPU modes unless set), FASTMAE_COMMIT (the commit the records name, where set: for a
+# checkout that travelled as a copy, with no .git folder or a stale one),
 # FASTMAE_SUITE_BUDGET_S (the whole run's time budget: 530 s on the GPU, under 9 minutes with set-up and summary).
 set -u -o pipefail
 

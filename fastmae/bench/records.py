@@ -48,9 +48,13 @@ COMMIT_ENV = "FASTMAE_COMMIT"
 
 
 def git_commit(repo: str = REPO_ROOT) -> str:
-    """The checked-out commit (with "+dirty" when tracked files are modified). Where git cannot tell (a copy of the
-    checkout without its .git folder, no git installed), the commit named by the environment variable
-    FASTMAE_COMMIT, marked as stated rather than read; else "unknown"."""
+    """The commit named by the environment variable FASTMAE_COMMIT, marked as stated rather than read, when it is
+    set: a copy of the checkout may carry a stale .git folder (on a GPU machine the records of a second run once
+    named the first run's commit). Else the checked-out commit (with "+dirty" when tracked files are modified),
+    or "unknown" where git cannot tell (no .git folder, no git installed)."""
+    stated = os.environ.get(COMMIT_ENV, "").strip()
+    if stated:
+        return f"{stated} (from {COMMIT_ENV})"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
@@ -60,8 +64,7 @@ def git_commit(repo: str = REPO_ROOT) -> str:
             return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    stated = os.environ.get(COMMIT_ENV, "").strip()
-    return f"{stated} (from {COMMIT_ENV})" if stated else "unknown"
+    return "unknown"
 
 
 def cpu_name() -> str:

@@ -18,15 +18,16 @@ def test_environment_stamp_has_every_field():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", env["date"])
 
 
-def test_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
-    """A copy of the checkout without its .git folder (as a GPU machine may get it): the commit the caller states
-    in FASTMAE_COMMIT, marked as stated; "unknown" without it. Inside a checkout git's answer wins."""
+def test_a_stated_commit_wins_over_git(tmp_path, monkeypatch):
+    """The commit the caller states in FASTMAE_COMMIT, marked as stated, inside a checkout too (a copy may carry a
+    stale .git folder); without it git's answer, or "unknown" outside a checkout."""
     monkeypatch.delenv(records.COMMIT_ENV, raising=False)
     assert records.git_commit(str(tmp_path)) == "unknown"
-    monkeypatch.setenv(records.COMMIT_ENV, "0123abcd" * 5)
-    assert records.git_commit(str(tmp_path)) == "0123abcd" * 5 + " (from FASTMAE_COMMIT)"
     read = records.git_commit()
     assert read == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", read)
+    monkeypatch.setenv(records.COMMIT_ENV, "0123abcd" * 5)
+    for repo in (str(tmp_path), records.REPO_ROOT):
+        assert records.git_commit(repo) == "0123abcd" * 5 + " (from FASTMAE_COMMIT)"
 
 
 def test_slugs_are_folder_names():

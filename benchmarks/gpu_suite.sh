@@ -329,6 +329,8 @@ fi
 
 # ---------------------------------------------------------------------------------------------- summary
 cat "$PARTS_TMP" > "$RUN_DIR/parts.tsv"
+# the logs name files relative to the checkout, not by the machine's own path to it (pytest's rootdir, tracebacks)
+for f in "$RUN_DIR"/logs/*.log; do [ -f "$f" ] && sed -i "s#$REPO/#./#g; s#$REPO#.#g" "$f"; done
 if ! "$PY" -m fastmae.bench.suite summary --parts "$RUN_DIR/parts.tsv" --results "$RUN_DIR" --mode "$MODE" \
         > "$RUN_DIR/logs/summary.log" 2>&1; then
     {   # the plain fallback: the part table alone

@@ -194,7 +194,9 @@ elif [ "$MODE" != gpu ]; then
     cat "$LOG_TMP/setup.log" >&2
     exit 1
 else
-    run_part install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
+    # no index (a GPU machine may have no network: pip would retry for seconds); where setuptools' develop
+    # command calls pip again with build isolation, that fails at once and the fallback below takes over
+    run_part install 120 env PIP_NO_INDEX=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
     if ! SLUG=$(slug); then
         # pip could not install: import fastmae from this checkout, with fastmae/kernels a link to kernels/ for
         # the run (every part runs here, where `python -m` and pytest put this folder first on the path, so a

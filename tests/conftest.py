@@ -40,3 +40,14 @@ def _full_fp32_convolutions():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer CPU tests")
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device (set at collection: the device-parametrized "
+                                       "tests' CUDA cases and the tests marked gpu); the GPU suite selects these")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `cuda` every test that runs on a CUDA device: the CUDA case of a test parametrized by `device`, and
+    every test marked `gpu`. The GPU suite runs `-m cuda`: the CPU cases are what CI runs anyway."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (callspec is not None and callspec.params.get("device") == "cuda") or item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.cuda)

@@ -385,7 +385,8 @@ def _priority_source(stamp: dict) -> dict:
     src["metric"] = ("median forward+backward time at MAE's shapes (forward for gather_patches); per op, the "
                      "geometric mean over cases of each backend's time over the fastest backend's time"
                      + ("; on CUDA the GPU's time, without the host's time to issue the call (host_ms in the "
-                        "results): a training step at these batches keeps the GPU busy while the host runs ahead"
+                        "results, which can be the larger: where a step is bound by the host, the backend with the "
+                        "cheaper call can be the faster one there)"
                         if stamp.get("device_type") == "cuda" else ""))
     return src
 

@@ -428,7 +428,8 @@ def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
 def backward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto",
                   capability: tuple[int, int] = (9, 0)) -> str:
     """'short' (one program per head) for n <= AUTO_SHORT_MAX_N where its tiles fit on chip for this GPU
-    (`_short_backward_fits`), else 'flash'; `path` may force one. `capability` is the GPU's compute capability ((9, 0) for the interpreter)."""
+    (`_short_backward_fits`), else 'flash'; `path` may force one. `capability` is the GPU's compute capability
+    ((9, 0) for the interpreter)."""
     _check_path(path)
     fits = _short_backward_fits(_pad(n), _pad(d), dtype, capability)
     if path == "auto":

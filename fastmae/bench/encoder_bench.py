@@ -13,8 +13,8 @@ Beside each figure:
 
 With `cuda_graphs` (CUDA only), fastmae's automatic path is timed once more as the backend `auto+cudagraph`:
 each ratio's forward (or forward+backward) captured once in a CUDA graph and replayed (one ratio's graph at a
-time), so no Python, dispatch or kernel-launch time is left. Its distance from the eager `auto` rows is the share of the eager time that is
-launch overhead, not GPU work.
+time), so no Python, dispatch or kernel-launch time is left. Its distance from the eager `auto` rows is the
+share of the eager time that is launch overhead, not GPU work.
 """
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def make_encoder_runner(model, imgs, noise, ratio: float, mode: str, device: tor
             grad["g"] = torch.randn(latent.shape, generator=gen).to(latent.device, latent.dtype)
         latent.backward(grad["g"])
         # detached: a latent that keeps its autograd graph alive keeps the parameters' gradient accumulators
-        # alive too, and the next ratio's capture then reused accumulators bound to this graph's capture stream
-        # (torch 2.11 on an H200: a stream-mismatch warning, then a crash inside the captured backward)
+        # alive too, and a later capture reuses accumulators bound to this call's stream (torch 2.11 on an H200
+        # warned of the stream mismatch)
         return latent.detach()
 
     return fwd_bwd

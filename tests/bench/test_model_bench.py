@@ -161,7 +161,7 @@ def test_graph_replay_matches_eager(mode, dtype):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     replay_first = encoder_bench.make_graphed_runner(model, imgs, noise, 0.5, mode, device, dtype)
     replay = encoder_bench.make_graphed_runner(model, imgs, noise, 0.75, mode, device, dtype)  # a second capture
-    replay_first()  # the first graph replayed between the second's capture and replays (as run_encoder times)
+    replay_first()  # two graphs alive at once: the first replayed between the second's capture and replays
     for _ in range(2):  # every replay recomputes the same thing
         out = replay()
         tol = 1e-5 if dtype == torch.float32 else 2e-2

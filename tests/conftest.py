@@ -44,6 +44,7 @@ def pytest_configure(config):
                                        "tests' CUDA cases and the tests marked gpu); the GPU suite selects these")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     """Mark `cuda` every test that runs on a CUDA device: the CUDA case of a test parametrized by `device`, and
     every test marked `gpu`. The GPU suite runs `-m cuda`: the CPU cases are what CI runs anyway."""

@@ -162,3 +162,17 @@ def test_the_gpu_parts_cover_every_training_variant():
     assert set(eager) | set(compiled) == set(VARIANTS)
     assert not any(VARIANTS[v]["compile"] for v in eager)
     assert {"official-eager", "reference+compile"} <= set(compiled)
+
+
+def test_the_gpu_tests_part_selects_what_runs_on_cuda():
+    """The GPU run's test part is `-m "cuda and not slow"`: tests/conftest.py marks `cuda` the CUDA case of every
+    device-parametrized test and every test marked gpu, before `-m` deselects; CPU cases are left out."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "cuda and not slow", "tests/bench/test_model_bench.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert any("test_graph_replay_matches_eager" in i for i in ids), proc.stdout  # marked gpu
+    assert not any(i.endswith("[cpu]") or "-cpu]" in i for i in ids), ids  # a device-parametrized test's CPU case
+    assert not any("test_graphed_runner_flow" in i for i in ids), ids  # a CPU-only test
+    with open(SCRIPT, encoding="utf-8") as f:
+        assert 'tests -m "cuda and not slow"' in f.read()

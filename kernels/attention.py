@@ -10,15 +10,16 @@ every tensor, so no copy is made. The gradients are new contiguous tensors in q'
 
 Two paths, chosen per call from the shape by `choose_paths` (launch settings by `launch_settings`):
 
-* short (all keys of a head in one tile; "auto" takes it up to N = 128 for fp16/bf16 and 64 for fp32, where
-  it was faster than flash on an H200, and path="short" up to 256 keys in fp16/bf16): the forward computes
+* short (all keys of a head in one tile; "auto" takes it up to N = 128, where it was faster than flash on an
+  H200, path="short" up to 256 keys; fp32 up to 64 keys, where its larger tiles fit): the forward computes
   S = scale * Q K^T for a block of queries against all keys and a plain softmax (one max, one sum, no
   running rescale). The backward is one program per (batch, head) that keeps K and V and the fp32 dK, dV
   accumulators on chip, walks over the query blocks once and writes dQ of each block when it is done
   (all keys are in the tile, so dQ is complete): one launch, no atomics, and delta = rowsum(dO * O) is
-  computed inside the same loop. It is used where those tiles fit without register spills, which depends
-  on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at head dim 128; on
-  sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the backward takes the flash kernels.
+  computed inside the same loop. It is used (by "auto" up to 128 keys) where those tiles fit without register
+  spills, which depends on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at
+  head dim 128; on sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the backward takes the flash
+  kernels.
 * flash (any N): online softmax over key blocks in the forward (FlashAttention-2 order). The backward
   is three launches: delta = rowsum(dO * O); one program per key block that walks over the query
   blocks for dK and dV; one program per query block that walks over the key blocks for dQ.
@@ -38,7 +39,7 @@ Limits and differences from flash-attention (the CUDA library and its Triton fil
   no multi-query/grouped heads: q, k and v have one shape. MAE needs none of them.
 * any sequence length: the key and query tails are masked; nothing assumes a multiple of a block.
 * the short path has no counterpart in flash-attention, whose tiles (64 or 128 rows, online softmax, a
-  separate dQ pass or atomics) are made for long sequences and waste work at MAE's 50 to 197 tokens.
+  separate dQ pass or atomics) are made for long sequences and waste work at MAE's 50 to 65 encoder tokens.
   The decoders' 197 and 257 tokens take the flash path: at a 256-key tile the flash kernels were already
   faster on an H200 (`AUTO_SHORT_MAX_N`).
 * launch settings come from a plain heuristic (no autotuning at run time: predictable, no tuning run under
@@ -82,6 +83,7 @@ __all__ = ["attention", "attention_forward", "attention_backward", "forward_path
 LOG2E = 1.4426950408889634
 
 SHORT_MAX_N = 256  # longest sequence whose keys form one tile on the short path (fp16/bf16; a power of two)
+SHORT_MAX_N_FP32 = 64  # the same in fp32, whose tiles take twice the registers (see `_short_forward_fits`)
 # Longest sequence that "auto" sends to the short path; longer ones take the flash kernels, which were faster
 # from a 256-key tile on. Measured on an H200 (triton 3.6, bf16, batch 64, 16 heads): at 197 keys x head dim 32
 # (the MAE decoders) flash took 60 us forward and 199 us forward+backward against the short path's 73 and 329;
@@ -389,7 +391,7 @@ def _check_path(path: str) -> None:
 def _short_forward_fits(n_pad: int, d_pad: int, dtype: torch.dtype) -> bool:
     # fp32 tiles take twice the shared memory and their 3xTF32 products twice the registers: at 128 keys triton
     # 3.8's register allocation spilled at head dims 16 and 128 with every block tried, so fp32 stops at 64 keys
-    return n_pad <= (64 if dtype == torch.float32 else SHORT_MAX_N)
+    return n_pad <= (SHORT_MAX_N_FP32 if dtype == torch.float32 else SHORT_MAX_N)
 
 
 _LARGE_SHARED_MEMORY_MAJORS = (9, 10)  # sm_90 (Hopper), sm_100 (B200/GB200): 227 KB of shared memory per block
@@ -420,8 +422,8 @@ def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
     if path == "auto":
         return "short" if fits and n <= AUTO_SHORT_MAX_N else "flash"
     if path == "short" and not fits:
-        raise ValueError(f"the short attention path takes at most {SHORT_MAX_N} tokens (64 in fp32); got {n} "
-                         f"in {str(dtype).replace('torch.', '')}")
+        raise ValueError(f"the short attention path takes at most {SHORT_MAX_N} tokens ({SHORT_MAX_N_FP32} in "
+                         f"fp32); got {n} in {str(dtype).replace('torch.', '')}")
     return path
 
 
@@ -456,12 +458,12 @@ def kernels_for(n: int, d: int, dtype: torch.dtype, path: str = "auto",
 # Flash-path settings per head-dim tile, (BLOCK_M, BLOCK_N, num_warps, num_stages): for each, the largest
 # tiles of a short list that compile without register spills for sm_80, sm_90 and sm_100 and within 96 KiB of
 # shared memory on sm_80 (sm_86/89 parts have about 99 KiB) and 200 KiB on sm_90, with triton 3.6 to 3.9
-# (3.6 spills 60 bytes at fp32 head dim 128 with 32 x 32 tiles, where 3.9 does not; fp32 head dim 64 takes 8
-# warps: with 4, sm_100 spills 68 bytes and sm_80 sits at 255 registers; triton 3.8 spills on sm_80 with fp32
-# 128 x 64 tiles at head dim 32 and 64 x 32 at 64, and in fp32 dQ at head dim 128 with two stages). fp32 head
-# dim 64 takes 32 x 16 tiles with 4 warps: 64 x 16 with 8 warps compiled clean but made illegal memory accesses
-# on an H200 (triton 3.6); of the clean candidates checked there, 32 x 16 was right and the fastest (B16 H16
-# N1024: 8.2 ms against 9.6 for 64 x 32 / 8 warps and 11.8 to 12.1 for 128 x 16 / 8 and 64 x 16 / 4).
+# (3.6 spills 60 bytes at fp32 head dim 128 with 32 x 32 tiles, where 3.9 does not; triton 3.8 spills on sm_80
+# with fp32 128 x 64 tiles at head dim 32, and in fp32 dQ at head dim 128 with two stages). One exception,
+# chosen on a GPU: the fp32 forward at head dim 64 takes 32 x 16 tiles with 4 warps. 64 x 16 with 8 warps
+# compiled clean but made illegal memory accesses on an H200 (triton 3.6); of the clean candidates checked
+# there, 32 x 16 was right and the fastest (B16 H16 N1024: 8.2 ms against 9.6 for 64 x 32 / 8 warps, which
+# spills with triton 3.8 on sm_80, and 11.8 to 12.1 for 128 x 16 / 8 and 64 x 16 / 4).
 _FLASH = {
     # kernel: ({d_pad: settings} for fp16/bf16, {d_pad: settings} for fp32)
     "fwd_flash": ({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)},
@@ -569,7 +571,8 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
     Only the tiles matter: next_power_of_2(n) (the short kernels' key tile) and next_power_of_2(d) (the
     head-dim tile), both at least 16. Every choice below compiles without register spills for sm_80, sm_90
     and sm_100 with triton 3.6 to 3.9 (ptxas -v, for the specializations Triton's launcher makes for 16-aligned
-    pointers and strides); they were picked by compiling, not by timing, and are the first thing to tune on a GPU.
+    pointers and strides); they were picked by compiling, not by timing (but for the fp32 forward at head dim 64,
+    see `_FLASH`), and are the first thing to tune on a GPU.
     * fwd_short: all keys in one tile, no loop. fp16/bf16: 64 query rows per program (32 at 256 keys with
       head dim 64 or more), 4 warps (8 at 256 keys x head dim 128). fp32: 64 rows up to 1024 key x head-dim
       elements, 16 rows beyond, 8 warps from 8192 elements.
@@ -941,7 +944,8 @@ def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, n_pa
 
 def compile_specs() -> list[CompileSpec]:
     """Every kernel x constexpr combination the launchers can pick: per dtype and head-dim tile, the short
-    kernels for every key tile 16..SHORT_MAX_N that `forward_path` / `backward_path` allow, and the flash
+    kernels for every key tile 16..SHORT_MAX_N that a forced path="short" takes (beyond AUTO_SHORT_MAX_N only
+    the forced path launches them: tests, `bench attention`'s triton-short rows, the tuner), and the flash
     kernels (settings independent of N). Two optional attributes beyond `CompileSpec`'s fields:
     `divisible_by_16` (the integer arguments a launch specializes as multiples of 16) and, on the short
     backward configurations only GPUs with Hopper's shared memory pick (sm_90, sm_100; not 12.x), `archs = (90, 100)`."""
@@ -949,11 +953,10 @@ def compile_specs() -> list[CompileSpec]:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for d_pad in _HEAD_DIM_TILES:
             for n_pad in _SHORT_TILES:
-                if forward_path(n_pad, d_pad, dtype) == "short":
+                if _short_forward_fits(n_pad, d_pad, dtype):
                     specs.append(_spec("fwd_short", dtype, d_pad, launch_settings("fwd_short", n_pad, d_pad, dtype),
                                        n_pad))
-                archs = [cap for cap in ((8, 0), (9, 0), (10, 0))
-                         if backward_path(n_pad, d_pad, dtype, capability=cap) == "short"]
+                archs = [cap for cap in ((8, 0), (9, 0), (10, 0)) if _short_backward_fits(n_pad, d_pad, dtype, cap)]
                 if archs:
                     note = "" if (8, 0) in archs else " (sm_90, sm_100)"
                     spec = _spec("bwd_short", dtype, d_pad, launch_settings("bwd_short", n_pad, d_pad, dtype),

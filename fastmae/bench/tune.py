@@ -48,8 +48,8 @@ SHAPES = {
     "enc-B": (12, 50, 64, None),    # ViT-B/16 encoder: 49 kept patches + class token
     "enc-L": (16, 50, 64, None),    # ViT-L/16 encoder (same tiles as enc-B: tuned once)
     "enc-H": (16, 65, 80, None),    # ViT-H/14 encoder
-    "dec-16": (16, 197, 32, None),  # decoder, 224/16
-    "dec-14": (16, 257, 32, None),  # decoder, 224/14 (the flash path)
+    "dec-16": (16, 197, 32, None),  # decoder, 224/16 (the flash path: more than AUTO_SHORT_MAX_N keys)
+    "dec-14": (16, 257, 32, None),  # decoder, 224/14 (the flash path, tuned by head dim: as dec-16)
     "long-64": (16, 4096, 64, 4),   # long sequences: the flash path at head dims 64 and 128
     "long-128": (16, 4096, 128, 4),
 }

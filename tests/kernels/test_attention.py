@@ -330,7 +330,13 @@ def test_compile_specs_cover_every_launch():
         for d in (16, 24, 32, 48, 64, 80, 96, 128):
             for n in (1, 7, 16, 33, 50, 65, 100, 128, 197, 256, 257, 1000, 4096):
                 for cap in ((8, 0), (9, 0)):
-                    for kernel in attn.kernels_for(n, d, dtype, capability=cap):
+                    kernels = set(attn.kernels_for(n, d, dtype, capability=cap))
+                    try:  # a forced short path (tests, benchmarks, the tuner) launches up to SHORT_MAX_N keys
+                        kernels.add("fwd_" + attn.forward_path(n, d, dtype, "short"))
+                        kernels.add("bwd_" + attn.backward_path(n, d, dtype, "short", capability=cap))
+                    except ValueError:
+                        pass  # a tile the short path does not take
+                    for kernel in sorted(kernels):
                         cfg = attn.launch_settings(kernel, n, d, dtype)
                         fn = attn.KERNELS[kernel]
                         constexprs = {"BLOCK_M": cfg.block_m, "D_PAD": attn._pad(d)}

@@ -159,22 +159,20 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
                   "images_per_s_p80": batch / (t.p20_ms * 1e-3),
                   "tflops": factor * encoder_flops(model, batch, r) / sec / 1e12})
 
-    def emit_all(backend, mode, status, reason):
-        for r in ratios:
+    def emit_all(backend, mode, status, reason, rs=ratios):
+        for r in rs:
             emit({**base(backend, mode, r), "status": status, "reason": reason})
 
-    def time_ratios(backend, mode, make_runner, seen=None, only=None, **extra) -> bool:
-        """Time make_runner(ratio) at every ratio (or at `only`), interleaved, and emit the rows (failed ones on an
-        error); `seen` is the dispatch to report (default: what building the runners dispatched)."""
+    def time_ratios(backend, mode, make_runner, seen=None, rs=ratios, **extra) -> bool:
+        """Time make_runner(ratio) at the ratios `rs` (all by default), interleaved, and emit the rows (failed ones
+        on an error); `seen` is the dispatch to report (default: what building the runners dispatched)."""
         fns = {}
-        todo = ratios if only is None else [only]
         try:
             with capture_dispatch() as built:
-                fns = {r: make_runner(r) for r in todo}
+                fns = {r: make_runner(r) for r in rs}
             timings = measure_interleaved(fns, device, **(timing or {}))
         except Exception as exc:
-            for r in todo:
-                emit({**base(backend, mode, r), "status": "failed", "reason": error_line(exc)})
+            emit_all(backend, mode, "failed", error_line(exc), rs)
             return False
         finally:
             fns = None  # the runners, and with CUDA graphs their memory pools
@@ -224,7 +222,7 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
             # ViT-B graphs of two ratios timed interleaved made illegal memory accesses, where one alone ran
             for r in ratios:
                 time_ratios(GRAPH_BACKEND, mode,
-                            lambda r: make_graphed_runner(model, imgs, noise, r, mode, device, dtype), only=r,
+                            lambda r: make_graphed_runner(model, imgs, noise, r, mode, device, dtype), rs=[r],
                             cuda_graph=True)
     model.backend = None
     del model

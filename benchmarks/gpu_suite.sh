@@ -262,7 +262,7 @@ else
 
     # The CUDA tests in parallel shards (a cold run mostly compiles Triton kernels, one at a time per process);
     # one verbose log per shard in logs/, so a timeout still shows what passed.
-    TESTS=("$PY" -m fastmae.bench.suite tests --logs "$RUN_DIR/logs" --first cuda --first gpu --)
+    TESTS=("$PY" -m fastmae.bench.suite tests --logs "$RUN_DIR/logs" --)
     if ! "$PY" -c "import pytest" 2>/dev/null; then
         skip gpu-tests "pytest is not installed (carry its wheel in .whl/)"
     elif [ "$MODE" = gpu ]; then

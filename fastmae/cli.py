@@ -3,10 +3,10 @@ defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
 
 The checks the subcommands share live here too: `check_device`, `check_backend`, `check_mask_ratio`,
 `check_output_dir` / `check_output_file` (with `discarding_new_dirs`, which removes the folders a failed run
-created and left empty), argparse types for numbers (`positive_int`, ...), `report_user_error` and
-`sigterm_as_exit`. They raise ValueError (argparse
+created and left empty) and argparse types for numbers (`positive_int`, ...). They raise ValueError (argparse
 types: ArgumentTypeError) with a message naming the flag, which the commands print as
-`fastmae <command>: error: ...` with exit status 2.
+`fastmae <command>: error: ...` with exit status 2 (`report_user_error`). `sigterm_as_exit` turns SIGTERM
+into SystemExit(143), so cleanup runs as for Ctrl-C.
 """
 from __future__ import annotations
 

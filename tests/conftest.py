@@ -50,5 +50,6 @@ def pytest_collection_modifyitems(config, items):
     every test marked `gpu`. The GPU suite runs `-m cuda`: the CPU cases are what CI runs anyway."""
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if (callspec is not None and callspec.params.get("device") == "cuda") or item.get_closest_marker("gpu"):
+        device = str(callspec.params.get("device", "")) if callspec is not None else ""
+        if device.split(":")[0] == "cuda" or item.get_closest_marker("gpu"):  # "cuda", "cuda:1", ...
             item.add_marker(pytest.mark.cuda)

@@ -142,11 +142,8 @@ def test_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     path = save_grid(result, tmp_path / "g.png", tile=16)
     before = path.read_bytes()
 
-    def dies_midway(self, fp, format=None, **params):  # fp: the file being written (or its path)
-        if hasattr(fp, "write"):
-            fp.write(b"half a png")
-        else:
-            Path(fp).write_bytes(b"half a png")
+    def dies_midway(self, fp, format=None, **params):  # fp: the path of the file being written
+        Path(fp).write_bytes(b"half a png")
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(Image.Image, "save", dies_midway)

@@ -214,12 +214,16 @@ def atomic_save(obj, path: str | Path) -> None:
     closed meanwhile that ended the process with "terminate called ... write to closed file" (an abort, status
     134, instead of the exit); into its own C++ file it is harmless. (torch itself falls back to a Python file for
     a path that is not ASCII.) Failures of torch's writer (a full disk) are raised as OSError naming the file, as
-    a Python file's would be."""
+    a Python file's would be; other RuntimeErrors pass unchanged."""
     def save(tmp: Path) -> None:
         try:
             torch.save(obj, os.fspath(tmp))
-        except RuntimeError as exc:  # torch's C++ writer: a failed write, a full disk
-            raise OSError(errno.EIO, str(exc).strip().splitlines()[0], os.fspath(tmp)) from exc
+        except RuntimeError as exc:
+            message = str(exc).strip()
+            if "PytorchStreamWriter" not in message and "inline_container" not in message:
+                raise  # not the writer's (a CUDA error while storages are copied out, say): as it is
+            # torch's C++ writer: a failed write, a full disk
+            raise OSError(errno.EIO, message.splitlines()[0], os.fspath(path)) from exc
 
     atomic_write(path, save)
 

@@ -309,8 +309,8 @@ def test_atomic_save_interrupted_reraises_the_interrupt(tmp_path, monkeypatch, h
 
 def test_atomic_save_failures_are_os_errors_naming_the_file(tmp_path, monkeypatch):
     """torch's C++ writer reports a failed write (a full disk) as a RuntimeError without the file: atomic_save
-    raises it as an OSError naming the temporary file, as a Python file's failure would be, so the commands
-    report it in one line; the previous checkpoint stays and the temporary file goes."""
+    raises it as an OSError naming the file, as a Python file's failure would be, so the commands report it in
+    one line; the previous checkpoint stays and the temporary file goes. Other RuntimeErrors pass unchanged."""
     path = tmp_path / "c.pth"
     atomic_save({"x": torch.ones(2)}, path)
 
@@ -323,9 +323,18 @@ def test_atomic_save_failures_are_os_errors_naming_the_file(tmp_path, monkeypatc
     with pytest.raises(OSError) as info:
         atomic_save({"x": torch.zeros(2)}, path)
     monkeypatch.undo()
-    assert info.value.filename and os.path.dirname(info.value.filename) == str(tmp_path)
+    assert info.value.filename == str(path)
     assert "file write failed" in str(info.value) and "Exception raised from" not in str(info.value)
     assert torch.equal(read_checkpoint(path)["x"], torch.ones(2)) and [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+    def not_the_writer(obj, f, *a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "save", not_the_writer)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        atomic_save({"x": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
 
 
 def test_a_save_stopped_before_the_zip_is_finished_exits_cleanly(tmp_path):

@@ -506,13 +506,13 @@ def run_encoder(args) -> int:
 
 # ------------------------------------------------------------------------------------------ train
 def train_table(records: list[dict]) -> str:
-    from .records import fmt, optimizer_cell, status_cell, table
+    from .records import fmt, optimizer_cell, own_peak_mem_mb, peak_mem_kind, status_cell, table
 
     rows_in, numbers, notes = _table_input(records, "train")
     rows = []
     for r in rows_in:
         ok = r.get("status") == "ok"
-        mem = r.get("peak_mem_mb") if ok else None
+        mem = own_peak_mem_mb(r) if ok else None
         rows.append([r["backend"], r.get("images_per_s") if ok else None,
                      f"{fmt(r['images_per_s_p20'])}-{fmt(r['images_per_s_p80'])}" if ok else "-",
                      f"{r['vs_official_eager']:.2f}x" if ok and r.get("vs_official_eager") else "-",
@@ -523,7 +523,7 @@ def train_table(records: list[dict]) -> str:
     out = table(["variant", "images/s", "p20-p80", "vs official-eager", "vs reference+compile", "peak MB",
                  "saved MB/img", "TFLOP/s", "MFU", "AdamW step", "served by", "status"], rows,
                 align="lrrrrrrrrlll")
-    kinds = sorted({r["peak_mem_kind"] for r in rows_in if r.get("peak_mem_kind")})
+    kinds = sorted({peak_mem_kind(r) for r in rows_in if r.get("peak_mem_kind")})
     if kinds:
         out += "\n  peak MB: " + "; ".join(kinds)
     return out + ("\n" + notes if notes else "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .records import optimizer_cell, read_results
+from .records import optimizer_cell, own_peak_mem_mb, peak_mem_kind, read_results
 
 START = "<!-- bench-results:start -->"
 END = "<!-- bench-results:end -->"
@@ -140,7 +140,7 @@ def train_section(records: Sequence[dict]) -> list[str]:
                 table_rows.append([r["backend"], f"{r['status']}: {_short(r.get('reason', ''), 80)}", "", "", "",
                                    "", "", "", ""])
                 continue
-            mem = r.get("peak_mem_mb")
+            mem = own_peak_mem_mb(r)
             table_rows.append([
                 r["backend"], _f(r["images_per_s"]),
                 f"{r['vs_official_eager']:.2f}x" if r.get("vs_official_eager") else "–",
@@ -152,7 +152,7 @@ def train_section(records: Sequence[dict]) -> list[str]:
                 r.get("dispatch", "")])
         out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory",
                           "saved/image", "MFU", "AdamW step", "served by"], table_rows)
-        kinds = sorted({r["peak_mem_kind"] for r in ok if r.get("peak_mem_kind")})
+        kinds = sorted({peak_mem_kind(r) for r in ok if r.get("peak_mem_kind")})
         if kinds:
             out.append(f"\nPeak memory: {'; '.join(kinds)}. Saved/image: activations autograd keeps for the "
                        f"backward, per image (eager variants). MFU: model FLOPs (3 x forward, linear layers and "

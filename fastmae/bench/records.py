@@ -303,3 +303,26 @@ def optimizer_cell(r: dict) -> str:
 
 def print_err(*args) -> None:
     print(*args, file=sys.stderr)
+
+
+CUDA_PEAK_KIND = "cuda max_memory_allocated during the training steps, less what was allocated before the variant"
+# the kind of the records written before that: the process's peak over the whole variant, its saved-activation
+# count included, which kept every forward it counted (a leak) and so raised that variant's peak and every later one
+_CUDA_PEAK_KIND_LEAKED = "cuda max_memory_allocated"
+LEAKED_PEAK_NOTE = ("not shown for runs recorded before the peak was read from the training steps alone (their "
+                    "peak included forwards the saved-activation count kept alive)")
+
+
+def own_peak_mem_mb(r: dict) -> float | None:
+    """A training record's peak memory in MiB, or None for records whose peak is not the step's (see
+    LEAKED_PEAK_NOTE; results.json keeps what they stored)."""
+    if r.get("peak_mem_kind") == _CUDA_PEAK_KIND_LEAKED:
+        return None
+    return r.get("peak_mem_mb")
+
+
+def peak_mem_kind(r: dict) -> str | None:
+    """What a training record's `own_peak_mem_mb` measured, or why it is None."""
+    if r.get("peak_mem_kind") == _CUDA_PEAK_KIND_LEAKED:
+        return LEAKED_PEAK_NOTE
+    return r.get("peak_mem_kind")

@@ -65,6 +65,7 @@ def _auto_aliases(records: list[dict]) -> dict[tuple, str]:
 def key_results(records: list[dict]) -> list[str]:
     """The figures the targets are stated in: encoder share of ideal at 75%, training speedups and MFU.
     Targets are quoted for the fastmae path (`auto`, or the path auto resolved to) on the device they apply to."""
+    from .records import own_peak_mem_mb
     lines = []
     aliases = _auto_aliases(records)
     enc = [r for r in records if r.get("kind") == "encoder" and r.get("status") == "ok"
@@ -93,7 +94,8 @@ def key_results(records: list[dict]) -> list[str]:
         if r.get("optimizer_ms") is not None:
             mfu += f", {r.get('optimizer', 'optimizer')} step {r['optimizer_ms']:.3g} ms"
         mem_name = "peak" if r.get("device_type") == "cuda" else "resident-memory increase (sampled, coarse)"
-        mem = f", {mem_name} {r['peak_mem_mb']:,.0f} MB" if r.get("peak_mem_mb") is not None else ""
+        peak = own_peak_mem_mb(r)
+        mem = f", {mem_name} {peak:,.0f} MB" if peak is not None else ""
         if (r.get("mem_vs_official_eager") is not None and r["backend"].startswith("fastmae")
                 and r.get("device_type") == "cuda"):  # a CPU's sampled resident memory is too coarse for ratios
             mem += f" ({r['mem_vs_official_eager'] - 1:+.0%} vs official-eager; GPU target <= -20%)"

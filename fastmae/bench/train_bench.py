@@ -39,6 +39,7 @@ from ..train.optim import adamw_impl, build_optimizer
 from .common import autocast, capture_dispatch, dispatch_str, error_line, free, path_interpreter_reason, progress
 from .flops import len_keep, train_step_flops
 from .limits import dtype_name
+from .records import CUDA_PEAK_KIND, own_peak_mem_mb
 from .timing import Timing, measure
 
 REFERENCE_SDPA = {"attention": "sdpa", "gather_patches": "reference", "gather_tokens": "reference",
@@ -150,14 +151,14 @@ def add_train_speedups(records: list[dict]) -> list[dict]:
     official-eager's."""
     ok = [r for r in records if r.get("kind") == "train" and r.get("status") == "ok"]
     ips = {r["backend"]: r["images_per_s"] for r in ok}
-    mem = {r["backend"]: r.get("peak_mem_mb") for r in ok}
+    mem = {r["backend"]: own_peak_mem_mb(r) for r in ok}
     saved = {r["backend"]: r.get("saved_mb_per_image") for r in ok}
     for r in records:
         if r.get("kind") == "train" and r.get("status") == "ok":
             if saved.get("official-eager") and r.get("saved_mb_per_image") is not None:
                 r["saved_vs_official_eager"] = r["saved_mb_per_image"] / saved["official-eager"]
-            if mem.get("official-eager") and r.get("peak_mem_mb") is not None:
-                r["mem_vs_official_eager"] = r["peak_mem_mb"] / mem["official-eager"]
+            if mem.get("official-eager") and mem.get(r["backend"]) is not None:
+                r["mem_vs_official_eager"] = mem[r["backend"]] / mem["official-eager"]
             if ips.get("official-eager"):
                 r["vs_official_eager"] = r["images_per_s"] / ips["official-eager"]
             if ips.get("reference+compile"):
@@ -180,7 +181,10 @@ def saved_bytes(model, imgs, noise, mask_ratio: float, device: torch.device, dty
         if ptr not in seen and ptr not in skip:
             seen.add(ptr)
             total += storage.nbytes()
-        return t
+        # detached: a saved output returned as itself would hold its own grad_fn, a cycle through autograd's C++
+        # graph that Python's collector cannot see, and every forward here would stay allocated (the backward
+        # never runs, so nothing unpacks)
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, dtype):
         loss = model(imgs, mask_ratio, noise=noise)[0]
@@ -248,17 +252,23 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
     sampler = RssSampler() if device.type == "cpu" else None
     built = None
     try:
+        # the peak is the steps' (building, the timed steps and one more): read before the figures below, whose
+        # forwards without a backward and zero gradients are not part of training
         with (sampler or _null()):
             built = prepare_variant(device, model_name, batch, dtype, variant, mask_ratio)
             rec["shape"] = built["shape"]
             t = measure(built["step"], device, **(timing or {}))
             loss = float(built["step"]().detach())
-            saved = built["saved_mb_per_image"]() if built["saved_mb_per_image"] else None
-            optimizer = f"AdamW {adamw_impl(built['optimizer'])}"
-            try:  # an extra figure: its failure (memory, say) does not undo the step's
-                opt_ms, opt_error = time_optimizer_step(built["optimizer"], device, timing).median_ms, None
-            except Exception as exc:  # noqa: BLE001
-                opt_ms, opt_error = None, error_line(exc, 200)
+        if device.type == "cuda":
+            # the variant's own peak (model, optimizer, inputs, activations): what an earlier variant or caller
+            # still holds was allocated before, and is not this variant's
+            peak_mb = (torch.cuda.max_memory_allocated(device) - mem_before) / 2 ** 20
+        saved = built["saved_mb_per_image"]() if built["saved_mb_per_image"] else None
+        optimizer = f"AdamW {adamw_impl(built['optimizer'])}"
+        try:  # an extra figure: its failure (memory, say) does not undo the step's
+            opt_ms, opt_error = time_optimizer_step(built["optimizer"], device, timing).median_ms, None
+        except Exception as exc:  # noqa: BLE001
+            opt_ms, opt_error = None, error_line(exc, 200)
     except BackendUnavailable as exc:
         return {**rec, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
@@ -278,8 +288,8 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
     if saved is not None:
         out["saved_mb_per_image"] = saved
     if device.type == "cuda":
-        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        out["peak_mem_kind"] = "cuda max_memory_allocated"
+        out["peak_mem_mb"] = peak_mb
+        out["peak_mem_kind"] = CUDA_PEAK_KIND
         out["mem_before_mb"] = mem_before / 2 ** 20
     else:
         out["peak_mem_mb"] = sampler.delta_mb

@@ -209,3 +209,51 @@ def test_train_variants_compute_the_same_steps():
     assert losses["official-eager"][1] != losses["official-eager"][0]  # the step changed the weights
     for v in ("reference+sdpa", "fastmae"):
         assert losses[v] == pytest.approx(losses["official-eager"], rel=1e-4)
+
+
+def test_saved_bytes_frees_what_it_counted(monkeypatch):
+    """Counting the saved activations must not keep them: a saved output packed as itself holds its own grad_fn,
+    a cycle the collector cannot break, and each count stayed allocated (on a GPU, every later variant's peak
+    included the earlier ones' activations)."""
+    import gc
+    import weakref
+
+    packed = []
+    hooks = torch.autograd.graph.saved_tensors_hooks
+
+    class Spy(hooks):
+        def __init__(self, pack, unpack):
+            super().__init__(lambda t: (packed.append(weakref.ref(t)), pack(t))[1], unpack)
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", Spy)
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    model.backend = "reference"
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)
+    total = train_bench.saved_bytes(model, imgs, noise, 0.75, CPU, torch.float32)
+    gc.collect()
+    keep = {t.untyped_storage().data_ptr() for t in (*model.parameters(), imgs, noise)}
+    alive = [r() for r in packed if r() is not None and r().untyped_storage().data_ptr() not in keep]
+    assert total > 0 and len(packed) > 10
+    assert alive == [], f"{len(alive)} saved activations outlived the count"
+
+
+def test_own_peak_memory():
+    """CUDA records store the training steps' own peak; records from before that stored the process's peak over
+    the whole variant (raised by the saved-activation count's leak): they are read as having none, with the
+    reason, and give no memory ratio."""
+    from fastmae.bench.records import CUDA_PEAK_KIND, LEAKED_PEAK_NOTE, own_peak_mem_mb, peak_mem_kind
+
+    old = {"peak_mem_mb": 26711.0, "mem_before_mb": 9207.0, "peak_mem_kind": "cuda max_memory_allocated"}
+    new = {"peak_mem_mb": 17504.0, "mem_before_mb": 30.0, "peak_mem_kind": CUDA_PEAK_KIND}
+    cpu = {"peak_mem_mb": 12.5, "peak_mem_kind": "cpu resident-memory increase (sampled)"}
+    assert own_peak_mem_mb(old) is None and peak_mem_kind(old) == LEAKED_PEAK_NOTE
+    assert own_peak_mem_mb(new) == 17504.0 and peak_mem_kind(new) == CUDA_PEAK_KIND
+    assert own_peak_mem_mb(cpu) == 12.5 and peak_mem_kind(cpu) == cpu["peak_mem_kind"]
+    recs = [{"kind": "train", "status": "ok", "backend": "official-eager", "images_per_s": 10.0, **new},
+            {"kind": "train", "status": "ok", "backend": "fastmae", "images_per_s": 20.0, **new,
+             "peak_mem_mb": 13002.0},
+            {"kind": "train", "status": "ok", "backend": "fastmae+lean", "images_per_s": 20.0, **old}]
+    train_bench.add_train_speedups(recs)
+    assert recs[1]["mem_vs_official_eager"] == pytest.approx(13002.0 / 17504.0)
+    assert "mem_vs_official_eager" not in recs[2]

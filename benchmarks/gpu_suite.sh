@@ -300,22 +300,23 @@ else
         # the eager variants of both models first; the torch.compile ones (a cold Inductor build of the forward
         # and backward each, the longest work here) in a part of their own afterwards, with the eager pair they
         # are compared with timed again in the same run; what is left over goes to the tuner
-        run_part train-vit-b 70 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
-            --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
-        run_part train-vit-l 70 "${BENCH[@]}" train $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
-            --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
+        # (--profile: where each step's GPU time goes, and whether the GPU or the host bounds it)
+        run_part train-vit-b 70 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_base_patch16 \
+            --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
+        run_part train-vit-l 70 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_large_patch16 \
+            --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
         run_part train-compile-vit-b 150 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_COMPILE" --out "$RUN_DIR"
         tune_part --shapes enc-B,enc-H,dec-16
         ;;
     cpu)
         run_part encoder-cpu-default 120 "${BENCH[@]}" encoder $Q --no-progress --out "$RUN_DIR"
-        run_part train-cpu-default 120 "${BENCH[@]}" train $Q --no-progress --out "$RUN_DIR"
+        run_part train-cpu-default 120 "${BENCH[@]}" train $Q --no-progress --profile --out "$RUN_DIR"
         run_part encoder-vit-b 420 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_base_patch16 --batch 4 \
             --backends reference,sdpa,auto --out "$RUN_DIR"
         skip encoder-vit-l "ViT-L takes minutes per ratio on a small CPU; its shapes are GPU work"
-        run_part train-vit-b 300 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 --batch 4 \
-            --out "$RUN_DIR"
+        run_part train-vit-b 300 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_base_patch16 \
+            --batch 4 --out "$RUN_DIR"
         skip train-vit-l "ViT-L takes minutes per step on a small CPU; its shapes are GPU work"
         skip train-compile-vit-b "train-vit-b runs every variant here (torch.compile ones when asked: --compile)"
         skip tune "tuning times Triton kernels on a GPU (cpu-quick mode checks its code paths)"
@@ -323,7 +324,7 @@ else
     cpu-quick)
         run_part encoder-vit-b 60 "${BENCH[@]}" encoder $Q --no-progress --cuda-graphs --out "$RUN_DIR"
         skip encoder-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
-        run_part train-vit-b 60 "${BENCH[@]}" train $Q --no-progress --out "$RUN_DIR"
+        run_part train-vit-b 60 "${BENCH[@]}" train $Q --no-progress --profile --out "$RUN_DIR"
         skip train-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
         skip train-compile-vit-b "cpu-quick mode runs every variant in train-vit-b (the CPU's default skips compiling)"
         tune_part --quick --allow-interpreter --device cpu

@@ -169,6 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="run the torch.compile variants (default on cuda; off on cpu, where compiling takes minutes)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")
+    p.add_argument("--profile", action="store_true",
+                   help="also run a few steps per variant under torch.profiler: the GPU kernels' own time per step "
+                   "by kind of work (attention, matmul, ...) and its share of the step time, which tells a step "
+                   "bound by the GPU from one bound by the host (on a CPU: operators' own CPU time)")
     p.set_defaults(bench_run=run_train)
 
     from . import tune
@@ -529,6 +533,31 @@ def train_table(records: list[dict]) -> str:
     return out + ("\n" + notes if notes else "")
 
 
+def profile_table(records: list[dict]) -> str:
+    """Per variant: the profiled time per step by kind of work, its sum, and that sum's share of the step."""
+    from .records import fmt, table
+
+    rows_in = [r for r in records if r.get("kind") == "train" and r.get("status") == "ok"]
+    kinds: list[str] = []
+    for r in rows_in:
+        for k in r.get("profile", {}).get("by_kind", {}):
+            if k not in kinds:
+                kinds.append(k)
+    rows = []
+    for r in rows_in:
+        prof = r.get("profile")
+        if prof is None:
+            rows.append([r["backend"], "-", "-"] + ["-"] * len(kinds) + [r.get("profile_error", "not profiled")])
+            continue
+        rows.append([r["backend"], fmt(prof["busy_ms"]), f"{100 * r['busy_share']:.0f}%"]
+                    + [fmt(prof["by_kind"][k]) if k in prof["by_kind"] else "-" for k in kinds] + [""])
+    kind = next((r["profile"]["kind"] for r in rows_in if r.get("profile")), "profiled time")
+    out = table(["variant", "busy ms", "of the step"] + [f"{k} ms" for k in kinds] + ["note"], rows,
+                align="lrr" + "r" * len(kinds) + "l")
+    return (f"where the step's time goes ({kind} per step, from a few profiled steps; kinds read from the names):\n"
+            + out)
+
+
 def run_train(args) -> int:
     from .limits import measure_matmul_tflops, sizes
     from .train_bench import VARIANTS, run_train as bench
@@ -563,10 +592,12 @@ def run_train(args) -> int:
     records = bench(device, model, batch, dtype, mask_ratio=args.mask_ratio, variants=variants,
                     compile_reason=compile_reason, peak_tflops=peak, timing=timing, compile_timing=compile_timing,
                     allow_interpreter=args.allow_interpreter, on_record=recorder.add,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, profile=args.profile)
     if args.out:
         _restate_train_ratios(recorder, records, env)
     print(train_table(records))
+    if args.profile:
+        print(profile_table(records))
     _finish(args, recorder)
     return 0
 

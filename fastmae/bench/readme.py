@@ -135,10 +135,11 @@ def train_section(records: Sequence[dict]) -> list[str]:
                    f"(forward, loss, backward, AdamW)")
         out.append("")
         table_rows = []
+        busy = any(r.get("busy_share") is not None for r in ok)
         for r in mrows:
             if r.get("status") != "ok":
                 table_rows.append([r["backend"], f"{r['status']}: {_short(r.get('reason', ''), 80)}", "", "", "",
-                                   "", "", "", ""])
+                                   "", "", "", ""] + [""] * busy)
                 continue
             mem = own_peak_mem_mb(r)
             table_rows.append([
@@ -148,10 +149,12 @@ def train_section(records: Sequence[dict]) -> list[str]:
                 f"{mem:,.0f} MB" if mem is not None else "n/a",
                 f"{r['saved_mb_per_image']:.1f} MB" if r.get("saved_mb_per_image") is not None else "–",
                 f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
-                optimizer_cell(r) if r.get("optimizer") or r.get("optimizer_ms") is not None else "–",
-                r.get("dispatch", "")])
+                optimizer_cell(r) if r.get("optimizer") or r.get("optimizer_ms") is not None else "–"]
+                + ([f"{r['busy_share']:.0%}" if r.get("busy_share") is not None else "–"] if busy else [])
+                + [r.get("dispatch", "")])
         out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory",
-                          "saved/image", "MFU", "AdamW step", "served by"], table_rows)
+                          "saved/image", "MFU", "AdamW step"] + (["busy"] if busy else []) + ["served by"],
+                         table_rows)
         kinds = sorted({peak_mem_kind(r) for r in ok if r.get("peak_mem_kind")})
         if kinds:
             out.append(f"\nPeak memory: {'; '.join(kinds)}. Saved/image: activations autograd keeps for the "
@@ -159,7 +162,9 @@ def train_section(records: Sequence[dict]) -> list[str]:
                        f"attention) per second over the matmul peak measured in the same run."
                        + (" AdamW step: the implementation and the time of the optimizer's step alone (reference "
                           "variants: torch's default, as the official script constructs it)."
-                          if any(r.get("optimizer") for r in ok) else ""))
+                          if any(r.get("optimizer") for r in ok) else "")
+                       + (" Busy: the profiled kernels' own time per step (on a CPU: operators' own time) over the "
+                          "step time; well below 100% the step waits on the host." if busy else ""))
         out.append("")
     return out
 

@@ -103,6 +103,9 @@ def key_results(records: list[dict]) -> list[str]:
             mem += f", saved activations {r['saved_mb_per_image']:.3g} MB/image"
             if r.get("saved_vs_official_eager") is not None and r["backend"] != "official-eager":
                 mem += f" ({r['saved_vs_official_eager'] - 1:+.0%} vs official-eager)"
+        if r.get("busy_share") is not None:
+            where = "GPU kernels" if r.get("device_type") == "cuda" else "CPU operators"
+            mem += f", {where} busy {r['busy_share']:.0%} of the step"
         lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
                      f"images/s{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
     return lines

@@ -19,10 +19,13 @@ time of its step alone (`optimizer_ms`), so the share of a speedup that comes fr
 Figures: images/s from the median step time; activations saved for the backward per image (eager variants:
 the distinct tensors autograd keeps in one forward, parameters and inputs excluded, as the slope between the
 batch and half of it, so weight copies that do not grow with the batch drop out; independent of the allocator
-and measurable on a CPU); peak memory (CUDA: `torch.cuda.max_memory_allocated` over the
-variant's steps, after a reset; CPU: the increase of the process's resident memory over the variant's set-up
-and steps, sampled every 2 ms, labelled as such); MFU = model FLOPs per step (see `flops.py`: 3 x forward,
-linear layers and attention) / step time / the matmul peak measured in the same run in the step's dtype.
+and measurable on a CPU); peak memory (CUDA: `torch.cuda.max_memory_allocated` over the variant's set-up and
+steps, after a reset, less what was allocated before; CPU: the increase of the process's resident memory over
+the same, sampled every 2 ms, labelled as such; read before the figures that run other work); MFU = model
+FLOPs per step (see `flops.py`: 3 x forward, linear layers and attention) / step time / the matmul peak
+measured in the same run in the step's dtype. With `profile`, a few more steps under the profiler: the GPU
+kernels' own time per step by kind of work, and its share of the step time (`busy_share`: near 1 the step is
+bound by the GPU, well below by the host; see `profile.py`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from ..train.optim import adamw_impl, build_optimizer
 from .common import autocast, capture_dispatch, dispatch_str, error_line, free, path_interpreter_reason, progress
 from .flops import len_keep, train_step_flops
 from .limits import dtype_name
+from .profile import profile_step
 from .records import CUDA_PEAK_KIND, own_peak_mem_mb
 from .timing import Timing, measure
 
@@ -116,8 +120,9 @@ def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dt
               variants: Sequence[str] = tuple(VARIANTS), compile_reason: str | None = None,
               peak_tflops: float | None = None, timing: dict | None = None, compile_timing: dict | None = None,
               allow_interpreter: bool = False, on_record: Callable[[dict], None] | None = None,
-              show_progress: bool = True) -> list[dict]:
-    """Records for each variant; `compile_reason` (when set) skips the torch.compile variants with it."""
+              show_progress: bool = True, profile: bool = False) -> list[dict]:
+    """Records for each variant; `compile_reason` (when set) skips the torch.compile variants with it; `profile`
+    adds where each variant's step spends its time (`fastmae.bench.profile`)."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
@@ -135,7 +140,7 @@ def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dt
             rec = run_variant(device, model_name, batch, dtype, name, mask_ratio=mask_ratio,
                               compile_reason=compile_reason, peak_tflops=peak_tflops,
                               timing=compile_timing if VARIANTS[name]["compile"] else timing,
-                              allow_interpreter=allow_interpreter)
+                              allow_interpreter=allow_interpreter, profile=profile)
             records.append(rec)
             add_train_speedups(records)
             if on_record:
@@ -235,7 +240,7 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
 
 def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, variant: str, *,
                 mask_ratio: float = 0.75, compile_reason: str | None = None, peak_tflops: float | None = None,
-                timing: dict | None = None, allow_interpreter: bool = False) -> dict:
+                timing: dict | None = None, allow_interpreter: bool = False, profile: bool = False) -> dict:
     cfg = VARIANTS[variant]
     rec = {"kind": "train", "model": model_name, "backend": variant, "mode": "step", "mask_ratio": mask_ratio,
            "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
@@ -263,6 +268,12 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
             # the variant's own peak (model, optimizer, inputs, activations): what an earlier variant or caller
             # still holds was allocated before, and is not this variant's
             peak_mb = (torch.cuda.max_memory_allocated(device) - mem_before) / 2 ** 20
+        prof = prof_error = None
+        if profile:
+            try:  # an extra figure, as the optimizer's time below
+                prof = profile_step(built["step"], device)
+            except Exception as exc:  # noqa: BLE001
+                prof_error = error_line(exc, 200)
         saved = built["saved_mb_per_image"]() if built["saved_mb_per_image"] else None
         optimizer = f"AdamW {adamw_impl(built['optimizer'])}"
         try:  # an extra figure: its failure (memory, say) does not undo the step's
@@ -285,6 +296,11 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
            "optimizer": optimizer, "optimizer_ms": opt_ms}
     if opt_error:
         out["optimizer_error"] = opt_error
+    if prof is not None:
+        out["profile"] = prof
+        out["busy_share"] = prof["busy_ms"] / t.median_ms
+    if prof_error:
+        out["profile_error"] = prof_error
     if saved is not None:
         out["saved_mb_per_image"] = saved
     if device.type == "cuda":

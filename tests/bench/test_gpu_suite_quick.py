@@ -80,6 +80,11 @@ def test_cpu_quick_suite(tmp_path):
     assert "| warm | ok (" in summary and "distinct launches warmed" in summary  # ran beside the tests
     assert "## Key results" in summary and "of ideal" in summary
     assert "cpu attention:" in summary  # the measured order
+    # the training part ran with --profile: each step's profiled share, in the records and the summary
+    trains = [r for r in json.loads((run / "results.json").read_text()) if r.get("kind") == "train"
+              and r.get("status") == "ok"]
+    assert trains and all(r["profile"]["busy_ms"] > 0 and r["busy_share"] > 0 for r in trains)
+    assert "CPU operators busy" in summary
     # with OUT set: three flat files, the tarball holding the run folder
     out = sorted(os.listdir(tmp_path / "out"))
     assert out == sorted(["summary.md", "results.json", f"results-{slug}-{date}.tar.gz"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastmae.bench.cli import DEFAULTS
-from fastmae.bench.common import env_settings, free, path_interpreter_reason
-from fastmae.bench.train_bench import VARIANTS, prepare_variant
+from fastmae.bench.common import env_settings, free
+from fastmae.bench.train_bench import VARIANTS, prepare_variant, variant_reason
 from fastmae.bench.timing import synchronized
 from fastmae.ops import BackendUnavailable
 
@@ -21,7 +21,7 @@ def test_train_step(benchmark, variant):
     cfg = VARIANTS[variant]
     if cfg["compile"] and DEVICE.type != "cuda":
         pytest.skip("torch.compile variants run on CUDA only here (compiling takes minutes on a small CPU)")
-    why = path_interpreter_reason(cfg["backend"], DEVICE, allow_interpreter=False)
+    why = variant_reason(variant, DEVICE, DTYPE)
     if why:
         pytest.skip(why)
     try:

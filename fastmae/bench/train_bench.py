@@ -8,7 +8,10 @@ Variants, all with the same preset, batch, dtype, initial weights, images and ma
   fastmae+compile    the same under torch.compile
   fastmae+lean       fastmae with `lean_blocks` (every block recomputes its LayerNorms and GELU in the backward):
                      less activation memory for a few extra elementwise passes
-Eager variants are timed first, the torch.compile ones last (compiling takes longest).
+  fastmae+cudagraph  fastmae's step captured whole in a CUDA graph and replayed (`fastmae.train.graphed`; CUDA,
+                     bfloat16 or float32): the same GPU work without the host's time to issue it
+Eager variants are timed first (the CUDA-graph one last of them), the torch.compile ones last (compiling takes
+longest).
 The step is `autocast(dtype)` forward + loss, `loss.backward()` (through a GradScaler for float16), AdamW
 (betas 0.9/0.95, the official recipe's parameter groups: weight decay 0.05 except on biases and norms) and
 `zero_grad`. The reference variants construct AdamW as the official script does (torch's default
@@ -38,6 +41,7 @@ import torch
 
 from .. import create_model
 from ..ops import BackendUnavailable
+from ..train.graphed import GraphedTrainStep, graph_step_reason
 from ..train.optim import adamw_impl, build_optimizer
 from .common import autocast, capture_dispatch, dispatch_str, error_line, free, path_interpreter_reason, progress
 from .flops import len_keep, train_step_flops
@@ -55,6 +59,7 @@ VARIANTS: dict[str, dict] = {
     "fastmae": {"backend": None, "compile": False, "adamw": "auto"},
     "fastmae+compile": {"backend": None, "compile": True, "adamw": "auto"},
     "fastmae+lean": {"backend": None, "compile": False, "lean_blocks": True, "adamw": "auto"},
+    "fastmae+cudagraph": {"backend": None, "compile": False, "cuda_graph": True, "adamw": "auto"},
 }
 
 
@@ -128,8 +133,8 @@ def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dt
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     # eager variants first (fastmae first of all, the lean one after the plain ones), the torch.compile ones
     # last: compiling takes longest, so a run cut short by a timeout keeps every eager figure
-    ordered = sorted(variants, key=lambda v: (VARIANTS[v]["compile"], VARIANTS[v].get("lean_blocks", False),
-                                              v != "fastmae"))
+    ordered = sorted(variants, key=lambda v: (VARIANTS[v]["compile"], VARIANTS[v].get("cuda_graph", False),
+                                              VARIANTS[v].get("lean_blocks", False), v != "fastmae"))
     records = []
     # the official main_pretrain.py sets cudnn.benchmark for the whole run: the reference path's patch-embedding
     # convolution gets cuDNN's autotuned algorithm (chosen during the warm-up, which is not timed)
@@ -228,14 +233,26 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
     # which backend serves each op, from one eager forward (also surfaces the registry's reasons)
     with capture_dispatch() as seen, torch.no_grad(), autocast(device, dtype):
         model(imgs[:1], mask_ratio, noise=noise[:1])
-    opt = build_optimizer(model, 1.5e-4, 0.05, impl=cfg["adamw"])
+    graphed = cfg.get("cuda_graph", False)
+    opt = build_optimizer(model, 1.5e-4, 0.05, impl=cfg["adamw"], capturable=graphed)
     forward = torch.compile(model) if cfg["compile"] else model
-    saved = None if cfg["compile"] else (lambda: saved_mb_per_image(model, imgs, noise, mask_ratio, device, dtype))
-    return {"step": make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype), "model": model,
+    saved = None if cfg["compile"] or graphed else \
+        (lambda: saved_mb_per_image(model, imgs, noise, mask_ratio, device, dtype))
+    step = GraphedTrainStep(model, opt, imgs, noise, mask_ratio, dtype) if graphed else \
+        make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype)
+    return {"step": step, "model": model,
             "optimizer": opt,
             "saved_mb_per_image": saved,
             "shape": {"batch": batch, "img": side, "L": L, "K": len_keep(L, mask_ratio)},
             "flops": train_step_flops(model, batch, mask_ratio), "dispatch": dispatch_str(seen)}
+
+
+def variant_reason(variant: str, device: torch.device, dtype: torch.dtype,
+                   allow_interpreter: bool = False) -> str | None:
+    """Why a variant is not run on this device and dtype (besides the registry's own reasons), or None."""
+    cfg = VARIANTS[variant]
+    return path_interpreter_reason(cfg["backend"], device, allow_interpreter) or \
+        (graph_step_reason(device, None, dtype) if cfg.get("cuda_graph") else None)
 
 
 def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.dtype, variant: str, *,
@@ -244,10 +261,11 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
     cfg = VARIANTS[variant]
     rec = {"kind": "train", "model": model_name, "backend": variant, "mode": "step", "mask_ratio": mask_ratio,
            "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
-           "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto"}
+           "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto",
+           **({"cuda_graph": True} if cfg.get("cuda_graph") else {})}
     if cfg["compile"] and compile_reason:
         return {**rec, "status": "skipped", "reason": compile_reason}
-    why = path_interpreter_reason(cfg["backend"], device, allow_interpreter)
+    why = variant_reason(variant, device, dtype, allow_interpreter)
     if why:
         return {**rec, "status": "skipped", "reason": why}
     free(device)

@@ -198,6 +198,42 @@ def test_train_records():
     for v in ("official-eager", "reference+sdpa", "fastmae", "fastmae+lean"):
         assert 0 < by[v]["optimizer_ms"] < by[v]["median_ms"]
     assert "gather_tokens=reference" in by["reference+sdpa"]["dispatch"]
+    assert by["fastmae+cudagraph"]["status"] == "skipped"
+    assert "CUDA graphs need a CUDA device" in by["fastmae+cudagraph"]["reason"]
+
+
+def test_graphed_train_variant_flow(monkeypatch):
+    """fastmae+cudagraph on a CPU with stand-in graph calls (tests/train/test_graphed.py): the variant builds a
+    GraphedTrainStep, times its replays and records the step's loss as the eager fastmae variant does."""
+    from fastmae.train import graphed
+
+    from ..train.test_graphed import _FakeGraphs
+
+    fake = _FakeGraphs(monkeypatch)
+    monkeypatch.setattr(train_bench, "graph_step_reason", lambda *a, **k: None)
+    # CPU parameters cannot take capturable=True; the capture itself is checked on CUDA
+    build = train_bench.build_optimizer
+    monkeypatch.setattr(train_bench, "build_optimizer", lambda *a, capturable=False, **k: build(*a, **k))
+    init = graphed.GraphedTrainStep.__init__
+
+    def init_and_register(self, *a, **k):
+        init(self, *a, **k)
+        fake.step = self
+
+    monkeypatch.setattr(graphed.GraphedTrainStep, "__init__", init_and_register)
+    recs = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae", "fastmae+cudagraph"],
+                                 timing=QUICK, show_progress=False)
+    by = {r["backend"]: r for r in recs}
+    assert [r["backend"] for r in recs] == ["fastmae", "fastmae+cudagraph"]
+    r = by["fastmae+cudagraph"]
+    assert r["status"] == "ok", r.get("reason")
+    assert r["cuda_graph"] is True and "cuda_graph" not in by["fastmae"]
+    assert fake.captures == 1 and fake.replays >= QUICK["min_reps"] + QUICK["warmup"] + 1
+    assert "saved_mb_per_image" not in r  # the graph's forwards are not eager: nothing to count
+    assert r["dispatch"] == by["fastmae"]["dispatch"]
+    # same weights, batch, optimizer and number of steps before the recorded one (the capture's warm-up undone):
+    # the same loss
+    assert r["loss"] == pytest.approx(by["fastmae"]["loss"], rel=1e-5)
 
 
 def test_train_variants_compute_the_same_steps():

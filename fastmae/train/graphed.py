@@ -1,0 +1,112 @@
+"""A whole pretraining step captured in one CUDA graph: the host issues one launch instead of thousands.
+
+At MAE's batch sizes a training step is thousands of short kernels, and Python's time to issue them can exceed
+the GPU's time to run them; then faster kernels do not make the step faster. MAE's shapes are static for a
+fixed batch and mask ratio (the number of kept patches is fixed, the masking noise is an input), so the whole
+step (autocast forward and loss, backward, optimizer step) can be captured once and replayed:
+
+    step = GraphedTrainStep(model, optimizer, imgs, noise, mask_ratio=0.75, dtype=torch.bfloat16)
+    loss = step(imgs, noise)    # copies the batch into the captured buffers, replays; returns the loss tensor
+
+What it needs (`graph_step_reason` says which is missing): a CUDA device; an optimizer whose step can be
+captured (torch's Adam/AdamW with `capturable=True`, e.g. `build_optimizer(..., capturable=True)`); no
+GradScaler (bf16 or fp32: a scaled step reads its inf check on the host); the same batch shape every call.
+The learning rate in effect at capture is used by every replay unless it is a tensor filled in place.
+
+Capture follows PyTorch's whole-network recipe: `warmup` ordinary steps on a side stream (compiling kernels,
+creating the optimizer's state), gradients set to None so the captured backward allocates them in the graph's
+memory pool (each replay writes them afresh: no zeroing needed), then the capture. The warm-up steps train, so
+the model's weights and the optimizer's state are snapshotted before them and restored after the capture: the
+first replay is the model's next step, exactly as the eager step would be. The autocast weight-cast cache is
+off inside the graph (it is not capture-safe), as the encoder benchmark's graphs do.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def graph_step_reason(device: torch.device, optimizer: torch.optim.Optimizer | None = None,
+                      dtype: torch.dtype = torch.float32) -> str | None:
+    """Why a training step cannot be captured here, or None."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    if dtype == torch.float16:
+        return "a float16 step goes through a GradScaler, whose inf check reads the GPU from the host: use bfloat16"
+    if optimizer is not None and not all(g.get("capturable") for g in optimizer.param_groups):
+        return (f"the optimizer ({type(optimizer).__name__}) must be built with capturable=True for its step to be "
+                "captured")
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
+
+
+class GraphedTrainStep:
+    """Forward (`model(imgs, mask_ratio, noise=noise)`), loss, backward and `optimizer.step()`, captured once in a
+    CUDA graph at construction and replayed by each call; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
+                 noise: torch.Tensor, mask_ratio: float, dtype: torch.dtype = torch.float32, warmup: int = 3):
+        device = imgs.device
+        why = graph_step_reason(device, optimizer, dtype)
+        if why:
+            raise RuntimeError(f"cannot capture the training step: {why}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the optimizer's state is created by a real step), got {warmup}")
+        self.model, self.optimizer = model, optimizer
+        self.mask_ratio, self.dtype, self.device = float(mask_ratio), dtype, device
+        self.imgs, self.noise = imgs.detach().clone(), noise.detach().clone()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        weights = [p.detach().clone() for p in params]
+        state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
+                 for p in params if p in optimizer.state}
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                optimizer.zero_grad(set_to_none=True)
+                self._work()
+        torch.cuda.current_stream(device).wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._work()
+
+        # undo the warm-up steps in place (the graph holds these tensors' addresses)
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+            for p in params:
+                for k, v in optimizer.state.get(p, {}).items():
+                    if not isinstance(v, torch.Tensor):
+                        continue
+                    old = state.get(p, {}).get(k)
+                    if isinstance(old, torch.Tensor):
+                        v.copy_(old)
+                    else:  # created by the warm-up: a fresh state is zeros (moments, step count)
+                        v.zero_()
+
+    def _work(self) -> torch.Tensor:
+        with _autocast(self.device, self.dtype):
+            loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, imgs: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One training step on this batch (None: the batch already in the captured buffers). Returns the loss,
+        a tensor the next call overwrites."""
+        for buf, new, name in ((self.imgs, imgs, "imgs"), (self.noise, noise, "noise")):
+            if new is None:
+                continue
+            if new.shape != buf.shape:
+                raise ValueError(f"{name} must keep the captured shape {tuple(buf.shape)}, got {tuple(new.shape)}")
+            buf.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.loss

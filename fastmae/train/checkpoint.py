@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import CheckpointError, atomic_save, read_checkpoint
-from .optim import load_optimizer_state
+from .optim import load_optimizer_state, plain_lr_state
 
 LAST = "checkpoint-last.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
@@ -112,7 +112,7 @@ def make_checkpoint(model, optimizer, scaler, *, epoch: int, step: int, args, ne
     check_finite(model_state)
     return {
         "model": model_state,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": plain_lr_state(optimizer.state_dict()),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": int(epoch),
         "next_iter": int(next_iter),

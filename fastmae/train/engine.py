@@ -55,14 +55,17 @@ def make_scaler(device: torch.device, precision: str):
 
 def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoch: int, sched: Schedule,
                     state: RunState, *, precision: str = "fp32", dist_info: DistInfo | None = None,
-                    logger=None, skip_iters: int = 0, last_checkpoint: str | None = None) -> tuple[dict, int]:
+                    logger=None, skip_iters: int = 0, last_checkpoint: str | None = None,
+                    graph=None) -> tuple[dict, int]:
     """Train over `loader` (which already skips the first `skip_iters` iterations when resuming mid-epoch).
 
     Batches are `(images, labels, noise, skipped)`; `noise` [N, L] drives the masking. Returns
     (stats, next_iter): stats as the official log keys (`lr`, `loss`, averaged over iterations and ranks)
     plus `skipped_images`; next_iter == iters_per_epoch unless `max_steps` stopped the epoch early.
     `last_checkpoint`: the newest good checkpoint on disk (None: there is none), named if the loss turns
-    non-finite.
+    non-finite. `graph` (`graphed.GraphOnFirstBatch`, one optimizer step per iteration, no scaler): each
+    iteration replays the whole step from a CUDA graph instead of running it; the loss is then checked after the
+    step it came from was applied (the run stops all the same, and writes no checkpoint of that state).
     """
     dist_info = dist_info or DistInfo()
     model.train(True)
@@ -84,8 +87,11 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
         sync = model.no_sync() if (dist_info.distributed and not update and hasattr(model, "no_sync")) \
             else contextlib.nullcontext()
         with sync:
-            with autocast(device, precision):
-                loss, _, _ = model(samples, mask_ratio=sched.mask_ratio, noise=noise)
+            if graph is not None:
+                loss = graph(samples, noise)  # forward, backward and the optimizer's step
+            else:
+                with autocast(device, precision):
+                    loss, _, _ = model(samples, mask_ratio=sched.mask_ratio, noise=noise)
             loss_value = float(loss.item())
             # the mean over ranks is NaN if any rank's loss is: every rank stops at the same iteration
             loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
@@ -95,11 +101,13 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
                     f"loss is {loss_mean if dist_info.distributed else loss_value} at epoch {epoch}, iteration "
                     f"{it} (optimizer step {state.step + 1}); stopping. No checkpoint of this state was "
                     f"written; {last}. Try a lower --blr, more --warmup_epochs or --precision fp32.")
-            scaler.scale(loss / accum).backward()
+            if graph is None:
+                scaler.scale(loss / accum).backward()
         if update:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if graph is None:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             state.step += 1
         skipped_total += int(round(skipped_mean * dist_info.world_size))
         state.losses.append(loss_mean)

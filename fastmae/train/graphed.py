@@ -110,3 +110,18 @@ class GraphedTrainStep:
             buf.copy_(new, non_blocking=True)
         self.graph.replay()
         return self.loss
+
+
+class GraphOnFirstBatch:
+    """A `GraphedTrainStep` captured from the first batch it is called with and replayed for every batch after
+    (`fastmae pretrain --cuda_graph`: the batch shape is fixed, the loader dropping the last partial batch)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.optimizer, self.mask_ratio, self.dtype = model, optimizer, mask_ratio, dtype
+        self.step: GraphedTrainStep | None = None
+
+    def __call__(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.step is None:
+            self.step = GraphedTrainStep(self.model, self.optimizer, imgs, noise, self.mask_ratio, self.dtype)
+        return self.step(imgs, noise)

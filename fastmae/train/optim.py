@@ -53,8 +53,30 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, lr: flo
     `lr_scale` get it multiplied in); returns the lr."""
     value = lr_at(epoch, lr, min_lr, warmup_epochs, epochs)
     for group in optimizer.param_groups:
-        group["lr"] = value * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):  # `use_tensor_lr`: written in place, where a graph reads it
+            group["lr"].fill_(value * group.get("lr_scale", 1.0))
+        else:
+            group["lr"] = value * group.get("lr_scale", 1.0)
     return value
+
+
+def use_tensor_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Give every group its lr as a 0-dim fp32 tensor on its parameters' device, which `adjust_learning_rate`
+    then fills in place: a step captured in a CUDA graph reads the schedule's rate from it at every replay (a
+    plain number would be fixed in the graph). Needs an implementation that takes tensor rates (fused, or
+    capturable)."""
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            device = group["params"][0].device if group["params"] else None
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def plain_lr_state(state_dict: dict) -> dict:
+    """An optimizer state dict with tensor rates (`use_tensor_lr`) turned back into numbers, as every other
+    run and the official code save and expect them."""
+    groups = [{**g, "lr": float(g["lr"])} if isinstance(g.get("lr"), torch.Tensor) else g
+              for g in state_dict.get("param_groups", [])]
+    return {**state_dict, "param_groups": groups}
 
 
 ADAMW_IMPLS = ("auto", "fused", "foreach", "for-loop", "default")

@@ -2,7 +2,7 @@
 
 The flags of the official `main_pretrain.py` keep their names and defaults, so an official command works
 after replacing `python main_pretrain.py` with `fastmae pretrain` (under torchrun the same way). Added:
-`--backend`, `--precision`, `--adamw`, `--compile`, `--lean_blocks`, `--max_steps`, `--save_every`,
+`--backend`, `--precision`, `--adamw`, `--compile`, `--lean_blocks`, `--cuda_graph`, `--max_steps`, `--save_every`,
 `--builtin_size`, `--verify_images`, `--allow-pickle`, `--no_progress`, and `--data_path builtin` (the default), the built-in labelled dataset
 that needs no download.
 
@@ -106,6 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--lean_blocks", action="store_true",
                    help="recompute every block's LayerNorms and GELU in the backward: about a third less "
                         "activation memory (a larger --batch_size fits) for a few extra elementwise passes")
+    f.add_argument("--cuda_graph", action="store_true",
+                   help="capture the whole training step (forward, loss, backward, AdamW) in a CUDA graph once and "
+                        "replay it every iteration: the host issues one launch instead of thousands, for steps "
+                        "the host bounds. One process, CUDA, --precision bf16 or fp32, --accum_iter 1, no "
+                        "--compile; the lr schedule is read from the GPU at every replay")
     f.add_argument("--max_steps", default=0, type=int,
                    help="stop after this many optimizer steps in total (0: no limit); saves checkpoint-last.pth")
     f.add_argument("--save_every", default=20, type=int,
@@ -176,6 +181,12 @@ def _check_args(args) -> None:
                          "nothing to train")
     if args.builtin_size < 1:
         raise ValueError(f"--builtin_size must be at least 1, got {args.builtin_size}")
+    if args.cuda_graph:
+        for bad, why in ((args.accum_iter != 1, f"--accum_iter {args.accum_iter}: the graph holds one optimizer "
+                                                  "step per iteration; use --accum_iter 1"),
+                         (args.compile, "--compile: the graph replaces the compiled model's launches; use one")):
+            if bad:
+                raise ValueError(f"--cuda_graph does not combine with {why}")
     check_device(args.device)
     parse_backend(args.backend)
 
@@ -188,9 +199,10 @@ def train(args) -> PretrainResult:
     from . import checkpoint as ckpt_io
     from .data import PretrainDataset, open_dataset, pretrain_loader
     from .distributed import barrier, cleanup, init_distributed
-    from .engine import RunState, Schedule, make_scaler, train_one_epoch
+    from .engine import PRECISIONS, RunState, Schedule, make_scaler, train_one_epoch
+    from .graphed import GraphOnFirstBatch
     from .logs import RunLogger, plot_loss_curve
-    from .optim import absolute_lr, adamw_impl, build_optimizer
+    from .optim import absolute_lr, adamw_impl, build_optimizer, use_tensor_lr
 
     _check_args(args)
     resume_path = _resume_path(args.resume, args.output_dir)
@@ -202,6 +214,8 @@ def train(args) -> PretrainResult:
         args.world_size, args.rank = info.world_size, info.rank
         args.distributed = info.distributed
         precision = resolve_precision(args.precision, device)
+        if args.cuda_graph:
+            _check_cuda_graph(device, precision, info.world_size)
         say = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
         if args.output_dir and info.is_main:
             for stale in ckpt_io.remove_stale_temp_files(args.output_dir):
@@ -243,8 +257,10 @@ def train(args) -> PretrainResult:
             f"{args.accum_iter}  effective batch size: {eff_batch}  iterations per epoch: {iters_per_epoch}")
 
         model_without_ddp = model
-        optimizer = build_optimizer(model_without_ddp, args.lr, args.weight_decay, impl=args.adamw)
-        say(f"optimizer: AdamW, {adamw_impl(optimizer)} implementation")
+        optimizer = build_optimizer(model_without_ddp, args.lr, args.weight_decay, impl=args.adamw,
+                                    capturable=args.cuda_graph)
+        say(f"optimizer: AdamW, {adamw_impl(optimizer)} implementation"
+            + (" (capturable: its step is replayed from a CUDA graph)" if args.cuda_graph else ""))
         scaler = make_scaler(device, precision)
 
         start_epoch, skip_iters, step = args.start_epoch, 0, 0
@@ -264,6 +280,10 @@ def train(args) -> PretrainResult:
                 start_epoch, skip_iters, step = where["start_epoch"], where["skip_iters"], where["step"]
                 say(f"resumed from {resume_path}: epoch {start_epoch}, iteration {skip_iters}, step {step}")
 
+        graph = None
+        if args.cuda_graph:  # after loading a resumed state, which replaces the rates with the saved numbers
+            use_tensor_lr(optimizer)
+            graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32)
         if info.distributed:
             ids = [info.local_rank] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -292,7 +312,7 @@ def train(args) -> PretrainResult:
                 logger.start_epoch(epoch, iters_per_epoch, skip_iters)
                 stats, next_iter = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, sched,
                                                    state, precision=precision, dist_info=info, logger=logger,
-                                                   skip_iters=skip_iters, last_checkpoint=last_good)
+                                                   skip_iters=skip_iters, last_checkpoint=last_good, graph=graph)
                 skip_iters = 0
                 complete = next_iter >= iters_per_epoch
                 result.epoch = epoch
@@ -327,6 +347,18 @@ def train(args) -> PretrainResult:
         return result
     finally:
         cleanup(info)
+
+
+def _check_cuda_graph(device: torch.device, precision: str, world_size: int) -> None:
+    """--cuda_graph's needs that depend on the device and the resolved precision."""
+    from .engine import PRECISIONS
+    from .graphed import graph_step_reason
+    why = graph_step_reason(device, None, PRECISIONS[precision] or torch.float32)
+    if why is None and world_size > 1:
+        why = (f"it runs in one process ({world_size} here): DistributedDataParallel's gradient all-reduce is not "
+               "captured")
+    if why:
+        raise ValueError(f"--cuda_graph: {why}")
 
 
 def _resume_path(resume: str, output_dir: str) -> Path | None:

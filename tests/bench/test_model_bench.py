@@ -205,22 +205,10 @@ def test_train_records():
 def test_graphed_train_variant_flow(monkeypatch):
     """fastmae+cudagraph on a CPU with stand-in graph calls (tests/train/test_graphed.py): the variant builds a
     GraphedTrainStep, times its replays and records the step's loss as the eager fastmae variant does."""
-    from fastmae.train import graphed
-
     from ..train.test_graphed import _FakeGraphs
 
     fake = _FakeGraphs(monkeypatch)
     monkeypatch.setattr(train_bench, "graph_step_reason", lambda *a, **k: None)
-    # CPU parameters cannot take capturable=True; the capture itself is checked on CUDA
-    build = train_bench.build_optimizer
-    monkeypatch.setattr(train_bench, "build_optimizer", lambda *a, capturable=False, **k: build(*a, **k))
-    init = graphed.GraphedTrainStep.__init__
-
-    def init_and_register(self, *a, **k):
-        init(self, *a, **k)
-        fake.step = self
-
-    monkeypatch.setattr(graphed.GraphedTrainStep, "__init__", init_and_register)
     recs = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae", "fastmae+cudagraph"],
                                  timing=QUICK, show_progress=False)
     by = {r["backend"]: r for r in recs}

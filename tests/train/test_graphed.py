@@ -92,6 +92,13 @@ class _FakeGraphs:
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "graph", Capture)
         monkeypatch.setattr(graphed, "graph_step_reason", lambda *a, **k: None)
+        init = graphed.GraphedTrainStep.__init__
+
+        def init_and_register(step, *a, **k):
+            init(step, *a, **k)
+            fake.step = step
+
+        monkeypatch.setattr(graphed.GraphedTrainStep, "__init__", init_and_register)
 
 
 def test_capture_flow_matches_eager_steps(monkeypatch):
@@ -104,7 +111,7 @@ def test_capture_flow_matches_eager_steps(monkeypatch):
     fake = _FakeGraphs(monkeypatch)
     model, opt, batches = _setup("cpu")
     step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75)
-    fake.step = step
+    assert fake.step is step
     assert fake.captures == 1 and fake.replays == 0
     assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in opt.state.values())  # a fresh state
     got = [step(imgs, noise).clone() for imgs, noise in batches]
@@ -115,6 +122,59 @@ def test_capture_flow_matches_eager_steps(monkeypatch):
         assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n} after three steps")
     with pytest.raises(ValueError, match="captured shape"):
         step(batches[0][0][:2], None)
+
+
+def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
+    """`fastmae pretrain --cuda_graph` (stand-in graphs on the CPU; fused AdamW takes capturable=True and a tensor
+    lr here): over two epochs of the lr schedule, the same losses and final weights as the eager run (fp32,
+    within 1e-5); its checkpoints store the rates as numbers, as every other run."""
+    from fastmae.train.pretrain import train
+
+    from .common import pretrain_args
+
+    eager = train(pretrain_args(tmp_path / "eager", "--adamw", "fused"))
+    fake = _FakeGraphs(monkeypatch)
+    graph = train(pretrain_args(tmp_path / "graph", "--adamw", "fused", "--cuda_graph"))
+    assert fake.captures == 1 and fake.replays == len(graph.losses) == len(eager.losses) == 8
+    assert graph.step == eager.step == 8
+    assert graph.losses == pytest.approx(eager.losses, rel=1e-5)
+    a = torch.load(tmp_path / "eager" / "checkpoint-last.pth", weights_only=False)
+    b = torch.load(tmp_path / "graph" / "checkpoint-last.pth", weights_only=False)
+    for name, w in a["model"].items():
+        assert_close(b["model"][name], w, 1e-5, 1e-5, name)
+    lrs = [g["lr"] for g in b["optimizer"]["param_groups"]]
+    assert all(type(lr) is float for lr in lrs) and lrs == pytest.approx([g["lr"] for g in a["optimizer"]["param_groups"]])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--accum_iter", "2"), "--cuda_graph does not combine with --accum_iter 2"),
+    (("--compile",), "--cuda_graph does not combine with --compile"),
+    ((), "--cuda_graph: CUDA graphs need a CUDA device, not cpu"),
+])
+def test_pretrain_cuda_graph_refusals(tmp_path, extra, message):
+    from fastmae.train.pretrain import train
+
+    from .common import pretrain_args
+
+    with pytest.raises(ValueError, match=message):
+        train(pretrain_args(tmp_path, "--cuda_graph", *extra))
+
+
+def test_tensor_lr_follows_the_schedule():
+    """`use_tensor_lr`: the schedule fills the same tensors in place (a graph holds their addresses)."""
+    from fastmae.train.optim import adjust_learning_rate, plain_lr_state, use_tensor_lr
+
+    model = torch.nn.Linear(3, 3)
+    opt = build_optimizer(model, 0.5, 0.05, impl="fused", capturable=True)
+    use_tensor_lr(opt)
+    tensors = [g["lr"] for g in opt.param_groups]
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in tensors)
+    value = adjust_learning_rate(opt, 0.5, 1.0, 0.0, 1.0, 10.0)
+    assert value == pytest.approx(0.5)
+    assert [g["lr"] for g in opt.param_groups] == tensors and all(float(t) == pytest.approx(0.5) for t in tensors)
+    saved = plain_lr_state(opt.state_dict())
+    assert [g["lr"] for g in saved["param_groups"]] == [pytest.approx(0.5)] * 2
+    assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # the optimizer keeps its tensors
 
 
 @pytest.mark.gpu

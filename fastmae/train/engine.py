@@ -69,7 +69,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     """
     dist_info = dist_info or DistInfo()
     model.train(True)
-    optimizer.zero_grad(set_to_none=True)
+    if graph is None:  # a captured step's gradients live in its graph's memory and are written afresh each replay
+        optimizer.zero_grad(set_to_none=True)
     accum = sched.accum_iter
     loss_sum = lr_sum = 0.0
     count = skipped_total = 0

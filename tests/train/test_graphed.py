@@ -198,3 +198,19 @@ def test_graph_step_matches_eager_on_cuda(backend, impl, dtype):
         assert_close(g, e, tol, tol, f"loss of step {i + 1}")
     for n, p in model.named_parameters():
         assert_close(p.detach(), weights[n], tol, tol, f"weight {n} after three steps")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("bf16", 2e-2)])
+def test_pretrain_cuda_graph_on_cuda(tmp_path, precision, tol):
+    """`fastmae pretrain --cuda_graph` on a GPU: two epochs of the schedule give the eager run's losses."""
+    from fastmae.train.pretrain import train
+
+    from .common import pretrain_args
+
+    flags = ("--device", "cuda", "--precision", precision, "--backend", "auto", "--adamw", "fused")
+    eager = train(pretrain_args(tmp_path / "eager", *flags))
+    graph = train(pretrain_args(tmp_path / "graph", *flags, "--cuda_graph"))
+    assert graph.step == eager.step == 8
+    assert graph.losses == pytest.approx(eager.losses, rel=tol, abs=tol)

@@ -301,9 +301,9 @@ else
         # and backward each, the longest work here) in a part of their own afterwards, with the eager pair they
         # are compared with timed again in the same run; what is left over goes to the tuner
         # (--profile: where each step's GPU time goes, and whether the GPU or the host bounds it)
-        run_part train-vit-b 70 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_base_patch16 \
+        run_part train-vit-b 90 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_base_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
-        run_part train-vit-l 70 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_large_patch16 \
+        run_part train-vit-l 90 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_large_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
         run_part train-compile-vit-b 150 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_COMPILE" --out "$RUN_DIR"

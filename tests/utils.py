@@ -149,3 +149,42 @@ def make_qkv(B, H, N, D, dtype, layout, device, seed=0):
                   for _ in range(3)]
         return [t.transpose(1, 2) for t in leaves]
     raise ValueError(layout)
+
+
+class FakeGraphs:
+    """Stand-ins for torch.cuda's stream and graph calls, so that capture-and-replay flows run on a CPU: the
+    'capture' runs the work once, eagerly; a 'replay' counts and calls `on_replay` (by default nothing: the
+    captured output stays)."""
+
+    def __init__(self, monkeypatch, on_replay=None):
+        self.captures, self.replays, self.on_replay = 0, 0, on_replay
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                if fake.on_replay is not None:
+                    fake.on_replay()
+
+        class Capture:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                fake.captures += 1
+
+            def __exit__(self, *exc):
+                return False
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Capture)

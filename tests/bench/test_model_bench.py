@@ -3,7 +3,6 @@ computed from the measured numbers, skipped paths with their reasons, and the ti
 against the reference path."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from fastmae import create_model
 from fastmae.bench import encoder_bench, train_bench
 from fastmae.bench.common import MODEL_PATHS
 
-from ..utils import DEVICES, assert_close
+from ..utils import DEVICES, FakeGraphs, assert_close
 
 CPU = torch.device("cpu")
 QUICK = dict(warmup=1, min_reps=2, max_reps=2, max_time_s=0.0)
@@ -80,47 +79,11 @@ def test_cuda_graph_rows(device):
         assert all(r["status"] == "skipped" and "CUDA graphs need a CUDA device" in r["reason"] for r in graphed)
 
 
-class _FakeGraphs:
-    """Stand-ins for torch.cuda's stream and graph calls, so that the capture-and-replay flow runs on a CPU:
-    the 'capture' runs the work once, eagerly; a 'replay' counts and does nothing (the captured output stays)."""
-
-    def __init__(self, monkeypatch):
-        self.captures, self.replays = 0, 0
-        fake = self
-
-        class Graph:
-            def replay(self):
-                fake.replays += 1
-
-        class Capture:
-            def __init__(self, graph):
-                pass
-
-            def __enter__(self):
-                fake.captures += 1
-
-            def __exit__(self, *exc):
-                return False
-
-        class Stream:
-            def __init__(self, device=None):
-                pass
-
-            def wait_stream(self, other):
-                pass
-
-        monkeypatch.setattr(torch.cuda, "Stream", Stream)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", Capture)
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_graphed_runner_flow(monkeypatch, mode):
     """The capture-and-replay flow on a CPU with stand-in graph calls: warm-up calls, then the gradients set to
     None so the captured backward owns them, one capture, and replays that return the captured output."""
-    fake = _FakeGraphs(monkeypatch)
+    fake = FakeGraphs(monkeypatch)
     torch.manual_seed(0)
     model = create_model(TINY)
     imgs, noise = encoder_bench._inputs(model, 2, CPU)
@@ -137,7 +100,7 @@ def test_graphed_runner_flow(monkeypatch, mode):
         assert_close(got[name], g, 1e-6, 1e-6, f"grad {name}")
 
     # and run_encoder's graph rows, as on CUDA
-    _FakeGraphs(monkeypatch)
+    FakeGraphs(monkeypatch)
     monkeypatch.setattr(encoder_bench, "cuda_graph_reason", lambda device: None)
     recs = encoder_bench.run_encoder(CPU, TINY, 2, torch.float32, [0.0, 0.75], ["sdpa"], [mode], timing=QUICK,
                                      show_progress=False, cuda_graphs=True)
@@ -205,9 +168,9 @@ def test_train_records():
 def test_graphed_train_variant_flow(monkeypatch):
     """fastmae+cudagraph on a CPU with stand-in graph calls (tests/train/test_graphed.py): the variant builds a
     GraphedTrainStep, times its replays and records the step's loss as the eager fastmae variant does."""
-    from ..train.test_graphed import _FakeGraphs
+    from ..train.test_graphed import StepGraphs
 
-    fake = _FakeGraphs(monkeypatch)
+    fake = StepGraphs(monkeypatch)
     monkeypatch.setattr(train_bench, "graph_step_reason", lambda *a, **k: None)
     recs = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae", "fastmae+cudagraph"],
                                  timing=QUICK, show_progress=False)

@@ -15,7 +15,7 @@ from fastmae.train import graphed
 from fastmae.train.graphed import GraphedTrainStep, graph_step_reason
 from fastmae.train.optim import build_optimizer
 
-from ..utils import assert_close
+from ..utils import FakeGraphs, assert_close
 
 TINY = "mae_vit_tiny_patch4"
 
@@ -54,51 +54,27 @@ def test_reasons():
         GraphedTrainStep(model, build_optimizer(model, 1e-3, 0.0), torch.zeros(1, 2), torch.zeros(1, 2), 0.75)
 
 
-class _FakeGraphs:
-    """Stand-ins for torch.cuda's stream and graph calls: the capture runs the work once, eagerly (the step
-    undoes it, as it undoes the warm-up); a replay runs the step's work again, gradients first set to None (a
-    replayed backward writes them afresh), and writes the loss into the captured one."""
+class StepGraphs(FakeGraphs):
+    """`FakeGraphs` for a GraphedTrainStep (the capture runs the work once, eagerly, and the step undoes it, as it
+    undoes the warm-up): a replay runs the step's work again, gradients first set to None (a replayed backward
+    writes them afresh), and writes the loss into the captured one. The step's own device check passes."""
 
     def __init__(self, monkeypatch):
-        self.step, self.captures, self.replays = None, 0, 0
-        fake = self
-
-        class Graph:
-            def replay(self):
-                fake.replays += 1
-                fake.step.optimizer.zero_grad(set_to_none=True)
-                fake.step.loss.copy_(fake.step._work())
-
-        class Capture:
-            def __init__(self, graph):
-                pass
-
-            def __enter__(self):
-                fake.captures += 1
-
-            def __exit__(self, *exc):
-                return False
-
-        class Stream:
-            def __init__(self, device=None):
-                pass
-
-            def wait_stream(self, other):
-                pass
-
-        monkeypatch.setattr(torch.cuda, "Stream", Stream)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", Capture)
+        super().__init__(monkeypatch, on_replay=self._replay)
+        self.step = None
         monkeypatch.setattr(graphed, "graph_step_reason", lambda *a, **k: None)
         init = graphed.GraphedTrainStep.__init__
+        fake = self
 
         def init_and_register(step, *a, **k):
             init(step, *a, **k)
             fake.step = step
 
         monkeypatch.setattr(graphed.GraphedTrainStep, "__init__", init_and_register)
+
+    def _replay(self):
+        self.step.optimizer.zero_grad(set_to_none=True)
+        self.step.loss.copy_(self.step._work())
 
 
 def test_capture_flow_matches_eager_steps(monkeypatch):
@@ -108,7 +84,7 @@ def test_capture_flow_matches_eager_steps(monkeypatch):
     expected = _eager_steps(model, opt, batches, torch.float32)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    fake = _FakeGraphs(monkeypatch)
+    fake = StepGraphs(monkeypatch)
     model, opt, batches = _setup("cpu")
     step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75)
     assert fake.step is step
@@ -133,7 +109,7 @@ def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
     from .common import pretrain_args
 
     eager = train(pretrain_args(tmp_path / "eager", "--adamw", "fused"))
-    fake = _FakeGraphs(monkeypatch)
+    fake = StepGraphs(monkeypatch)
     graph = train(pretrain_args(tmp_path / "graph", "--adamw", "fused", "--cuda_graph"))
     assert fake.captures == 1 and fake.replays == len(graph.losses) == len(eager.losses) == 8
     assert graph.step == eager.step == 8

@@ -3,7 +3,6 @@ computed from the measured numbers, skipped paths with their reasons, and the ti
 against the reference path."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -48,7 +48,8 @@ def kind_of(name: str) -> str:
 def profile_step(step: Callable[[], object], device: torch.device, steps: int = PROFILE_STEPS,
                  top: int = TOP) -> dict:
     """Run `step` once untimed, then `steps` times under the profiler. Returns per-step figures:
-    {"kind", "steps", "busy_ms", "by_kind": {kind: ms}, "top": [[name, calls, ms], ...]} (names shortened)."""
+    {"kind", "steps", "busy_ms", "by_kind": {kind: ms}, "top": [[name, calls, ms], ...]} (names shortened).
+    Raises RuntimeError when a CUDA profile holds no kernels (the caller records the reason, not a 0% share)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -74,6 +75,8 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
             us = e.self_cpu_time_total
         if us > 0:
             rows.append((e.key, e.count / steps, us / 1e3 / steps))
+    if cuda and not rows:  # a share of 0% would read as an idle GPU: say what happened instead
+        raise RuntimeError("the profiler recorded no GPU kernels (CUPTI unavailable?)")
     rows.sort(key=lambda r: -r[2])
     by_kind: dict[str, float] = {}
     for name, _, ms in rows:

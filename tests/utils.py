@@ -167,7 +167,7 @@ class FakeGraphs:
                     fake.on_replay()
 
         class Capture:
-            def __init__(self, graph):
+            def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
                 pass
 
             def __enter__(self):
@@ -188,3 +188,4 @@ class FakeGraphs:
         monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "graph", Capture)
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())

@@ -65,6 +65,8 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
         synchronize(device)
     rows = []
     for e in prof.key_averages():
+        if getattr(e, "is_user_annotation", False):  # record_function spans (Optimizer.step#..., compiled regions):
+            continue  # on the GPU they span kernels counted on their own; torch's own tables skip them too
         if cuda:
             if e.device_type != DeviceType.CUDA:
                 continue

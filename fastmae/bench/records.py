@@ -305,12 +305,13 @@ def print_err(*args) -> None:
     print(*args, file=sys.stderr)
 
 
-CUDA_PEAK_KIND = "cuda max_memory_allocated during the training steps, less what was allocated before the variant"
+CUDA_PEAK_KIND = ("cuda max_memory_allocated over the variant's set-up and training steps, less what was allocated "
+                  "before it")
 # the kind of the records written before that: the process's peak over the whole variant, its saved-activation
 # count included, which kept every forward it counted (a leak) and so raised that variant's peak and every later one
 _CUDA_PEAK_KIND_LEAKED = "cuda max_memory_allocated"
-LEAKED_PEAK_NOTE = ("not shown for runs recorded before the peak was read from the training steps alone (their "
-                    "peak included forwards the saved-activation count kept alive)")
+LEAKED_PEAK_NOTE = ("not shown for runs recorded before the peak was read from the variant's own set-up and steps "
+                    "(their peak included forwards the saved-activation count kept alive)")
 
 
 def own_peak_mem_mb(r: dict) -> float | None:

@@ -294,6 +294,8 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
                 prof_error = error_line(exc, 200)
         saved = built["saved_mb_per_image"]() if built["saved_mb_per_image"] else None
         optimizer = f"AdamW {adamw_impl(built['optimizer'])}"
+        if cfg.get("cuda_graph"):  # its step runs inside the graph; the figure below times it eagerly
+            optimizer += " capturable (step timed outside the graph)"
         try:  # an extra figure: its failure (memory, say) does not undo the step's
             opt_ms, opt_error = time_optimizer_step(built["optimizer"], device, timing).median_ms, None
         except Exception as exc:  # noqa: BLE001

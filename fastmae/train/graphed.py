@@ -60,11 +60,17 @@ class GraphedTrainStep:
             raise ValueError(f"warmup must be >= 1 (the optimizer's state is created by a real step), got {warmup}")
         self.model, self.optimizer = model, optimizer
         self.mask_ratio, self.dtype, self.device = float(mask_ratio), dtype, device
+        with torch.cuda.device(device):  # the model's GPU, whichever is current: capture and replay run there
+            self._capture(imgs, noise, warmup)
+
+    def _capture(self, imgs: torch.Tensor, noise: torch.Tensor, warmup: int) -> None:
+        optimizer, device = self.optimizer, self.device
         self.imgs, self.noise = imgs.detach().clone(), noise.detach().clone()
+        # the state the warm-up changes, kept in host memory (a copy on the GPU would add to the peak)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        weights = [p.detach().clone() for p in params]
-        state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
-                 for p in params if p in optimizer.state}
+        weights = [p.detach().to("cpu", copy=True) for p in params]
+        state = {p: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -75,13 +81,15 @@ class GraphedTrainStep:
         torch.cuda.current_stream(device).wait_stream(side)
         optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # a capture stream of this device (torch's default one is made once, on whichever device came first);
+        # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
             self.loss = self._work()
 
         # undo the warm-up steps in place (the graph holds these tensors' addresses)
         with torch.no_grad():
             for p, w in zip(params, weights):
-                p.copy_(w)
+                p.copy_(w)  # host to device, on the current stream: before any replay
             for p in params:
                 for k, v in optimizer.state.get(p, {}).items():
                     if not isinstance(v, torch.Tensor):
@@ -108,7 +116,8 @@ class GraphedTrainStep:
             if new.shape != buf.shape:
                 raise ValueError(f"{name} must keep the captured shape {tuple(buf.shape)}, got {tuple(new.shape)}")
             buf.copy_(new, non_blocking=True)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.loss
 
 

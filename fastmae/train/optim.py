@@ -72,9 +72,11 @@ def use_tensor_lr(optimizer: torch.optim.Optimizer) -> None:
 
 
 def plain_lr_state(state_dict: dict) -> dict:
-    """An optimizer state dict with tensor rates (`use_tensor_lr`) turned back into numbers, as every other
-    run and the official code save and expect them."""
-    groups = [{**g, "lr": float(g["lr"])} if isinstance(g.get("lr"), torch.Tensor) else g
+    """An optimizer state dict as every run saves it: tensor rates (`use_tensor_lr`) turned back into numbers and
+    `capturable` off, so code that loads it with plain `load_state_dict` (the official script) gets an ordinary
+    AdamW. (fastmae's own resume applies the resuming run's flags anyway: `load_optimizer_state`.)"""
+    groups = [{**g, "lr": float(g["lr"]) if isinstance(g.get("lr"), torch.Tensor) else g.get("lr")}
+              | ({"capturable": False} if "capturable" in g else {})
               for g in state_dict.get("param_groups", [])]
     return {**state_dict, "param_groups": groups}
 

@@ -180,6 +180,7 @@ def test_graphed_train_variant_flow(monkeypatch):
     assert r["cuda_graph"] is True and "cuda_graph" not in by["fastmae"]
     assert fake.captures == 1 and fake.replays >= QUICK["min_reps"] + QUICK["warmup"] + 1
     assert "saved_mb_per_image" not in r  # the graph's forwards are not eager: nothing to count
+    assert r["optimizer"] == "AdamW fused capturable (step timed outside the graph)"
     assert r["dispatch"] == by["fastmae"]["dispatch"]
     # same weights, batch, optimizer and number of steps before the recorded one (the capture's warm-up undone):
     # the same loss

@@ -100,6 +100,22 @@ def test_capture_flow_matches_eager_steps(monkeypatch):
         step(batches[0][0][:2], None)
 
 
+def test_capture_keeps_an_existing_optimizer_state(monkeypatch):
+    """A step captured after training has begun (a resumed run): the warm-up is undone back to that state, moments
+    and step counts included, so the replays continue the eager run (fp32, within 1e-6)."""
+    model, opt, batches = _setup("cpu")
+    _eager_steps(model, opt, batches[:2], torch.float32)
+    expected = _eager_steps(model, opt, batches, torch.float32)
+    model, opt, batches = _setup("cpu")
+    _eager_steps(model, opt, batches[:2], torch.float32)
+    StepGraphs(monkeypatch)
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75)
+    assert all(float(s["step"]) == 2 for s in opt.state.values())
+    got = [step(imgs, noise).clone() for imgs, noise in batches]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 3}")
+
+
 def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
     """`fastmae pretrain --cuda_graph` (stand-in graphs on the CPU; fused AdamW takes capturable=True and a tensor
     lr here): over two epochs of the lr schedule, the same losses and final weights as the eager run (fp32,
@@ -120,6 +136,7 @@ def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
         assert_close(b["model"][name], w, 1e-5, 1e-5, name)
     lrs = [g["lr"] for g in b["optimizer"]["param_groups"]]
     assert all(type(lr) is float for lr in lrs) and lrs == pytest.approx([g["lr"] for g in a["optimizer"]["param_groups"]])
+    assert not any(g["capturable"] for g in b["optimizer"]["param_groups"])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -150,6 +167,8 @@ def test_tensor_lr_follows_the_schedule():
     assert [g["lr"] for g in opt.param_groups] == tensors and all(float(t) == pytest.approx(0.5) for t in tensors)
     saved = plain_lr_state(opt.state_dict())
     assert [g["lr"] for g in saved["param_groups"]] == [pytest.approx(0.5)] * 2
+    assert [g["capturable"] for g in saved["param_groups"]] == [False, False]
+    assert all(g["capturable"] for g in opt.param_groups)
     assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # the optimizer keeps its tensors
 
 
@@ -180,12 +199,15 @@ def test_graph_step_matches_eager_on_cuda(backend, impl, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("bf16", 2e-2)])
 def test_pretrain_cuda_graph_on_cuda(tmp_path, precision, tol):
-    """`fastmae pretrain --cuda_graph` on a GPU: two epochs of the schedule give the eager run's losses."""
+    """`fastmae pretrain --cuda_graph` on a GPU, loader workers and pinned memory as in real runs: two epochs of
+    the schedule give the eager run's losses."""
     from fastmae.train.pretrain import train
 
     from .common import pretrain_args
 
-    flags = ("--device", "cuda", "--precision", precision, "--backend", "auto", "--adamw", "fused")
+    # two loader workers with pinned memory: the pin-memory thread calls CUDA while the capture runs
+    flags = ("--device", "cuda", "--precision", precision, "--backend", "auto", "--adamw", "fused",
+             "--num_workers", "2", "--pin_mem")
     eager = train(pretrain_args(tmp_path / "eager", *flags))
     graph = train(pretrain_args(tmp_path / "graph", *flags, "--cuda_graph"))
     assert graph.step == eager.step == 8

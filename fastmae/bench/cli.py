@@ -324,8 +324,8 @@ def ops_table(records: list[dict]) -> str:
                      f"{r['speedup']:.2f}x" if ok and r.get("speedup") else "-", status_cell(r, numbers)])
     out = table(["op", "case", "shape", "backend", "mode", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "of peak",
                  "of same-size copy", "vs ref", "status"], rows, align="lllllrrrrrrrl")
-    out += ("\nof peak: of the large matmul or copy measured first; of same-size copy: of a device-to-device "
-            "copy moving the op's bytes, timed alike")
+    out += ("\nof peak: of the large matmul or copy measured first; of same-size copy: of device-to-device "
+            "copies moving the op's bytes in as many passes (forward, then backward), timed with the op")
     return out + ("\n" + notes if notes else "")
 
 
@@ -525,12 +525,12 @@ def train_table(records: list[dict]) -> str:
                      mem, r.get("saved_mb_per_image") if ok else None, r.get("tflops") if ok else None,
                      f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-",
                      optimizer_cell(r) if ok else "-", r.get("dispatch", "") if ok else "", status_cell(r, numbers)])
-    out = table(["variant", "images/s", "p20-p80", "vs official-eager", "vs reference+compile", "peak MB",
-                 "saved MB/img", "TFLOP/s", "MFU", "AdamW step", "served by", "status"], rows,
+    out = table(["variant", "images/s", "p20-p80", "vs official-eager", "vs reference+compile", "peak MiB",
+                 "saved MiB/img", "TFLOP/s", "MFU", "AdamW step", "served by", "status"], rows,
                 align="lrrrrrrrrlll")
     kinds = sorted({peak_mem_kind(r) for r in rows_in if r.get("peak_mem_kind")})
     if kinds:
-        out += "\n  peak MB: " + "; ".join(kinds)
+        out += "\n  peak MiB: " + "; ".join(kinds)
     return out + ("\n" + notes if notes else "")
 
 

@@ -140,9 +140,9 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
 
     def emit(rec):
         records.append(rec)
-        add_speedups(records)  # as the records arrive: a run cut short keeps its speedups
-        if on_record:
+        if on_record:  # first: it stamps the record (device, ...), which the speedup's key includes
             on_record(rec)
+        add_speedups(records)  # as the records arrive: a run cut short keeps its speedups
 
     def base(backend, mode, ratio):
         k = len_keep(L, ratio)

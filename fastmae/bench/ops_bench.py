@@ -12,7 +12,8 @@ Figures per case:
               context for attention: FLOPs = 2 * T * in * out forward, backward 2x that.
   token ops and the loss are memory-bound: GB/s of the bytes an ideal kernel must move (each input it
               needs read once, each output written once), counted per op by `*_bytes` below; fraction of
-              the copy bandwidth measured in the same run. A backend that moves more than that (the
+              the copy bandwidth measured in the same run, and of a copy reference timed with the op
+              (`copy_passes`: as many bytes in as many passes). A backend that moves more than that (the
               reference path materialises index tensors and intermediates) shows a lower GB/s.
 Images are fp32 in every case (they arrive from the data pipeline in fp32, and autocast does not cast
 them); the `dtype` of a record is the dtype the registry sees (imgs for gather_patches, pred for the loss).
@@ -31,7 +32,7 @@ from .. import ops
 from ..ops.registry import OPS, Inputs
 from .common import error_line
 from .limits import Limits, dtype_name
-from .timing import measure
+from .timing import measure_interleaved
 
 IDX_BYTES = 8  # int64 indices
 MODES = ("fwd", "fwd+bwd")
@@ -394,7 +395,9 @@ def backends_for(case: OpCase, backends: Sequence[str]) -> list[str]:
 
 
 def figures(case: OpCase, mode: str, median_ms: float, limits: Limits | None,
-            same_bytes_copy: Callable[[int], float] | None = None) -> dict:
+            copy_ms: float | None = None) -> dict:
+    """TFLOP/s or GB/s, their share of the run's limits, and with `copy_ms` (the median time of the copy reference
+    timed beside the op, `copy_reference`) the share of that copy's speed."""
     out = {}
     sec = median_ms * 1e-3
     if mode in case.flops:
@@ -405,29 +408,45 @@ def figures(case: OpCase, mode: str, median_ms: float, limits: Limits | None,
         out["gbps"] = case.bytes[mode] / sec / 1e9
         if limits:
             out["frac_peak"] = out["gbps"] / limits.copy_gbps
-        if same_bytes_copy is not None:
-            out["copy_same_bytes_gbps"] = same_bytes_copy(case.bytes[mode])
+        if copy_ms:
+            out["copy_same_bytes_gbps"] = case.bytes[mode] / (copy_ms * 1e-3) / 1e9
             out["frac_copy_same_bytes"] = out["gbps"] / out["copy_same_bytes_gbps"]
     return out
 
 
-def same_bytes_copy_gbps(device: torch.device, nbytes: float, timing: dict | None = None,
-                         flush_cache: bool = True) -> float:
-    """GB/s of a device-to-device copy that moves `nbytes` in all (half read, half written), timed as the ops
-    are (median, same repetitions, cache flushed on CUDA): what memory-bound work of that size can reach on
-    this device, launch and ramp-up included."""
-    half = max(1, int(nbytes) // 2)
-    src = torch.ones(half, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), device, flush_cache=flush_cache and device.type == "cuda",
-                hide_launch=True, **(timing or {}))
-    return 2 * half / (t.median_ms * 1e-3) / 1e9
+def copy_passes(case: OpCase, mode: str) -> list[int]:
+    """The byte counts of the copy reference: one copy per pass the op makes over memory, so that it pays the
+    launches the op pays. Forward: one copy of the forward's bytes; forward+backward: that copy, then one of
+    the backward's bytes (the forward+backward bytes less the forward's)."""
+    total = int(case.bytes[mode])
+    if mode == "fwd+bwd" and "fwd" in case.bytes and 0 < case.bytes["fwd"] < total:
+        return [int(case.bytes["fwd"]), total - int(case.bytes["fwd"])]
+    return [total]
+
+
+def copy_reference(device: torch.device, passes: Sequence[int]) -> Callable[[], None]:
+    """Device-to-device copies that move each of `passes` bytes in all (half read, half written), one after
+    the other: what memory-bound work of that size and launch count can reach on this device, launch and
+    ramp-up included."""
+    bufs = []
+    for nbytes in passes:
+        src = torch.ones(max(1, int(nbytes) // 2), dtype=torch.uint8, device=device)
+        bufs.append((src, torch.empty_like(src)))
+
+    def run():
+        for src, dst in bufs:
+            dst.copy_(src)
+
+    run.buffers = bufs
+    return run
 
 
 def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits: Limits | None, *,
              allow_interpreter: bool = False, timing: dict | None = None, flush_cache: bool = True,
-             same_bytes_copy: Callable[[int], float] | None = None) -> dict:
-    """One record: the timing and figures, or status "skipped"/"failed" with the reason."""
+             copy_reference_too: bool = False) -> dict:
+    """One record: the timing and figures, or status "skipped"/"failed" with the reason. With
+    `copy_reference_too`, a memory-bound case is timed interleaved with its copy reference (`copy_passes`), in
+    the same rounds, so the two see the same clocks and the same state of the device."""
     rec = {"kind": "op", "op": case.op, "case": case.name, "backend": backend, "mode": mode,
            "shape": dict(case.shape), "dtype": dtype_name(case.dtype), "mask_ratio": MASK_RATIO}
     if case.flops:
@@ -437,16 +456,25 @@ def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits
     reasons = case_reasons(case, backend, device, allow_interpreter)
     if reasons:
         return {**rec, "status": "skipped", "reason": "; ".join(reasons)}
+    copy_ms = None
     try:
-        fn = make_runner(case, backend, mode, device)
-        t = measure(fn, device, flush_cache=flush_cache and device.type == "cuda", hide_launch=True,
-                    **(timing or {}))
+        fns = {"op": make_runner(case, backend, mode, device)}
+        if copy_reference_too and mode in case.bytes:
+            passes = copy_passes(case, mode)
+            rec["copy_passes"] = passes
+            fns["copy"] = copy_reference(device, passes)
+        ts = measure_interleaved(fns, device, flush_cache=flush_cache and device.type == "cuda", hide_launch=True,
+                                 **(timing or {}))
+        t = ts["op"]
+        if "copy" in ts:
+            copy_ms = ts["copy"].median_ms
     except Exception as exc:  # a backend that breaks is reported, not fatal to the run
         return {**rec, "status": "failed", "reason": error_line(exc)}
     finally:
+        fns = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {**rec, "status": "ok", **t.as_dict(), **figures(case, mode, t.median_ms, limits, same_bytes_copy)}
+    return {**rec, "status": "ok", **t.as_dict(), **figures(case, mode, t.median_ms, limits, copy_ms)}
 
 
 def add_speedups(records: list[dict], baseline: str = "reference") -> list[dict]:
@@ -476,23 +504,15 @@ def run_ops(device: torch.device, dtype: torch.dtype, batch: int, *, models=("B"
             it = tqdm(jobs, desc="bench ops", unit="case", leave=False)
         except ImportError:
             pass
-    copies: dict[int, float] = {}  # bytes -> GB/s of a copy moving as many, measured once per size
-
-    def same_bytes_copy(nbytes: float) -> float:
-        nbytes = int(nbytes)
-        if nbytes not in copies:
-            copies[nbytes] = same_bytes_copy_gbps(device, nbytes, timing)
-        return copies[nbytes]
-
     records = []
     try:
         for case, backend, mode in it:
             rec = run_case(case, backend, mode, device, limits, allow_interpreter=allow_interpreter, timing=timing,
-                           same_bytes_copy=same_bytes_copy)
+                           copy_reference_too=True)
             records.append(rec)
-            add_speedups(records)
-            if on_record:
+            if on_record:  # first: it stamps the record (device, ...), which the speedup's key includes
                 on_record(rec)
+            add_speedups(records)
     finally:
         release_inputs()
     return records

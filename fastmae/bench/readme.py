@@ -146,8 +146,8 @@ def train_section(records: Sequence[dict]) -> list[str]:
                 r["backend"], _f(r["images_per_s"]),
                 f"{r['vs_official_eager']:.2f}x" if r.get("vs_official_eager") else "–",
                 f"{r['vs_reference_compile']:.2f}x" if r.get("vs_reference_compile") else "–",
-                f"{mem:,.0f} MB" if mem is not None else "n/a",
-                f"{r['saved_mb_per_image']:.1f} MB" if r.get("saved_mb_per_image") is not None else "–",
+                f"{mem:,.0f} MiB" if mem is not None else "n/a",
+                f"{r['saved_mb_per_image']:.1f} MiB" if r.get("saved_mb_per_image") is not None else "–",
                 f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
                 optimizer_cell(r) if r.get("optimizer") or r.get("optimizer_ms") is not None else "–"]
                 + ([f"{r['busy_share']:.0%}" if r.get("busy_share") is not None else "–"] if busy else [])
@@ -179,7 +179,7 @@ def ops_section(records: Sequence[dict]) -> list[str]:
     out = [f"**Ops** ({first['dtype']}, batch {first['shape'].get('B', first['shape'].get('T', '?'))}): "
            f"median forward+backward time (forward only where an op has no backward), speedup over "
            f"`reference`, and TFLOP/s or GB/s as a share of the limit measured in the same run (for memory-bound "
-           f"ops also of a copy that moves as many bytes, timed alike)", ""]
+           f"ops also of copies that move as many bytes in as many passes, timed with the op)", ""]
     table_rows = []
     for op, case in cases:
         crows = [r for r in rows if r["op"] == op and r["case"] == case]

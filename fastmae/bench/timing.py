@@ -18,7 +18,8 @@ Python, dispatch and Triton's launcher), the GPU waits for the host between the 
 the host's. Kernel benchmarks (`bench ops`, `bench attention`) pass `hide_launch=True`: before each repetition
 the GPU is kept busy (`torch.cuda._sleep`, calibrated once per device) for twice the host time of one call
 measured in the warm-up plus 50 µs (at most `HOLD_MAX_S`), so the call is queued before the start event runs and the
-events time the GPU work alone. That host time is reported as `host_ms` either way. Model benchmarks (encoder,
+events time the GPU work alone. That host time (the last warm-up call's, issued with nothing queued ahead) is
+reported as `host_ms` either way. Model benchmarks (encoder,
 training step) keep the default: a step's host time is part of what a user waits for. Without `hide_launch` the
 device is synchronised before each start event, so no call is issued ahead while the GPU still runs the previous
 one: otherwise, with functions interleaved, the backlog a GPU-bound function leaves (a low mask ratio) would let
@@ -138,6 +139,15 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
     """Time several functions in rounds; `max_time_s` bounds the measured time of all of them together.
     `hide_launch` (CUDA): time the GPU work alone, the host's launch time hidden (see the module docstring)."""
     device = torch.device(device)
+    if device.type == "cuda":  # events, holds and syncs on the timed GPU's streams, whichever GPU is current
+        with torch.cuda.device(device):
+            return _measure_interleaved(fns, device, warmup, min_reps, max_reps, max_time_s, flush_cache,
+                                        hide_launch)
+    return _measure_interleaved(fns, device, warmup, min_reps, max_reps, max_time_s, flush_cache, hide_launch)
+
+
+def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, max_reps: int, max_time_s: float,
+                         flush_cache: bool, hide_launch: bool) -> dict[str, Timing]:
     if min_reps < 1 or max_reps < min_reps:
         raise ValueError(f"need 1 <= min_reps <= max_reps, got {min_reps}, {max_reps}")
     flush = _Flusher(device, flush_cache)
@@ -149,6 +159,7 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.d
         r0 = time.perf_counter()
         for name in names:
             flush()
+            synchronize(device)  # nothing queued ahead: the host time is this call's own, not a wait on the last
             t = time.perf_counter()
             fns[name]()
             host_s[name] = time.perf_counter() - t  # the last warm-up call's: compiled and allocated by then

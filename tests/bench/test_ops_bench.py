@@ -138,3 +138,40 @@ def test_ranking_and_priority_file(tmp_path):
     assert on_disk == data
     assert on_disk["cuda"]["attention"][0] == "triton" and on_disk["cpu"] == {"attention": ["sdpa", "reference"]}
     assert on_disk["source"] == {"cpu": {"device": "c"}, "cuda": {"device": "g"}}
+
+
+def test_copy_reference_pays_the_passes_the_op_makes():
+    """The copy reference of a forward+backward case is a copy of the forward's bytes, then one of the backward's
+    (two launches, as the op needs at least two); it moves what it says; records carry the passes."""
+    case = next(c for c in ops_bench.mae_cases(1, torch.float32, ("B",), ("gather_tokens",), quick=True)
+                if "fwd+bwd" in c.bytes)
+    fwd, total = case.bytes["fwd"], case.bytes["fwd+bwd"]
+    assert ops_bench.copy_passes(case, "fwd") == [fwd]
+    assert ops_bench.copy_passes(case, "fwd+bwd") == [fwd, total - fwd] and total > fwd
+    run = ops_bench.copy_reference(CPU, [10, 6])
+    run()
+    assert [src.numel() for src, _ in run.buffers] == [5, 3] and all(bool((d == s).all()) for s, d in run.buffers)
+    rec = ops_bench.run_case(case, "reference", "fwd+bwd", CPU, None, timing=QUICK_TIMING, copy_reference_too=True)
+    assert rec["status"] == "ok" and rec["copy_passes"] == [fwd, total - fwd]
+    assert rec["frac_copy_same_bytes"] == pytest.approx(rec["gbps"] / rec["copy_same_bytes_gbps"])
+    assert "copy_passes" not in ops_bench.run_case(case, "reference", "fwd+bwd", CPU, None, timing=QUICK_TIMING)
+
+
+def test_speedups_arrive_with_stamped_records():
+    """Each record gets its speedup as it arrives, also when a recorder stamps it (device, versions): the last
+    record of a run cut short by a time limit keeps it."""
+    from fastmae.bench.records import Recorder
+
+    recorder = Recorder(None, {"device": "a CPU", "device_type": "cpu"})
+    seen = []
+
+    def on_record(rec):
+        recorder.add(rec)
+        seen.append(rec)
+
+    recs = ops_bench.run_ops(CPU, torch.float32, 1, models=("B",), ops_filter=("gather_tokens",),
+                             backends=("reference", "sdpa"), modes=("fwd",), quick=True, timing=QUICK_TIMING,
+                             on_record=on_record, progress=False)
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert ok and seen == recs and all(r["device"] == "a CPU" for r in recs)
+    assert all(r.get("speedup") for r in ok), [(r["backend"], r.get("speedup")) for r in ok]

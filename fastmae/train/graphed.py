@@ -33,7 +33,8 @@ def graph_step_reason(device: torch.device, optimizer: torch.optim.Optimizer | N
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
     if dtype == torch.float16:
-        return "a float16 step goes through a GradScaler, whose inf check reads the GPU from the host: use bfloat16"
+        return ("a float16 step goes through a GradScaler, whose inf check reads the GPU from the host: use bfloat16 "
+                "or float32")
     if optimizer is not None and not all(g.get("capturable") for g in optimizer.param_groups):
         return (f"the optimizer ({type(optimizer).__name__}) must be built with capturable=True for its step to be "
                 "captured")

@@ -17,8 +17,11 @@ Capture follows PyTorch's whole-network recipe: `warmup` ordinary steps on a sid
 creating the optimizer's state), gradients set to None so the captured backward allocates them in the graph's
 memory pool (each replay writes them afresh: no zeroing needed), then the capture. The warm-up steps train, so
 the model's weights and the optimizer's state are snapshotted before them and restored after the capture: the
-first replay is the model's next step, exactly as the eager step would be. The autocast weight-cast cache is
-off inside the graph (it is not capture-safe), as the encoder benchmark's graphs do.
+first replay is the model's next step, exactly as the eager step would be (the snapshot is kept in host
+memory, so it adds nothing to the GPU's peak). The autocast weight-cast cache is off inside the graph (it is
+not capture-safe), as the encoder benchmark's graphs do. Capture and replay run on the batch's GPU, with a
+capture stream of that GPU, in thread-local error mode: a data loader's pin-memory thread may call CUDA while
+this thread captures.
 """
 from __future__ import annotations
 

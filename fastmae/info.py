@@ -13,6 +13,7 @@ import sys
 import torch
 
 from . import __version__, ops
+from .bench.common import DTYPES  # torch's names and the short ones `fastmae pretrain --precision` takes
 from .ops.registry import BACKENDS, OPS, Inputs
 
 HELP = "print versions, devices and which backend serves which op (or why not)"
@@ -108,8 +109,6 @@ def report(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench.common import DTYPES  # torch's names and the short ones `fastmae pretrain --precision` takes
-
     parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all",
                         help="which dtype(s) to report (fp32, fp16 and bf16 name the same ones)")
 
@@ -118,8 +117,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "all":
         dtypes = (torch.float32, torch.float16, torch.bfloat16)
     else:
-        from .bench.common import DTYPES
-
         dtypes = (DTYPES[args.dtype],)
     print(report(dtypes))
     return 0

@@ -4,11 +4,16 @@
 
 Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do instead of the reference:
 
-- The target is never materialised. Each program takes a block of prediction rows (n, l) and reads each
-  one's patch (h, w) as a [C, p, p] tile straight from `imgs[n, c, h*p + pi, w*p + qi]` (any strides),
+- The target is never materialised. Each program takes a few consecutive tiles of prediction rows (n, l)
+  and reads each row's patch (h, w) as a [C, p, p] tile straight from `imgs[n, c, h*p + pi, w*p + qi]` (any
+  strides; the patch side is a compile-time constant, so whole patch rows load as vectors),
   matches it to pred[n, l] in the official (p, q, c) order, normalises it in registers when `norm_pix` (the patch's mean
   and unbiased variance, eps 1e-6, all in fp32), and writes one fp32 partial: `w * mean((pred - t)^2)`
   with w = mask[n, l] (with `pred_ids`, row (n, j) is patch pred_ids[n, j] and w = 1).
+- Software pipeline: a program issues the next tile's loads before it reduces the current one, and reads
+  the weights one tile further ahead (they decide what is read), so its memory latency overlaps its
+  reductions instead of adding to them (with one tile per program, a program waits for its weights, then
+  for its data, then on its block-wide reductions, with nothing of its own in flight meanwhile).
 - Rows whose weight is 0 (the kept patches) read nothing: their loads are masked off, so with 75% masking
   the kernel reads a quarter less. (A consequence: a NaN or inf in pred at a kept row does not turn the loss
   into NaN as `0 * nan` does in the reference.)
@@ -49,6 +54,22 @@ BWD_TILE = 2048
 MAX_ROWS = 64
 
 
+# The forward's software pipeline (see `_masked_mse_fwd_kernel`): each program takes `tiles_per_program`
+# consecutive tiles, so that the next tile's loads overlap this one's reductions; enough programs remain to
+# fill a large GPU several times over (an H100 holds about 130 x 6 of these programs at once). Not yet timed
+# on a GPU: the figures follow the reasoning in the kernel's docstring. The forward pipelines by hand, so
+# Triton's own loop pipelining is off for it (num_stages=1).
+PIPELINE_MIN_PROGRAMS = 2048
+PIPELINE_MAX_TILES = 8
+FWD_STAGES = 1
+
+
+def tiles_per_program(n_tiles: int) -> int:
+    """How many consecutive tiles one forward program takes: 1 up to PIPELINE_MIN_PROGRAMS tiles, then as
+    many as keep that many programs, at most PIPELINE_MAX_TILES."""
+    return max(1, min(PIPELINE_MAX_TILES, n_tiles // PIPELINE_MIN_PROGRAMS))
+
+
 def _warps(elements: int, per_thread: int) -> int:
     return max(1, min(8, elements // (32 * per_thread)))
 
@@ -74,15 +95,11 @@ def _row_settings(P: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr,
-                           n_rows, rows_per_n, C, gw, p,
-                           stride_n, stride_c, stride_h, stride_w,
-                           NORM_PIX: tl.constexpr, HAS_IDS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """One program per BLOCK_R prediction rows, a [BLOCK_R, C, p, p] tile:
-    part[row] = w * mean over the patch of (pred - target)^2."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # int32 index math; int64 for memory offsets
-    rvalid = rows < n_rows
+def _mse_tile_rows(t, end, n_rows, rows_per_n, mask_ptr, ids_ptr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The rows of tile t: (rows, in range, image index, patch index, weight). Tiles from `end` on belong to
+    another program: their weights are all 0, so a prefetch past the program's last tile reads nothing."""
+    rows = t * BLOCK_R + tl.arange(0, BLOCK_R)  # int32 index math; int64 for memory offsets
+    rvalid = (rows < n_rows) & (rows < end * BLOCK_R)
     n = (rows // rows_per_n).to(tl.int64)
     if HAS_IDS:
         patch = tl.load(ids_ptr + rows, mask=rvalid, other=0).to(tl.int32)
@@ -90,20 +107,46 @@ def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr
     else:
         patch = rows % rows_per_n
         w = tl.load(mask_ptr + rows, mask=rvalid, other=0.0).to(tl.float32)
-    active = w != 0.0  # weight-0 rows (kept patches) load nothing
-    ph = patch // gw
-    pw = patch % gw
-    P = C * p * p
-    r4 = rows.to(tl.int64)[:, None, None, None]
+    return rows, rvalid, n, patch, w
+
+
+@triton.jit
+def _mse_tile_offsets(rows, w, C, PATCH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The prediction offsets of a [BLOCK_R, C, p, p] tile in the official (p, q, c) order, and which lanes
+    hold a value to read (rows of weight 0, the kept patches, hold none)."""
     c = tl.arange(0, BLOCK_C)[None, :, None, None]
     pi = tl.arange(0, BLOCK_P)[None, None, :, None]
     qi = tl.arange(0, BLOCK_P)[None, None, None, :]
-    inb = active[:, None, None, None] & (c < C) & (pi < p) & (qi < p)
-    img_offs = (n[:, None, None, None] * stride_n + c * stride_c + (ph[:, None, None, None] * p + pi) * stride_h
-                + (pw[:, None, None, None] * p + qi) * stride_w)
+    inb = (w != 0.0)[:, None, None, None] & (c < C) & (pi < PATCH) & (qi < PATCH)
+    pred_offs = rows.to(tl.int64)[:, None, None, None] * (C * PATCH * PATCH) + (pi * PATCH + qi) * C + c
+    return pred_offs, inb
+
+
+@triton.jit
+def _mse_load_tile(pred_ptr, img_ptr, rows, n, patch, w, C, gw, stride_n, stride_c, stride_h, stride_w,
+                   PATCH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """A tile's image patches and predictions, as fp32 [BLOCK_R, C, p, p] (0 outside the patch and on rows
+    of weight 0)."""
+    pred_offs, inb = _mse_tile_offsets(rows, w, C, PATCH, BLOCK_C, BLOCK_P)
+    ph = (patch // gw)[:, None, None, None]
+    pw = (patch % gw)[:, None, None, None]
+    c = tl.arange(0, BLOCK_C)[None, :, None, None]
+    pi = tl.arange(0, BLOCK_P)[None, None, :, None]
+    qi = tl.arange(0, BLOCK_P)[None, None, None, :]
+    img_offs = (n[:, None, None, None] * stride_n + c * stride_c + (ph * PATCH + pi) * stride_h
+                + (pw * PATCH + qi) * stride_w)
     x = tl.load(img_ptr + img_offs, mask=inb, other=0.0).to(tl.float32)
-    pred_offs = r4 * P + (pi * p + qi) * C + c  # the official (p, q, c) order
     y = tl.load(pred_ptr + pred_offs, mask=inb, other=0.0).to(tl.float32)
+    return x, y
+
+
+@triton.jit
+def _mse_finish_tile(x, y, rows, rvalid, w, part_ptr, g_ptr, C,
+                     NORM_PIX: tl.constexpr, WRITE_GRAD: tl.constexpr, PATCH: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """part[row] = w * mean over the patch of (pred - target)^2, and the gradient when asked."""
+    pred_offs, inb = _mse_tile_offsets(rows, w, C, PATCH, BLOCK_C, BLOCK_P)
+    P = C * PATCH * PATCH
     if NORM_PIX:
         mean = tl.sum(tl.reshape(x, [BLOCK_R, BLOCK_C * BLOCK_P * BLOCK_P]), axis=1) / P
         xc = tl.where(inb, x - mean[:, None, None, None], 0.0)
@@ -111,12 +154,41 @@ def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr
         t = xc / tl.sqrt_rn(var + 1.0e-6)[:, None, None, None]
     else:
         t = x
-    diff = y - t  # 0 outside the patch and on inactive rows: both loads gave 0 there
+    diff = y - t  # 0 outside the patch and on rows of weight 0: both loads gave 0 there
     sq = tl.sum(tl.reshape(diff * diff, [BLOCK_R, BLOCK_C * BLOCK_P * BLOCK_P]), axis=1)
     tl.store(part_ptr + rows, w * sq / P, mask=rvalid)
     if WRITE_GRAD:
         scale = 2.0 * w / P
         tl.store(g_ptr + pred_offs, (diff * scale[:, None, None, None]).to(g_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr,
+                           n_rows, rows_per_n, C, gw, tiles,
+                           stride_n, stride_c, stride_h, stride_w,
+                           PATCH: tl.constexpr, NORM_PIX: tl.constexpr, HAS_IDS: tl.constexpr,
+                           WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_P: tl.constexpr):
+    """One program per `tiles` consecutive tiles of BLOCK_R prediction rows ([BLOCK_R, C, p, p] each), in a
+    software pipeline: while one tile's statistics, loss and gradient are computed, the next tile's image
+    and prediction loads are in flight, and the weights of the one after that (reading a tile waits on its
+    weights, which decide what is read). Each row's partial goes to part[row]."""
+    first = tl.program_id(0) * tiles
+    end = first + tiles
+    rows, rvalid, n, patch, w = _mse_tile_rows(first, end, n_rows, rows_per_n, mask_ptr, ids_ptr, HAS_IDS, BLOCK_R)
+    x, y = _mse_load_tile(pred_ptr, img_ptr, rows, n, patch, w, C, gw, stride_n, stride_c, stride_h, stride_w,
+                          PATCH, BLOCK_C, BLOCK_P)
+    rows1, rvalid1, n1, patch1, w1 = _mse_tile_rows(first + 1, end, n_rows, rows_per_n, mask_ptr, ids_ptr,
+                                                    HAS_IDS, BLOCK_R)
+    for i in range(0, tiles):
+        x1, y1 = _mse_load_tile(pred_ptr, img_ptr, rows1, n1, patch1, w1, C, gw, stride_n, stride_c, stride_h,
+                                stride_w, PATCH, BLOCK_C, BLOCK_P)
+        rows2, rvalid2, n2, patch2, w2 = _mse_tile_rows(first + i + 2, end, n_rows, rows_per_n, mask_ptr, ids_ptr,
+                                                        HAS_IDS, BLOCK_R)
+        _mse_finish_tile(x, y, rows, rvalid, w, part_ptr, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
+                         BLOCK_R, BLOCK_C, BLOCK_P)
+        rows, rvalid, w, x, y = rows1, rvalid1, w1, x1, y1
+        rows1, rvalid1, n1, patch1, w1 = rows2, rvalid2, n2, patch2, w2
 
 
 @triton.jit
@@ -200,11 +272,13 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
         denom.fill_(1.0)
         return loss, g, denom, mask32
     block_r, block_c, block_p, num_warps = _patch_settings(c, p)
-    _masked_mse_fwd_kernel[(cdiv(n_rows, block_r),)](
-        pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, p, *imgs.stride(),
-        NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
+    n_tiles = cdiv(n_rows, block_r)
+    tiles = tiles_per_program(n_tiles)
+    _masked_mse_fwd_kernel[(cdiv(n_tiles, tiles),)](
+        pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, tiles, *imgs.stride(),
+        PATCH=p, NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
         BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
-        num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        num_warps=num_warps, num_stages=FWD_STAGES, enable_fp_fusion=FP_FUSION)
     _masked_mse_finalize_kernel[(1,)](part, mask32, loss, denom, n_rows, float(max(n_rows, 1)),
                                       HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK,
                                       num_warps=4, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
@@ -303,38 +377,39 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
 
 # (pred, imgs) dtype pairs: one dtype throughout, and half predictions against fp32 images (mixed precision).
 _LOSS_DTYPES = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "fp32"), ("bf16", "fp32")]
-PATCH_SIZES = (4, 16)
-CHANNELS = (1, 3)
+# The patch sides of MAE's models (16: ViT-B/L, 14: ViT-H, 8 and 4: small images) and the channel counts.
+PATCH_SIZES = (4, 8, 14, 16)
+CHANNELS = (1, 2, 3)
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every configuration the launchers pick for patch sides 4..16 and 1..3 channels.
+    """Every configuration the launchers pick for the patch sides in `PATCH_SIZES` and 1..3 channels.
 
-    Block shapes are computed from those ranges exactly as the launchers compute them; each forward block
-    shape is listed with every (NORM_PIX, HAS_IDS, WRITE_GRAD) combination and every (pred, imgs) dtype pair
-    of `_LOSS_DTYPES` (other mixtures compile the same code with other pointer types and are not listed).
+    The forward is specialised on the patch side (a constexpr, so that whole image rows load as vectors);
+    other sides compile the same code and are not listed. Block shapes are computed exactly as the launchers
+    compute them; each forward block shape is listed with every (NORM_PIX, HAS_IDS, WRITE_GRAD) combination
+    and every (pred, imgs) dtype pair of `_LOSS_DTYPES` (other mixtures compile the same code with other
+    pointer types and are not listed), and the backward's for every patch side 4 to 16.
     """
-    patch = sorted({_patch_settings(c, p) for c in range(CHANNELS[0], CHANNELS[1] + 1)
-                    for p in range(PATCH_SIZES[0], PATCH_SIZES[1] + 1)})
-    rowset = sorted({_row_settings(c * p * p) for c in range(CHANNELS[0], CHANNELS[1] + 1)
-                     for p in range(PATCH_SIZES[0], PATCH_SIZES[1] + 1)})
+    patch = sorted({(p, *_patch_settings(c, p)) for c in CHANNELS for p in PATCH_SIZES})
+    rowset = sorted({_row_settings(c * p * p) for c in CHANNELS for p in range(4, 17)})
     specs: list[CompileSpec] = []
-    fwd_names = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr g_ptr n_rows rows_per_n C gw p "
+    fwd_names = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr g_ptr n_rows rows_per_n C gw tiles "
                  "stride_n stride_c stride_h stride_w").split()
     for tp, ti in _LOSS_DTYPES:
-        for block_r, block_c, block_p, nw in patch:
+        for p, block_r, block_c, block_p, nw in patch:
             for norm_pix in (False, True):
                 for has_ids in (False, True):
                     for write_grad in (False, True):
                         types = [f"*{tp}", f"*{ti}", "*fp32", "*i64" if has_ids else "*fp32", "*fp32",
                                  f"*{tp}" if write_grad else "*fp32"] + ["i32"] * 9
                         specs.append(CompileSpec(
-                            f"masked_mse_fwd[{tp},{ti},R{block_r},C{block_c},P{block_p},norm{int(norm_pix)},"
-                            f"ids{int(has_ids)},grad{int(write_grad)}]", _masked_mse_fwd_kernel,
-                            dict(zip(fwd_names, types)),
-                            {"NORM_PIX": norm_pix, "HAS_IDS": has_ids, "WRITE_GRAD": write_grad,
+                            f"masked_mse_fwd[{tp},{ti},p{p},R{block_r},C{block_c},P{block_p},"
+                            f"norm{int(norm_pix)},ids{int(has_ids)},grad{int(write_grad)}]",
+                            _masked_mse_fwd_kernel, dict(zip(fwd_names, types)),
+                            {"PATCH": p, "NORM_PIX": norm_pix, "HAS_IDS": has_ids, "WRITE_GRAD": write_grad,
                              "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p},
-                            num_warps=nw))
+                            num_warps=nw, num_stages=FWD_STAGES))
     for tp in ("fp32", "fp16", "bf16"):
         for block_r, block, nw in rowset:
             for has_mask in (False, True):

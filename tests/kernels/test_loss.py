@@ -91,6 +91,24 @@ def test_masked_mse_pred_ids_matches_reference(device, dtype, norm_pix, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pred_ids_mode", [False, True])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]])
+def test_masked_mse_pipelined_programs(monkeypatch, device, dtype, pred_ids_mode, case):
+    """The forward's software pipeline with several tiles per program (at MAE's sizes each program takes up
+    to PIPELINE_MAX_TILES; these small cases take one unless told otherwise): 3 tiles per program, the last
+    program with fewer, against the reference, loss and gradient."""
+    monkeypatch.setattr(loss_mod, "PIPELINE_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(loss_mod, "PIPELINE_MAX_TILES", 3)
+    with launched_kernels() as launched:
+        _compare(device, dtype, case, True, pred_ids_mode)
+    fwd = [launch for launch in launched if launch.name == "_masked_mse_fwd_kernel"]
+    assert len(fwd) == 1
+    tiles = fwd[0].args[10]  # the `tiles` argument
+    assert tiles == 3, f"expected 3 tiles per program, got {tiles}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_masked_mse_half_pred_fp32_images(device, dtype):
     """Mixed precision: half predictions against fp32 images (the target stays fp32, as in the reference)."""

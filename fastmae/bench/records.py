@@ -21,6 +21,7 @@ import csv
 import datetime as _dt
 import functools
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -160,16 +161,21 @@ def _csv_value(v) -> str:
 
 
 def write_csv(path: str, records: Sequence[dict]) -> None:
+    """One row per record, one column per field any record has; written whole or not at all (a run stopped
+    mid-write leaves the previous file)."""
+    from ..model.checkpoint import atomic_write_text
+
     fields: list[str] = []
     for r in records:
         for k in r:
             if k not in fields:
                 fields.append(k)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(fields)
-        for r in records:
-            w.writerow([_csv_value(r.get(k)) for k in fields])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(fields)
+    for r in records:
+        w.writerow([_csv_value(r.get(k)) for k in fields])
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_results(out_dir: str, records: Sequence[dict], old: Sequence[dict] | None = None) -> list[dict]:

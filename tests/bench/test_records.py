@@ -5,6 +5,8 @@ import csv
 import json
 import re
 
+import pytest
+
 from fastmae.bench import records
 
 
@@ -49,6 +51,21 @@ def test_write_results_merges_by_key_and_writes_csv(tmp_path):
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and rows[1]["median_ms"] == "1.5" and rows[2]["shape"] == "B=2"
+
+
+def test_write_csv_is_all_or_nothing(tmp_path, monkeypatch):
+    """A failure while the CSV is written leaves the previous file as it was, and no stray file beside it."""
+    path = tmp_path / "results.csv"
+    records.write_csv(str(path), [{"op": "a", "median_ms": 1.0}])
+    before = path.read_bytes()
+
+    def broken(v):
+        raise RuntimeError("stopped mid-write")
+
+    monkeypatch.setattr(records, "_csv_value", broken)
+    with pytest.raises(RuntimeError, match="mid-write"):
+        records.write_csv(str(path), [{"op": "b", "median_ms": 2.0}])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
 
 def test_recorder_stamps_in_place_and_flushes(tmp_path):

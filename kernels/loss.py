@@ -46,19 +46,22 @@ from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, cust
 FINALIZE_BLOCK = 1024
 
 
-# Launch choices (not tuned on a GPU yet; the compile specs below follow them). A forward tile holds about
-# FWD_TILE elements (4 per thread at 8 warps: pred, image, target and difference stay in registers; 8 per
-# thread made ptxas spill on sm_80), the backward's about BWD_TILE (a plain scaling, 8 per thread).
-FWD_TILE = 1024
+# Launch choices (not tuned on a GPU yet; the compile specs below follow them). A forward tile holds one patch
+# (4 values per thread at 8 warps for a 3x16x16 patch in its [4, 16, 16] tile: pred, image, target and
+# difference stay in registers), or as many small patches as make FWD_TILE elements (2 per thread: with the
+# next tile in flight as well, 4 per thread made triton 3.6's ptxas spill at sm_90); the backward's about
+# BWD_TILE (a plain scaling, 8 per thread).
+FWD_TILE = 512
 BWD_TILE = 2048
 MAX_ROWS = 64
 
 
 # The forward's software pipeline (see `_masked_mse_fwd_kernel`): each program takes `tiles_per_program`
 # consecutive tiles, so that the next tile's loads overlap this one's reductions; enough programs remain to
-# fill a large GPU several times over (an H100 holds about 130 x 6 of these programs at once). Not yet timed
-# on a GPU: the figures follow the reasoning in the kernel's docstring. The forward pipelines by hand, so
-# Triton's own loop pipelining is off for it (num_stages=1).
+# fill a large GPU a few times over (an H100 holds 132 x 6 to 8 of them at once: 40 and 32 registers per
+# thread in a ViT-B step's launch with triton 3.6 and 3.9; ViT-H's 14-pixel patches take 60 to 80, so 3 or
+# 4 per SM). Not yet timed on a GPU: the figures follow the reasoning in the kernel's docstring. The forward
+# pipelines by hand, so Triton's own loop pipelining is off for it (num_stages=1).
 PIPELINE_MIN_PROGRAMS = 2048
 PIPELINE_MAX_TILES = 8
 FWD_STAGES = 1
@@ -79,7 +82,7 @@ def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]
     block_c, block_p = next_power_of_2(channels), next_power_of_2(patch_size)
     tile = block_c * block_p * block_p
     block_r = max(1, min(MAX_ROWS, FWD_TILE // tile))
-    return block_r, block_c, block_p, _warps(block_r * tile, 4)
+    return block_r, block_c, block_p, _warps(block_r * tile, 2)
 
 
 def _row_settings(P: int) -> tuple[int, int, int]:

@@ -30,8 +30,8 @@ Limits:
 - pred, imgs: fp32, fp16 or bf16 (they may differ; arithmetic is fp32 after each load). mask is read as fp32
   (converted once if it is not). pred and pred_ids are made contiguous, imgs may have any strides.
 - A tile holds whole patches, C and p padded to powers of two (a 3x14x14 patch takes 4x16x16 lanes for 588
-  values); patch sides 4 to 16 and 1 to 3 channels are what the compile specs list (others work, but are
-  not compiled ahead of time).
+  values); the forward is compiled for each patch side (a constant), and the compile specs list sides 4,
+  8, 14 and 16 with 1 to 3 channels (others work, but are not compiled ahead of time).
 - The grad buffer is kept in pred's dtype: its values are per-pixel errors times 2/P, far from fp16's limits.
 """
 from __future__ import annotations

@@ -36,3 +36,29 @@ def test_op(benchmark, case, backend, mode):
         benchmark.extra_info["tflops"] = case.flops[mode] / median / 1e12
     if mode in case.bytes:
         benchmark.extra_info["gbps"] = case.bytes[mode] / median / 1e9
+
+
+# The masked-MSE forward's software pipeline (`fastmae.kernels.loss`): each program takes exactly `tiles`
+# consecutive tiles (1: one tile per program, no overlap; the launch rule picks up to 8, keeping at least
+# PIPELINE_MIN_PROGRAMS programs), timed at `bench ops`'s loss cases so that one run on a GPU says which depth
+# is fastest there. Triton only.
+PIPELINE_DEPTHS = (1, 2, 4, 8)
+PIPELINE_JOBS = [(c, t, m) for c in CASES if c.op == "masked_mse_loss" for t in PIPELINE_DEPTHS for m in c.modes]
+
+
+@pytest.mark.parametrize("case,tiles,mode", PIPELINE_JOBS,
+                         ids=[f"{c.name.replace(' ', '_')}-tiles{t}-{m}" for c, t, m in PIPELINE_JOBS])
+def test_masked_mse_pipeline_depth(benchmark, monkeypatch, case, tiles, mode):
+    reasons = case_reasons(case, "triton", DEVICE)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    loss = pytest.importorskip("fastmae.kernels.loss", reason="the Triton kernels need triton")
+    monkeypatch.setattr(loss, "PIPELINE_MAX_TILES", tiles)
+    monkeypatch.setattr(loss, "PIPELINE_MIN_PROGRAMS", 1)
+    fn = synchronized(make_runner(case, "triton", mode, DEVICE), DEVICE)
+    benchmark.group = f"masked_mse_loss pipeline depth {case.name} {mode}"
+    benchmark.extra_info.update({"case": case.name, "shape": case.shape, "tiles": tiles, "mode": mode,
+                                 "dtype": str(case.dtype), "device": str(DEVICE)})
+    benchmark(fn)
+    if mode in case.bytes:
+        benchmark.extra_info["gbps"] = case.bytes[mode] / benchmark.stats.stats.median / 1e9

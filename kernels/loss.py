@@ -6,7 +6,7 @@ Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do in
 
 - The target is never materialised. Each program takes a few consecutive tiles of prediction rows (n, l)
   and reads each row's patch (h, w) as a [C, p, p] tile straight from `imgs[n, c, h*p + pi, w*p + qi]` (any
-  strides; the patch side is a compile-time constant, so whole patch rows load as vectors),
+  strides; the patch side is a compile-time constant, so patch rows can load as vectors),
   matches it to pred[n, l] in the official (p, q, c) order, normalises it in registers when `norm_pix` (the patch's mean
   and unbiased variance, eps 1e-6, all in fp32), and writes one fp32 partial: `w * mean((pred - t)^2)`
   with w = mask[n, l] (with `pred_ids`, row (n, j) is patch pred_ids[n, j] and w = 1).
@@ -60,7 +60,7 @@ MAX_ROWS = 64
 # consecutive tiles, so that the next tile's loads overlap this one's reductions; enough programs remain to
 # fill a large GPU a few times over (an H100 holds 132 x 6 to 8 of them at once: 40 and 32 registers per
 # thread in a ViT-B step's launch with triton 3.6 and 3.9; ViT-H's 14-pixel patches take 60 to 80, so 3 or
-# 4 per SM). Not yet timed on a GPU: the figures follow the reasoning in the kernel's docstring. The forward
+# 4 per SM). Not yet timed on a GPU: 2048 and 8 are reasoned, not measured. The forward
 # pipelines by hand, so Triton's own loop pipelining is off for it (num_stages=1).
 PIPELINE_MIN_PROGRAMS = 2048
 PIPELINE_MAX_TILES = 8
@@ -98,11 +98,12 @@ def _row_settings(P: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _mse_tile_rows(t, end, n_rows, rows_per_n, mask_ptr, ids_ptr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The rows of tile t: (rows, in range, image index, patch index, weight). Tiles from `end` on belong to
-    another program: their weights are all 0, so a prefetch past the program's last tile reads nothing."""
+def _mse_tile_rows(t, limit, rows_per_n, mask_ptr, ids_ptr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The rows of tile t: (rows, in range, image index, patch index, weight). Rows from `limit` on (past the
+    last row, or in another program's tiles) get weight 0: a prefetch past the program's last tile reads
+    nothing (a bandwidth guard only: such tiles are never finished)."""
     rows = t * BLOCK_R + tl.arange(0, BLOCK_R)  # int32 index math; int64 for memory offsets
-    rvalid = (rows < n_rows) & (rows < end * BLOCK_R)
+    rvalid = rows < limit
     n = (rows // rows_per_n).to(tl.int64)
     if HAS_IDS:
         patch = tl.load(ids_ptr + rows, mask=rvalid, other=0).to(tl.int32)
@@ -177,16 +178,16 @@ def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr
     and prediction loads are in flight, and the weights of the one after that (reading a tile waits on its
     weights, which decide what is read). Each row's partial goes to part[row]."""
     first = tl.program_id(0) * tiles
-    end = first + tiles
-    rows, rvalid, n, patch, w = _mse_tile_rows(first, end, n_rows, rows_per_n, mask_ptr, ids_ptr, HAS_IDS, BLOCK_R)
+    limit = tl.minimum((first + tiles) * BLOCK_R, n_rows)
+    rows, rvalid, n, patch, w = _mse_tile_rows(first, limit, rows_per_n, mask_ptr, ids_ptr, HAS_IDS, BLOCK_R)
     x, y = _mse_load_tile(pred_ptr, img_ptr, rows, n, patch, w, C, gw, stride_n, stride_c, stride_h, stride_w,
                           PATCH, BLOCK_C, BLOCK_P)
-    rows1, rvalid1, n1, patch1, w1 = _mse_tile_rows(first + 1, end, n_rows, rows_per_n, mask_ptr, ids_ptr,
+    rows1, rvalid1, n1, patch1, w1 = _mse_tile_rows(first + 1, limit, rows_per_n, mask_ptr, ids_ptr,
                                                     HAS_IDS, BLOCK_R)
     for i in range(0, tiles):
         x1, y1 = _mse_load_tile(pred_ptr, img_ptr, rows1, n1, patch1, w1, C, gw, stride_n, stride_c, stride_h,
                                 stride_w, PATCH, BLOCK_C, BLOCK_P)
-        rows2, rvalid2, n2, patch2, w2 = _mse_tile_rows(first + i + 2, end, n_rows, rows_per_n, mask_ptr, ids_ptr,
+        rows2, rvalid2, n2, patch2, w2 = _mse_tile_rows(first + i + 2, limit, rows_per_n, mask_ptr, ids_ptr,
                                                         HAS_IDS, BLOCK_R)
         _mse_finish_tile(x, y, rows, rvalid, w, part_ptr, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
                          BLOCK_R, BLOCK_C, BLOCK_P)
@@ -383,6 +384,7 @@ _LOSS_DTYPES = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "
 # The patch sides of MAE's models (16: ViT-B/L, 14: ViT-H, 8 and 4: small images) and the channel counts.
 PATCH_SIZES = (4, 8, 14, 16)
 CHANNELS = (1, 2, 3)
+BWD_PATCH_SIDES = range(4, 17)  # the backward is not specialised on the patch side: every side 4 to 16
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -395,7 +397,7 @@ def compile_specs() -> list[CompileSpec]:
     pointer types and are not listed), and the backward's for every patch side 4 to 16.
     """
     patch = sorted({(p, *_patch_settings(c, p)) for c in CHANNELS for p in PATCH_SIZES})
-    rowset = sorted({_row_settings(c * p * p) for c in CHANNELS for p in range(4, 17)})
+    rowset = sorted({_row_settings(c * p * p) for c in CHANNELS for p in BWD_PATCH_SIDES})
     specs: list[CompileSpec] = []
     fwd_names = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr g_ptr n_rows rows_per_n C gw tiles "
                  "stride_n stride_c stride_h stride_w").split()

@@ -98,6 +98,7 @@ def test_masked_mse_pipelined_programs(monkeypatch, device, dtype, pred_ids_mode
     """The forward's software pipeline with several tiles per program (at MAE's sizes each program takes up
     to PIPELINE_MAX_TILES; these small cases take one unless told otherwise): 3 tiles per program, the last
     program with fewer, against the reference, loss and gradient."""
+    skip_unless_serves("masked_mse_loss", "triton", device, dtype)
     monkeypatch.setattr(loss_mod, "PIPELINE_MIN_PROGRAMS", 1)
     monkeypatch.setattr(loss_mod, "PIPELINE_MAX_TILES", 3)
     with launched_kernels() as launched:

@@ -97,7 +97,7 @@ def key_results(records: list[dict]) -> list[str]:
         mem_name = "peak" if r.get("device_type") == "cuda" else "resident-memory increase (sampled, coarse)"
         peak = own_peak_mem_mb(r)
         mem = f", {mem_name} {peak:,.0f} MiB" if peak is not None else ""
-        if (r.get("mem_vs_official_eager") is not None and r["backend"].startswith("fastmae")
+        if (peak is not None and r.get("mem_vs_official_eager") is not None and r["backend"].startswith("fastmae")
                 and r.get("device_type") == "cuda"):  # a CPU's sampled resident memory is too coarse for ratios
             mem += f" ({r['mem_vs_official_eager'] - 1:+.0%} vs official-eager; GPU target <= -20%)"
         if r.get("saved_mb_per_image") is not None:

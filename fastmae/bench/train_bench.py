@@ -169,6 +169,8 @@ def add_train_speedups(records: list[dict]) -> list[dict]:
                 r["saved_vs_official_eager"] = r["saved_mb_per_image"] / saved["official-eager"]
             if mem.get("official-eager") and mem.get(r["backend"]) is not None:
                 r["mem_vs_official_eager"] = mem[r["backend"]] / mem["official-eager"]
+            else:  # one of the peaks is not the variant's own (`own_peak_mem_mb`): no ratio, none kept from before
+                r.pop("mem_vs_official_eager", None)
             if ips.get("official-eager"):
                 r["vs_official_eager"] = r["images_per_s"] / ips["official-eager"]
             if ips.get("reference+compile"):

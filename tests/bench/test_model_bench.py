@@ -240,7 +240,15 @@ def test_own_peak_memory():
     recs = [{"kind": "train", "status": "ok", "backend": "official-eager", "images_per_s": 10.0, **new},
             {"kind": "train", "status": "ok", "backend": "fastmae", "images_per_s": 20.0, **new,
              "peak_mem_mb": 13002.0},
-            {"kind": "train", "status": "ok", "backend": "fastmae+lean", "images_per_s": 20.0, **old}]
+            {"kind": "train", "status": "ok", "backend": "fastmae+lean", "images_per_s": 20.0, **old,
+             "mem_vs_official_eager": 1.52}]  # a ratio such a run stored: dropped
     train_bench.add_train_speedups(recs)
     assert recs[1]["mem_vs_official_eager"] == pytest.approx(13002.0 / 17504.0)
     assert "mem_vs_official_eager" not in recs[2]
+    # the GPU summary quotes no memory ratio for a record without its own peak, even one that stored a ratio
+    from fastmae.bench.suite import key_results
+
+    stored = {**recs[2], "model": "m", "shape": {"batch": 2}, "dtype": "bfloat16", "device_type": "cuda",
+              "mem_vs_official_eager": 1.52}
+    lines = [line for line in key_results([stored]) if line.startswith("- train")]
+    assert len(lines) == 1 and "vs official-eager; GPU target" not in lines[0], lines

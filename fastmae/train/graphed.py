@@ -84,6 +84,9 @@ class GraphedTrainStep:
                 self._work()
         torch.cuda.current_stream(device).wait_stream(side)
         optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph's pool
+        # the warm-up's activations stay cached in the ordinary pool, which the allocator does not release while a
+        # capture runs: hand them back first, or the capture could need room for theirs and the graph's at once
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         # a capture stream of this device (torch's default one is made once, on whichever device came first);
         # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures

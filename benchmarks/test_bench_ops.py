@@ -56,6 +56,9 @@ def test_masked_mse_pipeline_depth(benchmark, monkeypatch, case, tiles, mode):
     monkeypatch.setattr(loss, "PIPELINE_MAX_TILES", tiles)
     monkeypatch.setattr(loss, "PIPELINE_MIN_PROGRAMS", 1)
     fn = synchronized(make_runner(case, "triton", mode, DEVICE), DEVICE)
+    with record_choices() as served:  # what is timed is the Triton kernel: the registry's record of one call
+        fn()
+    assert served.get(case.op) == "triton", served
     benchmark.group = f"masked_mse_loss pipeline depth {case.name} {mode}"
     benchmark.extra_info.update({"case": case.name, "shape": case.shape, "tiles": tiles, "mode": mode,
                                  "dtype": str(case.dtype), "device": str(DEVICE)})

@@ -378,6 +378,7 @@ class LaunchSettings:
     num_stages: int
 
 
+@functools.lru_cache(maxsize=None)
 def _pad(n: int) -> int:
     """Tile size for n rows or head-dim columns: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, next_power_of_2(n))
@@ -414,6 +415,7 @@ def _short_backward_fits(n_pad: int, d_pad: int, dtype: torch.dtype, capability:
     return n_pad <= 64 or (n_pad == 128 and d_pad <= 16)
 
 
+@functools.lru_cache(maxsize=None)  # pure; read on every launch
 def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
     """'short' for n <= AUTO_SHORT_MAX_N (128; 64 for fp32), else 'flash'; `path` may force one ('short' takes
     up to SHORT_MAX_N = 256 keys in fp16/bf16)."""
@@ -427,6 +429,7 @@ def forward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto") -> str:
     return path
 
 
+@functools.lru_cache(maxsize=None)  # pure; read on every launch
 def backward_path(n: int, d: int, dtype: torch.dtype, path: str = "auto",
                   capability: tuple[int, int] = (9, 0)) -> str:
     """'short' (one program per head) for n <= AUTO_SHORT_MAX_N where its tiles fit on chip for this GPU
@@ -593,6 +596,7 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
     return default_settings(kernel, n, d, dtype)
 
 
+@functools.lru_cache(maxsize=None)  # pure (LaunchSettings is frozen); read on every launch
 def default_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchSettings:
     """The rule of `launch_settings`, without forced or tuned settings."""
     n_pad, d_pad = _pad(n), _pad(d)
@@ -684,9 +688,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     _check_inputs(q, k, v)
     check_device(q, k, v)
+    return _forward(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale), path)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_forward` on checked inputs, on the current device: the launch alone (a training step makes one
+    per block, and its host time is part of the step's at MAE's shapes)."""
     q, k, v = (_i32_addressable(t) for t in (q, k, v))
     B, H, N, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
     out, lse = _new_outputs(q)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -717,19 +727,24 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          f"{tuple(dout.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
     if lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError("attention_backward: lse must be the forward's contiguous fp32 [B, H, N] tensor")
-    dout, q, k, v, out = (_i32_addressable(t) for t in (dout.to(q.dtype), q, k, v, out))
     scale = D ** -0.5 if scale is None else float(scale)
+    if grads is not None and any(g.shape != q.shape or g.dtype != q.dtype or g.device != q.device for g in grads):
+        raise ValueError(f"attention_backward: grads must be three {tuple(q.shape)} tensors of {q.dtype} on "
+                         f"{q.device}")
+    return _backward(dout, q, k, v, out, lse, scale, path, grads)
+
+
+def _backward(dout, q, k, v, out, lse, scale: float, path: str, grads=None):
+    """`attention_backward` on checked inputs, on the current device."""
+    dout, q, k, v, out = (_i32_addressable(t) for t in (dout.to(q.dtype), q, k, v, out))
     if grads is None:
-        dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty_like(dq)
         dv = torch.empty_like(dq)
     else:
         dq, dk, dv = grads
-        if any(g.shape != q.shape or g.dtype != q.dtype or g.device != q.device for g in grads):
-            raise ValueError(f"attention_backward: grads must be three {tuple(q.shape)} tensors of {q.dtype} on "
-                             f"{q.device}")
         if any(_head_span(g) >= _I32_LIMIT for g in grads):  # written in a layout the kernels can address
-            for g, fresh in zip(grads, attention_backward(dout, q, k, v, out, lse, scale, path)):
+            for g, fresh in zip(grads, _backward(dout, q, k, v, out, lse, scale, path)):
                 g.copy_(fresh)
             return dq, dk, dv
     if dq.numel() == 0:
@@ -837,15 +852,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return out
 
 
+# The packed launchers skip `attention_forward`'s and `attention_backward`'s checks: `attention_packed` checked
+# qkv, and the backward's other tensors are the forward's outputs and autograd's gradient of out.
+
+@launches_on_device_of("qkv")
 def _attention_qkv_fwd(qkv: torch.Tensor, num_heads: int, scale: float,
                        path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(*split_qkv(qkv, num_heads), scale, path)
+    check_device(qkv)
+    return _forward(*split_qkv(qkv, num_heads), scale, path)
 
 
+@launches_on_device_of("qkv")
 def _attention_qkv_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                        num_heads: int, scale: float, path: str) -> torch.Tensor:
+    check_device(dout)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    attention_backward(dout, *split_qkv(qkv, num_heads), out, lse, scale, path, grads=split_qkv(dqkv, num_heads))
+    _backward(dout, *split_qkv(qkv, num_heads), out, lse, scale, path, split_qkv(dqkv, num_heads))
     return dqkv
 
 

@@ -8,6 +8,7 @@ import torch
 
 from .. import ops
 from ..ops.registry import OPS
+from ..train.engine import autocast  # noqa: F401 - the benchmarks' mixed precision is training's
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -65,14 +66,6 @@ def parse_ratios(text: str) -> list[float]:
     if 0.0 not in ratios:  # the baseline of every speedup
         ratios.insert(0, 0.0)
     return sorted(set(ratios))
-
-
-def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
-    """Mixed precision as training runs it: fp32 weights, matmuls in `dtype`; nothing for float32.
-    `cache_enabled=False` for work captured in a CUDA graph (autocast's cast cache is not graph-safe)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def path_interpreter_reason(spec, device: torch.device, allow_interpreter: bool) -> str | None:

@@ -24,6 +24,7 @@ import torch
 
 from .. import create_model
 from ..ops import BackendUnavailable
+from ..train.graphed import capture, graph_step_reason
 from .common import (MODEL_PATHS, autocast, capture_dispatch, dispatch_str, error_line, free, path_interpreter_reason,
                      progress)
 from .flops import encoder_flops, len_keep
@@ -97,31 +98,18 @@ def make_encoder_runner(model, imgs, noise, ratio: float, mode: str, device: tor
     return fwd_bwd
 
 
-def cuda_graph_reason(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA device, not {device.type}"
-    return None
-
-
 def make_graphed_runner(model, imgs, noise, ratio: float, mode: str, device: torch.device,
                         dtype: torch.dtype, warmup: int = 3) -> Callable[[], object]:
-    """The runner's work captured once in a CUDA graph (after `warmup` eager calls on a side stream, which
-    compile and allocate); the returned function replays it and returns the captured output. Gradients of
-    fwd+bwd land in the parameters' .grad, as eager; the output tensor is overwritten by every replay."""
+    """The runner's work captured once in a CUDA graph (`fastmae.train.graphed.capture`: `warmup` eager calls on
+    a side stream, gradients set to None, one captured call); the returned function replays it and returns the
+    captured output. Gradients of fwd+bwd land in the parameters' .grad, as eager; the output tensor is
+    overwritten by every replay."""
     fn = make_encoder_runner(model, imgs, noise, ratio, mode, device, dtype, cast_cache=False)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    model.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph's pool
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture(fn, device, warmup, lambda: model.zero_grad(set_to_none=True))
 
     def replay():
-        graph.replay()
+        with torch.cuda.device(device):
+            graph.replay()
         return out
 
     replay.runner = fn  # what the graph reads (the backward's incoming gradient) lives as long as the graph
@@ -214,7 +202,7 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
     if cuda_graphs:  # last: whatever a capture does to the device, the eager rows are recorded
         model.backend = MODEL_PATHS["auto"]
         for mode in modes:
-            reason = cuda_graph_reason(device)
+            reason = graph_step_reason(device)
             if reason is not None:
                 emit_all(GRAPH_BACKEND, mode, "skipped", reason)
                 continue

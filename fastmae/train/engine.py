@@ -41,11 +41,12 @@ class RunState:
     losses: list = field(default_factory=list)
 
 
-def autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
+def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
+    """Mixed precision as training runs it: fp32 weights, matmuls in `dtype`; nothing for None or float32.
+    `cache_enabled=False` for work captured in a CUDA graph (autocast's cast cache is not graph-safe)."""
+    if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def make_scaler(device: torch.device, precision: str):
@@ -91,7 +92,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
             if graph is not None:
                 loss = graph(samples, noise)  # forward, backward and the optimizer's step
             else:
-                with autocast(device, precision):
+                with autocast(device, PRECISIONS[precision]):
                     loss, _, _ = model(samples, mask_ratio=sched.mask_ratio, noise=noise)
             loss_value = float(loss.item())
             # the mean over ranks is NaN if any rank's loss is: every rank stops at the same iteration

@@ -25,9 +25,13 @@ this thread captures.
 """
 from __future__ import annotations
 
-import contextlib
+from typing import Callable, TypeVar
 
 import torch
+
+from .engine import autocast
+
+T = TypeVar("T")
 
 
 def graph_step_reason(device: torch.device, optimizer: torch.optim.Optimizer | None = None,
@@ -44,10 +48,31 @@ def graph_step_reason(device: torch.device, optimizer: torch.optim.Optimizer | N
     return None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
+def capture(work: Callable[[], T], device: torch.device, warmup: int = 3,
+            before_capture: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`work` captured in a CUDA graph on `device` (PyTorch's whole-network recipe): `warmup` eager calls on a
+    side stream (they compile kernels and create lazily made state), then `before_capture` (for example
+    gradients set to None, so the captured backward allocates them in the graph's memory pool), the allocator's
+    cache emptied (the warm-up's cached blocks are not released while a capture runs, so the capture would
+    otherwise need room for both), and one call captured. Returns the graph and what the captured call returned,
+    which each replay overwrites.
+
+    The capture runs on a capture stream of `device` (torch's default one is made once, on whichever device came
+    first) in thread-local error mode: a data loader's pin-memory thread keeps calling CUDA meanwhile."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                work()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if before_capture is not None:
+            before_capture()
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+            out = work()
+    return graph, out
 
 
 class GraphedTrainStep:
@@ -64,10 +89,10 @@ class GraphedTrainStep:
             raise ValueError(f"warmup must be >= 1 (the optimizer's state is created by a real step), got {warmup}")
         self.model, self.optimizer = model, optimizer
         self.mask_ratio, self.dtype, self.device = float(mask_ratio), dtype, device
-        with torch.cuda.device(device):  # the model's GPU, whichever is current: capture and replay run there
-            self._capture(imgs, noise, warmup)
+        self._capture(imgs, noise, warmup)
 
     def _capture(self, imgs: torch.Tensor, noise: torch.Tensor, warmup: int) -> None:
+        """Capture on the model's GPU, whichever is current (replays run there too); see the module docstring."""
         optimizer, device = self.optimizer, self.device
         self.imgs, self.noise = imgs.detach().clone(), noise.detach().clone()
         # the state the warm-up changes, kept in host memory (a copy on the GPU would add to the peak)
@@ -76,22 +101,12 @@ class GraphedTrainStep:
         state = {p: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
                      for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                optimizer.zero_grad(set_to_none=True)
-                self._work()
-        torch.cuda.current_stream(device).wait_stream(side)
-        optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph's pool
-        # the warm-up's activations stay cached in the ordinary pool, which the allocator does not release while a
-        # capture runs: hand them back first, or the capture could need room for theirs and the graph's at once
-        torch.cuda.empty_cache()
-        self.graph = torch.cuda.CUDAGraph()
-        # a capture stream of this device (torch's default one is made once, on whichever device came first);
-        # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
-        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
-            self.loss = self._work()
+        def step() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)  # a host-side reset: nothing of it is captured
+            return self._work()
+
+        # gradients None before the capture: the captured backward allocates them in the graph's pool
+        self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
 
         # undo the warm-up steps in place (the graph holds these tensors' addresses)
         with torch.no_grad():
@@ -108,7 +123,7 @@ class GraphedTrainStep:
                         v.zero_()
 
     def _work(self) -> torch.Tensor:
-        with _autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype, cache_enabled=False):
             loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
         loss.backward()
         self.optimizer.step()

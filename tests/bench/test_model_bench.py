@@ -100,7 +100,7 @@ def test_graphed_runner_flow(monkeypatch, mode):
 
     # and run_encoder's graph rows, as on CUDA
     FakeGraphs(monkeypatch)
-    monkeypatch.setattr(encoder_bench, "cuda_graph_reason", lambda device: None)
+    monkeypatch.setattr(encoder_bench, "graph_step_reason", lambda device: None)
     recs = encoder_bench.run_encoder(CPU, TINY, 2, torch.float32, [0.0, 0.75], ["sdpa"], [mode], timing=QUICK,
                                      show_progress=False, cuda_graphs=True)
     graphed = [r for r in recs if r["backend"] == encoder_bench.GRAPH_BACKEND]

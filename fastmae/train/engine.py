@@ -83,8 +83,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
         if it % accum == 0:
             lr = adjust_learning_rate(optimizer, it / sched.iters_per_epoch + epoch, sched.lr, sched.min_lr,
                                       sched.warmup_epochs, sched.epochs)
-        samples = samples.to(device, non_blocking=True)
-        noise = noise.to(device, non_blocking=True)
+        if graph is None:  # a graphed step copies the batch straight into its captured buffers
+            samples = samples.to(device, non_blocking=True)
+            noise = noise.to(device, non_blocking=True)
         update = (it + 1) % accum == 0
         sync = model.no_sync() if (dist_info.distributed and not update and hasattr(model, "no_sync")) \
             else contextlib.nullcontext()

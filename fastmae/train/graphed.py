@@ -75,6 +75,28 @@ def capture(work: Callable[[], T], device: torch.device, warmup: int = 3,
     return graph, out
 
 
+class GraphCaptureError(RuntimeError):
+    """A training step failed to capture; the model and optimizer were restored to their state before it."""
+
+
+def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+             state: dict) -> None:
+    """Undo the warm-up steps in place: the weights and optimizer state copied to the host before them, and zeros
+    (a fresh state: moments, step count) for what the warm-up created."""
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)  # host to device, on the current stream: before any replay
+        for p in params:
+            for k, v in optimizer.state.get(p, {}).items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                old = state.get(p, {}).get(k)
+                if isinstance(old, torch.Tensor):
+                    v.copy_(old)
+                else:
+                    v.zero_()
+
+
 class GraphedTrainStep:
     """Forward (`model(imgs, mask_ratio, noise=noise)`), loss, backward and `optimizer.step()`, captured once in a
     CUDA graph at construction and replayed by each call; see the module docstring."""
@@ -105,22 +127,19 @@ class GraphedTrainStep:
             optimizer.zero_grad(set_to_none=True)  # a host-side reset: nothing of it is captured
             return self._work()
 
-        # gradients None before the capture: the captured backward allocates them in the graph's pool
-        self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
-
-        # undo the warm-up steps in place (the graph holds these tensors' addresses)
-        with torch.no_grad():
-            for p, w in zip(params, weights):
-                p.copy_(w)  # host to device, on the current stream: before any replay
-            for p in params:
-                for k, v in optimizer.state.get(p, {}).items():
-                    if not isinstance(v, torch.Tensor):
-                        continue
-                    old = state.get(p, {}).get(k)
-                    if isinstance(old, torch.Tensor):
-                        v.copy_(old)
-                    else:  # created by the warm-up: a fresh state is zeros (moments, step count)
-                        v.zero_()
+        try:  # gradients None before the capture: the captured backward allocates them in the graph's pool
+            self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
+        except Exception as exc:
+            try:  # the model is left as it came, whatever the failure
+                optimizer.zero_grad(set_to_none=True)
+                _restore(params, weights, optimizer, state)
+                left = "the model and optimizer are as they were"
+            except Exception:  # noqa: BLE001 - a failed capture can leave the device unusable
+                left = "restoring the model's weights failed too"
+            text = str(exc).strip()
+            raise GraphCaptureError(f"the training step could not be captured in a CUDA graph "
+                                    f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}); {left}") from exc
+        _restore(params, weights, optimizer, state)  # in place: the graph holds these tensors' addresses
 
     def _work(self) -> torch.Tensor:
         with autocast(self.device, self.dtype, cache_enabled=False):
@@ -145,14 +164,19 @@ class GraphedTrainStep:
 
 class GraphOnFirstBatch:
     """A `GraphedTrainStep` captured from the first batch it is called with and replayed for every batch after
-    (`fastmae pretrain --cuda_graph`: the batch shape is fixed, the loader dropping the last partial batch)."""
+    (`fastmae pretrain --cuda_graph`: the batch shape is fixed, the loader dropping the last partial batch).
+    Batches may come on the host (pinned, from the loader): each is copied once, straight into the graph's
+    buffers on `device`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         self.model, self.optimizer, self.mask_ratio, self.dtype = model, optimizer, mask_ratio, dtype
+        self.device = None if device is None else torch.device(device)
         self.step: GraphedTrainStep | None = None
 
     def __call__(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if self.step is None:
-            self.step = GraphedTrainStep(self.model, self.optimizer, imgs, noise, self.mask_ratio, self.dtype)
+            device = self.device or imgs.device
+            self.step = GraphedTrainStep(self.model, self.optimizer, imgs.to(device, non_blocking=True),
+                                         noise.to(device, non_blocking=True), self.mask_ratio, self.dtype)
         return self.step(imgs, noise)

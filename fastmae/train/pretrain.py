@@ -283,7 +283,8 @@ def train(args) -> PretrainResult:
         graph = None
         if args.cuda_graph:  # after loading a resumed state, which replaces the rates with the saved numbers
             use_tensor_lr(optimizer)
-            graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32)
+            graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32,
+                                      device)
         if info.distributed:
             ids = [info.local_rank] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -390,6 +391,7 @@ def run(args) -> int:
     from ..cli import discarding_new_dirs, sigterm_as_exit
     from .data import DataError
     from .engine import NonFiniteLossError
+    from .graphed import GraphCaptureError
     from .checkpoint import NonFiniteStateError
     from ..model.checkpoint import CheckpointError
 
@@ -404,7 +406,7 @@ def run(args) -> int:
             if main_rank:
                 _check_outputs(args)
             train(args)
-        except (NonFiniteLossError, NonFiniteStateError) as exc:
+        except (NonFiniteLossError, NonFiniteStateError, GraphCaptureError) as exc:
             print(f"fastmae pretrain: {exc}", file=sys.stderr)
             return 1
         except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:

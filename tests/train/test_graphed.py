@@ -116,6 +116,55 @@ def test_capture_keeps_an_existing_optimizer_state(monkeypatch):
         assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 3}")
 
 
+class FailingCapture:
+    """A stand-in capture that fails as torch's does on an op it cannot capture."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be ...")
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_failed_capture_restores_the_model(monkeypatch):
+    """A capture that fails leaves the weights and the optimizer's state as they were before the warm-up steps,
+    and says why in one line."""
+    model, opt, batches = _setup("cpu")
+    _eager_steps(model, opt, batches[:1], torch.float32)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    StepGraphs(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    with pytest.raises(graphed.GraphCaptureError) as err:
+        GraphedTrainStep(model, opt, *batches[1], mask_ratio=0.75)
+    assert "\n" not in str(err.value) and "RuntimeError: operation not permitted when stream is capturing" in \
+        str(err.value) and "as they were" in str(err.value)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[n]), n
+        assert p.grad is None
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k]), k
+
+
+def test_pretrain_reports_a_failed_capture(monkeypatch, tmp_path, capsys):
+    """`fastmae pretrain --cuda_graph` whose capture fails: exit status 1, one line on stderr, no traceback."""
+    from fastmae.train.pretrain import main
+
+    from .common import pretrain_argv
+
+    StepGraphs(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    assert main(pretrain_argv(tmp_path / "run", "--adamw", "fused", "--cuda_graph")[1:]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastmae pretrain: the training step could not be captured in a CUDA graph"), err
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "run").exists()  # nothing left behind
+
+
 def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
     """`fastmae pretrain --cuda_graph` (stand-in graphs on the CPU; fused AdamW takes capturable=True and a tensor
     lr here): over two epochs of the lr schedule, the same losses and final weights as the eager run (fp32,

@@ -11,7 +11,8 @@ step (autocast forward and loss, backward, optimizer step) can be captured once 
 What it needs (`graph_step_reason` says which is missing): a CUDA device; an optimizer whose step can be
 captured (torch's Adam/AdamW with `capturable=True`, e.g. `build_optimizer(..., capturable=True)`); no
 GradScaler (bf16 or fp32: a scaled step reads its inf check on the host); the same batch shape every call.
-The learning rate in effect at capture is used by every replay unless it is a tensor filled in place.
+Each group's learning rate becomes a tensor at capture (`use_tensor_lr`), which every replay reads: a schedule
+that fills it in place or assigns a new number to the group both take effect at the next call.
 
 Capture follows PyTorch's whole-network recipe: `warmup` ordinary steps on a side stream (compiling kernels,
 creating the optimizer's state), gradients set to None so the captured backward allocates them in the graph's
@@ -30,6 +31,7 @@ from typing import Callable, TypeVar
 import torch
 
 from .engine import autocast
+from .optim import use_tensor_lr
 
 T = TypeVar("T")
 
@@ -111,7 +113,15 @@ class GraphedTrainStep:
             raise ValueError(f"warmup must be >= 1 (the optimizer's state is created by a real step), got {warmup}")
         self.model, self.optimizer = model, optimizer
         self.mask_ratio, self.dtype, self.device = float(mask_ratio), dtype, device
-        self._capture(imgs, noise, warmup)
+        before = [g["lr"] for g in optimizer.param_groups]
+        use_tensor_lr(optimizer)  # the graph reads each group's rate from a tensor: see `_sync_lr`
+        self.lrs = [g["lr"] for g in optimizer.param_groups]
+        try:
+            self._capture(imgs, noise, warmup)
+        except GraphCaptureError:
+            for group, lr in zip(optimizer.param_groups, before):
+                group["lr"] = lr
+            raise
 
     def _capture(self, imgs: torch.Tensor, noise: torch.Tensor, warmup: int) -> None:
         """Capture on the model's GPU, whichever is current (replays run there too); see the module docstring."""
@@ -148,6 +158,16 @@ class GraphedTrainStep:
         self.optimizer.step()
         return loss.detach()
 
+    def _sync_lr(self) -> None:
+        """The rates the graph reads are the tensors each group held at capture. A schedule that fills them in place
+        (`adjust_learning_rate`) needs nothing; one that assigns numbers (torch's LR schedulers, user code) has
+        its number copied into the captured tensor, which goes back into the group."""
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            if group["lr"] is not lr:
+                with torch.no_grad():
+                    lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+
     def __call__(self, imgs: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One training step on this batch (None: the batch already in the captured buffers). Returns the loss,
         a tensor the next call overwrites."""
@@ -157,6 +177,7 @@ class GraphedTrainStep:
             if new.shape != buf.shape:
                 raise ValueError(f"{name} must keep the captured shape {tuple(buf.shape)}, got {tuple(new.shape)}")
             buf.copy_(new, non_blocking=True)
+        self._sync_lr()
         with torch.cuda.device(self.device):
             self.graph.replay()
         return self.loss

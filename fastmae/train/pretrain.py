@@ -202,7 +202,7 @@ def train(args) -> PretrainResult:
     from .engine import PRECISIONS, RunState, Schedule, make_scaler, train_one_epoch
     from .graphed import GraphOnFirstBatch
     from .logs import RunLogger, plot_loss_curve
-    from .optim import absolute_lr, adamw_impl, build_optimizer, use_tensor_lr
+    from .optim import absolute_lr, adamw_impl, build_optimizer
 
     _check_args(args)
     resume_path = _resume_path(args.resume, args.output_dir)
@@ -281,8 +281,7 @@ def train(args) -> PretrainResult:
                 say(f"resumed from {resume_path}: epoch {start_epoch}, iteration {skip_iters}, step {step}")
 
         graph = None
-        if args.cuda_graph:  # after loading a resumed state, which replaces the rates with the saved numbers
-            use_tensor_lr(optimizer)
+        if args.cuda_graph:
             graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32,
                                       device)
         if info.distributed:

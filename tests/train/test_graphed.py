@@ -13,18 +13,19 @@ import torch
 from fastmae import create_model
 from fastmae.train import graphed
 from fastmae.train.graphed import GraphedTrainStep, graph_step_reason
-from fastmae.train.optim import build_optimizer
+from fastmae.train.optim import build_optimizer, use_tensor_lr
 
 from ..utils import FakeGraphs, assert_close
 
 TINY = "mae_vit_tiny_patch4"
 
 
-def _setup(device, backend="sdpa", capturable=False, impl="foreach"):
+def _setup(device, backend="sdpa", capturable=False, impl="fused"):
     torch.manual_seed(0)
     model = create_model(TINY).to(device)
     model.backend = backend
     opt = build_optimizer(model, 1e-3, 0.05, impl=impl, capturable=capturable)
+    use_tensor_lr(opt)  # as a graphed step makes them: eager and graphed steps then round the rate alike
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 32, 32, generator=gen).to(device), torch.rand(4, 64, generator=gen).to(device))
                for _ in range(3)]
@@ -116,6 +117,39 @@ def test_capture_keeps_an_existing_optimizer_state(monkeypatch):
         assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 3}")
 
 
+def test_replays_follow_assigned_rates(monkeypatch):
+    """Rates assigned as numbers between calls (as torch's LR schedulers do), or filled in place into the captured
+    tensors (`adjust_learning_rate`), both reach the replayed step: the same losses and weights as eager steps
+    with those rates (fp32, within 1e-6)."""
+    rates = [1e-3, 5e-4, 2e-3]
+    model, opt, batches = _setup("cpu")
+    expected = []
+    for lr, batch in zip(rates, batches):
+        for g in opt.param_groups:
+            g["lr"].fill_(lr)
+        expected += _eager_steps(model, opt, [batch], torch.float32)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    StepGraphs(monkeypatch)
+    model, opt, batches = _setup("cpu")
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75)
+    captured = [g["lr"] for g in opt.param_groups]
+    assert all(isinstance(t, torch.Tensor) for t in captured)
+    got = []
+    for i, (lr, (imgs, noise)) in enumerate(zip(rates, batches)):
+        for g in opt.param_groups:
+            if i == 1:
+                g["lr"].fill_(lr)  # in place, as the pretraining schedule does
+            else:
+                g["lr"] = lr  # a number, as torch's schedulers do
+        got.append(step(imgs, noise).clone())
+        assert all(g["lr"] is t for g, t in zip(opt.param_groups, captured))
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 1}")
+    for n, p in model.named_parameters():
+        assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n} after three steps")
+
+
 class FailingCapture:
     """A stand-in capture that fails as torch's does on an op it cannot capture."""
 
@@ -134,6 +168,9 @@ def test_failed_capture_restores_the_model(monkeypatch):
     and says why in one line."""
     model, opt, batches = _setup("cpu")
     _eager_steps(model, opt, batches[:1], torch.float32)
+    for g in opt.param_groups:
+        g["lr"] = 1e-3  # a number: it stays one
+    rates = [g["lr"] for g in opt.param_groups]
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
     StepGraphs(monkeypatch)
@@ -148,6 +185,7 @@ def test_failed_capture_restores_the_model(monkeypatch):
     for p, s in opt.state.items():
         for k, v in s.items():
             assert torch.equal(v, state[id(p)][k]), k
+    assert all(g["lr"] is lr for g, lr in zip(opt.param_groups, rates))
 
 
 def test_pretrain_reports_a_failed_capture(monkeypatch, tmp_path, capsys):

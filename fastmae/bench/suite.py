@@ -74,7 +74,7 @@ def key_results(records: list[dict]) -> list[str]:
         target = ENCODER_TARGET.get(r.get("device_type", "cpu"))
         alias = aliases.get((r["model"], r["shape"]["batch"], r["mode"]))
         # the graph-replayed rows too: the same path without the host's time to issue it
-        fastmae_path = r["backend"] in ("auto", "auto+cudagraph") or r["backend"] == alias
+        fastmae_path = r["backend"] in ("auto", alias) or bool(r.get("cuda_graph"))
         name = r["backend"] + (" (= auto)" if r["backend"] == alias else "")
         lines.append(f"- encoder `{r['model']}` batch {r['shape']['batch']} {name} {r['mode']} at 75%: speedup "
                      f"{r['speedup']:.2f}x of ideal {r['ideal_speedup']:.2f}x = {r['of_ideal']:.0%}"
@@ -88,7 +88,7 @@ def key_results(records: list[dict]) -> list[str]:
             continue
         extra = []
         for k, target in TRAIN_TARGETS.items():
-            if r.get(k) is not None and r["backend"] in ("fastmae", "fastmae+cudagraph"):
+            if r.get(k) is not None and (r["backend"] == "fastmae" or r.get("cuda_graph")):  # fastmae's own steps
                 goal = f" (GPU target >= {target}x)" if r.get("device_type") == "cuda" else ""
                 extra.append(f"{k.replace('_', ' ')} {r[k]:.2f}x{goal}")
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""

@@ -819,6 +819,7 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.scale = scale
     ctx.path = path
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zeros made for it (a kernel per call)
 
 
 def _attention_backward_formula(ctx, dout, dlse):
@@ -885,6 +886,7 @@ def _attention_qkv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(qkv, out, lse)
     ctx.num_heads, ctx.scale, ctx.path = num_heads, scale, path
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zeros made for it (a kernel per block)
 
 
 def _attention_qkv_backward_formula(ctx, dout, dlse):

@@ -235,6 +235,33 @@ def test_packed_qkv_gives_the_same_bits_with_one_gradient(N, D, dtype, path, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_makes_no_gradient_for_lse(packed, device):
+    """lse is an output without a gradient: the backward makes no zeros for it (a kernel and an allocation per
+    block and step, which autograd makes unless told not to)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    skip_unless_serves("attention", "triton", device, F16, head_dim=32)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    qkv = torch.randn(2, 20, 3 * 2 * 32, generator=torch.Generator().manual_seed(0)).to(device, F16).requires_grad_()
+    out = attn.attention_packed(qkv, 2) if packed else attn.attention(*attn.split_qkv(qkv, 2))
+    dout = torch.ones_like(out)
+    with Ops() as ops_seen:
+        torch.autograd.grad(out, qkv, dout)
+    made = [name for name in ops_seen.seen if name in ("aten.zeros", "aten.zero_", "aten.fill_", "aten.new_zeros")]
+    assert not made, ops_seen.seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_traces_the_packed_op(device):
     skip_unless_serves("attention", "triton", device, F32, head_dim=32)
     qkv = torch.randn(1, 50, 3 * 2 * 32, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()

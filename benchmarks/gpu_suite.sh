@@ -225,7 +225,7 @@ log "results go to $RUN_DIR ($MODE)"
 BENCH=("$PY" -m fastmae bench)
 # the training step's variants (fastmae.bench.train_bench.VARIANTS) in two GPU parts: eager, and torch.compile
 # with the eager pair they are compared with (tests/bench/test_gpu_suite_quick.py checks they cover them all)
-TRAIN_EAGER=fastmae,official-eager,reference+sdpa,fastmae+lean,fastmae+cudagraph
+TRAIN_EAGER=fastmae,official-eager,reference+sdpa,fastmae+sdpa,fastmae+lean,fastmae+cudagraph
 TRAIN_COMPILE=fastmae,official-eager,reference+compile,fastmae+compile
 
 # The attention tuner in whatever time the other parts left (at least 90 s), last: it records its winners in the

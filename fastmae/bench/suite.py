@@ -88,7 +88,7 @@ def key_results(records: list[dict]) -> list[str]:
             continue
         extra = []
         for k, target in TRAIN_TARGETS.items():
-            if r.get(k) is not None and (r["backend"] == "fastmae" or r.get("cuda_graph")):  # fastmae's own steps
+            if r.get(k) is not None and r["backend"].startswith("fastmae"):  # each a path fastmae offers
                 goal = f" (GPU target >= {target}x)" if r.get("device_type") == "cuda" else ""
                 extra.append(f"{k.replace('_', ' ')} {r[k]:.2f}x{goal}")
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmae import create_model
+from fastmae import create_model, ops
 from fastmae.bench import encoder_bench, train_bench
 from fastmae.bench.common import MODEL_PATHS
 
@@ -162,6 +162,23 @@ def test_train_records():
     assert "gather_tokens=reference" in by["reference+sdpa"]["dispatch"]
     assert by["fastmae+cudagraph"]["status"] == "skipped"
     assert "CUDA graphs need a CUDA device" in by["fastmae+cudagraph"]["reason"]
+    # on a CPU fastmae's own choice for attention is SDPA: fastmae+sdpa would time the same step again
+    assert "attention=sdpa" in by["fastmae"]["dispatch"]
+    assert by["fastmae+sdpa"]["status"] == "skipped" and by["fastmae+sdpa"]["reason"].startswith(
+        "fastmae already runs this step here (attention=sdpa")
+
+
+def test_varied_variant_runs_where_it_differs():
+    """fastmae+sdpa is timed where fastmae's attention is not SDPA (here: forced to the reference backend), and
+    serves attention with SDPA and the other ops as fastmae does."""
+    with ops.use_backend({"attention": "reference"}):
+        recs = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae", "fastmae+sdpa"],
+                                     timing=QUICK, show_progress=False)
+    by = {r["backend"]: r for r in recs}
+    assert by["fastmae"]["status"] == by["fastmae+sdpa"]["status"] == "ok"
+    assert "attention=reference" in by["fastmae"]["dispatch"] and "attention=sdpa" in by["fastmae+sdpa"]["dispatch"]
+    rest = lambda r: [p for p in r["dispatch"].split(", ") if not p.startswith("attention=")]  # noqa: E731
+    assert rest(by["fastmae+sdpa"]) == rest(by["fastmae"])
 
 
 def test_graphed_train_variant_flow(monkeypatch):

@@ -156,10 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("train", formatter_class=fmt, help="one pretraining step per variant: images/s, memory, MFU",
                        description="One full pretraining step (forward, loss, backward, AdamW) for: official-eager, "
-                       "reference+sdpa, reference+compile, fastmae, fastmae+compile, fastmae+sdpa (SDPA attention), fastmae+lean, "
-                       "fastmae+cudagraph "
-                       "(the step captured in a CUDA graph; CUDA only); images/s, peak "
-                       "memory and model-FLOPs utilisation against the matmul peak measured in the same run.")
+                       "reference+sdpa, reference+compile, fastmae, fastmae+compile, fastmae+sdpa (SDPA attention), "
+                       "fastmae+lean, fastmae+cudagraph (the step captured in a CUDA graph; CUDA only); images/s, "
+                       "peak memory and model-FLOPs utilisation against the matmul peak measured in the same run.")
     _common(p)
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
                    "mae_vit_cifar_small_patch4 on cpu)")

@@ -146,10 +146,11 @@ def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dt
     try:
         for name in progress(ordered, "bench train", show_progress):
             same = same_as_varied(name, records)
-            rec = same or run_variant(device, model_name, batch, dtype, name, mask_ratio=mask_ratio,
-                                      compile_reason=compile_reason, peak_tflops=peak_tflops,
-                                      timing=compile_timing if VARIANTS[name]["compile"] else timing,
-                                      allow_interpreter=allow_interpreter, profile=profile)
+            rec = {**record_head(name, model_name, mask_ratio, dtype), "status": "skipped", "reason": same} if same \
+                else run_variant(device, model_name, batch, dtype, name, mask_ratio=mask_ratio,
+                                 compile_reason=compile_reason, peak_tflops=peak_tflops,
+                                 timing=compile_timing if VARIANTS[name]["compile"] else timing,
+                                 allow_interpreter=allow_interpreter, profile=profile)
             records.append(rec)
             add_train_speedups(records)
             if on_record:
@@ -159,21 +160,29 @@ def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dt
     return records
 
 
-def same_as_varied(variant: str, records: Sequence[dict]) -> dict | None:
-    """A skipped record for a variant that changes some ops' backends of another (`varies`) where that one's
-    recorded step already ran those backends (fastmae+sdpa on a CPU, where fastmae's choice is SDPA): timing it
-    again would time the same step. None otherwise."""
+def same_as_varied(variant: str, records: Sequence[dict]) -> str | None:
+    """Why not to run a variant that changes some ops' backends of another (`varies`) where that one's recorded
+    step already ran those backends (fastmae+sdpa on a CPU, where fastmae's choice is SDPA): it would time the
+    same step again. None otherwise."""
     cfg = VARIANTS[variant]
-    base = next((r for r in records if r.get("backend") == cfg.get("varies") and r.get("status") == "ok"), None)
+    if "varies" not in cfg:
+        return None
+    base = next((r for r in records if r.get("backend") == cfg["varies"] and r.get("status") == "ok"), None)
     if base is None:
         return None
     served = dict(part.split("=", 1) for part in base.get("dispatch", "").split(", ") if "=" in part)
     if any(served.get(op) != name for op, name in cfg["backend"].items()):
         return None
-    return {"kind": "train", "model": base["model"], "backend": variant, "mode": "step",
-            "mask_ratio": base["mask_ratio"], "dtype": base["dtype"], "amp": base["amp"], "compile": cfg["compile"],
-            "backend_spec": cfg["backend"], "status": "skipped",
-            "reason": f"{cfg['varies']} already runs this step here ({base['dispatch']})"}
+    return f"{cfg['varies']} already runs this step here ({base['dispatch']})"
+
+
+def record_head(variant: str, model_name: str, mask_ratio: float, dtype: torch.dtype) -> dict:
+    """What every record of a variant starts with: what was (or would have been) run."""
+    cfg = VARIANTS[variant]
+    return {"kind": "train", "model": model_name, "backend": variant, "mode": "step", "mask_ratio": mask_ratio,
+            "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
+            "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto",
+            **({"cuda_graph": True} if cfg.get("cuda_graph") else {})}
 
 
 def add_train_speedups(records: list[dict]) -> list[dict]:
@@ -282,10 +291,7 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
                 mask_ratio: float = 0.75, compile_reason: str | None = None, peak_tflops: float | None = None,
                 timing: dict | None = None, allow_interpreter: bool = False, profile: bool = False) -> dict:
     cfg = VARIANTS[variant]
-    rec = {"kind": "train", "model": model_name, "backend": variant, "mode": "step", "mask_ratio": mask_ratio,
-           "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
-           "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto",
-           **({"cuda_graph": True} if cfg.get("cuda_graph") else {})}
+    rec = record_head(variant, model_name, mask_ratio, dtype)
     if cfg["compile"] and compile_reason:
         return {**rec, "status": "skipped", "reason": compile_reason}
     why = variant_reason(variant, device, dtype, allow_interpreter)

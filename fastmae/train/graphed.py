@@ -12,7 +12,8 @@ What it needs (`graph_step_reason` says which is missing): a CUDA device; an opt
 captured (torch's Adam/AdamW with `capturable=True`, e.g. `build_optimizer(..., capturable=True)`); no
 GradScaler (bf16 or fp32: a scaled step reads its inf check on the host); the same batch shape every call.
 Each group's learning rate becomes a tensor at capture (`use_tensor_lr`), which every replay reads: a schedule
-that fills it in place or assigns a new number to the group both take effect at the next call.
+that fills it in place (torch's LR schedulers do) or assigns a new number to the group takes effect at the next
+call.
 
 Capture follows PyTorch's whole-network recipe: `warmup` ordinary steps on a side stream (compiling kernels,
 creating the optimizer's state), gradients set to None so the captured backward allocates them in the graph's
@@ -50,35 +51,48 @@ def graph_step_reason(device: torch.device, optimizer: torch.optim.Optimizer | N
     return None
 
 
+class GraphCaptureError(RuntimeError):
+    """Work failed to capture in a CUDA graph (`capture`); from `GraphedTrainStep`, with the model and optimizer
+    restored to their state before it."""
+
+
 def capture(work: Callable[[], T], device: torch.device, warmup: int = 3,
             before_capture: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """`work` captured in a CUDA graph on `device` (PyTorch's whole-network recipe): `warmup` eager calls on a
     side stream (they compile kernels and create lazily made state), then `before_capture` (for example
-    gradients set to None, so the captured backward allocates them in the graph's memory pool), the allocator's
-    cache emptied (the warm-up's cached blocks are not released while a capture runs, so the capture would
-    otherwise need room for both), and one call captured. Returns the graph and what the captured call returned,
-    which each replay overwrites.
+    gradients set to None, so the captured backward allocates them in the graph's memory pool), and one call
+    captured (torch's graph context synchronises and empties the allocator's cache first). Returns the graph and
+    what the captured call returned, which each replay overwrites. A failed warm-up call raises its own error; a
+    failed capture raises `GraphCaptureError`. Either way the current stream is the caller's again, and every
+    warm-up call's work is ordered before whatever the caller issues next.
 
     The capture runs on a capture stream of `device` (torch's default one is made once, on whichever device came
     first) in thread-local error mode: a data loader's pin-memory thread keeps calling CUDA meanwhile."""
     with torch.cuda.device(device):
+        current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                work()
-        torch.cuda.current_stream(device).wait_stream(side)
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    work()
+        finally:
+            current.wait_stream(side)
         if before_capture is not None:
             before_capture()
-        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
-            out = work()
+        try:
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                out = work()
+        except Exception as exc:
+            text = str(exc).strip()
+            raise GraphCaptureError(f"could not be captured in a CUDA graph ({type(exc).__name__}: "
+                                    f"{text.splitlines()[0] if text else ''})") from exc
+        finally:  # a failed capture leaves torch's graph context before it restores the stream
+            torch.cuda.set_stream(current)
     return graph, out
 
 
-class GraphCaptureError(RuntimeError):
-    """A training step failed to capture; the model and optimizer were restored to their state before it."""
 
 
 def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -118,7 +132,7 @@ class GraphedTrainStep:
         self.lrs = [g["lr"] for g in optimizer.param_groups]
         try:
             self._capture(imgs, noise, warmup)
-        except GraphCaptureError:
+        except Exception:
             for group, lr in zip(optimizer.param_groups, before):
                 group["lr"] = lr
             raise
@@ -139,16 +153,16 @@ class GraphedTrainStep:
 
         try:  # gradients None before the capture: the captured backward allocates them in the graph's pool
             self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
-        except Exception as exc:
-            try:  # the model is left as it came, whatever the failure
+        except Exception as exc:  # the warm-up's or the capture's: the model is left as it came, either way
+            try:
                 optimizer.zero_grad(set_to_none=True)
                 _restore(params, weights, optimizer, state)
                 left = "the model and optimizer are as they were"
             except Exception:  # noqa: BLE001 - a failed capture can leave the device unusable
                 left = "restoring the model's weights failed too"
-            text = str(exc).strip()
-            raise GraphCaptureError(f"the training step could not be captured in a CUDA graph "
-                                    f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}); {left}") from exc
+            if isinstance(exc, GraphCaptureError):
+                raise GraphCaptureError(f"the training step {exc}; {left}") from exc.__cause__
+            raise
         _restore(params, weights, optimizer, state)  # in place: the graph holds these tensors' addresses
 
     def _work(self) -> torch.Tensor:
@@ -160,8 +174,8 @@ class GraphedTrainStep:
 
     def _sync_lr(self) -> None:
         """The rates the graph reads are the tensors each group held at capture. A schedule that fills them in place
-        (`adjust_learning_rate`) needs nothing; one that assigns numbers (torch's LR schedulers, user code) has
-        its number copied into the captured tensor, which goes back into the group."""
+        (`adjust_learning_rate`, torch's LR schedulers) needs nothing; one that assigns numbers (user code) has its
+        number copied into the captured tensor, which goes back into the group."""
         for group, lr in zip(self.optimizer.param_groups, self.lrs):
             if group["lr"] is not lr:
                 with torch.no_grad():
@@ -186,8 +200,8 @@ class GraphedTrainStep:
 class GraphOnFirstBatch:
     """A `GraphedTrainStep` captured from the first batch it is called with and replayed for every batch after
     (`fastmae pretrain --cuda_graph`: the batch shape is fixed, the loader dropping the last partial batch).
-    Batches may come on the host (pinned, from the loader): each is copied once, straight into the graph's
-    buffers on `device`."""
+    Batches may come on the host (pinned, from the loader): each after the first is copied once, straight into
+    the graph's buffers on `device`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -200,4 +214,5 @@ class GraphOnFirstBatch:
             device = self.device or imgs.device
             self.step = GraphedTrainStep(self.model, self.optimizer, imgs.to(device, non_blocking=True),
                                          noise.to(device, non_blocking=True), self.mask_ratio, self.dtype)
+            return self.step()  # its buffers hold this batch already
         return self.step(imgs, noise)

@@ -63,12 +63,15 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, lr: flo
 def use_tensor_lr(optimizer: torch.optim.Optimizer) -> None:
     """Give every group its lr as a 0-dim fp32 tensor on its parameters' device, which `adjust_learning_rate`
     then fills in place: a step captured in a CUDA graph reads the schedule's rate from it at every replay (a
-    plain number would be fixed in the graph). Needs an implementation that takes tensor rates (fused, or
+    plain number would be fixed in the graph). A group's rate that already is such a tensor is kept; one on
+    another device or of another dtype is replaced. Needs an implementation that takes tensor rates (fused, or
     capturable)."""
     for group in optimizer.param_groups:
-        if not isinstance(group["lr"], torch.Tensor):
-            device = group["params"][0].device if group["params"] else None
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        lr = group["lr"]
+        device = group["params"][0].device if group["params"] else None
+        if not (isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.dtype == torch.float32
+                and (device is None or lr.device == device)):  # one of another kind is replaced by its value
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
 def plain_lr_state(state_dict: dict) -> dict:

@@ -118,8 +118,8 @@ def test_capture_keeps_an_existing_optimizer_state(monkeypatch):
 
 
 def test_replays_follow_assigned_rates(monkeypatch):
-    """Rates assigned as numbers between calls (as torch's LR schedulers do), or filled in place into the captured
-    tensors (`adjust_learning_rate`), both reach the replayed step: the same losses and weights as eager steps
+    """Rates assigned as numbers between calls (user code), or filled in place into the captured tensors
+    (`adjust_learning_rate`, torch's LR schedulers), both reach the replayed step: the same losses and weights as eager steps
     with those rates (fp32, within 1e-6)."""
     rates = [1e-3, 5e-4, 2e-3]
     model, opt, batches = _setup("cpu")
@@ -141,7 +141,7 @@ def test_replays_follow_assigned_rates(monkeypatch):
             if i == 1:
                 g["lr"].fill_(lr)  # in place, as the pretraining schedule does
             else:
-                g["lr"] = lr  # a number, as torch's schedulers do
+                g["lr"] = lr  # a number, as user code may
         got.append(step(imgs, noise).clone())
         assert all(g["lr"] is t for g, t in zip(opt.param_groups, captured))
     for i, (g, e) in enumerate(zip(got, expected)):
@@ -186,6 +186,50 @@ def test_failed_capture_restores_the_model(monkeypatch):
         for k, v in s.items():
             assert torch.equal(v, state[id(p)][k]), k
     assert all(g["lr"] is lr for g, lr in zip(opt.param_groups, rates))
+
+
+def test_failed_warmup_raises_its_own_error_and_restores_the_model(monkeypatch):
+    """An error in an ordinary warm-up step (a model bug, say) is raised as it is, not as a capture failure, with
+    the model, the optimizer and its rates as they were before the warm-up."""
+    model, opt, batches = _setup("cpu")
+    _eager_steps(model, opt, batches[:1], torch.float32)
+    for g in opt.param_groups:
+        g["lr"] = 1e-3
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    StepGraphs(monkeypatch)
+    work = GraphedTrainStep._work
+    calls = []
+
+    def failing_second(step):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("a bug in the model")
+        return work(step)
+
+    monkeypatch.setattr(GraphedTrainStep, "_work", failing_second)
+    with pytest.raises(KeyError, match="a bug in the model"):
+        GraphedTrainStep(model, opt, *batches[1], mask_ratio=0.75)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[n]), n
+    assert all(g["lr"] == 1e-3 and type(g["lr"]) is float for g in opt.param_groups)
+
+
+def test_tensor_rates_of_another_kind_are_replaced():
+    """`use_tensor_lr` keeps a 0-dim fp32 rate on the parameters' device (a graph may hold it) and replaces any
+    other: a float64 or 1-element rate would not be the tensor the optimizer's kernels read."""
+    from fastmae.train.optim import use_tensor_lr as make
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    make(opt)
+    kept = opt.param_groups[0]["lr"]
+    make(opt)
+    assert opt.param_groups[0]["lr"] is kept
+    for other in (torch.tensor(2e-3, dtype=torch.float64), torch.tensor([2e-3])):
+        opt.param_groups[0]["lr"] = other
+        make(opt)
+        lr = opt.param_groups[0]["lr"]
+        assert lr is not other and lr.dim() == 0 and lr.dtype == torch.float32 and float(lr) == pytest.approx(2e-3)
 
 
 def test_pretrain_reports_a_failed_capture(monkeypatch, tmp_path, capsys):

@@ -1,8 +1,11 @@
-"""Shared by the training tests: `fastmae pretrain` arguments for tiny, fast runs, and a dead process."""
+"""Shared by the training tests: `fastmae pretrain` arguments for tiny, fast runs, a comparison of trained
+weights, and a dead process."""
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import torch
 
 from fastmae.cli import build_parser
 
@@ -27,3 +30,18 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def assert_same_weights(got: dict, expected: dict, *, lr: float, steps: int, atol: float, rtol: float) -> None:
+    """Two runs that took the same optimizer steps by different routes (accumulation, ranks) end with the same
+    weights within `atol`/`rtol`, except the attention key biases, held to `lr * steps`: their true gradient is
+    zero (softmax is invariant to adding q.b_k to every score of a row), so what they receive is round-off, which
+    Adam normalises into steps of up to lr, and round-off differs with the route and the machine's kernels."""
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        w = got[k]
+        if k.endswith("attn.qkv.bias"):
+            d = v.numel() // 3
+            torch.testing.assert_close(w[d:2 * d], v[d:2 * d], atol=lr * steps, rtol=0, msg=k + " (key part)")
+            w, v = torch.cat([w[:d], w[2 * d:]]), torch.cat([v[:d], v[2 * d:]])
+        torch.testing.assert_close(w, v, atol=atol, rtol=rtol, msg=k)

@@ -18,8 +18,9 @@ Python, dispatch and Triton's launcher), the GPU waits for the host between the 
 the host's. Kernel benchmarks (`bench ops`, `bench attention`) pass `hide_launch=True`: before each repetition
 the GPU is kept busy (`torch.cuda._sleep`, calibrated once per device) for twice the host time of one call
 measured in the warm-up plus 50 µs (at most `HOLD_MAX_S`), so the call is queued before the start event runs and the
-events time the GPU work alone. That host time (the last warm-up call's, issued with nothing queued ahead) is
-reported as `host_ms` either way. Model benchmarks (encoder,
+events time the GPU work alone. `host_ms` is the median over the repetitions of the host's time to issue one
+call (nothing runs ahead of it on the host: the GPU is held, or idle after a synchronisation), either way: one
+call's time alone is a noisy sample. Model benchmarks (encoder,
 training step) keep the default: a step's host time is part of what a user waits for. Without `hide_launch` the
 device is synchronised before each start event, so no call is issued ahead while the GPU still runs the previous
 one: otherwise, with functions interleaved, the backlog a GPU-bound function leaves (a low mask ratio) would let
@@ -60,7 +61,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
-    host_ms: float | None = None  # CUDA: host time to issue one call (the last warm-up), its launch overhead
+    host_ms: float | None = None  # CUDA: host time to issue one call (median over the repetitions)
     launch_hidden: bool = False  # CUDA: the GPU was held busy while each call was issued (see the docstring)
 
     @classmethod
@@ -162,7 +163,7 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
             synchronize(device)  # nothing queued ahead: the host time is this call's own, not a wait on the last
             t = time.perf_counter()
             fns[name]()
-            host_s[name] = time.perf_counter() - t  # the last warm-up call's: compiled and allocated by then
+            host_s[name] = time.perf_counter() - t  # the last warm-up call's sets the hold (compiled by then)
         synchronize(device)
         round_s.append(time.perf_counter() - r0)
     # the repetitions that fit in max_time_s, from the fastest warm-up round: the first one may have compiled
@@ -179,6 +180,7 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
             reps = _reps_for(per_round + sum(hold.values()) / rate, max_time_s, min_reps, max_reps)
         events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)] for n in names}
+        issue_s: dict[str, list[float]] = {n: [] for n in names}
         for i in range(reps):
             for name in names:
                 if hold[name]:
@@ -188,14 +190,18 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
                     torch.cuda.synchronize(device)
                 start, end = events[name][i]
                 start.record()
+                t = time.perf_counter()
                 fns[name]()
+                issue_s[name].append(time.perf_counter() - t)
                 end.record()
         torch.cuda.synchronize(device)
         for name in names:
             samples[name] = [s.elapsed_time(e) for s, e in events[name]]
-        # hidden only where the hold outlasted the host's issuing of the call (it is capped at HOLD_MAX_S)
-        return {n: Timing.from_samples(samples[n], host_ms=host_s[n] * 1e3,
-                                       launch_hidden=bool(hold[n]) and hold[n] / rate >= host_s[n])
+        # hidden only where the hold outlasted the host's issuing of the call (it is capped at HOLD_MAX_S): of the
+        # median call, as the time reported is the median repetition's
+        host_ms = {n: percentile(issue_s[n], 50) * 1e3 for n in names}
+        return {n: Timing.from_samples(samples[n], host_ms=host_ms[n],
+                                       launch_hidden=bool(hold[n]) and hold[n] / rate >= host_ms[n] / 1e3)
                 for n in names}
     else:
         for _ in range(reps):

@@ -211,6 +211,61 @@ def test_hide_launch_times_the_gpu_work_alone():
     assert hidden.host_ms >= 0.3 and plain.host_ms >= 0.3
 
 
+class _StandInEvent:
+    """A CUDA event that reads the host's clock: the CUDA timing path's bookkeeping, run on a CPU."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def _cuda_stand_ins(monkeypatch):
+    import contextlib
+
+    from fastmae.bench import timing
+
+    monkeypatch.setattr(torch.cuda, "Event", _StandInEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(timing, "sleep_cycles_per_s", lambda index: 1e9)
+
+
+_NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+
+
+@pytest.mark.parametrize("hide", [False, True])
+@pytest.mark.parametrize("cuda", ["stand-ins", pytest.param("device", marks=[pytest.mark.gpu, _NEEDS_CUDA])])
+def test_cuda_path_reports_the_median_calls_host_time(monkeypatch, cuda, hide):
+    """The CUDA path's host time is the median repetition's time to issue the call, not the last warm-up
+    call's (here 3 ms among calls of 300 µs). On a CPU with stand-ins for CUDA's events, syncs and sleep (the
+    path's bookkeeping), and on a GPU."""
+    x = None
+    if cuda == "stand-ins":
+        _cuda_stand_ins(monkeypatch)
+    else:
+        x = torch.zeros(1024, device="cuda")
+    calls = []
+
+    def call():
+        calls.append(1)
+        _busy_host(3e-3 if len(calls) == 2 else 300e-6)  # the second and last warm-up call
+        if x is not None:
+            x.add_(1.0)
+
+    t = measure(call, "cuda", warmup=2, min_reps=9, max_reps=9, hide_launch=hide)
+    assert len(calls) == 11 and t.reps == 9
+    assert 0.3 <= t.host_ms < 1.5, t
+    # held for 2 x 3 ms + 50 µs, capped at 5 ms: longer than the median call takes to issue
+    assert t.launch_hidden == hide
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
 def test_interleaved_timing_keeps_each_calls_host_time():

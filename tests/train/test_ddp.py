@@ -2,7 +2,6 @@
 same (rank-averaged) losses as one process with batch 16, because the samples, crops and masking noise of
 each global batch are the same (they are a function of seed, epoch and sample index)."""
 import os
-import socket
 import time
 
 import pytest
@@ -19,17 +18,12 @@ from .common import assert_same_weights, pretrain_args
 TIMEOUT_S = 150
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    result = train(pretrain_args(out_dir, "--batch_size", "8"))
+    # ranks as torchrun sets them; the group meets through a file, not a TCP port another process could take
+    # between choosing it and binding it
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    result = train(pretrain_args(out_dir, "--batch_size", "8", "--dist_url", rendezvous))
     assert result.step == 8, result.step
     assert not dist.is_initialized(), "the process group must be torn down at the end"
 
@@ -39,7 +33,8 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     one = tmp_path / "one"
     ref = train(pretrain_args(one, "--batch_size", "16"))
     two = tmp_path / "two"
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(two)), nprocs=2, join=False,
+    rendezvous = (tmp_path / "rendezvous").as_uri()
+    ctx = mp.start_processes(_worker, args=(2, rendezvous, str(two)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.time() + TIMEOUT_S
     while not ctx.join(timeout=2):

@@ -548,15 +548,17 @@ def profile_table(records: list[dict]) -> str:
     for r in rows_in:
         prof = r.get("profile")
         if prof is None:
-            rows.append([r["backend"], "-", "-"] + ["-"] * len(kinds) + [r.get("profile_error", "not profiled")])
+            rows.append([r["backend"], "-", "-", "-"] + ["-"] * len(kinds) + [r.get("profile_error", "not profiled")])
             continue
-        rows.append([r["backend"], fmt(prof["busy_ms"]), f"{100 * r['busy_share']:.0f}%"]
+        calls = prof.get("calls")  # absent from records written before it was counted
+        rows.append([r["backend"], fmt(prof["busy_ms"]), f"{100 * r['busy_share']:.0f}%",
+                     f"{calls:,.0f}" if calls is not None else "-"]
                     + [fmt(prof["by_kind"][k]) if k in prof["by_kind"] else "-" for k in kinds] + [""])
     kind = next((r["profile"]["kind"] for r in rows_in if r.get("profile")), "profiled time")
-    out = table(["variant", "busy ms", "of the step"] + [f"{k} ms" for k in kinds] + ["note"], rows,
-                align="lrr" + "r" * len(kinds) + "l")
-    return (f"where the step's time goes ({kind} per step, from a few profiled steps; kinds read from the names):\n"
-            + out)
+    out = table(["variant", "busy ms", "of the step", "calls"] + [f"{k} ms" for k in kinds] + ["note"], rows,
+                align="lrrr" + "r" * len(kinds) + "l")
+    return (f"where the step's time goes ({kind} per step, from a few profiled steps; kinds read from the names; "
+            f"calls: kernels launched per step on CUDA, operator calls on a CPU):\n" + out)
 
 
 def run_train(args) -> int:

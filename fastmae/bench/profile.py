@@ -48,7 +48,9 @@ def kind_of(name: str) -> str:
 def profile_step(step: Callable[[], object], device: torch.device, steps: int = PROFILE_STEPS,
                  top: int = TOP) -> dict:
     """Run `step` once untimed, then `steps` times under the profiler. Returns per-step figures:
-    {"kind", "steps", "busy_ms", "by_kind": {kind: ms}, "top": [[name, calls, ms], ...]} (names shortened).
+    {"kind", "steps", "busy_ms", "calls", "by_kind": {kind: ms}, "top": [[name, calls, ms], ...]} (names
+    shortened). `calls`: the GPU kernels (and copies) a step runs on CUDA, each one the host launched: in a step
+    the host bounds, the step's time over it is the host's cost per launch; on a CPU, the operator calls.
     Raises RuntimeError when a CUDA profile holds no kernels (the caller records the reason, not a 0% share)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -85,7 +87,7 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
         k = kind_of(name)
         by_kind[k] = by_kind.get(k, 0.0) + ms
     return {"kind": "cuda kernels' own time" if cuda else "cpu operators' own time", "steps": steps,
-            "busy_ms": sum(r[2] for r in rows),
+            "busy_ms": sum(r[2] for r in rows), "calls": round(sum(r[1] for r in rows), 2),
             "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top": [[_short(name), round(calls, 2), ms] for name, calls, ms in rows[:top]]}
 

@@ -107,6 +107,9 @@ def key_results(records: list[dict]) -> list[str]:
         if r.get("busy_share") is not None:
             where = "GPU kernels" if r.get("device_type") == "cuda" else "CPU operators"
             mem += f", {where} busy {r['busy_share']:.0%} of the step"
+            calls = r.get("profile", {}).get("calls")
+            if calls and r.get("device_type") == "cuda":  # the host's time per launch, where the host bounds
+                mem += f" ({calls:,.0f} kernels, {r['median_ms'] * 1e3 / calls:.3g} µs of step each)"
         lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
                      f"images/s{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
     return lines

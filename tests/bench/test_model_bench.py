@@ -269,3 +269,17 @@ def test_own_peak_memory():
               "mem_vs_official_eager": 1.52}
     lines = [line for line in key_results([stored]) if line.startswith("- train")]
     assert len(lines) == 1 and "vs official-eager; GPU target" not in lines[0], lines
+
+
+def test_summary_states_the_kernels_a_profiled_cuda_step_launches():
+    """A profiled CUDA step's summary line gives its kernel count and the step's time per kernel (the host's cost
+    per launch where the host bounds the step); a CPU record's operator count is not read as kernels."""
+    from fastmae.bench.suite import key_results
+
+    rec = {"kind": "train", "status": "ok", "backend": "fastmae", "model": "m", "shape": {"batch": 64},
+           "dtype": "bfloat16", "images_per_s": 2000.0, "median_ms": 32.0, "busy_share": 0.4,
+           "profile": {"busy_ms": 12.8, "calls": 2000.0, "by_kind": {}, "top": []}}
+    line, = [x for x in key_results([{**rec, "device_type": "cuda"}]) if x.startswith("- train")]
+    assert "GPU kernels busy 40% of the step (2,000 kernels, 16 µs of step each)" in line, line
+    line, = [x for x in key_results([{**rec, "device_type": "cpu"}]) if x.startswith("- train")]
+    assert "CPU operators busy 40% of the step" in line and "kernels" not in line, line

@@ -62,8 +62,10 @@ def test_profile_step_adds_up():
     ms = [row[2] for row in prof["top"]]
     assert len(ms) == 4 and ms == sorted(ms, reverse=True) and ms[0] <= prof["busy_ms"]
     # per step, aten::mm runs once forward and once backward (w's gradient; x needs none)
-    calls = {name: n for name, n, _ in profile_step(step, CPU, steps=2, top=100)["top"]}
+    full = profile_step(step, CPU, steps=2, top=100)
+    calls = {name: n for name, n, _ in full["top"]}
     assert calls["aten::mm"] == 2
+    assert full["calls"] == pytest.approx(sum(calls.values()), abs=0.01) and full["calls"] >= 4
     assert "a user span" not in calls
     with pytest.raises(ValueError, match="steps"):
         profile_step(step, CPU, steps=0)

@@ -242,3 +242,19 @@ def test_summary_names_the_faster_path():
     lines = attention_key_results(recs)
     assert "- attention ViT-B/L decoder batch 64 fwd+bwd, triton-flash: 1.25x triton's own path choice" in lines
     assert any(line.startswith("- attention ViT-B/L decoder batch 64 fwd+bwd, triton: 50 TFLOP/s") for line in lines)
+    assert not any("to issue" in line for line in lines)  # no host times recorded: none quoted
+
+
+def test_summary_sets_the_host_time_beside_sdpas():
+    """Where both were recorded, triton's line gives its host time to issue the call beside SDPA's own choice's
+    (sdpa's, not one of its forced kernels'), at the same case, batch and mode."""
+    from fastmae.bench.suite import attention_key_results
+
+    base = {"kind": "attention", "case": "ViT-B encoder", "shape": {"B": 64, "H": 12, "N": 50, "D": 64},
+            "mode": "fwd+bwd", "status": "ok", "dtype": "bfloat16", "device_type": "cuda"}
+    recs = [{**base, "backend": "triton", "median_ms": 0.05, "tflops": 36.0, "host_ms": 0.59},
+            {**base, "backend": "sdpa", "median_ms": 0.12, "tflops": 15.0, "host_ms": 0.46},
+            {**base, "backend": "sdpa-flash", "median_ms": 0.17, "tflops": 10.0, "host_ms": 0.30},
+            {**base, "backend": "sdpa", "shape": {**base["shape"], "B": 256}, "median_ms": 0.4, "host_ms": 0.9}]
+    line, = [x for x in attention_key_results(recs) if ", triton: " in x]
+    assert line.endswith("triton: 36 TFLOP/s; host 590 µs to issue (sdpa 460 µs)"), line

@@ -141,14 +141,18 @@ def run_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, impl
 
 def add_speedups(records: list[dict]) -> list[dict]:
     """`vs_sdpa_best` / `sdpa_best`, `vs_sdpa_flash` and `vs_xformers` on every timed record of one run, per
-    case, shape, mode and dtype."""
+    case, shape, mode and dtype; and `sdpa_host_ms`, the host's time to issue SDPA's own choice there, where it
+    was measured (on CUDA)."""
     def key(r):  # not the device stamps: the newest record is stamped only after this runs
         return (r["case"], tuple(sorted(r["shape"].items())), r["mode"], r.get("dtype"))
 
     groups: dict[tuple, dict[str, float]] = {}
+    sdpa_host: dict[tuple, float] = {}
     for r in records:
         if r.get("kind") == "attention" and r.get("status") == "ok":
             groups.setdefault(key(r), {})[r["backend"]] = r["median_ms"]
+            if r["backend"] == "sdpa" and r.get("host_ms") is not None:
+                sdpa_host[key(r)] = r["host_ms"]
     for r in records:
         if r.get("kind") != "attention" or r.get("status") != "ok":
             continue
@@ -163,6 +167,8 @@ def add_speedups(records: list[dict]) -> list[dict]:
             r["vs_xformers"] = times["xformers"] / r["median_ms"]
         if r["backend"] in TRITON_PATHS and "triton" in times:
             r["vs_triton"] = times["triton"] / r["median_ms"]
+        if key(r) in sdpa_host:
+            r["sdpa_host_ms"] = sdpa_host[key(r)]
     return records
 
 

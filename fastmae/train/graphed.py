@@ -93,8 +93,6 @@ def capture(work: Callable[[], T], device: torch.device, warmup: int = 3,
     return graph, out
 
 
-
-
 def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer: torch.optim.Optimizer,
              state: dict) -> None:
     """Undo the warm-up steps in place: the weights and optimizer state copied to the host before them, and zeros

@@ -61,13 +61,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, backend=None) -> torch.Tensor:
         return self.attend(self.qkv(x), backend)
 
-    def attend(self, qkv: torch.Tensor, backend=None) -> torch.Tensor:
-        """Attention and output projection from the packed qkv projection [B, N, 3 * C]."""
+    def attend(self, qkv: torch.Tensor, backend=None, proj: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """Attention and output projection from the packed qkv projection [B, N, 3 * C]; `proj`: the output
+        projection's (weight, bias) to use instead of `self.proj`'s (already cast, see `Block`)."""
         B, N, C3 = qkv.shape
         # the packed projection goes to the op as it is: q, k, v are strided views of it (no copies before the
         # kernel), and backends with a packed form write its gradient in one piece (no stack and copy after)
         x = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, backend=backend)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C3 // 3))
+        x = x.transpose(1, 2).reshape(B, N, C3 // 3)
+        return self.proj(x) if proj is None else F.linear(x, *proj)
 
 
 class Mlp(nn.Module):
@@ -81,8 +84,106 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class _CastWeights(torch.autograd.Function):
+    """Weights cast to `dtype` by one multi-tensor copy, their gradients cast back by another: the numbers of
+    autocast's casts (one kernel per weight in the forward, one per gradient in the backward)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        ctx.dtypes = [w.dtype for w in weights]
+        ctx.set_materialize_grads(False)
+        return tuple(_cast_all(weights, dtype))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        wanted = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[1 + i]]
+        out = [None] * len(grads)
+        for i, g in zip(wanted, _cast_all([grads[i] for i in wanted], [ctx.dtypes[i] for i in wanted])):
+            out[i] = g
+        return (None, *out)
+
+
+def _cast_all(tensors, dtypes) -> list[torch.Tensor]:
+    """Contiguous copies of `tensors` in `dtypes` (one dtype, or one per tensor), made by `_foreach_copy_`: one
+    kernel for all on CUDA where each list holds one dtype (torch loops over the tensors otherwise)."""
+    if isinstance(dtypes, torch.dtype):
+        dtypes = [dtypes] * len(tensors)
+    out = [torch.empty_like(t, dtype=dt, memory_format=torch.contiguous_format) for t, dt in zip(tensors, dtypes)]
+    if out:
+        torch._foreach_copy_(out, list(tensors))
+    return out
+
+
+def _no_hooks(modules) -> bool:
+    from torch.nn.modules import module as _m
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks \
+            or _m._global_backward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
+
+
+def _block_params(blk) -> tuple[torch.Tensor, ...] | None:
+    """(weight, bias) of qkv, proj, fc1 and fc2 of a plain block: the layers `Block.forward(..., weights=)`
+    replaces by their weights, all of their own types (no subclass, wrapper, adapter or parametrization, which
+    keep their own forward), with fp32 parameters and no hooks (those modules are not called). None otherwise."""
+    if type(blk) is not Block or blk.lean_blocks:
+        return None
+    attn, mlp = blk.attn, blk.mlp
+    if type(attn) is not Attention or type(mlp) is not Mlp:
+        return None
+    linears = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
+    if any(type(lin) is not nn.Linear for lin in linears) or not _no_hooks((attn, mlp, *linears)):
+        return None
+    out = []
+    for lin in linears:
+        for t in (lin._parameters.get("weight"), lin._parameters.get("bias")):
+            if type(t) is not nn.Parameter or t.dtype != torch.float32:
+                return None
+            out.append(t)
+    return tuple(out)
+
+
+BLOCKS_PER_CAST = 4
+
+
+def cast_block_weights(blocks, x: torch.Tensor, blocks_per_cast: int | None = None
+                       ) -> list[tuple[torch.Tensor, ...]] | None:
+    """The linear weights and biases of `blocks` (qkv, proj, fc1, fc2 of each) cast to the autocast dtype of
+    x's device, `blocks_per_cast` blocks (BLOCKS_PER_CAST) to one multi-tensor copy, and their gradients cast
+    back the same way: [8 tensors per block], for `Block.forward(..., weights=)`. The same numbers as
+    autocast's own casts, with one kernel where autocast launches one per weight and one per gradient.
+
+    None (the blocks run as they would without it) where it does not apply: autocast off, torch.compile tracing
+    (it fuses the casts itself), some weights requiring grad and others not, or a block that is lean or not
+    plain (`_block_params`). A group's gradients reach its parameters once the backward has passed through all
+    of its blocks (a few blocks' worth, about what one of DDP's buckets takes)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or torch.compiler.is_compiling():
+        return None
+    params = [_block_params(blk) for blk in blocks]
+    if not params or any(p is None for p in params):
+        return None
+    needs = {t.requires_grad for p in params for t in p}
+    if len(needs) > 1:  # frozen weights would get gradients computed for nothing
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    grad = torch.is_grad_enabled() and needs == {True}
+    step = blocks_per_cast or BLOCKS_PER_CAST
+    out = []
+    for i in range(0, len(params), step):
+        flat = [t for p in params[i:i + step] for t in p]
+        cast = _CastWeights.apply(dtype, *flat) if grad else _cast_all(flat, dtype)
+        out += [tuple(cast[j:j + 8]) for j in range(0, len(cast), 8)]
+    return out
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    `weights`: the linear layers' (weight, bias) pairs of qkv, proj, fc1 and fc2, already cast
+    (`cast_block_weights`), to use instead of calling those modules.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  norm_layer=nn.LayerNorm):
@@ -93,7 +194,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.lean_blocks = False  # recompute norm1, norm2 and GELU in the backward (fastmae.model.lean)
 
-    def forward(self, x: torch.Tensor, backend=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend=None, weights: tuple[torch.Tensor, ...] | None = None
+                ) -> torch.Tensor:
+        if weights is not None:
+            w = weights
+            x = x + self.attn.attend(F.linear(self.norm1(x), w[0], w[1]), backend, proj=(w[2], w[3]))
+            return x + F.linear(self.mlp.act(F.linear(self.norm2(x), w[4], w[5])), w[6], w[7])
         if self.lean_blocks:
             x = x + self.attn.attend(norm_linear(x, self.norm1, self.attn.qkv), backend)
             return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)

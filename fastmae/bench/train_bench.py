@@ -10,6 +10,9 @@ Variants, all with the same preset, batch, dtype, initial weights, images and ma
                      the step waits on the host, SDPA's C++ dispatch may cost less than Triton's Python launcher
   fastmae+lean       fastmae with `lean_blocks` (every block recomputes its LayerNorms and GELU in the backward):
                      less activation memory for a few extra elementwise passes
+  fastmae+plain-casts  fastmae with autocast's own casts (`group_weight_casts=False`: a kernel per weight and per
+                     gradient in every block, where fastmae's CUDA path groups them a few blocks at a time; on a CPU
+                     fastmae casts so already, and the variant is skipped)
   fastmae+cudagraph  fastmae's step captured whole in a CUDA graph and replayed (`fastmae.train.graphed`; CUDA,
                      bfloat16 or float32): the same GPU work without the host's time to issue it
 Eager variants are timed first (the CUDA-graph one last of them), the torch.compile ones last (compiling takes
@@ -62,6 +65,7 @@ VARIANTS: dict[str, dict] = {
     "fastmae+compile": {"backend": None, "compile": True, "adamw": "auto"},
     "fastmae+sdpa": {"backend": {"attention": "sdpa"}, "compile": False, "adamw": "auto", "varies": "fastmae"},
     "fastmae+lean": {"backend": None, "compile": False, "lean_blocks": True, "adamw": "auto"},
+    "fastmae+plain-casts": {"backend": None, "compile": False, "group_weight_casts": False, "adamw": "auto"},
     "fastmae+cudagraph": {"backend": None, "compile": False, "cuda_graph": True, "adamw": "auto"},
 }
 
@@ -182,7 +186,8 @@ def record_head(variant: str, model_name: str, mask_ratio: float, dtype: torch.d
     return {"kind": "train", "model": model_name, "backend": variant, "mode": "step", "mask_ratio": mask_ratio,
             "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
             "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto",
-            **({"cuda_graph": True} if cfg.get("cuda_graph") else {})}
+            **({"cuda_graph": True} if cfg.get("cuda_graph") else {}),
+            **({"group_weight_casts": cfg["group_weight_casts"]} if "group_weight_casts" in cfg else {})}
 
 
 def add_train_speedups(records: list[dict]) -> list[dict]:
@@ -257,6 +262,7 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
     model = create_model(model_name).to(device)
     model.backend = cfg["backend"]
     model.lean_blocks = cfg.get("lean_blocks", False)
+    model.group_weight_casts = cfg.get("group_weight_casts")  # None: the model's own choice
     L = model.num_patches
     gen = torch.Generator(device="cpu").manual_seed(0)
     side = model.patch_embed.img_size[0]
@@ -283,6 +289,9 @@ def variant_reason(variant: str, device: torch.device, dtype: torch.dtype,
                    allow_interpreter: bool = False) -> str | None:
     """Why a variant is not run on this device and dtype (besides the registry's own reasons), or None."""
     cfg = VARIANTS[variant]
+    if cfg.get("group_weight_casts") is False and device.type != "cuda":
+        return ("fastmae's step casts each weight on its own here already (it groups the casts on CUDA only): "
+                "the same step as fastmae's")
     return path_interpreter_reason(cfg["backend"], device, allow_interpreter) or \
         (graph_step_reason(device, None, dtype) if cfg.get("cuda_graph") else None)
 

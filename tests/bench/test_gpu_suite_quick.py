@@ -164,6 +164,9 @@ def test_the_gpu_parts_cover_every_training_variant():
     from fastmae.bench.train_bench import VARIANTS
     text = open(SCRIPT, encoding="utf-8").read()
     eager = re.search(r"^TRAIN_EAGER=(\S+)$", text, re.M).group(1).split(",")
+    eager_b = re.search(r"^TRAIN_EAGER_B=\$TRAIN_EAGER,(\S+)$", text, re.M).group(1).split(",")
+    assert re.search(r'--variants "\$TRAIN_EAGER_B"', text)
+    eager += eager_b
     compiled = re.search(r"^TRAIN_COMPILE=(\S+)$", text, re.M).group(1).split(",")
     assert set(eager) | set(compiled) == set(VARIANTS)
     assert not any(VARIANTS[v]["compile"] for v in eager)

@@ -162,6 +162,10 @@ def test_train_records():
     assert "gather_tokens=reference" in by["reference+sdpa"]["dispatch"]
     assert by["fastmae+cudagraph"]["status"] == "skipped"
     assert "CUDA graphs need a CUDA device" in by["fastmae+cudagraph"]["reason"]
+    # on a CPU fastmae casts each weight as autocast does: fastmae+plain-casts would be the same step
+    assert by["fastmae+plain-casts"]["status"] == "skipped"
+    assert "casts each weight on its own here already" in by["fastmae+plain-casts"]["reason"]
+    assert by["fastmae+plain-casts"]["group_weight_casts"] is False
     # on a CPU fastmae's own choice for attention is SDPA: fastmae+sdpa would time the same step again
     assert "attention=sdpa" in by["fastmae"]["dispatch"]
     assert by["fastmae+sdpa"]["status"] == "skipped" and by["fastmae+sdpa"]["reason"].startswith(

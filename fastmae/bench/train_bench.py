@@ -292,6 +292,8 @@ def variant_reason(variant: str, device: torch.device, dtype: torch.dtype,
     if cfg.get("group_weight_casts") is False and device.type != "cuda":
         return ("fastmae's step casts each weight on its own here already (it groups the casts on CUDA only): "
                 "the same step as fastmae's")
+    if cfg.get("group_weight_casts") is False and dtype == torch.float32:
+        return "a float32 step runs without autocast: no weight is cast, the same step as fastmae's"
     return path_interpreter_reason(cfg["backend"], device, allow_interpreter) or \
         (graph_step_reason(device, None, dtype) if cfg.get("cuda_graph") else None)
 

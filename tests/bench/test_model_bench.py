@@ -172,6 +172,16 @@ def test_train_records():
         "fastmae already runs this step here (attention=sdpa")
 
 
+def test_plain_casts_variant_runs_only_where_fastmae_groups_casts():
+    """fastmae+plain-casts differs from fastmae only on CUDA under autocast (bf16, fp16): elsewhere it says why
+    it would time fastmae's step again."""
+    cuda = torch.device("cuda")
+    assert train_bench.variant_reason("fastmae+plain-casts", cuda, torch.bfloat16) is None
+    assert train_bench.variant_reason("fastmae+plain-casts", cuda, torch.float16) is None
+    assert "no weight is cast" in train_bench.variant_reason("fastmae+plain-casts", cuda, torch.float32)
+    assert "on CUDA only" in train_bench.variant_reason("fastmae+plain-casts", CPU, torch.bfloat16)
+
+
 def test_varied_variant_runs_where_it_differs():
     """fastmae+sdpa is timed where fastmae's attention is not SDPA (here: forced to the reference backend), and
     serves attention with SDPA and the other ops as fastmae does."""

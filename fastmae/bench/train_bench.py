@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import create_model
+from ..model.layers import GROUPED_CAST_DEVICES
 from ..ops import BackendUnavailable
 from ..train.graphed import GraphedTrainStep, graph_step_reason
 from ..train.optim import adamw_impl, build_optimizer
@@ -289,9 +290,9 @@ def variant_reason(variant: str, device: torch.device, dtype: torch.dtype,
                    allow_interpreter: bool = False) -> str | None:
     """Why a variant is not run on this device and dtype (besides the registry's own reasons), or None."""
     cfg = VARIANTS[variant]
-    if cfg.get("group_weight_casts") is False and device.type != "cuda":
-        return ("fastmae's step casts each weight on its own here already (it groups the casts on CUDA only): "
-                "the same step as fastmae's")
+    if cfg.get("group_weight_casts") is False and device.type not in GROUPED_CAST_DEVICES:
+        return (f"fastmae's step casts each weight on its own here already (it groups the casts on "
+                f"{', '.join(GROUPED_CAST_DEVICES).upper()} only): the same step as fastmae's")
     if cfg.get("group_weight_casts") is False and dtype == torch.float32:
         return "a float32 step runs without autocast: no weight is cast, the same step as fastmae's"
     return path_interpreter_reason(cfg["backend"], device, allow_interpreter) or \

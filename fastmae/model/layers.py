@@ -145,12 +145,14 @@ def _block_params(blk) -> tuple[torch.Tensor, ...] | None:
 
 
 BLOCKS_PER_CAST = 4
+# where the model groups the casts by default (`MaskedAutoencoderViT.group_weight_casts=None`): devices whose
+# kernels the host launches one by one at a cost (on a CPU, grouping measured neither faster nor slower)
+GROUPED_CAST_DEVICES = ("cuda",)
 
 
-def cast_block_weights(blocks, x: torch.Tensor, blocks_per_cast: int | None = None
-                       ) -> list[tuple[torch.Tensor, ...]] | None:
+def cast_block_weights(blocks, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]] | None:
     """The linear weights and biases of `blocks` (qkv, proj, fc1, fc2 of each) cast to the autocast dtype of
-    x's device, `blocks_per_cast` blocks (BLOCKS_PER_CAST) to one multi-tensor copy, and their gradients cast
+    x's device, BLOCKS_PER_CAST blocks to one multi-tensor copy, and their gradients cast
     back the same way: [8 tensors per block], for `Block.forward(..., weights=)`. The same numbers as
     autocast's own casts, with one kernel where autocast launches one per weight and one per gradient.
 
@@ -169,7 +171,7 @@ def cast_block_weights(blocks, x: torch.Tensor, blocks_per_cast: int | None = No
         return None
     dtype = torch.get_autocast_dtype(device)
     grad = torch.is_grad_enabled() and needs == {True}
-    step = blocks_per_cast or BLOCKS_PER_CAST
+    step = BLOCKS_PER_CAST
     out = []
     for i in range(0, len(params), step):
         flat = [t for p in params[i:i + step] for t in p]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..ops.registry import Inputs, resolve
-from .layers import Block, PatchEmbed, cast_block_weights
+from .layers import GROUPED_CAST_DEVICES, Block, PatchEmbed, cast_block_weights
 from .pos_embed import sincos_2d
 
 MASK_STRATEGIES = ("random", "grid")
@@ -225,7 +225,7 @@ class MaskedAutoencoderViT(nn.Module):
         flag = getattr(self, "group_weight_casts", None)  # a model pickled whole before the option has none
         if flag is not None:
             return bool(flag)
-        if x.device.type != "cuda":
+        if x.device.type not in GROUPED_CAST_DEVICES:
             return False
         return not (self._official_order(x) if official is None else official)
 

@@ -333,7 +333,7 @@ def ops_table(records: list[dict]) -> str:
 def run_ops(args) -> int:
     from . import ops_bench
     from .common import parse_list
-    from .limits import measure_limits
+    from .limits import launch_line, measure_launch_costs, measure_limits
     from .records import read_results
 
     if args.rank_from:
@@ -368,6 +368,12 @@ def run_ops(args) -> int:
     recorder.add(*limits.records())
     print(f"limits measured now: matmul {limits.matmul_tflops:.3g} TFLOP/s ({limits.dtype}, n={limits.matmul_n}), "
           f"copy {limits.copy_gbps:.3g} GB/s")
+    launches = measure_launch_costs(device, quick=args.quick, allow_interpreter=args.allow_interpreter)
+    recorder.add(*launches)
+    print(launch_line(launches) or "launch costs: none measured")
+    for r in launches:
+        if r["status"] != "ok":
+            print(f"  {r['backend']} {r['what']}: {r['status']}: {r['reason']}")
     records = ops_bench.run_ops(device, dtype, batch, models=models, ops_filter=ops_filter, backends=backends,
                                 modes=modes, quick=args.quick, limits=limits, timing=_timing(args, "ops", device),
                                 allow_interpreter=args.allow_interpreter, on_record=recorder.add,

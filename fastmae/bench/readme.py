@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from .limits import launch_line
 from .records import optimizer_cell, own_peak_mem_mb, peak_mem_kind, read_results
 
 START = "<!-- bench-results:start -->"
@@ -206,7 +207,8 @@ def ops_section(records: Sequence[dict]) -> list[str]:
     if any(r.get("launch_hidden") for r in rows):
         out.append("\nTimes are the GPU's: the host's time to issue the call (`host`) was hidden from the events "
                    "(see benchmarks/README.md).")
-    limits = [r for r in records if r.get("kind") == "limit" and r.get("case", "bench ops") == "bench ops"]
+    limits = [r for r in records if r.get("kind") == "limit" and r.get("case", "bench ops") == "bench ops"
+              and r.get("op") in ("matmul", "copy")]
     if limits:
         parts = [f"matmul {r['tflops']:.3g} TFLOP/s ({r['dtype']})" if r["op"] == "matmul"
                  else f"copy {r['gbps']:.3g} GB/s" for r in limits if r.get("status") == "ok"]
@@ -214,6 +216,9 @@ def ops_section(records: Sequence[dict]) -> list[str]:
                  if first.get("device_type") == "cpu" else "")
         out.append("\nLimits measured in the same run: " + ", ".join(dict.fromkeys(parts)) + ". "
                    "`–`: the backend cannot serve the case (reasons in results.json)." + cache)
+    launch = launch_line(list(records))
+    if launch:
+        out.append(f"\nThe {launch[0].lower()}{launch[1:]}.")
     out.append("")
     return out
 

@@ -3,7 +3,8 @@
 A record is a flat dict. Every record carries:
   kind       "op", "encoder", "train" or "limit"
   op / model what was measured (an op name, or a model preset)
-  backend    a backend name (ops, encoder), a training variant (train) or "torch" (limits)
+  backend    a backend name (ops, encoder), a training variant (train) or "torch" (limits; "triton" for the
+             launch probes)
   shape      a dict of sizes; dtype; mask_ratio where it applies; mode ("fwd", "fwd+bwd", "step")
   status     "ok", "skipped" (with `reason`: the registry's or the benchmark's sentence) or "failed"
              (with `reason`: the exception)

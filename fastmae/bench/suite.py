@@ -65,6 +65,7 @@ def _auto_aliases(records: list[dict]) -> dict[tuple, str]:
 def key_results(records: list[dict]) -> list[str]:
     """The figures the targets are stated in: encoder share of ideal at 75%, training speedups and MFU.
     Targets are quoted for the fastmae path (`auto`, or the path auto resolved to) on the device they apply to."""
+    from .limits import launch_line
     from .records import own_peak_mem_mb
     lines = []
     aliases = _auto_aliases(records)
@@ -81,6 +82,9 @@ def key_results(records: list[dict]) -> list[str]:
                      + (f" (target for the fastmae path on {r.get('device_type')}: >= {target:.0%})"
                         if fastmae_path and target else ""))
     lines += attention_key_results(records) + memory_op_key_results(records)
+    launch = launch_line(records)
+    if launch:  # what each kernel a host-bound step launches costs it
+        lines.append(f"- launch: {launch}")
     train = [r for r in records if r.get("kind") == "train"]
     for r in train:
         if r.get("status") != "ok":

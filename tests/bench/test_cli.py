@@ -105,9 +105,13 @@ def test_readme_ops_table_shows_the_host_time_of_hidden_launches():
     recs = [{**base, "backend": "reference", "median_ms": 0.05, "speedup": 1.0, "host_ms": 0.08,
              "launch_hidden": True},
             {**base, "backend": "triton", "median_ms": 0.01, "speedup": 5.0, "host_ms": 0.06, "launch_hidden": True}]
-    text = "\n".join(ops_section(recs))
+    launch = {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "torch", "what": "x.add_(1)",
+              "shape": {"arguments": 2, "elements": 1}, "status": "ok", "host_us": 9.87, "dtype": "float32"}
+    text = "\n".join(ops_section(recs + [launch]))
     assert "0.01 ms 5.00x, host 0.06 ms" in text and "0.05 ms, host 0.08 ms" in text
     assert "host's time to issue the call" in text
+    assert "The host time to issue one kernel, back to back: PyTorch x.add_(1) 9.87 µs." in text
+    assert "Limits measured" not in text  # a launch row is not a matmul or copy limit
     cpu = "\n".join(ops_section([{**r, "device_type": "cpu", "launch_hidden": False} for r in recs]))
     assert "host" not in cpu
 

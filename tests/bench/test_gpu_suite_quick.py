@@ -79,6 +79,7 @@ def test_cpu_quick_suite(tmp_path):
     assert "| gpu-tests | ok |" in summary
     assert "| warm | ok (" in summary and "distinct launches warmed" in summary  # ran beside the tests
     assert "## Key results" in summary and "of ideal" in summary
+    assert "- launch: host time to issue one kernel, back to back: PyTorch x.add_(1)" in summary
     assert "cpu attention:" in summary  # the measured order
     # the training part ran with --profile: each step's profiled share, in the records and the summary
     trains = [r for r in json.loads((run / "results.json").read_text()) if r.get("kind") == "train"

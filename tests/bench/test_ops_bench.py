@@ -175,3 +175,52 @@ def test_speedups_arrive_with_stamped_records():
     ok = [r for r in recs if r["status"] == "ok"]
     assert ok and seen == recs and all(r["device"] == "a CPU" for r in recs)
     assert all(r.get("speedup") for r in ok), [(r["backend"], r.get("speedup")) for r in ok]
+
+
+def test_launch_costs_on_a_cpu():
+    """The host's time per launch: PyTorch's one-element op is timed on a CPU; Triton's probes are skipped with the
+    reason (they run only in the interpreter there) unless asked for, then marked as run in the interpreter."""
+    from fastmae.bench.limits import launch_line, measure_launch_costs
+
+    recs = measure_launch_costs(CPU, quick=True)
+    torch_row, *triton_rows = recs
+    assert torch_row["backend"] == "torch" and torch_row["op"] == "launch" and torch_row["status"] == "ok"
+    assert 0 < torch_row["host_us"] < 1e5
+    assert [r["shape"]["arguments"] for r in triton_rows] == [1, 25]
+    assert all(r["status"] == "skipped" and "interpreter" in r["reason"] for r in triton_rows)
+    assert launch_line(recs) == f"host time to issue one kernel, back to back: PyTorch x.add_(1) " \
+                                f"{torch_row['host_us']:.3g} µs"
+    if INTERPRETER_RUNS:
+        recs = measure_launch_costs(CPU, quick=True, allow_interpreter=True)
+        assert all(r["status"] == "ok" and r["host_us"] > 0 for r in recs), recs
+        assert [r.get("interpreter") for r in recs] == [None, True, True]
+        assert "Triton, 25 arguments" in launch_line(recs) and "code-path check" in launch_line(recs)
+
+
+@pytest.mark.skipif(not INTERPRETER_RUNS, reason="Triton's interpreter cannot run with these packages")
+def test_launch_probes_add_one():
+    """Each probe launch adds 1 to x[0] and leaves the rest alone; the wide one takes its other tensors as given."""
+    from fastmae.kernels import probe
+
+    x = torch.zeros(3)
+    probe.launch_small(x)
+    probe.launch_wide(x)
+    probe.launch_wide(x, (torch.ones(2),) * 4)
+    assert x.tolist() == [3.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="float32"):
+        probe.launch_small(torch.zeros(2, dtype=torch.float16))
+
+
+def test_launch_line_reads_only_bench_ops_launch_rows():
+    from fastmae.bench.limits import launch_line
+
+    rows = [{"kind": "limit", "op": "copy", "case": "bench ops", "status": "ok", "gbps": 1.0},
+            {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "torch", "what": "x.add_(1)",
+             "shape": {"arguments": 2, "elements": 1}, "status": "ok", "host_us": 12.34},
+            {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "triton", "what": "probe small",
+             "shape": {"arguments": 1, "elements": 1}, "status": "ok", "host_us": 31.0},
+            {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "triton", "what": "probe wide",
+             "shape": {"arguments": 25, "elements": 1}, "status": "failed", "reason": "boom"}]
+    assert launch_line(rows) == ("host time to issue one kernel, back to back: PyTorch x.add_(1) 12.3 µs; "
+                                 "Triton, 1 argument, 31 µs")
+    assert launch_line(rows[:1]) is None

@@ -273,6 +273,16 @@ def test_traced_training_step_compiles(arch):
             assert "equal to 1: s" in r.specialized, r.specialized  # unit head-dim strides are constants
 
 
+def test_launch_probes_compile():
+    """The benchmark's launch probes (`kernels/probe.py`, outside KERNEL_MODULES: no model step launches them)
+    compile for the default targets and sm_100, each as one tiny kernel."""
+    (result,) = cc.check_modules(("fastmae.kernels.probe",), (*cc.ARCHS, 100))
+    assert result.status == "checked", result.message
+    assert sorted((r.name, r.arch) for r in result.reports) == sorted(
+        (name, arch) for name in ("probe_small", "probe_wide") for arch in (*cc.ARCHS, 100))
+    assert not [p for r in result.reports for p in r.problems]
+
+
 def test_global_access_sizes():
     ptx = ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n@%p1 ld.global.L1::evict_last.b16 {%rs1}, [%rd2];\n"
            "ld.global.b64 %rd3, [%rd4];\nst.global.v2.b32 [%rd5], {%r5, %r6};\natom.global.add.f32 %f1, [%rd6], %f2;")

@@ -129,7 +129,7 @@ def custom_op(name: str, impl: Callable, setup_context: Callable | None = None,
     return call
 
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _any_requires_grad(args: tuple) -> bool:
@@ -139,7 +139,7 @@ def _any_requires_grad(args: tuple) -> bool:
 def _plain_tensors(args: tuple) -> bool:
     """True when every tensor argument is a plain tensor; a subclass (a fake tensor, a tracer's proxy, a
     functional wrapper) goes through the custom op, which has the fake implementation."""
-    return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
+    return all(type(a) in PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
 def qkv_head_dim(qkv: torch.Tensor, num_heads: int) -> int:

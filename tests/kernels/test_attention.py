@@ -234,6 +234,19 @@ def test_packed_qkv_gives_the_same_bits_with_one_gradient(N, D, dtype, path, dev
         attn.attention_packed(qkv.detach().new_zeros(1, 4, 3 * (attn.MAX_HEAD_DIM + 1)), 1)
 
 
+def test_packed_attention_takes_the_custom_op_for_tensor_subclasses():
+    """attention_packed runs its own autograd.Function on plain tensors (eager) and the custom op, with its fake
+    implementation and registered formula, on anything else (here fake tensors, as torch.compile traces)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        qkv = torch.empty(2, 50, 3 * 2 * 32, requires_grad=True)
+        out = attn.attention_packed(qkv, 2)
+        (grad,) = torch.autograd.grad(out.sum(), qkv)
+    assert type(out).__name__ == "FakeTensor" and out.shape == (2, 2, 50, 32) and out.stride() == (3200, 32, 64, 1)
+    assert grad.shape == qkv.shape and grad.is_contiguous()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_backward_makes_no_gradient_for_lse(packed, device):

@@ -184,7 +184,8 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
     `weights`: the linear layers' (weight, bias) pairs of qkv, proj, fc1 and fc2, already cast
-    (`cast_block_weights`), to use instead of calling those modules.
+    (`cast_block_weights`), to use instead of calling those modules. `backend`: attention's, as
+    `ops.attention_qkv` takes it (a backend spec, or the `ops.AttentionPlan` the model gives a stack's blocks).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,

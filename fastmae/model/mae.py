@@ -229,6 +229,14 @@ class MaskedAutoencoderViT(nn.Module):
             return False
         return not (self._official_order(x) if official is None else official)
 
+    def _attention_plan(self):
+        """What a stack's blocks get as their backend: an `ops.AttentionPlan`, so that the registry chooses the
+        attention backend once per stack and forward rather than once per block (under torch.compile, where the
+        choice is a constant of the graph, the backend itself)."""
+        if torch.compiler.is_compiling():
+            return self.backend
+        return ops.AttentionPlan(self.backend)
+
     def forward_encoder(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """imgs [N, C, H, W] -> (latent [N, len_keep+1, D], mask [N, L], ids_restore [N, L])."""
         self.check_images(x)
@@ -247,8 +255,9 @@ class MaskedAutoencoderViT(nn.Module):
             x = ops.gather_tokens(tokens, ids_keep, self.pos_embed, self.cls_token, gathered=True,
                                   backend=self.backend)
         weights = cast_block_weights(self.blocks, x) if self._group_casts(x, official) else None
+        attn = self._attention_plan()
         for i, blk in enumerate(self.blocks):
-            x = blk(x, backend=self.backend, weights=None if weights is None else weights[i])
+            x = blk(x, backend=attn, weights=None if weights is None else weights[i])
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor):
@@ -257,8 +266,9 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(x)
         x = ops.unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed, backend=self.backend)
         weights = cast_block_weights(self.decoder_blocks, x) if self._group_casts(x) else None
+        attn = self._attention_plan()
         for i, blk in enumerate(self.decoder_blocks):
-            x = blk(x, backend=self.backend, weights=None if weights is None else weights[i])
+            x = blk(x, backend=attn, weights=None if weights is None else weights[i])
         x = self.decoder_norm(x)[:, 1:, :]
         if self.pred_masked_only:
             ids = self.removed_ids(ids_restore, len_keep)

@@ -25,7 +25,7 @@ from .registry import (BACKENDS, ENV_VAR, OPS, BackendSpec, BackendUnavailable, 
                        set_priority, use_backend)
 
 __all__ = [
-    "attention", "attention_qkv", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss", "backend_for",
+    "attention", "attention_qkv", "AttentionPlan", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss", "backend_for",
     "use_backend", "parse_backend", "BackendUnavailable", "BACKENDS", "OPS", "ENV_VAR", "reference", "resolve", "Inputs",
     "OpImpl", "get_impl", "record_choices", "not_supported_reasons", "priority", "set_priority", "requested",
 ]
@@ -73,21 +73,75 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
 
 def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
-                  backend: BackendSpec = None) -> torch.Tensor:
+                  backend: "BackendSpec | AttentionPlan" = None) -> torch.Tensor:
     """`attention` on the packed output of one qkv projection, [B, N, 3 * H * D] in timm's (3, H, D) order.
 
     The backend is the `attention` op's. Backends with a packed form (triton) compute the gradient of qkv in one
     piece; the others run `attention` on q, k, v views of qkv, which is what the model did before.
+    `backend` may also be an `AttentionPlan`, which reuses the choice it made for an earlier call.
     """
+    if type(backend) is AttentionPlan:
+        return backend(qkv, num_heads, scale)
+    return _attention_qkv(qkv, num_heads, scale, backend)
+
+
+def _attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None, backend: BackendSpec) -> torch.Tensor:
+    return _resolve_qkv(qkv, num_heads, backend).run(qkv, num_heads, scale)
+
+
+def _resolve_qkv(qkv: torch.Tensor, num_heads: int, backend: BackendSpec) -> "_QKVImpl":
     _float_dtype("qkv", qkv)
     # q, k and v share qkv's device, dtype and requires_grad: the choice is made on qkv, and views are made
     # only for a backend without a packed form (a packed one splits inside its launcher)
     inputs = Inputs(qkv.device, qkv.dtype, head_dim=qkv_head_dim(qkv, num_heads), tensors={"qkv": qkv},
                     options={"op": "attention"})
-    impl = resolve("attention", inputs, backend)
-    if impl.packed is not None:
-        return impl.packed(qkv, num_heads, scale)
-    return impl.fn(*split_qkv(qkv, num_heads), scale)
+    return _QKVImpl(resolve("attention", inputs, backend))
+
+
+class _QKVImpl:
+    """How one resolved attention implementation takes a packed projection."""
+
+    __slots__ = ("packed", "fn")
+
+    def __init__(self, impl: OpImpl):
+        self.packed, self.fn = impl.packed, impl.fn
+
+    def run(self, qkv: torch.Tensor, num_heads: int, scale: float | None) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(qkv, num_heads, scale)
+        return self.fn(*split_qkv(qkv, num_heads), scale)
+
+
+class AttentionPlan:
+    """`attention_qkv` for a run of calls alike, such as the blocks of one stack in one forward: the first call
+    chooses the backend as `attention_qkv` does (the registry, its reasons, `record_choices`), and later calls with
+    the same device, dtype, shape, head count and requires_grad reuse that choice instead of asking the registry
+    again (at MAE's shapes the registry's answer costs a block tens of microseconds of host time, as much as
+    launching one kernel). A call that differs is chosen afresh; under torch.compile every call is (the choice is
+    a constant of the graph there anyway). The registry's state (backend contexts, priorities, the environment)
+    is read when a choice is made: make a new plan after changing it.
+
+        plan = AttentionPlan(model.backend)
+        out = ops.attention_qkv(qkv, num_heads, backend=plan)    # or plan(qkv, num_heads)
+    """
+
+    __slots__ = ("backend", "_key", "_impl")
+
+    def __init__(self, backend: BackendSpec = None):
+        if type(backend) is AttentionPlan:
+            raise TypeError("an AttentionPlan takes a backend (name, mapping or None), not another plan")
+        self.backend = backend
+        self._key = None
+        self._impl: _QKVImpl | None = None
+
+    def __call__(self, qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _attention_qkv(qkv, num_heads, scale, self.backend)
+        key = (qkv.shape, qkv.dtype, qkv.device, qkv.requires_grad, num_heads)
+        if key != self._key:
+            self._impl = _resolve_qkv(qkv, num_heads, self.backend)
+            self._key = key
+        return self._impl.run(qkv, num_heads, scale)
 
 
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, *,

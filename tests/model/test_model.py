@@ -148,6 +148,29 @@ def test_context_manager_env_and_per_call_choice(monkeypatch):
     assert set(rec.values()) == {"sdpa"}
 
 
+def test_each_stack_asks_the_registry_for_attention_once_per_forward(monkeypatch):
+    """The blocks of a stack share one `ops.AttentionPlan` per forward: two attention choices per forward (encoder
+    and decoder) whatever the depth, each seen by `record_choices`, with the numbers of one choice per block."""
+    model = fastmae.MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                                         decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2, mlp_ratio=2)
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    asked = []
+    resolve = fastmae.ops.resolve
+
+    def counting(op, inputs, backend=None):
+        asked.append(op)
+        return resolve(op, inputs, backend)
+
+    monkeypatch.setattr(fastmae.ops, "resolve", counting)
+    with fastmae.ops.record_choices() as rec:
+        loss, pred, _ = model(imgs, noise=noise)
+    assert asked.count("attention") == 2 and rec["attention"] == "sdpa"
+    monkeypatch.setattr(type(model), "_attention_plan", lambda self: self.backend)  # one choice per block
+    asked.clear()
+    loss_b, pred_b, _ = model(imgs, noise=noise)
+    assert asked.count("attention") == 5 and torch.equal(loss, loss_b) and torch.equal(pred, pred_b)
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_torch_compile_traces_the_model_without_graph_breaks(backend):
     model = small_model(backend=backend)

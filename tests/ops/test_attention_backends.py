@@ -68,6 +68,38 @@ def test_attention_qkv_matches_attention_on_views(backend, device):
     assert torch.equal(out, ref) and torch.equal(grad, grad_ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_plan_asks_the_registry_once_per_kind_of_call(device, monkeypatch):
+    """An AttentionPlan chooses as attention_qkv does on its first call and reuses the choice for calls alike (the
+    same numbers as attention_qkv with the plan's backend); a call that differs in dtype, shape or requires_grad
+    is chosen afresh."""
+    asked = []
+    resolve = ops.resolve
+
+    def counting(op, inputs, backend=None):
+        asked.append((op, inputs.dtype))
+        return resolve(op, inputs, backend)
+
+    monkeypatch.setattr(ops, "resolve", counting)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 50, 3 * 2 * 32, generator=g).to(device).requires_grad_()
+    plan = ops.AttentionPlan("reference")
+    with ops.record_choices() as chosen:
+        outs = [ops.attention_qkv(qkv, 2, scale=0.2, backend=plan) for _ in range(3)]
+    assert chosen["attention"] == "reference" and len(asked) == 1
+    assert all(torch.equal(o, ops.attention_qkv(qkv, 2, scale=0.2, backend="reference")) for o in outs)
+    asked.clear()
+    plan(qkv.detach().half(), 2)  # another dtype
+    plan(qkv[:1], 2)  # another shape
+    plan(qkv.detach(), 2)  # no gradient
+    plan(qkv.detach(), 2)
+    assert [dt for _, dt in asked] == [torch.float16, torch.float32, torch.float32]
+    with pytest.raises(TypeError, match="not another plan"):
+        ops.AttentionPlan(plan)
+    with pytest.raises(ValueError, match="3 \\* heads"):  # checked as attention_qkv checks
+        ops.AttentionPlan()(torch.randn(1, 5, 10), 2)
+
+
 def test_attention_qkv_rejects_bad_shapes():
     with pytest.raises(ValueError, match="3 \\* heads"):
         ops.attention_qkv(torch.randn(1, 5, 10), 2)

@@ -83,12 +83,15 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
         raise RuntimeError("the profiler recorded no GPU kernels (CUPTI unavailable?)")
     rows.sort(key=lambda r: -r[2])
     by_kind: dict[str, float] = {}
-    for name, _, ms in rows:
+    calls_by_kind: dict[str, float] = {}
+    for name, calls, ms in rows:
         k = kind_of(name)
         by_kind[k] = by_kind.get(k, 0.0) + ms
+        calls_by_kind[k] = calls_by_kind.get(k, 0.0) + calls
     return {"kind": "cuda kernels' own time" if cuda else "cpu operators' own time", "steps": steps,
             "busy_ms": sum(r[2] for r in rows), "calls": round(sum(r[1] for r in rows), 2),
             "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "calls_by_kind": {k: round(calls_by_kind[k], 2) for k in sorted(by_kind, key=lambda k: -by_kind[k])},
             "top": [[_short(name), round(calls, 2), ms] for name, calls, ms in rows[:top]]}
 
 

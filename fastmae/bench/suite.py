@@ -113,7 +113,9 @@ def key_results(records: list[dict]) -> list[str]:
             mem += f", {where} busy {r['busy_share']:.0%} of the step"
             calls = r.get("profile", {}).get("calls")
             if calls and r.get("device_type") == "cuda":  # the host's time per launch, where the host bounds
-                mem += f" ({calls:,.0f} kernels, {r['median_ms'] * 1e3 / calls:.3g} µs of step each)"
+                own = sum(n for k, n in r["profile"].get("calls_by_kind", {}).items() if k.startswith("fastmae"))
+                mine = f", {own:,.0f} of them fastmae's Triton kernels" if own else ""
+                mem += f" ({calls:,.0f} kernels{mine}, {r['median_ms'] * 1e3 / calls:.3g} µs of step each)"
         lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
                      f"images/s{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
     return lines

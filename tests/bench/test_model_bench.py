@@ -297,3 +297,7 @@ def test_summary_states_the_kernels_a_profiled_cuda_step_launches():
     assert "GPU kernels busy 40% of the step (2,000 kernels, 16 µs of step each)" in line, line
     line, = [x for x in key_results([{**rec, "device_type": "cpu"}]) if x.startswith("- train")]
     assert "CPU operators busy 40% of the step" in line and "kernels" not in line, line
+    counted = {**rec, "device_type": "cuda", "profile": {**rec["profile"], "calls_by_kind": {
+        "matmul": 900.0, "fastmae attention": 40.0, "fastmae tokens+loss": 25.0, "other": 1035.0}}}
+    line, = [x for x in key_results([counted]) if x.startswith("- train")]
+    assert "(2,000 kernels, 65 of them fastmae's Triton kernels, 16 µs of step each)" in line, line

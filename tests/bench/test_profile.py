@@ -58,6 +58,8 @@ def test_profile_step_adds_up():
     assert prof["steps"] == 2 and prof["kind"] == "cpu operators' own time"
     assert prof["busy_ms"] > 0
     assert sum(prof["by_kind"].values()) == pytest.approx(prof["busy_ms"], rel=1e-9)
+    assert list(prof["calls_by_kind"]) == list(prof["by_kind"])  # the kinds in the same order
+    assert sum(prof["calls_by_kind"].values()) == pytest.approx(prof["calls"], abs=0.05)
     assert {"matmul", "layernorm"} <= set(prof["by_kind"])
     ms = [row[2] for row in prof["top"]]
     assert len(ms) == 4 and ms == sorted(ms, reverse=True) and ms[0] <= prof["busy_ms"]

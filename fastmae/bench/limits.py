@@ -116,8 +116,8 @@ def triton_launch_reason(device: torch.device, allow_interpreter: bool = False) 
             return ("Triton launches GPU kernels: on a CPU it runs them only in its interpreter (TRITON_INTERPRET=1 "
                     "set before triton is imported), whose launches cost what running the kernel in Python costs")
         if not allow_interpreter:
-            return ("a launch under Triton's CPU interpreter runs the kernel in Python: its time says nothing of a "
-                    "GPU launch (pass --allow-interpreter to run the probes anyway, as a check of the code path)")
+            from .ops_bench import interpreter_reason
+            return interpreter_reason(device)
         return interpreter_problem()
     try:
         import triton  # noqa: F401

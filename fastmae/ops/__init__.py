@@ -25,9 +25,10 @@ from .registry import (BACKENDS, ENV_VAR, OPS, BackendSpec, BackendUnavailable, 
                        set_priority, use_backend)
 
 __all__ = [
-    "attention", "attention_qkv", "AttentionPlan", "gather_patches", "gather_tokens", "unshuffle_tokens", "masked_mse_loss", "backend_for",
-    "use_backend", "parse_backend", "BackendUnavailable", "BACKENDS", "OPS", "ENV_VAR", "reference", "resolve", "Inputs",
-    "OpImpl", "get_impl", "record_choices", "not_supported_reasons", "priority", "set_priority", "requested",
+    "attention", "attention_qkv", "AttentionPlan", "gather_patches", "gather_tokens", "unshuffle_tokens",
+    "masked_mse_loss", "backend_for", "use_backend", "parse_backend", "BackendUnavailable", "BACKENDS", "OPS",
+    "ENV_VAR", "reference", "resolve", "Inputs", "OpImpl", "get_impl", "record_choices", "not_supported_reasons",
+    "priority", "set_priority", "requested",
 ]
 
 
@@ -86,30 +87,23 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = No
 
 
 def _attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None, backend: BackendSpec) -> torch.Tensor:
-    return _resolve_qkv(qkv, num_heads, backend).run(qkv, num_heads, scale)
+    return _run_qkv(_resolve_qkv(qkv, num_heads, backend), qkv, num_heads, scale)
 
 
-def _resolve_qkv(qkv: torch.Tensor, num_heads: int, backend: BackendSpec) -> "_QKVImpl":
+def _resolve_qkv(qkv: torch.Tensor, num_heads: int, backend: BackendSpec) -> OpImpl:
     _float_dtype("qkv", qkv)
     # q, k and v share qkv's device, dtype and requires_grad: the choice is made on qkv, and views are made
     # only for a backend without a packed form (a packed one splits inside its launcher)
     inputs = Inputs(qkv.device, qkv.dtype, head_dim=qkv_head_dim(qkv, num_heads), tensors={"qkv": qkv},
                     options={"op": "attention"})
-    return _QKVImpl(resolve("attention", inputs, backend))
+    return resolve("attention", inputs, backend)
 
 
-class _QKVImpl:
-    """How one resolved attention implementation takes a packed projection."""
-
-    __slots__ = ("packed", "fn")
-
-    def __init__(self, impl: OpImpl):
-        self.packed, self.fn = impl.packed, impl.fn
-
-    def run(self, qkv: torch.Tensor, num_heads: int, scale: float | None) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed(qkv, num_heads, scale)
-        return self.fn(*split_qkv(qkv, num_heads), scale)
+def _run_qkv(impl: OpImpl, qkv: torch.Tensor, num_heads: int, scale: float | None) -> torch.Tensor:
+    """`impl` on a packed projection: its packed form where it has one, else its `fn` on q, k, v views."""
+    if impl.packed is not None:
+        return impl.packed(qkv, num_heads, scale)
+    return impl.fn(*split_qkv(qkv, num_heads), scale)
 
 
 class AttentionPlan:
@@ -132,7 +126,7 @@ class AttentionPlan:
             raise TypeError("an AttentionPlan takes a backend (name, mapping or None), not another plan")
         self.backend = backend
         self._key = None
-        self._impl: _QKVImpl | None = None
+        self._impl: OpImpl | None = None
 
     def __call__(self, qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -141,7 +135,7 @@ class AttentionPlan:
         if key != self._key:
             self._impl = _resolve_qkv(qkv, num_heads, self.backend)
             self._key = key
-        return self._impl.run(qkv, num_heads, scale)
+        return _run_qkv(self._impl, qkv, num_heads, scale)
 
 
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, *,

@@ -21,6 +21,7 @@ gather_patches has no backward in MAE (images take no gradient), so it is timed 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -139,11 +140,30 @@ def _ids(b: int, L: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return shuffle[:, :k].contiguous(), torch.argsort(shuffle, dim=1)
 
 
+_UNDRAWN = [False]  # set by `undrawn_inputs()`
+
+
 def _randn(shape, dtype, device, seed, requires_grad=False):
     """Normal samples made on `device` itself: drawing a long case's hundreds of millions on the host and
-    copying them over would take a GPU run's benchmark parts most of their time."""
+    copying them over would take a GPU run's benchmark parts most of their time. Uninitialised memory under
+    `undrawn_inputs()`."""
+    if _UNDRAWN[0]:
+        return torch.empty(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
     t = torch.randn(*shape, generator=_gen(seed, device), device=device).to(dtype)
     return t.requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def undrawn_inputs():
+    """Cases built inside get uninitialised tensors (same shapes, dtypes and devices) instead of normal samples:
+    for recording a case's launches, where no value is used (the GPU suite's warm-up records the long attention
+    cases on the host, whose samples took 16 s to draw on a 2-core CPU)."""
+    before = _UNDRAWN[0]
+    _UNDRAWN[0] = True
+    try:
+        yield
+    finally:
+        _UNDRAWN[0] = before
 
 
 _BUILT: dict = {}  # the inputs of the latest case, per `grad`: shared by its backends, modes and checks

@@ -45,14 +45,15 @@ HIT_S = 0.075  # without Triton's compilation listener: a warm-up this fast load
 # ------------------------------------------------------------------------------------------ workloads
 def _ops_launches(models: Sequence[str], dtype: torch.dtype, batch: int) -> None:
     """Every triton case of `bench ops` (forward and forward+backward) at `batch`."""
-    from .ops_bench import make_runner, mae_cases, release_inputs
+    from .ops_bench import make_runner, mae_cases, release_inputs, undrawn_inputs
 
     cpu = torch.device("cpu")
     try:
-        for case in mae_cases(batch, dtype, models, None, False):
-            if case.registry_inputs is not None:
-                for mode in case.modes:
-                    make_runner(case, "triton", mode, cpu)()
+        with undrawn_inputs():  # recorded, not run: no value is used
+            for case in mae_cases(batch, dtype, models, None, False):
+                if case.registry_inputs is not None:
+                    for mode in case.modes:
+                        make_runner(case, "triton", mode, cpu)()
     finally:
         release_inputs()
 
@@ -61,21 +62,22 @@ def _attention_launches(models: Sequence[str], dtype: torch.dtype, batch: int, l
                         long_head_dims: Sequence[int], long_tokens: int) -> None:
     """`bench attention`'s triton, triton-short and triton-flash at MAE's shapes and the long ones."""
     from .attention_bench import MODES, TRITON_PATHS, forced_path_case, long_shapes, mae_shapes
-    from .ops_bench import attention_case, make_runner, release_inputs
+    from .ops_bench import attention_case, make_runner, release_inputs, undrawn_inputs
 
     cpu = torch.device("cpu")
     shapes = [(name, batch, h, n, d) for name, h, n, d in mae_shapes(models)]
     shapes += long_shapes(long_ns, long_head_dims, long_tokens)
     try:
-        for name, b, h, n, d in shapes:
-            for mode in MODES:
-                for path in (None, *TRITON_PATHS.values()):
-                    case = attention_case(name, b, h, n, d, dtype)
-                    if path is not None:
-                        case, why = forced_path_case(case, n, d, dtype, path, mode, cpu)
-                        if why:
-                            continue
-                    make_runner(case, "triton", mode, cpu)()
+        with undrawn_inputs():  # recorded, not run: no value is used (the long cases' samples took 16 s to draw)
+            for name, b, h, n, d in shapes:
+                for mode in MODES:
+                    for path in (None, *TRITON_PATHS.values()):
+                        case = attention_case(name, b, h, n, d, dtype)
+                        if path is not None:
+                            case, why = forced_path_case(case, n, d, dtype, path, mode, cpu)
+                            if why:
+                                continue
+                        make_runner(case, "triton", mode, cpu)()
     finally:
         release_inputs()
 

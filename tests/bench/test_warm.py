@@ -122,8 +122,8 @@ def test_workers_report_kernel_errors_and_their_own_timeouts(tmp_path, monkeypat
 @pytest.mark.slow
 def test_every_benchmark_workload_records(tmp_path):
     """The GPU suite's warm-up records every workload of `bench_workloads()` (bench ops and attention at their
-    CUDA defaults, the encoder at every ratio, the training step) without an error, on the CPU (about 20 s; the
-    models' matrix products are not computed, see the test below)."""
+    CUDA defaults, the encoder at every ratio, the training step) without an error, on the CPU (about 10 s: the
+    models' matrix products are not computed, nor the cases' inputs drawn; see the test below)."""
     script = tmp_path / "collect.py"
     script.write_text(textwrap.dedent("""
         from fastmae.bench import warm
@@ -143,18 +143,24 @@ def test_every_benchmark_workload_records(tmp_path):
 
 
 def test_workloads_record_the_same_launches_without_computing_their_matmuls(tmp_path):
-    """Workloads skip the values of their matrix products (nothing recorded is run, so no value means anything):
-    the launches they record are the same as with the products computed."""
+    """Workloads skip the values of their matrix products, and the benchmarks' cases their inputs' samples
+    (nothing recorded is run, so no value means anything): the launches they record are the same as with the
+    products computed and the samples drawn."""
     script = tmp_path / "same.py"
     script.write_text(textwrap.dedent("""
         import contextlib
+        import torch
+        from fastmae.bench import ops_bench, warm
         from fastmae.kernels import compile_check as cc
 
-        ws = [cc.Workload("mae_vit_tiny_patch4", "bf16", batch=16),
-              cc.Workload("mae_vit_tiny_patch4", "fp16", batch=16, pred_masked_only=True, mask_ratio=0.9)]
-        fast = [[k for k, _, _ in cc.recorded_specs(w.run, 90)] for w in ws]
+        ws = [cc.Workload("mae_vit_tiny_patch4", "bf16", batch=16).run,
+              cc.Workload("mae_vit_tiny_patch4", "fp16", batch=16, pred_masked_only=True, mask_ratio=0.9).run,
+              lambda: warm._ops_launches(["B"], torch.bfloat16, 2),
+              lambda: warm._attention_launches(["B"], torch.float16, 2, [256], [32, 64], 512)]
+        fast = [[k for k, _, _ in cc.recorded_specs(w, 90)] for w in ws]
         cc._uncomputed_matmuls = contextlib.nullcontext
-        full = [[k for k, _, _ in cc.recorded_specs(w.run, 90)] for w in ws]
+        ops_bench.undrawn_inputs = contextlib.nullcontext
+        full = [[k for k, _, _ in cc.recorded_specs(w, 90)] for w in ws]
         assert fast == full and all(fast), (fast, full)
         print("same", [len(f) for f in fast])
     """))

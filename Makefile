@@ -29,8 +29,12 @@ run: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m fastmae linprobe --checkpoint $(DEMO)/checkpoint-last.pth --pool mean \
 		--output_dir $(DEMO)
 
+# The suite runs in TEST_JOBS processes (pytest-xdist; one per core, at most 4; TEST_JOBS=1 runs it in this
+# process), each test file whole in one of them: a file's shared set-up (the compile check's worker, a quick
+# benchmark run) is then made once.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 test: $(VENV)/.installed
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -19,7 +19,7 @@ setup(
         "xformers": ["xformers>=0.0.35"],
         "plots": ["matplotlib"],
         "train": ["matplotlib", "tensorboard"],
-        "dev": ["pytest", "pytest-benchmark", "matplotlib", "triton>=3.6"],
+        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib", "triton>=3.6"],
     },
     entry_points={"console_scripts": ["fastmae=fastmae.cli:main"]},
 )

@@ -21,8 +21,9 @@ Two paths, chosen per call from the shape by `choose_paths` (launch settings by 
   head dim 128; on sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the backward takes the flash
   kernels.
 * flash (any N): online softmax over key blocks in the forward (FlashAttention-2 order). The backward
-  is three launches: delta = rowsum(dO * O); one program per key block that walks over the query
-  blocks for dK and dV; one program per query block that walks over the key blocks for dQ.
+  is two launches: one program per query block that computes delta = rowsum(dO * O) of its rows (and keeps
+  it for the next launch) and walks over the key blocks for dQ; then one program per key block that walks
+  over the query blocks for dK and dV.
 
 Both paths save the log-sum-exp of each query row (fp32, natural log, [B, H, N]) in the forward and
 recompute the probabilities from it in the backward; the attention matrix is never written to memory.
@@ -210,22 +211,6 @@ def _attn_fwd_flash(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, DELTA,
-                         sob, soh, son, sod, sdob, sdoh, sdon, sdod,
-                         n_heads, n_ctx, head_dim,
-                         BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, the softmax backward's per-row term (flash backward only)."""
-    pid_m, pid_bh, b, h = _block_program(n_ctx, n_heads, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mask_m = offs_m < n_ctx
-    mask_d = offs_d < head_dim
-    o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, son, sod, mask_m, mask_d, True)
-    do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, mask_m, mask_d, True)
-    tl.store(DELTA + pid_bh.to(tl.int64) * n_ctx + offs_m, tl.sum(o * do, 1), mask=mask_m)
-
-
-@triton.jit
 def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
@@ -316,12 +301,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
-                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ,
+                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                  sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
                  n_heads, n_ctx, head_dim, sm_scale, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
-    """dQ of one block of BLOCK_M queries, walking over all key blocks of BLOCK_N."""
+    """dQ of one block of BLOCK_M queries, walking over all key blocks of BLOCK_N; first the block's delta =
+    rowsum(dO * O) in fp32, the softmax backward's per-row term, which it also stores for `_attn_bwd_dkdv`
+    (launched after it)."""
     pid_m, pid_bh, b, h = _block_program(n_ctx, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_nb = tl.arange(0, BLOCK_N)
@@ -333,7 +320,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, mask_m, mask_d, UPCAST)
     row_base = pid_bh.to(tl.int64) * n_ctx
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, son, sod, mask_m, mask_d, UPCAST)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -361,7 +350,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 KERNELS = {
     "fwd_short": _attn_fwd_short,
     "fwd_flash": _attn_fwd_flash,
-    "bwd_preprocess": _attn_bwd_preprocess,
     "bwd_short": _attn_bwd_short,
     "bwd_dkdv": _attn_bwd_dkdv,
     "bwd_dq": _attn_bwd_dq,
@@ -455,7 +443,7 @@ def kernels_for(n: int, d: int, dtype: torch.dtype, path: str = "auto",
                 capability: tuple[int, int] = (9, 0)) -> list[str]:
     """The kernels one forward and backward launch, in order."""
     fwd, bwd = choose_paths(n, d, dtype, path, capability)
-    return ["fwd_" + fwd] + (["bwd_short"] if bwd == "short" else ["bwd_preprocess", "bwd_dkdv", "bwd_dq"])
+    return ["fwd_" + fwd] + (["bwd_short"] if bwd == "short" else ["bwd_dq", "bwd_dkdv"])
 
 
 # Flash-path settings per head-dim tile, (BLOCK_M, BLOCK_N, num_warps, num_stages): for each, the largest
@@ -510,7 +498,7 @@ def validate_tuned(table: dict) -> list[str]:
             problems.append(f"{arch}: not an architecture like sm_90")
             continue
         for kernel, entries in per_kernel.items():
-            if kernel not in KERNELS or kernel == "bwd_preprocess":
+            if kernel not in KERNELS:
                 problems.append(f"{arch}.{kernel}: not a tunable attention kernel")
                 continue
             for key, cfg in entries.items():
@@ -567,7 +555,7 @@ def forced_settings(**settings: LaunchSettings):
 
 def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
                     capability: tuple[int, int] | None = None) -> LaunchSettings:
-    """Launch settings of one kernel ('fwd_short', 'fwd_flash', 'bwd_preprocess', 'bwd_short', 'bwd_dkdv',
+    """Launch settings of one kernel ('fwd_short', 'fwd_flash', 'bwd_short', 'bwd_dkdv',
     'bwd_dq') for sequence length n, head dim d and input dtype: settings forced by `forced_settings`, else
     the entry measured for this GPU architecture (`capability`) in `attention_tuned.json`, else the rule below.
 
@@ -581,8 +569,7 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
       elements, 16 rows beyond, 8 warps from 8192 elements.
     * bwd_short: all keys in one tile; query blocks of up to 32 rows and 4 warps up to 1024 key x head-dim
       elements, 16 rows and 8 warps beyond, no pipelining at 16384 (fp32: 16 rows, 8 warps from 1024 elements).
-    * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`; bwd_preprocess: 64 rows, 4 warps (8 from
-      head dim 128, or 64 in fp32).
+    * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
@@ -614,8 +601,6 @@ def default_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchS
         if tile <= 1024:
             return LaunchSettings(min(n_pad, 32), n_pad, 4, 2)
         return LaunchSettings(16, n_pad, 8, 1 if tile >= 16384 else 2)
-    if kernel == "bwd_preprocess":  # with 4 warps, sm_100 spills at fp32 head dim 64 and 16-bit head dim 128
-        return LaunchSettings(64, 16, 8 if d_pad >= (64 if wide else 128) else 4, 1)
     return LaunchSettings(*_FLASH[kernel][1 if wide else 0][d_pad])
 
 
@@ -767,21 +752,18 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)
         return
 
+    # dQ first: its programs also write delta = rowsum(dO * O), which dK, dV read (launched after, on the same
+    # stream): two launches, no separate pass for delta
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    cfg = launch_settings("bwd_preprocess", N, D, q.dtype, cap)
-    _attn_bwd_preprocess[(cdiv(N, cfg.block_m) * B * H,)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, N, D,
-        BLOCK_M=cfg.block_m, D_PAD=meta["D_PAD"],
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
-    cfg = launch_settings("bwd_dkdv", N, D, q.dtype, cap)
-    _attn_bwd_dkdv[(cdiv(N, cfg.block_n) * B * H,)](
-        q, k, v, dout, lse, delta, dk, dv, *strides_qkv, *dout.stride(), *dk.stride(), *dv.stride(),
+    cfg = launch_settings("bwd_dq", N, D, q.dtype, cap)
+    _attn_bwd_dq[(cdiv(N, cfg.block_m) * B * H,)](
+        q, k, v, out, dout, lse, delta, dq, *strides_qkv, *out.stride(), *dout.stride(), *dq.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)
-    cfg = launch_settings("bwd_dq", N, D, q.dtype, cap)
-    _attn_bwd_dq[(cdiv(N, cfg.block_m) * B * H,)](
-        q, k, v, dout, lse, delta, dq, *strides_qkv, *dout.stride(), *dq.stride(),
+    cfg = launch_settings("bwd_dkdv", N, D, q.dtype, cap)
+    _attn_bwd_dkdv[(cdiv(N, cfg.block_n) * B * H,)](
+        q, k, v, dout, lse, delta, dk, dv, *strides_qkv, *dout.stride(), *dk.stride(), *dv.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)
@@ -1012,7 +994,7 @@ def compile_specs() -> list[CompileSpec]:
                     if (8, 0) not in archs:  # sm_80 never launches it (it would spill there): sm_90 and sm_100
                         spec.archs = tuple(major * 10 + minor for major, minor in archs)
                     specs.append(spec)
-            for kernel in ("fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
+            for kernel in ("fwd_flash", "bwd_dq", "bwd_dkdv"):
                 specs.append(_spec(kernel, dtype, d_pad, launch_settings(kernel, SHORT_MAX_N + 1, d_pad, dtype)))
     # A head dim that is not a multiple of 16 (the registry takes 16 to 128), here 24, compiled with no integer
     # taken as a multiple of 16: the least specialised case, which bounds the variants such head dims launch

@@ -134,7 +134,7 @@ def test_launchers_use_the_tuned_settings_of_their_architecture(monkeypatch):
 
 def test_unsound_tables_are_refused(tmp_path):
     bad = {"sm_90": {"fwd_short": {"bf16,N64,D64": [64, 32, 4, 1]}},  # a short kernel must take all keys
-           "sm_80": {"bwd_preprocess": {"bf16,D64": [64, 16, 4, 1]}}, "gpu": {}}
+           "sm_80": {"bwd_delta": {"bf16,D64": [64, 16, 4, 1]}}, "gpu": {}}
     problems = attn.validate_tuned(bad)
     assert len(problems) == 3 and any("BLOCK_N must be the key tile 64" in p for p in problems)
     path = tmp_path / "tuned.json"

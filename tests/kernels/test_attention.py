@@ -171,7 +171,7 @@ def test_the_copies_for_32_bit_offsets_give_the_same_numbers(path, device, monke
 
 
 # where each backward kernel takes the gradients it writes, among its positional arguments
-_GRAD_ARGS = {"_attn_bwd_short": slice(6, 9), "_attn_bwd_dkdv": slice(6, 8), "_attn_bwd_dq": slice(6, 7)}
+_GRAD_ARGS = {"_attn_bwd_short": slice(6, 9), "_attn_bwd_dkdv": slice(6, 8), "_attn_bwd_dq": slice(7, 8)}
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -330,7 +330,7 @@ def test_paths_for_mae_shapes():
         assert attn.backward_path(65, 80, F16, capability=cap) == "flash"
         assert attn.backward_path(50, 64, F16, capability=cap) == "short"
     assert attn.backward_path(65, 80, BF16, capability=(10, 0)) == "short"
-    assert attn.kernels_for(300, 64, F16) == ["fwd_flash", "bwd_preprocess", "bwd_dkdv", "bwd_dq"]
+    assert attn.kernels_for(300, 64, F16) == ["fwd_flash", "bwd_dq", "bwd_dkdv"]
     with pytest.raises(ValueError, match="short"):
         attn.forward_path(300, 64, F16, "short")
     with pytest.raises(ValueError, match="short"):

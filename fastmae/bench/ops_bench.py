@@ -140,14 +140,14 @@ def _ids(b: int, L: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return shuffle[:, :k].contiguous(), torch.argsort(shuffle, dim=1)
 
 
-_UNDRAWN = [False]  # set by `undrawn_inputs()`
+_undrawn = False  # set by `undrawn_inputs()`
 
 
 def _randn(shape, dtype, device, seed, requires_grad=False):
     """Normal samples made on `device` itself: drawing a long case's hundreds of millions on the host and
     copying them over would take a GPU run's benchmark parts most of their time. Uninitialised memory under
     `undrawn_inputs()`."""
-    if _UNDRAWN[0]:
+    if _undrawn:
         return torch.empty(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
     t = torch.randn(*shape, generator=_gen(seed, device), device=device).to(dtype)
     return t.requires_grad_(requires_grad)
@@ -158,12 +158,12 @@ def undrawn_inputs():
     """Cases built inside get uninitialised tensors (same shapes, dtypes and devices) instead of normal samples:
     for recording a case's launches, where no value is used (the GPU suite's warm-up records the long attention
     cases on the host, whose samples took 16 s to draw on a 2-core CPU)."""
-    before = _UNDRAWN[0]
-    _UNDRAWN[0] = True
+    global _undrawn
+    before, _undrawn = _undrawn, True
     try:
         yield
     finally:
-        _UNDRAWN[0] = before
+        _undrawn = before
 
 
 _BUILT: dict = {}  # the inputs of the latest case, per `grad`: shared by its backends, modes and checks

@@ -22,7 +22,9 @@
 # FASTMAE_RESULTS_ROOT (default benchmarks/results), FASTMAE_SUITE_WHEELS (the folder of wheels to install:
 # .whl on the GPU, none in the CPU modes unless set), FASTMAE_COMMIT (the commit the records name, where set: for a
 # checkout that travelled as a copy, with no .git folder or a stale one),
-# FASTMAE_SUITE_BUDGET_S (the whole run's time budget: 530 s on the GPU, under 9 minutes with set-up and summary).
+# FASTMAE_SUITE_BUDGET_S (the whole run's time budget: 530 s on the GPU, under 9 minutes with set-up and summary),
+# FASTMAE_SUITE_PARTS (a comma-separated list of parts to run, e.g. bench-ops,encoder-vit-b: the others are
+# recorded as skipped, not selected; the set-up, wheels and install, always runs).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -38,6 +40,15 @@ for arg in "$@"; do
     esac
 done
 if [ "${FASTMAE_SUITE_CPU_QUICK:-0}" = "1" ]; then MODE=cpu-quick; fi
+PARTS="warm gpu-tests bench-ops priority bench-attention encoder-vit-b encoder-vit-l train-vit-b train-vit-l \
+train-compile-vit-b encoder-cpu-default train-cpu-default tune"
+SELECTED=${FASTMAE_SUITE_PARTS:-}
+for p in ${SELECTED//,/ }; do
+    case " $PARTS " in
+        *" $p "*) ;;
+        *) echo "gpu_suite.sh: FASTMAE_SUITE_PARTS names an unknown part $p (parts: $PARTS)" >&2; exit 2 ;;
+    esac
+done
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python  # the environment `make` builds
@@ -81,7 +92,12 @@ skip() {  # name reason
 }
 
 part_limit() {  # name timeout_s [least_s]: LIMIT = the timeout cut to what is left of the suite's budget; with
-    # less than least_s (default 15) left the part is recorded as skipped and the status is 1
+    # less than least_s (default 15) left, or a part FASTMAE_SUITE_PARTS leaves out, the part is recorded as
+    # skipped and the status is 1
+    if [ -n "$SELECTED" ] && [[ " $PARTS " == *" $1 "* ]] && [[ ",$SELECTED," != *",$1,"* ]]; then
+        skip "$1" "not selected (FASTMAE_SUITE_PARTS=$SELECTED)"
+        return 1
+    fi
     local left=$(( BUDGET - ($(date +%s) - START) - 10 )) least=${3:-15}
     if [ "$left" -lt "$least" ]; then
         skip "$1" "out of the suite's time budget (${BUDGET}s): needs ${least}s, ${left}s left"

@@ -121,12 +121,14 @@ def test_sharded_runner_reports_a_failure(tmp_path):
                     reason="needs bash and coreutils' timeout")
 def test_a_run_stopped_from_outside_leaves_its_parts_in_out(tmp_path):
     """With OUT set the run folder is copied there after every part: stop the suite after its first measured
-    part and the tarball in OUT already holds that part's results and its line in parts.tsv."""
+    part and the tarball in OUT already holds that part's results and its line in parts.tsv. (Only the parts
+    FASTMAE_SUITE_PARTS selects run: the others are recorded as skipped, not selected.)"""
     import signal
     import time
 
     env = {k: v for k, v in os.environ.items() if k != "FASTMAE_SUITE_CPU_QUICK"}
-    env.update(PYTHON=sys.executable, FASTMAE_RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"))
+    env.update(PYTHON=sys.executable, FASTMAE_RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"),
+               FASTMAE_SUITE_PARTS="bench-ops,bench-attention,encoder-vit-b")  # the run goes on after bench-ops
     proc = subprocess.Popen(["bash", SCRIPT, "--cpu-quick"], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -143,8 +145,21 @@ def test_a_run_stopped_from_outside_leaves_its_parts_in_out(tmp_path):
         parts_name = next(n for n in names if n.endswith("/parts.tsv"))
         parts = tar.extractfile(parts_name).read().decode()
     assert any(n.endswith("/results.json") for n in names)
-    assert "bench-ops\tok" in parts and "gpu-tests\tok" in parts
+    assert "bench-ops\tok" in parts and "gpu-tests\tskipped\t\t0\tnot selected (FASTMAE_SUITE_PARTS=" in parts
     assert not (out / "summary.md").exists()  # the run never reached its summary
+
+
+def test_parts_are_selected_by_known_names_only():
+    """FASTMAE_SUITE_PARTS names parts of the script's list, which holds every part it runs (set-up aside); an
+    unknown name stops the script before anything runs."""
+    text = open(SCRIPT, encoding="utf-8").read()
+    listed = set(re.search(r'^PARTS="([^"]*)"', text, re.M).group(1).replace("\\\n", " ").split())
+    ran = set(re.findall(r"\b(?:run_part|bg_start) ([a-z][\w-]*) ", text)) | {"tune"}
+    assert ran - {"wheels", "install"} == listed, (ran, listed)
+    env = {**os.environ, "FASTMAE_SUITE_PARTS": "bench-ops,bench-opps", "FASTMAE_RESULTS_ROOT": "/nonexistent"}
+    proc = subprocess.run(["bash", SCRIPT, "--cpu-quick"], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "unknown part bench-opps (parts: warm gpu-tests" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAE_SUITE_RUNNING") == "1", reason="already inside gpu_suite.sh")

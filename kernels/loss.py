@@ -264,7 +264,7 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     n, c, gw, p, rows, P = _check(pred, imgs, mask, patch_size, pred_ids)
     pred = pred.contiguous()
     has_ids = pred_ids is not None
-    mask32 = mask.reshape(n, -1).to(torch.float32).contiguous()
+    mask32 = (mask.flatten(1) if mask.dim() >= 2 else mask.reshape(n, -1)).to(torch.float32).contiguous()
     ids = pred_ids.contiguous() if has_ids else mask32  # a placeholder pointer when there are no ids
     n_rows = n * rows
     part = torch.empty(n_rows, device=pred.device, dtype=torch.float32)

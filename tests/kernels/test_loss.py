@@ -194,3 +194,18 @@ def test_masked_mse_refuses_imgs_requiring_grad(device):
     _, _, mask = masking(2, 4, 2, device)
     with pytest.raises(ValueError, match="no gradient to imgs"):
         loss_mod.masked_mse_loss(pred, imgs.requires_grad_(True), mask, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pred_ids_mode", [False, True])
+def test_masked_mse_empty_batch_is_zero_as_the_reference(device, pred_ids_mode):
+    """N = 0: loss 0 (0 / max(0, 1)) and an empty gradient, as the reference gives, not a reshape error."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    imgs = torch.randn(0, 3, 8, 8, device=device)
+    mask = torch.ones(0, 4, device=device)
+    pred_ids = torch.zeros(0, 2, dtype=torch.int64, device=device) if pred_ids_mode else None
+    pred = torch.randn(0, 2 if pred_ids_mode else 4, 48, device=device, requires_grad=True)
+    for fn in (loss_mod.masked_mse_loss, reference.masked_mse_loss):
+        loss = fn(pred, imgs, mask, 4, True, pred_ids)
+        (grad,) = torch.autograd.grad(loss, [pred])
+        assert float(loss) == 0.0 and grad.shape == pred.shape, fn

@@ -504,6 +504,7 @@ class GatherTokensFunction(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         ctx.cls_dtype = None if cls_token is None else cls_token.dtype
         ctx.gathered = bool(gathered)
+        ctx.x_leaf = x.is_leaf  # its gradient becomes x.grad: see backward
         return out
 
     @staticmethod
@@ -512,8 +513,9 @@ class GatherTokensFunction(torch.autograd.Function):
         has_cls = ctx.cls_dtype is not None
         grad_x = grad_cls = None
         if ctx.needs_input_grad[0]:
-            if ctx.gathered:  # the kept rows of grad_out, as they are: a view (plain torch, no kernel)
-                grad_x = grad_out[:, int(has_cls):, :].to(ctx.x_dtype)
+            if ctx.gathered:  # the kept rows of grad_out, as they are: a view (plain torch, no kernel), copied when x
+                # is a leaf, whose .grad would otherwise share memory with the caller's gradient tensor
+                grad_x = grad_out[:, int(has_cls):, :].to(ctx.x_dtype, copy=ctx.x_leaf)
             else:
                 grad_x = _gather_tokens_bwd_x_op(grad_out, ids_keep, ctx.L, ctx.x_dtype, has_cls)
         if has_cls and ctx.needs_input_grad[3]:

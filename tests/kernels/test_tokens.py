@@ -163,6 +163,23 @@ def test_gather_tokens_refuses_pos_embed_requiring_grad(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,with_cls", [(2, False), (1, True), (2, True)])
+def test_gathered_leaf_x_grad_is_its_own_memory(device, n, with_cls):
+    """gathered=True routes grad_out's kept rows to x as they are; where x is a leaf they become x.grad, which
+    must not share memory with the caller's upstream gradient: a second backward (gradient accumulation) adds
+    into x.grad in place and would change the caller's tensor."""
+    skip_unless_serves("gather_tokens", "triton", device, torch.float32)
+    ids_keep, x32, pos, cls32 = _gather_tokens_case(device, torch.float32, 16, 8, 4, True, with_cls, n=n)
+    x = x32.clone().requires_grad_(True)
+    out = tokens.gather_tokens(x, ids_keep, pos, cls32, gathered=True)
+    upstream = torch.ones_like(out)
+    out.backward(upstream, retain_graph=True)
+    assert x.grad.untyped_storage().data_ptr() != upstream.untyped_storage().data_ptr()
+    out.backward(upstream)
+    assert torch.equal(upstream, torch.ones_like(out)) and torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_kernels_refuse_a_per_sample_position_table(device):
     """The kernels read pos_embed as one table for the batch: [N, L+1, D] would give every sample the first
     sample's rows, so their own entry points refuse it (not only fastmae.ops)."""

@@ -304,7 +304,8 @@ def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
     (the registry itself is never traced): change backends by recompiling.
     """
     if torch.compiler.is_compiling():
-        grads = tuple((k, bool(t.requires_grad)) for k, t in inputs.tensors.items() if t is not None)
+        grad_mode = torch.is_grad_enabled()  # a tensor that requires grad gets none under no_grad
+        grads = tuple((k, bool(t.requires_grad) and grad_mode) for k, t in inputs.tensors.items() if t is not None)
         spec = backend if backend is None or isinstance(backend, str) else tuple(sorted(backend.items()))
         name = _resolve_constant(op, inputs.device.type, inputs.device.index, inputs.dtype, inputs.head_dim,
                                  grads, tuple(sorted(inputs.options.items())), spec)

@@ -6,6 +6,8 @@ The kernel modules are imported on first use, so importing fastmae never compile
 """
 from __future__ import annotations
 
+import torch
+
 from ..kernels.utils import interpreter_enabled, interpreter_problem, recording_capability  # torch only, no triton
 from .registry import FLOAT_DTYPES, Inputs, LazyFn, OpImpl, register
 
@@ -32,9 +34,10 @@ def _no_grad_for(*names: str):
         out = _device_reasons(inputs)
         for name in names:
             t = inputs.tensors.get(name)
-            if t is not None and t.requires_grad:
-                out.append(f"triton's {inputs.options.get('op', 'op')} gives no gradient to {name}, which requires one"
-                           f" (fixed sine-cosine position embeddings do not)")
+            if t is not None and t.requires_grad and torch.is_grad_enabled():
+                fixed = " (fixed sine-cosine position embeddings do not)" if name == "pos_embed" else ""
+                out.append(f"triton's {inputs.options.get('op', 'op')} gives no gradient to {name}, which requires "
+                           f"one{fixed}")
         return out
 
     return check

@@ -230,3 +230,24 @@ def test_xformers_check_asks_xformers_dispatcher(monkeypatch, serves):
         assert reasons == ["xformers has no forward operator for this input (fa3F@0.0.0: operator wasn't built - "
                            "see `python -m xformers.info` for more info; fa2F@2.5.7-pt: bf16 is only supported "
                            "on A100+ GPUs)"]
+
+
+def test_triton_token_ops_refuse_a_gradient_they_do_not_give_only_when_one_is_asked_for():
+    """The triton token and loss ops give no gradient to pos_embed / imgs: a tensor that requires one is refused
+    with grad mode on, and served under no_grad and inference_mode, where no gradient is asked for."""
+    from tests.utils import skip_unless_serves
+    skip_unless_serves("gather_tokens", "triton", torch.device("cpu"), torch.float32)
+    x, ids = torch.randn(2, 4, 8), torch.tensor([[0, 2], [3, 1]])
+    pos = torch.randn(1, 5, 8, requires_grad=True)
+    with pytest.raises(ops.BackendUnavailable, match=r"no gradient to pos_embed.*sine-cosine"):
+        ops.gather_tokens(x, ids, pos, backend="triton")
+    imgs, pred, mask = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(2, 4, 48), torch.ones(2, 4)
+    with pytest.raises(ops.BackendUnavailable, match="no gradient to imgs") as err:
+        ops.masked_mse_loss(pred, imgs, mask, 4, backend="triton")
+    assert "position" not in str(err.value)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(ops.gather_tokens(x, ids, pos, backend="triton"),
+                               ops.gather_tokens(x, ids, pos, backend="reference"))
+            ref = ops.masked_mse_loss(pred, imgs, mask, 4, backend="reference")
+            torch.testing.assert_close(ops.masked_mse_loss(pred, imgs, mask, 4, backend="triton"), ref)

@@ -24,7 +24,7 @@ DEMO := output/demo
 run: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m fastmae pretrain --model mae_vit_tiny_patch4 --input_size 32 --epochs 20 \
 		--warmup_epochs 2 --batch_size 64 --blr 5e-3 --norm_pix_loss --num_workers 0 \
-		--output_dir $(DEMO) --log_dir $(DEMO)
+		--output_dir $(DEMO) --log_dir $(DEMO) --overwrite
 	$(PY) -m fastmae visualize --checkpoint $(DEMO)/checkpoint-last.pth --output $(DEMO)/reconstructions.png
 	OMP_NUM_THREADS=1 $(PY) -m fastmae linprobe --checkpoint $(DEMO)/checkpoint-last.pth --pool mean \
 		--output_dir $(DEMO)

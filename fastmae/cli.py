@@ -192,6 +192,12 @@ mask_ratio = _argtype(float, lambda v: 0.0 <= v < 1.0, "a mask ratio in [0, 1)",
 seed = _argtype(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)", "seed")
 
 
+def user_path(text: str) -> str:
+    """A path flag's value with a leading `~` expanded (the shell leaves `--flag=~/x` and quoted paths alone), so
+    that every read and write of the command uses the same place; '' stays '' (a flag's "none")."""
+    return os.path.expanduser(text) if text else text
+
+
 def report_user_error(prog: str, exc: BaseException) -> bool:
     """Print `exc` as one line, `PROG: error: ...`, and return True when it is the user's to mend: bad input or an
     unavailable backend (ValueError and its kind), a missing file, or a path that cannot be read or written

@@ -179,7 +179,9 @@ def load_checkpoint(model: nn.Module, checkpoint, *, allow_pickle: bool = False,
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
              for k, v in state.items() if k in own and v.shape != own[k].shape]
     if wrong:
-        raise CheckpointError("checkpoint shapes do not fit the model: " + "; ".join(wrong))
+        err = CheckpointError("checkpoint shapes do not fit the model: " + "; ".join(wrong))
+        err.wrong_shapes = wrong  # for callers that word it shorter (`fastmae visualize`, `linprobe`)
+        raise err
     report.missing_keys = [k for k in own if k not in state]
     report.unexpected_keys = [k for k in state if k not in own]
     if strict and (report.missing_keys or report.unexpected_keys):

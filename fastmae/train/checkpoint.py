@@ -214,6 +214,15 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return newest
 
 
+def remove_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete the checkpoints in `output_dir` (`checkpoint-last.pth` and `checkpoint-N.pth`); returns them."""
+    out = Path(output_dir)
+    gone = [p for p in sorted(out.glob("checkpoint-*.pth")) if p.name == LAST or _NUMBERED.match(p.name)]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
 def resolve_resume(resume: str, output_dir: str) -> Path | None:
     """`--resume`: '' (none), 'auto' (latest in output_dir, or none if it has no checkpoint) or a path."""
     if not resume:
@@ -335,14 +344,19 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
 
 def model_from_checkpoint(path: str | Path | None, *, model: str | None = None, input_size: int | None = None,
                           norm_pix_loss: bool | None = None, allow_pickle: bool = False, backend=None,
-                          default_model: str | None = None):
+                          default_model: str | None = None, encoder_only: bool = False):
     """Build the model a checkpoint was trained as and load its weights; returns (model, info dict).
 
     The model name, input size and norm_pix_loss come from the arguments when given, else from the
     checkpoint's `args` (fastmae and official training checkpoints), else the input size from the shape of
     `pos_embed` and the patch projection. Released checkpoints without `args` need `model=`.
     `path=None` builds a randomly initialised `model` (or `default_model`), e.g. for a baseline.
+    `encoder_only`: the caller uses the encoder alone (a linear probe): decoder weights missing from the file
+    (an encoder-only checkpoint) are not warned about. A checkpoint of another model or size raises a one-line
+    `CheckpointError` saying which it holds.
     """
+    import warnings
+
     from ..model import create_model, load_checkpoint
     ckpt, saved = None, {}
     if path:
@@ -367,7 +381,25 @@ def model_from_checkpoint(path: str | Path | None, *, model: str | None = None, 
     net = create_model(name, **kwargs)
     report = None
     if ckpt is not None:
-        report = load_checkpoint(net, ckpt)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the missing keys are warned about below, as this caller needs
+                report = load_checkpoint(net, ckpt)
+        except CheckpointError as exc:
+            wrong = getattr(exc, "wrong_shapes", None)
+            if not wrong:
+                raise
+            held = f"{saved['model']} at input size {saved['input_size']}" \
+                if saved.get("model") and saved.get("input_size") else "weights of other shapes"
+            more = f"; ... ({len(wrong) - 3} more)" if len(wrong) > 3 else ""
+            size = net.patch_embed.img_size[0]
+            raise CheckpointError(f"{path} holds {held}; this builds {name} at input size {size} (--model and "
+                                  f"--input_size default to the checkpoint's): {len(wrong)} mismatched keys: "
+                                  f"{'; '.join(wrong[:3])}{more}") from None
+        missing = [k for k in report.missing_keys if not (encoder_only and k in report.missing_decoder_keys)]
+        if missing:
+            warnings.warn(f"{path}: {len(missing)} model keys were not in the checkpoint and keep their initial "
+                          f"values ({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''})", stacklevel=2)
     info = {"model": name, "input_size": net.patch_embed.img_size[0], "norm_pix_loss": norm_pix_loss,
             "checkpoint": str(path) if path else None, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None,
             "load_report": str(report) if report is not None else "random initialisation"}

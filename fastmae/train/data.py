@@ -207,8 +207,9 @@ class ImageFolder:
 
 
 def open_dataset(data_path: str | None, *, input_size: int, split: str = "train", builtin_size: int = 5000,
-                 seed: int = 0, verify: bool = False, prefer_subdir: bool = True):
+                 seed: int = 0, verify: bool = False, prefer_subdir: bool = True, progress: bool = False):
     """The dataset named by `data_path`: "builtin" / None / "" for the built-in set, else a folder.
+    `progress`: a progress bar while the built-in set is drawn, when that takes long (large images).
 
     Like the official scripts, a folder holding a `train` (or `val`) split subfolder is read from that
     subfolder (`split_folder`).
@@ -216,7 +217,7 @@ def open_dataset(data_path: str | None, *, input_size: int, split: str = "train"
     if data_path in (None, "", BUILTIN):
         from .synthetic import SyntheticShapes
         n = builtin_size if split == "train" else max(1, builtin_size // 5)
-        return SyntheticShapes(n, image_size=input_size, seed=seed, split=split)
+        return SyntheticShapes(n, image_size=input_size, seed=seed, split=split, progress=progress)
     root = Path(data_path).expanduser()
     if prefer_subdir:
         root = split_folder(root, split)

@@ -31,6 +31,12 @@ def init_distributed(device: str, dist_url: str = "env://", dist_on_itp: bool = 
         local = int(os.environ.get("LOCAL_RANK", max(local_rank, 0)))
         return DistInfo(True, dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
     if dist_on_itp:
+        needed = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MASTER_ADDR",
+                  "MASTER_PORT")
+        missing = [k for k in needed if k not in os.environ]
+        if missing:
+            raise ValueError(f"--dist_on_itp reads the ranks from OpenMPI's environment (launch with mpirun) and the "
+                             f"address from MASTER_ADDR/MASTER_PORT; not set here: {', '.join(missing)}")
         rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
         world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
         local = int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,12 @@ POOLS = ("cls", "mean")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="",
+    from ..cli import positive_int, seed, user_path
+    p.add_argument("--checkpoint", default="", type=user_path,
                    help="pretrained checkpoint (.pth); '' probes a randomly initialised --model (a baseline)")
     p.add_argument("--model", default=None, help="model name; None: the one recorded in the checkpoint's args")
-    p.add_argument("--input_size", default=None, type=int, help="image side; None: the checkpoint's")
-    p.add_argument("--data_path", default="builtin",
+    p.add_argument("--input_size", default=None, type=positive_int, help="image side; None: the checkpoint's")
+    p.add_argument("--data_path", default="builtin", type=user_path,
                    help="folder with class subfolders (with train/ and val/ subfolders if present), or 'builtin'")
     p.add_argument("--val_fraction", default=0.2, type=float,
                    help="held-out fraction, in (0, 1), when --data_path has no val/ subfolder")
@@ -53,14 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base lr: lr = blr * batch_size / 256 (SGD on standardised features; the official 0.1 is for LARS)")
     p.add_argument("--weight_decay", default=0.0, type=float, help="classifier weight decay")
     p.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear lr warmup")
-    p.add_argument("--seed", default=0, type=int, help="seed of the split and of the classifier")
+    p.add_argument("--seed", default=0, type=seed, help="seed of the split and of the classifier")
     p.add_argument("--num_workers", default=0, type=int, help="DataLoader workers for feature extraction")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu; cuda when available")
     p.add_argument("--backend", default=None, help="op backend (auto, reference, sdpa, xformers, triton); None: automatic, or FASTMAE_BACKEND")
-    p.add_argument("--output_dir", default="", help="folder to write linprobe.json to ('' writes nothing)")
+    p.add_argument("--output_dir", default="", type=user_path,
+                   help="folder to write linprobe.json to ('' writes nothing)")
     p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
                    help="allow trusted checkpoints that hold Python objects (official ones store an argparse.Namespace)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -88,13 +92,15 @@ def _as_loader(data, batch_size: int, num_workers: int):
 
 @torch.no_grad()
 def extract_features(model, data, *, pool: str = "cls", device="cpu", batch_size: int = 256,
-                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] and labels [N] of a dataset of (image, label) or an (images, labels) pair."""
+                     num_workers: int = 0, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N, D] and labels [N] of a dataset of (image, label) or an (images, labels) pair. `progress`:
+    the description of a progress bar over the batches (None: no bar)."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
+    batches = _bar(_as_loader(data, batch_size, num_workers), progress, "batch")
     try:
-        for imgs, y in _as_loader(data, batch_size, num_workers):
+        for imgs, y in batches:
             feats.append(encode(model, imgs.to(device), pool).cpu())
             labels.append(torch.as_tensor(y).long())
     finally:
@@ -117,9 +123,18 @@ def _accuracy(head, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((head(x).argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
 
 
+def _bar(iterable, desc: str | None, unit: str):
+    if desc is None:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
 def train_head(train_x, train_y, val_x, val_y, num_classes: int, *, epochs: int = 90, batch_size: int = 256,
-               blr: float = 1.0, weight_decay: float = 0.0, warmup_epochs: int = 10, seed: int = 0) -> dict:
-    """Train the head on cached features; returns {'acc', 'train_acc', 'head'}."""
+               blr: float = 1.0, weight_decay: float = 0.0, warmup_epochs: int = 10, seed: int = 0,
+               progress: bool = False) -> dict:
+    """Train the head on cached features; returns {'acc', 'train_acc', 'head'}. `progress`: a bar over the
+    epochs."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = make_head(train_x.shape[1], num_classes)
@@ -129,7 +144,7 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, *, epochs: int 
     iters = max(1, len(train_y) // batch_size)
     warmup = min(warmup_epochs, max(epochs - 1, 0))
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(epochs):
+    for epoch in _bar(range(epochs), "classifier" if progress else None, "epoch"):
         head.train()
         perm = torch.randperm(len(train_y), generator=g)
         for i in range(iters):
@@ -150,7 +165,8 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, *, epochs: int 
 
 def linear_probe(model, train_data, val_data, *, pool: str = "cls", num_classes: int | None = None,
                  epochs: int = 90, batch_size: int = 256, blr: float = 1.0, weight_decay: float = 0.0,
-                 warmup_epochs: int = 10, device="cpu", seed: int = 0, num_workers: int = 0) -> dict:
+                 warmup_epochs: int = 10, device="cpu", seed: int = 0, num_workers: int = 0,
+                 progress: bool = False) -> dict:
     """Linear probe of `model`'s frozen encoder.
 
     train_data, val_data: datasets of (normalised image [C, H, W], label) (e.g. `data.EvalDataset`) or
@@ -159,28 +175,32 @@ def linear_probe(model, train_data, val_data, *, pool: str = "cls", num_classes:
     and `head` (the trained classifier, an nn.Module).
     """
     model.to(device)
-    train_x, train_y = extract_features(model, train_data, pool=pool, device=device, num_workers=num_workers)
-    val_x, val_y = extract_features(model, val_data, pool=pool, device=device, num_workers=num_workers)
+    train_x, train_y = extract_features(model, train_data, pool=pool, device=device, num_workers=num_workers,
+                                        progress="train features" if progress else None)
+    val_x, val_y = extract_features(model, val_data, pool=pool, device=device, num_workers=num_workers,
+                                    progress="val features" if progress else None)
     if num_classes is None:
         num_classes = int(max(train_y.max(), val_y.max())) + 1
     if num_classes < 2:
         raise ValueError("a linear probe needs at least two classes (class subfolders)")
     out = train_head(train_x, train_y, val_x, val_y, num_classes, epochs=epochs, batch_size=batch_size, blr=blr,
-                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed)
+                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, progress=progress)
     out.update(chance=1.0 / num_classes, num_classes=num_classes, num_train=len(train_y), num_val=len(val_y),
                feature_dim=int(train_x.shape[1]), pool=pool)
     return out
 
 
 def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2, builtin_size: int = 5000,
-                   seed: int = 0):
+                   seed: int = 0, progress: bool = False):
     """(train, val, class names) as EvalDatasets: the built-in set's train/val splits; a folder's train/ and
     val/ subfolders; or one folder (the `train/` subfolder where there is no `val/`, as `fastmae pretrain`
     reads it) split at random (by seed) into 1 - val_fraction / val_fraction."""
     from .data import BUILTIN, DataError, EvalDataset, ImageFolder, open_dataset, split_folder
     if data_path in (None, "", BUILTIN):
-        train = open_dataset(None, input_size=input_size, split="train", builtin_size=builtin_size, seed=seed)
-        val = open_dataset(None, input_size=input_size, split="val", builtin_size=builtin_size, seed=seed)
+        train = open_dataset(None, input_size=input_size, split="train", builtin_size=builtin_size, seed=seed,
+                             progress=progress)
+        val = open_dataset(None, input_size=input_size, split="val", builtin_size=builtin_size, seed=seed,
+                           progress=progress)
         return EvalDataset(train, input_size), EvalDataset(val, input_size), train.classes
     root = Path(data_path).expanduser()
     if (root / "train").is_dir() and (root / "val").is_dir():
@@ -228,19 +248,24 @@ def _run(args) -> int:
     for name in ("warmup_epochs", "num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if not args.blr > 0:
+        raise ValueError(f"--blr must be positive, got {args.blr}")
+    if not args.weight_decay >= 0:
+        raise ValueError(f"--weight_decay must not be negative, got {args.weight_decay}")
     device = check_device(args.device, other_devices=True)
     backend = check_backend(args.backend)
     if args.output_dir:
         check_output_dir(args.output_dir, "--output_dir")
     model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
                                         allow_pickle=args.allow_pickle, backend=backend,
-                                        default_model="mae_vit_tiny_patch4")
+                                        default_model="mae_vit_tiny_patch4", encoder_only=True)
     train, val, classes = probe_datasets(args.data_path, info["input_size"], val_fraction=args.val_fraction,
-                                         builtin_size=args.builtin_size, seed=args.seed)
+                                         builtin_size=args.builtin_size, seed=args.seed,
+                                         progress=not args.no_progress)
     result = linear_probe(model, train, val, pool=args.pool, num_classes=len(classes), epochs=args.epochs,
                           batch_size=args.batch_size, blr=args.blr, weight_decay=args.weight_decay,
                           warmup_epochs=args.warmup_epochs, device=device, seed=args.seed,
-                          num_workers=args.num_workers)
+                          num_workers=args.num_workers, progress=not args.no_progress)
     result.pop("head")
     summary = {**result, "model": info["model"], "checkpoint": info["checkpoint"], "data_path": args.data_path,
                "classes": list(classes)}

@@ -28,11 +28,15 @@ class RunLogger:
     """Progress bar, JSON-lines logs and TensorBoard for one run. `enabled=False` (ranks > 0) does nothing."""
 
     def __init__(self, output_dir: str | None, log_dir: str | None, *, enabled: bool = True,
-                 progress: bool = True, total_iters: int = 0, done_iters: int = 0):
+                 progress: bool = True, total_iters: int = 0, done_iters: int = 0, fresh: bool = False):
+        """`fresh`: a run that continues no checkpoint; the logs an earlier run left in output_dir are removed
+        (a resumed run appends to them)."""
         self.enabled = enabled
         self.out = Path(output_dir) if (output_dir and enabled) else None
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
+            for name in (STEP_LOG, EPOCH_LOG, CURVE) if fresh else ():
+                (self.out / name).unlink(missing_ok=True)
         self.progress = progress and enabled
         self.total_iters, self.done_iters = total_iters, done_iters
         self.start = time.time()

@@ -45,6 +45,7 @@ def _default_device() -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import seed, user_path
     from ..model import MODELS
     g = p.add_argument_group("official flags (main_pretrain.py)")
     g.add_argument("--batch_size", default=64, type=int,
@@ -65,14 +66,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base learning rate: lr = blr * effective batch / 256")
     g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="final lr of the cosine schedule")
     g.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear lr warmup")
-    g.add_argument("--data_path", default="builtin", type=str,
+    g.add_argument("--data_path", default="builtin", type=user_path,
                    help="image folder (class subfolders or flat; a 'train' subfolder is used if present), "
                         "or 'builtin' for the built-in procedurally drawn dataset")
-    g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and logs; '' saves nothing")
-    g.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (if tensorboard is installed)")
+    g.add_argument("--output_dir", default="./output_dir", type=user_path,
+                   help="where to save checkpoints and logs; '' saves nothing")
+    g.add_argument("--log_dir", default="./output_dir", type=user_path,
+                   help="TensorBoard folder (if tensorboard is installed)")
     g.add_argument("--device", default=_default_device(), help="cuda or cpu; cuda when available")
-    g.add_argument("--seed", default=0, type=int, help="random seed (rank r uses seed + r for its global RNGs)")
-    g.add_argument("--resume", default="",
+    g.add_argument("--seed", default=0, type=seed, help="random seed (rank r uses seed + r for its global RNGs)")
+    g.add_argument("--resume", default="", type=user_path,
                    help="checkpoint to resume from, a folder (its latest checkpoint), or 'auto' for the latest in "
                         "--output_dir")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N",
@@ -122,7 +125,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
                    help="allow resuming from trusted checkpoints that hold Python objects "
                         "(official checkpoints store argparse.Namespace)")
-    f.add_argument("--no_progress", action="store_true", help="no progress bar")
+    f.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output_dir that holds an earlier run's checkpoints, deleting them and "
+                        "its logs (without it, such a folder is refused unless --resume is given)")
+    f.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def parse_backend(raw: str | None):
@@ -181,6 +187,12 @@ def _check_args(args) -> None:
                          "nothing to train")
     if args.builtin_size < 1:
         raise ValueError(f"--builtin_size must be at least 1, got {args.builtin_size}")
+    for name in ("lr", "blr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("min_lr", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.cuda_graph:
         for bad, why in ((args.accum_iter != 1, f"--accum_iter {args.accum_iter}: the graph holds one optimizer "
                                                   "step per iteration; use --accum_iter 1"),
@@ -227,10 +239,12 @@ def train(args) -> PretrainResult:
                              backend=parse_backend(args.backend), lean_blocks=args.lean_blocks)
         check_mask_ratio(args.mask_ratio, model.num_patches)
         model.to(device)
+        _check_backends_serve(model, device, precision, args.mask_ratio)
         seed_everything(args.seed + info.rank)
 
         base = open_dataset(args.data_path, input_size=args.input_size, builtin_size=args.builtin_size,
-                            seed=args.seed, verify=args.verify_images)
+                            seed=args.seed, verify=args.verify_images,
+                            progress=info.is_main and not args.no_progress)
         dataset = PretrainDataset(base, args.input_size, model.num_patches, seed=args.seed)
         num_workers = min(args.num_workers, os.cpu_count() or 1)
         loader, sampler = pretrain_loader(dataset, args.batch_size, world_size=info.world_size, rank=info.rank,
@@ -280,6 +294,10 @@ def train(args) -> PretrainResult:
                 start_epoch, skip_iters, step = where["start_epoch"], where["skip_iters"], where["step"]
                 say(f"resumed from {resume_path}: epoch {start_epoch}, iteration {skip_iters}, step {step}")
 
+        if args.max_steps and step >= args.max_steps:
+            say(f"--max_steps {args.max_steps} already reached (step {step}); nothing to train")
+            return PretrainResult(step=step, epoch=start_epoch - 1, stopped_early=True)
+
         graph = None
         if args.cuda_graph:
             graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32,
@@ -298,10 +316,15 @@ def train(args) -> PretrainResult:
         # the newest good state on disk, named if the loss turns non-finite: the resumed one, then this run's
         last_good = str(resume_path) if resume_path is not None else None
         total_iters = (args.epochs - start_epoch) * iters_per_epoch - skip_iters
+        if args.max_steps:  # the iterations left until the step limit (the progress bar's time estimate)
+            total_iters = min(total_iters, (args.max_steps - step) * args.accum_iter)
+        if writes and resume_path is None and getattr(args, "overwrite", False):
+            for old in ckpt_io.remove_checkpoints(args.output_dir):
+                say(f"--overwrite: removed {old}")
+        # a run that continues no checkpoint starts its logs afresh (a resumed one appends to them)
         logger = RunLogger(args.output_dir if writes else None, args.log_dir if info.is_main else None,
-                           enabled=info.is_main, progress=not args.no_progress, total_iters=total_iters)
-        if args.max_steps and step >= args.max_steps:
-            say(f"--max_steps {args.max_steps} already reached (step {step}); nothing to do")
+                           enabled=info.is_main, progress=not args.no_progress, total_iters=total_iters,
+                           fresh=resume_path is None)
         say(f"start training for {args.epochs} epochs from epoch {start_epoch}")
         start = time.time()
         try:
@@ -349,6 +372,18 @@ def train(args) -> PretrainResult:
         cleanup(info)
 
 
+def _check_backends_serve(model, device: torch.device, precision: str, mask_ratio: float) -> None:
+    """One forward of a single blank image with gradients on, as training runs it (autocast at `precision`), so
+    that a backend asked for (`--backend`, FASTMAE_BACKEND) that cannot serve this device, dtype or model raises
+    its BackendUnavailable now, before the dataset is opened, not at the first training step."""
+    from .engine import PRECISIONS, autocast
+    side = model.patch_embed.img_size[0]
+    imgs = torch.zeros(1, model.in_chans, side, side, device=device)
+    noise = torch.arange(model.num_patches, device=device, dtype=torch.float32)[None]  # no random numbers drawn
+    with autocast(device, PRECISIONS[precision]):
+        model(imgs, mask_ratio, noise=noise)
+
+
 def _check_cuda_graph(device: torch.device, precision: str, world_size: int) -> None:
     """--cuda_graph's needs that depend on the device and the resolved precision."""
     from .engine import PRECISIONS
@@ -380,8 +415,14 @@ def _check_outputs(args) -> None:
     from importlib.util import find_spec
 
     from ..cli import check_output_dir
+    from .checkpoint import find_latest
     if args.output_dir:
         check_output_dir(args.output_dir, "--output_dir")
+        latest = find_latest(args.output_dir)
+        if latest is not None and not args.resume and not getattr(args, "overwrite", False):
+            raise ValueError(f"--output_dir {args.output_dir} holds an earlier run's checkpoints ({latest.name}): "
+                             "continue it with --resume auto, start afresh there with --overwrite (deletes its "
+                             "checkpoints and logs), or choose another --output_dir")
     if args.log_dir and find_spec("tensorboard") is not None:
         check_output_dir(args.log_dir, "--log_dir")
 

@@ -9,12 +9,15 @@ same images. The images are rendered once, in memory (uint8), when the dataset i
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from PIL import Image
 
 CLASSES = ("horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "disc", "square",
            "triangle", "ring", "gradient", "dots")
 SPLITS = {"train": 0, "val": 1}
+PROGRESS_PIXELS = 25_000_000  # about 2 s of drawing: a progress bar from there on (when asked)
 
 
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -92,9 +95,12 @@ class SyntheticShapes:
     seed, split: "train" and "val" draw from different streams of the same seed.
     `load(i) -> (PIL RGB image, label, 0)`, the interface of `fastmae.train.data.ImageFolder` (the last item
     counts unreadable files skipped, never any here).
+    progress: a progress bar (stderr) while the images are drawn, when there are enough pixels for it to take a
+    few seconds (5000 images of 224 pixels take about 20 s).
     """
 
-    def __init__(self, num_images: int = 5000, image_size: int = 32, seed: int = 0, split: str = "train"):
+    def __init__(self, num_images: int = 5000, image_size: int = 32, seed: int = 0, split: str = "train",
+                 progress: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         if num_images < 1:
@@ -104,8 +110,13 @@ class SyntheticShapes:
         self.num_images, self.image_size, self.seed, self.split = num_images, image_size, seed, split
         self.classes = list(CLASSES)
         self.targets = [i % len(CLASSES) for i in range(num_images)]
+        indices = range(num_images)
+        if progress and num_images * image_size ** 2 >= PROGRESS_PIXELS:
+            from tqdm.auto import tqdm
+            indices = tqdm(indices, desc=f"drawing the built-in {split} images", unit="img", leave=False,
+                           dynamic_ncols=True, file=sys.stderr)
         self.images = np.stack([render(self.targets[i], np.random.default_rng([seed, SPLITS[split], i]), image_size)
-                                for i in range(num_images)])
+                                for i in indices])
         self.root = f"builtin:{split}"
 
     def __len__(self) -> int:

@@ -29,19 +29,20 @@ COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="",
+    from ..cli import positive_int, seed, user_path
+    p.add_argument("--checkpoint", default="", type=user_path,
                    help="checkpoint (.pth) to draw; '' draws a randomly initialised --model")
     p.add_argument("--model", default=None,
                    help="model name; None: the one recorded in the checkpoint's args")
-    p.add_argument("--input_size", default=None, type=int, help="image side; None: the checkpoint's")
+    p.add_argument("--input_size", default=None, type=positive_int, help="image side; None: the checkpoint's")
     p.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction,
                    help="whether the model was trained with norm_pix_loss; None: as recorded in the checkpoint's args")
-    p.add_argument("--data_path", default="builtin",
+    p.add_argument("--data_path", default="builtin", type=user_path,
                    help="image folder (class subfolders or flat), or 'builtin' (the built-in val split)")
     p.add_argument("--num_images", default=8, type=int, help="rows of the grid")
     p.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
-    p.add_argument("--seed", default=0, type=int, help="seed of the masking noise and of the image choice")
-    p.add_argument("--output", default="reconstructions.png", help="PNG file to write")
+    p.add_argument("--seed", default=0, type=seed, help="seed of the masking noise and of the image choice")
+    p.add_argument("--output", default="reconstructions.png", type=user_path, help="PNG file to write")
     p.add_argument("--tile", default=128, type=int, help="side in pixels of each drawn image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu; cuda when available")

@@ -231,3 +231,15 @@ def test_too_few_images_for_a_batch_fails_clearly():
     data = PretrainDataset(SyntheticShapes(6, 16), 16, num_patches=16)
     with pytest.raises(DataError, match="fewer than one batch"):
         pretrain_loader(data, 8)
+
+
+def test_drawing_a_large_builtin_set_shows_progress_when_asked(monkeypatch, capsys):
+    import fastmae.train.synthetic as synthetic
+    SyntheticShapes(20, 32, progress=True)
+    assert "drawing" not in capsys.readouterr().err  # below the size where drawing takes seconds
+    monkeypatch.setattr(synthetic, "PROGRESS_PIXELS", 1)
+    a = SyntheticShapes(20, 32, progress=True)
+    assert "drawing the built-in train images" in capsys.readouterr().err
+    assert np.array_equal(a.images, SyntheticShapes(20, 32).images)  # the same images either way
+    SyntheticShapes(20, 32)
+    assert "drawing" not in capsys.readouterr().err

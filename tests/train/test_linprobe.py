@@ -117,6 +117,8 @@ def test_linprobe_command_on_a_folder(tmp_path, capsys):
     (["--batch_size", "1"], "--batch_size must be at least 2, got 1"),
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--num_workers", "-1"], "--num_workers must not be negative, got -1"),
+    (["--blr", "-1"], "--blr must be positive, got -1.0"),
+    (["--weight_decay", "-0.1"], "--weight_decay must not be negative, got -0.1"),
 ])
 def test_bad_flags_on_the_builtin_set_are_refused_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
     import fastmae.train.linprobe as lp
@@ -143,3 +145,41 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_pat
                      str(tmp_path / "none.pth")]) == 2
     assert "checkpoint not found" in error_line(capsys.readouterr().err, "linprobe", alone=True)
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+def test_an_encoder_only_checkpoint_probes_without_a_warning_and_shows_progress(tmp_path, capsys, recwarn):
+    """The probe uses the encoder alone: decoder weights missing from the file are not warned about. Without
+    --no_progress, feature extraction and classifier training show progress bars."""
+    from fastmae.model.checkpoint import save_encoder
+    save_encoder(fastmae.create_model("mae_vit_tiny_patch4"), tmp_path / "enc.pth")
+    argv = ["linprobe", "--checkpoint", str(tmp_path / "enc.pth"), "--model", "mae_vit_tiny_patch4", "--device", "cpu",
+            "--builtin_size", "40", "--epochs", "2", "--batch_size", "16"]
+    assert cli_main(argv) == 0
+    assert not [w for w in recwarn if "not in the checkpoint" in str(w.message)]
+    err = capsys.readouterr().err
+    assert "train features" in err and "val features" in err and "classifier" in err
+    assert cli_main(argv + ["--no_progress"]) == 0
+    assert "features" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["linprobe", "visualize"])
+def test_a_checkpoint_of_another_model_is_named_in_one_short_line(command, tmp_path, capsys):
+    from fastmae.train.pretrain import train
+
+    from .common import pretrain_args
+    train(pretrain_args(tmp_path, "--epochs", "1", "--max_steps", "1"))
+    extra = ["--output", str(tmp_path / "v.png")] if command == "visualize" else []
+    assert cli_main([command, "--checkpoint", str(tmp_path / "checkpoint-last.pth"), "--model",
+                     "mae_vit_cifar_small_patch4", "--device", "cpu", *extra]) == 2
+    err = error_line(capsys.readouterr().err, command, alone=True)
+    assert "holds mae_vit_tiny_patch4 at input size 32; this builds mae_vit_cifar_small_patch4 at input size 32" in err
+    assert len(err) < 600 and "more)" in err
+
+
+@pytest.mark.parametrize("command", ["linprobe", "visualize"])
+@pytest.mark.parametrize("value", ["-4", "0"])
+def test_an_input_size_that_is_not_positive_is_refused_by_the_flag(command, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([command, "--input_size", value])
+    assert exit_.value.code == 2
+    assert f"argument --input_size: must be a positive integer, got {value}" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from fastmae.train.optim import lr_at
 from fastmae.train.pretrain import run, train
 from tests.utils import error_line
 
-from .common import assert_same_weights, dead_pid, pretrain_args
+from .common import assert_same_weights, dead_pid, pretrain_args, pretrain_argv
 
 
 def _params(path):
@@ -150,7 +150,8 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing_bad(tmp_path, monkeypat
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         loss, pred, mask = real_forward(self, imgs, mask_ratio, noise)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 6 else loss), pred, mask
+        # the first forward is the run's check that its backends serve (`_check_backends_serve`), the 7th the 6th step's
+        return (loss * float("nan") if calls["n"] == 7 else loss), pred, mask
 
     monkeypatch.setattr(fastmae.MaskedAutoencoderViT, "forward", forward)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, iteration 1 \(optimizer step 6\)"):
@@ -401,7 +402,7 @@ def test_resume_from_a_folder_takes_its_latest_checkpoint(tmp_path, capsys):
 
 def test_the_non_finite_loss_message_names_a_checkpoint_only_if_there_is_one(tmp_path, capsys, monkeypatch):
     real_forward = fastmae.MaskedAutoencoderViT.forward
-    calls = {"n": 0, "nan_at": 1}
+    calls = {"n": 0, "nan_at": 2}  # the first forward is the run's backend check (`_check_backends_serve`)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         loss, pred, mask = real_forward(self, imgs, mask_ratio, noise)
@@ -413,7 +414,7 @@ def test_the_non_finite_loss_message_names_a_checkpoint_only_if_there_is_one(tmp
     err = capsys.readouterr().err
     assert "this run wrote none before it" in err and "checkpoint-last.pth" not in err
     assert not list((tmp_path / "first").glob("checkpoint-*"))
-    calls.update(n=0, nan_at=6)  # in epoch 1, after epoch 0's checkpoint
+    calls.update(n=0, nan_at=7)  # in epoch 1, after epoch 0's checkpoint
     assert run(pretrain_args(tmp_path / "second")) == 1
     assert f"the last good one is {tmp_path / 'second' / 'checkpoint-last.pth'}" in capsys.readouterr().err
 
@@ -506,3 +507,90 @@ def test_only_rank_0_probes_the_output_dir(tmp_path, capsys, monkeypatch):
     assert "cannot write there" in _refused(capsys, args)
     monkeypatch.setenv("RANK", "1")  # without WORLD_SIZE: one process, as rank 1 would check its flags
     assert "cannot write there" not in _refused(capsys, args)
+
+
+def test_a_tilde_in_a_path_flag_means_home_everywhere(tmp_path, monkeypatch):
+    """`--output_dir=~/run` (the shell leaves a `~` after `=` alone): the run writes under $HOME, and nothing named
+    `~` appears in the working directory; `--resume=~/...` reads from there too."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert cli_main(pretrain_argv("~/run", "--epochs", "1", "--max_steps", "1")) == 0
+    assert (home / "run" / "checkpoint-last.pth").is_file() and list(cwd.iterdir()) == []
+    assert cli_main(pretrain_argv("~/again", "--epochs", "1", "--max_steps", "2",
+                                  "--resume=~/run/checkpoint-last.pth")) == 0
+    assert read_checkpoint(home / "again" / "checkpoint-last.pth")["step"] == 2 and list(cwd.iterdir()) == []
+
+
+def test_a_folder_holding_a_run_is_not_overwritten_without_overwrite(tmp_path, capsys):
+    """A new run (no --resume) in an --output_dir with checkpoints is refused before any work; --resume auto
+    continues it; --overwrite starts afresh there: the old checkpoints and logs are gone, not mixed in."""
+    assert run(pretrain_args(tmp_path, "--epochs", "2", "--save_every", "1")) == 0
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    capsys.readouterr()
+    assert run(pretrain_args(tmp_path, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run's checkpoints (checkpoint-last.pth)" in err and "--resume auto" in err
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
+    assert run(pretrain_args(tmp_path, "--epochs", "1", "--max_steps", "2", "--overwrite", "--seed", "3")) == 0
+    assert "--overwrite: removed" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.glob("checkpoint-*.pth")] == ["checkpoint-last.pth"]  # the old ones gone
+    assert read_checkpoint(tmp_path / "checkpoint-last.pth")["step"] == 2
+    assert [(s["epoch"], s["iter"]) for s in read_step_log(tmp_path)] == [(0, 0), (0, 1)]  # this run's alone
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.txt").read_text().splitlines()] == [0]
+
+
+def test_a_run_whose_step_limit_is_reached_trains_nothing_and_says_so_once(tmp_path, capsys):
+    assert run(pretrain_args(tmp_path, "--epochs", "1", "--max_steps", "2")) == 0
+    capsys.readouterr()
+    result = train(pretrain_args(tmp_path, "--epochs", "1", "--max_steps", "2", "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert result.step == 2 and result.stopped_early and result.losses == []
+    assert "--max_steps 2 already reached (step 2); nothing to train" in out and "start training" not in out
+
+
+def test_the_time_estimate_counts_the_iterations_up_to_the_step_limit(tmp_path, monkeypatch):
+    import fastmae.train.logs as logs
+    seen = []
+    real = logs.RunLogger
+
+    def logger(*args, **kwargs):
+        seen.append(kwargs["total_iters"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logs, "RunLogger", logger)
+    train(pretrain_args(tmp_path / "a", "--epochs", "3", "--max_steps", "5", "--accum_iter", "2"))
+    train(pretrain_args(tmp_path / "b", "--epochs", "3"))
+    assert seen == [10, 12]  # 5 steps of 2 iterations; 3 epochs of 4 iterations
+
+
+def test_a_backend_that_cannot_serve_is_refused_before_the_data_is_opened(tmp_path, capsys, monkeypatch):
+    import fastmae.train.data as data
+    monkeypatch.setattr(data, "open_dataset", lambda *a, **k: pytest.fail("the dataset was opened"))
+    assert cli_main(pretrain_argv(tmp_path / "out", "--backend", "xformers")) == 2
+    assert "backend 'xformers' cannot run attention" in error_line(capsys.readouterr().err, "pretrain", alone=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--blr", "0"], "--blr must be positive, got 0.0"),
+    (["--min_lr", "-5"], "--min_lr must not be negative, got -5.0"),
+    (["--weight_decay", "-1"], "--weight_decay must not be negative, got -1.0"),
+    (["--dist_on_itp"], "--dist_on_itp reads the ranks from OpenMPI's environment"),
+])
+def test_bad_optimizer_and_launcher_flags_are_refused_in_one_line(tmp_path, capsys, monkeypatch, extra, message):
+    for var in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert run(pretrain_args(tmp_path / "out", *extra)) == 2
+    assert message in error_line(capsys.readouterr().err, "pretrain", alone=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "visualize", "linprobe"])
+def test_a_negative_seed_is_refused_by_the_flag(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([command, "--seed", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --seed: must be a seed in [0, 2**63), got -1" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 
@@ -50,7 +51,6 @@ def device_names() -> dict[str, str]:
 def tuned_attention() -> str:
     """Which GPU architectures have measured attention launch settings (read without importing triton)."""
     import json
-    import os
     from importlib.util import find_spec
 
     spec = find_spec("fastmae.kernels")
@@ -86,14 +86,33 @@ def auto_choice(op: str, device: str, dtype: torch.dtype) -> str:
         return "none"
 
 
+def requested_backends() -> str:
+    """What FASTMAE_BACKEND asks of each op: "auto" (nothing asked), one name for every op, or the ops it names
+    ("attention=sdpa, gather_tokens=reference; the other ops auto"), with where it came from. A bad value raises
+    ValueError naming FASTMAE_BACKEND."""
+    from .cli import check_backend
+
+    check_backend(None)  # FASTMAE_BACKEND alone, its errors named after it
+    env = os.environ.get(ops.ENV_VAR, "").strip()
+    per_op = {op: ops.requested(op) for op in OPS}
+    asked = {op: name for op, name in per_op.items() if name != "auto"}
+    if not asked:
+        text = "auto"
+    elif len(asked) == len(OPS) and len(set(asked.values())) == 1:
+        text = f"{next(iter(asked.values()))} for every op"
+    else:
+        text = ", ".join(f"{op}={name}" for op, name in asked.items())
+        text += "; the other ops auto" if len(asked) < len(OPS) else ""
+    return text + (f" (from {ops.ENV_VAR})" if env else f" ({ops.ENV_VAR} unset: the automatic order)")
+
+
 def report(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
     lines = ["fastmae info", ""]
     for k, v in versions().items():
         lines.append(f"  {k:<9} {v}")
     for dev, name in device_names().items():
         lines.append(f"  {dev:<9} {name}")
-    requested = ops.requested("attention")
-    lines.append(f"  backend   {requested} (from {ops.ENV_VAR} or default)")
+    lines.append(f"  backend   {requested_backends()}")
     lines.append(f"  tuned     Triton attention launch settings: {tuned_attention()}")
     for dev in devices():
         for dtype in dtypes:
@@ -123,9 +142,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    from .cli import report_user_error
+
     parser = argparse.ArgumentParser(prog="python -m fastmae.info", description=HELP)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as exc:  # a bad FASTMAE_BACKEND: one line, as `fastmae info` prints it
+        report_user_error(parser.prog, exc)
+        return 2
 
 
 if __name__ == "__main__":

@@ -61,11 +61,12 @@ def _known(values, allowed, what: str):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from ..cli import non_negative_float
+    from ..cli import non_negative_float, user_path
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: bfloat16 on cuda, "
                    "float32 on cpu); the model-level benchmarks run it as autocast with fp32 weights")
-    p.add_argument("--out", metavar="DIR", help="also write DIR/results.json, DIR/results.csv and plots")
+    p.add_argument("--out", metavar="DIR", type=user_path,
+                   help="also write DIR/results.json, DIR/results.csv and plots")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 repetitions: checks the code paths, "
                    "the numbers mean little")
     p.add_argument("--max-time", type=non_negative_float, default=None, metavar="S",
@@ -90,7 +91,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import positive_int
+    from ..cli import positive_int, user_path
     sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
     fmt = _Formatter
 
@@ -106,9 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default=None, help="comma-separated ops (default: all, and the projections)")
     p.add_argument("--backends", default=None, help="comma-separated backends (default: all registered)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
-    p.add_argument("--write-priority", metavar="FILE",
+    p.add_argument("--write-priority", metavar="FILE", type=user_path,
                    help="write the measured backend order per op ({device_type: {op: [fastest, ...]}, source})")
-    p.add_argument("--rank-from", metavar="RESULTS",
+    p.add_argument("--rank-from", metavar="RESULTS", type=user_path,
                    help="with --write-priority: rank from a recorded results.json (or its folder) instead of "
                    "measuring")
     p.set_defaults(bench_run=run_ops)
@@ -190,9 +191,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Rewrite the block between <!-- bench-results:start --> and "
                        "<!-- bench-results:end --> in README.md with the latest recorded GPU and CPU results "
                        "(read from results.json files, stamped with device, versions and date).")
-    p.add_argument("--results", default=None, metavar="DIR",
+    p.add_argument("--results", default=None, metavar="DIR", type=user_path,
                    help="folder holding <device>/<date>/results.json (default: benchmarks/results of this repo)")
-    p.add_argument("--readme", default=None, help="the README to update (default: README.md of this repo)")
+    p.add_argument("--readme", default=None, metavar="FILE", type=user_path,
+                   help="the README to update (default: README.md of this repo)")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the block, write nothing")
     p.set_defaults(bench_run=run_readme)
 
@@ -257,7 +259,9 @@ def _setup(args):
         if interpreter_reason(device) and not args.allow_interpreter:
             print("note: TRITON_INTERPRET is set; triton is reported as skipped on the CPU", file=sys.stderr)
     env = environment(device)
-    return device, dtype, Recorder(args.out, env), env
+    recorder = Recorder(args.out, env)
+    recorder.earlier()  # DIR/results.json read now: one that holds no list of records is refused before measuring
+    return device, dtype, recorder, env
 
 
 def cpu_threads(spec: str) -> int:
@@ -336,6 +340,8 @@ def run_ops(args) -> int:
     from .limits import launch_line, measure_launch_costs, measure_limits
     from .records import read_results
 
+    if args.write_priority:  # checked before anything is measured, as --out is
+        _check_priority_file(args.write_priority)
     if args.rank_from:
         if not args.write_priority:
             raise ValueError("--rank-from needs --write-priority FILE")
@@ -387,6 +393,27 @@ def run_ops(args) -> int:
         print(f"wrote the {device.type} order to {args.write_priority}")
         _print_priority(args.write_priority)
     return 0
+
+
+def _check_priority_file(path: str) -> None:
+    """Refuse a --write-priority FILE that cannot be written, or that exists and holds no order file (a JSON object,
+    which the new order is merged into)."""
+    import json
+
+    from ..cli import check_output_file
+
+    check_output_file(path, "--write-priority")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as exc:  # not JSON, cut short, not UTF-8
+        raise ValueError(f"--write-priority {path}: not a JSON order file ({exc}); remove it or name another") \
+            from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--write-priority {path}: not an order file ({{device_type: {{op: [...]}}}}); remove it "
+                         "or name another")
 
 
 def _priority_source(stamp: dict) -> dict:
@@ -491,9 +518,9 @@ def encoder_table(records: list[dict]) -> str:
 
 
 def run_encoder(args) -> int:
-    from .common import parse_list, parse_ratios
+    from ..cli import check_mask_ratio
+    from .common import MODEL_PATHS, num_patches, parse_list, parse_ratios
     from .encoder_bench import ENCODER_MODES, run_encoder as bench
-    from .common import MODEL_PATHS
 
     device, dtype, recorder, env = _setup(args)
     d = _defaults(args, "encoder", device)
@@ -502,6 +529,9 @@ def run_encoder(args) -> int:
     _known(model, MODELS, "model")
     batch = args.batch or d["batch"]
     ratios = parse_ratios(args.ratios)
+    n = num_patches(model)
+    for ratio in ratios:  # else every row of that ratio fails, and the command still succeeds
+        check_mask_ratio(ratio, n, "--ratios")
     backends = parse_list(args.backends)
     _known(backends, MODEL_PATHS, "backend")
     modes = parse_list(args.modes)
@@ -542,8 +572,9 @@ def train_table(records: list[dict]) -> str:
 
 
 def profile_table(records: list[dict]) -> str:
-    """Per variant: the profiled time per step by kind of work, its sum, and that sum's share of the step."""
-    from .records import fmt, table
+    """Per variant: the profiled time per step by kind of work, its sum, and that sum's share of the step (capped at
+    100%, with a note: see `records.busy_cell`)."""
+    from .records import BUSY_CAPPED_NOTE, busy_cell, fmt, table
 
     rows_in = [r for r in records if r.get("kind") == "train" and r.get("status") == "ok"]
     kinds: list[str] = []
@@ -558,20 +589,23 @@ def profile_table(records: list[dict]) -> str:
             rows.append([r["backend"], "-", "-", "-"] + ["-"] * len(kinds) + [r.get("profile_error", "not profiled")])
             continue
         calls = prof.get("calls")  # absent from records written before it was counted
-        rows.append([r["backend"], fmt(prof["busy_ms"]), f"{100 * r['busy_share']:.0f}%",
+        rows.append([r["backend"], fmt(prof["busy_ms"]), busy_cell(r.get("busy_share")),
                      f"{calls:,.0f}" if calls is not None else "-"]
                     + [fmt(prof["by_kind"][k]) if k in prof["by_kind"] else "-" for k in kinds] + [""])
     kind = next((r["profile"]["kind"] for r in rows_in if r.get("profile")), "profiled time")
     out = table(["variant", "busy ms", "of the step", "calls"] + [f"{k} ms" for k in kinds] + ["note"], rows,
                 align="lrrr" + "r" * len(kinds) + "l")
+    if any(row[2].endswith("*") for row in rows):
+        out += "\n  " + BUSY_CAPPED_NOTE
     return (f"where the step's time goes ({kind} per step, from a few profiled steps; kinds read from the names; "
             f"calls: kernels launched per step on CUDA, operator calls on a CPU):\n" + out)
 
 
 def run_train(args) -> int:
+    from ..cli import check_mask_ratio
+    from .common import num_patches, parse_list
     from .limits import measure_matmul_tflops, sizes
     from .train_bench import VARIANTS, run_train as bench
-    from .common import parse_list
 
     device, dtype, recorder, env = _setup(args)
     d = _defaults(args, "train", device)
@@ -581,6 +615,7 @@ def run_train(args) -> int:
     batch = args.batch or d["batch"]
     if not 0.0 <= args.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    check_mask_ratio(args.mask_ratio, num_patches(model), "--mask-ratio")  # else every variant fails
     variants = parse_list(args.variants)
     _known(variants, VARIANTS, "variant")
     compile_on = args.compile if args.compile is not None else device.type == "cuda"

@@ -68,6 +68,15 @@ def parse_ratios(text: str) -> list[float]:
     return sorted(set(ratios))
 
 
+def num_patches(model_name: str) -> int:
+    """The patches of one image for a model preset, at the image size the benchmarks build it with (its
+    default): read from the model built on the meta device, which allocates and initialises nothing."""
+    from ..model.mae import create_model
+
+    with torch.device("meta"):
+        return create_model(model_name).num_patches
+
+
 def path_interpreter_reason(spec, device: torch.device, allow_interpreter: bool) -> str | None:
     """The benchmark's own reason not to time a path that would run triton in its CPU interpreter."""
     from .ops_bench import interpreter_reason

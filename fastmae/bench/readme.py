@@ -11,7 +11,7 @@ import os
 from typing import Sequence
 
 from .limits import launch_line
-from .records import optimizer_cell, own_peak_mem_mb, peak_mem_kind, read_results
+from .records import BUSY_CAPPED_NOTE, busy_cell, optimizer_cell, own_peak_mem_mb, peak_mem_kind, read_results
 
 START = "<!-- bench-results:start -->"
 END = "<!-- bench-results:end -->"
@@ -151,7 +151,7 @@ def train_section(records: Sequence[dict]) -> list[str]:
                 f"{r['saved_mb_per_image']:.1f} MiB" if r.get("saved_mb_per_image") is not None else "–",
                 f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
                 optimizer_cell(r) if r.get("optimizer") or r.get("optimizer_ms") is not None else "–"]
-                + ([f"{r['busy_share']:.0%}" if r.get("busy_share") is not None else "–"] if busy else [])
+                + ([busy_cell(r["busy_share"]) if r.get("busy_share") is not None else "–"] if busy else [])
                 + [r.get("dispatch", "")])
         out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory",
                           "saved/image", "MFU", "AdamW step"] + (["busy"] if busy else []) + ["served by"],
@@ -165,7 +165,9 @@ def train_section(records: Sequence[dict]) -> list[str]:
                           "variants: torch's default, as the official script constructs it)."
                           if any(r.get("optimizer") for r in ok) else "")
                        + (" Busy: the profiled kernels' own time per step (on a CPU: operators' own time) over the "
-                          "step time; well below 100% the step waits on the host." if busy else ""))
+                          "step time; well below 100% the step waits on the host." if busy else "")
+                       + (f" {BUSY_CAPPED_NOTE}." if any(busy_cell(r.get("busy_share")) == "100%*" for r in ok)
+                          else ""))
         out.append("")
     return out
 

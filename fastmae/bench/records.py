@@ -141,14 +141,34 @@ def merge(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
 
 
 def read_results(path: str) -> list[dict]:
-    """Records from a results.json file, or from the results.json inside a folder."""
+    """Records from a results.json file, or from the results.json inside a folder. A file that is not a list of
+    records (empty, cut short, not JSON, another JSON value) raises ValueError naming the file and what is wrong."""
     if os.path.isdir(path):
         path = os.path.join(path, "results.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a results file (not UTF-8 text)") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty, not a list of records")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON, or cut short ({exc.msg} at line {exc.lineno} column {exc.colno})") \
+            from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of records")
+        raise ValueError(f"{path}: expected a list of records, found a JSON {_json_type(data)}")
+    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: expected a list of records, item {bad} is a JSON {_json_type(data[bad])}")
     return data
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def _csv_value(v) -> str:
@@ -229,7 +249,12 @@ class Recorder:
 
     def flush(self) -> None:
         if self.out_dir:
-            write_results(self.out_dir, self.records, self.earlier())
+            try:
+                write_results(self.out_dir, self.records, self.earlier())
+            except Exception:  # the caller reports it; retried at exit it would only fail again, as a traceback
+                # (a SIGTERM's SystemExit mid-write is no Exception: those records are left to the exit hook)
+                _UNWRITTEN.discard(self)
+                raise
             self._written = time.monotonic()
             _UNWRITTEN.discard(self)
 
@@ -240,7 +265,11 @@ _UNWRITTEN: set[Recorder] = set()  # recorders holding records not yet written (
 @atexit.register
 def _flush_unwritten() -> None:
     for recorder in list(_UNWRITTEN):
-        recorder.flush()
+        try:
+            recorder.flush()
+        except Exception as exc:  # noqa: BLE001 - on the way out: one line, not an "Exception ignored" traceback
+            print_err(f"fastmae bench: the last records were not written to {recorder.out_dir}: "
+                      f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
 
 
 # ------------------------------------------------------------------------------------------ terminal
@@ -306,6 +335,21 @@ def optimizer_cell(r: dict) -> str:
     if r.get("optimizer_ms") is None:
         return impl or "-"
     return f"{impl}, {fmt(float(r['optimizer_ms']))} ms" if impl else f"{fmt(float(r['optimizer_ms']))} ms"
+
+
+# A training record's busy share is the profiled kernels' own time per step over the step time: on CUDA the step
+# timed without the profiler, on a CPU the profiled steps' own time (the profiler slows the operators it times as
+# much as the step, `train_bench.run_variant`), so a CPU share stays within 100%. Records written before the CPU
+# share was taken that way passed 100%, which no step can have: the tables cap such a share and mark it.
+BUSY_CAPPED_NOTE = ("100%*: the profiled time per step exceeds the step time it is set against (the profiler slows "
+                    "what it records, most on a CPU): the excess is that overhead, not work the step holds")
+
+
+def busy_cell(share: float | None) -> str:
+    """A busy share (`busy_share` of a training record) as a percentage, capped at "100%*" (see BUSY_CAPPED_NOTE)."""
+    if share is None:
+        return "-"
+    return "100%*" if round(100 * share) > 100 else f"{100 * share:.0f}%"
 
 
 def print_err(*args) -> None:

@@ -256,7 +256,7 @@ def _cfg(settings) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import non_negative_float, non_negative_int, positive_int
+    from ..cli import non_negative_float, non_negative_int, positive_int, user_path
 
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16, fp16, fp32; each dtype is tuned on its "
@@ -266,9 +266,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=non_negative_int, default=None,
                    help="worker processes that compile-check and pre-compile candidates (default: up to 8 on "
                    "cuda, 0 = none on cpu)")
-    p.add_argument("--write", nargs="?", const="", default=None, metavar="FILE",
+    # argparse converts FILE only: without it --write is const '' (the kernels' own file), absent it is None
+    p.add_argument("--write", nargs="?", const="", default=None, metavar="FILE", type=user_path,
                    help="merge the winners into FILE (without FILE: the kernels' attention_tuned.json)")
-    p.add_argument("--out", metavar="DIR", help="write every measurement to DIR/tune.json")
+    p.add_argument("--out", metavar="DIR", type=user_path, help="write every measurement to DIR/tune.json")
     p.add_argument("--max-time", type=non_negative_float, default=None, metavar="S",
                    help="time budget of one candidate's measurement (default 0.05 s on cuda; 0: the minimum "
                         "repetitions only)")

@@ -323,6 +323,8 @@ def summary(recipes: Sequence[dict], results: Sequence[dict], problems: Sequence
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import user_path
+
     p = argparse.ArgumentParser(
         prog="python -m fastmae.bench.warm",
         description="Compile, in parallel and into Triton's cache, the kernels the GPU suite's benchmarks will "
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile for this compute capability (90: H100) without a GPU; default: this machine's GPU")
     p.add_argument("--quick", action="store_true", help="a tiny model's training step only (the CPU tests)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds the compile workers may take")
-    p.add_argument("--json", metavar="FILE", help="also write every kernel's result to FILE")
+    p.add_argument("--json", metavar="FILE", type=user_path, help="also write every kernel's result to FILE")
     p.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

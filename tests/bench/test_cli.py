@@ -189,3 +189,187 @@ def test_train_help_lists_every_variant(capsys, monkeypatch):
     description = text.split("options:")[0]
     for v in VARIANTS:
         assert v in description, v
+
+
+# ------------------------------------------------------------------------------------------ paths and files
+def test_path_flags_expand_a_leading_tilde(monkeypatch, tmp_path):
+    """`--out=~/x` reaches the command as written (the shell expands no `~` after `=`): every path flag expands it
+    itself, and `bench tune --write` alone still means the kernels' own file."""
+    from fastmae.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = build_parser()
+    home = str(tmp_path)
+    for argv, attr in [(["bench", "ops", "--out=~/bo"], "out"), (["bench", "train", "--out", "~/bo"], "out"),
+                       (["bench", "ops", "--write-priority=~/bo"], "write_priority"),
+                       (["bench", "ops", "--rank-from=~/bo"], "rank_from"),
+                       (["bench", "readme", "--results=~/bo"], "results"),
+                       (["bench", "readme", "--readme=~/bo"], "readme"),
+                       (["bench", "tune", "--out=~/bo"], "out"), (["bench", "tune", "--write=~/bo"], "write")]:
+        assert getattr(parser.parse_args(argv), attr) == f"{home}/bo", argv
+    assert parser.parse_args(["bench", "tune", "--write"]).write == ""  # the kernels' attention_tuned.json
+    assert parser.parse_args(["bench", "tune", "--write="]).write == ""
+    assert parser.parse_args(["bench", "tune"]).write is None and parser.parse_args(["bench", "ops"]).out is None
+
+
+def test_a_tilde_out_folder_is_written_in_home(monkeypatch, tmp_path, capsys):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--no-progress", "--threads", "1", "--no-plots",
+                 "--variants", "fastmae", "--out=~/bo"]) == 0
+    assert (home / "bo" / "results.json").is_file() and list(cwd.iterdir()) == []  # no folder named "~"
+    assert main(["bench", "ops", "--rank-from=~/bo", "--write-priority=~/prio.json"]) == 2  # train records only
+    assert f"{home}/bo holds no successful op measurements" in error_line(capsys.readouterr().err, "bench ops")
+    assert list(cwd.iterdir()) == []
+
+
+def test_warm_json_expands_a_leading_tilde(monkeypatch, tmp_path, capsys):
+    from fastmae.bench import warm
+    from fastmae.kernels import compile_check
+
+    monkeypatch.setattr(compile_check, "interpreter_active", lambda: False)  # the tests' TRITON_INTERPRET
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setattr(warm, "collect", lambda workloads, arch: ([], []))
+    monkeypatch.setattr(warm, "warm", lambda recipes, workers, arch, launchers, timeout_s: ([], []))
+    monkeypatch.setattr(warm, "summary", lambda *a: "summary")
+    assert warm.main(["--arch", "90", "--quick", "--json=~/warm.json"]) == 0
+    assert json.loads((tmp_path / "home" / "warm.json").read_text())["arch"] == 90
+    assert not (tmp_path / "~").exists()
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Any measurement fails the test: what is checked must be checked before."""
+    from fastmae.bench import limits
+
+    def refuse(*a, **k):
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(limits, "measure_limits", refuse)
+    monkeypatch.setattr(limits, "measure_matmul_tflops", refuse)
+
+
+@pytest.mark.parametrize("content, what", [
+    ("", "empty, not a list of records"), ("  \n", "empty, not a list of records"),
+    ('[{"kind": "op", ', "not JSON, or cut short"), ("results", "not JSON, or cut short"),
+    ("[1]", "expected a list of records, item 0 is a JSON number"),
+    ('{"kind": "op"}', "expected a list of records, found a JSON object")])
+@pytest.mark.parametrize("what_cmd", ["train", "ops"])
+def test_an_out_folder_with_a_broken_results_file_is_refused_up_front(tmp_path, capsys, no_measuring, content, what,
+                                                                       what_cmd):
+    from fastmae.bench import records
+
+    (tmp_path / "results.json").write_text(content)
+    assert main(["bench", what_cmd, "--quick", "--no-progress", "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'results.json'}: {what}" in error_line(captured.err, f"bench {what_cmd}")
+    assert captured.out == "" and (tmp_path / "results.json").read_text() == content  # left as it was
+    assert not records._UNWRITTEN  # nothing for the exit hook to retry
+
+
+def test_a_broken_results_file_ends_without_an_exit_traceback(tmp_path):
+    """In a real process: one error line, exit 2, and no "Exception ignored in atexit callback" after it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "results.json").write_text("")
+    res = subprocess.run([sys.executable, "-m", "fastmae", "bench", "train", "--quick", "--no-progress",
+                          "--variants", "fastmae", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and res.stdout == "" and "Exception ignored" not in res.stderr
+    assert error_line(res.stderr, "bench train") == (
+        f"fastmae bench train: error: {tmp_path / 'results.json'}: empty, not a list of records")
+
+
+def test_rank_from_a_file_that_is_not_json_names_it(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text("not json")
+    for source in (bad, tmp_path):  # the file, or its folder
+        assert main(["bench", "ops", "--rank-from", str(source), "--write-priority", str(tmp_path / "p.json")]) == 2
+        assert f"error: {bad}: not JSON, or cut short" in error_line(capsys.readouterr().err, "bench ops", alone=True)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_a_priority_file_that_cannot_be_written_is_refused_up_front(tmp_path, capsys, no_measuring):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    not_json = tmp_path / "priority.json"
+    not_json.write_text("not json")
+    for path, why in [(a_file / "p.json", "cannot write there"), (tmp_path, "cannot write there (it is a folder"),
+                      (not_json, "not a JSON order file"), (a_file, "not a JSON order file")]:
+        for extra in ([], ["--rank-from", str(tmp_path / "none")]):  # measuring, or ranking a recorded run
+            assert main(["bench", "ops", "--quick", "--no-progress", "--ops", "attention", "--write-priority",
+                         str(path), *extra]) == 2
+            captured = capsys.readouterr()
+            assert f"--write-priority {path}: {why}" in error_line(captured.err, "bench ops", alone=True)
+            assert captured.out == ""
+    assert a_file.read_text() == "x" and not_json.read_text() == "not json"
+
+
+# ------------------------------------------------------------------------------------------ mask ratios
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--mask-ratio", "0.99"], "--mask-ratio 0.99 keeps none of the model's 64 patches"),
+    (["train", "--model", "mae_vit_base_patch16", "--mask-ratio", "0.996"],
+     "--mask-ratio 0.996 keeps none of the model's 196 patches"),
+    (["encoder", "--ratios", "0.5,0.99"], "--ratios 0.99 keeps none of the model's 64 patches"),
+    (["encoder", "--model", "mae_vit_huge_patch14", "--ratios", "0.997"],
+     "--ratios 0.997 keeps none of the model's 256 patches"),
+])
+def test_a_mask_ratio_that_keeps_no_patch_is_refused_up_front(tmp_path, capsys, no_measuring, argv, message):
+    out = tmp_path / "out"
+    assert main(["bench", *argv, "--quick", "--no-progress", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert message in error_line(captured.err, f"bench {argv[0]}") and captured.out == ""
+    assert not out.exists()
+
+
+def test_num_patches_reads_the_preset_without_building_it():
+    from fastmae.bench.common import num_patches
+
+    assert [num_patches(m) for m in ("mae_vit_tiny_patch4", "mae_vit_base_patch16", "mae_vit_huge_patch14")] == \
+        [64, 196, 256]
+
+
+# ------------------------------------------------------------------------------------------ profile
+def test_profile_table_caps_the_busy_share_with_a_note():
+    """A share above 100% (the profiler's own overhead, above all on a CPU) shows as 100%* with the note why."""
+    from fastmae.bench.cli import profile_table
+    from fastmae.bench.records import BUSY_CAPPED_NOTE
+
+    prof = {"kind": "cpu operators' own time", "busy_ms": 7.3, "calls": 1809, "by_kind": {"matmul": 2.5}}
+    recs = [{"kind": "train", "status": "ok", "backend": "fastmae", "profile": prof, "busy_share": 1.21},
+            {"kind": "train", "status": "ok", "backend": "official-eager", "profile": prof, "busy_share": 0.734}]
+    text = profile_table(recs)
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:] if line.split()[0] in
+            ("fastmae", "official-eager")}
+    assert rows["fastmae"][2] == "100%*" and rows["official-eager"][2] == "73%"
+    assert "121%" not in text and text.rstrip().endswith(BUSY_CAPPED_NOTE)
+    recs[0]["busy_share"] = 1.004  # rounds to 100%: nothing to cap
+    text = profile_table(recs)
+    assert "100%*" not in text and BUSY_CAPPED_NOTE not in text and " 100% " in text
+
+
+# ------------------------------------------------------------------------------------------ fastmae info
+@pytest.mark.parametrize("env, shown", [
+    ("", "auto (FASTMAE_BACKEND unset: the automatic order)"),
+    ("gather_tokens=reference", "gather_tokens=reference; the other ops auto (from FASTMAE_BACKEND)"),
+    ("attention=sdpa,gather_tokens=reference",
+     "attention=sdpa, gather_tokens=reference; the other ops auto (from FASTMAE_BACKEND)"),
+    ("reference", "reference for every op (from FASTMAE_BACKEND)"),
+])
+def test_info_shows_the_whole_backend_request(monkeypatch, capsys, env, shown):
+    monkeypatch.setenv("FASTMAE_BACKEND", env)
+    assert main(["info", "--dtype", "float32"]) == 0
+    assert f"\n  backend   {shown}\n" in capsys.readouterr().out
+
+
+def test_info_names_fastmae_backend_in_its_error(monkeypatch, capsys):
+    monkeypatch.setenv("FASTMAE_BACKEND", "bogus")
+    assert main(["info", "--dtype", "float32"]) == 2
+    captured = capsys.readouterr()
+    assert "FASTMAE_BACKEND=bogus: unknown backend 'bogus'" in error_line(captured.err, "info", alone=True)
+    assert captured.out == ""

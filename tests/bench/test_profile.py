@@ -56,7 +56,7 @@ def test_profile_step_adds_up():
 
     prof = profile_step(step, CPU, steps=2, top=4)
     assert prof["steps"] == 2 and prof["kind"] == "cpu operators' own time"
-    assert prof["busy_ms"] > 0
+    assert prof["busy_ms"] > 0 and prof["step_ms"] >= prof["busy_ms"]  # operators' own time fits in the step
     assert sum(prof["by_kind"].values()) == pytest.approx(prof["busy_ms"], rel=1e-9)
     assert list(prof["calls_by_kind"]) == list(prof["by_kind"])  # the kinds in the same order
     assert sum(prof["calls_by_kind"].values()) == pytest.approx(prof["calls"], abs=0.05)
@@ -80,7 +80,8 @@ def test_train_records_with_profile():
     for r in recs:
         assert r["status"] == "ok", r.get("reason")
         prof = r["profile"]
-        assert r["busy_share"] == pytest.approx(prof["busy_ms"] / r["median_ms"])
+        # on a CPU against the profiled steps' own time (the profiler slows the operators it times): at most 1
+        assert r["busy_share"] == pytest.approx(prof["busy_ms"] / prof["step_ms"]) and 0 < r["busy_share"] <= 1
         assert prof["by_kind"].get("matmul", 0) > 0
     text = profile_table(recs)
     assert "official-eager" in text and "fastmae" in text and "of the step" in text

@@ -161,3 +161,49 @@ def test_table_reasons_are_cut_at_a_clause():
     assert _short("a|b\nc") == "a/b c"  # table-safe, whole when it fits
     word = "x" * 200
     assert _short(word, 50) == "x" * 48 + " …" and len(_short(reason, 30)) <= 30
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "empty, not a list of records"), (b"\n \n", "empty, not a list of records"),
+    (b'[{"kind": "op", "op"', "not JSON, or cut short (Expecting ':' delimiter at line 1 column 21)"),
+    (b"nope", "not JSON, or cut short (Expecting value at line 1 column 1)"),
+    (b"\xff\xfe[]", "not a results file (not UTF-8 text)"),
+    (b'{"records": []}', "expected a list of records, found a JSON object"),
+    (b'[{"kind": "op"}, 1]', "expected a list of records, item 1 is a JSON number"),
+    (b'[null]', "expected a list of records, item 0 is a JSON null"),
+])
+def test_read_results_says_which_file_is_broken_and_how(tmp_path, content, what):
+    path = tmp_path / "results.json"
+    path.write_bytes(content)
+    for source in (path, tmp_path):  # the file, or its folder
+        with pytest.raises(ValueError) as exc:
+            records.read_results(str(source))
+        assert str(exc.value) == f"{path}: {what}"
+    path.write_text('[{"kind": "op"}]')
+    assert records.read_results(str(tmp_path)) == [{"kind": "op"}]
+
+
+def test_a_recorder_reads_the_folder_once_and_a_failed_write_is_not_retried_at_exit(tmp_path, capsys):
+    """The caller reports a write that fails; the exit hook does not try it again (it would fail again, as an
+    "Exception ignored in atexit callback" traceback). Records a SIGTERM left unwritten that cannot be written at
+    exit get one line."""
+    (tmp_path / "results.json").write_text("[1]")
+    rec = records.Recorder(str(tmp_path), {"device": "d"}, interval_s=3600.0)
+    with pytest.raises(ValueError, match="item 0 is a JSON number"):
+        rec.earlier()
+    with pytest.raises(ValueError, match="item 0 is a JSON number"):
+        rec.add({"kind": "op", "op": "o", "backend": "b", "mode": "fwd"})
+    assert rec not in records._UNWRITTEN
+    records._UNWRITTEN.add(rec)  # as if a SIGTERM had come before the first write
+    try:
+        records._flush_unwritten()
+    finally:
+        records._UNWRITTEN.discard(rec)
+    err = capsys.readouterr().err
+    assert err == f"fastmae bench: the last records were not written to {tmp_path}: {tmp_path / 'results.json'}: " \
+                  "expected a list of records, item 0 is a JSON number\n"
+
+
+def test_busy_cell_caps_the_share_at_100_percent():
+    assert records.busy_cell(0.734) == "73%" and records.busy_cell(1.004) == "100%"
+    assert records.busy_cell(1.21) == "100%*" and records.busy_cell(None) == "-"

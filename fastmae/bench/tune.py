@@ -293,6 +293,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("interpreter timings mean nothing: --write needs a FILE other than the kernels' own on a CPU")
     if device.type != "cuda" and (problem := interpreter_problem()):
         raise ValueError(problem)
+    from ..cli import check_output_dir, check_output_file
+    if args.out:  # where the results go, checked before the first candidate is timed
+        check_output_dir(args.out, "--out")
+    if args.write:
+        check_output_file(args.write, "--write")
     shapes = dict(QUICK_SHAPES) if args.quick else dict(SHAPES)
     if args.shapes and not args.quick:
         names = parse_list(args.shapes)
@@ -362,7 +367,8 @@ def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, ar
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "tune.json")
-        atomic_write_text(path, json.dumps({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]}, indent=1))
+        atomic_write_text(path, json.dumps({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]},
+                                           indent=1))
         if not quiet:
             print(f"wrote {path}")
     if args.write is not None:

@@ -163,6 +163,19 @@ def test_tune_refuses_to_time_on_a_cpu_without_asking(capsys, monkeypatch):
     assert "--write needs a FILE" in capsys.readouterr().err
 
 
+def test_tune_refuses_output_paths_it_cannot_write_before_timing(tmp_path, capsys, monkeypatch):
+    import fastmae.bench.tune as tune
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr("fastmae.kernels.utils.interpreter_problem", lambda: None)
+    monkeypatch.setattr(tune, "plan", lambda *a, **k: pytest.fail("tuning started"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = ["bench", "tune", "--device", "cpu", "--allow-interpreter", "--quick"]
+    for flag, value in (("--out", a_file), ("--write", a_file / "t.json"), ("--write", tmp_path)):
+        assert main([*base, flag, str(value)]) == 2
+        assert f"{flag} {value}: cannot write there" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag,value,what", [("--batch", "0", "a positive integer"),
                                              ("--jobs", "-1", "a non-negative integer"),  # 0: no worker processes
                                              ("--max-time", "-1", "a non-negative number")])  # 0: minimum reps

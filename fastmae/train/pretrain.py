@@ -239,7 +239,7 @@ def train(args) -> PretrainResult:
                              backend=parse_backend(args.backend), lean_blocks=args.lean_blocks)
         check_mask_ratio(args.mask_ratio, model.num_patches)
         model.to(device)
-        _check_backends_serve(model, device, precision, args.mask_ratio)
+        _check_backends_serve(model, device, precision, args.mask_ratio, args.batch_size)
         seed_everything(args.seed + info.rank)
 
         base = open_dataset(args.data_path, input_size=args.input_size, builtin_size=args.builtin_size,
@@ -372,14 +372,17 @@ def train(args) -> PretrainResult:
         cleanup(info)
 
 
-def _check_backends_serve(model, device: torch.device, precision: str, mask_ratio: float) -> None:
-    """One forward of a single blank image with gradients on, as training runs it (autocast at `precision`), so
-    that a backend asked for (`--backend`, FASTMAE_BACKEND) that cannot serve this device, dtype or model raises
-    its BackendUnavailable now, before the dataset is opened, not at the first training step."""
+def _check_backends_serve(model, device: torch.device, precision: str, mask_ratio: float, batch_size: int) -> None:
+    """One forward of blank images with gradients on, as training runs it (autocast at `precision`), so that a
+    backend asked for (`--backend`, FASTMAE_BACKEND) that cannot serve this device, dtype or model raises its
+    BackendUnavailable now, before the dataset is opened, not at the first training step. Batch: 16 when the
+    training batch is a multiple of 16, else the training batch, so that the Triton kernels it compiles are the
+    ones training launches (Triton specialises integer arguments by their divisibility by 16)."""
     from .engine import PRECISIONS, autocast
     side = model.patch_embed.img_size[0]
-    imgs = torch.zeros(1, model.in_chans, side, side, device=device)
-    noise = torch.arange(model.num_patches, device=device, dtype=torch.float32)[None]  # no random numbers drawn
+    n = batch_size if batch_size % 16 else 16
+    imgs = torch.zeros(n, model.in_chans, side, side, device=device)
+    noise = torch.arange(model.num_patches, device=device, dtype=torch.float32).expand(n, -1)  # nothing drawn
     with autocast(device, PRECISIONS[precision]):
         model(imgs, mask_ratio, noise=noise)
 

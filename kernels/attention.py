@@ -15,8 +15,11 @@ Two paths, chosen per call from the shape by `choose_paths` (launch settings by 
   S = scale * Q K^T for a block of queries against all keys and a plain softmax (one max, one sum, no
   running rescale). The backward is one program per (batch, head) that keeps K and V and the fp32 dK, dV
   accumulators on chip, walks over the query blocks once and writes dQ of each block when it is done
-  (all keys are in the tile, so dQ is complete): one launch, no atomics, and delta = rowsum(dO * O) is
-  computed inside the same loop. It is used (by "auto" up to 128 keys) where those tiles fit without register
+  (all keys are in the tile, so dQ is complete): one launch, no atomics, and the softmax backward's row term
+  delta = rowsum(dO * O) is taken as rowsum(P * dP) in fp32 from the tiles it already holds (the same sum, as
+  O = P V), so it never reads O and dS = P * (dP - delta) sums to zero over each row as the exact gradient
+  does (with O rounded to fp16/bf16 it does not, which shows in dQ and dK where a row's softmax is nearly
+  one-hot). It is used (by "auto" up to 128 keys) where those tiles fit without register
   spills, which depends on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at
   head dim 128; on sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the backward takes the flash
   kernels.
@@ -211,12 +214,13 @@ def _attn_fwd_flash(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
-                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+def _attn_bwd_short(Q, K, V, DO, LSE, DQ, DK, DV,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                     n_heads, n_ctx, head_dim, sm_scale, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr):
-    """The whole backward of one (batch, head): K, V, dK, dV stay on chip, query blocks stream through."""
+    """The whole backward of one (batch, head): K, V, dK, dV stay on chip, query blocks stream through. Each
+    block's delta is rowsum(P * dP) over all keys (in the tile), fp32: O is not read."""
     pid_bh = tl.program_id(0)
     b, h = _batch_head(pid_bh, n_heads)
     offs_n = tl.arange(0, BLOCK_N)
@@ -228,7 +232,6 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
     k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, mask_n, mask_d, UPCAST)
     v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, mask_n, mask_d, UPCAST)
     q_base = Q + b * sqb + h * sqh
-    o_base = O + b * sob + h * soh
     do_base = DO + b * sdob + h * sdoh
     dq_base = DQ + b * sdqb + h * sdqh
     lse_base = LSE + pid_bh.to(tl.int64) * n_ctx
@@ -240,15 +243,14 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV,
         mask_m = offs_m < n_ctx
         q = _load_tile(q_base, offs_m, offs_d, sqn, sqd, mask_m, mask_d, UPCAST)
         do = _load_tile(do_base, offs_m, offs_d, sdon, sdod, mask_m, mask_d, UPCAST)
-        o = _load_tile(o_base, offs_m, offs_d, son, sod, mask_m, mask_d, True)
         lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.sum(do.to(tl.float32) * o, 1)
 
         s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
         p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
         dp = tl.dot(do, tl.trans(v), input_precision="tf32x3")
+        delta = tl.sum(p * dp, 1)  # = rowsum(dO * O), with O unrounded: every key is in the tile
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         _store_tile(dq_base, offs_m, offs_d, sdqn, sdqd, mask_m, mask_d,
                     tl.dot(ds, k, input_precision="tf32x3") * sm_scale)
@@ -746,7 +748,7 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
     if backward_path(N, D, q.dtype, path, cap) == "short":
         cfg = launch_settings("bwd_short", N, D, q.dtype, cap)
         _attn_bwd_short[(B * H,)](
-            q, k, v, out, dout, lse, dq, dk, dv, *strides_qkv, *out.stride(), *dout.stride(), *dq.stride(),
+            q, k, v, dout, lse, dq, dk, dv, *strides_qkv, *dout.stride(), *dq.stride(),
             *dk.stride(), *dv.stride(), H, N, D, scale, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)

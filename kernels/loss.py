@@ -353,15 +353,30 @@ class MaskedMSELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, imgs, mask, patch_size, norm_pix, pred_ids):
         loss, g, denom, mask32 = _masked_mse_fwd_op(pred, imgs, mask, patch_size, norm_pix, pred_ids, True)
-        ctx.save_for_backward(g, denom, mask32)
+        ctx.save_for_backward(g, denom, mask32, pred)  # pred: for a double backward only (held by the caller anyway)
         ctx.has_ids = pred_ids is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        g, denom, mask32 = ctx.saved_tensors
+        g, denom, mask32, pred = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same gradient, built from torch ops that autograd sees
+            return _differentiable_grad(grad_output, g, denom, mask32, pred, ctx.has_ids), None, None, None, None, None
         grad_pred = _masked_mse_bwd_op(grad_output, g, denom, mask32, ctx.has_ids)
         return grad_pred, None, None, None, None, None
+
+
+def _differentiable_grad(grad_output, g, denom, mask32, pred, has_ids):
+    """grad_pred = grad_output * 2 w (pred - target) / (P * denom) as a function of grad_output and pred that autograd
+    can differentiate again (a gradient penalty, `create_graph=True`): g holds 2 w (pred - target) / P at rows with
+    w != 0 (the target depends on the image alone), and pred - pred.detach() (zero) carries the derivative
+    2 w / (P * denom) with respect to pred. Values as the kernel's backward gives them."""
+    w = torch.ones(pred.shape[:2], device=pred.device) if has_ids else mask32.reshape(pred.shape[:2])
+    w = w[..., None]
+    scale = grad_output.to(torch.float32) / denom
+    err = torch.where(w != 0, g.float(), 0.0)
+    delta = (pred - pred.detach()).float() * (2.0 * w / pred.shape[-1])
+    return ((err + delta) * scale).to(pred.dtype)
 
 
 def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,

@@ -209,3 +209,30 @@ def test_masked_mse_empty_batch_is_zero_as_the_reference(device, pred_ids_mode):
         loss = fn(pred, imgs, mask, 4, False, pred_ids)
         (grad,) = torch.autograd.grad(loss, [pred])
         assert float(loss.detach()) == 0.0 and grad.shape == pred.shape, fn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("pred_ids_mode", [False, True])
+def test_masked_mse_double_backward_matches_reference(device, norm_pix, pred_ids_mode):
+    """create_graph=True (a gradient penalty): the gradient is built from torch ops autograd can differentiate
+    again, so second derivatives with respect to pred and to a weight on the loss match the reference's."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    case = (2, 3, 4, 2, 3, 3)
+    n, c, p, gh, gw, K = case
+    L = gh * gw
+    ids_shuffle, _, mask = masking(n, L, K, device, seed=5)
+    pred_ids = ids_shuffle[:, K:].contiguous() if pred_ids_mode else None
+    imgs, pred32 = _inputs(case, device, pred_rows=None if pred_ids is None else L - K)
+
+    def second_order(fn):
+        pred = pred32.clone().requires_grad_(True)
+        weight = torch.tensor(1.5, device=device, requires_grad=True)
+        loss = weight * fn(pred, imgs, mask, p, norm_pix, pred_ids)
+        (grad,) = torch.autograd.grad(loss, [pred], create_graph=True)
+        (grad * grad).sum().backward()
+        return grad.detach(), pred.grad, weight.grad
+
+    got, want = second_order(loss_mod.masked_mse_loss), second_order(reference.masked_mse_loss)
+    for name, a, b in zip(("grad", "d/dpred", "d/dweight"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

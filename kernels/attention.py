@@ -73,6 +73,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -904,6 +905,7 @@ class _PackedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no graph through its kernels: a double backward raises
     def backward(ctx, dout: torch.Tensor):
         qkv, out, lse = ctx.saved_tensors
         return _attention_qkv_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.path), None, None, None

@@ -36,6 +36,7 @@ Limits:
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -508,6 +509,7 @@ class GatherTokensFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no graph through its kernels: a double backward raises
     def backward(ctx, grad_out):
         (ids_keep,) = ctx.saved_tensors
         has_cls = ctx.cls_dtype is not None
@@ -534,6 +536,7 @@ class UnshuffleTokensFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no graph through its kernels: a double backward raises
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         grad_x, grad_mask = _unshuffle_bwd_op(grad_out, ids_restore, ctx.K, ctx.x_dtype, ctx.mask_dtype)

@@ -9,6 +9,7 @@ from importlib import metadata
 from typing import Any, Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def interpreter_enabled() -> bool:
@@ -113,6 +114,7 @@ def custom_op(name: str, impl: Callable, setup_context: Callable | None = None,
                 return output
 
             @staticmethod
+            @once_differentiable  # no graph through its kernels: a double backward raises
             def backward(ctx, *grads):
                 return backward(ctx, *grads)
 

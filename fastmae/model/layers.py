@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import ops
 from .lean import norm_linear, norm_mlp
@@ -95,6 +96,7 @@ class _CastWeights(torch.autograd.Function):
         return tuple(_cast_all(weights, dtype))
 
     @staticmethod
+    @once_differentiable  # _foreach_copy_ has no derivative: a double backward raises
     def backward(ctx, *grads):
         wanted = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[1 + i]]
         out = [None] * len(grads)

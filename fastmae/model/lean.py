@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:
@@ -59,6 +60,7 @@ class _NormLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the saved statistics carry no graph: a double backward raises
     def backward(ctx, dout):
         x, ln_w, ln_b, mean, rstd, w = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -81,6 +83,7 @@ class _NormMlp(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the saved statistics carry no graph: a double backward raises
     def backward(ctx, dout):
         x, ln_w, ln_b, mean, rstd, w1, h, w2 = ctx.saved_tensors
         cdt = ctx.cdt

@@ -12,7 +12,7 @@ import torch
 
 import fastmae
 from fastmae.ops.registry import Inputs
-from tests.utils import DEVICES, assert_close, assert_error_within_plain
+from tests.utils import DEVICES, assert_close, assert_error_within_plain, skip_unless_serves
 
 # compiled against eager on the same backend: the same kernels, but the traced graph may regroup PyTorch's own
 # operations (the accumulation of gradients, for one), so the two agree to rounding, not bit for bit
@@ -95,3 +95,42 @@ def test_triton_model_compiles_without_graph_breaks(device, pred_masked_only):
             assert_close(p.grad, eager[3][k], COMPILED_ATOL, COMPILED_RTOL, f"grad {k}")
     with torch.no_grad():  # the no-grad loss path is an op too
         assert_close(compiled(imgs, noise=noise)[0], eager[0], COMPILED_ATOL, COMPILED_RTOL, "no-grad loss")
+
+
+def _second_order(model, backend):
+    """A gradient penalty: the gradient of the loss with create_graph=True, then the backward of its square."""
+    model.backend = backend
+    model.zero_grad(set_to_none=True)
+    imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    noise = torch.rand(2, 64, generator=torch.Generator().manual_seed(2))
+    loss = model(imgs, noise=noise)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    sum((g * g).sum() for g in grads).backward()
+    return {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+OPS_ON_TRITON = ["attention", "gather_tokens", "unshuffle_tokens", "masked_mse_loss"]
+
+
+@pytest.mark.parametrize("op", OPS_ON_TRITON + ["all", "lean"])
+def test_a_double_backward_is_exact_or_refused(op):
+    """The triton kernels' backward passes (and the lean blocks' recomputing ones) build no graph: a double
+    backward through them raises instead of returning second derivatives with terms silently missing. The
+    loss's is exact (its gradient is rebuilt from torch ops under create_graph)."""
+    if op != "lean":
+        skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=32)
+    torch.manual_seed(0)
+    model = fastmae.mae_vit_tiny_patch4(norm_pix_loss=True)
+    want = _second_order(model, "reference")
+    if op == "lean":
+        model.lean_blocks, backend = True, "reference"
+    else:
+        backend = "triton" if op == "all" else {o: ("triton" if o == op else "reference") for o in fastmae.ops.OPS}
+    if op == "masked_mse_loss":
+        got = _second_order(model, backend)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        return
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        _second_order(model, backend)

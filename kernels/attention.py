@@ -16,10 +16,11 @@ Two paths, chosen per call from the shape by `choose_paths` (launch settings by 
   running rescale). The backward is one program per (batch, head) that keeps K and V and the fp32 dK, dV
   accumulators on chip, walks over the query blocks once and writes dQ of each block when it is done
   (all keys are in the tile, so dQ is complete): one launch, no atomics, and the softmax backward's row term
-  delta = rowsum(dO * O) is taken as rowsum(P * dP) in fp32 from the tiles it already holds (the same sum, as
-  O = P V), so it never reads O and dS = P * (dP - delta) sums to zero over each row as the exact gradient
-  does (with O rounded to fp16/bf16 it does not, which shows in dQ and dK where a row's softmax is nearly
-  one-hot). It is used (by "auto" up to 128 keys) where those tiles fit without register
+  delta = rowsum(dO * O) is taken as rowsum(P * dP) / rowsum(P) in fp32 from the tiles it already holds (the
+  same value, as O = P V and P's rows sum to one), so it never reads O and dS = P * (dP - delta) sums to zero
+  over each row as the exact gradient does (with O rounded to fp16/bf16 it does not, which shows in dQ and dK
+  where a row's softmax is nearly one-hot; dividing by rowsum(P) cancels the rounding that P recomputed from
+  the saved log-sum-exp shares across its row). It is used (by "auto" up to 128 keys) where those tiles fit without register
   spills, which depends on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at
   head dim 128; on sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the backward takes the flash
   kernels.
@@ -251,7 +252,9 @@ def _attn_bwd_short(Q, K, V, DO, LSE, DQ, DK, DV,
         p = tl.where(mask_n[None, :], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
         dp = tl.dot(do, tl.trans(v), input_precision="tf32x3")
-        delta = tl.sum(p * dp, 1)  # = rowsum(dO * O), with O unrounded: every key is in the tile
+        # = rowsum(dO * O) with O unrounded (every key is in the tile), over rowsum(P): the P recomputed from the
+        # saved log-sum-exp carries its rounding as a common factor per row, which must cancel as it does in dS
+        delta = tl.sum(p * dp, 1) / tl.sum(p, 1)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         _store_tile(dq_base, offs_m, offs_d, sdqn, sdqd, mask_m, mask_d,
                     tl.dot(ds, k, input_precision="tf32x3") * sm_scale)

@@ -84,15 +84,19 @@ def test_attention_matches_reference(case, device):
         assert_error_within_plain(g, gp, g32, name=name)
 
 
+PEAKED = [(2, 3, 3, 128, 3.0, 0.3), (1, 2, 17, 64, 3.0, None), (1, 2, 50, 64, 4.0, None)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [F16, BF16])  # the dtypes that round O (fp32's short backward takes <= 32 keys)
-@pytest.mark.parametrize("B,H,N,D,std,scale", [(2, 3, 3, 128, 3.0, 0.3), (1, 2, 17, 64, 3.0, None),
-                                               (1, 2, 50, 64, 4.0, None)])
+@pytest.mark.parametrize("dtype,B,H,N,D,std,scale", [(dt, *case) for dt in (F16, BF16) for case in PEAKED]
+                         + [(F32, 1, 2, 31, 16, 3.0, 1.0)])  # fp32's short backward takes up to 32 keys
 def test_short_backward_with_nearly_one_hot_rows(device, dtype, B, H, N, D, std, scale):
     """Large scores make a row's softmax nearly one-hot, where dS = P * (dP - delta) is a small difference of
-    large terms: the short backward takes delta as rowsum(P * dP) from its own fp32 tiles, so dS sums to zero
-    over the row as the exact gradient does. Taken from O rounded to fp16/bf16 (rowsum(dO * O)), delta was off by
-    the rounding of O, and dQ and dK failed the rule in bf16 (error 0.8 against a bound of 0.24, first case)."""
+    large terms. The short backward takes delta as rowsum(P * dP) / rowsum(P) from its own fp32 tiles, so dS
+    sums to zero over the row as the exact gradient does. Taken from O rounded to fp16/bf16 (rowsum(dO * O)),
+    delta was off by the rounding of O, and dQ and dK failed the rule in bf16 (error 0.8 against a bound of 0.24,
+    first case); without the division by rowsum(P), the rounding that P recomputed from the saved log-sum-exp
+    shares across its row did not cancel, and fp32 dQ was 10x the plain path's error (last case)."""
     skip_unless_serves("attention", "triton", device, dtype, head_dim=D)
     g = torch.Generator().manual_seed(7085)
     q, k, v = ((std * torch.randn(B, H, N, D, generator=g)).to(device=device, dtype=dtype).requires_grad_()

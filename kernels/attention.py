@@ -574,7 +574,8 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
       head dim 64 or more), 4 warps (8 at 256 keys x head dim 128). fp32: 64 rows up to 1024 key x head-dim
       elements, 16 rows beyond, 8 warps from 8192 elements.
     * bwd_short: all keys in one tile; query blocks of up to 32 rows and 4 warps up to 1024 key x head-dim
-      elements, 16 rows and 8 warps beyond, no pipelining at 16384 (fp32: 16 rows, 8 warps from 1024 elements).
+      elements, 16 rows and 8 warps beyond, no pipelining at 16384 (fp32: 16 rows, 8 warps from 512 elements:
+      at 4 warps the 32-key x head-dim-16 tile spilled on sm_90 once delta was normalised by rowsum(P)).
     * fwd_flash, bwd_dkdv, bwd_dq: the per-head-dim table `_FLASH`.
     """
     if kernel not in KERNELS:
@@ -603,7 +604,7 @@ def default_settings(kernel: str, n: int, d: int, dtype: torch.dtype) -> LaunchS
         return LaunchSettings(min(n_pad, 64), n_pad, 4, 1)
     if kernel == "bwd_short":
         if wide:
-            return LaunchSettings(16, n_pad, 8 if tile >= 1024 else 4, 2)
+            return LaunchSettings(16, n_pad, 8 if tile >= 512 else 4, 2)
         if tile <= 1024:
             return LaunchSettings(min(n_pad, 32), n_pad, 4, 2)
         return LaunchSettings(16, n_pad, 8, 1 if tile >= 16384 else 2)

@@ -398,22 +398,11 @@ def run_ops(args) -> int:
 def _check_priority_file(path: str) -> None:
     """Refuse a --write-priority FILE that cannot be written, or that exists and holds no order file (a JSON object,
     which the new order is merged into)."""
-    import json
-
     from ..cli import check_output_file
+    from .ops_bench import read_priority
 
     check_output_file(path, "--write-priority")
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as exc:  # not JSON, cut short, not UTF-8
-        raise ValueError(f"--write-priority {path}: not a JSON order file ({exc}); remove it or name another") \
-            from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--write-priority {path}: not an order file ({{device_type: {{op: [...]}}}}); remove it "
-                         "or name another")
+    read_priority(path)
 
 
 def _priority_source(stamp: dict) -> dict:

@@ -573,10 +573,7 @@ def write_priority(path: str, records: Sequence[dict], device_type: str, source:
     import json
     import os
 
-    data = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+    data = read_priority(path)
     ranking = rank_backends(records, device_type)
     if not ranking:
         raise ValueError(f"no successful op measurements on {device_type} to rank")
@@ -586,4 +583,24 @@ def write_priority(path: str, records: Sequence[dict], device_type: str, source:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=False)
         f.write("\n")
+    return data
+
+
+def read_priority(path: str) -> dict:
+    """The measured-order file at `path` ({} when there is none yet); one that is not a JSON object raises
+    ValueError naming --write-priority and the file."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as exc:  # not JSON, cut short, not UTF-8
+        raise ValueError(f"--write-priority {path}: not a JSON order file ({exc}); remove it or name another") \
+            from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--write-priority {path}: not an order file ({{device_type: {{op: [...]}}}}); remove it "
+                         "or name another")
     return data

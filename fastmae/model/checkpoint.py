@@ -32,6 +32,14 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, or does not fit the model (the message says why in one line)."""
 
 
+class CheckpointShapeError(CheckpointError):
+    """Tensors of the checkpoint have other shapes than the model's: `wrong` lists them, one line each."""
+
+    def __init__(self, wrong: list[str]):
+        super().__init__("checkpoint shapes do not fit the model: " + "; ".join(wrong))
+        self.wrong = wrong
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # torch's weights_only unpickler (the same wording in torch 2.11 to 2.14)
 _DISALLOWED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
@@ -179,9 +187,7 @@ def load_checkpoint(model: nn.Module, checkpoint, *, allow_pickle: bool = False,
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
              for k, v in state.items() if k in own and v.shape != own[k].shape]
     if wrong:
-        err = CheckpointError("checkpoint shapes do not fit the model: " + "; ".join(wrong))
-        err.wrong_shapes = wrong  # for callers that word it shorter (`fastmae visualize`, `linprobe`)
-        raise err
+        raise CheckpointShapeError(wrong)
     report.missing_keys = [k for k in own if k not in state]
     report.unexpected_keys = [k for k in state if k not in own]
     if strict and (report.missing_keys or report.unexpected_keys):

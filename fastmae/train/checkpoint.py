@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from ..model.checkpoint import CheckpointError, CheckpointShapeError, atomic_save, read_checkpoint
 from .optim import load_optimizer_state, plain_lr_state
 
 LAST = "checkpoint-last.pth"
@@ -205,7 +205,7 @@ def find_latest(output_dir: str | Path) -> Path | None:
     `checkpoint-N.pth` was written after it (a run stopped between writing that file and linking
     `checkpoint-last.pth` to it); the highest-numbered file when there is no `checkpoint-last.pth`."""
     out = Path(output_dir)
-    numbered = [(int(m.group(1)), p) for p in out.glob("checkpoint-*.pth") if (m := _NUMBERED.match(p.name))]
+    numbered = _numbered(out)
     newest = max(numbered)[1] if numbered else None
     if (out / LAST).is_file():
         if newest is not None and newest.stat().st_mtime_ns > (out / LAST).stat().st_mtime_ns:
@@ -214,10 +214,15 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return newest
 
 
+def _numbered(out: Path) -> list[tuple[int, Path]]:
+    """(N, path) of every `checkpoint-N.pth` in `out`."""
+    return [(int(m.group(1)), p) for p in out.glob("checkpoint-*.pth") if (m := _NUMBERED.match(p.name))]
+
+
 def remove_checkpoints(output_dir: str | Path) -> list[Path]:
     """Delete the checkpoints in `output_dir` (`checkpoint-last.pth` and `checkpoint-N.pth`); returns them."""
     out = Path(output_dir)
-    gone = [p for p in sorted(out.glob("checkpoint-*.pth")) if p.name == LAST or _NUMBERED.match(p.name)]
+    gone = [p for _, p in sorted(_numbered(out))] + ([out / LAST] if os.path.lexists(out / LAST) else [])
     for p in gone:
         p.unlink()
     return gone
@@ -385,10 +390,8 @@ def model_from_checkpoint(path: str | Path | None, *, model: str | None = None, 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the missing keys are warned about below, as this caller needs
                 report = load_checkpoint(net, ckpt)
-        except CheckpointError as exc:
-            wrong = getattr(exc, "wrong_shapes", None)
-            if not wrong:
-                raise
+        except CheckpointShapeError as exc:
+            wrong = exc.wrong
             held = f"{saved['model']} at input size {saved['input_size']}" \
                 if saved.get("model") and saved.get("input_size") else "weights of other shapes"
             more = f"; ... ({len(wrong) - 3} more)" if len(wrong) > 3 else ""

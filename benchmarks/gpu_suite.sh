@@ -7,7 +7,7 @@
 #                                         (its gpu-tests part runs the sharded test runner on a few CPU tests)
 #
 # Parts: warm (the benchmarks' Triton kernels compiled in parallel, beside the tests), gpu-tests, bench-ops,
-# priority, bench-attention, encoder-vit-b/l, train-vit-b/l, tune (in the time left).
+# priority, bench-attention, encoder-vit-b/l, train-vit-b/l, tune-loss and tune (in the time left).
 # Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable pip
 # install; if pip cannot, this checkout on PYTHONPATH with fastmae/kernels linked to kernels/ for the run),
 # installs any wheels carried in .whl/ (xformers, pytest, ...) into a folder of the run's own on PYTHONPATH (the
@@ -41,7 +41,7 @@ for arg in "$@"; do
 done
 if [ "${FASTMAE_SUITE_CPU_QUICK:-0}" = "1" ]; then MODE=cpu-quick; fi
 PARTS="warm gpu-tests bench-ops priority bench-attention encoder-vit-b encoder-vit-l train-vit-b train-vit-l \
-train-compile-vit-b encoder-cpu-default train-cpu-default tune"
+train-compile-vit-b encoder-cpu-default train-cpu-default tune-loss tune"
 SELECTED=${FASTMAE_SUITE_PARTS:-}
 for p in ${SELECTED//,/ }; do
     case " $PARTS " in
@@ -246,26 +246,30 @@ TRAIN_EAGER=fastmae,official-eager,reference+sdpa,fastmae+sdpa,fastmae+lean,fast
 TRAIN_EAGER_B=$TRAIN_EAGER,fastmae+plain-casts
 TRAIN_COMPILE=fastmae,official-eager,reference+compile,fastmae+compile
 
-# The attention tuner in whatever time the other parts left (at least 90 s), last: it records its winners in the
-# run folder (attention_tuned.json, with every measurement in tune.json), not in the kernels' own file, so the
-# parts above measured the launch rules as they are; copy the file to kernels/ after reading it.
-tune_part() {
-    part_limit tune "$BUDGET" 90 || return 0  # LIMIT: all the time that is left
+# The tuners in whatever time the other parts left, last: the masked-MSE loss's (up to 90 s, at least 45 s: a few
+# dozen candidates of two small kernels), then the attention's (all that is left, at least 90 s). Each records its
+# winners in the run folder (loss_tuned.json and attention_tuned.json, every measurement in tune_loss.json and
+# tune.json), not in the kernels' own files, so the parts above measured the launch rules as they are; copy a file to
+# kernels/ after reading it.
+tune_part() {  # part timeout_s least_s table_file tune-args...
+    local part=$1 timeout=$2 least=$3 table=$4
+    shift 4
+    part_limit "$part" "$timeout" "$least" || return 0
     local limit=$LIMIT interp=() problem
     if [ "$MODE" != gpu ]; then  # code paths only, under the interpreter, if it runs with these packages
         problem=$("$PY" -c "from fastmae.kernels.utils import interpreter_problem as p; print(p() or '')" 2>&1)
         if [ -n "$problem" ]; then
-            skip tune "$problem"
+            skip "$part" "$problem"
             return
         fi
         interp=(env TRITON_INTERPRET=1)
     fi
-    run_part tune "$limit" "${interp[@]}" "${BENCH[@]}" tune --no-progress "$@" \
-        --write "$RUN_DIR/attention_tuned.json" --out "$RUN_DIR"
+    run_part "$part" "$limit" "${interp[@]}" "${BENCH[@]}" tune --no-progress "$@" \
+        --write "$RUN_DIR/$table" --out "$RUN_DIR"
 }
 if [ "$SLUG" = unknown-device ]; then
     for p in warm gpu-tests bench-ops priority bench-attention encoder-vit-b encoder-vit-l train-vit-b train-vit-l \
-             train-compile-vit-b tune; do
+             train-compile-vit-b tune-loss tune; do
         skip "$p" "fastmae could not be installed"
     done
 else
@@ -325,7 +329,8 @@ else
             --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
         run_part train-compile-vit-b 150 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_COMPILE" --out "$RUN_DIR"
-        tune_part --shapes enc-B,enc-H,dec-16
+        tune_part tune-loss 90 45 loss_tuned.json --op loss
+        tune_part tune "$BUDGET" 90 attention_tuned.json --shapes enc-B,enc-H,dec-16
         ;;
     cpu)
         run_part encoder-cpu-default 120 "${BENCH[@]}" encoder $Q --no-progress --out "$RUN_DIR"
@@ -337,6 +342,7 @@ else
             --batch 4 --out "$RUN_DIR"
         skip train-vit-l "ViT-L takes minutes per step on a small CPU; its shapes are GPU work"
         skip train-compile-vit-b "train-vit-b runs every variant here (torch.compile ones when asked: --compile)"
+        skip tune-loss "tuning times Triton kernels on a GPU (cpu-quick mode checks its code paths)"
         skip tune "tuning times Triton kernels on a GPU (cpu-quick mode checks its code paths)"
         ;;
     cpu-quick)
@@ -345,7 +351,8 @@ else
         run_part train-vit-b 60 "${BENCH[@]}" train $Q --no-progress --profile --out "$RUN_DIR"
         skip train-vit-l "cpu-quick mode runs one tiny preset (the ViT-L part differs from ViT-B only in shapes)"
         skip train-compile-vit-b "cpu-quick mode runs every variant in train-vit-b (the CPU's default skips compiling)"
-        tune_part --quick --allow-interpreter --device cpu
+        tune_part tune-loss 60 15 loss_tuned.json --op loss --quick --allow-interpreter --device cpu
+        tune_part tune "$BUDGET" 90 attention_tuned.json --quick --allow-interpreter --device cpu
         ;;
     esac
 fi

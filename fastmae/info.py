@@ -48,22 +48,24 @@ def device_names() -> dict[str, str]:
     return names
 
 
-def tuned_attention() -> str:
-    """Which GPU architectures have measured attention launch settings (read without importing triton)."""
+def tuned_settings(op: str = "attention") -> str:
+    """Which GPU architectures have measured launch settings for the op's kernels, `attention` or `loss` (read
+    without importing triton)."""
     import json
     from importlib.util import find_spec
 
     spec = find_spec("fastmae.kernels")
     if spec is None or not spec.submodule_search_locations:
         return "fastmae.kernels is not installed"
-    path = os.path.join(list(spec.submodule_search_locations)[0], "attention_tuned.json")
+    path = os.path.join(list(spec.submodule_search_locations)[0], f"{op}_tuned.json")
     table = {}
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             table = json.load(f)
     archs = [a for a in sorted(table) if a.startswith("sm_")]
     if not archs:
-        return "none recorded: every GPU uses the rule (fastmae bench tune --write records them)"
+        flag = "" if op == "attention" else f" --op {op}"
+        return f"none recorded: every GPU uses the rule (fastmae bench tune{flag} --write records them)"
     src = table.get("source", {})
     return "; ".join(f"{a}: {sum(len(v) for v in table[a].values())} settings ({src.get(a, {}).get('device', '?')}, "
                      f"{src.get(a, {}).get('date', '?')})" for a in archs) + "; other GPUs use the rule"
@@ -113,7 +115,8 @@ def report(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
     for dev, name in device_names().items():
         lines.append(f"  {dev:<9} {name}")
     lines.append(f"  backend   {requested_backends()}")
-    lines.append(f"  tuned     Triton attention launch settings: {tuned_attention()}")
+    lines.append(f"  tuned     Triton attention launch settings: {tuned_settings()}")
+    lines.append(f"            Triton masked-MSE loss launch settings: {tuned_settings('loss')}")
     for dev in devices():
         for dtype in dtypes:
             dname = str(dtype).replace("torch.", "")

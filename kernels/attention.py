@@ -66,11 +66,8 @@ into one d(qkv) through strided views, so nothing is stacked or copied after the
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +75,8 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, cdiv, check_device, custom_op, interpreter_enabled,
+from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, cdiv, check_device, custom_op, forcing,
+                    interpreter_enabled, read_tuned_table, tuned_archs, tuned_entries, tuned_entry,
                     launch_capability, launches_on_device_of, next_power_of_2, qkv_head_dim, split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
@@ -496,67 +494,34 @@ def _parse_key(key: str) -> tuple[torch.dtype, int | None, int]:
 def validate_tuned(table: dict) -> list[str]:
     """Problems of a tuned table (empty when it is sound): unknown architectures, kernels or keys, settings
     that are not four powers of two, short-kernel key tiles that are not the whole key set."""
-    problems = []
-    for arch, per_kernel in table.items():
-        if arch in ("source", "measured"):
+    problems: list[str] = []
+    for kernel, key, cfg, where in tuned_entries(table, KERNELS, "attention", problems):
+        try:
+            dtype, n_pad, d_pad = _parse_key(key)
+        except (KeyError, ValueError, IndexError):
+            problems.append(f"{where}: key is not like 'bf16,N64,D64' or 'bf16,D64'")
             continue
-        if not (arch.startswith("sm_") and arch[3:].isdigit()) or not isinstance(per_kernel, dict):
-            problems.append(f"{arch}: not an architecture like sm_90")
+        if (n_pad is None) != (kernel not in _SHORT_KERNELS) or tuned_key(kernel, n_pad or 1, d_pad, dtype) != key:
+            problems.append(f"{where}: key does not fit the kernel (or its tiles are not powers of two)")
             continue
-        for kernel, entries in per_kernel.items():
-            if kernel not in KERNELS:
-                problems.append(f"{arch}.{kernel}: not a tunable attention kernel")
-                continue
-            for key, cfg in entries.items():
-                where = f"{arch}.{kernel}[{key}]"
-                try:
-                    dtype, n_pad, d_pad = _parse_key(key)
-                except (KeyError, ValueError, IndexError):
-                    problems.append(f"{where}: key is not like 'bf16,N64,D64' or 'bf16,D64'")
-                    continue
-                if (n_pad is None) != (kernel not in _SHORT_KERNELS) or tuned_key(kernel, n_pad or 1, d_pad,
-                                                                                    dtype) != key:
-                    problems.append(f"{where}: key does not fit the kernel (or its tiles are not powers of two)")
-                    continue
-                if not (isinstance(cfg, list) and len(cfg) == 4 and all(isinstance(x, int) and x >= 1 for x in cfg)
-                        and all(x & (x - 1) == 0 for x in cfg[:3])):
-                    problems.append(f"{where}: settings must be [BLOCK_M, BLOCK_N, num_warps, num_stages], "
-                                    f"powers of two but the stages; got {cfg}")
-                elif kernel in _SHORT_KERNELS and cfg[1] != n_pad:
-                    problems.append(f"{where}: a short kernel's BLOCK_N must be the key tile {n_pad}")
+        if not (isinstance(cfg, list) and len(cfg) == 4 and all(isinstance(x, int) and x >= 1 for x in cfg)
+                and all(x & (x - 1) == 0 for x in cfg[:3])):
+            problems.append(f"{where}: settings must be [BLOCK_M, BLOCK_N, num_warps, num_stages], "
+                            f"powers of two but the stages; got {cfg}")
+        elif kernel in _SHORT_KERNELS and cfg[1] != n_pad:
+            problems.append(f"{where}: a short kernel's BLOCK_N must be the key tile {n_pad}")
     return problems
 
 
 @functools.lru_cache(maxsize=None)
 def tuned_table(path: str = TUNED_FILE) -> dict:
     """The recorded tuned settings ({} when there are none); an unsound file is ignored with a warning."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-        problems = validate_tuned(table)
-    except (OSError, ValueError) as exc:
-        problems = [str(exc)]
-    if problems:
-        warnings.warn(f"ignoring the tuned attention settings in {path}: " + "; ".join(problems[:5]))
-        return {}
-    return table
+    return read_tuned_table(path, validate_tuned, "attention")
 
 
-@contextlib.contextmanager
 def forced_settings(**settings: LaunchSettings):
     """Force launch settings per kernel inside the block (`fastmae bench tune` times candidates this way)."""
-    for kernel in settings:
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown attention kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
-    saved = dict(_FORCED)
-    _FORCED.update(settings)
-    try:
-        yield
-    finally:
-        _FORCED.clear()
-        _FORCED.update(saved)
+    return forcing(_FORCED, KERNELS, "attention", settings)
 
 
 def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
@@ -584,7 +549,7 @@ def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,
         return _FORCED[kernel]
     table = tuned_table() if capability is not None else None
     if table:  # nothing to look up, and no key to build on every launch, when nothing is tuned
-        entry = table.get(f"sm_{capability[0]}{capability[1]}", {}).get(kernel, {}).get(tuned_key(kernel, n, d, dtype))
+        entry = tuned_entry(table, capability, kernel, lambda: tuned_key(kernel, n, d, dtype))
         if entry:
             return LaunchSettings(*entry)
     return default_settings(kernel, n, d, dtype)
@@ -1025,9 +990,7 @@ def settings_spec(kernel: str, n: int, d: int, dtype: torch.dtype, cfg: LaunchSe
 def tuned_specs(table: dict) -> list[CompileSpec]:
     """The configurations of a tuned table, each compiled for its own architecture only."""
     specs = []
-    for arch, per_kernel in sorted(table.items()):
-        if arch in ("source", "measured"):
-            continue
+    for arch, per_kernel in tuned_archs(table):
         for kernel, entries in sorted(per_kernel.items()):
             for key, cfg in sorted(entries.items()):
                 dtype, n_pad, d_pad = _parse_key(key)

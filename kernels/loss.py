@@ -36,17 +36,25 @@ Limits:
 """
 from __future__ import annotations
 
+import functools
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
-                    launches_on_device_of, next_power_of_2)
+from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, forcing, image_patches,
+                    launch_capability, launches_on_device_of, next_power_of_2, read_tuned_table, tuned_archs,
+                    tuned_entries, tuned_entry)
 
 FINALIZE_BLOCK = 1024
 
 
-# Launch choices (not tuned on a GPU yet; the compile specs below follow them). A forward tile holds one patch
+# Launch choices: the rule (not timed on a GPU yet; the compile specs below follow it), which a GPU's entries in
+# `loss_tuned.json` replace (`fastmae bench tune --op loss` measures and records them). A forward tile holds one patch
 # (4 values per thread at 8 warps for a 3x16x16 patch in its [4, 16, 16] tile: pred, image, target and
 # difference stay in registers), or as many small patches as make FWD_TILE elements (2 per thread: with the
 # next tile in flight as well, 4 per thread made triton 3.6's ptxas spill at sm_90); the backward's about
@@ -67,10 +75,10 @@ PIPELINE_MAX_TILES = 8
 FWD_STAGES = 1
 
 
-def tiles_per_program(n_tiles: int) -> int:
+def tiles_per_program(n_tiles: int, max_tiles: int | None = None) -> int:
     """How many consecutive tiles one forward program takes: 1 up to PIPELINE_MIN_PROGRAMS tiles, then as
-    many as keep that many programs, at most PIPELINE_MAX_TILES."""
-    return max(1, min(PIPELINE_MAX_TILES, n_tiles // PIPELINE_MIN_PROGRAMS))
+    many as keep that many programs, at most `max_tiles` (default PIPELINE_MAX_TILES)."""
+    return max(1, min(PIPELINE_MAX_TILES if max_tiles is None else max_tiles, n_tiles // PIPELINE_MIN_PROGRAMS))
 
 
 def _warps(elements: int, per_thread: int) -> int:
@@ -90,6 +98,123 @@ def _row_settings(P: int) -> tuple[int, int, int]:
     block = next_power_of_2(P)
     block_r = max(1, min(MAX_ROWS, BWD_TILE // block))
     return block_r, block, _warps(block_r * block, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch settings: the rule above, or what `fastmae bench tune --op loss` measured on this GPU architecture
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Launch settings of the forward ('fwd') or the backward ('bwd') kernel: prediction rows per tile, warps,
+    at most how many consecutive tiles one forward program takes (its software pipeline; always 1 for the
+    backward), and Triton's pipelining stages."""
+
+    block_r: int
+    num_warps: int
+    max_tiles: int = 1
+    num_stages: int = 1
+
+
+KERNELS = ("fwd", "bwd")
+# Settings measured on GPUs by `fastmae bench tune --op loss`, per architecture (the layout of
+# `attention_tuned.json`): {"sm_90": {"fwd": {fwd_key: [BLOCK_R, num_warps, max_tiles, num_stages]}, "bwd":
+# {bwd_key: [BLOCK_R, num_warps, 1, num_stages]}}, "source": {...}, "measured": {...}}.
+TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loss_tuned.json")
+MAX_TILE_ELEMENTS = {"fwd": 8192, "bwd": 16384}  # the largest tile (rows x padded row) a tuned entry may take
+_FORCED: dict[str, LossSettings] = {}
+_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DT_NAMES = "fp32|fp16|bf16"
+_FWD_KEY = re.compile(rf"({_DT_NAMES}),({_DT_NAMES}),C(\d+),p(\d+),norm([01]),ids([01]),grad([01])")
+_BWD_KEY = re.compile(rf"({_DT_NAMES}),B(\d+),mask([01])")
+
+
+def fwd_key(pred_dtype: torch.dtype, img_dtype: torch.dtype, channels: int, patch_size: int, norm_pix: bool,
+            has_ids: bool, write_grad: bool) -> str:
+    """The key of a tuned forward entry: 'bf16,fp32,C3,p16,norm1,ids0,grad1' (prediction and image dtypes,
+    channels, patch side, and the three switches the kernel is compiled for)."""
+    return (f"{_DT[pred_dtype]},{_DT[img_dtype]},C{channels},p{patch_size},norm{int(norm_pix)},"
+            f"ids{int(has_ids)},grad{int(write_grad)}")
+
+
+def bwd_key(dtype: torch.dtype, P: int, has_mask: bool) -> str:
+    """The key of a tuned backward entry: 'bf16,B1024,mask1' (dtype, padded row of P values, mask or ids)."""
+    return f"{_DT[dtype]},B{next_power_of_2(P)},mask{int(has_mask)}"
+
+
+def _key_tile(kernel: str, key: str) -> int | None:
+    """The padded elements of one row of the tile a key describes, or None when the key is not well formed."""
+    if kernel == "fwd":
+        m = _FWD_KEY.fullmatch(key)
+        if not m or not (1 <= int(m[3]) <= 4 and 1 <= int(m[4]) <= 64):
+            return None
+        return next_power_of_2(int(m[3])) * next_power_of_2(int(m[4])) ** 2
+    m = _BWD_KEY.fullmatch(key)
+    block = int(m[2]) if m else 0
+    return block if block >= 1 and block & (block - 1) == 0 else None
+
+
+def validate_tuned(table: dict) -> list[str]:
+    """Problems of a tuned table (empty when it is sound): unknown architectures, kernels or keys, and settings
+    that are not [BLOCK_R, num_warps, max_tiles, num_stages] with BLOCK_R and num_warps powers of two (BLOCK_R
+    up to MAX_ROWS, warps up to 16), at most MAX_TILE_ELEMENTS in a tile, 1 to 64 tiles (1 for the backward)
+    and 1 to 4 stages."""
+    problems: list[str] = []
+    for kernel, key, cfg, where in tuned_entries(table, KERNELS, "loss", problems):
+        tile = _key_tile(kernel, key)
+        if tile is None:
+            problems.append(f"{where}: key is not like " + ("'bf16,fp32,C3,p16,norm1,ids0,grad1'" if kernel == "fwd"
+                                                             else "'bf16,B1024,mask1'"))
+            continue
+        if not (isinstance(cfg, list) and len(cfg) == 4 and all(isinstance(x, int) and x >= 1 for x in cfg)
+                and cfg[0] <= MAX_ROWS and cfg[0] & (cfg[0] - 1) == 0 and cfg[1] <= 16 and cfg[1] & (cfg[1] - 1) == 0
+                and cfg[2] <= (64 if kernel == "fwd" else 1) and cfg[3] <= 4):
+            problems.append(f"{where}: settings must be [BLOCK_R, num_warps, max_tiles, num_stages] (see "
+                            f"validate_tuned); got {cfg}")
+        elif cfg[0] * tile > MAX_TILE_ELEMENTS[kernel]:
+            problems.append(f"{where}: {cfg[0]} rows of {tile} make a tile of more than "
+                            f"{MAX_TILE_ELEMENTS[kernel]} elements")
+    return problems
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(path: str = TUNED_FILE) -> dict:
+    """The recorded tuned settings ({} when there are none); an unsound file is ignored with a warning."""
+    return read_tuned_table(path, validate_tuned, "loss")
+
+
+def forced_settings(**settings: LossSettings):
+    """Force launch settings per kernel ('fwd', 'bwd') inside the block (`fastmae bench tune` times candidates
+    this way)."""
+    return forcing(_FORCED, KERNELS, "loss", settings)
+
+
+def default_settings(kernel: str, channels: int, patch_size: int) -> LossSettings:
+    """The rule: `_patch_settings` for the forward (with up to PIPELINE_MAX_TILES tiles per program and
+    FWD_STAGES), `_row_settings` for the backward's rows of channels x patch_size^2 values."""
+    if kernel == "fwd":
+        block_r, _, _, num_warps = _patch_settings(channels, patch_size)
+        return LossSettings(block_r, num_warps, PIPELINE_MAX_TILES, FWD_STAGES)
+    if kernel == "bwd":
+        return _default_bwd(channels * patch_size * patch_size)
+    raise ValueError(f"unknown loss kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
+
+
+def _default_bwd(P: int) -> LossSettings:
+    block_r, _, num_warps = _row_settings(P)
+    return LossSettings(block_r, num_warps, 1, NUM_STAGES)
+
+
+def launch_settings(kernel: str, capability: tuple[int, int] | None, key: Callable[[], str],
+                    default: Callable[[], LossSettings]) -> LossSettings:
+    """Settings forced by `forced_settings`, else the entry measured for this GPU architecture in
+    `loss_tuned.json` under `key()` (built only when the table has entries for the kernel), else `default()`."""
+    if kernel in _FORCED:
+        return _FORCED[kernel]
+    table = tuned_table() if capability is not None else None
+    entry = tuned_entry(table, capability, kernel, key) if table else None
+    return LossSettings(*entry) if entry else default()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,14 +400,16 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
         loss.zero_()
         denom.fill_(1.0)
         return loss, g, denom, mask32
-    block_r, block_c, block_p, num_warps = _patch_settings(c, p)
-    n_tiles = cdiv(n_rows, block_r)
-    tiles = tiles_per_program(n_tiles)
+    cfg = launch_settings("fwd", launch_capability(pred.device),
+                          lambda: fwd_key(pred.dtype, imgs.dtype, c, p, norm_pix, has_ids, write_grad),
+                          lambda: default_settings("fwd", c, p))
+    n_tiles = cdiv(n_rows, cfg.block_r)
+    tiles = tiles_per_program(n_tiles, cfg.max_tiles)
     _masked_mse_fwd_kernel[(cdiv(n_tiles, tiles),)](
         pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, tiles, *imgs.stride(),
         PATCH=p, NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
-        num_warps=num_warps, num_stages=FWD_STAGES, enable_fp_fusion=FP_FUSION)
+        BLOCK_R=cfg.block_r, BLOCK_C=next_power_of_2(c), BLOCK_P=next_power_of_2(p),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     _masked_mse_finalize_kernel[(1,)](part, mask32, loss, denom, n_rows, float(max(n_rows, 1)),
                                       HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK,
                                       num_warps=4, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
@@ -299,10 +426,11 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
     if out.numel() == 0:
         return out
     go = grad_output.detach().reshape(1).to(torch.float32)
-    block_r, block, num_warps = _row_settings(P)
-    _masked_mse_bwd_kernel[(cdiv(n_rows, block_r),)](
-        g, mask32, go, denom, out, n_rows, P, HAS_MASK=not has_ids, BLOCK_R=block_r, BLOCK=block,
-        num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    cfg = launch_settings("bwd", launch_capability(g.device), lambda: bwd_key(g.dtype, P, not has_ids),
+                          lambda: _default_bwd(P))
+    _masked_mse_bwd_kernel[(cdiv(n_rows, cfg.block_r),)](
+        g, mask32, go, denom, out, n_rows, P, HAS_MASK=not has_ids, BLOCK_R=cfg.block_r, BLOCK=next_power_of_2(P),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -402,8 +530,62 @@ CHANNELS = (1, 2, 3)
 BWD_PATCH_SIDES = range(4, 17)  # the backward is not specialised on the patch side: every side 4 to 16
 
 
+_FWD_NAMES = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr g_ptr n_rows rows_per_n C gw tiles "
+              "stride_n stride_c stride_h stride_w").split()
+
+
+def _fwd_spec(tp: str, ti: str, channels: int, p: int, norm_pix: bool, has_ids: bool, write_grad: bool,
+              cfg: LossSettings, note: str = "") -> CompileSpec:
+    """The compile spec of a forward launch: (pred, image) Triton dtypes, channels, patch side, the switches
+    and settings (tiles per program are a run-time argument: every value compiles the same code)."""
+    block_c, block_p = next_power_of_2(channels), next_power_of_2(p)
+    types = [f"*{tp}", f"*{ti}", "*fp32", "*i64" if has_ids else "*fp32", "*fp32",
+             f"*{tp}" if write_grad else "*fp32"] + ["i32"] * 9
+    return CompileSpec(
+        f"masked_mse_fwd[{tp},{ti},p{p},R{cfg.block_r},C{block_c},P{block_p},"
+        f"norm{int(norm_pix)},ids{int(has_ids)},grad{int(write_grad)}]{note}",
+        _masked_mse_fwd_kernel, dict(zip(_FWD_NAMES, types)),
+        {"PATCH": p, "NORM_PIX": norm_pix, "HAS_IDS": has_ids, "WRITE_GRAD": write_grad,
+         "BLOCK_R": cfg.block_r, "BLOCK_C": block_c, "BLOCK_P": block_p},
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _bwd_spec(tp: str, block: int, has_mask: bool, cfg: LossSettings, note: str = "") -> CompileSpec:
+    """The compile spec of a backward launch for rows padded to `block` values."""
+    return CompileSpec(
+        f"masked_mse_bwd[{tp},R{cfg.block_r},B{block},mask{int(has_mask)}]{note}", _masked_mse_bwd_kernel,
+        dict(zip("g_ptr mask_ptr go_ptr denom_ptr out_ptr n_rows P".split(),
+                 [f"*{tp}", "*fp32", "*fp32", "*fp32", f"*{tp}", "i32", "i32"])),
+        {"HAS_MASK": has_mask, "BLOCK_R": cfg.block_r, "BLOCK": block}, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+
+
+def settings_spec(kernel: str, key: str, cfg: LossSettings, note: str = "") -> CompileSpec:
+    """The compile spec of one kernel ('fwd' or 'bwd') launched for a tuned key (`fwd_key`, `bwd_key`) with
+    settings `cfg`."""
+    if kernel == "fwd":
+        m = _FWD_KEY.fullmatch(key)
+        return _fwd_spec(m[1], m[2], int(m[3]), int(m[4]), m[5] == "1", m[6] == "1", m[7] == "1", cfg, note)
+    m = _BWD_KEY.fullmatch(key)
+    return _bwd_spec(m[1], int(m[2]), m[3] == "1", cfg, note)
+
+
+def tuned_specs(table: dict) -> list[CompileSpec]:
+    """The configurations of a tuned table, each compiled for its own architecture only."""
+    specs = []
+    for arch, per_kernel in tuned_archs(table):
+        for kernel, entries in sorted(per_kernel.items()):
+            for key, cfg in sorted(entries.items()):
+                spec = settings_spec(kernel, key, LossSettings(*cfg), f" (tuned {arch}: {key})")
+                spec.archs = (int(arch[3:]),)
+                spec.always_check = True  # compile_check --sample (make test) compiles these too
+                specs.append(spec)
+    return specs
+
+
 def compile_specs() -> list[CompileSpec]:
-    """Every configuration the launchers pick for the patch sides in `PATCH_SIZES` and 1..3 channels.
+    """Every configuration the launchers pick for the patch sides in `PATCH_SIZES` and 1..3 channels, and
+    every entry of the tuned table.
 
     The forward is specialised on the patch side (a constexpr, so that whole image rows load as vectors);
     other sides compile the same code and are not listed. Block shapes are computed exactly as the launchers
@@ -411,37 +593,25 @@ def compile_specs() -> list[CompileSpec]:
     and every (pred, imgs) dtype pair of `_LOSS_DTYPES` (other mixtures compile the same code with other
     pointer types and are not listed), and the backward's for every patch side 4 to 16.
     """
-    patch = sorted({(p, *_patch_settings(c, p)) for c in CHANNELS for p in PATCH_SIZES})
-    rowset = sorted({_row_settings(c * p * p) for c in CHANNELS for p in BWD_PATCH_SIDES})
+    fwd = [(p, c) for p in PATCH_SIZES for c in CHANNELS]  # 1, 2 and 3 channels: three channel tiles
+    bwd = sorted({(next_power_of_2(c * p * p), _default_bwd(c * p * p)) for c in CHANNELS for p in BWD_PATCH_SIDES},
+                 key=lambda item: (item[0], item[1].block_r, item[1].num_warps))
     specs: list[CompileSpec] = []
-    fwd_names = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr g_ptr n_rows rows_per_n C gw tiles "
-                 "stride_n stride_c stride_h stride_w").split()
     for tp, ti in _LOSS_DTYPES:
-        for p, block_r, block_c, block_p, nw in patch:
+        for p, c in fwd:
             for norm_pix in (False, True):
                 for has_ids in (False, True):
                     for write_grad in (False, True):
-                        types = [f"*{tp}", f"*{ti}", "*fp32", "*i64" if has_ids else "*fp32", "*fp32",
-                                 f"*{tp}" if write_grad else "*fp32"] + ["i32"] * 9
-                        specs.append(CompileSpec(
-                            f"masked_mse_fwd[{tp},{ti},p{p},R{block_r},C{block_c},P{block_p},"
-                            f"norm{int(norm_pix)},ids{int(has_ids)},grad{int(write_grad)}]",
-                            _masked_mse_fwd_kernel, dict(zip(fwd_names, types)),
-                            {"PATCH": p, "NORM_PIX": norm_pix, "HAS_IDS": has_ids, "WRITE_GRAD": write_grad,
-                             "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_P": block_p},
-                            num_warps=nw, num_stages=FWD_STAGES))
+                        specs.append(_fwd_spec(tp, ti, c, p, norm_pix, has_ids, write_grad,
+                                               default_settings("fwd", c, p)))
     for tp in ("fp32", "fp16", "bf16"):
-        for block_r, block, nw in rowset:
+        for block, cfg in bwd:
             for has_mask in (False, True):
-                specs.append(CompileSpec(
-                    f"masked_mse_bwd[{tp},R{block_r},B{block},mask{int(has_mask)}]", _masked_mse_bwd_kernel,
-                    dict(zip("g_ptr mask_ptr go_ptr denom_ptr out_ptr n_rows P".split(),
-                             [f"*{tp}", "*fp32", "*fp32", "*fp32", f"*{tp}", "i32", "i32"])),
-                    {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK": block}, num_warps=nw))
+                specs.append(_bwd_spec(tp, block, has_mask, cfg))
     for has_mask in (False, True):
         specs.append(CompileSpec(
             f"masked_mse_finalize[mask{int(has_mask)}]", _masked_mse_finalize_kernel,
             dict(zip("part_ptr mask_ptr loss_ptr denom_ptr n_rows fixed_denom".split(),
                      ["*fp32", "*fp32", "*fp32", "*fp32", "i32", "fp32"])),
             {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=4))
-    return specs
+    return specs + tuned_specs(tuned_table())

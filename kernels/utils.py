@@ -1,9 +1,12 @@
 """Small helpers shared by the kernel launchers, and the compile-spec record every kernel module exports."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable
@@ -233,3 +236,71 @@ class CompileSpec:
     unaligned: tuple[str, ...] = ()
     # the GPU architectures whose launches can pick this configuration (compute capability x10)
     archs: tuple[int, ...] = (80, 90, 100)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tuned launch settings (`fastmae bench tune` measures them on a GPU; each kernel module keeps its own file):
+# {"sm_90": {kernel: {key: [settings...]}}, "source": {...}, "measured": {...}}
+# ---------------------------------------------------------------------------------------------------------
+
+_TABLE_INFO = ("source", "measured")  # a tuned table's top-level entries that are not architectures
+
+
+def tuned_entries(table: dict, kernels, what: str, problems: list[str]):
+    """Yield (kernel, key, settings, where) for each entry of a tuned table under a known architecture name and
+    kernel; what is neither is added to `problems` (`what` names the op in the message)."""
+    for arch, per_kernel in table.items():
+        if arch in _TABLE_INFO:
+            continue
+        if not (arch.startswith("sm_") and arch[3:].isdigit()) or not isinstance(per_kernel, dict):
+            problems.append(f"{arch}: not an architecture like sm_90")
+            continue
+        for kernel, entries in per_kernel.items():
+            if kernel not in kernels or not isinstance(entries, dict):
+                problems.append(f"{arch}.{kernel}: not a tunable {what} kernel")
+                continue
+            for key, cfg in entries.items():
+                yield kernel, key, cfg, f"{arch}.{kernel}[{key}]"
+
+
+def tuned_archs(table: dict):
+    """(architecture, {kernel: {key: settings}}) of a tuned table, in order."""
+    return [(arch, per_kernel) for arch, per_kernel in sorted(table.items()) if arch not in _TABLE_INFO]
+
+
+def read_tuned_table(path: str, validate: Callable[[dict], list[str]], what: str) -> dict:
+    """A tuned table from `path` ({} when there is none); an unsound file is ignored with a warning."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        problems = validate(table) if isinstance(table, dict) else ["not a JSON object"]
+    except (OSError, ValueError) as exc:
+        problems = [str(exc)]
+    if problems:
+        warnings.warn(f"ignoring the tuned {what} settings in {path}: " + "; ".join(problems[:5]))
+        return {}
+    return table
+
+
+def tuned_entry(table: dict, capability: tuple[int, int], kernel: str, key: Callable[[], str]):
+    """The settings a tuned table holds for this GPU architecture, kernel and key (built only when the table
+    has entries for the kernel), or None."""
+    entries = table.get(f"sm_{capability[0]}{capability[1]}", {}).get(kernel)
+    return entries.get(key()) if entries else None
+
+
+@contextlib.contextmanager
+def forcing(forced: dict, kernels, what: str, settings: dict):
+    """Put `settings` ({kernel: settings}) into the module's `forced` dict inside the block, as they were after."""
+    for kernel in settings:
+        if kernel not in kernels:
+            raise ValueError(f"unknown {what} kernel {kernel!r}; kernels are {', '.join(kernels)}")
+    saved = dict(forced)
+    forced.update(settings)
+    try:
+        yield
+    finally:
+        forced.clear()
+        forced.update(saved)

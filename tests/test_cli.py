@@ -16,7 +16,7 @@ def test_info_lists_every_op_and_backend(capsys):
     for word in ("torch", "gather_tokens", "masked_mse_loss", "xformers", "triton", "sdpa", "reference"):
         assert word in out
     assert "automatic choice: sdpa" in out
-    assert "Triton attention launch settings: " in out
+    assert "Triton attention launch settings: " in out and "Triton masked-MSE loss launch settings: " in out
 
 
 def test_info_names_the_tuned_architectures(tmp_path, monkeypatch):
@@ -31,7 +31,13 @@ def test_info_names_the_tuned_architectures(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_loader("fastmae.kernels", loader=None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
-    assert info.tuned_attention() == "sm_90: 2 settings (NVIDIA H100, 2026-11-27); other GPUs use the rule"
+    assert info.tuned_settings() == "sm_90: 2 settings (NVIDIA H100, 2026-11-27); other GPUs use the rule"
+    assert info.tuned_settings("loss") == ("none recorded: every GPU uses the rule (fastmae bench tune --op loss "
+                                            "--write records them)")
+    (tmp_path / "loss_tuned.json").write_text(json.dumps(
+        {"sm_90": {"fwd": {"bf16,fp32,C3,p16,norm1,ids0,grad1": [1, 4, 4, 1]}},
+         "source": {"sm_90": {"device": "NVIDIA H200", "date": "2026-12-02"}}}))
+    assert info.tuned_settings("loss") == "sm_90: 1 settings (NVIDIA H200, 2026-12-02); other GPUs use the rule"
 
 
 def test_demo_prints_loss_and_backends(capsys):

@@ -175,6 +175,35 @@ def memory_op_key_results(records: list[dict]) -> list[str]:
     return lines
 
 
+TUNED_TABLES = (("attention", "attention_tuned.json"), ("masked-MSE loss", "loss_tuned.json"))
+
+
+def tuned_results(results_dir: str) -> list[str]:
+    """What the tuners measured in this run: per kernel and key, the launch rule's time and the fastest
+    candidate's (from the tables' `measured` entries), and whether the winner was recorded."""
+    import json
+
+    lines = []
+    for what, name in TUNED_TABLES:
+        path = os.path.join(results_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        for arch, per_kernel in sorted(table.get("measured", {}).items()):
+            for kernel, entries in sorted(per_kernel.items()):
+                for key, m in sorted(entries.items()):
+                    rule_ms, best_ms = m.get("rule_ms"), m.get("best_ms")
+                    kept = key in table.get(arch, {}).get(kernel, {})
+                    gain = f", {rule_ms / best_ms:.2f}x" if rule_ms and best_ms else ""
+                    rule = f"{rule_ms * 1e3:,.1f} µs" if rule_ms else "not timed"
+                    best = f"{best_ms * 1e3:,.1f} µs" if best_ms else "not timed"
+                    lines.append(f"- {what} {kernel} [{key}] {arch}, shape {m.get('shape')}: rule {m.get('rule')} "
+                                 f"{rule}, fastest {m.get('best')} {best}{gain}"
+                                 f" ({'recorded' if kept else 'the rule stays'})")
+    return lines
+
+
 def write_summary(parts_path: str, results_dir: str, mode: str, out: str) -> str:
     from .records import read_results
 
@@ -202,6 +231,10 @@ def write_summary(parts_path: str, results_dir: str, mode: str, out: str) -> str
     key = key_results(records)
     if key:
         lines += ["## Key results", ""] + key + [""]
+    tuned = tuned_results(results_dir)
+    if tuned:
+        lines += ["## Tuned launch settings (in this run folder; copy a table to kernels/ to use it)", ""] + tuned
+        lines.append("")
     prio = os.path.join(results_dir, "priority.json")
     if os.path.isfile(prio):
         import json

@@ -1,4 +1,6 @@
-"""`fastmae bench tune`: measure the Triton attention kernels' launch settings on this GPU and keep the fastest.
+"""`fastmae bench tune`: measure the Triton attention kernels' launch settings on this GPU and keep the fastest
+(`--op loss` does the same for the masked-MSE loss's kernels: `fastmae.bench.tune_loss`, which this module drives
+through the same steps and records in `loss_tuned.json`).
 
 The kernels launch with settings from a fixed rule (`fastmae.kernels.attention.default_settings`), chosen by
 compiling, not by timing. This command times the alternatives on the GPU at hand. For each attention shape of
@@ -102,7 +104,10 @@ def _run(attn, kernel: str, q, k, v, dout=None, out=None, lse=None):
 def _screen_chunk(items: list[dict]) -> list[list[str]]:
     """Worker: the compile check of each item (a kernel, shape, dtype and settings) for its `arch`, then one
     launch of each that passes (on CUDA), which leaves the compiled kernel in Triton's cache. Returns the
-    problems per item."""
+    problems per item (all items of one call are of one op)."""
+    if items and items[0]["op"] == "loss":
+        from . import tune_loss
+        return tune_loss.screen_items(items)
     from fastmae.kernels import attention as attn
     from fastmae.kernels.compile_check import check_specs
 
@@ -132,10 +137,10 @@ def _screen_chunk(items: list[dict]) -> list[list[str]]:
 
 
 def screen(cands: list[Candidate], shapes: dict[str, tuple], arch: int | None, device: str,
-           pool: cf.Executor | None, jobs: int) -> None:
+           pool: cf.Executor | None, jobs: int, op: str = "attention") -> None:
     """Fill `problems` of every candidate, in `jobs` parallel chunks (all at once in this process for 0)."""
-    items = [{"kernel": c.kernel, "dtype": c.dtype, "shape": shapes[c.shape], "arch": arch, "device": device,
-              "settings": c.settings} for c in cands]
+    items = [{"op": op, "kernel": c.kernel, "key": c.key, "dtype": c.dtype, "shape": shapes[c.shape], "arch": arch,
+              "device": device, "settings": c.settings} for c in cands]
     n = max(1, jobs)
     chunks = [list(range(len(cands)))[j::n] for j in range(n)]
     chunks = [c for c in chunks if c]
@@ -251,25 +256,55 @@ def dump_table(table_: dict) -> str:
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
 
 
-def _cfg(settings) -> str:
+def label(settings) -> str:
     return "m{}/n{}/w{}/s{}".format(*settings)
+
+
+def resolve_shapes(shapes: dict[str, tuple], batch: int) -> dict[str, tuple]:
+    """(batch, heads, tokens, head dim) per shape, --batch where the shape names no batch."""
+    return {n: (B or batch, H, N, D) for n, (H, N, D, B) in shapes.items()}
+
+
+def kernel_module():
+    from ..kernels import attention
+    return attention
+
+
+OPS = ("attention", "loss")
+
+
+def op_tuner(op: str):
+    """The module that plans, checks and times one op's candidates: this one for attention, `tune_loss` for the
+    masked-MSE loss. Each has SHAPES, QUICK_SHAPES, kernel_module, resolve_shapes, plan, check_and_time, label."""
+    if op == "loss":
+        from . import tune_loss
+        return tune_loss
+    return sys.modules[__name__]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import non_negative_float, non_negative_int, positive_int, user_path
 
+    from . import tune_loss
+
+    p.add_argument("--op", choices=OPS, default="attention",
+                   help="the kernels to tune: attention (default) or loss (the masked-MSE forward and backward)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16, fp16, fp32; each dtype is tuned on its "
-                   "own (default: bf16, MAE's training dtype, on cuda; fp32 on cpu)")
-    p.add_argument("--shapes", default=None, help=f"comma-separated, from {', '.join(SHAPES)} (default: all)")
+                   "own (default: bf16, MAE's training dtype, on cuda; fp32 on cpu); for the loss, the "
+                   "predictions' dtype (images are fp32, as under autocast)")
+    p.add_argument("--shapes", default=None, help=f"comma-separated, from {', '.join(SHAPES)} (attention) or "
+                   f"{', '.join(tune_loss.SHAPES)} (loss) (default: all of the op's)")
     p.add_argument("--batch", type=positive_int, default=64, help="batch of the MAE shapes (the long ones use 4)")
     p.add_argument("--jobs", type=non_negative_int, default=None,
                    help="worker processes that compile-check and pre-compile candidates (default: up to 8 on "
                    "cuda, 0 = none on cpu)")
     # argparse converts FILE only: without it --write is const '' (the kernels' own file), absent it is None
     p.add_argument("--write", nargs="?", const="", default=None, metavar="FILE", type=user_path,
-                   help="merge the winners into FILE (without FILE: the kernels' attention_tuned.json)")
-    p.add_argument("--out", metavar="DIR", type=user_path, help="write every measurement to DIR/tune.json")
+                   help="merge the winners into FILE (without FILE: the kernels' own table, attention_tuned.json "
+                   "or loss_tuned.json)")
+    p.add_argument("--out", metavar="DIR", type=user_path,
+                   help="write every measurement to DIR/tune.json (attention) or DIR/tune_loss.json")
     p.add_argument("--max-time", type=non_negative_float, default=None, metavar="S",
                    help="time budget of one candidate's measurement (default 0.05 s on cuda; 0: the minimum "
                         "repetitions only)")
@@ -287,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type != "cuda" and not (args.allow_interpreter and interpreter_enabled()):
         raise ValueError("tuning times Triton kernels on a GPU; on a CPU only --allow-interpreter with "
                          "TRITON_INTERPRET=1 runs it (to check the code paths)")
-    from ..kernels import attention as attn
+    tuner = op_tuner(args.op)
+    attn = tuner.kernel_module()  # the op's kernel module (named for the attention, the first op tuned)
 
     if args.write == "" and device.type != "cuda":
         raise ValueError("interpreter timings mean nothing: --write needs a FILE other than the kernels' own on a CPU")
@@ -298,13 +334,13 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
     if args.write:
         check_output_file(args.write, "--write")
-    shapes = dict(QUICK_SHAPES) if args.quick else dict(SHAPES)
+    shapes = dict(tuner.QUICK_SHAPES) if args.quick else dict(tuner.SHAPES)
     if args.shapes and not args.quick:
         names = parse_list(args.shapes)
-        unknown = [n for n in names if n not in SHAPES]
+        unknown = [n for n in names if n not in tuner.SHAPES]
         if unknown:
-            raise ValueError(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
-        shapes = {n: SHAPES[n] for n in names}
+            raise ValueError(f"unknown {args.op} shapes {unknown}; choose from {', '.join(tuner.SHAPES)}")
+        shapes = {n: tuner.SHAPES[n] for n in names}
     default_dtypes = "fp32" if (args.quick or device.type != "cuda") else "bf16"
     try:
         dtypes = [DTYPES[d.lower()] for d in parse_list(args.dtypes or default_dtypes)]
@@ -322,17 +358,17 @@ def run(args: argparse.Namespace) -> int:
     max_time = args.max_time if args.max_time is not None else (0.05 if device.type == "cuda" else 0.01)
     env = environment(device)
     known = ", ".join(f"sm_{a}" for a in sorted(LIMITS))
-    print(f"tuning attention on {env['device']} ({arch}) | torch {env['torch']} | triton {env['triton']} | "
+    print(f"tuning {args.op} on {env['device']} ({arch}) | torch {env['torch']} | triton {env['triton']} | "
           f"{len(shapes)} shapes x {len(dtypes)} dtypes | {jobs} workers"
           + ("" if check_arch else f" | no compile check for {arch} (it knows {known})"), flush=True)
 
-    shapes = {n: (B or args.batch, H, N, D) for n, (H, N, D, B) in shapes.items()}
-    results = plan(attn, shapes, dtypes, device, args.quick)
+    shapes = tuner.resolve_shapes(shapes, args.batch)
+    results = tuner.plan(attn, shapes, dtypes, device, args.quick)
     print(f"{len(results)} candidates: compile check{' and pre-compile' if device.type == 'cuda' else ''} ...",
           flush=True)
     pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 0 else None
     try:
-        screen(results, shapes, check_arch, device.type, pool, jobs)
+        screen(results, shapes, check_arch, device.type, pool, jobs, args.op)
     finally:
         if pool:
             pool.shutdown()
@@ -340,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     for c in results:
         groups.setdefault((c.shape, c.dtype), []).append(c)
     for (name, _), cands in progress(list(groups.items()), "tune", enabled=not args.no_progress):
-        check_and_time(attn, cands, shapes[name], device, max_time, args.quick)
+        tuner.check_and_time(attn, cands, shapes[name], device, max_time, args.quick)
         # what is measured so far is saved after every shape: a run cut short keeps it
         if not save(args, attn, results, env, arch, quiet=True):
             return 1
@@ -352,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         n_all = sum(1 for c in results if (c.kernel, c.key) == (kernel, key))
         speed = default.median_ms / fastest.median_ms if default.median_ms else None
         rule_ms = f"{default.median_ms:.4f}" if default.median_ms else "-"
-        rows.append((fastest.shape, kernel, key, _cfg(default.settings), rule_ms, _cfg(fastest.settings),
+        rows.append((fastest.shape, kernel, key, tuner.label(default.settings), rule_ms, tuner.label(fastest.settings),
                      f"{fastest.median_ms:.4f}", f"{speed:.2f}x" if speed else "-", f"{n_all - n_bad}/{n_all}"))
     print(table(("shape", "kernel", "key", "rule", "rule ms", "best", "best ms", "gain", "passed"), rows))
     for c in results:
@@ -366,7 +402,7 @@ def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, ar
     or not at all; False when the table would be unsound (then it is not written)."""
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "tune.json")
+        path = os.path.join(args.out, "tune.json" if args.op == "attention" else f"tune_{args.op}.json")
         atomic_write_text(path, json.dumps({"env": env, "arch": arch, "candidates": [asdict(c) for c in results]},
                                            indent=1))
         if not quiet:

@@ -59,7 +59,7 @@ def test_cpu_quick_suite(tmp_path):
     expected = {"wheels": "ok", "install": "skipped", "warm": "ok", "gpu-tests": "ok", "bench-ops": "ok",
                 "priority": "ok", "bench-attention": "ok", "encoder-vit-b": "ok", "encoder-vit-l": "skipped", "train-vit-b": "ok",
                 "train-vit-l": "skipped", "train-compile-vit-b": "skipped",
-                "tune": "ok" if INTERPRETER_RUNS else "skipped"}
+                "tune-loss": "ok" if INTERPRETER_RUNS else "skipped", "tune": "ok" if INTERPRETER_RUNS else "skipped"}
     assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout[-3000:]
     # the sharded test runner ran a few CPU tests, each shard with its own verbose log
     shard_logs = sorted((run / "logs").glob("tests-shard*.log"))
@@ -69,8 +69,12 @@ def test_cpu_quick_suite(tmp_path):
                  "encoder_mae_vit_tiny_patch4.png", "train_mae_vit_tiny_patch4.png", "logs/bench-ops.log"):
         assert (run / name).is_file(), name
     if INTERPRETER_RUNS:
-        tuned = json.loads((run / "attention_tuned.json").read_text())  # the tuner's table, in the run folder
+        tuned = json.loads((run / "attention_tuned.json").read_text())  # the tuners' tables, in the run folder
         assert tuned["measured"]["sm_90"] and (run / "tune.json").is_file()
+        tuned = json.loads((run / "loss_tuned.json").read_text())
+        assert set(tuned["measured"]["sm_90"]) == {"fwd", "bwd"} and (run / "tune_loss.json").is_file()
+        summary = (run / "summary.md").read_text()
+        assert "## Tuned launch settings" in summary and "- masked-MSE loss fwd [fp32,fp32,C3,p4,norm1" in summary
     # the warm-up recorded a tiny model's launches and compiled them for sm_90 through Triton's launch path
     warm = json.loads((run / "warm.json").read_text())
     assert warm["arch"] == 90 and warm["results"] and all(r["ok"] for r in warm["results"]), warm

@@ -143,13 +143,16 @@ def test_unsound_tables_are_refused(tmp_path):
         assert attn.tuned_table(str(path)) == {}
 
 
-def test_recorded_table_is_sound():
-    """The committed attention_tuned.json must be what launch_settings accepts."""
-    if not os.path.isfile(attn.TUNED_FILE):
-        pytest.skip("no attention_tuned.json is committed yet (`fastmae bench tune` on a GPU writes it)")
-    with open(attn.TUNED_FILE, encoding="utf-8") as f:
+@pytest.mark.parametrize("op", tune.OPS)
+def test_recorded_table_is_sound(op):
+    """The committed attention_tuned.json and loss_tuned.json must be what the launchers accept."""
+    module = tune.op_tuner(op).kernel_module()
+    name = os.path.basename(module.TUNED_FILE)
+    if not os.path.isfile(module.TUNED_FILE):
+        pytest.skip(f"no {name} is committed yet (`fastmae bench tune --op {op} --write` on a GPU writes it)")
+    with open(module.TUNED_FILE, encoding="utf-8") as f:
         table = json.load(f)
-    assert attn.validate_tuned(table) == []
+    assert module.validate_tuned(table) == []
 
 
 def test_tune_refuses_to_time_on_a_cpu_without_asking(capsys, monkeypatch):

@@ -329,7 +329,7 @@ else
             --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
         run_part train-compile-vit-b 150 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_COMPILE" --out "$RUN_DIR"
-        tune_part tune-loss 90 45 loss_tuned.json --op loss
+        tune_part tune-loss 90 45 loss_tuned.json --op loss --shapes loss-B
         tune_part tune "$BUDGET" 90 attention_tuned.json --shapes enc-B,enc-H,dec-16
         ;;
     cpu)

@@ -9,7 +9,8 @@ and for how winners are recorded), and records the winners in `loss_tuned.json` 
 
 What it times, for each shape (ViT-B/L's 3 x 16 x 16 patches, ViT-H's 3 x 14 x 14; 224 pixels, 75% masking)
 and prediction dtype (images in fp32, as training under autocast and `fastmae bench ops` pass them):
-- 'fwd': the training forward (it also writes the gradient buffer), with and without `norm_pix`;
+- 'fwd': the forward with and without `norm_pix`, each as training launches it (it also writes the gradient
+  buffer) and without a gradient (evaluation, `bench ops`' forward rows);
 - 'bwd': the backward's scaling of that buffer.
 Each candidate's loss and gradient are checked against the fp32 reference under the tests' tolerance rule
 before it is timed; timings flush the L2 cache between calls, as `bench ops` does for the memory-bound ops.
@@ -81,8 +82,9 @@ def _effective(kernel: str, settings, rows: int) -> tuple:
 
 
 def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torch.device, quick: bool) -> list:
-    """Every candidate for each shape and prediction dtype: the forward with and without norm_pix, the
-    backward once per dtype and row size; candidates that launch as another one does at the shape are left out."""
+    """Every candidate for each shape and prediction dtype: the forward with and without norm_pix, each as
+    training launches it (writing the gradient buffer) and without a gradient; the backward once per dtype and
+    row size. Candidates that launch as another one does at the shape are left out."""
     from .tune import Candidate
 
     seen, out = set(), []
@@ -90,7 +92,8 @@ def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
         label_ = f"{_NAMES[dtype]}/fp32"
         for name, (B, C, side, p) in shapes.items():
             rows = B * (side // p) ** 2
-            jobs = [("fwd", loss.fwd_key(dtype, torch.float32, C, p, norm, False, True)) for norm in (False, True)]
+            jobs = [("fwd", loss.fwd_key(dtype, torch.float32, C, p, norm, False, grad))
+                    for grad in (True, False) for norm in (False, True)]
             jobs.append(("bwd", loss.bwd_key(dtype, C * p * p, True)))
             for kernel, key in jobs:
                 if (kernel, key) in seen:
@@ -106,14 +109,16 @@ def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
     return out
 
 
-def _norm_pix(kernel: str, key: str) -> bool:
-    """Whether a forward key is compiled for norm_pix (the backward's data is drawn without it)."""
-    return kernel == "fwd" and ",norm1," in key
+def _switches(kernel: str, key: str) -> tuple[bool, bool]:
+    """(norm_pix, write_grad) of the forward a key describes; the backward's is the training forward without
+    norm_pix."""
+    if kernel != "fwd":
+        return False, True
+    return ",norm1," in key, key.endswith(",grad1")
 
 
 def _inputs(shape: tuple, dtype: torch.dtype, device, seed: int = 0):
-    """(pred in dtype, fp32 images, mask) for MASK_RATIO; pred is the target plus noise of one standard
-    deviation, as a trained decoder's output is near its target."""
+    """(pred in dtype, fp32 images, mask) for MASK_RATIO: normal samples, and a mask drawn as the model draws it."""
     B, C, side, p = shape
     L = (side // p) ** 2
     keep = max(1, int(L * (1 - MASK_RATIO)))
@@ -134,9 +139,12 @@ def _reference(pred, imgs, mask, p, norm_pix, upstream):
     return out.detach(), grad
 
 
-def _run(loss, pred, imgs, mask, p, norm_pix, upstream):
-    """The training launch pair: the forward (loss and gradient buffer), then the backward's scaling."""
-    value, g, denom, mask32 = loss.masked_mse_loss_forward(pred, imgs, mask, p, norm_pix, None, True)
+def _run(loss, pred, imgs, mask, p, norm_pix, write_grad, upstream):
+    """The forward, and with `write_grad` (the training launches) the backward's scaling of its gradient buffer:
+    (loss, grad_pred or None, what the backward read or None)."""
+    value, g, denom, mask32 = loss.masked_mse_loss_forward(pred, imgs, mask, p, norm_pix, None, write_grad)
+    if not write_grad:
+        return value, None, None
     go = torch.tensor(upstream, device=pred.device, dtype=torch.float32)
     return value, loss.masked_mse_loss_backward(go, g, denom, mask32, False), (g, denom, mask32, go)
 
@@ -157,22 +165,22 @@ def check_and_time(loss, cands: list, shape: tuple, device: torch.device, max_ti
     for c in cands:
         if c.problems and not c.default:
             continue
-        norm_pix = _norm_pix(c.kernel, c.key)
+        norm_pix, write_grad = _switches(c.kernel, c.key)
         truth, bounds = cases[norm_pix]
         try:
             with loss.forced_settings(**{c.kernel: loss.LossSettings(*c.settings)}):
-                value, grad, (g, denom, mask32, go) = _run(loss, pred, imgs, mask, p, norm_pix, upstream)
-                errs = [max_error(value, truth[0]), max_error(grad, truth[1])]
+                value, grad, read = _run(loss, pred, imgs, mask, p, norm_pix, write_grad, upstream)
+                errs = [max_error(value, truth[0])] + ([max_error(grad, truth[1])] if write_grad else [])
                 c.error = max(errs)
                 if any(not e <= b for e, b in zip(errs, bounds)):  # NaN fails too
                     c.problems.append(f"error {c.error:.3e} beyond the tolerance rule's bound {max(bounds):.3e}")
                     continue
                 if c.kernel == "fwd":
                     def fn():
-                        return loss.masked_mse_loss_forward(pred, imgs, mask, p, norm_pix, None, True)
+                        return loss.masked_mse_loss_forward(pred, imgs, mask, p, norm_pix, None, write_grad)
                 else:
                     def fn():
-                        return loss.masked_mse_loss_backward(go, g, denom, mask32, False)
+                        return loss.masked_mse_loss_backward(read[3], *read[:3], False)
                 c.median_ms = measure(fn, device, max_time_s=max_time, warmup=1 if quick else 2,
                                       min_reps=1 if quick else 3, flush_cache=flush, hide_launch=True).median_ms
         except Exception as exc:
@@ -198,7 +206,7 @@ def screen_items(items: list[dict]) -> list[list[str]]:
         pred, imgs, mask = _inputs((1, C, side, p), dtype, "cuda")
         try:
             with loss.forced_settings(**{it["kernel"]: loss.LossSettings(*it["settings"])}):
-                _run(loss, pred, imgs, mask, p, _norm_pix(it["kernel"], it["key"]), 1.0)
+                _run(loss, pred, imgs, mask, p, *_switches(it["kernel"], it["key"]), 1.0)
             torch.cuda.synchronize()
         except Exception as exc:  # a launch the compile check missed: drop the candidate, say why
             probs.append("launch failed: " + error_line(exc, 200))

@@ -29,7 +29,7 @@ def test_quick_loss_tune_writes_a_sound_table(tmp_path):
     table = json.loads(table_path.read_text())
     assert loss.validate_tuned(table) == []
     assert set(table["measured"]["sm_90"]) == {"fwd", "bwd"}
-    assert len(table["measured"]["sm_90"]["fwd"]) == 2  # with and without norm_pix
+    assert len(table["measured"]["sm_90"]["fwd"]) == 4  # with and without norm_pix, each with and without grad
     cands = json.loads((out / "tune_loss.json").read_text())["candidates"]
     assert {c["kernel"] for c in cands} == {"fwd", "bwd"}
     for c in cands:  # each candidate was either rejected with a reason, or checked and timed
@@ -71,7 +71,7 @@ def test_loss_plan_lists_each_launch_once():
     shapes = tune_loss.resolve_shapes(tune_loss.SHAPES, 64)
     cands = tune_loss.plan(loss, shapes, [torch.bfloat16], torch.device("cpu"), False)
     keys = list(dict.fromkeys((c.kernel, c.key) for c in cands))
-    assert {k for k, _ in keys} == {"fwd", "bwd"} and len(keys) == 5  # 2 shapes x norm on/off, one backward
+    assert {k for k, _ in keys} == {"fwd", "bwd"} and len(keys) == 9  # 2 shapes x norm x grad, one backward
     for kernel, key in keys:
         group = [c for c in cands if (c.kernel, c.key) == (kernel, key)]
         assert group[0].default and not any(c.default for c in group[1:])

@@ -134,13 +134,18 @@ def fwd_key(pred_dtype: torch.dtype, img_dtype: torch.dtype, channels: int, patc
             has_ids: bool, write_grad: bool) -> str:
     """The key of a tuned forward entry: 'bf16,fp32,C3,p16,norm1,ids0,grad1' (prediction and image dtypes,
     channels, patch side, and the three switches the kernel is compiled for)."""
-    return (f"{_DT[pred_dtype]},{_DT[img_dtype]},C{channels},p{patch_size},norm{int(norm_pix)},"
+    return (f"{_dt(pred_dtype)},{_dt(img_dtype)},C{channels},p{patch_size},norm{int(norm_pix)},"
             f"ids{int(has_ids)},grad{int(write_grad)}")
 
 
 def bwd_key(dtype: torch.dtype, P: int, has_mask: bool) -> str:
     """The key of a tuned backward entry: 'bf16,B1024,mask1' (dtype, padded row of P values, mask or ids)."""
-    return f"{_DT[dtype]},B{next_power_of_2(P)},mask{int(has_mask)}"
+    return f"{_dt(dtype)},B{next_power_of_2(P)},mask{int(has_mask)}"
+
+
+def _dt(dtype: torch.dtype) -> str:
+    """A dtype's name in keys (one the kernels do not take gets a name no key matches: the rule serves it)."""
+    return _DT.get(dtype, str(dtype))
 
 
 def _key_tile(kernel: str, key: str) -> int | None:

@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("tuning times Triton kernels on a GPU; on a CPU only --allow-interpreter with "
                          "TRITON_INTERPRET=1 runs it (to check the code paths)")
     tuner = op_tuner(args.op)
-    attn = tuner.kernel_module()  # the op's kernel module (named for the attention, the first op tuned)
+    module = tuner.kernel_module()  # the op's kernels: fastmae.kernels.attention or .loss
 
     if args.write == "" and device.type != "cuda":
         raise ValueError("interpreter timings mean nothing: --write needs a FILE other than the kernels' own on a CPU")
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
           + ("" if check_arch else f" | no compile check for {arch} (it knows {known})"), flush=True)
 
     shapes = tuner.resolve_shapes(shapes, args.batch)
-    results = tuner.plan(attn, shapes, dtypes, device, args.quick)
+    results = tuner.plan(module, shapes, dtypes, device, args.quick)
     print(f"{len(results)} candidates: compile check{' and pre-compile' if device.type == 'cuda' else ''} ...",
           flush=True)
     pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 0 else None
@@ -376,9 +376,9 @@ def run(args: argparse.Namespace) -> int:
     for c in results:
         groups.setdefault((c.shape, c.dtype), []).append(c)
     for (name, _), cands in progress(list(groups.items()), "tune", enabled=not args.no_progress):
-        tuner.check_and_time(attn, cands, shapes[name], device, max_time, args.quick)
+        tuner.check_and_time(module, cands, shapes[name], device, max_time, args.quick)
         # what is measured so far is saved after every shape: a run cut short keeps it
-        if not save(args, attn, results, env, arch, quiet=True):
+        if not save(args, module, results, env, arch, quiet=True):
             return 1
 
     best = winners(results)
@@ -394,10 +394,10 @@ def run(args: argparse.Namespace) -> int:
     for c in results:
         if c.problems and c.default:
             print(f"note: the rule's own setting for {c.kernel} [{c.key}] has problems: {'; '.join(c.problems)}")
-    return 0 if save(args, attn, results, env, arch, quiet=False) else 1
+    return 0 if save(args, module, results, env, arch, quiet=False) else 1
 
 
-def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, arch: str, quiet: bool) -> bool:
+def save(args: argparse.Namespace, module, results: list[Candidate], env: dict, arch: str, quiet: bool) -> bool:
     """Write every measurement (--out) and merge the winners so far into the table (--write), each file whole
     or not at all; False when the table would be unsound (then it is not written)."""
     if args.out:
@@ -408,13 +408,13 @@ def save(args: argparse.Namespace, attn, results: list[Candidate], env: dict, ar
         if not quiet:
             print(f"wrote {path}")
     if args.write is not None:
-        path = args.write or attn.TUNED_FILE
+        path = args.write or module.TUNED_FILE
         old = {}
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
         new = update_table(old, arch, winners(results), env)
-        problems = attn.validate_tuned(new)
+        problems = module.validate_tuned(new)
         if problems:  # never write what launch_settings would refuse
             print("not written, the table would be unsound: " + "; ".join(problems), file=sys.stderr)
             return False

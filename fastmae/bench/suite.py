@@ -188,9 +188,14 @@ def tuned_results(results_dir: str) -> list[str]:
         path = os.path.join(results_dir, name)
         if not os.path.isfile(path):
             continue
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-        for arch, per_kernel in sorted(table.get("measured", {}).items()):
+        try:
+            with open(path, encoding="utf-8") as f:
+                table = json.load(f)
+            measured = sorted(table.get("measured", {}).items())
+        except (OSError, ValueError, AttributeError) as exc:  # the rest of the summary still gets written
+            lines.append(f"- {what}: {name} could not be read: {exc}")
+            continue
+        for arch, per_kernel in measured:
             for kernel, entries in sorted(per_kernel.items()):
                 for key, m in sorted(entries.items()):
                     rule_ms, best_ms = m.get("rule_ms"), m.get("best_ms")

@@ -153,3 +153,26 @@ def test_tune_names_the_shapes_of_the_op(capsys, monkeypatch):
                                                                                      "bench tune")
     assert main([*base, "--shapes", "loss-B"]) == 2  # the attention's shapes by default
     assert "unknown attention shapes ['loss-B']" in capsys.readouterr().err
+
+
+def test_suite_summary_lists_what_the_tuners_measured(tmp_path):
+    """summary.md's tuned section: per kernel and key, the rule's time, the fastest candidate's and whether it
+    was recorded; a table that cannot be read is named, and the rest of the summary is still written."""
+    from fastmae.bench import suite
+
+    key = "bf16,fp32,C3,p16,norm1,ids0,grad1"
+    measured = {"sm_90": {"fwd": {key: {"rule": [1, 8, 8, 1], "rule_ms": 0.05, "best": [1, 4, 4, 1],
+                                        "best_ms": 0.025, "shape": "loss-B"}},
+                          "bwd": {"bf16,B1024,mask1": {"rule": [2, 8, 1, 3], "rule_ms": 0.02, "best": [2, 8, 1, 3],
+                                                       "best_ms": 0.02, "shape": "loss-B"}}}}
+    (tmp_path / "loss_tuned.json").write_text(json.dumps({"sm_90": {"fwd": {key: [1, 4, 4, 1]}},
+                                                          "measured": measured}))
+    (tmp_path / "attention_tuned.json").write_text("{not json")
+    (tmp_path / "parts.tsv").write_text("tune-loss\tok\t0\t40\t\tfastmae bench tune --op loss\n")
+    text = suite.write_summary(str(tmp_path / "parts.tsv"), str(tmp_path), "gpu", str(tmp_path / "summary.md"))
+    assert "## Tuned launch settings" in text
+    assert (f"- masked-MSE loss fwd [{key}] sm_90, shape loss-B: rule [1, 8, 8, 1] 50.0 µs, fastest [1, 4, 4, 1] "
+            "25.0 µs, 2.00x (recorded)") in text
+    assert "- masked-MSE loss bwd [bf16,B1024,mask1] sm_90, shape loss-B: rule [2, 8, 1, 3] 20.0 µs, fastest " \
+           "[2, 8, 1, 3] 20.0 µs, 1.00x (the rule stays)" in text
+    assert "- attention: attention_tuned.json could not be read: " in text

@@ -57,18 +57,25 @@ def tuned_settings(op: str = "attention") -> str:
     spec = find_spec("fastmae.kernels")
     if spec is None or not spec.submodule_search_locations:
         return "fastmae.kernels is not installed"
-    path = os.path.join(list(spec.submodule_search_locations)[0], f"{op}_tuned.json")
+    from fastmae.kernels.utils import TUNED_DIR_ENV, tuned_path
+
+    path = tuned_path(os.path.join(list(spec.submodule_search_locations)[0], f"{op}_tuned.json"))
+    where = f" (the table in {TUNED_DIR_ENV})" if os.environ.get(TUNED_DIR_ENV) else ""
     table = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    archs = [a for a in sorted(table) if a.startswith("sm_")]
+    try:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                table = json.load(f)
+        archs = [a for a in sorted(table) if a.startswith("sm_")]
+        src = table.get("source", {})
+        text = "; ".join(f"{a}: {sum(len(v) for v in table[a].values())} settings "
+                         f"({src.get(a, {}).get('device', '?')}, {src.get(a, {}).get('date', '?')})" for a in archs)
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        return f"{path} cannot be read ({exc}): every GPU uses the rule"
     if not archs:
         flag = "" if op == "attention" else f" --op {op}"
-        return f"none recorded: every GPU uses the rule (fastmae bench tune{flag} --write records them)"
-    src = table.get("source", {})
-    return "; ".join(f"{a}: {sum(len(v) for v in table[a].values())} settings ({src.get(a, {}).get('device', '?')}, "
-                     f"{src.get(a, {}).get('date', '?')})" for a in archs) + "; other GPUs use the rule"
+        return f"none recorded{where}: every GPU uses the rule (fastmae bench tune{flag} --write records them)"
+    return text + f"{where}; other GPUs use the rule"
 
 
 def availability(device: str, dtype: torch.dtype) -> dict[str, dict[str, list[str]]]:

@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 
 from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, cdiv, check_device, custom_op, forcing,
-                    interpreter_enabled, read_tuned_table, tuned_archs, tuned_entries, tuned_entry,
+                    interpreter_enabled, read_tuned_table, tuned_archs, tuned_entries, tuned_entry, tuned_path,
                     launch_capability, launches_on_device_of, next_power_of_2, qkv_head_dim, split_qkv)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
@@ -514,9 +514,10 @@ def validate_tuned(table: dict) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def tuned_table(path: str = TUNED_FILE) -> dict:
-    """The recorded tuned settings ({} when there are none); an unsound file is ignored with a warning."""
-    return read_tuned_table(path, validate_tuned, "attention")
+def tuned_table(path: str | None = None) -> dict:
+    """The recorded tuned settings ({} when there are none) from `path`, by default the kernels' own table or
+    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`), read once; an unsound file is ignored with a warning."""
+    return read_tuned_table(path or tuned_path(TUNED_FILE), validate_tuned, "attention")
 
 
 def forced_settings(**settings: LaunchSettings):

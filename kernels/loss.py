@@ -48,7 +48,7 @@ import triton.language as tl
 
 from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, forcing, image_patches,
                     launch_capability, launches_on_device_of, next_power_of_2, read_tuned_table, tuned_archs,
-                    tuned_entries, tuned_entry)
+                    tuned_entries, tuned_entry, tuned_path)
 
 FINALIZE_BLOCK = 1024
 
@@ -184,9 +184,10 @@ def validate_tuned(table: dict) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def tuned_table(path: str = TUNED_FILE) -> dict:
-    """The recorded tuned settings ({} when there are none); an unsound file is ignored with a warning."""
-    return read_tuned_table(path, validate_tuned, "loss")
+def tuned_table(path: str | None = None) -> dict:
+    """The recorded tuned settings ({} when there are none) from `path`, by default the kernels' own table or
+    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`), read once; an unsound file is ignored with a warning."""
+    return read_tuned_table(path or tuned_path(TUNED_FILE), validate_tuned, "loss")
 
 
 def forced_settings(**settings: LossSettings):

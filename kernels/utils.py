@@ -244,6 +244,16 @@ class CompileSpec:
 # ---------------------------------------------------------------------------------------------------------
 
 _TABLE_INFO = ("source", "measured")  # a tuned table's top-level entries that are not architectures
+# A folder to read (and `fastmae bench tune --write` to write) the tuned tables from instead of the kernels' own
+# folder: for an installation that cannot be written to, or to try a table a GPU run recorded without copying it.
+TUNED_DIR_ENV = "FASTMAE_TUNED_DIR"
+
+
+def tuned_path(own: str) -> str:
+    """Where a kernel module's tuned table is read and written: `own` (beside the kernels), or the file of the
+    same name in the folder FASTMAE_TUNED_DIR names when it is set."""
+    folder = os.environ.get(TUNED_DIR_ENV)
+    return os.path.join(os.path.expanduser(folder), os.path.basename(own)) if folder else own
 
 
 def tuned_entries(table: dict, kernels, what: str, problems: list[str]):

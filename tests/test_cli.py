@@ -38,6 +38,15 @@ def test_info_names_the_tuned_architectures(tmp_path, monkeypatch):
         {"sm_90": {"fwd": {"bf16,fp32,C3,p16,norm1,ids0,grad1": [1, 4, 4, 1]}},
          "source": {"sm_90": {"device": "NVIDIA H200", "date": "2026-12-02"}}}))
     assert info.tuned_settings("loss") == "sm_90: 1 settings (NVIDIA H200, 2026-12-02); other GPUs use the rule"
+    # FASTMAE_TUNED_DIR: the tables there instead of the kernels' own
+    other = tmp_path / "tuned"
+    other.mkdir()
+    monkeypatch.setenv("FASTMAE_TUNED_DIR", str(other))
+    assert info.tuned_settings() == ("none recorded (the table in FASTMAE_TUNED_DIR): every GPU uses the rule "
+                                     "(fastmae bench tune --write records them)")
+    (other / "attention_tuned.json").write_text("{not json")
+    assert info.tuned_settings().endswith("cannot be read (Expecting property name enclosed in double quotes: line 1 "
+                                          "column 2 (char 1)): every GPU uses the rule")
 
 
 def test_demo_prints_loss_and_backends(capsys):

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..kernels.utils import launch_capability  # torch only, never triton
+from ..kernels.utils import launch_capability, tuned_path  # torch only, never triton
 from ..model.checkpoint import atomic_write_text
 from .common import DTYPES, error_line, parse_list, progress, resolve_device
 from .records import environment, table
@@ -302,7 +302,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # argparse converts FILE only: without it --write is const '' (the kernels' own file), absent it is None
     p.add_argument("--write", nargs="?", const="", default=None, metavar="FILE", type=user_path,
                    help="merge the winners into FILE (without FILE: the kernels' own table, attention_tuned.json "
-                   "or loss_tuned.json)")
+                   "or loss_tuned.json, in the folder FASTMAE_TUNED_DIR names where it is set)")
     p.add_argument("--out", metavar="DIR", type=user_path,
                    help="write every measurement to DIR/tune.json (attention) or DIR/tune_loss.json")
     p.add_argument("--max-time", type=non_negative_float, default=None, metavar="S",
@@ -408,7 +408,7 @@ def save(args: argparse.Namespace, module, results: list[Candidate], env: dict, 
         if not quiet:
             print(f"wrote {path}")
     if args.write is not None:
-        path = args.write or module.TUNED_FILE
+        path = args.write or tuned_path(module.TUNED_FILE)
         old = {}
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:

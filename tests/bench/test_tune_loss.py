@@ -8,6 +8,7 @@ loss and gradient, under the suite's tolerance rule.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -176,3 +177,29 @@ def test_suite_summary_lists_what_the_tuners_measured(tmp_path):
     assert "- masked-MSE loss bwd [bf16,B1024,mask1] sm_90, shape loss-B: rule [2, 8, 1, 3] 20.0 µs, fastest " \
            "[2, 8, 1, 3] 20.0 µs, 1.00x (the rule stays)" in text
     assert "- attention: attention_tuned.json could not be read: " in text
+
+
+def test_tuned_tables_in_the_folder_fastmae_tuned_dir_names(tmp_path, monkeypatch):
+    """With FASTMAE_TUNED_DIR set, `bench tune --write` (no FILE) writes the op's table there and the launchers
+    read it from there; the kernels' own folder is left alone."""
+    import argparse
+
+    monkeypatch.setenv("FASTMAE_TUNED_DIR", str(tmp_path))
+    key = loss.fwd_key(torch.bfloat16, torch.float32, 3, 16, True, False, True)
+    rule = tuple(vars(loss.default_settings("fwd", 3, 16)).values())
+    results = [tune.Candidate("loss-B", "bf16/fp32", "fwd", key, rule, default=True, median_ms=1.0),
+               tune.Candidate("loss-B", "bf16/fp32", "fwd", key, (1, 4, 4, 1), median_ms=0.5)]
+    args = argparse.Namespace(op="loss", out=None, write="")
+    own = loss.TUNED_FILE
+    existed = os.path.isfile(own)
+    loss.tuned_table.cache_clear()
+    try:
+        assert tune.save(args, loss, results, {"device": "test GPU"}, "sm_90", quiet=True)
+        table = json.loads((tmp_path / "loss_tuned.json").read_text())
+        assert table["sm_90"] == {"fwd": {key: [1, 4, 4, 1]}}
+        assert os.path.isfile(own) == existed  # the kernels' own table untouched
+        assert loss.tuned_table() == table
+        got = loss.launch_settings("fwd", (9, 0), lambda: key, lambda: None)
+        assert got == loss.LossSettings(1, 4, 4, 1)
+    finally:
+        loss.tuned_table.cache_clear()

@@ -111,11 +111,34 @@ def _static_stamp() -> tuple:
             ("python", platform.python_version()), ("git_commit", git_commit()))
 
 
+def tuned_tables() -> str:
+    """Which tuned launch-setting tables the Triton launchers read in this process, by content (the commit names
+    the kernels' own tables, but not a FASTMAE_TUNED_DIR's): 'none', or e.g. 'loss 3f2a9c01b2de (FASTMAE_TUNED_DIR)'."""
+    import hashlib
+    from importlib.util import find_spec
+
+    from ..kernels.utils import TUNED_DIR_ENV, tuned_path  # torch only, never triton
+
+    spec = find_spec("fastmae.kernels")
+    if spec is None or not spec.submodule_search_locations:
+        return "none"
+    own = list(spec.submodule_search_locations)[0]
+    where = f" ({TUNED_DIR_ENV})" if os.environ.get(TUNED_DIR_ENV) else ""
+    found = []
+    for op in ("attention", "loss"):
+        path = tuned_path(os.path.join(own, f"{op}_tuned.json"))
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                found.append(f"{op} {hashlib.sha1(f.read()).hexdigest()[:12]}{where}")
+    return ", ".join(found) or "none"
+
+
 def environment(device: torch.device | str) -> dict:
     """The stamp every record carries."""
     device = torch.device(device)
     stamp = {"device": device_name(device), "device_type": device.type}
     stamp.update(dict(_static_stamp()))
+    stamp["tuned_tables"] = tuned_tables()
     stamp["date"] = now_utc()
     return stamp
 

@@ -207,3 +207,17 @@ def test_a_recorder_reads_the_folder_once_and_a_failed_write_is_not_retried_at_e
 def test_busy_cell_caps_the_share_at_100_percent():
     assert records.busy_cell(0.734) == "73%" and records.busy_cell(1.004) == "100%"
     assert records.busy_cell(1.21) == "100%*" and records.busy_cell(None) == "-"
+
+
+def test_records_name_the_tuned_tables_the_launchers_read(tmp_path, monkeypatch):
+    """The stamp says which tuned tables were in effect, by content: the commit names the kernels' own, not a
+    FASTMAE_TUNED_DIR's."""
+    import hashlib
+
+    monkeypatch.setenv("FASTMAE_TUNED_DIR", str(tmp_path))
+    assert records.tuned_tables() == "none"
+    text = '{"sm_90": {"fwd": {"bf16,fp32,C3,p16,norm1,ids0,grad1": [1, 4, 4, 1]}}}\n'
+    (tmp_path / "loss_tuned.json").write_text(text)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    assert records.tuned_tables() == f"loss {digest} (FASTMAE_TUNED_DIR)"
+    assert records.environment("cpu")["tuned_tables"] == f"loss {digest} (FASTMAE_TUNED_DIR)"

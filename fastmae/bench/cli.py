@@ -180,10 +180,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     from . import tune
 
-    p = sub.add_parser("tune", formatter_class=fmt, help="time the Triton attention's launch settings on this GPU",
-                       description=tune.__doc__.split("\n\n")[0] + " Candidates are screened by the compile "
-                       "check, checked against the fp32 reference, and timed; --write records the winners per GPU "
-                       "architecture in the kernels' attention_tuned.json, which the launchers read.")
+    p = sub.add_parser("tune", formatter_class=fmt,
+                       help="time the launch settings of the Triton attention (or loss) on this GPU",
+                       description="Measure the launch settings of the Triton attention kernels (--op loss: of the "
+                       "masked-MSE loss's kernels) on this GPU and keep the fastest. Candidates are screened by the "
+                       "compile check, checked against the fp32 reference, and timed; --write records the winners "
+                       "per GPU architecture in the kernels' attention_tuned.json (loss_tuned.json), which the "
+                       "launchers read.")
     tune.add_arguments(p)
     p.set_defaults(bench_run=tune.run)
 

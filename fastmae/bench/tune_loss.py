@@ -12,8 +12,8 @@ and prediction dtype (images in fp32, as training under autocast and `fastmae be
 - 'fwd': the forward with and without `norm_pix`, each as training launches it (it also writes the gradient
   buffer) and without a gradient (evaluation, `bench ops`' forward rows);
 - 'bwd': the backward's scaling of that buffer.
-Each candidate's loss and gradient are checked against the fp32 reference under the tests' tolerance rule
-before it is timed; timings flush the L2 cache between calls, as `bench ops` does for the memory-bound ops.
+Each candidate's loss (and gradient, where it writes one) is checked against the fp32 reference under the tests'
+tolerance rule before it is timed; timings flush the L2 cache between calls, as `bench ops` does for the memory-bound ops.
 """
 from __future__ import annotations
 

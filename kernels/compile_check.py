@@ -1188,10 +1188,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"triton {triton.__version__}; targets {', '.join(LIMITS[a].gpu for a in args.arch)}; "
           f"{time.perf_counter() - start:.1f} s")
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:  # whole or not at all: written aside, then renamed
+        with open(args.json + ".part", "w") as f:
             json.dump({"triton": triton.__version__, "archs": args.arch,
                        "modules": [r.to_dict() for r in results]}, f, indent=1)
+        os.replace(args.json + ".part", args.json)
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -579,10 +579,10 @@ def write_priority(path: str, records: Sequence[dict], device_type: str, source:
         raise ValueError(f"no successful op measurements on {device_type} to rank")
     data[device_type] = ranking
     data.setdefault("source", {})[device_type] = source
+    from ..model.checkpoint import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")  # whole or not at all
     return data
 
 

@@ -303,7 +303,7 @@ def update_readme(readme: str, results_root: str, write: bool = True) -> str:
     if write:
         with open(readme, encoding="utf-8") as f:
             text = f.read()
-        new = replace_block(text, block)
-        with open(readme, "w", encoding="utf-8") as f:
-            f.write(new)
+        from ..model.checkpoint import atomic_write_text
+
+        atomic_write_text(readme, replace_block(text, block))  # the README whole or not at all
     return block

@@ -254,8 +254,9 @@ def write_summary(parts_path: str, results_dir: str, mode: str, out: str) -> str
     files = sorted(f for f in os.listdir(results_dir) if os.path.isfile(os.path.join(results_dir, f)))
     lines += ["## Files", ""] + [f"- `{f}`" for f in sorted(set(files) | {"summary.md"})]
     text = "\n".join(lines).rstrip() + "\n"
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(text)
+    from ..model.checkpoint import atomic_write_text
+
+    atomic_write_text(out, text)
     return text
 
 

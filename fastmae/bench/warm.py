@@ -370,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(recipes, results, problems, time.perf_counter() - t0 - traced_s,
                   max(1, min(args.workers, len(recipes)))))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"arch": arch, "results": results, "record_errors": errors, "worker_problems": problems},
-                      f, indent=1)
+        from ..model.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"arch": arch, "results": results, "record_errors": errors,
+                                                 "worker_problems": problems}, indent=1))
     failed = errors or problems or any(not r["ok"] for r in results) or len(results) < len(recipes)
     return 1 if failed else 0
 

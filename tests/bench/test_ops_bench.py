@@ -138,6 +138,11 @@ def test_ranking_and_priority_file(tmp_path):
     assert on_disk == data
     assert on_disk["cuda"]["attention"][0] == "triton" and on_disk["cpu"] == {"attention": ["sdpa", "reference"]}
     assert on_disk["source"] == {"cpu": {"device": "c"}, "cuda": {"device": "g"}}
+    # a write that fails part way (here: a value JSON cannot hold) leaves the file as it was, not cut short
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        ops_bench.write_priority(str(path), recs, "cuda", {"device": object()})
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["priority.json"]
 
 
 def test_copy_reference_pays_the_passes_the_op_makes():

@@ -11,6 +11,13 @@ import os
 from typing import Sequence
 
 
+
+def _save(fig, path: str) -> None:
+    """The figure as a PNG at `path`, written whole or not at all (a run stopped mid-write keeps the old plot)."""
+    from ..model.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
 def _pyplot():
     try:
         import matplotlib
@@ -57,7 +64,7 @@ def plot_encoder(records: Sequence[dict], out_dir: str) -> list[str]:
         fig.suptitle(_stamp(mrows), fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, f"encoder_{model}.png")
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -96,7 +103,7 @@ def plot_ops(records: Sequence[dict], out_dir: str) -> list[str]:
     ax.set_title(_stamp(rows), fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "ops.png")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return [path]
 
@@ -118,7 +125,7 @@ def plot_train(records: Sequence[dict], out_dir: str) -> list[str]:
         ax.tick_params(axis="x", labelsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, f"train_{model}.png")
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -154,6 +154,8 @@ def plot_loss_curve(output_dir: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(output_dir) / CURVE
-    fig.savefig(path)
+    from ..model.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))  # whole or not at all
     plt.close(fig)
     return path

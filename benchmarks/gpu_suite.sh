@@ -246,8 +246,9 @@ TRAIN_EAGER=fastmae,official-eager,reference+sdpa,fastmae+sdpa,fastmae+lean,fast
 TRAIN_EAGER_B=$TRAIN_EAGER,fastmae+plain-casts
 TRAIN_COMPILE=fastmae,official-eager,reference+compile,fastmae+compile
 
-# The tuners in whatever time the other parts left, last: the masked-MSE loss's (up to 90 s, at least 45 s: a few
-# dozen candidates of two small kernels), then the attention's (all that is left, at least 90 s). Each records its
+# The tuners in whatever time the other parts left, last: the masked-MSE loss's first (the op furthest from its
+# bandwidth target; up to 90 s, at least 45 s: 85 candidates of two small kernels at ViT-B/L's patches), then the
+# attention's (all that is left, at least 90 s). Each records its
 # winners in the run folder (loss_tuned.json and attention_tuned.json, every measurement in tune_loss.json and
 # tune.json), not in the kernels' own files, so the parts above measured the launch rules as they are; copy a file to
 # kernels/ after reading it.

@@ -513,11 +513,16 @@ def validate_tuned(table: dict) -> list[str]:
     return problems
 
 
-@functools.lru_cache(maxsize=None)
 def tuned_table(path: str | None = None) -> dict:
     """The recorded tuned settings ({} when there are none) from `path`, by default the kernels' own table or
-    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`), read once; an unsound file is ignored with a warning."""
-    return read_tuned_table(path or tuned_path(TUNED_FILE), validate_tuned, "attention")
+    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`); each file is read once; an unsound file is ignored with a
+    warning."""
+    return _read_table(path or tuned_path(TUNED_FILE))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_table(path: str) -> dict:
+    return read_tuned_table(path, validate_tuned, "attention")
 
 
 def forced_settings(**settings: LaunchSettings):

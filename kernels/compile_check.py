@@ -1188,11 +1188,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"triton {triton.__version__}; targets {', '.join(LIMITS[a].gpu for a in args.arch)}; "
           f"{time.perf_counter() - start:.1f} s")
     print(format_table(results))
-    if args.json:  # whole or not at all: written aside, then renamed
-        with open(args.json + ".part", "w") as f:
-            json.dump({"triton": triton.__version__, "archs": args.arch,
-                       "modules": [r.to_dict() for r in results]}, f, indent=1)
-        os.replace(args.json + ".part", args.json)
+    if args.json:  # whole or not at all: made in full, written aside, then renamed
+        text = json.dumps({"triton": triton.__version__, "archs": args.arch,
+                           "modules": [r.to_dict() for r in results]}, indent=1)
+        try:
+            with open(args.json + ".part", "w") as f:
+                f.write(text)
+            os.replace(args.json + ".part", args.json)
+        finally:
+            if os.path.exists(args.json + ".part"):
+                os.remove(args.json + ".part")
     return 0 if all(r.ok for r in results) else 1
 
 

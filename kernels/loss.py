@@ -39,8 +39,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -85,6 +84,7 @@ def _warps(elements: int, per_thread: int) -> int:
     return max(1, min(8, elements // (32 * per_thread)))
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments and the module's tile constants; read on every launch
 def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]:
     """(rows per program, BLOCK_C, BLOCK_P, num_warps) for the forward's [rows, C, p, p] tile."""
     block_c, block_p = next_power_of_2(channels), next_power_of_2(patch_size)
@@ -93,6 +93,7 @@ def _patch_settings(channels: int, patch_size: int) -> tuple[int, int, int, int]
     return block_r, block_c, block_p, _warps(block_r * tile, 2)
 
 
+@functools.lru_cache(maxsize=None)  # as _patch_settings
 def _row_settings(P: int) -> tuple[int, int, int]:
     """(rows per program, BLOCK, num_warps) for the backward's [rows, P] tile."""
     block = next_power_of_2(P)
@@ -105,11 +106,10 @@ def _row_settings(P: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LossSettings:
+class LossSettings(NamedTuple):
     """Launch settings of the forward ('fwd') or the backward ('bwd') kernel: prediction rows per tile, warps,
     at most how many consecutive tiles one forward program takes (its software pipeline; always 1 for the
-    backward), and Triton's pipelining stages."""
+    backward), and Triton's pipelining stages. (A named tuple: made on every launch, it must be cheap.)"""
 
     block_r: int
     num_warps: int
@@ -183,11 +183,16 @@ def validate_tuned(table: dict) -> list[str]:
     return problems
 
 
-@functools.lru_cache(maxsize=None)
 def tuned_table(path: str | None = None) -> dict:
     """The recorded tuned settings ({} when there are none) from `path`, by default the kernels' own table or
-    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`), read once; an unsound file is ignored with a warning."""
-    return read_tuned_table(path or tuned_path(TUNED_FILE), validate_tuned, "loss")
+    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`); each file is read once; an unsound file is ignored with a
+    warning."""
+    return _read_table(path or tuned_path(TUNED_FILE))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_table(path: str) -> dict:
+    return read_tuned_table(path, validate_tuned, "loss")
 
 
 def forced_settings(**settings: LossSettings):
@@ -200,13 +205,19 @@ def default_settings(kernel: str, channels: int, patch_size: int) -> LossSetting
     """The rule: `_patch_settings` for the forward (with up to PIPELINE_MAX_TILES tiles per program and
     FWD_STAGES), `_row_settings` for the backward's rows of channels x patch_size^2 values."""
     if kernel == "fwd":
-        block_r, _, _, num_warps = _patch_settings(channels, patch_size)
-        return LossSettings(block_r, num_warps, PIPELINE_MAX_TILES, FWD_STAGES)
+        return _default_fwd(channels, patch_size, PIPELINE_MAX_TILES, FWD_STAGES)
     if kernel == "bwd":
         return _default_bwd(channels * patch_size * patch_size)
     raise ValueError(f"unknown loss kernel {kernel!r}; kernels are {', '.join(KERNELS)}")
 
 
+@functools.lru_cache(maxsize=None)  # read on every launch; the module constants it reads are arguments
+def _default_fwd(channels: int, patch_size: int, max_tiles: int, stages: int) -> LossSettings:
+    block_r, _, _, num_warps = _patch_settings(channels, patch_size)
+    return LossSettings(block_r, num_warps, max_tiles, stages)
+
+
+@functools.lru_cache(maxsize=None)
 def _default_bwd(P: int) -> LossSettings:
     block_r, _, num_warps = _row_settings(P)
     return LossSettings(block_r, num_warps, 1, NUM_STAGES)
@@ -221,6 +232,15 @@ def launch_settings(kernel: str, capability: tuple[int, int] | None, key: Callab
     table = tuned_table() if capability is not None else None
     entry = tuned_entry(table, capability, kernel, key) if table else None
     return LossSettings(*entry) if entry else default()
+
+
+def _settings_for(kernel: str, device: torch.device, key: Callable[[], str],
+                  default: Callable[[], LossSettings]) -> LossSettings:
+    """`launch_settings` for a launch on `device`: its architecture is looked up only when something is forced
+    or tuned (with neither, a launch pays for the rule alone)."""
+    if not _FORCED and not tuned_table():
+        return default()
+    return launch_settings(kernel, launch_capability(device), key, default)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,9 +426,9 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
         loss.zero_()
         denom.fill_(1.0)
         return loss, g, denom, mask32
-    cfg = launch_settings("fwd", launch_capability(pred.device),
-                          lambda: fwd_key(pred.dtype, imgs.dtype, c, p, norm_pix, has_ids, write_grad),
-                          lambda: default_settings("fwd", c, p))
+    cfg = _settings_for("fwd", pred.device,
+                        lambda: fwd_key(pred.dtype, imgs.dtype, c, p, norm_pix, has_ids, write_grad),
+                        lambda: default_settings("fwd", c, p))
     n_tiles = cdiv(n_rows, cfg.block_r)
     tiles = tiles_per_program(n_tiles, cfg.max_tiles)
     _masked_mse_fwd_kernel[(cdiv(n_tiles, tiles),)](
@@ -432,8 +452,7 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
     if out.numel() == 0:
         return out
     go = grad_output.detach().reshape(1).to(torch.float32)
-    cfg = launch_settings("bwd", launch_capability(g.device), lambda: bwd_key(g.dtype, P, not has_ids),
-                          lambda: _default_bwd(P))
+    cfg = _settings_for("bwd", g.device, lambda: bwd_key(g.dtype, P, not has_ids), lambda: _default_bwd(P))
     _masked_mse_bwd_kernel[(cdiv(n_rows, cfg.block_r),)](
         g, mask32, go, denom, out, n_rows, P, HAS_MASK=not has_ids, BLOCK_R=cfg.block_r, BLOCK=next_power_of_2(P),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)

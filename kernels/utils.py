@@ -249,11 +249,19 @@ _TABLE_INFO = ("source", "measured")  # a tuned table's top-level entries that a
 TUNED_DIR_ENV = "FASTMAE_TUNED_DIR"
 
 
+@functools.lru_cache(maxsize=None)
+def tuned_dir() -> str | None:
+    """The folder FASTMAE_TUNED_DIR names, or None: read once per process (the launchers ask on every launch);
+    `tuned_dir.cache_clear()` reads it again."""
+    folder = os.environ.get(TUNED_DIR_ENV)
+    return os.path.expanduser(folder) if folder else None
+
+
 def tuned_path(own: str) -> str:
     """Where a kernel module's tuned table is read and written: `own` (beside the kernels), or the file of the
-    same name in the folder FASTMAE_TUNED_DIR names when it is set."""
-    folder = os.environ.get(TUNED_DIR_ENV)
-    return os.path.join(os.path.expanduser(folder), os.path.basename(own)) if folder else own
+    same name in the folder FASTMAE_TUNED_DIR names (`tuned_dir`)."""
+    folder = tuned_dir()
+    return os.path.join(folder, os.path.basename(own)) if folder else own
 
 
 def tuned_entries(table: dict, kernels, what: str, problems: list[str]):

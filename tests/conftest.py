@@ -37,6 +37,24 @@ def _full_fp32_convolutions():
     torch.backends.cudnn.allow_tf32 = before
 
 
+@pytest.fixture
+def tuned_dir(monkeypatch):
+    """Point FASTMAE_TUNED_DIR at a folder (or unset it, with None) for one test. The launchers read the variable
+    once per process (`fastmae.kernels.utils.tuned_dir`): its cache is cleared on each change and after the test,
+    so the next test reads the variable as it is then."""
+    from fastmae.kernels import utils
+
+    def point(folder):
+        if folder is None:
+            monkeypatch.delenv(utils.TUNED_DIR_ENV, raising=False)
+        else:
+            monkeypatch.setenv(utils.TUNED_DIR_ENV, str(folder))
+        utils.tuned_dir.cache_clear()
+
+    yield point
+    utils.tuned_dir.cache_clear()  # monkeypatch restores the variable after this (it was set up first)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer CPU tests")

@@ -19,7 +19,7 @@ def test_info_lists_every_op_and_backend(capsys):
     assert "Triton attention launch settings: " in out and "Triton masked-MSE loss launch settings: " in out
 
 
-def test_info_names_the_tuned_architectures(tmp_path, monkeypatch):
+def test_info_names_the_tuned_architectures(tmp_path, monkeypatch, tuned_dir):
     import importlib.util
     import json
 
@@ -41,7 +41,7 @@ def test_info_names_the_tuned_architectures(tmp_path, monkeypatch):
     # FASTMAE_TUNED_DIR: the tables there instead of the kernels' own
     other = tmp_path / "tuned"
     other.mkdir()
-    monkeypatch.setenv("FASTMAE_TUNED_DIR", str(other))
+    tuned_dir(other)
     assert info.tuned_settings() == ("none recorded (the table in FASTMAE_TUNED_DIR): every GPU uses the rule "
                                      "(fastmae bench tune --write records them)")
     (other / "attention_tuned.json").write_text("{not json")

@@ -11,12 +11,12 @@ import os
 from typing import Sequence
 
 
-
 def _save(fig, path: str) -> None:
     """The figure as a PNG at `path`, written whole or not at all (a run stopped mid-write keeps the old plot)."""
     from ..model.checkpoint import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
 
 def _pyplot():
     try:

@@ -9,7 +9,7 @@ A record is a flat dict. Every record carries:
   status     "ok", "skipped" (with `reason`: the registry's or the benchmark's sentence) or "failed"
              (with `reason`: the exception)
   the figures (median_ms, p20_ms, p80_ms, reps and the throughputs), and the stamp: device,
-  device_type, torch, triton, xformers, cuda, python, git_commit, date.
+  device_type, torch, triton, xformers, cuda, python, git_commit, tuned_tables (`tuned_tables()`), date.
 
 `write_results(out_dir, records)` merges into `out_dir/results.json` (a record replaces an older one with
 the same key: same kind, op/case/model, backend, mode, shape, dtype, mask ratio and device), then rewrites
@@ -36,7 +36,8 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY_FIELDS = ("kind", "op", "case", "model", "backend", "mode", "shape", "dtype", "mask_ratio", "device")
-STAMP_FIELDS = ("device", "device_type", "torch", "triton", "xformers", "cuda", "python", "git_commit", "date")
+STAMP_FIELDS = ("device", "device_type", "torch", "triton", "xformers", "cuda", "python", "git_commit",
+                "tuned_tables", "date")
 
 
 def package_version(name: str) -> str:
@@ -112,12 +113,15 @@ def _static_stamp() -> tuple:
 
 
 def tuned_tables() -> str:
-    """Which tuned launch-setting tables the Triton launchers read in this process, by content (the commit names
-    the kernels' own tables, but not a FASTMAE_TUNED_DIR's): 'none', or e.g. 'loss 3f2a9c01b2de (FASTMAE_TUNED_DIR)'."""
+    """Which tuned launch-setting tables the Triton launchers read in this process, by a digest of their contents
+    (the commit names the kernels' own tables, not a FASTMAE_TUNED_DIR's): 'none', or e.g.
+    'loss 3f2a9c01b2de (FASTMAE_TUNED_DIR)'; a table the launchers ignore (unsound, or no triton to launch
+    with) is listed as ignored."""
     import hashlib
+    import importlib
     from importlib.util import find_spec
 
-    from ..kernels.utils import TUNED_DIR_ENV, tuned_path  # torch only, never triton
+    from ..kernels.utils import TUNED_DIR_ENV, tuned_path  # torch only
 
     spec = find_spec("fastmae.kernels")
     if spec is None or not spec.submodule_search_locations:
@@ -127,9 +131,15 @@ def tuned_tables() -> str:
     found = []
     for op in ("attention", "loss"):
         path = tuned_path(os.path.join(own, f"{op}_tuned.json"))
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                found.append(f"{op} {hashlib.sha1(f.read()).hexdigest()[:12]}{where}")
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            digest = hashlib.sha1(f.read()).hexdigest()[:12]
+        try:  # what the launchers read: the same validated, cached read
+            used = bool(importlib.import_module(f"fastmae.kernels.{op}").tuned_table())
+        except ImportError:
+            used = False
+        found.append(f"{op} {digest}{where}" + ("" if used else " ignored"))
     return ", ".join(found) or "none"
 
 

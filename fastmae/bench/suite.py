@@ -175,37 +175,41 @@ def memory_op_key_results(records: list[dict]) -> list[str]:
     return lines
 
 
-TUNED_TABLES = (("attention", "attention_tuned.json"), ("masked-MSE loss", "loss_tuned.json"))
+TUNED_TABLES = (("attention", "attention_tuned.json", "m{}/n{}/w{}/s{}"),
+                ("masked-MSE loss", "loss_tuned.json", "r{}/w{}/t{}/s{}"))
 
 
 def tuned_results(results_dir: str) -> list[str]:
     """What the tuners measured in this run: per kernel and key, the launch rule's time and the fastest
-    candidate's (from the tables' `measured` entries), and whether the winner was recorded."""
+    candidate's (from the tables' `measured` entries, settings written as the tuner writes them), and whether
+    the winner was recorded. A table that cannot be read is named instead."""
     import json
 
     lines = []
-    for what, name in TUNED_TABLES:
+    for what, name, form in TUNED_TABLES:
         path = os.path.join(results_dir, name)
         if not os.path.isfile(path):
             continue
         try:
             with open(path, encoding="utf-8") as f:
                 table = json.load(f)
-            measured = sorted(table.get("measured", {}).items())
-        except (OSError, ValueError, AttributeError) as exc:  # the rest of the summary still gets written
-            lines.append(f"- {what}: {name} could not be read: {exc}")
+            mine = []
+            for arch, per_kernel in sorted(table.get("measured", {}).items()):
+                for kernel, entries in sorted(per_kernel.items()):
+                    for key, m in sorted(entries.items()):
+                        rule_ms, best_ms = m.get("rule_ms"), m.get("best_ms")
+                        kept = key in table.get(arch, {}).get(kernel, {})
+                        gain = f", {rule_ms / best_ms:.2f}x" if rule_ms and best_ms else ""
+                        rule = f"{rule_ms * 1e3:,.1f} µs" if rule_ms else "not timed"
+                        best = f"{best_ms * 1e3:,.1f} µs" if best_ms else "not timed"
+                        mine.append(f"- {what} {kernel} [{key}] {arch}, shape {m.get('shape')}: rule "
+                                    f"{form.format(*m['rule'])} {rule}, fastest {form.format(*m['best'])} "
+                                    f"{best}{gain} ({'recorded' if kept else 'the rule stays'})")
+        except (OSError, ValueError, AttributeError, TypeError, KeyError, IndexError) as exc:
+            # the rest of the summary still gets written
+            lines.append(f"- {what}: {name} could not be read: {type(exc).__name__}: {exc}")
             continue
-        for arch, per_kernel in measured:
-            for kernel, entries in sorted(per_kernel.items()):
-                for key, m in sorted(entries.items()):
-                    rule_ms, best_ms = m.get("rule_ms"), m.get("best_ms")
-                    kept = key in table.get(arch, {}).get(kernel, {})
-                    gain = f", {rule_ms / best_ms:.2f}x" if rule_ms and best_ms else ""
-                    rule = f"{rule_ms * 1e3:,.1f} µs" if rule_ms else "not timed"
-                    best = f"{best_ms * 1e3:,.1f} µs" if best_ms else "not timed"
-                    lines.append(f"- {what} {kernel} [{key}] {arch}, shape {m.get('shape')}: rule {m.get('rule')} "
-                                 f"{rule}, fastest {m.get('best')} {best}{gain}"
-                                 f" ({'recorded' if kept else 'the rule stays'})")
+        lines += mine
     return lines
 
 

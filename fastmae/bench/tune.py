@@ -18,9 +18,9 @@ every kernel that the automatic path launches there is tried with each candidate
    rule's own setting measured the same way.
 
 A candidate replaces the rule's setting when it is at least `MIN_GAIN` faster. With `--write` the winners go
-to `attention_tuned.json` beside the kernels, under this GPU's architecture (sm_90 for an H100), which
-`launch_settings` then reads; settings the rule already picks best are removed from it. `--out DIR` writes
-every measurement to DIR/tune.json.
+to `attention_tuned.json` (`loss_tuned.json`) beside the kernels, or in the folder FASTMAE_TUNED_DIR names, under
+this GPU's architecture (sm_90 for an H100), which `launch_settings` then reads; settings the rule already picks
+best are removed from it. `--out DIR` writes every measurement to DIR/tune.json (DIR/tune_loss.json).
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ in flight, which the tile (prediction rows per program), the warps and the forwa
 (consecutive tiles per program) decide together with the registers the compiler gives them. The launch rule
 (`fastmae.kernels.loss.default_settings`) was chosen by compiling, not by timing; this part of the tuner times
 the alternatives, as the attention part does (see `fastmae.bench.tune` for the screen, check and time steps
-and for how winners are recorded), and records the winners in `loss_tuned.json` beside the kernels.
+and for how winners are recorded), and records the winners in `loss_tuned.json` beside the kernels (or in the
+folder FASTMAE_TUNED_DIR names). The masked-only decoder head's launches (`pred_masked_only`: keys with ids1 and
+mask0) are not tuned; the rule serves them.
 
 What it times, for each shape (ViT-B/L's 3 x 16 x 16 patches, ViT-H's 3 x 14 x 14; 224 pixels, 75% masking)
 and prediction dtype (images in fp32, as training under autocast and `fastmae bench ops` pass them):
@@ -13,7 +15,8 @@ and prediction dtype (images in fp32, as training under autocast and `fastmae be
   buffer) and without a gradient (evaluation, `bench ops`' forward rows);
 - 'bwd': the backward's scaling of that buffer.
 Each candidate's loss (and gradient, where it writes one) is checked against the fp32 reference under the tests'
-tolerance rule before it is timed; timings flush the L2 cache between calls, as `bench ops` does for the memory-bound ops.
+tolerance rule before it is timed; timings flush the L2 cache between calls, as `bench ops` does for the
+memory-bound ops.
 """
 from __future__ import annotations
 
@@ -99,7 +102,7 @@ def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
                 if (kernel, key) in seen:
                     continue
                 seen.add((kernel, key))
-                default = tuple(vars(loss.default_settings(kernel, C, p)).values())
+                default = tuple(loss.default_settings(kernel, C, p))
                 launches = {_effective(kernel, default, rows)}
                 out.append(Candidate(name, label_, kernel, key, default, default=True))
                 for cfg in candidates(kernel, _tile(kernel, C, p), quick):

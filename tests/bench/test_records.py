@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 
 import pytest
@@ -209,15 +210,26 @@ def test_busy_cell_caps_the_share_at_100_percent():
     assert records.busy_cell(1.21) == "100%*" and records.busy_cell(None) == "-"
 
 
-def test_records_name_the_tuned_tables_the_launchers_read(tmp_path, monkeypatch):
+def test_records_name_the_tuned_tables_the_launchers_read(tmp_path, tuned_dir):
     """The stamp says which tuned tables were in effect, by content: the commit names the kernels' own, not a
     FASTMAE_TUNED_DIR's."""
     import hashlib
 
-    monkeypatch.setenv("FASTMAE_TUNED_DIR", str(tmp_path))
+    loss = pytest.importorskip("fastmae.kernels.loss")
+    tuned_dir(None)
+    own = os.path.dirname(loss.TUNED_FILE)
+    committed = [n for n in ("attention_tuned.json", "loss_tuned.json") if os.path.isfile(os.path.join(own, n))]
+    assert (records.tuned_tables() == "none") == (not committed)  # the kernels' own tables, by default
+    tuned_dir(tmp_path)
     assert records.tuned_tables() == "none"
     text = '{"sm_90": {"fwd": {"bf16,fp32,C3,p16,norm1,ids0,grad1": [1, 4, 4, 1]}}}\n'
     (tmp_path / "loss_tuned.json").write_text(text)
     digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    assert loss.tuned_table() == json.loads(text)  # the launchers read the same table
     assert records.tuned_tables() == f"loss {digest} (FASTMAE_TUNED_DIR)"
     assert records.environment("cpu")["tuned_tables"] == f"loss {digest} (FASTMAE_TUNED_DIR)"
+    bad = '{"sm_90": {"fwd": {"no key": [1, 4, 4, 1]}}}\n'  # unsound: the launchers ignore it, with a warning
+    (tmp_path / "attention_tuned.json").write_text(bad)
+    with pytest.warns(UserWarning, match="ignoring the tuned attention settings"):
+        stamp = records.tuned_tables()
+    assert stamp.startswith(f"attention {hashlib.sha1(bad.encode()).hexdigest()[:12]} (FASTMAE_TUNED_DIR) ignored, ")

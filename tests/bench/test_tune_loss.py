@@ -57,8 +57,8 @@ def test_loss_candidates_beyond_the_tolerance_rule_are_rejected(monkeypatch):
         return value, grad, rest
 
     monkeypatch.setattr(tune_loss, "_run", run)
-    cands = [tune.Candidate("s", "fp32/fp32", "fwd", key, tuple(vars(rule).values()), default=True),
-             tune.Candidate("s", "fp32/fp32", "fwd", key, tuple(vars(wrong).values()))]
+    cands = [tune.Candidate("s", "fp32/fp32", "fwd", key, tuple(rule), default=True),
+             tune.Candidate("s", "fp32/fp32", "fwd", key, tuple(wrong))]
     tune_loss.check_and_time(loss, cands, shape, torch.device("cpu"), max_time=0.001, quick=True)
     assert not cands[0].problems and cands[0].median_ms > 0 and cands[0].error < 1e-4
     assert cands[1].median_ms is None and cands[1].error > 1e-4
@@ -172,27 +172,33 @@ def test_suite_summary_lists_what_the_tuners_measured(tmp_path):
     (tmp_path / "parts.tsv").write_text("tune-loss\tok\t0\t40\t\tfastmae bench tune --op loss\n")
     text = suite.write_summary(str(tmp_path / "parts.tsv"), str(tmp_path), "gpu", str(tmp_path / "summary.md"))
     assert "## Tuned launch settings" in text
-    assert (f"- masked-MSE loss fwd [{key}] sm_90, shape loss-B: rule [1, 8, 8, 1] 50.0 µs, fastest [1, 4, 4, 1] "
+    assert (f"- masked-MSE loss fwd [{key}] sm_90, shape loss-B: rule r1/w8/t8/s1 50.0 µs, fastest r1/w4/t4/s1 "
             "25.0 µs, 2.00x (recorded)") in text
-    assert "- masked-MSE loss bwd [bf16,B1024,mask1] sm_90, shape loss-B: rule [2, 8, 1, 3] 20.0 µs, fastest " \
-           "[2, 8, 1, 3] 20.0 µs, 1.00x (the rule stays)" in text
-    assert "- attention: attention_tuned.json could not be read: " in text
+    assert "- masked-MSE loss bwd [bf16,B1024,mask1] sm_90, shape loss-B: rule r2/w8/t1/s3 20.0 µs, fastest " \
+           "r2/w8/t1/s3 20.0 µs, 1.00x (the rule stays)" in text
+    assert "- attention: attention_tuned.json could not be read: JSONDecodeError: " in text
+    # JSON of another shape than a table's: named too, the summary still written
+    (tmp_path / "attention_tuned.json").write_text(json.dumps({"sm_90": [], "measured": {"sm_90": {"fwd_short": {
+        "k": {"rule": [64, 64, 4, 1], "best": [32, 64, 4, 1], "rule_ms": 1.0, "best_ms": 0.5}}}}}))
+    text = suite.write_summary(str(tmp_path / "parts.tsv"), str(tmp_path), "gpu", str(tmp_path / "summary.md"))
+    assert "- attention: attention_tuned.json could not be read: AttributeError: " in text
+    assert "- masked-MSE loss fwd [" in text
 
 
-def test_tuned_tables_in_the_folder_fastmae_tuned_dir_names(tmp_path, monkeypatch):
+def test_tuned_tables_in_the_folder_fastmae_tuned_dir_names(tmp_path, tuned_dir):
     """With FASTMAE_TUNED_DIR set, `bench tune --write` (no FILE) writes the op's table there and the launchers
     read it from there; the kernels' own folder is left alone."""
     import argparse
 
-    monkeypatch.setenv("FASTMAE_TUNED_DIR", str(tmp_path))
+    tuned_dir(tmp_path)
     key = loss.fwd_key(torch.bfloat16, torch.float32, 3, 16, True, False, True)
-    rule = tuple(vars(loss.default_settings("fwd", 3, 16)).values())
+    rule = tuple(loss.default_settings("fwd", 3, 16))
     results = [tune.Candidate("loss-B", "bf16/fp32", "fwd", key, rule, default=True, median_ms=1.0),
                tune.Candidate("loss-B", "bf16/fp32", "fwd", key, (1, 4, 4, 1), median_ms=0.5)]
     args = argparse.Namespace(op="loss", out=None, write="")
     own = loss.TUNED_FILE
     existed = os.path.isfile(own)
-    loss.tuned_table.cache_clear()
+    loss._read_table.cache_clear()
     try:
         assert tune.save(args, loss, results, {"device": "test GPU"}, "sm_90", quiet=True)
         table = json.loads((tmp_path / "loss_tuned.json").read_text())
@@ -202,4 +208,4 @@ def test_tuned_tables_in_the_folder_fastmae_tuned_dir_names(tmp_path, monkeypatc
         got = loss.launch_settings("fwd", (9, 0), lambda: key, lambda: None)
         assert got == loss.LossSettings(1, 4, 4, 1)
     finally:
-        loss.tuned_table.cache_clear()
+        loss._read_table.cache_clear()

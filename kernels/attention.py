@@ -75,9 +75,9 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, cdiv, check_device, custom_op, forcing,
-                    interpreter_enabled, read_tuned_table, tuned_archs, tuned_entries, tuned_entry, tuned_path,
-                    launch_capability, launches_on_device_of, next_power_of_2, qkv_head_dim, split_qkv)
+from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
+                    interpreter_enabled, launch_capability, launches_on_device_of, next_power_of_2, qkv_head_dim,
+                    split_qkv, tuned_archs, tuned_entries, tuned_entry)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -475,7 +475,6 @@ _FLASH = {
 # Keys name the tiles only, so one entry serves every sequence length and head dim with those tiles.
 TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
 _SHORT_KERNELS = ("fwd_short", "bwd_short")
-_FORCED: dict[str, LaunchSettings] = {}
 
 
 def tuned_key(kernel: str, n: int, d: int, dtype: torch.dtype) -> str:
@@ -513,21 +512,12 @@ def validate_tuned(table: dict) -> list[str]:
     return problems
 
 
-def tuned_table(path: str | None = None) -> dict:
-    """The recorded tuned settings ({} when there are none) from `path`, by default the kernels' own table or
-    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`); each file is read once; an unsound file is ignored with a
-    warning."""
-    return _read_table(path or tuned_path(TUNED_FILE))
-
-
-@functools.lru_cache(maxsize=None)
-def _read_table(path: str) -> dict:
-    return read_tuned_table(path, validate_tuned, "attention")
-
-
-def forced_settings(**settings: LaunchSettings):
-    """Force launch settings per kernel inside the block (`fastmae bench tune` times candidates this way)."""
-    return forcing(_FORCED, KERNELS, "attention", settings)
+# tuned_table(path=None): the recorded settings ({} when there are none); forced_settings(kernel=settings): a
+# `with` block in which those settings launch (`fastmae bench tune`); see `utils.TunedSettings`
+_TUNED = TunedSettings(TUNED_FILE, KERNELS, "attention", validate_tuned)
+_FORCED = _TUNED.forced
+tuned_table = _TUNED.table
+forced_settings = _TUNED.force
 
 
 def launch_settings(kernel: str, n: int, d: int, dtype: torch.dtype,

@@ -45,9 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, forcing, image_patches,
-                    launch_capability, launches_on_device_of, next_power_of_2, read_tuned_table, tuned_archs,
-                    tuned_entries, tuned_entry, tuned_path)
+from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
+                    image_patches, launch_capability, launches_on_device_of, next_power_of_2, tuned_archs,
+                    tuned_entries, tuned_entry)
 
 FINALIZE_BLOCK = 1024
 
@@ -123,7 +123,6 @@ KERNELS = ("fwd", "bwd")
 # {bwd_key: [BLOCK_R, num_warps, 1, num_stages]}}, "source": {...}, "measured": {...}}.
 TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loss_tuned.json")
 MAX_TILE_ELEMENTS = {"fwd": 8192, "bwd": 16384}  # the largest tile (rows x padded row) a tuned entry may take
-_FORCED: dict[str, LossSettings] = {}
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _DT_NAMES = "fp32|fp16|bf16"
 _FWD_KEY = re.compile(rf"({_DT_NAMES}),({_DT_NAMES}),C(\d+),p(\d+),norm([01]),ids([01]),grad([01])")
@@ -183,22 +182,12 @@ def validate_tuned(table: dict) -> list[str]:
     return problems
 
 
-def tuned_table(path: str | None = None) -> dict:
-    """The recorded tuned settings ({} when there are none) from `path`, by default the kernels' own table or
-    the one in FASTMAE_TUNED_DIR (`utils.tuned_path`); each file is read once; an unsound file is ignored with a
-    warning."""
-    return _read_table(path or tuned_path(TUNED_FILE))
-
-
-@functools.lru_cache(maxsize=None)
-def _read_table(path: str) -> dict:
-    return read_tuned_table(path, validate_tuned, "loss")
-
-
-def forced_settings(**settings: LossSettings):
-    """Force launch settings per kernel ('fwd', 'bwd') inside the block (`fastmae bench tune` times candidates
-    this way)."""
-    return forcing(_FORCED, KERNELS, "loss", settings)
+# tuned_table(path=None): the recorded settings ({} when there are none); forced_settings(fwd=..., bwd=...): a
+# `with` block in which those settings launch (`fastmae bench tune --op loss`); see `utils.TunedSettings`
+_TUNED = TunedSettings(TUNED_FILE, KERNELS, "loss", validate_tuned)
+_FORCED = _TUNED.forced
+tuned_table = _TUNED.table
+forced_settings = _TUNED.force
 
 
 def default_settings(kernel: str, channels: int, patch_size: int) -> LossSettings:

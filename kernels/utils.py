@@ -309,6 +309,31 @@ def tuned_entry(table: dict, capability: tuple[int, int], kernel: str, key: Call
     return entries.get(key()) if entries else None
 
 
+class TunedSettings:
+    """A kernel module's tuned launch settings: `table(path=None)` reads its table (the kernels' own file `own`,
+    or FASTMAE_TUNED_DIR's: `tuned_path`), validated by `validate` and read once per path (an unsound file is
+    ignored with a warning: {}); `force(**{kernel: settings})` is a context in which `forced` holds those
+    settings (`fastmae bench tune` times candidates so)."""
+
+    def __init__(self, own: str, kernels, what: str, validate: Callable[[dict], list[str]]):
+        self.own, self.kernels, self.what, self.validate = own, kernels, what, validate
+        self.forced: dict = {}
+        self._read = functools.lru_cache(maxsize=None)(self._read_file)
+
+    def _read_file(self, path: str) -> dict:
+        return read_tuned_table(path, self.validate, self.what)
+
+    def table(self, path: str | None = None) -> dict:
+        return self._read(path or tuned_path(self.own))
+
+    def force(self, **settings):
+        return forcing(self.forced, self.kernels, self.what, settings)
+
+    def clear(self) -> None:
+        """Forget what was read (a test that rewrote a table)."""
+        self._read.cache_clear()
+
+
 @contextlib.contextmanager
 def forcing(forced: dict, kernels, what: str, settings: dict):
     """Put `settings` ({kernel: settings}) into the module's `forced` dict inside the block, as they were after."""

@@ -198,7 +198,7 @@ def test_tuned_tables_in_the_folder_fastmae_tuned_dir_names(tmp_path, tuned_dir)
     args = argparse.Namespace(op="loss", out=None, write="")
     own = loss.TUNED_FILE
     existed = os.path.isfile(own)
-    loss._read_table.cache_clear()
+    loss._TUNED.clear()
     try:
         assert tune.save(args, loss, results, {"device": "test GPU"}, "sm_90", quiet=True)
         table = json.loads((tmp_path / "loss_tuned.json").read_text())
@@ -208,4 +208,4 @@ def test_tuned_tables_in_the_folder_fastmae_tuned_dir_names(tmp_path, tuned_dir)
         got = loss.launch_settings("fwd", (9, 0), lambda: key, lambda: None)
         assert got == loss.LossSettings(1, 4, 4, 1)
     finally:
-        loss._read_table.cache_clear()
+        loss._TUNED.clear()

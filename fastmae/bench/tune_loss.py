@@ -86,8 +86,9 @@ def _effective(kernel: str, settings, rows: int) -> tuple:
 
 def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torch.device, quick: bool) -> list:
     """Every candidate for each shape and prediction dtype: the forward with and without norm_pix, each as
-    training launches it (writing the gradient buffer) and without a gradient; the backward once per dtype and
-    row size. Candidates that launch as another one does at the shape are left out."""
+    training launches it (writing the gradient buffer) and without a gradient (`quick`: two of the four, each
+    switch on once and off once); the backward once per dtype and row size. Candidates that launch as another
+    one does at the shape are left out."""
     from .tune import Candidate
 
     seen, out = set(), []
@@ -95,8 +96,9 @@ def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
         label_ = f"{_NAMES[dtype]}/fp32"
         for name, (B, C, side, p) in shapes.items():
             rows = B * (side // p) ** 2
-            jobs = [("fwd", loss.fwd_key(dtype, torch.float32, C, p, norm, False, grad))
-                    for grad in (True, False) for norm in (False, True)]
+            switches = ([(True, True), (False, False)] if quick
+                        else [(norm, grad) for grad in (True, False) for norm in (False, True)])
+            jobs = [("fwd", loss.fwd_key(dtype, torch.float32, C, p, norm, False, grad)) for norm, grad in switches]
             jobs.append(("bwd", loss.bwd_key(dtype, C * p * p, True)))
             for kernel, key in jobs:
                 if (kernel, key) in seen:

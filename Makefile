@@ -17,8 +17,8 @@ $(VENV)/.installed: setup.py
 
 venv: $(VENV)/.installed
 
-# The built-in default: pretrain the tiny preset on the built-in generated dataset (about a minute and a quarter on
-# a 2-core CPU), draw reconstructions, and probe the encoder linearly. Everything lands in output/demo/.
+# The built-in default: pretrain the tiny preset on the built-in generated dataset (1 to 2 minutes on a 2-core
+# CPU), draw reconstructions, and probe the encoder linearly. Everything lands in output/demo/.
 # One thread: the tiny model's matrices are too small for two threads to pay.
 DEMO := output/demo
 run: $(VENV)/.installed

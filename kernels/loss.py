@@ -74,10 +74,10 @@ PIPELINE_MAX_TILES = 8
 FWD_STAGES = 1
 
 
-def tiles_per_program(n_tiles: int, max_tiles: int | None = None) -> int:
+def tiles_per_program(n_tiles: int, max_tiles: int) -> int:
     """How many consecutive tiles one forward program takes: 1 up to PIPELINE_MIN_PROGRAMS tiles, then as
-    many as keep that many programs, at most `max_tiles` (default PIPELINE_MAX_TILES)."""
-    return max(1, min(PIPELINE_MAX_TILES if max_tiles is None else max_tiles, n_tiles // PIPELINE_MIN_PROGRAMS))
+    many as keep that many programs, at most `max_tiles` (the rule's: PIPELINE_MAX_TILES)."""
+    return max(1, min(max_tiles, n_tiles // PIPELINE_MIN_PROGRAMS))
 
 
 def _warps(elements: int, per_thread: int) -> int:

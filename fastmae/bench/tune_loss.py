@@ -34,7 +34,6 @@ SHAPES = {
 }
 QUICK_SHAPES = {"quick-loss": (2, 3, 16, 4)}  # 16 patches of 48 values: small tiles, many rows per tile
 MASK_RATIO = 0.75
-_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def kernel_module():
@@ -89,11 +88,11 @@ def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
     training launches it (writing the gradient buffer) and without a gradient (`quick`: two of the four, each
     switch on once and off once); the backward once per dtype and row size. Candidates that launch as another
     one does at the shape are left out."""
-    from .tune import Candidate
+    from .tune import _DT, Candidate
 
     seen, out = set(), []
     for dtype in dtypes:
-        label_ = f"{_NAMES[dtype]}/fp32"
+        label_ = f"{_DT[dtype]}/fp32"
         for name, (B, C, side, p) in shapes.items():
             rows = B * (side // p) ** 2
             switches = ([(True, True), (False, False)] if quick

@@ -318,8 +318,8 @@ else
     gpu)
         run_part encoder-vit-b 60 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_base_patch16 --batch 64 \
             --dtype bfloat16 --cuda-graphs --out "$RUN_DIR"
-        run_part encoder-vit-l 50 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
-            --dtype bfloat16 --out "$RUN_DIR"
+        run_part encoder-vit-l 60 "${BENCH[@]}" encoder $Q --no-progress --model mae_vit_large_patch16 --batch 64 \
+            --dtype bfloat16 --cuda-graphs --out "$RUN_DIR"
         # the eager variants of both models first; the torch.compile ones (a cold Inductor build of the forward
         # and backward each, the longest work here) in a part of their own afterwards, with the eager pair they
         # are compared with timed again in the same run; what is left over goes to the tuner

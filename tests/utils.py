@@ -153,8 +153,8 @@ def make_qkv(B, H, N, D, dtype, layout, device, seed=0):
 
 class FakeGraphs:
     """Stand-ins for torch.cuda's stream and graph calls, so that capture-and-replay flows run on a CPU: the
-    'capture' runs the work once, eagerly; a 'replay' counts and calls `on_replay` (by default nothing: the
-    captured output stays)."""
+    'capture' runs the work once, eagerly; a 'replay' counts and calls `on_replay(graph)` (by default nothing:
+    the captured output stays)."""
 
     def __init__(self, monkeypatch, on_replay=None):
         self.captures, self.replays, self.on_replay = 0, 0, on_replay
@@ -164,7 +164,7 @@ class FakeGraphs:
             def replay(self):
                 fake.replays += 1
                 if fake.on_replay is not None:
-                    fake.on_replay()
+                    fake.on_replay(self)
 
         class Capture:
             def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):

@@ -64,14 +64,17 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     (stats, next_iter): stats as the official log keys (`lr`, `loss`, averaged over iterations and ranks)
     plus `skipped_images`; next_iter == iters_per_epoch unless `max_steps` stopped the epoch early.
     `last_checkpoint`: the newest good checkpoint on disk (None: there is none), named if the loss turns
-    non-finite. `graph` (`graphed.GraphOnFirstBatch`, one optimizer step per iteration, no scaler): each
-    iteration replays the whole step from a CUDA graph instead of running it; the loss is then checked after the
-    step it came from was applied (the run stops all the same, and writes no checkpoint of that state).
+    non-finite. `graph` (`graphed.GraphOnFirstBatch`, no scaler): each iteration replays the whole step from a CUDA
+    graph instead of running it (with accumulation: the micro-step, and the update after the last of them); the
+    loss is then checked after the step it came from was applied (the run stops all the same, and writes no
+    checkpoint of that state).
     """
     dist_info = dist_info or DistInfo()
     model.train(True)
-    if graph is None:  # a captured step's gradients live in its graph's memory and are written afresh each replay
+    if graph is None:
         optimizer.zero_grad(set_to_none=True)
+    else:  # a captured step's gradients are written afresh by each replay, or accumulate in place
+        graph.reset_accumulation()
     accum = sched.accum_iter
     loss_sum = lr_sum = 0.0
     count = skipped_total = 0
@@ -91,7 +94,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
             else contextlib.nullcontext()
         with sync:
             if graph is not None:
-                loss = graph(samples, noise)  # forward, backward and the optimizer's step
+                loss = graph(samples, noise, update)  # forward, backward (and the optimizer's step where update)
             else:
                 with autocast(device, PRECISIONS[precision]):
                     loss, _, _ = model(samples, mask_ratio=sched.mask_ratio, noise=noise)

@@ -8,6 +8,14 @@ step (autocast forward and loss, backward, optimizer step) can be captured once 
     step = GraphedTrainStep(model, optimizer, imgs, noise, mask_ratio=0.75, dtype=torch.bfloat16)
     loss = step(imgs, noise)    # copies the batch into the captured buffers, replays; returns the loss tensor
 
+With gradient accumulation (`accum_iter=K`, the official recipe's `--accum_iter`) the step is two graphs: a
+micro-step (forward, loss, and the backward of loss / K, added in place to gradients that live outside the
+graphs) replayed on every batch, and the update (`optimizer.step()`, then the gradients zeroed in place) replayed
+after the K-th:
+
+    step = GraphedTrainStep(model, optimizer, imgs, noise, mask_ratio=0.75, accum_iter=4)
+    loss = step(imgs, noise, update=(i + 1) % 4 == 0)
+
 What it needs (`graph_step_reason` says which is missing): a CUDA device; an optimizer whose step can be
 captured (torch's Adam/AdamW with `capturable=True`, e.g. `build_optimizer(..., capturable=True)`); no
 GradScaler (bf16 or fp32: a scaled step reads its inf check on the host); the same batch shape every call.
@@ -17,7 +25,9 @@ call.
 
 Capture follows PyTorch's whole-network recipe: `warmup` ordinary steps on a side stream (compiling kernels,
 creating the optimizer's state), gradients set to None so the captured backward allocates them in the graph's
-memory pool (each replay writes them afresh: no zeroing needed), then the capture. The warm-up steps train, so
+memory pool (each replay writes them afresh: no zeroing needed), then the capture. (With accumulation the
+gradients are instead zero tensors made before the warm-up, which the captured backward adds to, as autograd
+does to a gradient that exists.) The warm-up steps train, so
 the model's weights and the optimizer's state are snapshotted before them and restored after the capture: the
 first replay is the model's next step, exactly as the eager step would be (the snapshot is kept in host
 memory, so it adds nothing to the GPU's peak). The autocast weight-cast cache is off inside the graph (it is
@@ -27,7 +37,7 @@ this thread captures.
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -68,6 +78,15 @@ def capture(work: Callable[[], T], device: torch.device, warmup: int = 3,
 
     The capture runs on a capture stream of `device` (torch's default one is made once, on whichever device came
     first) in thread-local error mode: a data loader's pin-memory thread keeps calling CUDA meanwhile."""
+    graphs, out = capture_in_turn([work], device, warmup, before_capture)
+    return graphs[0], out
+
+
+def capture_in_turn(works: Sequence[Callable[[], object]], device: torch.device, warmup: int = 3,
+                    before_capture: Callable[[], None] | None = None) -> tuple[list[torch.cuda.CUDAGraph], object]:
+    """`capture` for work done in turns that are replayed separately (a training step's micro-step and its
+    update): each warm-up call runs every one of `works` in order, then each is captured in a graph of its own, in
+    the same order. Returns the graphs and what the first captured call returned."""
     with torch.cuda.device(device):
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -75,22 +94,26 @@ def capture(work: Callable[[], T], device: torch.device, warmup: int = 3,
         try:
             with torch.cuda.stream(side):
                 for _ in range(warmup):
-                    work()
+                    for work in works:
+                        work()
         finally:
             current.wait_stream(side)
         if before_capture is not None:
             before_capture()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
-                out = work()
-        except Exception as exc:
-            text = str(exc).strip()
-            raise GraphCaptureError(f"could not be captured in a CUDA graph ({type(exc).__name__}: "
-                                    f"{text.splitlines()[0] if text else ''})") from exc
-        finally:  # a failed capture leaves torch's graph context before it restores the stream
-            torch.cuda.set_stream(current)
-    return graph, out
+        graphs, outs = [], []
+        for work in works:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                    outs.append(work())
+            except Exception as exc:
+                text = str(exc).strip()
+                raise GraphCaptureError(f"could not be captured in a CUDA graph ({type(exc).__name__}: "
+                                        f"{text.splitlines()[0] if text else ''})") from exc
+            finally:  # a failed capture leaves torch's graph context before it restores the stream
+                torch.cuda.set_stream(current)
+            graphs.append(graph)
+    return graphs, outs[0]
 
 
 def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -113,18 +136,25 @@ def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer:
 
 class GraphedTrainStep:
     """Forward (`model(imgs, mask_ratio, noise=noise)`), loss, backward and `optimizer.step()`, captured once in a
-    CUDA graph at construction and replayed by each call; see the module docstring."""
+    CUDA graph at construction and replayed by each call; with `accum_iter` K > 1, the backward of loss / K added
+    to the gradients on every call, and the optimizer's step (then the gradients zeroed) on calls with
+    `update=True`. See the module docstring."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
-                 noise: torch.Tensor, mask_ratio: float, dtype: torch.dtype = torch.float32, warmup: int = 3):
+                 noise: torch.Tensor, mask_ratio: float, dtype: torch.dtype = torch.float32, warmup: int = 3,
+                 accum_iter: int = 1):
         device = imgs.device
         why = graph_step_reason(device, optimizer, dtype)
         if why:
             raise RuntimeError(f"cannot capture the training step: {why}")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the optimizer's state is created by a real step), got {warmup}")
+        if int(accum_iter) != accum_iter or accum_iter < 1:
+            raise ValueError(f"accum_iter must be a positive integer, got {accum_iter}")
         self.model, self.optimizer = model, optimizer
         self.mask_ratio, self.dtype, self.device = float(mask_ratio), dtype, device
+        self.accum_iter = int(accum_iter)
+        self.update_graph: torch.cuda.CUDAGraph | None = None
         before = [g["lr"] for g in optimizer.param_groups]
         use_tensor_lr(optimizer)  # the graph reads each group's rate from a tensor: see `_sync_lr`
         self.lrs = [g["lr"] for g in optimizer.param_groups]
@@ -149,8 +179,18 @@ class GraphedTrainStep:
             optimizer.zero_grad(set_to_none=True)  # a host-side reset: nothing of it is captured
             return self._work()
 
-        try:  # gradients None before the capture: the captured backward allocates them in the graph's pool
-            self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
+        try:
+            if self.accum_iter == 1:  # gradients None before the capture: the backward allocates them in its pool
+                self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
+            else:
+                # gradients that outlive every replay, made here (not in a graph's pool) on the current stream:
+                # the captured backward adds to them in place, the captured update reads and zeroes them
+                with torch.no_grad():
+                    for p in params:
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p)
+                (self.graph, self.update_graph), self.loss = capture_in_turn(
+                    [self._micro_step, self._update], device, warmup)
         except Exception as exc:  # the warm-up's or the capture's: the model is left as it came, either way
             try:
                 optimizer.zero_grad(set_to_none=True)
@@ -162,6 +202,7 @@ class GraphedTrainStep:
                 raise GraphCaptureError(f"the training step {exc}; {left}") from exc.__cause__
             raise
         _restore(params, weights, optimizer, state)  # in place: the graph holds these tensors' addresses
+        self.reset_accumulation()
 
     def _work(self) -> torch.Tensor:
         with autocast(self.device, self.dtype, cache_enabled=False):
@@ -169,6 +210,28 @@ class GraphedTrainStep:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def _micro_step(self) -> torch.Tensor:
+        """With accumulation: forward, loss, and the backward of loss / K into the gradients (in place: they exist);
+        returns the loss itself, as the eager loop logs it."""
+        with autocast(self.device, self.dtype, cache_enabled=False):
+            loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
+        (loss / self.accum_iter).backward()
+        return loss.detach()
+
+    def _update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)  # in place: the micro-step's graph holds their addresses
+
+    def reset_accumulation(self) -> None:
+        """Drop what the micro-steps since the last update added to the gradients (the eager loop's `zero_grad` at
+        an epoch's start, whose last accumulation was cut short); nothing to do without accumulation."""
+        if self.accum_iter > 1:
+            with torch.no_grad():
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.zero_()
 
     def _sync_lr(self) -> None:
         """The rates the graph reads are the tensors each group held at capture. A schedule that fills them in place
@@ -180,9 +243,13 @@ class GraphedTrainStep:
                     lr.fill_(float(group["lr"]))
                 group["lr"] = lr
 
-    def __call__(self, imgs: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One training step on this batch (None: the batch already in the captured buffers). Returns the loss,
-        a tensor the next call overwrites."""
+    def __call__(self, imgs: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 update: bool = True) -> torch.Tensor:
+        """One training step on this batch (None: the batch already in the captured buffers); with accumulation,
+        one micro-step, followed by the optimizer's step where `update`. Returns the loss, a tensor the next call
+        overwrites."""
+        if not update and self.accum_iter == 1:
+            raise ValueError("a step captured with accum_iter=1 updates the weights on every call (update=True)")
         for buf, new, name in ((self.imgs, imgs, "imgs"), (self.noise, noise, "noise")):
             if new is None:
                 continue
@@ -192,6 +259,8 @@ class GraphedTrainStep:
         self._sync_lr()
         with torch.cuda.device(self.device):
             self.graph.replay()
+            if update and self.update_graph is not None:
+                self.update_graph.replay()
         return self.loss
 
 
@@ -202,15 +271,22 @@ class GraphOnFirstBatch:
     the graph's buffers on `device`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, accum_iter: int = 1):
         self.model, self.optimizer, self.mask_ratio, self.dtype = model, optimizer, mask_ratio, dtype
         self.device = None if device is None else torch.device(device)
+        self.accum_iter = accum_iter
         self.step: GraphedTrainStep | None = None
 
-    def __call__(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def __call__(self, imgs: torch.Tensor, noise: torch.Tensor, update: bool = True) -> torch.Tensor:
         if self.step is None:
             device = self.device or imgs.device
             self.step = GraphedTrainStep(self.model, self.optimizer, imgs.to(device, non_blocking=True),
-                                         noise.to(device, non_blocking=True), self.mask_ratio, self.dtype)
-            return self.step()  # its buffers hold this batch already
-        return self.step(imgs, noise)
+                                         noise.to(device, non_blocking=True), self.mask_ratio, self.dtype,
+                                         accum_iter=self.accum_iter)
+            return self.step(update=update)  # its buffers hold this batch already
+        return self.step(imgs, noise, update)
+
+    def reset_accumulation(self) -> None:
+        """`GraphedTrainStep.reset_accumulation`, once the step is captured."""
+        if self.step is not None:
+            self.step.reset_accumulation()

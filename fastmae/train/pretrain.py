@@ -112,7 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--cuda_graph", action="store_true",
                    help="capture the whole training step (forward, loss, backward, AdamW) in a CUDA graph once and "
                         "replay it every iteration: the host issues one launch instead of thousands, for steps "
-                        "the host bounds. One process, CUDA, --precision bf16 or fp32, --accum_iter 1, no "
+                        "the host bounds (with --accum_iter K: the micro-step replayed on every batch, the "
+                        "optimizer's step after every K-th). One process, CUDA, --precision bf16 or fp32, no "
                         "--compile; the lr schedule is read from the GPU at every replay")
     f.add_argument("--max_steps", default=0, type=int,
                    help="stop after this many optimizer steps in total (0: no limit); saves checkpoint-last.pth")
@@ -194,11 +195,9 @@ def _check_args(args) -> None:
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.cuda_graph:
-        for bad, why in ((args.accum_iter != 1, f"--accum_iter {args.accum_iter}: the graph holds one optimizer "
-                                                  "step per iteration; use --accum_iter 1"),
-                         (args.compile, "--compile: the graph replaces the compiled model's launches; use one")):
-            if bad:
-                raise ValueError(f"--cuda_graph does not combine with {why}")
+        if args.compile:
+            raise ValueError("--cuda_graph does not combine with --compile: the graph replaces the compiled model's "
+                             "launches; use one")
     check_device(args.device)
     parse_backend(args.backend)
 
@@ -301,7 +300,7 @@ def train(args) -> PretrainResult:
         graph = None
         if args.cuda_graph:
             graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32,
-                                      device)
+                                      device, accum_iter=args.accum_iter)
         if info.distributed:
             ids = [info.local_rank] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

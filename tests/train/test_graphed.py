@@ -58,7 +58,9 @@ def test_reasons():
 class StepGraphs(FakeGraphs):
     """`FakeGraphs` for a GraphedTrainStep (the capture runs the work once, eagerly, and the step undoes it, as it
     undoes the warm-up): a replay runs the step's work again, gradients first set to None (a replayed backward
-    writes them afresh), and writes the loss into the captured one. The step's own device check passes."""
+    writes them afresh), and writes the loss into the captured one; with accumulation, a replay of the micro-step
+    runs it again (adding to the gradients) and one of the update graph runs the update. The step's own device
+    check passes."""
 
     def __init__(self, monkeypatch):
         super().__init__(monkeypatch, on_replay=self._replay)
@@ -73,9 +75,16 @@ class StepGraphs(FakeGraphs):
 
         monkeypatch.setattr(graphed.GraphedTrainStep, "__init__", init_and_register)
 
-    def _replay(self):
-        self.step.optimizer.zero_grad(set_to_none=True)
-        self.step.loss.copy_(self.step._work())
+    def _replay(self, graph):
+        step = self.step
+        if step.accum_iter == 1:
+            step.optimizer.zero_grad(set_to_none=True)
+            step.loss.copy_(step._work())
+        elif graph is step.update_graph:
+            step._update()
+        else:
+            assert graph is step.graph
+            step.loss.copy_(step._micro_step())
 
 
 def test_capture_flow_matches_eager_steps(monkeypatch):
@@ -115,6 +124,77 @@ def test_capture_keeps_an_existing_optimizer_state(monkeypatch):
     got = [step(imgs, noise).clone() for imgs, noise in batches]
     for i, (g, e) in enumerate(zip(got, expected)):
         assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 3}")
+
+
+def _eager_accumulated(model, opt, batches, accum, updates):
+    """Eager micro-steps as the pretraining loop runs them: the backward of loss / accum into the gradients, and
+    where `updates` says so the optimizer's step, then the gradients set to None. Returns the losses."""
+    losses = []
+    for (imgs, noise), update in zip(batches, updates):
+        loss = model(imgs, 0.75, noise=noise)[0]
+        (loss / accum).backward()
+        if update:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().clone())
+    return losses
+
+
+def test_accumulating_capture_matches_eager_accumulation(monkeypatch):
+    """`accum_iter=2`: a micro-step replayed per batch, the update after every second, over four batches: the
+    losses and weights of eager accumulation (fp32, within 1e-6); the first replay is the model's first
+    micro-step (the warm-up and the captures undone, the gradients zero)."""
+    model, opt, batches = _setup("cpu")
+    batches = batches + batches[:1]
+    updates = [False, True, False, True]
+    expected = _eager_accumulated(model, opt, batches, 2, updates)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    fake = StepGraphs(monkeypatch)
+    model, opt, batches = _setup("cpu")
+    batches = batches + batches[:1]
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=2)
+    assert fake.captures == 2 and step.update_graph is not None
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    assert all(not p.grad.any() for p in model.parameters() if p.requires_grad)
+    got = [step(imgs, noise, update).clone() for (imgs, noise), update in zip(batches, updates)]
+    assert fake.replays == 6  # four micro-steps, two updates
+    assert all(float(s["step"]) == 2 for s in opt.state.values())
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-6, 1e-6, f"loss of micro-step {i + 1}")
+    for n, p in model.named_parameters():
+        assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n} after two updates")
+        assert not p.requires_grad or not p.grad.any(), n  # zeroed in place by the update
+
+
+def test_reset_accumulation_drops_an_unfinished_accumulation(monkeypatch):
+    """A micro-step whose accumulation is cut short (an epoch's last iterations) is dropped by
+    `reset_accumulation`, as the eager loop's zero_grad at the next epoch drops it; a step captured without
+    accumulation refuses calls that do not update."""
+    model, opt, batches = _setup("cpu")
+    _eager_accumulated(model, opt, batches[:1], 2, [False])
+    opt.zero_grad(set_to_none=True)
+    expected = _eager_accumulated(model, opt, batches[1:], 2, [False, True])
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    StepGraphs(monkeypatch)
+    model, opt, batches = _setup("cpu")
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=2)
+    step(*batches[0], update=False)
+    assert any(p.grad.any() for p in model.parameters() if p.requires_grad)
+    step.reset_accumulation()
+    got = [step(*batches[1], update=False).clone(), step(*batches[2], update=True).clone()]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-6, 1e-6, f"loss of micro-step {i + 1}")
+    for n, p in model.named_parameters():
+        assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n}")
+
+    model, opt, batches = _setup("cpu")
+    single = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75)
+    with pytest.raises(ValueError, match="updates the weights on every call"):
+        single(*batches[0], update=False)
+    with pytest.raises(ValueError, match="accum_iter must be a positive integer"):
+        GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=0)
 
 
 def test_replays_follow_assigned_rates(monkeypatch):
@@ -270,8 +350,27 @@ def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
     assert not any(g["capturable"] for g in b["optimizer"]["param_groups"])
 
 
+def test_pretrain_cuda_graph_accumulates_as_eager(monkeypatch, tmp_path):
+    """`fastmae pretrain --cuda_graph --accum_iter 3` (stand-in graphs): 4 iterations per epoch, so one update
+    per epoch and one micro-step each epoch whose accumulation is dropped, as the eager loop drops it: the eager
+    run's losses and final weights (fp32, within 1e-5)."""
+    from fastmae.train.pretrain import train
+
+    from .common import pretrain_args
+
+    eager = train(pretrain_args(tmp_path / "eager", "--adamw", "fused", "--accum_iter", "3"))
+    fake = StepGraphs(monkeypatch)
+    graph = train(pretrain_args(tmp_path / "graph", "--adamw", "fused", "--accum_iter", "3", "--cuda_graph"))
+    assert fake.captures == 2 and fake.replays == 8 + 2  # 8 micro-steps, 2 updates
+    assert graph.step == eager.step == 2
+    assert graph.losses == pytest.approx(eager.losses, rel=1e-5)
+    a = torch.load(tmp_path / "eager" / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(tmp_path / "graph" / "checkpoint-last.pth", weights_only=True)
+    for name, w in a["model"].items():
+        assert_close(b["model"][name], w, 1e-5, 1e-5, name)
+
+
 @pytest.mark.parametrize("extra, message", [
-    (("--accum_iter", "2"), "--cuda_graph does not combine with --accum_iter 2"),
     (("--compile",), "--cuda_graph does not combine with --compile"),
     ((), "--cuda_graph: CUDA graphs need a CUDA device, not cpu"),
 ])
@@ -324,6 +423,29 @@ def test_graph_step_matches_eager_on_cuda(backend, impl, dtype):
         assert_close(g, e, tol, tol, f"loss of step {i + 1}")
     for n, p in model.named_parameters():
         assert_close(p.detach(), weights[n], tol, tol, f"weight {n} after three steps")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+@pytest.mark.parametrize("backend, impl", [("sdpa", "foreach"), ("triton", "fused")])
+def test_accumulating_graph_step_matches_eager_on_cuda(backend, impl):
+    """`accum_iter=2` on a GPU (fp32): the micro-step's captured backward adds to the gradients in place and the
+    update graph steps and zeroes them: four micro-steps' losses and the weights after two updates within 1e-4."""
+    device = torch.device("cuda")
+    model, opt, batches = _setup(device, backend, capturable=True, impl=impl)
+    batches = batches + batches[:1]
+    updates = [False, True, False, True]
+    expected = _eager_accumulated(model, opt, batches, 2, updates)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, opt, batches = _setup(device, backend, capturable=True, impl=impl)
+    batches = batches + batches[:1]
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=2)
+    got = [step(imgs, noise, update).clone() for (imgs, noise), update in zip(batches, updates)]
+    torch.cuda.synchronize()
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-4, 1e-4, f"loss of micro-step {i + 1}")
+    for n, p in model.named_parameters():
+        assert_close(p.detach(), weights[n], 1e-4, 1e-4, f"weight {n} after two updates")
 
 
 @pytest.mark.gpu

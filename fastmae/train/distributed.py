@@ -70,6 +70,14 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def broadcast_state(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, in place (what DistributedDataParallel does when it wraps a
+    model; for a model trained without the wrapper)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t, 0)
+
+
 def all_reduce_mean(values: list[float], info: DistInfo, device) -> list[float]:
     """The mean over ranks of each number (a no-op on one process)."""
     if not info.distributed:

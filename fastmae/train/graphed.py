@@ -16,6 +16,11 @@ after the K-th:
     step = GraphedTrainStep(model, optimizer, imgs, noise, mask_ratio=0.75, accum_iter=4)
     loss = step(imgs, noise, update=(i + 1) % 4 == 0)
 
+Across processes (`torch.distributed` initialised with more than one, e.g. under torchrun) the step takes the
+same two-graph form, its gradients in one flat buffer per dtype, averaged over the ranks by one eager
+all-reduce between the last micro-step and the update: DistributedDataParallel's gradient sync, without its
+hooks in the graph (the model is not wrapped; its weights are broadcast from rank 0 instead, as DDP does).
+
 What it needs (`graph_step_reason` says which is missing): a CUDA device; an optimizer whose step can be
 captured (torch's Adam/AdamW with `capturable=True`, e.g. `build_optimizer(..., capturable=True)`); no
 GradScaler (bf16 or fp32: a scaled step reads its inf check on the host); the same batch shape every call.
@@ -40,6 +45,7 @@ from __future__ import annotations
 from typing import Callable, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from .engine import autocast
 from .optim import use_tensor_lr
@@ -116,6 +122,24 @@ def capture_in_turn(works: Sequence[Callable[[], object]], device: torch.device,
     return graphs, outs[0]
 
 
+def _flat_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero gradients for `params` as views of one contiguous buffer per (device, dtype), which are returned: one
+    all-reduce each averages them all, one fill zeroes them."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    flats = []
+    with torch.no_grad():
+        for (device, dtype), ps in groups.items():
+            flat = torch.zeros(sum(p.numel() for p in ps), device=device, dtype=dtype)
+            offset = 0
+            for p in ps:
+                p.grad = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            flats.append(flat)
+    return flats
+
+
 def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer: torch.optim.Optimizer,
              state: dict) -> None:
     """Undo the warm-up steps in place: the weights and optimizer state copied to the host before them, and zeros
@@ -142,7 +166,7 @@ class GraphedTrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                  noise: torch.Tensor, mask_ratio: float, dtype: torch.dtype = torch.float32, warmup: int = 3,
-                 accum_iter: int = 1):
+                 accum_iter: int = 1, distributed: bool | None = None):
         device = imgs.device
         why = graph_step_reason(device, optimizer, dtype)
         if why:
@@ -154,7 +178,11 @@ class GraphedTrainStep:
         self.model, self.optimizer = model, optimizer
         self.mask_ratio, self.dtype, self.device = float(mask_ratio), dtype, device
         self.accum_iter = int(accum_iter)
+        if distributed is None:  # a process group of more than one process: gradients averaged over it
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.distributed = bool(distributed)
         self.update_graph: torch.cuda.CUDAGraph | None = None
+        self.flat_grads: list[torch.Tensor] = []
         before = [g["lr"] for g in optimizer.param_groups]
         use_tensor_lr(optimizer)  # the graph reads each group's rate from a tensor: see `_sync_lr`
         self.lrs = [g["lr"] for g in optimizer.param_groups]
@@ -180,15 +208,13 @@ class GraphedTrainStep:
             return self._work()
 
         try:
-            if self.accum_iter == 1:  # gradients None before the capture: the backward allocates them in its pool
+            if self.accum_iter == 1 and not self.distributed:
+                # gradients None before the capture: the captured backward allocates them in the graph's pool
                 self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
             else:
                 # gradients that outlive every replay, made here (not in a graph's pool) on the current stream:
                 # the captured backward adds to them in place, the captured update reads and zeroes them
-                with torch.no_grad():
-                    for p in params:
-                        if p.requires_grad:
-                            p.grad = torch.zeros_like(p)
+                self.flat_grads = _flat_gradients([p for p in params if p.requires_grad])
                 (self.graph, self.update_graph), self.loss = capture_in_turn(
                     [self._micro_step, self._update], device, warmup)
         except Exception as exc:  # the warm-up's or the capture's: the model is left as it came, either way
@@ -219,19 +245,24 @@ class GraphedTrainStep:
         (loss / self.accum_iter).backward()
         return loss.detach()
 
+    def _average_gradients(self) -> None:
+        """The gradients' mean over the ranks (eager, between the last micro-step and the update): one all-reduce
+        per flat buffer, as DistributedDataParallel's sync computes it."""
+        world = dist.get_world_size()
+        for flat in self.flat_grads:
+            dist.all_reduce(flat)
+            flat.div_(world)
+
     def _update(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)  # in place: the micro-step's graph holds their addresses
 
     def reset_accumulation(self) -> None:
         """Drop what the micro-steps since the last update added to the gradients (the eager loop's `zero_grad` at
-        an epoch's start, whose last accumulation was cut short); nothing to do without accumulation."""
-        if self.accum_iter > 1:
-            with torch.no_grad():
-                for group in self.optimizer.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.zero_()
+        an epoch's start, whose last accumulation was cut short); nothing to do with the single graph."""
+        with torch.no_grad():
+            for flat in self.flat_grads:
+                flat.zero_()
 
     def _sync_lr(self) -> None:
         """The rates the graph reads are the tensors each group held at capture. A schedule that fills them in place
@@ -260,6 +291,8 @@ class GraphedTrainStep:
         with torch.cuda.device(self.device):
             self.graph.replay()
             if update and self.update_graph is not None:
+                if self.distributed:
+                    self._average_gradients()
                 self.update_graph.replay()
         return self.loss
 
@@ -271,10 +304,11 @@ class GraphOnFirstBatch:
     the graph's buffers on `device`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, accum_iter: int = 1):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, accum_iter: int = 1,
+                 distributed: bool | None = None):
         self.model, self.optimizer, self.mask_ratio, self.dtype = model, optimizer, mask_ratio, dtype
         self.device = None if device is None else torch.device(device)
-        self.accum_iter = accum_iter
+        self.accum_iter, self.distributed = accum_iter, distributed
         self.step: GraphedTrainStep | None = None
 
     def __call__(self, imgs: torch.Tensor, noise: torch.Tensor, update: bool = True) -> torch.Tensor:
@@ -282,7 +316,7 @@ class GraphOnFirstBatch:
             device = self.device or imgs.device
             self.step = GraphedTrainStep(self.model, self.optimizer, imgs.to(device, non_blocking=True),
                                          noise.to(device, non_blocking=True), self.mask_ratio, self.dtype,
-                                         accum_iter=self.accum_iter)
+                                         accum_iter=self.accum_iter, distributed=self.distributed)
             return self.step(update=update)  # its buffers hold this batch already
         return self.step(imgs, noise, update)
 

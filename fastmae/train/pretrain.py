@@ -113,8 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="capture the whole training step (forward, loss, backward, AdamW) in a CUDA graph once and "
                         "replay it every iteration: the host issues one launch instead of thousands, for steps "
                         "the host bounds (with --accum_iter K: the micro-step replayed on every batch, the "
-                        "optimizer's step after every K-th). One process, CUDA, --precision bf16 or fp32, no "
-                        "--compile; the lr schedule is read from the GPU at every replay")
+                        "optimizer's step after every K-th; across processes, the gradients averaged by one "
+                        "all-reduce before it). CUDA, --precision bf16 or fp32, no --compile; the lr schedule is "
+                        "read from the GPU at every replay")
     f.add_argument("--max_steps", default=0, type=int,
                    help="stop after this many optimizer steps in total (0: no limit); saves checkpoint-last.pth")
     f.add_argument("--save_every", default=20, type=int,
@@ -209,7 +210,7 @@ def train(args) -> PretrainResult:
     from ..cli import check_mask_ratio
     from . import checkpoint as ckpt_io
     from .data import PretrainDataset, open_dataset, pretrain_loader
-    from .distributed import barrier, cleanup, init_distributed
+    from .distributed import barrier, broadcast_state, cleanup, init_distributed
     from .engine import PRECISIONS, RunState, Schedule, make_scaler, train_one_epoch
     from .graphed import GraphOnFirstBatch
     from .logs import RunLogger, plot_loss_curve
@@ -226,7 +227,7 @@ def train(args) -> PretrainResult:
         args.distributed = info.distributed
         precision = resolve_precision(args.precision, device)
         if args.cuda_graph:
-            _check_cuda_graph(device, precision, info.world_size)
+            _check_cuda_graph(device, precision)
         say = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
         if args.output_dir and info.is_main:
             for stale in ckpt_io.remove_stale_temp_files(args.output_dir):
@@ -301,9 +302,11 @@ def train(args) -> PretrainResult:
         if args.cuda_graph:
             graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32,
                                       device, accum_iter=args.accum_iter)
-        if info.distributed:
+        if info.distributed and graph is None:
             ids = [info.local_rank] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        elif info.distributed:  # the graph replays the model itself and averages its gradients over the ranks
+            broadcast_state(model)
         train_model = torch.compile(model) if args.compile else model
 
         sched = Schedule(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
@@ -387,14 +390,11 @@ def _check_backends_serve(model, device: torch.device, precision: str, mask_rati
         model(imgs, mask_ratio, noise=noise)
 
 
-def _check_cuda_graph(device: torch.device, precision: str, world_size: int) -> None:
+def _check_cuda_graph(device: torch.device, precision: str) -> None:
     """--cuda_graph's needs that depend on the device and the resolved precision."""
     from .engine import PRECISIONS
     from .graphed import graph_step_reason
     why = graph_step_reason(device, None, PRECISIONS[precision] or torch.float32)
-    if why is None and world_size > 1:
-        why = (f"it runs in one process ({world_size} here): DistributedDataParallel's gradient all-reduce is not "
-               "captured")
     if why:
         raise ValueError(f"--cuda_graph: {why}")
 

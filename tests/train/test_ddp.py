@@ -14,27 +14,30 @@ from fastmae.train.logs import read_step_log
 from fastmae.train.pretrain import train
 
 from .common import assert_same_weights, pretrain_args
+from .test_graphed import StepGraphs
 
 TIMEOUT_S = 150
 
 
-def _worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, out_dir: str, graphed: bool = False) -> None:
     torch.set_num_threads(1)
     # ranks as torchrun sets them; the group meets through a file, not a TCP port another process could take
     # between choosing it and binding it
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    result = train(pretrain_args(out_dir, "--batch_size", "8", "--dist_url", rendezvous))
+    extra = ("--adamw", "fused", "--cuda_graph") if graphed else ()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fake = StepGraphs(monkeypatch) if graphed else None  # stand-in graph calls on the CPU
+        result = train(pretrain_args(out_dir, "--batch_size", "8", "--dist_url", rendezvous, *extra))
     assert result.step == 8, result.step
+    if fake is not None:  # a micro-step and an update per iteration, the model unwrapped (no DDP hooks)
+        assert fake.captures == 2 and fake.replays == 16, (fake.captures, fake.replays)
+        assert fake.step.distributed and len(fake.step.flat_grads) == 1
     assert not dist.is_initialized(), "the process group must be torn down at the end"
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
-def test_two_process_gloo_matches_one_process(tmp_path):
-    one = tmp_path / "one"
-    ref = train(pretrain_args(one, "--batch_size", "16"))
-    two = tmp_path / "two"
-    rendezvous = (tmp_path / "rendezvous").as_uri()
-    ctx = mp.start_processes(_worker, args=(2, rendezvous, str(two)), nprocs=2, join=False,
+def _run_two(tmp_path, out_dir, graphed: bool = False) -> None:
+    rendezvous = (tmp_path / f"rendezvous-{out_dir.name}").as_uri()
+    ctx = mp.start_processes(_worker, args=(2, rendezvous, str(out_dir), graphed), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.time() + TIMEOUT_S
     while not ctx.join(timeout=2):
@@ -42,6 +45,14 @@ def test_two_process_gloo_matches_one_process(tmp_path):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the 2-process run did not finish in {TIMEOUT_S} s")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_two_process_gloo_matches_one_process(tmp_path):
+    one = tmp_path / "one"
+    ref = train(pretrain_args(one, "--batch_size", "16"))
+    two = tmp_path / "two"
+    _run_two(tmp_path, two)
 
     # only rank 0 wrote files, and the lr used the world size (effective batch 16 either way)
     a, b = read_step_log(one), read_step_log(two)
@@ -55,3 +66,22 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     assert ck2["args"]["lr"] == pytest.approx(ck1["args"]["lr"])
     assert_same_weights(ck2["model"], ck1["model"], lr=ck1["args"]["lr"], steps=8, atol=2e-5, rtol=1e-4)
     assert len(ref.losses) == 8
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_two_process_cuda_graph_matches_one_process(tmp_path):
+    """`--cuda_graph` across two processes (stand-in graph calls, gloo): the step averages its gradients with one
+    all-reduce between the micro-step and the update, on the model itself; the same losses and weights as one
+    process with the whole batch (fused AdamW in both)."""
+    one = tmp_path / "one"
+    train(pretrain_args(one, "--batch_size", "16", "--adamw", "fused"))
+    two = tmp_path / "two"
+    _run_two(tmp_path, two, graphed=True)
+    a, b = read_step_log(one), read_step_log(two)
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        assert (x["epoch"], x["iter"], x["step"]) == (y["epoch"], y["iter"], y["step"])
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x, y)
+    ck1, ck2 = read_checkpoint(one / "checkpoint-last.pth"), read_checkpoint(two / "checkpoint-last.pth")
+    assert ck2["args"]["world_size"] == 2 and ck2["args"]["cuda_graph"]
+    assert_same_weights(ck2["model"], ck1["model"], lr=ck1["args"]["lr"], steps=8, atol=2e-5, rtol=1e-4)

@@ -58,8 +58,9 @@ def test_reasons():
 class StepGraphs(FakeGraphs):
     """`FakeGraphs` for a GraphedTrainStep (the capture runs the work once, eagerly, and the step undoes it, as it
     undoes the warm-up): a replay runs the step's work again, gradients first set to None (a replayed backward
-    writes them afresh), and writes the loss into the captured one; with accumulation, a replay of the micro-step
-    runs it again (adding to the gradients) and one of the update graph runs the update. The step's own device
+    writes them afresh), and writes the loss into the captured one; in the two-graph form (accumulation, several
+    processes), a replay of the micro-step runs it again (adding to the gradients) and one of the update graph
+    runs the update. The step's own device
     check passes."""
 
     def __init__(self, monkeypatch):
@@ -77,7 +78,7 @@ class StepGraphs(FakeGraphs):
 
     def _replay(self, graph):
         step = self.step
-        if step.accum_iter == 1:
+        if step.update_graph is None:  # the single graph
             step.optimizer.zero_grad(set_to_none=True)
             step.loss.copy_(step._work())
         elif graph is step.update_graph:

@@ -30,12 +30,11 @@ call.
 
 Capture follows PyTorch's whole-network recipe: `warmup` ordinary steps on a side stream (compiling kernels,
 creating the optimizer's state), gradients set to None so the captured backward allocates them in the graph's
-memory pool (each replay writes them afresh: no zeroing needed), then the capture. (With accumulation the
+memory pool (each replay writes them afresh: no zeroing needed), then the capture. (In the two-graph form the
 gradients are instead zero tensors made before the warm-up, which the captured backward adds to, as autograd
-does to a gradient that exists.) The warm-up steps train, so
-the model's weights and the optimizer's state are snapshotted before them and restored after the capture: the
-first replay is the model's next step, exactly as the eager step would be (the snapshot is kept in host
-memory, so it adds nothing to the GPU's peak). The autocast weight-cast cache is off inside the graph (it is
+does to a gradient that exists.) The warm-up steps train, so the model's weights and the optimizer's state are
+snapshotted before them and restored after the capture: the first replay is the model's next step, exactly as
+the eager step would be (the snapshot is kept in host memory, so it adds nothing to the GPU's peak). The autocast weight-cast cache is off inside the graph (it is
 not capture-safe), as the encoder benchmark's graphs do. Capture and replay run on the batch's GPU, with a
 capture stream of that GPU, in thread-local error mode: a data loader's pin-memory thread may call CUDA while
 this thread captures.
@@ -162,7 +161,8 @@ class GraphedTrainStep:
     """Forward (`model(imgs, mask_ratio, noise=noise)`), loss, backward and `optimizer.step()`, captured once in a
     CUDA graph at construction and replayed by each call; with `accum_iter` K > 1, the backward of loss / K added
     to the gradients on every call, and the optimizer's step (then the gradients zeroed) on calls with
-    `update=True`. See the module docstring."""
+    `update=True`; with `distributed` (None: whether a process group of more than one process is initialised),
+    the gradients averaged over the ranks before that step. See the module docstring."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                  noise: torch.Tensor, mask_ratio: float, dtype: torch.dtype = torch.float32, warmup: int = 3,

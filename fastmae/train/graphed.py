@@ -34,8 +34,9 @@ memory pool (each replay writes them afresh: no zeroing needed), then the captur
 gradients are instead zero tensors made before the warm-up, which the captured backward adds to, as autograd
 does to a gradient that exists.) The warm-up steps train, so the model's weights and the optimizer's state are
 snapshotted before them and restored after the capture: the first replay is the model's next step, exactly as
-the eager step would be (the snapshot is kept in host memory, so it adds nothing to the GPU's peak). The autocast weight-cast cache is off inside the graph (it is
-not capture-safe), as the encoder benchmark's graphs do. Capture and replay run on the batch's GPU, with a
+the eager step would be (the snapshot is kept in host memory, so it adds nothing to the GPU's peak). The
+autocast weight-cast cache is off inside the graph (it is not capture-safe), as the encoder benchmark's graphs
+do. Capture and replay run on the batch's GPU, with a
 capture stream of that GPU, in thread-local error mode: a data loader's pin-memory thread may call CUDA while
 this thread captures.
 """
@@ -180,6 +181,8 @@ class GraphedTrainStep:
         self.accum_iter = int(accum_iter)
         if distributed is None:  # a process group of more than one process: gradients averaged over it
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.distributed = bool(distributed)
         self.update_graph: torch.cuda.CUDAGraph | None = None
         self.flat_grads: list[torch.Tensor] = []
@@ -238,8 +241,8 @@ class GraphedTrainStep:
         return loss.detach()
 
     def _micro_step(self) -> torch.Tensor:
-        """With accumulation: forward, loss, and the backward of loss / K into the gradients (in place: they exist);
-        returns the loss itself, as the eager loop logs it."""
+        """The two-graph form's micro-step: forward, loss, and the backward of loss / K into the gradients (in
+        place: they exist); returns the loss itself, as the eager loop logs it."""
         with autocast(self.device, self.dtype, cache_enabled=False):
             loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
         (loss / self.accum_iter).backward()
@@ -276,9 +279,9 @@ class GraphedTrainStep:
 
     def __call__(self, imgs: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  update: bool = True) -> torch.Tensor:
-        """One training step on this batch (None: the batch already in the captured buffers); with accumulation,
-        one micro-step, followed by the optimizer's step where `update`. Returns the loss, a tensor the next call
-        overwrites."""
+        """One training step on this batch (None: the batch already in the captured buffers); in the two-graph
+        form, one micro-step, followed by the optimizer's step where `update`. Returns the loss, a tensor the next
+        call overwrites."""
         if not update and self.accum_iter == 1:
             raise ValueError("a step captured with accum_iter=1 updates the weights on every call (update=True)")
         for buf, new, name in ((self.imgs, imgs, "imgs"), (self.noise, noise, "noise")):

@@ -196,6 +196,8 @@ def test_reset_accumulation_drops_an_unfinished_accumulation(monkeypatch):
         single(*batches[0], update=False)
     with pytest.raises(ValueError, match="accum_iter must be a positive integer"):
         GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=0)
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, distributed=True)
 
 
 def test_replays_follow_assigned_rates(monkeypatch):

@@ -12,9 +12,10 @@ Exact semantics: the docstrings of `fastmae.ops.reference`. What the kernels do 
 - `gather_tokens` writes the class token row (`cls_token + pos_embed[0, 0]`) and the K kept rows
   (`x[n, ids_keep[n, j]] + pos_embed[0, 1 + ids_keep[n, j]]`) in one pass: no `torch.cat`, no `[N, L, D]`
   int64 index tensor. With `gathered=True`, x is already `[N, K, D]` in kept order and only the position
-  rows are gathered. Backward: grad to x (a row-wise inverse scatter for `gathered=False`: every row of
-  grad_x is written exactly once, kept rows get their grad, the others zero, no atomics and no zero fill;
-  the identity for `gathered=True`) and to cls_token (a fixed-order sum over the batch).
+  rows are gathered. Backward: grad to x (for `gathered=False` every row of grad_x is written exactly once,
+  finding its row of grad_out by searching ids_keep[n] in the kernel: kept rows get their grad, the others
+  zero, no inverse map, no atomics and no zero fill; the identity for `gathered=True`) and to cls_token (a
+  fixed-order sum over the batch).
 - `unshuffle_tokens` writes `[N, L+1, Dd]` in one pass: row 0 from x's class token, then for each patch l
   either the visible token x[n, 1 + ids_restore[n, l]] or the mask token, plus the position embedding.
   Backward: each output row's gradient goes to the single x row it came from (no atomics: ids_restore is a
@@ -50,6 +51,7 @@ TOKEN_MAX_ROWS = 16
 BWD_BLOCK_L = 16  # unshuffle backward: rows per tile
 BWD_MAX_BLOCK_D = 64  # unshuffle backward: width of a tile
 BWD_TARGET_PROGRAMS = 1024  # unshuffle backward: split rows until about this many programs
+GATHER_BWD_BLOCK_K = 64  # gather_tokens backward (official order): kept indices compared per step of its search
 COLSUM_BLOCK_R = 32  # stage-2 column sums
 COLSUM_MAX_BLOCK_D = 64
 
@@ -147,22 +149,30 @@ def _gather_tokens_fwd_kernel(x_ptr, ids_ptr, pos_ptr, cls_ptr, out_ptr, n_rows,
 
 
 @triton.jit
-def _gather_tokens_bwd_kernel(go_ptr, inv_ptr, gx_ptr, n_rows, L, D, stride_gon, stride_gol, stride_gxn, stride_gxl,
-                              HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (block of rows n * L + l, block of D): grad_x[n, l] = grad_out[n, HAS_CLS + j] if
-    inv[n, l] = j >= 0, else 0. Every row of grad_x is written once: no zero fill, no atomics."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # int32 index math; int64 for memory offsets
-    rvalid = rows < n_rows
+def _gather_tokens_bwd_kernel(go_ptr, ids_ptr, gx_ptr, L, K, D, stride_idn, stride_gon, stride_gol, stride_gxn,
+                              stride_gxl, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    """Program (sample n and a block of its rows l, block of D): grad_x[n, l] = grad_out[n, HAS_CLS + j] where
+    ids_keep[n, j] = l, else 0. j is found by comparing the rows with ids_keep[n], BLOCK_K at a time (a sample's
+    indices are distinct: one match at most), so no inverse map is built. Every row of grad_x is written once: no
+    zero fill, no atomics."""
+    l_blocks = tl.cdiv(L, BLOCK_R)
+    pid = tl.program_id(0)
+    n = (pid // l_blocks).to(tl.int64)  # int32 index math; int64 for memory offsets
+    l = (pid % l_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lvalid = l < L
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
-    n = (rows // L).to(tl.int64)
-    l = rows % L
-    j = tl.load(inv_ptr + rows, mask=rvalid, other=-1)
+    j = tl.full([BLOCK_R], -1, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ids = tl.load(ids_ptr + n * stride_idn + ks, mask=ks < K, other=-1).to(tl.int32)
+        j = tl.maximum(j, tl.max(tl.where(ids[None, :] == l[:, None], ks[None, :], -1), axis=1))
     kept = j >= 0
     src = go_ptr + (n * stride_gon + (HAS_CLS + tl.maximum(j, 0)) * stride_gol)[:, None] + offs[None, :]
     g = tl.load(src, mask=kept[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     tl.store(gx_ptr + (n * stride_gxn + l * stride_gxl)[:, None] + offs[None, :], g.to(gx_ptr.dtype.element_ty),
-             mask=rvalid[:, None] & dmask[None, :])
+             mask=lvalid[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -324,16 +334,15 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
         grad_x = grad_out[:, h:, :]
         grad_x = grad_x if grad_x.dtype == x_dtype else grad_x.to(x_dtype)
     else:
-        # inv[n, l] = j where ids_keep[n, j] = l, -1 for removed patches: an [N, L] int32 map, no [N, L, D] index.
-        inv = torch.full((n, L), -1, device=grad_out.device, dtype=torch.int32)
-        inv.scatter_(1, ids_keep, torch.arange(K, device=grad_out.device, dtype=torch.int32).expand(n, K))
+        # each row of grad_x finds its source by searching ids_keep[n] in the kernel: one launch, no [N, L] map
+        ids_keep = _last_dim_contiguous(ids_keep)
         grad_x = torch.empty((n, L, d), device=grad_out.device, dtype=x_dtype)
         if grad_x.numel():
             block_r, block_d, num_warps = _row_settings(d)
-            _gather_tokens_bwd_kernel[(cdiv(n * L, block_r), cdiv(d, block_d))](
-                grad_out, inv, grad_x, n * L, L, d, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
-                grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-                num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+            _gather_tokens_bwd_kernel[(n * cdiv(L, block_r), cdiv(d, block_d))](
+                grad_out, ids_keep, grad_x, L, K, d, ids_keep.stride(0), grad_out.stride(0), grad_out.stride(1),
+                grad_x.stride(0), grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_K=GATHER_BWD_BLOCK_K,
+                BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     grad_cls = None
     if has_cls and need_cls:
         grad_cls = torch.empty((1, 1, d), device=grad_out.device, dtype=cls_dtype)
@@ -636,9 +645,10 @@ def compile_specs() -> list[CompileSpec]:
             for has_cls in (0, 1):
                 specs.append(CompileSpec(
                     f"gather_tokens_bwd[{to}->{tx},R{block_r},D{block_d},cls{has_cls}]", _gather_tokens_bwd_kernel,
-                    _sig("go_ptr inv_ptr gx_ptr n_rows L D stride_gon stride_gol stride_gxn stride_gxl",
-                         [f"*{to}", "*i32", f"*{tx}"] + ["i32"] * 7),
-                    {"HAS_CLS": has_cls, "BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=nw))
+                    _sig("go_ptr ids_ptr gx_ptr L K D stride_idn stride_gon stride_gol stride_gxn stride_gxl",
+                         [f"*{to}", "*i64", f"*{tx}"] + ["i32"] * 8),
+                    {"HAS_CLS": has_cls, "BLOCK_R": block_r, "BLOCK_K": GATHER_BWD_BLOCK_K, "BLOCK_D": block_d},
+                    num_warps=nw))
             specs.append(CompileSpec(
                 f"unshuffle_fwd[{tx},{tp},{to},R{block_r},D{block_d}]", _unshuffle_fwd_kernel,
                 _sig("x_ptr ids_ptr mtok_ptr pos_ptr out_ptr n_rows L K D stride_xn stride_xk stride_pos stride_on "

@@ -27,8 +27,9 @@ from tests.utils import (DEVICES, assert_error_within_plain, launched_kernels, p
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (patches L, width D, kept K): ratios 0.5, 0.75, 0.9, a single kept patch, none removed
-TOKEN_CASES = [(4, 32, 2), (64, 48, 16), (196, 96, 19), (256, 32, 1), (16, 40, 16)]
+# (patches L, width D, kept K): ratios 0.5, 0.75, 0.9, a single kept patch, none removed, and more kept patches
+# than the official-order backward compares at once (GATHER_BWD_BLOCK_K = 64: two steps, the second partial)
+TOKEN_CASES = [(4, 32, 2), (64, 48, 16), (196, 96, 19), (256, 32, 1), (16, 40, 16), (130, 32, 97)]
 
 
 def _ids(n: int, L: int, K: int, device, seed: int = 0):

@@ -258,7 +258,8 @@ class GraphedTrainStep:
 
     def _update(self) -> None:
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)  # in place: the micro-step's graph holds their addresses
+        for flat in self.flat_grads:  # in place (the micro-step's graph holds their addresses), one fill per buffer
+            flat.zero_()
 
     def reset_accumulation(self) -> None:
         """Drop what the micro-steps since the last update added to the gradients (the eager loop's `zero_grad` at

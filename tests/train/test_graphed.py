@@ -330,47 +330,33 @@ def test_pretrain_reports_a_failed_capture(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing left behind
 
 
-def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
+@pytest.mark.parametrize("accum, captures, replays, steps", [("1", 1, 8, 8), ("3", 2, 8 + 2, 2)])
+def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path, accum, captures, replays, steps):
     """`fastmae pretrain --cuda_graph` (stand-in graphs on the CPU; fused AdamW takes capturable=True and a tensor
     lr here): over two epochs of the lr schedule, the same losses and final weights as the eager run (fp32,
-    within 1e-5); its checkpoints store the rates as numbers, as every other run."""
+    within 1e-5); its checkpoints store the rates as numbers, as every other run. With --accum_iter 3 (4
+    iterations per epoch): two graphs, 8 micro-steps and 2 updates, each epoch's last micro-step dropped as the
+    eager loop drops it."""
     from fastmae.train.pretrain import train
 
     from .common import pretrain_args
 
-    eager = train(pretrain_args(tmp_path / "eager", "--adamw", "fused"))
+    flags = ("--adamw", "fused", "--accum_iter", accum)
+    eager = train(pretrain_args(tmp_path / "eager", *flags))
     fake = StepGraphs(monkeypatch)
-    graph = train(pretrain_args(tmp_path / "graph", "--adamw", "fused", "--cuda_graph"))
-    assert fake.captures == 1 and fake.replays == len(graph.losses) == len(eager.losses) == 8
-    assert graph.step == eager.step == 8
+    graph = train(pretrain_args(tmp_path / "graph", *flags, "--cuda_graph"))
+    assert fake.captures == captures and fake.replays == replays
+    assert len(graph.losses) == len(eager.losses) == 8
+    assert graph.step == eager.step == steps
     assert graph.losses == pytest.approx(eager.losses, rel=1e-5)
     a = torch.load(tmp_path / "eager" / "checkpoint-last.pth", weights_only=False)
     b = torch.load(tmp_path / "graph" / "checkpoint-last.pth", weights_only=False)
     for name, w in a["model"].items():
         assert_close(b["model"][name], w, 1e-5, 1e-5, name)
     lrs = [g["lr"] for g in b["optimizer"]["param_groups"]]
-    assert all(type(lr) is float for lr in lrs) and lrs == pytest.approx([g["lr"] for g in a["optimizer"]["param_groups"]])
+    assert all(type(lr) is float for lr in lrs)
+    assert lrs == pytest.approx([g["lr"] for g in a["optimizer"]["param_groups"]])
     assert not any(g["capturable"] for g in b["optimizer"]["param_groups"])
-
-
-def test_pretrain_cuda_graph_accumulates_as_eager(monkeypatch, tmp_path):
-    """`fastmae pretrain --cuda_graph --accum_iter 3` (stand-in graphs): 4 iterations per epoch, so one update
-    per epoch and one micro-step each epoch whose accumulation is dropped, as the eager loop drops it: the eager
-    run's losses and final weights (fp32, within 1e-5)."""
-    from fastmae.train.pretrain import train
-
-    from .common import pretrain_args
-
-    eager = train(pretrain_args(tmp_path / "eager", "--adamw", "fused", "--accum_iter", "3"))
-    fake = StepGraphs(monkeypatch)
-    graph = train(pretrain_args(tmp_path / "graph", "--adamw", "fused", "--accum_iter", "3", "--cuda_graph"))
-    assert fake.captures == 2 and fake.replays == 8 + 2  # 8 micro-steps, 2 updates
-    assert graph.step == eager.step == 2
-    assert graph.losses == pytest.approx(eager.losses, rel=1e-5)
-    a = torch.load(tmp_path / "eager" / "checkpoint-last.pth", weights_only=True)
-    b = torch.load(tmp_path / "graph" / "checkpoint-last.pth", weights_only=True)
-    for name, w in a["model"].items():
-        assert_close(b["model"][name], w, 1e-5, 1e-5, name)
 
 
 @pytest.mark.parametrize("extra, message", [

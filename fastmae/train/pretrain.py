@@ -302,6 +302,13 @@ def train(args) -> PretrainResult:
         if args.cuda_graph:
             graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32,
                                       device, accum_iter=args.accum_iter)
+            if args.accum_iter == 1 and not info.distributed:
+                say("CUDA graph: the whole step captured at the first batch, replayed every iteration")
+            else:
+                every = "every iteration" if args.accum_iter == 1 else f"every {args.accum_iter} iterations"
+                say(f"CUDA graphs: the micro-step replayed every iteration, the update {every}"
+                    + (f", the gradients averaged over the {info.world_size} processes by one all-reduce before it"
+                       if info.distributed else ""))
         if info.distributed and graph is None:
             ids = [info.local_rank] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -244,7 +244,7 @@ BENCH=("$PY" -m fastmae bench)
 TRAIN_EAGER=fastmae,official-eager,reference+sdpa,fastmae+sdpa,fastmae+lean,fastmae+cudagraph
 # ViT-B's eager part also times fastmae with autocast's own per-weight casts (what grouping them saves)
 TRAIN_EAGER_B=$TRAIN_EAGER,fastmae+plain-casts
-TRAIN_COMPILE=fastmae,official-eager,reference+compile,fastmae+compile
+TRAIN_COMPILE=fastmae,official-eager,reference+compile,fastmae+compile,fastmae+compile+cudagraph
 
 # The tuners in whatever time the other parts left, last: the masked-MSE loss's first (the op furthest from its
 # bandwidth target; up to 90 s, at least 45 s: 85 candidates of two small kernels at ViT-B/L's patches), then the
@@ -328,7 +328,7 @@ else
             --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER_B" --out "$RUN_DIR"
         run_part train-vit-l 90 "${BENCH[@]}" train $Q --no-progress --profile --model mae_vit_large_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_EAGER" --out "$RUN_DIR"
-        run_part train-compile-vit-b 150 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 \
+        run_part train-compile-vit-b 180 "${BENCH[@]}" train $Q --no-progress --model mae_vit_base_patch16 \
             --batch 64 --dtype bfloat16 --variants "$TRAIN_COMPILE" --out "$RUN_DIR"
         tune_part tune-loss 90 45 loss_tuned.json --op loss --shapes loss-B
         tune_part tune "$BUDGET" 90 attention_tuned.json --shapes enc-B,enc-H,dec-16

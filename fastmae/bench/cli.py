@@ -159,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="One full pretraining step (forward, loss, backward, AdamW) for: official-eager, "
                        "reference+sdpa, reference+compile, fastmae, fastmae+compile, fastmae+sdpa (SDPA attention), "
                        "fastmae+lean, fastmae+plain-casts (autocast's per-weight casts; CUDA only), fastmae+cudagraph "
-                       "(the step captured in a CUDA graph; CUDA only); images/s, "
+                       "(the step captured in a CUDA graph; CUDA only), fastmae+compile+cudagraph (the compiled "
+                       "step captured so); images/s, "
                        "peak memory and model-FLOPs utilisation against the matmul peak measured in the same run.")
     _common(p)
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
@@ -168,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.75, help="the masking of every variant")
     p.add_argument("--variants",
                    default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile,fastmae+sdpa,"
-                   "fastmae+lean,fastmae+plain-casts,fastmae+cudagraph", help="comma-separated training variants")
+                   "fastmae+lean,fastmae+plain-casts,fastmae+cudagraph,fastmae+compile+cudagraph",
+                   help="comma-separated training variants")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="run the torch.compile variants (default on cuda; off on cpu, where compiling takes minutes)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")

@@ -15,6 +15,8 @@ Variants, all with the same preset, batch, dtype, initial weights, images and ma
                      fastmae casts so already, and the variant is skipped)
   fastmae+cudagraph  fastmae's step captured whole in a CUDA graph and replayed (`fastmae.train.graphed`; CUDA,
                      bfloat16 or float32): the same GPU work without the host's time to issue it
+  fastmae+compile+cudagraph  fastmae under torch.compile, its step captured and replayed as fastmae+cudagraph's:
+                     Inductor's fused kernels without the host's time to issue them
 Eager variants are timed first (the CUDA-graph one last of them), the torch.compile ones last (compiling takes
 longest).
 The step is `autocast(dtype)` forward + loss, `loss.backward()` (through a GradScaler for float16), AdamW
@@ -68,6 +70,7 @@ VARIANTS: dict[str, dict] = {
     "fastmae+lean": {"backend": None, "compile": False, "lean_blocks": True, "adamw": "auto"},
     "fastmae+plain-casts": {"backend": None, "compile": False, "group_weight_casts": False, "adamw": "auto"},
     "fastmae+cudagraph": {"backend": None, "compile": False, "cuda_graph": True, "adamw": "auto"},
+    "fastmae+compile+cudagraph": {"backend": None, "compile": True, "cuda_graph": True, "adamw": "auto"},
 }
 
 
@@ -277,7 +280,7 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
     forward = torch.compile(model) if cfg["compile"] else model
     saved = None if cfg["compile"] or graphed else \
         (lambda: saved_mb_per_image(model, imgs, noise, mask_ratio, device, dtype))
-    step = GraphedTrainStep(model, opt, imgs, noise, mask_ratio, dtype) if graphed else \
+    step = GraphedTrainStep(forward, opt, imgs, noise, mask_ratio, dtype) if graphed else \
         make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype)
     return {"step": step, "model": model,
             "optimizer": opt,

@@ -141,7 +141,7 @@ def test_train_records():
     by = {r["backend"]: r for r in recs}
     assert set(by) == set(train_bench.VARIANTS)
     assert [r["backend"] for r in recs][:3] == ["fastmae", "official-eager", "reference+sdpa"]  # eager first
-    for v in ("reference+compile", "fastmae+compile"):
+    for v in ("reference+compile", "fastmae+compile", "fastmae+compile+cudagraph"):
         assert by[v]["status"] == "skipped" and by[v]["reason"] == "compile off in this test"
     for v in ("official-eager", "reference+sdpa", "fastmae"):
         r = by[v]
@@ -215,6 +215,30 @@ def test_graphed_train_variant_flow(monkeypatch):
     assert r["dispatch"] == by["fastmae"]["dispatch"]
     # same weights, batch, optimizer and number of steps before the recorded one (the capture's warm-up undone):
     # the same loss
+    assert r["loss"] == pytest.approx(by["fastmae"]["loss"], rel=1e-5)
+
+
+def test_compiled_graphed_train_variant_flow(monkeypatch):
+    """fastmae+compile+cudagraph on a CPU with stand-in graph calls: the compiled model goes into the
+    GraphedTrainStep (traced in its warm-up, not again while captured or replayed) and the recorded step's loss
+    is eager fastmae's. torch.compile's backend is aot_eager here (Dynamo and AOTAutograd's forward and backward
+    graphs, without Inductor's code generation, which takes a minute on a small CPU)."""
+    import functools
+
+    from ..train.test_graphed import StepGraphs
+
+    fake = StepGraphs(monkeypatch)
+    monkeypatch.setattr(train_bench, "graph_step_reason", lambda *a, **k: None)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        recs = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae", "fastmae+compile+cudagraph"],
+                                     timing=QUICK, compile_timing=QUICK, show_progress=False)
+    by = {r["backend"]: r for r in recs}
+    r = by["fastmae+compile+cudagraph"]
+    assert r["status"] == "ok", r.get("reason")
+    assert r["cuda_graph"] is True and fake.captures == 1
+    assert isinstance(fake.step.model, torch._dynamo.eval_frame.OptimizedModule)  # the compiled model is captured
     assert r["loss"] == pytest.approx(by["fastmae"]["loss"], rel=1e-5)
 
 

@@ -114,8 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "replay it every iteration: the host issues one launch instead of thousands, for steps "
                         "the host bounds (with --accum_iter K: the micro-step replayed on every batch, the "
                         "optimizer's step after every K-th; across processes, the gradients averaged by one "
-                        "all-reduce before it). CUDA, --precision bf16 or fp32, no --compile; the lr schedule is "
-                        "read from the GPU at every replay")
+                        "all-reduce before it; with --compile, the compiled model's step). CUDA, --precision bf16 "
+                        "or fp32; the lr schedule is read from the GPU at every replay")
     f.add_argument("--max_steps", default=0, type=int,
                    help="stop after this many optimizer steps in total (0: no limit); saves checkpoint-last.pth")
     f.add_argument("--save_every", default=20, type=int,
@@ -195,10 +195,6 @@ def _check_args(args) -> None:
     for name in ("min_lr", "weight_decay"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.cuda_graph:
-        if args.compile:
-            raise ValueError("--cuda_graph does not combine with --compile: the graph replaces the compiled model's "
-                             "launches; use one")
     check_device(args.device)
     parse_backend(args.backend)
 
@@ -299,9 +295,9 @@ def train(args) -> PretrainResult:
             return PretrainResult(step=step, epoch=start_epoch - 1, stopped_early=True)
 
         graph = None
-        if args.cuda_graph:
-            graph = GraphOnFirstBatch(model, optimizer, args.mask_ratio, PRECISIONS[precision] or torch.float32,
-                                      device, accum_iter=args.accum_iter)
+        if args.cuda_graph:  # of the model itself, compiled with --compile (it compiles in the graph's warm-up)
+            graph = GraphOnFirstBatch(torch.compile(model) if args.compile else model, optimizer, args.mask_ratio,
+                                      PRECISIONS[precision] or torch.float32, device, accum_iter=args.accum_iter)
             if args.accum_iter == 1 and not info.distributed:
                 say("CUDA graph: the whole step captured at the first batch, replayed every iteration")
             else:
@@ -314,7 +310,7 @@ def train(args) -> PretrainResult:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         elif info.distributed:  # the graph replays the model itself and averages its gradients over the ranks
             broadcast_state(model)
-        train_model = torch.compile(model) if args.compile else model
+        train_model = torch.compile(model) if args.compile and graph is None else model
 
         sched = Schedule(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
                          accum_iter=args.accum_iter, mask_ratio=args.mask_ratio, iters_per_epoch=iters_per_epoch,

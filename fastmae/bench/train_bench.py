@@ -13,8 +13,8 @@ Variants, all with the same preset, batch, dtype, initial weights, images and ma
   fastmae+plain-casts  fastmae with autocast's own casts (`group_weight_casts=False`: a kernel per weight and per
                      gradient in every block, where fastmae's CUDA path groups them a few blocks at a time; on a CPU
                      fastmae casts so already, and the variant is skipped)
-  fastmae+cudagraph  fastmae's step captured whole in a CUDA graph and replayed (`fastmae.train.graphed`; CUDA,
-                     bfloat16 or float32): the same GPU work without the host's time to issue it
+  fastmae+cudagraph  fastmae's step captured whole in a CUDA graph and replayed (`fastmae.train.graphed`; CUDA;
+                     float16 with its GradScaler in the graph): the same GPU work without the host's time to issue it
   fastmae+compile+cudagraph  fastmae under torch.compile, its step captured and replayed as fastmae+cudagraph's:
                      Inductor's fused kernels without the host's time to issue them
 Eager variants are timed first (the CUDA-graph one last of them), the torch.compile ones last (compiling takes

@@ -22,8 +22,11 @@ all-reduce between the last micro-step and the update: DistributedDataParallel's
 hooks in the graph (the model is not wrapped; its weights are broadcast from rank 0 instead, as DDP does).
 
 What it needs (`graph_step_reason` says which is missing): a CUDA device; an optimizer whose step can be
-captured (torch's Adam/AdamW with `capturable=True`, e.g. `build_optimizer(..., capturable=True)`); no
-GradScaler (bf16 or fp32: a scaled step reads its inf check on the host); the same batch shape every call.
+captured (torch's Adam/AdamW with `capturable=True`, e.g. `build_optimizer(..., capturable=True)`); for float16,
+torch's fused AdamW, to which the GradScaler hands its inf check and scale as tensors (any other optimizer's
+scaled step reads the check on the host); the same batch shape every call. A float16 step's GradScaler (made
+here when none is given) scales, checks and updates on the GPU inside the graph; its scale and growth count are
+restored after the warm-up as the weights are.
 Each group's learning rate becomes a tensor at capture (`use_tensor_lr`), which every replay reads: a schedule
 that fills it in place (torch's LR schedulers do) or assigns a new number to the group takes effect at the next
 call.
@@ -58,12 +61,13 @@ def graph_step_reason(device: torch.device, optimizer: torch.optim.Optimizer | N
     """Why a training step cannot be captured here, or None."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
-    if dtype == torch.float16:
-        return ("a float16 step goes through a GradScaler, whose inf check reads the GPU from the host: use bfloat16 "
-                "or float32")
     if optimizer is not None and not all(g.get("capturable") for g in optimizer.param_groups):
         return (f"the optimizer ({type(optimizer).__name__}) must be built with capturable=True for its step to be "
                 "captured")
+    if dtype == torch.float16 and optimizer is not None and not getattr(optimizer, "_step_supports_amp_scaling",
+                                                                        False):
+        return ("a float16 step goes through a GradScaler, whose step reads its inf check on the host unless the "
+                "optimizer takes the check and the scale itself: use torch's fused AdamW (--adamw fused or auto)")
     return None
 
 
@@ -167,7 +171,8 @@ class GraphedTrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                  noise: torch.Tensor, mask_ratio: float, dtype: torch.dtype = torch.float32, warmup: int = 3,
-                 accum_iter: int = 1, distributed: bool | None = None):
+                 accum_iter: int = 1, distributed: bool | None = None,
+                 scaler: torch.amp.GradScaler | None = None):
         device = imgs.device
         why = graph_step_reason(device, optimizer, dtype)
         if why:
@@ -179,6 +184,9 @@ class GraphedTrainStep:
         self.model, self.optimizer = model, optimizer
         self.mask_ratio, self.dtype, self.device = float(mask_ratio), dtype, device
         self.accum_iter = int(accum_iter)
+        if dtype == torch.float16 and (scaler is None or not scaler.is_enabled()):
+            scaler = torch.amp.GradScaler(device.type)
+        self.scaler = scaler if dtype == torch.float16 else None
         if distributed is None:  # a process group of more than one process: gradients averaged over it
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed and not (dist.is_available() and dist.is_initialized()):
@@ -205,6 +213,7 @@ class GraphedTrainStep:
         weights = [p.detach().to("cpu", copy=True) for p in params]
         state = {p: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
                      for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
+        scaler_state = self.scaler.state_dict() if self.scaler is not None else None
 
         def step() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)  # a host-side reset: nothing of it is captured
@@ -224,6 +233,8 @@ class GraphedTrainStep:
             try:
                 optimizer.zero_grad(set_to_none=True)
                 _restore(params, weights, optimizer, state)
+                if scaler_state is not None:
+                    self.scaler.load_state_dict(scaler_state)
                 left = "the model and optimizer are as they were"
             except Exception:  # noqa: BLE001 - a failed capture can leave the device unusable
                 left = "restoring the model's weights failed too"
@@ -231,21 +242,31 @@ class GraphedTrainStep:
                 raise GraphCaptureError(f"the training step {exc}; {left}") from exc.__cause__
             raise
         _restore(params, weights, optimizer, state)  # in place: the graph holds these tensors' addresses
+        if scaler_state is not None:  # fills its scale and growth count in place
+            self.scaler.load_state_dict(scaler_state)
         self.reset_accumulation()
 
     def _work(self) -> torch.Tensor:
         with autocast(self.device, self.dtype, cache_enabled=False):
             loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
-        loss.backward()
-        self.optimizer.step()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self._step()
         return loss.detach()
+
+    def _step(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # the fused step takes the scale and the inf check as tensors: nothing read on the host
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     def _micro_step(self) -> torch.Tensor:
         """The two-graph form's micro-step: forward, loss, and the backward of loss / K into the gradients (in
         place: they exist); returns the loss itself, as the eager loop logs it."""
         with autocast(self.device, self.dtype, cache_enabled=False):
             loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
-        (loss / self.accum_iter).backward()
+        loss_k = loss / self.accum_iter
+        (loss_k if self.scaler is None else self.scaler.scale(loss_k)).backward()
         return loss.detach()
 
     def _average_gradients(self) -> None:
@@ -257,7 +278,7 @@ class GraphedTrainStep:
             flat.div_(world)
 
     def _update(self) -> None:
-        self.optimizer.step()
+        self._step()
         for flat in self.flat_grads:  # in place (the micro-step's graph holds their addresses), one fill per buffer
             flat.zero_()
 
@@ -309,10 +330,10 @@ class GraphOnFirstBatch:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, accum_iter: int = 1,
-                 distributed: bool | None = None):
+                 distributed: bool | None = None, scaler: torch.amp.GradScaler | None = None):
         self.model, self.optimizer, self.mask_ratio, self.dtype = model, optimizer, mask_ratio, dtype
         self.device = None if device is None else torch.device(device)
-        self.accum_iter, self.distributed = accum_iter, distributed
+        self.accum_iter, self.distributed, self.scaler = accum_iter, distributed, scaler
         self.step: GraphedTrainStep | None = None
 
     def __call__(self, imgs: torch.Tensor, noise: torch.Tensor, update: bool = True) -> torch.Tensor:
@@ -320,7 +341,8 @@ class GraphOnFirstBatch:
             device = self.device or imgs.device
             self.step = GraphedTrainStep(self.model, self.optimizer, imgs.to(device, non_blocking=True),
                                          noise.to(device, non_blocking=True), self.mask_ratio, self.dtype,
-                                         accum_iter=self.accum_iter, distributed=self.distributed)
+                                         accum_iter=self.accum_iter, distributed=self.distributed,
+                                         scaler=self.scaler)
             return self.step(update=update)  # its buffers hold this batch already
         return self.step(imgs, noise, update)
 

@@ -114,8 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "replay it every iteration: the host issues one launch instead of thousands, for steps "
                         "the host bounds (with --accum_iter K: the micro-step replayed on every batch, the "
                         "optimizer's step after every K-th; across processes, the gradients averaged by one "
-                        "all-reduce before it; with --compile, the compiled model's step). CUDA, --precision bf16 "
-                        "or fp32; the lr schedule is read from the GPU at every replay")
+                        "all-reduce before it; with --compile, the compiled model's step). CUDA; fp16 with "
+                        "--adamw auto or fused; the lr schedule is read from the GPU at every replay")
     f.add_argument("--max_steps", default=0, type=int,
                    help="stop after this many optimizer steps in total (0: no limit); saves checkpoint-last.pth")
     f.add_argument("--save_every", default=20, type=int,
@@ -271,6 +271,8 @@ def train(args) -> PretrainResult:
                                     capturable=args.cuda_graph)
         say(f"optimizer: AdamW, {adamw_impl(optimizer)} implementation"
             + (" (capturable: its step is replayed from a CUDA graph)" if args.cuda_graph else ""))
+        if args.cuda_graph:  # what needs the optimizer (fp16: a fused one), before any work
+            _check_cuda_graph(device, precision, optimizer)
         scaler = make_scaler(device, precision)
 
         start_epoch, skip_iters, step = args.start_epoch, 0, 0
@@ -297,7 +299,8 @@ def train(args) -> PretrainResult:
         graph = None
         if args.cuda_graph:  # of the model itself, compiled with --compile (it compiles in the graph's warm-up)
             graph = GraphOnFirstBatch(torch.compile(model) if args.compile else model, optimizer, args.mask_ratio,
-                                      PRECISIONS[precision] or torch.float32, device, accum_iter=args.accum_iter)
+                                      PRECISIONS[precision] or torch.float32, device, accum_iter=args.accum_iter,
+                                      scaler=scaler)
             if args.accum_iter == 1 and not info.distributed:
                 say("CUDA graph: the whole step captured at the first batch, replayed every iteration")
             else:
@@ -393,11 +396,11 @@ def _check_backends_serve(model, device: torch.device, precision: str, mask_rati
         model(imgs, mask_ratio, noise=noise)
 
 
-def _check_cuda_graph(device: torch.device, precision: str) -> None:
-    """--cuda_graph's needs that depend on the device and the resolved precision."""
+def _check_cuda_graph(device: torch.device, precision: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """--cuda_graph's needs that depend on the device, the resolved precision and (once built) the optimizer."""
     from .engine import PRECISIONS
     from .graphed import graph_step_reason
-    why = graph_step_reason(device, None, PRECISIONS[precision] or torch.float32)
+    why = graph_step_reason(device, optimizer, PRECISIONS[precision] or torch.float32)
     if why:
         raise ValueError(f"--cuda_graph: {why}")
 

@@ -32,25 +32,35 @@ def _setup(device, backend="sdpa", capturable=False, impl="fused"):
     return model, opt, batches
 
 
-def _eager_steps(model, opt, batches, dtype):
+def _eager_steps(model, opt, batches, dtype, scaler=None):
     losses = []
     for imgs, noise in batches:
         opt.zero_grad(set_to_none=True)
         with contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(imgs.device.type, dtype=dtype):
             loss = model(imgs, 0.75, noise=noise)[0]
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         losses.append(loss.detach().float().clone())
     return losses
 
 
 def test_reasons():
+    cuda = torch.device("cuda")
     assert "CUDA device" in graph_step_reason(torch.device("cpu"))
-    assert "GradScaler" in graph_step_reason(torch.device("cuda"), dtype=torch.float16)
     model = torch.nn.Linear(2, 2)
-    assert "capturable=True" in graph_step_reason(torch.device("cuda"), build_optimizer(model, 1e-3, 0.0))
-    assert graph_step_reason(torch.device("cuda"), build_optimizer(model, 1e-3, 0.0, capturable=True),
-                             torch.bfloat16) is None
+    assert "capturable=True" in graph_step_reason(cuda, build_optimizer(model, 1e-3, 0.0))
+    assert graph_step_reason(cuda, build_optimizer(model, 1e-3, 0.0, capturable=True), torch.bfloat16) is None
+    # float16: GradScaler's step stays on the GPU only with an optimizer that takes the scale and inf check
+    assert graph_step_reason(cuda, None, torch.float16) is None
+    assert "fused AdamW" in graph_step_reason(
+        cuda, build_optimizer(model, 1e-3, 0.0, impl="foreach", capturable=True), torch.float16)
+    assert graph_step_reason(cuda, build_optimizer(model, 1e-3, 0.0, impl="fused", capturable=True),
+                             torch.float16) is None
     with pytest.raises(RuntimeError, match="cannot capture the training step: CUDA graphs need a CUDA device"):
         GraphedTrainStep(model, build_optimizer(model, 1e-3, 0.0), torch.zeros(1, 2), torch.zeros(1, 2), 0.75)
 
@@ -125,6 +135,32 @@ def test_capture_keeps_an_existing_optimizer_state(monkeypatch):
     got = [step(imgs, noise).clone() for imgs, noise in batches]
     for i, (g, e) in enumerate(zip(got, expected)):
         assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 3}")
+
+
+def test_float16_step_scales_as_eager(monkeypatch):
+    """A float16 step (stand-in graphs, GradScaler and fused AdamW on the CPU): the scaled backward, the fused step
+    given the scale and the inf check, and the scaler's update are in the step, and the warm-up's updates of the
+    scale and growth count are undone with the weights: three replays give eager's losses, weights and scaler
+    state (growth every 2 steps, so the third step's scale has grown)."""
+    model, opt, batches = _setup("cpu", impl="fused")
+    scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+    expected = _eager_steps(model, opt, batches, torch.float16, scaler)
+    expected_scaler = scaler.state_dict()
+    assert expected_scaler["scale"] == 2 * 65536.0
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    StepGraphs(monkeypatch)
+    model, opt, batches = _setup("cpu", impl="fused")
+    scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, dtype=torch.float16, scaler=scaler)
+    assert step.scaler is scaler
+    assert scaler.state_dict()["scale"] == 65536.0 and scaler.state_dict()["_growth_tracker"] == 0
+    got = [step(imgs, noise).float().clone() for imgs, noise in batches]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 1}")
+    for n, p in model.named_parameters():
+        assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n} after three steps")
+    assert scaler.state_dict() == expected_scaler
 
 
 def _eager_accumulated(model, opt, batches, accum, updates):
@@ -330,18 +366,20 @@ def test_pretrain_reports_a_failed_capture(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing left behind
 
 
-@pytest.mark.parametrize("accum, captures, replays, steps", [("1", 1, 8, 8), ("3", 2, 8 + 2, 2)])
-def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path, accum, captures, replays, steps):
+@pytest.mark.parametrize("accum, captures, replays, steps, precision", [
+    ("1", 1, 8, 8, "fp32"), ("3", 2, 8 + 2, 2, "fp32"), ("3", 2, 8 + 2, 2, "fp16")])
+def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path, accum, captures, replays, steps, precision):
     """`fastmae pretrain --cuda_graph` (stand-in graphs on the CPU; fused AdamW takes capturable=True and a tensor
-    lr here): over two epochs of the lr schedule, the same losses and final weights as the eager run (fp32,
-    within 1e-5); its checkpoints store the rates as numbers, as every other run. With --accum_iter 3 (4
-    iterations per epoch): two graphs, 8 micro-steps and 2 updates, each epoch's last micro-step dropped as the
-    eager loop drops it."""
+    lr here): over two epochs of the lr schedule, the same losses and final weights as the eager run (within
+    1e-5); its checkpoints store the rates as numbers, as every other run. With --accum_iter 3 (4 iterations per
+    epoch): two graphs, 8 micro-steps and 2 updates, each epoch's last micro-step dropped as the eager loop drops
+    it; in fp16 the run's GradScaler scales the micro-steps and steps through the update, and is saved as the
+    eager run saves its own."""
     from fastmae.train.pretrain import train
 
     from .common import pretrain_args
 
-    flags = ("--adamw", "fused", "--accum_iter", accum)
+    flags = ("--adamw", "fused", "--accum_iter", accum, "--precision", precision)
     eager = train(pretrain_args(tmp_path / "eager", *flags))
     fake = StepGraphs(monkeypatch)
     graph = train(pretrain_args(tmp_path / "graph", *flags, "--cuda_graph"))
@@ -357,6 +395,7 @@ def test_pretrain_cuda_graph_trains_as_eager(monkeypatch, tmp_path, accum, captu
     assert all(type(lr) is float for lr in lrs)
     assert lrs == pytest.approx([g["lr"] for g in a["optimizer"]["param_groups"]])
     assert not any(g["capturable"] for g in b["optimizer"]["param_groups"])
+    assert a.get("scaler") == b.get("scaler")
 
 
 def test_pretrain_compiled_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
@@ -432,6 +471,44 @@ def test_graph_step_matches_eager_on_cuda(backend, impl, dtype):
         assert_close(g, e, tol, tol, f"loss of step {i + 1}")
     for n, p in model.named_parameters():
         assert_close(p.detach(), weights[n], tol, tol, f"weight {n} after three steps")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+@pytest.mark.parametrize("accum", [1, 2])
+def test_float16_graph_step_matches_eager_on_cuda(accum):
+    """float16 with a GradScaler on a GPU (fastmae's kernels, fused AdamW): the scaler's inf check, the fused
+    step given the scale and the scaler's update replay inside the graph; losses, weights and the scaler's
+    state after four micro-steps (two updates with accum_iter 2) as eager steps give them, within 2e-2."""
+    device = torch.device("cuda")
+    model, opt, batches = _setup(device, "triton", capturable=True, impl="fused")
+    batches = batches + batches[:1]
+    updates = [True] * 4 if accum == 1 else [False, True, False, True]
+    scaler = torch.amp.GradScaler("cuda", growth_interval=2)
+    expected = []
+    for (imgs, noise), update in zip(batches, updates):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(imgs, 0.75, noise=noise)[0]
+        scaler.scale(loss / accum).backward()
+        if update:
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        expected.append(loss.detach().float().clone())
+    expected_scaler = scaler.state_dict()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, opt, batches = _setup(device, "triton", capturable=True, impl="fused")
+    batches = batches + batches[:1]
+    scaler = torch.amp.GradScaler("cuda", growth_interval=2)
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, dtype=torch.float16, accum_iter=accum,
+                            scaler=scaler)
+    got = [step(imgs, noise, update).float().clone() for (imgs, noise), update in zip(batches, updates)]
+    torch.cuda.synchronize()
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 2e-2, 2e-2, f"loss of micro-step {i + 1}")
+    for n, p in model.named_parameters():
+        assert_close(p.detach(), weights[n], 2e-2, 2e-2, f"weight {n}")
+    assert scaler.state_dict() == expected_scaler
 
 
 @pytest.mark.gpu

@@ -114,18 +114,14 @@ class RssSampler:
 
 def make_step(model, forward, opt, imgs, noise, mask_ratio: float, device: torch.device,
               dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # disabled: passes through
 
     def step():
         with autocast(device, dtype):
             loss = forward(imgs, mask_ratio, noise=noise)[0]
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         return loss
 

@@ -186,7 +186,8 @@ class GraphedTrainStep:
         self.accum_iter = int(accum_iter)
         if dtype == torch.float16 and (scaler is None or not scaler.is_enabled()):
             scaler = torch.amp.GradScaler(device.type)
-        self.scaler = scaler if dtype == torch.float16 else None
+        # float16's scaler; a disabled one otherwise, which passes the loss and the step through
+        self.scaler = scaler if dtype == torch.float16 else torch.amp.GradScaler(device.type, enabled=False)
         if distributed is None:  # a process group of more than one process: gradients averaged over it
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed and not (dist.is_available() and dist.is_initialized()):
@@ -213,7 +214,7 @@ class GraphedTrainStep:
         weights = [p.detach().to("cpu", copy=True) for p in params]
         state = {p: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
                      for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
-        scaler_state = self.scaler.state_dict() if self.scaler is not None else None
+        scaler_state = self.scaler.state_dict()  # {} for a disabled scaler, whose load is a no-op
 
         def step() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)  # a host-side reset: nothing of it is captured
@@ -233,8 +234,7 @@ class GraphedTrainStep:
             try:
                 optimizer.zero_grad(set_to_none=True)
                 _restore(params, weights, optimizer, state)
-                if scaler_state is not None:
-                    self.scaler.load_state_dict(scaler_state)
+                self.scaler.load_state_dict(scaler_state)
                 left = "the model and optimizer are as they were"
             except Exception:  # noqa: BLE001 - a failed capture can leave the device unusable
                 left = "restoring the model's weights failed too"
@@ -242,31 +242,27 @@ class GraphedTrainStep:
                 raise GraphCaptureError(f"the training step {exc}; {left}") from exc.__cause__
             raise
         _restore(params, weights, optimizer, state)  # in place: the graph holds these tensors' addresses
-        if scaler_state is not None:  # fills its scale and growth count in place
-            self.scaler.load_state_dict(scaler_state)
+        self.scaler.load_state_dict(scaler_state)  # fills its scale and growth count in place
         self.reset_accumulation()
 
     def _work(self) -> torch.Tensor:
         with autocast(self.device, self.dtype, cache_enabled=False):
             loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.scaler.scale(loss).backward()
         self._step()
         return loss.detach()
 
     def _step(self) -> None:
-        if self.scaler is None:
-            self.optimizer.step()
-        else:  # the fused step takes the scale and the inf check as tensors: nothing read on the host
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        # float16: the fused step takes the scale and the inf check as tensors, nothing read on the host
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _micro_step(self) -> torch.Tensor:
         """The two-graph form's micro-step: forward, loss, and the backward of loss / K into the gradients (in
         place: they exist); returns the loss itself, as the eager loop logs it."""
         with autocast(self.device, self.dtype, cache_enabled=False):
             loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
-        loss_k = loss / self.accum_iter
-        (loss_k if self.scaler is None else self.scaler.scale(loss_k)).backward()
+        self.scaler.scale(loss / self.accum_iter).backward()
         return loss.detach()
 
     def _average_gradients(self) -> None:

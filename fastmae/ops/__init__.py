@@ -142,9 +142,9 @@ def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, 
                    backend: BackendSpec = None) -> torch.Tensor:
     """Patchify and gather in one step: the kept patches' pixels [N, K, C*p*p] in conv-weight (c, p, q) order."""
     dtype = _float_dtype("imgs", imgs)
-    L, _ = _pixels_per_patch(imgs, patch_size)
+    _pixels_per_patch(imgs, patch_size)  # checks the image against the patch size
     _index("ids_keep", ids_keep, 2, imgs.shape[0])
-    inputs = Inputs(imgs.device, dtype, tensors={"imgs": imgs}, options={"op": "gather_patches", "L": L})
+    inputs = Inputs(imgs.device, dtype, tensors={"imgs": imgs}, options={"op": "gather_patches"})
     return resolve("gather_patches", inputs, backend).fn(imgs, ids_keep, patch_size)
 
 

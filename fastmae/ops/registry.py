@@ -307,8 +307,12 @@ def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
         grad_mode = torch.is_grad_enabled()  # a tensor that requires grad gets none under no_grad
         grads = tuple((k, bool(t.requires_grad) and grad_mode) for k, t in inputs.tensors.items() if t is not None)
         spec = backend if backend is None or isinstance(backend, str) else tuple(sorted(backend.items()))
-        name = _resolve_constant(op, inputs.device.type, inputs.device.index, inputs.dtype, inputs.head_dim,
-                                 grads, tuple(sorted(inputs.options.items())), spec)
+        # plain ints and key-sorted options: after a recompile Dynamo may trace a size as a symbol, which neither
+        # a constant function's arguments nor a sort of (key, value) pairs can take (int() specialises it)
+        head_dim = None if inputs.head_dim is None else int(inputs.head_dim)
+        options = tuple(sorted(inputs.options.items(), key=lambda kv: kv[0]))
+        name = _resolve_constant(op, inputs.device.type, inputs.device.index, inputs.dtype, head_dim, grads,
+                                 options, spec)
         return _REGISTRY[(op, name)]
     impl = _resolve(op, inputs, backend)
     for record in _RECORDERS:

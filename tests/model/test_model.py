@@ -182,6 +182,25 @@ def test_torch_compile_traces_the_model_without_graph_breaks(backend):
     assert_close(pred_c, pred, 1e-5, 1e-5, "pred")
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_torch_compile_traces_models_of_other_sizes_in_turn_without_graph_breaks(backend):
+    """After a first compile, Dynamo traces the sizes that differ in the next one (batch, image side, patch count,
+    head dim) as symbols; the backend choice, made while tracing from constants only, must still not break the graph.
+    (Under the first version of this choice, the second model's compile failed with 'sort with non-constant
+    keys'.)"""
+    torch._dynamo.reset()
+    try:
+        for batch, side, embed_dim in ((4, 32, 64), (2, 16, 32), (3, 24, 48)):
+            model = small_model(backend=backend, img_size=side, embed_dim=embed_dim)
+            L = (side // 4) ** 2
+            imgs, noise = torch.randn(batch, 3, side, side), torch.rand(batch, L)
+            compiled = torch.compile(model, fullgraph=True, backend="eager")
+            loss_c, _, _ = compiled(imgs, noise=noise)
+            assert_close(loss_c, model(imgs, noise=noise)[0], 1e-6, 1e-5, f"loss at side {side}")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_random_masking_sizes_by_its_input_as_officially():
     """The official `random_masking` takes L from x, not from the model: any token count works."""
     model = small_model()  # 16 patches

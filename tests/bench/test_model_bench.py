@@ -231,9 +231,13 @@ def test_compiled_graphed_train_variant_flow(monkeypatch):
     monkeypatch.setattr(train_bench, "graph_step_reason", lambda *a, **k: None)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        recs = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae", "fastmae+compile+cudagraph"],
-                                     timing=QUICK, compile_timing=QUICK, show_progress=False)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            recs = train_bench.run_train(CPU, TINY, 2, torch.float32,
+                                         variants=["fastmae", "fastmae+compile+cudagraph"], timing=QUICK,
+                                         compile_timing=QUICK, show_progress=False)
+    finally:
+        torch._dynamo.reset()  # no compiled code of this test's model for later tests to recompile
     by = {r["backend"]: r for r in recs}
     r = by["fastmae+compile+cudagraph"]
     assert r["status"] == "ok", r.get("reason")

@@ -409,8 +409,11 @@ def test_pretrain_compiled_cuda_graph_trains_as_eager(monkeypatch, tmp_path):
     fake = StepGraphs(monkeypatch)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        graph = train(pretrain_args(tmp_path / "graph", "--adamw", "fused", "--cuda_graph", "--compile"))
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            graph = train(pretrain_args(tmp_path / "graph", "--adamw", "fused", "--cuda_graph", "--compile"))
+    finally:
+        torch._dynamo.reset()  # no compiled code of this test's model for later tests to recompile
     assert isinstance(fake.step.model, torch._dynamo.eval_frame.OptimizedModule)
     assert fake.captures == 1 and graph.step == eager.step == 8
     assert graph.losses == pytest.approx(eager.losses, rel=1e-5)

@@ -251,7 +251,10 @@ def _timing(args, what: str, device: torch.device) -> dict:
     return t
 
 
-def _setup(args):
+def _setup(args, write_each_record: bool = False):
+    """(device, dtype, recorder, environment). `write_each_record`: the output folder's results are rewritten
+    after every record, not at most every 2 s, for the benchmarks whose cases take seconds each (encoder,
+    train): a case that crashes the process (a segfault, which no exit hook survives) then loses only itself."""
     from .common import parse_dtype, resolve_device
     from .records import Recorder, environment
 
@@ -264,7 +267,7 @@ def _setup(args):
         if interpreter_reason(device) and not args.allow_interpreter:
             print("note: TRITON_INTERPRET is set; triton is reported as skipped on the CPU", file=sys.stderr)
     env = environment(device)
-    recorder = Recorder(args.out, env)
+    recorder = Recorder(args.out, env, interval_s=0.0 if write_each_record else 2.0)
     recorder.earlier()  # DIR/results.json read now: one that holds no list of records is refused before measuring
     return device, dtype, recorder, env
 
@@ -516,7 +519,7 @@ def run_encoder(args) -> int:
     from .common import MODEL_PATHS, num_patches, parse_list, parse_ratios
     from .encoder_bench import ENCODER_MODES, run_encoder as bench
 
-    device, dtype, recorder, env = _setup(args)
+    device, dtype, recorder, env = _setup(args, write_each_record=True)
     d = _defaults(args, "encoder", device)
     model = args.model or d["model"]
     from ..model.mae import MODELS
@@ -601,7 +604,7 @@ def run_train(args) -> int:
     from .limits import measure_matmul_tflops, sizes
     from .train_bench import VARIANTS, run_train as bench
 
-    device, dtype, recorder, env = _setup(args)
+    device, dtype, recorder, env = _setup(args, write_each_record=True)
     d = _defaults(args, "train", device)
     model = args.model or d["model"]
     from ..model.mae import MODELS

@@ -109,6 +109,36 @@ def test_table_and_footnotes():
     assert text.splitlines()[0].startswith("a ") and "1.5" in text and "-" in text.splitlines()[3]
 
 
+def test_a_training_variant_that_kills_the_process_loses_only_itself(tmp_path):
+    """`bench train` writes its results after every variant: a variant that ends the process at once (as a
+    segfault does, with no exit hook; os._exit here) leaves the variants before it in results.json, although
+    they came within the Recorder's usual 2 s of each other."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "out"
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        from fastmae.bench import train_bench
+        from fastmae.cli import main
+
+        def run_variant(device, model, batch, dtype, variant, **kw):
+            if variant == "reference+sdpa":
+                os._exit(139)
+            return {{**train_bench.record_head(variant, model, 0.75, dtype), "status": "skipped", "reason": "stub"}}
+
+        train_bench.run_variant = run_variant
+        main(["bench", "train", "--device", "cpu", "--no-progress", "--model", "mae_vit_tiny_patch4", "--batch", "2",
+              "--variants", "fastmae,official-eager,reference+sdpa", "--no-compile", "--out", {str(out)!r}])
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 139, proc.stderr[-2000:]
+    kept = [r["backend"] for r in records.read_results(str(out)) if r.get("kind") == "train"]
+    assert kept == ["fastmae", "official-eager"]
+
+
 def test_a_run_stopped_by_sigterm_keeps_its_last_records(tmp_path):
     """`timeout` stops a part with SIGTERM: the bench command turns it into SystemExit, and the records not yet
     written (the Recorder writes at most every 2 s) reach the file on the way out."""

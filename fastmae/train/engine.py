@@ -6,6 +6,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -13,6 +14,8 @@ from .distributed import DistInfo, all_reduce_mean
 from .optim import adjust_learning_rate
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,6 +52,46 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: boo
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
+def one_ahead(items: Iterable[T], load: Callable[[T], U], ready: Callable[[U], U]) -> Iterator[U]:
+    """`ready(load(item))` for each item in order, with the next item's `load` issued before the current one is
+    handed out (and after it was made ready): work that `load` starts runs while the caller uses the item."""
+    it = iter(items)
+    try:
+        upcoming = load(next(it))
+    except StopIteration:
+        return
+    for item in it:
+        current = ready(upcoming)
+        upcoming = load(item)
+        yield current
+    yield ready(upcoming)
+
+
+def prefetch_to_device(batches: Iterable[tuple], device: torch.device) -> Iterator[tuple]:
+    """Batches `(images, labels, noise, skipped)` with images and noise on `device`. On CUDA each batch is copied
+    one batch ahead on a stream of its own, so the copy of batch i+1 (from the loader's pinned memory) runs while
+    step i runs, instead of queueing before step i + 1 in the training stream; elsewhere the batches as they
+    come."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    side = torch.cuda.Stream(device)
+
+    def load(batch: tuple) -> tuple:
+        samples, labels, noise, skipped = batch
+        with torch.cuda.stream(side):
+            return samples.to(device, non_blocking=True), labels, noise.to(device, non_blocking=True), skipped
+
+    def ready(batch: tuple) -> tuple:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)  # this batch's copy is done before the step reads it
+        for t in (batch[0], batch[2]):
+            t.record_stream(current)  # made on the side stream, used on this one: not reused before it is done
+        return batch
+
+    yield from one_ahead(batches, load, ready)
+
+
 def make_scaler(device: torch.device, precision: str):
     """A GradScaler, enabled for fp16 only (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -81,12 +124,12 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     it = skip_iters
     lr = optimizer.param_groups[0]["lr"]
     tick = time.time()
-    for k, (samples, _labels, noise, skipped) in enumerate(loader):
+    for k, (samples, _labels, noise, skipped) in enumerate(prefetch_to_device(loader, device)):
         it = skip_iters + k
         if it % accum == 0:
             lr = adjust_learning_rate(optimizer, it / sched.iters_per_epoch + epoch, sched.lr, sched.min_lr,
                                       sched.warmup_epochs, sched.epochs)
-        if graph is None:  # a graphed step copies the batch straight into its captured buffers
+        if graph is None:  # (on CUDA already there) a graphed step copies the batch into its captured buffers
             samples = samples.to(device, non_blocking=True)
             noise = noise.to(device, non_blocking=True)
         update = (it + 1) % accum == 0

@@ -107,10 +107,10 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     (stats, next_iter): stats as the official log keys (`lr`, `loss`, averaged over iterations and ranks)
     plus `skipped_images`; next_iter == iters_per_epoch unless `max_steps` stopped the epoch early.
     `last_checkpoint`: the newest good checkpoint on disk (None: there is none), named if the loss turns
-    non-finite. `graph` (`graphed.GraphOnFirstBatch`, which scales fp16 itself): each iteration replays the whole step from a CUDA
-    graph instead of running it (with accumulation: the micro-step, and the update after the last of them); the
-    loss is then checked after the step it came from was applied (the run stops all the same, and writes no
-    checkpoint of that state).
+    non-finite. `graph` (`graphed.GraphOnFirstBatch`, which scales fp16 itself): each iteration replays the whole
+    step from a CUDA graph instead of running it (with accumulation: the micro-step, and the update after the last
+    of them); the loss is then checked after the step it came from was applied (the run stops all the same, and
+    writes no checkpoint of that state).
     """
     dist_info = dist_info or DistInfo()
     model.train(True)

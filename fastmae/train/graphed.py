@@ -245,9 +245,14 @@ class GraphedTrainStep:
         self.scaler.load_state_dict(scaler_state)  # fills its scale and growth count in place
         self.reset_accumulation()
 
-    def _work(self) -> torch.Tensor:
+    def _forward(self) -> torch.Tensor:
+        """The loss of the batch in the captured buffers (autocast without its cast cache, which is not
+        capture-safe)."""
         with autocast(self.device, self.dtype, cache_enabled=False):
-            loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
+            return self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
+
+    def _work(self) -> torch.Tensor:
+        loss = self._forward()
         self.scaler.scale(loss).backward()
         self._step()
         return loss.detach()
@@ -260,8 +265,7 @@ class GraphedTrainStep:
     def _micro_step(self) -> torch.Tensor:
         """The two-graph form's micro-step: forward, loss, and the backward of loss / K into the gradients (in
         place: they exist); returns the loss itself, as the eager loop logs it."""
-        with autocast(self.device, self.dtype, cache_enabled=False):
-            loss = self.model(self.imgs, self.mask_ratio, noise=self.noise)[0]
+        loss = self._forward()
         self.scaler.scale(loss / self.accum_iter).backward()
         return loss.detach()
 

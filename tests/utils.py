@@ -154,10 +154,11 @@ def make_qkv(B, H, N, D, dtype, layout, device, seed=0):
 class FakeGraphs:
     """Stand-ins for torch.cuda's stream and graph calls, so that capture-and-replay flows run on a CPU: the
     'capture' runs the work once, eagerly; a 'replay' counts and calls `on_replay(graph)` (by default nothing:
-    the captured output stays)."""
+    the captured output stays). `pools` lists the memory pool each capture was given (a graph's pool is its
+    own identity)."""
 
     def __init__(self, monkeypatch, on_replay=None):
-        self.captures, self.replays, self.on_replay = 0, 0, on_replay
+        self.captures, self.replays, self.on_replay, self.pools = 0, 0, on_replay, []
         fake = self
 
         class Graph:
@@ -166,9 +167,12 @@ class FakeGraphs:
                 if fake.on_replay is not None:
                     fake.on_replay(self)
 
+            def pool(self):
+                return id(self)
+
         class Capture:
             def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
-                pass
+                fake.pools.append(pool)
 
             def __enter__(self):
                 fake.captures += 1

@@ -34,14 +34,16 @@ call.
 Capture follows PyTorch's whole-network recipe: `warmup` ordinary steps on a side stream (compiling kernels,
 creating the optimizer's state), gradients set to None so the captured backward allocates them in the graph's
 memory pool (each replay writes them afresh: no zeroing needed), then the capture. (In the two-graph form the
-gradients are instead zero tensors made before the warm-up, which the captured backward adds to, as autograd
-does to a gradient that exists.) The warm-up steps train, so the model's weights and the optimizer's state are
-snapshotted before them and restored after the capture: the first replay is the model's next step, exactly as
-the eager step would be (the snapshot is kept in host memory, so it adds nothing to the GPU's peak). The
-autocast weight-cast cache is off inside the graph (it is not capture-safe), as the encoder benchmark's graphs
-do. Capture and replay run on the batch's GPU, with a
-capture stream of that GPU, in thread-local error mode: a data loader's pin-memory thread may call CUDA while
-this thread captures.
+gradients are instead zero tensors made before the warm-up, which the captured backward adds to, as autograd does
+to a gradient that exists, for the parameters an eager backward gives one: the optimizer skips the rest, as in
+the eager loop. The two graphs share one memory pool.) The warm-up steps train, so the model's weights and the
+optimizer's state are snapshotted before them and restored after the capture: the first replay is the model's
+next step, exactly as the eager step would be (the snapshot is kept in host memory, so it adds nothing to the
+GPU's peak). The autocast weight-cast cache is off inside the graph (it is not capture-safe), as the encoder
+benchmark's graphs do. Capture and replay run on the batch's GPU, with a capture stream of that GPU, in
+thread-local error mode: a data loader's pin-memory thread may call CUDA while this thread captures. Across
+processes every rank learns whether all ranks captured (one all-reduced flag): a capture that fails on one rank
+fails on all, rather than leaving the others waiting for its gradients.
 """
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ def capture_in_turn(works: Sequence[Callable[[], object]], device: torch.device,
                     before_capture: Callable[[], None] | None = None) -> tuple[list[torch.cuda.CUDAGraph], object]:
     """`capture` for work done in turns that are replayed separately (a training step's micro-step and its
     update): each warm-up call runs every one of `works` in order, then each is captured in a graph of its own, in
-    the same order. Returns the graphs and what the first captured call returned."""
+    the same order, all sharing the first graph's memory pool (replay them one at a time; any one may be replayed
+    several times in a row). Returns the graphs and what the first captured call returned."""
     with torch.cuda.device(device):
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -113,8 +116,12 @@ def capture_in_turn(works: Sequence[Callable[[], object]], device: torch.device,
         graphs, outs = [], []
         for work in works:
             graph = torch.cuda.CUDAGraph()
+            # one memory pool for all: a later graph's temporaries reuse what the earlier ones freed (safe as they
+            # are replayed in turn, never at once), so an optimizer's step does not keep memory of its own
+            pool = graphs[0].pool() if graphs else None
             try:
-                with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device),
+                                      capture_error_mode="thread_local"):
                     outs.append(work())
             except Exception as exc:
                 text = str(exc).strip()
@@ -142,6 +149,21 @@ def _flat_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
                 offset += p.numel()
             flats.append(flat)
     return flats
+
+
+def _agree(error: Exception | None, device: torch.device) -> Exception | None:
+    """`error`, or one saying that another rank failed: whether every rank of the process group captured, by
+    one all-reduce of a flag (on `device` under NCCL), which every rank reaches whether or not it failed."""
+    try:
+        flag = torch.tensor([0 if error is not None else 1], dtype=torch.int32,
+                            device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        everyone = bool(flag.item())
+    except Exception as exc:  # noqa: BLE001 - this rank's own error, if it had one, says more
+        return error or exc
+    if error is None and not everyone:
+        return GraphCaptureError("was captured on this rank but not on another (see that rank's error)")
+    return error
 
 
 def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -220,17 +242,18 @@ class GraphedTrainStep:
             optimizer.zero_grad(set_to_none=True)  # a host-side reset: nothing of it is captured
             return self._work()
 
+        error: Exception | None = None
         try:
             if self.accum_iter == 1 and not self.distributed:
                 # gradients None before the capture: the captured backward allocates them in the graph's pool
                 self.graph, self.loss = capture(step, device, warmup, lambda: optimizer.zero_grad(set_to_none=True))
             else:
-                # gradients that outlive every replay, made here (not in a graph's pool) on the current stream:
-                # the captured backward adds to them in place, the captured update reads and zeroes them
-                self.flat_grads = _flat_gradients([p for p in params if p.requires_grad])
-                (self.graph, self.update_graph), self.loss = capture_in_turn(
-                    [self._micro_step, self._update], device, warmup)
-        except Exception as exc:  # the warm-up's or the capture's: the model is left as it came, either way
+                self._capture_in_turn(params, warmup)
+        except Exception as exc:  # noqa: BLE001 - the warm-up's or the capture's; raised below
+            error = exc
+        if self.distributed:  # every rank learns whether all captured: none waits for a rank that gave up
+            error = _agree(error, device)
+        if error is not None:  # the model is left as it came, either way
             try:
                 optimizer.zero_grad(set_to_none=True)
                 _restore(params, weights, optimizer, state)
@@ -238,12 +261,32 @@ class GraphedTrainStep:
                 left = "the model and optimizer are as they were"
             except Exception:  # noqa: BLE001 - a failed capture can leave the device unusable
                 left = "restoring the model's weights failed too"
-            if isinstance(exc, GraphCaptureError):
-                raise GraphCaptureError(f"the training step {exc}; {left}") from exc.__cause__
-            raise
+            if isinstance(error, GraphCaptureError):
+                raise GraphCaptureError(f"the training step {error}; {left}") from error.__cause__
+            raise error
         _restore(params, weights, optimizer, state)  # in place: the graph holds these tensors' addresses
         self.scaler.load_state_dict(scaler_state)  # fills its scale and growth count in place
         self.reset_accumulation()
+
+    def _capture_in_turn(self, params: list[torch.Tensor], warmup: int) -> None:
+        """The two-graph form's capture. The gradients outlive every replay: zero tensors made here (not in a
+        graph's pool), views of one flat buffer per dtype, to which the captured backward adds in place and which
+        the captured update reads and zeroes. Only parameters that get a gradient have one (an eager backward finds
+        them), so the optimizer skips the others as it does in the eager loop rather than decaying them."""
+        optimizer = self.optimizer
+        with torch.cuda.device(self.device):
+            optimizer.zero_grad(set_to_none=True)
+            self._micro_step()
+        trained = [p for p in params if p.grad is not None]
+        optimizer.zero_grad(set_to_none=True)
+        self.flat_grads = _flat_gradients(trained)
+        views = [(p, p.grad.data_ptr()) for p in trained]
+        (self.graph, self.update_graph), self.loss = capture_in_turn([self._micro_step, self._update], self.device,
+                                                                     warmup)
+        moved = [p for p, ptr in views if p.grad is None or p.grad.data_ptr() != ptr]
+        if moved:  # the update graph would read gradients the micro-step's graph no longer writes
+            raise GraphCaptureError(f"could not be captured in a CUDA graph: the backward replaced {len(moved)} "
+                                    "gradient(s) instead of adding to them in place")
 
     def _forward(self) -> torch.Tensor:
         """The loss of the batch in the captured buffers (autocast without its cast cache, which is not
@@ -273,9 +316,13 @@ class GraphedTrainStep:
         """The gradients' mean over the ranks (eager, between the last micro-step and the update): one all-reduce
         per flat buffer, as DistributedDataParallel's sync computes it."""
         world = dist.get_world_size()
+        average = dist.get_backend() == "nccl"  # NCCL divides as it reduces; gloo has no average
         for flat in self.flat_grads:
-            dist.all_reduce(flat)
-            flat.div_(world)
+            if average:
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+            else:
+                dist.all_reduce(flat)
+                flat.div_(world)
 
     def _update(self) -> None:
         self._step()

@@ -10,11 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastmae.model.checkpoint import read_checkpoint
+from fastmae.train.graphed import GraphCaptureError, GraphedTrainStep
 from fastmae.train.logs import read_step_log
 from fastmae.train.pretrain import train
 
 from .common import assert_same_weights, pretrain_args
-from .test_graphed import StepGraphs
+from .test_graphed import FailingCapture, StepGraphs, _setup
 
 TIMEOUT_S = 150
 
@@ -35,9 +36,9 @@ def _worker(rank: int, world: int, rendezvous: str, out_dir: str, graphed: bool 
     assert not dist.is_initialized(), "the process group must be torn down at the end"
 
 
-def _run_two(tmp_path, out_dir, graphed: bool = False) -> None:
+def _run_two(tmp_path, out_dir, graphed: bool = False, worker=_worker) -> None:
     rendezvous = (tmp_path / f"rendezvous-{out_dir.name}").as_uri()
-    ctx = mp.start_processes(_worker, args=(2, rendezvous, str(out_dir), graphed), nprocs=2, join=False,
+    ctx = mp.start_processes(worker, args=(2, rendezvous, str(out_dir), graphed), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.time() + TIMEOUT_S
     while not ctx.join(timeout=2):
@@ -85,3 +86,37 @@ def test_two_process_cuda_graph_matches_one_process(tmp_path):
     ck1, ck2 = read_checkpoint(one / "checkpoint-last.pth"), read_checkpoint(two / "checkpoint-last.pth")
     assert ck2["args"]["world_size"] == 2 and ck2["args"]["cuda_graph"]
     assert_same_weights(ck2["model"], ck1["model"], lr=ck1["args"]["lr"], steps=8, atol=2e-5, rtol=1e-4)
+
+
+def _capture_worker(rank: int, world: int, rendezvous: str, out_dir: str, _graphed: bool) -> None:
+    """Captures a graphed step (stand-in graph calls) in a group of two; rank 1's capture fails. Writes what each
+    rank raised."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, world_size=world, rank=rank)
+    try:
+        model, opt, batches = _setup("cpu")
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            StepGraphs(monkeypatch)
+            if rank == 1:
+                monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+            try:
+                GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75)
+                said = "captured"
+            except GraphCaptureError as exc:
+                said = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(said)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_a_capture_failed_on_one_rank_fails_on_every_rank(tmp_path):
+    """A graphed step that fails to capture on one rank fails on the others too (one all-reduced flag), with the
+    model restored: none goes on to wait in the gradients' all-reduce for a rank that has stopped."""
+    out = tmp_path / "capture"
+    out.mkdir()
+    _run_two(tmp_path, out, worker=_capture_worker)
+    said = [(out / f"rank{r}.txt").read_text() for r in range(2)]
+    assert "operation not permitted when stream is capturing" in said[1], said
+    assert "captured on this rank but not on another" in said[0] and "as they were" in said[0], said

@@ -189,6 +189,7 @@ def test_accumulating_capture_matches_eager_accumulation(monkeypatch):
     batches = batches + batches[:1]
     step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=2)
     assert fake.captures == 2 and step.update_graph is not None
+    assert fake.pools == [None, step.graph.pool()]  # the update's temporaries reuse the micro-step's memory
     assert all(float(s["step"]) == 0 for s in opt.state.values())
     assert all(not p.grad.any() for p in model.parameters() if p.requires_grad)
     got = [step(imgs, noise, update).clone() for (imgs, noise), update in zip(batches, updates)]
@@ -199,6 +200,58 @@ def test_accumulating_capture_matches_eager_accumulation(monkeypatch):
     for n, p in model.named_parameters():
         assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n} after two updates")
         assert not p.requires_grad or not p.grad.any(), n  # zeroed in place by the update
+
+
+def test_accumulating_capture_leaves_parameters_without_gradients_alone(monkeypatch):
+    """A parameter the loss does not reach (a 2-D one, which AdamW decays) has no gradient in the two-graph form,
+    as in the eager loop: the optimizer skips it instead of decaying it by a zero gradient's step; the others
+    train as eager accumulation does (fp32, within 1e-6)."""
+    def setup():
+        model, opt, batches = _setup("cpu")
+        model.unused = torch.nn.Parameter(torch.ones(2, 3))
+        opt.add_param_group({"params": [model.unused], "weight_decay": 0.05, "lr": 1e-3})
+        use_tensor_lr(opt)
+        return model, opt, batches
+
+    model, opt, batches = setup()
+    expected = _eager_accumulated(model, opt, batches[:2], 2, [False, True])
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert torch.equal(weights["unused"], torch.ones(2, 3))
+
+    StepGraphs(monkeypatch)
+    model, opt, batches = setup()
+    step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=2)
+    assert model.unused.grad is None
+    assert sum(f.numel() for f in step.flat_grads) == sum(p.numel() for n, p in model.named_parameters()
+                                                          if p.requires_grad and n != "unused")
+    got = [step(*batches[0], update=False).clone(), step(*batches[1], update=True).clone()]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-6, 1e-6, f"loss of micro-step {i + 1}")
+    for n, p in model.named_parameters():
+        assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n}")
+
+
+def test_capture_refuses_gradients_replaced_out_of_place(monkeypatch):
+    """A backward that replaces a gradient instead of adding to it (the update graph would then read a tensor
+    the micro-step's graph no longer writes) fails the capture, with the model restored."""
+    model, opt, batches = _setup("cpu")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    StepGraphs(monkeypatch)
+    micro = GraphedTrainStep._micro_step
+
+    def replacing(step):
+        loss = micro(step)
+        p = step.model.mask_token
+        p.grad = p.grad.clone()
+        return loss
+
+    monkeypatch.setattr(GraphedTrainStep, "_micro_step", replacing)
+    with pytest.raises(graphed.GraphCaptureError,
+                       match=r"replaced 1 gradient\(s\) instead of adding .* as they were"):
+        GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=2)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[n]), n
+        assert p.grad is None, n
 
 
 def test_reset_accumulation_drops_an_unfinished_accumulation(monkeypatch):
@@ -235,8 +288,8 @@ def test_reset_accumulation_drops_an_unfinished_accumulation(monkeypatch):
 
 def test_replays_follow_assigned_rates(monkeypatch):
     """Rates assigned as numbers between calls (user code), or filled in place into the captured tensors
-    (`adjust_learning_rate`, torch's LR schedulers), both reach the replayed step: the same losses and weights as eager steps
-    with those rates (fp32, within 1e-6)."""
+    (`adjust_learning_rate`, torch's LR schedulers), both reach the replayed step: the same losses and weights as
+    eager steps with those rates (fp32, within 1e-6)."""
     rates = [1e-3, 5e-4, 2e-3]
     model, opt, batches = _setup("cpu")
     expected = []
@@ -526,6 +579,7 @@ def test_accumulating_graph_step_matches_eager_on_cuda(backend, impl):
     model, opt, batches = _setup(device, backend, capturable=True, impl=impl)
     batches = batches + batches[:1]
     step = GraphedTrainStep(model, opt, *batches[0], mask_ratio=0.75, accum_iter=2)
+    assert step.update_graph.pool() == step.graph.pool()  # the update's temporaries in the micro-step's memory
     got = [step(imgs, noise, update).clone() for (imgs, noise), update in zip(batches, updates)]
     torch.cuda.synchronize()
     for i, (g, e) in enumerate(zip(got, expected)):

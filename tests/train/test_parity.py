@@ -77,6 +77,7 @@ def test_triton_bf16_loss_curve_matches_reference_on_gpu(tmp_path):
     fast = train(pretrain_args(tmp_path / "triton", *common, "--backend", "triton"))
     assert len(ref.losses) == len(fast.losses) == STEPS
     for i, (a, b) in enumerate(zip(ref.losses, fast.losses)):
-        assert math.isfinite(b) and b == pytest.approx(a, rel=GPU_RTOL), f"step {i}: reference {a:.5f} vs triton {b:.5f}"
+        assert math.isfinite(b) and b == pytest.approx(a, rel=GPU_RTOL), \
+            f"step {i}: reference {a:.5f} vs triton {b:.5f}"
     q = STEPS // 4
     assert sum(fast.losses[-q:]) < sum(fast.losses[:q])

@@ -275,10 +275,10 @@ if [ "$SLUG" = unknown-device ]; then
     done
 else
     # Triton compiles each kernel specialisation on its first launch, one at a time: the benchmarks' ones are
-    # compiled first, in parallel, into Triton's cache (fastmae.bench.warm), beside the test suite on the GPU
+    # compiled first, in parallel, into Triton's cache (fastmae.bench.warm), beside the 8 test shards on the GPU
     WARM=(env -u TRITON_INTERPRET "$PY" -m fastmae.bench.warm)
     case "$MODE" in
-    gpu) bg_start warm 200 "${WARM[@]}" --workers 6 --timeout 150 --json "$RUN_DIR/warm.json" ;;  # 8 test shards beside it
+    gpu) bg_start warm 200 "${WARM[@]}" --workers 6 --timeout 150 --json "$RUN_DIR/warm.json" ;;
     cpu-quick) bg_start warm 90 "${WARM[@]}" --arch 90 --quick --workers 2 --timeout 60 --json "$RUN_DIR/warm.json" ;;
     *) skip warm "the CPU runs Triton kernels only under its interpreter: nothing to compile" ;;
     esac

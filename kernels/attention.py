@@ -20,10 +20,10 @@ Two paths, chosen per call from the shape by `choose_paths` (launch settings by 
   same value, as O = P V and P's rows sum to one), so it never reads O and dS = P * (dP - delta) sums to zero
   over each row as the exact gradient does (with O rounded to fp16/bf16 it does not, which shows in dQ and dK
   where a row's softmax is nearly one-hot; dividing by rowsum(P) cancels the rounding that P recomputed from
-  the saved log-sum-exp shares across its row). It is used (by "auto" up to 128 keys) where those tiles fit without register
-  spills, which depends on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim 32/64 and 128 keys at
-  head dim 128; on sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the backward takes the flash
-  kernels.
+  the saved log-sum-exp shares across its row). It is used (by "auto" up to 128 keys) where those tiles fit
+  without register spills, which depends on the GPU (`backward_path`): on sm_90 up to 256 keys at head dim
+  32/64 and 128 keys at head dim 128; on sm_80 up to 64 keys, or 128 keys at head dim 16. Elsewhere the
+  backward takes the flash kernels.
 * flash (any N): online softmax over key blocks in the forward (FlashAttention-2 order). The backward
   is two launches: one program per query block that computes delta = rowsum(dO * O) of its rows (and keeps
   it for the next launch) and walks over the key blocks for dQ; then one program per key block that walks
@@ -947,7 +947,8 @@ def compile_specs() -> list[CompileSpec]:
     the forced path launches them: tests, `bench attention`'s triton-short rows, the tuner), and the flash
     kernels (settings independent of N). Two optional attributes beyond `CompileSpec`'s fields:
     `divisible_by_16` (the integer arguments a launch specializes as multiples of 16) and, on the short
-    backward configurations only GPUs with Hopper's shared memory pick (sm_90, sm_100; not 12.x), `archs = (90, 100)`."""
+    backward configurations only GPUs with Hopper's shared memory pick (sm_90, sm_100; not 12.x),
+    `archs = (90, 100)`."""
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for d_pad in _HEAD_DIM_TILES:

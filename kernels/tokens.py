@@ -108,7 +108,8 @@ def _gather_patches_kernel(img_ptr, ids_ptr, out_ptr, n_rows, K, C, gw, p,
     pi = tl.arange(0, BLOCK_P)[None, None, :, None]
     qi = tl.arange(0, BLOCK_P)[None, None, None, :]
     m = rvalid[:, None, None, None] & (c < C) & (pi < p) & (qi < p)
-    src = img_ptr + n[:, None, None, None] * stride_n + c * stride_c + (ph * p + pi) * stride_h + (pw * p + qi) * stride_w
+    src = (img_ptr + n[:, None, None, None] * stride_n + c * stride_c + (ph * p + pi) * stride_h
+           + (pw * p + qi) * stride_w)
     v = tl.load(src, mask=m, other=0.0)
     dst = out_ptr + rows.to(tl.int64)[:, None, None, None] * (C * p * p) + c * (p * p) + pi * p + qi
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=m)

@@ -55,7 +55,8 @@ class MaskedAutoencoderViT(nn.Module):
         patch_size = self.patch_embed.patch_size[0]  # an int, also when given as timm's (p, p) pair
         num_patches = self.patch_embed.num_patches
         if mask_strategy == "grid" and self.patch_embed.grid_size[0] % 2:
-            raise ValueError(f"grid masking needs an even number of patches per side, got {self.patch_embed.grid_size[0]}")
+            raise ValueError("grid masking needs an even number of patches per side, got "
+                             f"{self.patch_embed.grid_size[0]}")
         self.in_chans = in_chans
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)

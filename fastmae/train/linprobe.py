@@ -52,18 +52,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", default=90, type=int, help="epochs of classifier training (on cached features)")
     p.add_argument("--batch_size", default=256, type=int, help="classifier batch size")
     p.add_argument("--blr", default=1.0, type=float,
-                   help="base lr: lr = blr * batch_size / 256 (SGD on standardised features; the official 0.1 is for LARS)")
+                   help="base lr: lr = blr * batch_size / 256 (SGD on standardised features; the official 0.1 is "
+                        "for LARS)")
     p.add_argument("--weight_decay", default=0.0, type=float, help="classifier weight decay")
     p.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear lr warmup")
     p.add_argument("--seed", default=0, type=seed, help="seed of the split and of the classifier")
     p.add_argument("--num_workers", default=0, type=int, help="DataLoader workers for feature extraction")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu; cuda when available")
-    p.add_argument("--backend", default=None, help="op backend (auto, reference, sdpa, xformers, triton); None: automatic, or FASTMAE_BACKEND")
+    p.add_argument("--backend", default=None,
+                   help="op backend (auto, reference, sdpa, xformers, triton); None: automatic, or FASTMAE_BACKEND")
     p.add_argument("--output_dir", default="", type=user_path,
                    help="folder to write linprobe.json to ('' writes nothing)")
     p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
-                   help="allow trusted checkpoints that hold Python objects (official ones store an argparse.Namespace)")
+                   help="allow trusted checkpoints that hold Python objects (official ones store an "
+                        "argparse.Namespace)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 

@@ -3,8 +3,8 @@
 The flags of the official `main_pretrain.py` keep their names and defaults, so an official command works
 after replacing `python main_pretrain.py` with `fastmae pretrain` (under torchrun the same way). Added:
 `--backend`, `--precision`, `--adamw`, `--compile`, `--lean_blocks`, `--cuda_graph`, `--max_steps`, `--save_every`,
-`--builtin_size`, `--verify_images`, `--allow-pickle`, `--no_progress`, and `--data_path builtin` (the default), the built-in labelled dataset
-that needs no download.
+`--builtin_size`, `--verify_images`, `--allow-pickle`, `--no_progress`, and `--data_path builtin` (the default),
+the built-in labelled dataset that needs no download.
 
 Differences from the official script, on purpose:
   * the crop, flip and masking noise of sample i in epoch e are drawn from a generator seeded by

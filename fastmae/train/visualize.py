@@ -46,9 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", default=128, type=int, help="side in pixels of each drawn image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu; cuda when available")
-    p.add_argument("--backend", default=None, help="op backend (auto, reference, sdpa, xformers, triton); None: automatic, or FASTMAE_BACKEND")
+    p.add_argument("--backend", default=None,
+                   help="op backend (auto, reference, sdpa, xformers, triton); None: automatic, or FASTMAE_BACKEND")
     p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
-                   help="allow trusted checkpoints that hold Python objects (official ones store an argparse.Namespace)")
+                   help="allow trusted checkpoints that hold Python objects (official ones store an "
+                        "argparse.Namespace)")
 
 
 def unnormalize_pred(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -113,7 +113,8 @@ def test_sdpa_token_ops_match_reference(n, L, d, keep):
 def test_sdpa_gather_patches_matches_reference(n, c, g, p):
     imgs = torch.randn(n, c, g * p, g * p)
     ids_keep = masking(n, g * g, max(1, g * g // 2))[0][:, :max(1, g * g // 2)]
-    assert torch.equal(ops.gather_patches(imgs, ids_keep, p, backend="sdpa"), reference.gather_patches(imgs, ids_keep, p))
+    assert torch.equal(ops.gather_patches(imgs, ids_keep, p, backend="sdpa"),
+                       reference.gather_patches(imgs, ids_keep, p))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 3, 7, 32), (1, 2, 50, 64), (2, 2, 65, 80)])

@@ -8,8 +8,8 @@ Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do in
   and reads each row's patch (h, w) as a [C, p, p] tile straight from `imgs[n, c, h*p + pi, w*p + qi]` (any
   strides; the patch side is a compile-time constant, so patch rows can load as vectors),
   matches it to pred[n, l] in the official (p, q, c) order, normalises it in registers when `norm_pix` (the patch's mean
-  and unbiased variance, eps 1e-6, all in fp32), and writes one fp32 partial: `w * mean((pred - t)^2)`
-  with w = mask[n, l] (with `pred_ids`, row (n, j) is patch pred_ids[n, j] and w = 1).
+  and unbiased variance, eps 1e-6, all in fp32), and adds the row's fp32 partial `w * mean((pred - t)^2)` to
+  its program's sum, with w = mask[n, l] (with `pred_ids`, row (n, j) is patch pred_ids[n, j] and w = 1).
 - Software pipeline: a program issues the next tile's loads before it reduces the current one, and reads
   the weights one tile further ahead (they decide what is read), so its memory latency overlaps its
   reductions instead of adding to them (with one tile per program, a program waits for its weights, then
@@ -17,9 +17,10 @@ Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do in
 - Rows whose weight is 0 (the kept patches) read nothing: their loads are masked off, so with 75% masking
   the kernel reads a quarter less. (A consequence: a NaN or inf in pred at a kept row does not turn the loss
   into NaN as `0 * nan` does in the reference.)
-- A second one-program kernel sums the partials and the mask in a fixed order and divides by
-  `max(sum(mask), 1)` (`max(N*M, 1)` with `pred_ids`), as the reference does. No atomics anywhere, so the
-  same inputs give the same bits run after run.
+- Each program sums its rows' partials and weights in registers and writes two numbers; a second
+  one-program kernel sums those (one per program: a ViT-B batch of 64 makes about 2,100, not the 12,544 rows)
+  in a fixed order and divides by `max(sum(mask), 1)` (`max(N*M, 1)` with `pred_ids`), as the reference
+  does. No atomics anywhere, so the same inputs give the same bits run after run.
 - When pred needs a gradient, the forward pass also writes `2 * w * (pred - t) / P` (in pred's dtype, only
   at rows with w != 0), and the backward pass scales it by grad_output / denominator (rows with w = 0 get
   zeros without a read). This spares the backward pass a second read of the image, which under mixed
@@ -49,7 +50,9 @@ from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, TunedSettings, cdiv, che
                     image_patches, launch_capability, launches_on_device_of, next_power_of_2, tuned_archs,
                     tuned_entries, tuned_entry)
 
-FINALIZE_BLOCK = 1024
+# The finalize kernel's block: the sums of a ViT-B batch of up to 128 (one per forward program) in one pass
+FINALIZE_BLOCK = 4096
+FINALIZE_WARPS = 8
 
 
 # Launch choices: the rule (not timed on a GPU yet; the compile specs below follow it), which a GPU's entries in
@@ -285,10 +288,11 @@ def _mse_load_tile(pred_ptr, img_ptr, rows, n, patch, w, C, gw, stride_n, stride
 
 
 @triton.jit
-def _mse_finish_tile(x, y, rows, rvalid, w, part_ptr, g_ptr, C,
+def _mse_finish_tile(x, y, rows, rvalid, w, g_ptr, C,
                      NORM_PIX: tl.constexpr, WRITE_GRAD: tl.constexpr, PATCH: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """part[row] = w * mean over the patch of (pred - target)^2, and the gradient when asked."""
+    """Each row's w * mean over the patch of (pred - target)^2 ([BLOCK_R], 0 on rows out of range), and the
+    gradient when asked."""
     pred_offs, inb = _mse_tile_offsets(rows, w, C, PATCH, BLOCK_C, BLOCK_P)
     P = C * PATCH * PATCH
     if NORM_PIX:
@@ -300,14 +304,14 @@ def _mse_finish_tile(x, y, rows, rvalid, w, part_ptr, g_ptr, C,
         t = x
     diff = y - t  # 0 outside the patch and on rows of weight 0: both loads gave 0 there
     sq = tl.sum(tl.reshape(diff * diff, [BLOCK_R, BLOCK_C * BLOCK_P * BLOCK_P]), axis=1)
-    tl.store(part_ptr + rows, w * sq / P, mask=rvalid)
     if WRITE_GRAD:
         scale = 2.0 * w / P
         tl.store(g_ptr + pred_offs, (diff * scale[:, None, None, None]).to(g_ptr.dtype.element_ty), mask=inb)
+    return tl.where(rvalid, w * sq / P, 0.0)
 
 
 @triton.jit
-def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr,
+def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, wsum_ptr, g_ptr,
                            n_rows, rows_per_n, C, gw, tiles,
                            stride_n, stride_c, stride_h, stride_w,
                            PATCH: tl.constexpr, NORM_PIX: tl.constexpr, HAS_IDS: tl.constexpr,
@@ -316,37 +320,46 @@ def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, g_ptr
     """One program per `tiles` consecutive tiles of BLOCK_R prediction rows ([BLOCK_R, C, p, p] each), in a
     software pipeline: while one tile's statistics, loss and gradient are computed, the next tile's image
     and prediction loads are in flight, and the weights of the one after that (reading a tile waits on its
-    weights, which decide what is read). Each row's partial goes to part[row]."""
-    first = tl.program_id(0) * tiles
+    weights, which decide what is read). The program's rows' partials, summed, go to part[program], and their
+    weights, summed, to wsum[program] (not written with ids: the finalize kernel does not read them then)."""
+    pid = tl.program_id(0)
+    first = pid * tiles
     limit = tl.minimum((first + tiles) * BLOCK_R, n_rows)
     rows, rvalid, n, patch, w = _mse_tile_rows(first, limit, rows_per_n, mask_ptr, ids_ptr, HAS_IDS, BLOCK_R)
     x, y = _mse_load_tile(pred_ptr, img_ptr, rows, n, patch, w, C, gw, stride_n, stride_c, stride_h, stride_w,
                           PATCH, BLOCK_C, BLOCK_P)
     rows1, rvalid1, n1, patch1, w1 = _mse_tile_rows(first + 1, limit, rows_per_n, mask_ptr, ids_ptr,
                                                     HAS_IDS, BLOCK_R)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    wacc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for i in range(0, tiles):
         x1, y1 = _mse_load_tile(pred_ptr, img_ptr, rows1, n1, patch1, w1, C, gw, stride_n, stride_c, stride_h,
                                 stride_w, PATCH, BLOCK_C, BLOCK_P)
         rows2, rvalid2, n2, patch2, w2 = _mse_tile_rows(first + i + 2, limit, rows_per_n, mask_ptr, ids_ptr,
                                                         HAS_IDS, BLOCK_R)
-        _mse_finish_tile(x, y, rows, rvalid, w, part_ptr, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
-                         BLOCK_R, BLOCK_C, BLOCK_P)
+        acc += _mse_finish_tile(x, y, rows, rvalid, w, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
+                                BLOCK_R, BLOCK_C, BLOCK_P)
+        wacc += w  # 0 on rows out of range (their weights load as 0)
         rows, rvalid, w, x, y = rows1, rvalid1, w1, x1, y1
         rows1, rvalid1, n1, patch1, w1 = rows2, rvalid2, n2, patch2, w2
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+    if not HAS_IDS:
+        tl.store(wsum_ptr + pid, tl.sum(wacc, axis=0))
 
 
 @triton.jit
-def _masked_mse_finalize_kernel(part_ptr, mask_ptr, loss_ptr, denom_ptr, n_rows, fixed_denom,
+def _masked_mse_finalize_kernel(part_ptr, wsum_ptr, loss_ptr, denom_ptr, n_parts, fixed_denom,
                                 HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: loss = sum(part) / max(sum(mask), 1) (or / fixed_denom), summed in a fixed order."""
+    """One program: loss = sum(part) / max(sum(wsum), 1) (or / fixed_denom) over the forward's n_parts
+    programs, summed in a fixed order."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     macc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_rows, BLOCK):
+    for start in range(0, n_parts, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        m = offs < n_rows
+        m = offs < n_parts
         acc += tl.load(part_ptr + offs, mask=m, other=0.0)
         if HAS_MASK:
-            macc += tl.load(mask_ptr + offs, mask=m, other=0.0)
+            macc += tl.load(wsum_ptr + offs, mask=m, other=0.0)
     total = tl.sum(acc, axis=0)
     if HAS_MASK:
         denom = tl.maximum(tl.sum(macc, axis=0), 1.0)
@@ -407,7 +420,6 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     mask32 = (mask.flatten(1) if mask.dim() >= 2 else mask.reshape(n, -1)).to(torch.float32).contiguous()
     ids = pred_ids.contiguous() if has_ids else mask32  # a placeholder pointer when there are no ids
     n_rows = n * rows
-    part = torch.empty(n_rows, device=pred.device, dtype=torch.float32)
     g = torch.empty_like(pred) if write_grad else None
     loss = torch.empty((), device=pred.device, dtype=torch.float32)
     denom = torch.empty(1, device=pred.device, dtype=torch.float32)
@@ -420,14 +432,19 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
                         lambda: default_settings("fwd", c, p))
     n_tiles = cdiv(n_rows, cfg.block_r)
     tiles = tiles_per_program(n_tiles, cfg.max_tiles)
-    _masked_mse_fwd_kernel[(cdiv(n_tiles, tiles),)](
-        pred, imgs, mask32, ids, part, g if write_grad else part, n_rows, rows, c, gw, tiles, *imgs.stride(),
+    programs = cdiv(n_tiles, tiles)
+    # one buffer: the programs' partial sums, then (from a 16-byte aligned offset) their weight sums
+    half = cdiv(programs, 4) * 4
+    part = torch.empty(2 * half, device=pred.device, dtype=torch.float32)
+    wsum = part[half:]
+    _masked_mse_fwd_kernel[(programs,)](
+        pred, imgs, mask32, ids, part, wsum, g if write_grad else part, n_rows, rows, c, gw, tiles, *imgs.stride(),
         PATCH=p, NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
         BLOCK_R=cfg.block_r, BLOCK_C=next_power_of_2(c), BLOCK_P=next_power_of_2(p),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
-    _masked_mse_finalize_kernel[(1,)](part, mask32, loss, denom, n_rows, float(max(n_rows, 1)),
+    _masked_mse_finalize_kernel[(1,)](part, wsum, loss, denom, programs, float(max(n_rows, 1)),
                                       HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK,
-                                      num_warps=4, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+                                      num_warps=FINALIZE_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return loss, g, denom, mask32
 
 
@@ -544,7 +561,7 @@ CHANNELS = (1, 2, 3)
 BWD_PATCH_SIDES = range(4, 17)  # the backward is not specialised on the patch side: every side 4 to 16
 
 
-_FWD_NAMES = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr g_ptr n_rows rows_per_n C gw tiles "
+_FWD_NAMES = ("pred_ptr img_ptr mask_ptr ids_ptr part_ptr wsum_ptr g_ptr n_rows rows_per_n C gw tiles "
               "stride_n stride_c stride_h stride_w").split()
 
 
@@ -553,7 +570,7 @@ def _fwd_spec(tp: str, ti: str, channels: int, p: int, norm_pix: bool, has_ids: 
     """The compile spec of a forward launch: (pred, image) Triton dtypes, channels, patch side, the switches
     and settings (tiles per program are a run-time argument: every value compiles the same code)."""
     block_c, block_p = next_power_of_2(channels), next_power_of_2(p)
-    types = [f"*{tp}", f"*{ti}", "*fp32", "*i64" if has_ids else "*fp32", "*fp32",
+    types = [f"*{tp}", f"*{ti}", "*fp32", "*i64" if has_ids else "*fp32", "*fp32", "*fp32",
              f"*{tp}" if write_grad else "*fp32"] + ["i32"] * 9
     return CompileSpec(
         f"masked_mse_fwd[{tp},{ti},p{p},R{cfg.block_r},C{block_c},P{block_p},"
@@ -625,7 +642,7 @@ def compile_specs() -> list[CompileSpec]:
     for has_mask in (False, True):
         specs.append(CompileSpec(
             f"masked_mse_finalize[mask{int(has_mask)}]", _masked_mse_finalize_kernel,
-            dict(zip("part_ptr mask_ptr loss_ptr denom_ptr n_rows fixed_denom".split(),
+            dict(zip("part_ptr wsum_ptr loss_ptr denom_ptr n_parts fixed_denom".split(),
                      ["*fp32", "*fp32", "*fp32", "*fp32", "i32", "fp32"])),
-            {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=4))
+            {"HAS_MASK": has_mask, "BLOCK": FINALIZE_BLOCK}, num_warps=FINALIZE_WARPS))
     return specs + tuned_specs(tuned_table())

@@ -112,8 +112,9 @@ def test_loss_launchers_use_the_tuned_settings_of_their_architecture(monkeypatch
         (grad,) = torch.autograd.grad(value, [leaf])
     fwd = [x for x in launched if x.name == "_masked_mse_fwd_kernel"]
     bwd = [x for x in launched if x.name == "_masked_mse_bwd_kernel"]
-    assert [(x.kwargs["BLOCK_R"], x.kwargs["num_warps"], x.args[10], x.kwargs["num_stages"]) for x in fwd] == \
-        [tuple(tuned_f)]  # args[10]: the tiles per program
+    tiles = loss._FWD_NAMES.index("tiles")  # the forward's argument: tiles per program
+    assert [(x.kwargs["BLOCK_R"], x.kwargs["num_warps"], x.args[tiles], x.kwargs["num_stages"]) for x in fwd] == \
+        [tuple(tuned_f)]
     assert [(x.kwargs["BLOCK_R"], x.kwargs["num_warps"], x.kwargs["num_stages"]) for x in bwd] == [(4, 2, 1)]
     ref_leaf = pred.clone().requires_grad_(True)
     ref = reference.masked_mse_loss(ref_leaf, imgs, mask, p, norm_pix)

@@ -105,8 +105,27 @@ def test_masked_mse_pipelined_programs(monkeypatch, device, dtype, pred_ids_mode
         _compare(device, dtype, case, True, pred_ids_mode)
     fwd = [launch for launch in launched if launch.name == "_masked_mse_fwd_kernel"]
     assert len(fwd) == 1
-    tiles = fwd[0].args[10]  # the `tiles` argument
+    tiles = fwd[0].args[loss_mod._FWD_NAMES.index("tiles")]
     assert tiles == 3, f"expected 3 tiles per program, got {tiles}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pred_ids_mode", [False, True])
+def test_masked_mse_sums_programs_over_several_finalize_blocks(monkeypatch, device, pred_ids_mode):
+    """Each forward program writes its rows' summed partials and weights; the finalize kernel sums them block
+    by block. Here 8 programs of 2 tiles each meet a finalize block of 4 (two passes): loss and gradient against
+    the reference."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    monkeypatch.setattr(loss_mod, "PIPELINE_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(loss_mod, "PIPELINE_MAX_TILES", 2)
+    monkeypatch.setattr(loss_mod, "FINALIZE_BLOCK", 4)
+    with launched_kernels() as launched:
+        _compare(device, torch.float32, (4, 1, 8, 8, 8, 32), True, pred_ids_mode)
+    fwd = [launch for launch in launched if launch.name == "_masked_mse_fwd_kernel"]
+    fin = [launch for launch in launched if launch.name == "_masked_mse_finalize_kernel"]
+    assert len(fwd) == 1 and len(fin) == 1
+    assert fwd[0].args[loss_mod._FWD_NAMES.index("tiles")] == 2
+    assert fin[0].args[4] > 4, f"expected more programs than one finalize block, got {fin[0].args[4]}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

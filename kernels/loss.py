@@ -407,6 +407,11 @@ def _check(pred, imgs, mask, patch_size, pred_ids):
     return n, c, gw, p, rows, P
 
 
+def weights32(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The mask as the kernels read it: [N, L] fp32 and contiguous (the mask itself when it already is one)."""
+    return (mask.flatten(1) if mask.dim() >= 2 else mask.reshape(n, -1)).to(torch.float32).contiguous()
+
+
 @launches_on_device_of("pred")
 def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
                             norm_pix: bool = False, pred_ids: torch.Tensor | None = None, write_grad: bool = False):
@@ -419,7 +424,7 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     n, c, gw, p, rows, P = _check(pred, imgs, mask, patch_size, pred_ids)
     pred = pred.contiguous()
     has_ids = pred_ids is not None
-    mask32 = (mask.flatten(1) if mask.dim() >= 2 else mask.reshape(n, -1)).to(torch.float32).contiguous()
+    mask32 = weights32(mask, n)
     ids = pred_ids.contiguous() if has_ids else mask32  # a placeholder pointer when there are no ids
     n_rows = n * rows
     g = torch.empty_like(pred) if write_grad else None
@@ -473,17 +478,17 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
 
 
 # The launchers as torch.library custom ops with fake implementations, so torch.compile treats each as one
-# opaque op (see the note in tokens.py). Outputs never alias inputs: mask32 is copied when the mask already is
-# a contiguous fp32 [N, L] tensor, and without `write_grad` g is an empty placeholder.
+# opaque op (see the note in tokens.py). Outputs never alias inputs: without `write_grad` g is an empty
+# placeholder, and the fp32 mask the backward reads is not an output (that would take a copy of the mask
+# whenever the mask already is a contiguous fp32 [N, L] tensor, as the model's is): the autograd function saves
+# the mask itself and converts it again in the backward (a no-op for such a mask).
 
 
 def _masked_mse_fwd(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
                     pred_ids: torch.Tensor | None,
-                    write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, g, denom, mask32 = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad)
-    if mask32.data_ptr() == mask.data_ptr():
-        mask32 = mask32.clone()
-    return loss, (g if g is not None else pred.new_empty(0)), denom, mask32
+                    write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, g, denom, _ = masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad)
+    return loss, (g if g is not None else pred.new_empty(0)), denom
 
 
 _masked_mse_fwd_op = custom_op("fastmae::masked_mse_fwd", _masked_mse_fwd)
@@ -493,8 +498,7 @@ _masked_mse_fwd_op = custom_op("fastmae::masked_mse_fwd", _masked_mse_fwd)
 def _masked_mse_fwd_fake(pred, imgs, mask, patch_size, norm_pix, pred_ids, write_grad):
     f32 = torch.float32
     g = pred.new_empty(pred.shape) if write_grad else pred.new_empty(0)
-    return (pred.new_empty((), dtype=f32), g, pred.new_empty(1, dtype=f32),
-            pred.new_empty((mask.shape[0], mask.numel() // max(1, mask.shape[0])), dtype=f32))
+    return pred.new_empty((), dtype=f32), g, pred.new_empty(1, dtype=f32)
 
 
 def _masked_mse_bwd(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor, mask32: torch.Tensor,
@@ -513,14 +517,15 @@ def _masked_mse_bwd_fake(grad_output, g, denom, mask32, has_ids):
 class MaskedMSELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, imgs, mask, patch_size, norm_pix, pred_ids):
-        loss, g, denom, mask32 = _masked_mse_fwd_op(pred, imgs, mask, patch_size, norm_pix, pred_ids, True)
-        ctx.save_for_backward(g, denom, mask32, pred)  # pred: for a double backward only (held by the caller anyway)
+        loss, g, denom = _masked_mse_fwd_op(pred, imgs, mask, patch_size, norm_pix, pred_ids, True)
+        ctx.save_for_backward(g, denom, mask, pred)  # pred: for a double backward only (held by the caller anyway)
         ctx.has_ids = pred_ids is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        g, denom, mask32, pred = ctx.saved_tensors
+        g, denom, mask, pred = ctx.saved_tensors
+        mask32 = weights32(mask, pred.shape[0])
         if torch.is_grad_enabled():  # create_graph=True: the same gradient, built from torch ops that autograd sees
             return _differentiable_grad(grad_output, g, denom, mask32, pred, ctx.has_ids), None, None, None, None, None
         grad_pred = _masked_mse_bwd_op(grad_output, g, denom, mask32, ctx.has_ids)

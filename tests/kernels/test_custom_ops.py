@@ -110,19 +110,20 @@ def test_masked_mse_ops(device, pred_dtype, norm_pix):
     eager = OPS.masked_mse_fwd(*args)
     traced = aot_function(lambda *a: OPS.masked_mse_fwd(*a), nop, nop, dynamic=True)(*args)
     removed = mask.bool()
-    for name, a, b in zip(("loss", "g", "denom", "mask32"), eager, traced):
+    assert len(eager) == len(traced) == 3
+    for name, a, b in zip(("loss", "g", "denom"), eager, traced):
         a, b = (a[removed], b[removed]) if name == "g" else (a, b)
         assert torch.equal(a, b), f"masked_mse_fwd {name}: traced output differs from eager"
-    _, g, denom, mask32 = eager
-    _check(OPS.masked_mse_bwd, (torch.ones((), device=device), g, denom, mask32, False))
+    _, g, denom = eager
+    _check(OPS.masked_mse_bwd, (torch.ones((), device=device), g, denom, mask, False))
 
     # pred_masked_only: pred holds the removed patches alone, in shuffled order; every row is scored
     ids_removed = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :L - K].contiguous()
     pred_removed = pred[:, :L - K].contiguous()
     args = (pred_removed, imgs, mask, p, norm_pix, ids_removed, True)
     _check(OPS.masked_mse_fwd, args)
-    _, g, denom, mask32 = OPS.masked_mse_fwd(*args)
-    _check(OPS.masked_mse_bwd, (torch.ones((), device=device), g, denom, mask32, True))
+    _, g, denom = OPS.masked_mse_fwd(*args)
+    _check(OPS.masked_mse_bwd, (torch.ones((), device=device), g, denom, mask, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -177,6 +177,26 @@ def test_masked_mse_is_deterministic(device, pred_ids_mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_masked_mse_keeps_the_mask_without_a_copy(device):
+    """A contiguous fp32 mask (the model's) is saved for the backward as it is, not copied (a copy is one more
+    kernel per step on a GPU); changing it in place before the backward is then an error, not a silent change
+    of the gradient."""
+    skip_unless_serves("masked_mse_loss", "triton", device, torch.float32)
+    imgs, pred = _inputs(CASES[0], device)
+    _, _, mask = masking(2, 4, 2, device)
+    assert mask.dtype == torch.float32 and mask.is_contiguous()
+    leaf = pred.detach().requires_grad_(True)
+    value = loss_mod.masked_mse_loss(leaf, imgs, mask, 4, True)
+    assert any(t.data_ptr() == mask.data_ptr() for t in value.grad_fn.saved_tensors)
+    (grad,) = torch.autograd.grad(value, [leaf], retain_graph=True)
+    _, ref_grad = _loss_and_grad(reference.masked_mse_loss, pred, imgs, mask, 4, True, None, 1.0)
+    assert_error_within_plain(grad, ref_grad, ref_grad, "grad pred")
+    mask.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(value, [leaf])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_mse_forward_only_writes_no_grad(device):
     """Without grad the kernel writes no gradient buffer, and the loss has the same bits as with grad."""
     skip_unless_serves("masked_mse_loss", "triton", device, torch.float16)

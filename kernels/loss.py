@@ -15,9 +15,10 @@ Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do in
   reductions instead of adding to them (with one tile per program, a program waits for its weights, then
   for its data, then on its block-wide reductions, with nothing of its own in flight meanwhile).
 - Rows whose weight is 0 (the kept patches) read nothing: their loads are masked off, so with 75% masking
-  the kernel reads a quarter less. A tile of such rows only (a kept patch, where a tile holds one 16- or
-  14-pixel patch) also skips its reductions and writes. (A consequence: a NaN or inf in pred at a kept row
-  does not turn the loss into NaN as `0 * nan` does in the reference.)
+  the kernel reads a quarter less. Where a tile holds one patch (the launch rule's choice for padded patches
+  of 512 values or more, as ViT's 3 x 16 x 16 and 3 x 14 x 14), a kept patch's tile also skips its reductions
+  and writes. (A consequence: a NaN or inf in pred at a kept row does not turn the loss into NaN as
+  `0 * nan` does in the reference.)
 - Each program sums its rows' partials and weights in registers and writes two numbers; a second
   one-program kernel sums those (one per program: a ViT-B batch of 64 makes about 2,100, not the 12,544 rows)
   in a fixed order and divides by `max(sum(mask), 1)` (`max(N*M, 1)` with `pred_ids`), as the reference
@@ -338,7 +339,11 @@ def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, wsum_
                                 stride_w, PATCH, BLOCK_C, BLOCK_P)
         rows2, rvalid2, n2, patch2, w2 = _mse_tile_rows(first + i + 2, limit, rows_per_n, mask_ptr, ids_ptr,
                                                         HAS_IDS, BLOCK_R)
-        if tl.max((w != 0.0).to(tl.int32), axis=0) != 0:  # a tile of weight-0 rows only has nothing to add
+        if BLOCK_R == 1:  # one patch per tile (ViT's 16- and 14-pixel patches): a kept patch's tile adds nothing
+            if tl.max((w != 0.0).to(tl.int32), axis=0) != 0:
+                acc += _mse_finish_tile(x, y, rows, rvalid, w, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
+                                        BLOCK_R, BLOCK_C, BLOCK_P)
+        else:  # tiles of several rows are seldom all kept, and the branch made triton 3.6's ptxas spill at sm_90
             acc += _mse_finish_tile(x, y, rows, rvalid, w, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
                                     BLOCK_R, BLOCK_C, BLOCK_P)
         wacc += w  # 0 on rows out of range (their weights load as 0)

@@ -339,11 +339,13 @@ def _masked_mse_fwd_kernel(pred_ptr, img_ptr, mask_ptr, ids_ptr, part_ptr, wsum_
                                 stride_w, PATCH, BLOCK_C, BLOCK_P)
         rows2, rvalid2, n2, patch2, w2 = _mse_tile_rows(first + i + 2, limit, rows_per_n, mask_ptr, ids_ptr,
                                                         HAS_IDS, BLOCK_R)
-        if BLOCK_R == 1:  # one patch per tile (ViT's 16- and 14-pixel patches): a kept patch's tile adds nothing
-            if tl.max((w != 0.0).to(tl.int32), axis=0) != 0:
-                acc += _mse_finish_tile(x, y, rows, rvalid, w, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
-                                        BLOCK_R, BLOCK_C, BLOCK_P)
-        else:  # tiles of several rows are seldom all kept, and the branch made triton 3.6's ptxas spill at sm_90
+        # One patch per tile (ViT's 16- and 14-pixel patches): a kept patch's tile adds nothing and is skipped.
+        # Tiles of several rows are seldom all kept and always finish (a compile-time True: no branch, which
+        # made triton 3.6's ptxas spill at sm_90).
+        work = True
+        if BLOCK_R == 1:
+            work = tl.max((w != 0.0).to(tl.int32), axis=0) != 0
+        if work:
             acc += _mse_finish_tile(x, y, rows, rvalid, w, g_ptr, C, NORM_PIX, WRITE_GRAD, PATCH,
                                     BLOCK_R, BLOCK_C, BLOCK_P)
         wacc += w  # 0 on rows out of range (their weights load as 0)

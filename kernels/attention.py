@@ -5,7 +5,7 @@
 q, k and v may be strided views (for example the three slices of one packed qkv projection,
 `qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`): every kernel takes all four strides of
 every tensor, so no copy is made. The gradients are new contiguous tensors in q's dtype; the output is a
-[B, H, N, D] view of a new [B, N, H, D] buffer (as flash-attention's), so that the model's
+[B, H, N, D] tensor laid out as a [B, N, H, D] one (as flash-attention's), so that the model's
 `out.transpose(1, 2).reshape(B, N, H * D)` before the output projection is a view, not a copy.
 
 Two paths, chosen per call from the shape by `choose_paths` (launch settings by `launch_settings`):
@@ -614,27 +614,32 @@ def _i32_addressable(t: torch.Tensor) -> torch.Tensor:
     return t if _head_span(t) < _I32_LIMIT else t.contiguous()
 
 
+# Whether the kernels above run in Triton's interpreter: `triton.jit` decided that when it decorated them, at this
+# module's import (reading the environment at each launch cost about 2 µs, and a bf16 training step asks per launch)
+_INTERPRETED = interpreter_enabled()
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     """bf16 tiles go through fp32 under the interpreter, which holds bf16 as raw integers."""
-    return dtype is torch.bfloat16 and interpreter_enabled()
+    return dtype is torch.bfloat16 and _INTERPRETED
 
 
 def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward's (out, lse), as the kernels and the fake implementations allocate them: out [B, H, N, D] as
-    a view of a [B, N, H, D] buffer (merging the heads afterwards is free), lse [B, H, N] fp32. Where the rows
-    of that buffer lie too far apart for 32-bit offsets inside a head (about a million tokens at 16 x 128),
+    """The forward's (out, lse), as the kernels and the fake implementations allocate them: out [B, H, N, D]
+    laid out as a [B, N, H, D] tensor (merging the heads afterwards is free), lse [B, H, N] fp32. Where the rows
+    of that layout lie too far apart for 32-bit offsets inside a head (about a million tokens at 16 x 128),
     out is a plain contiguous [B, H, N, D] tensor instead."""
     B, H, N, D = q.shape
-    lse = q.new_empty((B, H, N), dtype=torch.float32)
-    if _span(N, D, H * D, 1) < _I32_LIMIT:  # the rows of the [B, N, H, D] buffer
-        return q.new_empty((B, N, H, D)).transpose(1, 2), lse
-    return q.new_empty((B, H, N, D)), lse
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    if _span(N, D, H * D, 1) < _I32_LIMIT:  # the rows of the [B, N, H, D] buffer; made in that layout at once
+        return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=q.dtype, device=q.device), lse
+    return torch.empty((B, H, N, D), dtype=q.dtype, device=q.device), lse
 
 
 @launches_on_device_of("q")
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                       path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: [B, H, N, D] (any strides) -> (out [B, H, N, D] in q's dtype, a view of a [B, N, H, D] buffer,
+    """q, k, v: [B, H, N, D] (any strides) -> (out [B, H, N, D] in q's dtype, laid out as [B, N, H, D],
     lse [B, H, N] fp32: the natural log-sum-exp of each row of scale * q k^T).
 
     `path` forces 'short' or 'flash' (tests); 'auto' picks by `forward_path`.
@@ -644,11 +649,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return _forward(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale), path)
 
 
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-             path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, path: str,
+             one_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_forward` on checked inputs, on the current device: the launch alone (a training step makes one
-    per block, and its host time is part of the step's at MAE's shapes)."""
-    q, k, v = (_i32_addressable(t) for t in (q, k, v))
+    per block, and its host time is part of the step's at MAE's shapes). `one_layout`: q, k and v have one shape
+    and strides (views of one packed projection), so q's layout is checked for all three."""
+    if not one_layout or _head_span(q) >= _I32_LIMIT:
+        q, k, v = (_i32_addressable(t) for t in (q, k, v))
     B, H, N, D = q.shape
     out, lse = _new_outputs(q)
     if out.numel() == 0:
@@ -687,16 +694,22 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return _backward(dout, q, k, v, out, lse, scale, path, grads)
 
 
-def _backward(dout, q, k, v, out, lse, scale: float, path: str, grads=None):
-    """`attention_backward` on checked inputs, on the current device."""
-    dout, q, k, v, out = (_i32_addressable(t) for t in (dout.to(q.dtype), q, k, v, out))
+def _backward(dout, q, k, v, out, lse, scale: float, path: str, grads=None, one_layout: bool = False):
+    """`attention_backward` on checked inputs, on the current device. `one_layout`: q, k and v share one layout,
+    and so do the three `grads` (views of one packed projection and of its gradient): each checked once."""
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    if one_layout and _head_span(q) < _I32_LIMIT:
+        dout, out = _i32_addressable(dout), _i32_addressable(out)
+    else:
+        dout, q, k, v, out = (_i32_addressable(t) for t in (dout, q, k, v, out))
     if grads is None:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty_like(dq)
         dv = torch.empty_like(dq)
     else:
         dq, dk, dv = grads
-        if any(_head_span(g) >= _I32_LIMIT for g in grads):  # written in a layout the kernels can address
+        if any(_head_span(g) >= _I32_LIMIT for g in (grads[:1] if one_layout else grads)):  # an addressable layout
             for g, fresh in zip(grads, _backward(dout, q, k, v, out, lse, scale, path)):
                 g.copy_(fresh)
             return dq, dk, dv
@@ -806,11 +819,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 # The packed launchers skip `attention_forward`'s and `attention_backward`'s checks: `attention_packed` checked
 # qkv, and the backward's other tensors are the forward's outputs and autograd's gradient of out.
 
+def _packed_views(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`split_qkv`'s q, k, v [B, H, N, D] views of qkv [B, N, 3 * H * D] (any strides), made by `as_strided`: the
+    same elements and strides for about half the host time of reshape, permute and unbind. For the launchers
+    alone: their callers (an autograd.Function, the custom ops) keep autograd away from these views."""
+    B, N, width = qkv.shape
+    d = width // (3 * num_heads)
+    sb, sn, sc = qkv.stride()
+    size, stride = (B, num_heads, N, d), (sb, d * sc, sn, sc)
+    offset, step = qkv.storage_offset(), num_heads * d * sc
+    return (qkv.as_strided(size, stride, offset), qkv.as_strided(size, stride, offset + step),
+            qkv.as_strided(size, stride, offset + 2 * step))
+
+
 @launches_on_device_of("qkv")
 def _attention_qkv_fwd(qkv: torch.Tensor, num_heads: int, scale: float,
                        path: str) -> tuple[torch.Tensor, torch.Tensor]:
     check_device(qkv)
-    return _forward(*split_qkv(qkv, num_heads), scale, path)
+    return _forward(*_packed_views(qkv, num_heads), scale, path, one_layout=True)
 
 
 @launches_on_device_of("qkv")
@@ -818,7 +844,8 @@ def _attention_qkv_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
                        num_heads: int, scale: float, path: str) -> torch.Tensor:
     check_device(dout)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    _backward(dout, *split_qkv(qkv, num_heads), out, lse, scale, path, split_qkv(dqkv, num_heads))
+    _backward(dout, *_packed_views(qkv, num_heads), out, lse, scale, path, _packed_views(dqkv, num_heads),
+              one_layout=True)
     return dqkv
 
 

@@ -197,6 +197,25 @@ def test_the_copies_for_32_bit_offsets_give_the_same_numbers(path, device, monke
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+def test_packed_views_are_split_qkv():
+    """The packed launchers' q, k, v (`as_strided`, for host time) are the views `split_qkv` makes: the same
+    storage offsets, shapes and strides for a contiguous projection, a slice of a wider one, one with a
+    non-unit channel stride and a batch taken from a sequence-first tensor."""
+    base = torch.arange(2 * 5 * 3 * 2 * 4 * 3, dtype=torch.float32)
+    layouts = {
+        "contiguous": base[:2 * 5 * 24].view(2, 5, 24),
+        "slice of a wider projection": base[:2 * 5 * 30].view(2, 5, 30)[:, :, 3:27],
+        "channel stride 3": base.view(2, 5, 72)[:, :, ::3],
+        "sequence-first": base[:5 * 2 * 24].view(5, 2, 24).transpose(0, 1),
+    }
+    for name, qkv in layouts.items():
+        assert qkv.shape == (2, 5, 24), name
+        for mine, ref in zip(attn._packed_views(qkv, 2), ops.split_qkv(qkv, 2)):
+            assert mine.shape == ref.shape and mine.stride() == ref.stride(), name
+            assert mine.storage_offset() == ref.storage_offset(), name
+            assert torch.equal(mine, ref), name
+
+
 # where each backward kernel takes the gradients it writes, among its positional arguments
 _GRAD_ARGS = {"_attn_bwd_short": slice(5, 8), "_attn_bwd_dkdv": slice(6, 8), "_attn_bwd_dq": slice(7, 8)}
 
@@ -317,8 +336,8 @@ def test_torch_compile_traces_the_packed_op(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_output_merges_heads_without_a_copy(device):
-    """out is a [B, H, N, D] view of a [B, N, H, D] buffer: the model's merge of the heads before the output
-    projection is a view (as with flash-attention's SDPA), for the forward and under torch.compile's fake."""
+    """out is a [B, H, N, D] tensor laid out as a [B, N, H, D] one: the model's merge of the heads before the
+    output projection is a view (as with flash-attention's SDPA), for the forward and under torch.compile's fake."""
     skip_unless_serves("attention", "triton", device, F16, head_dim=32)
     q, k, v = make_qkv(2, 3, 20, 32, F16, "packed", device)
     out = attn.attention(q, k, v)

@@ -126,10 +126,11 @@ def _no_hooks(modules) -> bool:
 
 
 def _block_params(blk) -> tuple[torch.Tensor, ...] | None:
-    """(weight, bias) of qkv, proj, fc1 and fc2 of a plain block: the layers `Block.forward(..., weights=)`
-    replaces by their weights, all of their own types (no subclass, wrapper, adapter or parametrization, which
-    keep their own forward), with fp32 parameters and no hooks (those modules are not called). None otherwise."""
-    if type(blk) is not Block or blk.lean_blocks:
+    """(weight, bias) of qkv, proj, fc1 and fc2 of a plain block, lean or not: the layers `Block.forward(...,
+    weights=)` replaces by their weights, all of their own types (no subclass, wrapper, adapter or
+    parametrization, which keep their own forward), with fp32 parameters and no hooks (those modules are not
+    called). None otherwise."""
+    if type(blk) is not Block:
         return None
     attn, mlp = blk.attn, blk.mlp
     if type(attn) is not Attention or type(mlp) is not Mlp:
@@ -159,9 +160,10 @@ def cast_block_weights(blocks, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]
     autocast's own casts, with one kernel where autocast launches one per weight and one per gradient.
 
     None (the blocks run as they would without it) where it does not apply: autocast off, torch.compile tracing
-    (it fuses the casts itself), some weights requiring grad and others not, or a block that is lean or not
-    plain (`_block_params`). A group's gradients reach its parameters once the backward has passed through all
-    of its blocks (a few blocks' worth, about what one of DDP's buckets takes)."""
+    (it fuses the casts itself), some weights requiring grad and others not, or a block that is not plain
+    (`_block_params`); lean blocks take the cast weights into their own functions. A group's gradients reach
+    its parameters once the backward has passed through all of its blocks (a few blocks' worth, about what one
+    of DDP's buckets takes)."""
     device = x.device.type
     if not torch.is_autocast_enabled(device) or torch.compiler.is_compiling():
         return None
@@ -201,12 +203,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, backend=None, weights: tuple[torch.Tensor, ...] | None = None
                 ) -> torch.Tensor:
-        if weights is not None:
-            w = weights
+        w = weights
+        if self.lean_blocks:
+            x = x + self.attn.attend(norm_linear(x, self.norm1, self.attn.qkv, None if w is None else w[:2]), backend,
+                                     proj=None if w is None else (w[2], w[3]))
+            return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2, None if w is None else w[4:])
+        if w is not None:
             x = x + self.attn.attend(F.linear(self.norm1(x), w[0], w[1]), backend, proj=(w[2], w[3]))
             return x + F.linear(self.mlp.act(F.linear(self.norm2(x), w[4], w[5])), w[6], w[7])
-        if self.lean_blocks:
-            x = x + self.attn.attend(norm_linear(x, self.norm1, self.attn.qkv), backend)
-            return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
         x = x + self.attn(self.norm1(x), backend=backend)
         return x + self.mlp(self.norm2(x))

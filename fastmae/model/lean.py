@@ -108,13 +108,20 @@ def _check_layers(norm, *linears) -> None:
         raise TypeError("the lean block takes Linear layers with biases and an affine LayerNorm")
 
 
-def norm_mlp(x: torch.Tensor, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
-    """fc2(gelu(fc1(norm(x)))), keeping x, the LayerNorm statistics and fc1's output for the backward."""
+def norm_mlp(x: torch.Tensor, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: torch.nn.Linear,
+             weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """fc2(gelu(fc1(norm(x)))), keeping x, the LayerNorm statistics and fc1's output for the backward.
+    `weights`: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) to use instead of the layers' own, such as the ones
+    `layers.cast_block_weights` cast in a group (already in the autocast dtype: no cast here either way)."""
     _check_layers(norm, fc1, fc2)
-    return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    w1, b1, w2, b2 = (fc1.weight, fc1.bias, fc2.weight, fc2.bias) if weights is None else weights
+    return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, w1, b1, w2, b2)
 
 
-def norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear) -> torch.Tensor:
-    """linear(norm(x)), keeping x and the LayerNorm statistics for the backward (the attention half's qkv)."""
+def norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear,
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """linear(norm(x)), keeping x and the LayerNorm statistics for the backward (the attention half's qkv).
+    `weights`: (weight, bias) to use instead of the layer's own, as `norm_mlp` takes them."""
     _check_layers(norm, linear)
-    return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+    w, b = (linear.weight, linear.bias) if weights is None else weights
+    return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, w, b)

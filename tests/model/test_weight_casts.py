@@ -124,21 +124,18 @@ def _fallback_cases():
         new.load_state_dict(old.state_dict())
         model.blocks[0].mlp.fc2 = new
 
-    def lean(model, seen):
-        model.blocks[2].lean_blocks = True
-
     def partly_frozen(model, seen):
         model.blocks[0].attn.qkv.weight.requires_grad_(False)
 
     return {"hook_on_qkv": hook_on_qkv, "hook_on_mlp": hook_on_mlp, "subclassed_linear": subclassed_linear,
-            "lean_block": lean, "partly_frozen": partly_frozen}
+            "partly_frozen": partly_frozen}
 
 
 @pytest.mark.parametrize("case", list(_fallback_cases()))
 def test_blocks_that_are_not_plain_run_as_before(case):
-    """Where calling the weights would skip something (a hook, a subclass's forward), a block is lean, or only
-    some weights need gradients, the encoder's blocks call their modules as without the option: hooks fire,
-    the numbers are autocast's own, nothing is grouped in that stack."""
+    """Where calling the weights would skip something (a hook, a subclass's forward) or only some weights need
+    gradients, the encoder's blocks call their modules as without the option: hooks fire, the numbers are
+    autocast's own, nothing is grouped in that stack."""
     seen_plain, seen_grouped = [], []
     model = _model("cpu", backend="sdpa")
     other = copy.deepcopy(model)
@@ -155,6 +152,25 @@ def test_blocks_that_are_not_plain_run_as_before(case):
     # makes its one grouped copy each way
     assert grouped[3]["_foreach_copy_"] == 2
     assert plain[3]["_foreach_copy_"] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lean", ["all", "one block"])
+def test_lean_blocks_take_the_grouped_casts(device, lean):
+    """Lean blocks (fastmae.model.lean) run their functions on the grouped casts' weights: the same numbers as
+    lean blocks with autocast's casts, and per block the 16 casts of the plain blocks fewer, plus the 3 weight
+    casts lean's backward makes again (qkv, fc1, fc2), where a plain block's backward reuses the forward's."""
+    model = _model(device, backend="sdpa")
+    blocks = list(model.blocks) + list(model.decoder_blocks)
+    for blk in (blocks if lean == "all" else blocks[2:3]):
+        blk.lean_blocks = True
+    plain = _step(model, device, False, steps=2, count=True)
+    grouped = _step(copy.deepcopy(model), device, True, steps=2, count=True)
+    _assert_same(grouped, plain, device)
+    groups = -(-len(model.blocks) // layers.BLOCKS_PER_CAST) + -(-len(model.decoder_blocks) // layers.BLOCKS_PER_CAST)
+    steps, leans = 2, len(blocks) if lean == "all" else 1  # the operator calls of both steps
+    assert plain[3]["_foreach_copy_"] == 0 and grouped[3]["_foreach_copy_"] == steps * 2 * groups
+    assert plain[3]["_to_copy"] - grouped[3]["_to_copy"] == steps * (16 * len(blocks) + 3 * leans)
 
 
 def test_grouped_casts_need_autocast():

@@ -56,6 +56,11 @@ def _step(model, device, group, grad=True, steps=1, count=False):
     return loss.detach().float(), pred.detach().float(), grads, counter.calls
 
 
+def _groups(model) -> int:
+    """How many grouped copies each way a step makes: BLOCKS_PER_CAST blocks per copy, per stack."""
+    return sum(-(-len(stack) // layers.BLOCKS_PER_CAST) for stack in (model.blocks, model.decoder_blocks))
+
+
 def _assert_same(a, b, device, grads=True):
     (la, pa, ga), (lb, pb, gb) = a[:3], b[:3]
     assert ga.keys() == gb.keys() and (len(ga) > 0) == grads
@@ -91,9 +96,8 @@ def test_grouped_casts_launch_fewer_kernels(device):
     plain = _step(model, device, False, count=True)[3]
     grouped = _step(copy.deepcopy(model), device, True, count=True)[3]
     blocks = len(model.blocks) + len(model.decoder_blocks)
-    groups = -(-len(model.blocks) // layers.BLOCKS_PER_CAST) + -(-len(model.decoder_blocks) // layers.BLOCKS_PER_CAST)
     assert plain["_foreach_copy_"] == 0
-    assert grouped["_foreach_copy_"] == 2 * groups
+    assert grouped["_foreach_copy_"] == 2 * _groups(model)
     assert plain["_to_copy"] - grouped["_to_copy"] == 16 * blocks
 
 
@@ -164,12 +168,11 @@ def test_lean_blocks_take_the_grouped_casts(device, lean):
     blocks = list(model.blocks) + list(model.decoder_blocks)
     for blk in (blocks if lean == "all" else blocks[2:3]):
         blk.lean_blocks = True
-    plain = _step(model, device, False, steps=2, count=True)
-    grouped = _step(copy.deepcopy(model), device, True, steps=2, count=True)
+    steps, leans = 2, len(blocks) if lean == "all" else 1
+    plain = _step(model, device, False, steps=steps, count=True)  # the operator calls of both steps
+    grouped = _step(copy.deepcopy(model), device, True, steps=steps, count=True)
     _assert_same(grouped, plain, device)
-    groups = -(-len(model.blocks) // layers.BLOCKS_PER_CAST) + -(-len(model.decoder_blocks) // layers.BLOCKS_PER_CAST)
-    steps, leans = 2, len(blocks) if lean == "all" else 1  # the operator calls of both steps
-    assert plain[3]["_foreach_copy_"] == 0 and grouped[3]["_foreach_copy_"] == steps * 2 * groups
+    assert plain[3]["_foreach_copy_"] == 0 and grouped[3]["_foreach_copy_"] == steps * 2 * _groups(model)
     assert plain[3]["_to_copy"] - grouped[3]["_to_copy"] == steps * (16 * len(blocks) + 3 * leans)
 
 

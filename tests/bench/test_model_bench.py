@@ -257,6 +257,36 @@ def test_train_variants_compute_the_same_steps():
         assert losses[v] == pytest.approx(losses["official-eager"], rel=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
+@pytest.mark.parametrize("variant", ["official-eager", "reference+sdpa", "fastmae", "fastmae+sdpa", "fastmae+lean",
+                                     "fastmae+plain-casts"])
+def test_train_step_never_waits_for_the_gpu(variant):
+    """A bf16 training step as `bench train` times it issues its work without waiting for the GPU: no .item(), no
+    copy to the host, no synchronising call. Where the host bounds a step, a wait would add the GPU's queue to the
+    host's time, and the benchmark would time the wait. Checked with `torch.cuda.set_sync_debug_mode("error")`
+    after two untimed steps (first launches, cuDNN's autotuning and the allocator's first blocks may wait, as the
+    benchmark's warm-up does). fp16 is left out: its GradScaler reads once per step whether the gradients are
+    finite, as the official code's does."""
+    device = torch.device("cuda")
+    built = train_bench.prepare_variant(device, TINY, 4, torch.bfloat16, variant)
+    for _ in range(2):
+        built["step"]()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchronizing"):  # the check works on this torch
+            torch.ones(1, device=device).item()
+        try:
+            built["step"]()
+        except RuntimeError as exc:
+            pytest.fail(f"{variant}'s step waits for the GPU: {exc}")
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+    torch.cuda.synchronize(device)
+
+
 def test_saved_bytes_frees_what_it_counted(monkeypatch):
     """Counting the saved activations must not keep them: a saved output packed as itself holds its own grad_fn,
     a cycle the collector cannot break, and each count stayed allocated (on a GPU, every later variant's peak

@@ -158,7 +158,7 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
         try:
             with capture_dispatch() as built:
                 fns = {r: make_runner(r) for r in rs}
-            timings = measure_interleaved(fns, device, **(timing or {}))
+            timings = measure_interleaved(fns, device, keep_samples=True, **(timing or {}))
         except Exception as exc:
             emit_all(backend, mode, "failed", error_line(exc), rs)
             return False

@@ -8,6 +8,10 @@ cache. On the CPU each repetition is timed with `time.perf_counter()`.
 The number of repetitions adapts to the op: each warm-up round is timed, and as many repetitions as fit in
 `max_time_s` at the fastest round's pace are run (the first round may compile), clamped to `[min_reps, max_reps]`.
 
+With `keep_samples` the record also carries every repetition's time in the order they ran (`samples_ms`, and on
+CUDA each call's host time, `host_samples_ms`): whether the slow repetitions of a wide spread came first (a
+warm-up too short) or scattered (a host that stalls now and then) is in the order, not in the percentiles.
+
 `measure_interleaved` times several functions in rounds (one repetition of each per round). On a shared
 or throttling machine a slow spell then hits every function alike, which keeps their ratios (speedups)
 honest even when the absolute times drift.
@@ -63,20 +67,32 @@ class Timing:
     reps: int
     host_ms: float | None = None  # CUDA: host time to issue one call (median over the repetitions)
     launch_hidden: bool = False  # CUDA: the GPU was held busy while each call was issued (see the docstring)
+    samples_ms: list[float] | None = None  # keep_samples: each repetition's time, in the order they ran
+    host_samples_ms: list[float] | None = None  # keep_samples on CUDA: each repetition's host time, in order
 
     @classmethod
-    def from_samples(cls, samples_ms: list[float], **extra) -> "Timing":
+    def from_samples(cls, samples_ms: list[float], keep: bool = False, host_samples_ms: list[float] | None = None,
+                     **extra) -> "Timing":
+        kept = {"samples_ms": _rounded(samples_ms),
+                "host_samples_ms": None if host_samples_ms is None else _rounded(host_samples_ms)} if keep else {}
         return cls(median_ms=percentile(samples_ms, 50), p20_ms=percentile(samples_ms, 20),
-                   p80_ms=percentile(samples_ms, 80), reps=len(samples_ms), **extra)
+                   p80_ms=percentile(samples_ms, 80), reps=len(samples_ms), **kept, **extra)
 
     def as_dict(self) -> dict:
-        """The figures for a record; `host_ms` and `launch_hidden` only where they apply (CUDA)."""
+        """The figures for a record; `host_ms` and `launch_hidden` only where they apply (CUDA), the samples only
+        where they were kept."""
         d = asdict(self)
-        if d["host_ms"] is None:
-            del d["host_ms"]
+        for key in ("host_ms", "samples_ms", "host_samples_ms"):
+            if d[key] is None:
+                del d[key]
         if not d["launch_hidden"]:
             del d["launch_hidden"]
         return d
+
+
+def _rounded(values_ms: list[float]) -> list[float]:
+    """Times to 0.1 µs: finer than any timer here resolves, and short in a results file."""
+    return [round(v, 4) for v in values_ms]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -128,27 +144,30 @@ def _reps_for(per_rep_s: float, max_time_s: float, min_reps: int, max_reps: int)
 
 def measure(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2, min_reps: int = 3,
             max_reps: int = 100, max_time_s: float = 0.5, flush_cache: bool = False,
-            hide_launch: bool = False) -> Timing:
+            hide_launch: bool = False, keep_samples: bool = False) -> Timing:
     """Time `fn()` on `device`: `warmup` untimed calls, then repetitions as above."""
     return measure_interleaved({"fn": fn}, device, warmup=warmup, min_reps=min_reps, max_reps=max_reps,
-                               max_time_s=max_time_s, flush_cache=flush_cache, hide_launch=hide_launch)["fn"]
+                               max_time_s=max_time_s, flush_cache=flush_cache, hide_launch=hide_launch,
+                               keep_samples=keep_samples)["fn"]
 
 
 def measure_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
                         warmup: int = 2, min_reps: int = 3, max_reps: int = 100, max_time_s: float = 0.5,
-                        flush_cache: bool = False, hide_launch: bool = False) -> dict[str, Timing]:
+                        flush_cache: bool = False, hide_launch: bool = False,
+                        keep_samples: bool = False) -> dict[str, Timing]:
     """Time several functions in rounds; `max_time_s` bounds the measured time of all of them together.
-    `hide_launch` (CUDA): time the GPU work alone, the host's launch time hidden (see the module docstring)."""
+    `hide_launch` (CUDA): time the GPU work alone, the host's launch time hidden (see the module docstring).
+    `keep_samples`: the timings carry every repetition's time, in order (see the module docstring)."""
     device = torch.device(device)
+    args = (fns, device, warmup, min_reps, max_reps, max_time_s, flush_cache, hide_launch, keep_samples)
     if device.type == "cuda":  # events, holds and syncs on the timed GPU's streams, whichever GPU is current
         with torch.cuda.device(device):
-            return _measure_interleaved(fns, device, warmup, min_reps, max_reps, max_time_s, flush_cache,
-                                        hide_launch)
-    return _measure_interleaved(fns, device, warmup, min_reps, max_reps, max_time_s, flush_cache, hide_launch)
+            return _measure_interleaved(*args)
+    return _measure_interleaved(*args)
 
 
 def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, max_reps: int, max_time_s: float,
-                         flush_cache: bool, hide_launch: bool) -> dict[str, Timing]:
+                         flush_cache: bool, hide_launch: bool, keep_samples: bool) -> dict[str, Timing]:
     if min_reps < 1 or max_reps < min_reps:
         raise ValueError(f"need 1 <= min_reps <= max_reps, got {min_reps}, {max_reps}")
     flush = _Flusher(device, flush_cache)
@@ -200,7 +219,7 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
         # hidden only where the hold outlasted the host's issuing of the call (it is capped at HOLD_MAX_S): of the
         # median call, as the time reported is the median repetition's
         host_ms = {n: percentile(issue_s[n], 50) * 1e3 for n in names}
-        return {n: Timing.from_samples(samples[n], host_ms=host_ms[n],
+        return {n: Timing.from_samples(samples[n], keep_samples, [s * 1e3 for s in issue_s[n]], host_ms=host_ms[n],
                                        launch_hidden=bool(hold[n]) and hold[n] / rate >= host_ms[n] / 1e3)
                 for n in names}
     else:
@@ -209,7 +228,7 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
                 t = time.perf_counter()
                 fns[name]()
                 samples[name].append((time.perf_counter() - t) * 1e3)
-    return {n: Timing.from_samples(samples[n]) for n in names}
+    return {n: Timing.from_samples(samples[n], keep_samples) for n in names}
 
 
 def synchronized(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:

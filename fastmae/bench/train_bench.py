@@ -26,16 +26,16 @@ implementation: foreach on CUDA, a per-parameter loop on the CPU); the fastmae v
 `fastmae pretrain` uses, the fused implementation where torch has it. Every record names its optimizer and the
 time of its step alone (`optimizer_ms`), so the share of a speedup that comes from the optimizer is visible.
 
-Figures: images/s from the median step time; activations saved for the backward per image (eager variants:
-the distinct tensors autograd keeps in one forward, parameters and inputs excluded, as the slope between the
-batch and half of it, so weight copies that do not grow with the batch drop out; independent of the allocator
-and measurable on a CPU); peak memory (CUDA: `torch.cuda.max_memory_allocated` over the variant's set-up and
-steps, after a reset, less what was allocated before; CPU: the increase of the process's resident memory over
-the same, sampled every 2 ms, labelled as such; read before the figures that run other work); MFU = model
-FLOPs per step (see `flops.py`: 3 x forward, linear layers and attention) / step time / the matmul peak
-measured in the same run in the step's dtype. With `profile`, a few more steps under the profiler: the GPU
-kernels' own time per step by kind of work, and its share of the step time (`busy_share`: near 1 the step is
-bound by the GPU, well below by the host; see `profile.py`).
+Figures: images/s from the median step time (every repetition's time is kept, in order: `samples_ms`); activations
+saved for the backward per image (eager variants: the distinct tensors autograd keeps in one forward, parameters
+and inputs excluded, as the slope between the batch and half of it, so weight copies that do not grow with the
+batch drop out; independent of the allocator and measurable on a CPU); peak memory (CUDA:
+`torch.cuda.max_memory_allocated` over the variant's set-up and steps, after a reset, less what was allocated
+before; CPU: the increase of the process's resident memory over the same, sampled every 2 ms, labelled as such;
+read before the figures that run other work); MFU = model FLOPs per step (see `flops.py`: 3 x forward, linear
+layers and attention) / step time / the matmul peak measured in the same run in the step's dtype. With `profile`,
+a few more steps under the profiler: the GPU kernels' own time per step by kind of work, and its share of the step
+time (`busy_share`: near 1 the step is bound by the GPU, well below by the host; see `profile.py`).
 """
 from __future__ import annotations
 
@@ -320,7 +320,7 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
         with (sampler or _null()):
             built = prepare_variant(device, model_name, batch, dtype, variant, mask_ratio)
             rec["shape"] = built["shape"]
-            t = measure(built["step"], device, **(timing or {}))
+            t = measure(built["step"], device, keep_samples=True, **(timing or {}))
             loss = float(built["step"]().detach())
         if device.type == "cuda":
             # the variant's own peak (model, optimizer, inputs, activations): what an earlier variant or caller

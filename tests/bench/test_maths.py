@@ -266,6 +266,39 @@ def test_cuda_path_reports_the_median_calls_host_time(monkeypatch, cuda, hide):
     assert t.launch_hidden == hide
 
 
+@pytest.mark.parametrize("cuda", [False, "stand-ins", pytest.param("device", marks=[pytest.mark.gpu, _NEEDS_CUDA])])
+def test_kept_samples_are_the_repetitions_in_order(monkeypatch, cuda):
+    """keep_samples: every repetition's time in the order they ran (here each call takes the host 0.4 ms longer
+    than the one before, so the samples rise), their percentiles the reported ones; on CUDA each call's host time
+    too (CUDA's events, syncs and sleep as stand-ins on a CPU, and on a GPU). Without it the record has none."""
+    device = "cpu" if not cuda else "cuda"
+    if cuda == "stand-ins":
+        _cuda_stand_ins(monkeypatch)
+    x = torch.zeros(1024, device="cuda") if cuda == "device" else None
+    calls = []
+
+    def call():
+        calls.append(1)
+        _busy_host(0.4e-3 * len(calls))
+        if x is not None:
+            x.add_(1.0)
+
+    t = measure(call, device, warmup=1, min_reps=6, max_reps=6, keep_samples=True)
+    d = t.as_dict()
+    assert len(d["samples_ms"]) == t.reps == 6
+    assert d["samples_ms"] == sorted(d["samples_ms"]) and d["samples_ms"][-1] - d["samples_ms"][0] > 1.5, d
+    assert t.median_ms == pytest.approx(percentile(d["samples_ms"], 50), abs=1e-3)
+    assert t.p80_ms == pytest.approx(percentile(d["samples_ms"], 80), abs=1e-3)
+    if cuda:
+        hosts = d["host_samples_ms"]
+        assert len(hosts) == 6 and hosts == sorted(hosts) and hosts[0] >= 0.8, hosts  # the first timed call: 2nd
+        assert t.host_ms == pytest.approx(percentile(hosts, 50), abs=1e-3)
+    else:
+        assert "host_samples_ms" not in d
+    plain = measure(call, device, warmup=1, min_reps=2, max_reps=2).as_dict()
+    assert "samples_ms" not in plain and "host_samples_ms" not in plain
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
 def test_interleaved_timing_keeps_each_calls_host_time():

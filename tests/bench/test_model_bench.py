@@ -36,6 +36,7 @@ def test_encoder_records(encoder_records):
         assert r75["ideal_speedup"] == pytest.approx(65 / 17)
         assert r75["of_ideal"] == pytest.approx(r75["speedup"] / r75["ideal_speedup"])
         assert r75["tflops"] > 0 and r75["dispatch"].startswith("attention=" + b)
+        assert len(r75["samples_ms"]) == r75["reps"]  # every repetition, in order (a spread's shape)
     # xformers: the registry's reason; auto on the CPU resolves to sdpa's backends and is not timed twice
     assert by[("xformers", 0.75)]["status"] == "skipped" and "xformers" in by[("xformers", 0.75)]["reason"]
     assert by[("auto", 0.0)]["status"] == "skipped" and "same backends as sdpa" in by[("auto", 0.0)]["reason"]
@@ -151,6 +152,7 @@ def test_train_records():
         assert r["tflops"] == pytest.approx(r["flops_per_step"] / (r["median_ms"] * 1e-3) / 1e12)
         assert r["peak_mem_kind"] and (r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0)
         assert r["vs_official_eager"] == pytest.approx(r["images_per_s"] / by["official-eager"]["images_per_s"])
+        assert len(r["samples_ms"]) == r["reps"]  # every repetition, in order (a spread's shape)
     assert "attention=reference" in by["official-eager"]["dispatch"]
     assert "attention=sdpa" in by["reference+sdpa"]["dispatch"]
     # the reference variants construct AdamW as the official script (torch's default: a loop on the CPU),

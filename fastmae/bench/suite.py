@@ -117,8 +117,24 @@ def key_results(records: list[dict]) -> list[str]:
                 mine = f", {own:,.0f} of them fastmae's Triton kernels" if own else ""
                 mem += f" ({calls:,.0f} kernels{mine}, {r['median_ms'] * 1e3 / calls:.3g} µs of step each)"
         lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
-                     f"images/s{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
+                     f"images/s{spread_note(r)}{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
     return lines
+
+
+def spread_note(r: dict) -> str:
+    """' (p20-p80 a-b images/s[; steps in order: first third's median x ms, last third's y ms])': how wide a row's
+    spread is and, from the repetitions kept in order (`samples_ms`), whether its slow steps came early (the first
+    third slower than the last: a warm-up too short) or not."""
+    from .timing import percentile
+    if r.get("images_per_s_p20") is None or r.get("images_per_s_p80") is None:
+        return ""
+    note = f" (p20-p80 {r['images_per_s_p20']:.4g}-{r['images_per_s_p80']:.4g} images/s"
+    samples = r.get("samples_ms") or []
+    if len(samples) >= 6:
+        third = len(samples) // 3
+        first, last = percentile(samples[:third], 50), percentile(samples[-third:], 50)
+        note += f"; steps in order: first third's median {first:.3g} ms, last third's {last:.3g} ms"
+    return note + ")"
 
 
 def attention_key_results(records: list[dict]) -> list[str]:

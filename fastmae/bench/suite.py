@@ -122,9 +122,9 @@ def key_results(records: list[dict]) -> list[str]:
 
 
 def spread_note(r: dict) -> str:
-    """' (p20-p80 a-b images/s[; steps in order: first third's median x ms, last third's y ms])': how wide a row's
-    spread is and, from the repetitions kept in order (`samples_ms`), whether its slow steps came early (the first
-    third slower than the last: a warm-up too short) or not."""
+    """' (p20-p80 a-b images/s[; steps in order: last warm-up step w ms, first third's median x ms, last third's
+    y ms])': how wide a row's spread is and, from the steps kept in order (`warmup_ms`, `samples_ms`), whether its
+    slow steps came early (the first third slower than the last: a warm-up too short) or not."""
     from .timing import percentile
     if r.get("images_per_s_p20") is None or r.get("images_per_s_p80") is None:
         return ""
@@ -133,7 +133,9 @@ def spread_note(r: dict) -> str:
     if len(samples) >= 6:
         third = len(samples) // 3
         first, last = percentile(samples[:third], 50), percentile(samples[-third:], 50)
-        note += f"; steps in order: first third's median {first:.3g} ms, last third's {last:.3g} ms"
+        warm = r.get("warmup_ms") or []
+        last_warm = f"last warm-up step {warm[-1]:.3g} ms, " if warm else ""
+        note += f"; steps in order: {last_warm}first third's median {first:.3g} ms, last third's {last:.3g} ms"
     return note + ")"
 
 

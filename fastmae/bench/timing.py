@@ -9,8 +9,9 @@ The number of repetitions adapts to the op: each warm-up round is timed, and as 
 `max_time_s` at the fastest round's pace are run (the first round may compile), clamped to `[min_reps, max_reps]`.
 
 With `keep_samples` the record also carries every repetition's time in the order they ran (`samples_ms`, and on
-CUDA each call's host time, `host_samples_ms`): whether the slow repetitions of a wide spread came first (a
-warm-up too short) or scattered (a host that stalls now and then) is in the order, not in the percentiles.
+CUDA each call's host time, `host_samples_ms`), and each warm-up call's time to its end (`warmup_ms`): whether
+the slow repetitions of a wide spread came first (a warm-up too short) or scattered (a host that stalls now and
+then) is in the order, not in the percentiles.
 
 `measure_interleaved` times several functions in rounds (one repetition of each per round). On a shared
 or throttling machine a slow spell then hits every function alike, which keeps their ratios (speedups)
@@ -69,12 +70,14 @@ class Timing:
     launch_hidden: bool = False  # CUDA: the GPU was held busy while each call was issued (see the docstring)
     samples_ms: list[float] | None = None  # keep_samples: each repetition's time, in the order they ran
     host_samples_ms: list[float] | None = None  # keep_samples on CUDA: each repetition's host time, in order
+    warmup_ms: list[float] | None = None  # keep_samples: each warm-up call's time to its end (synchronised)
 
     @classmethod
     def from_samples(cls, samples_ms: list[float], keep: bool = False, host_samples_ms: list[float] | None = None,
-                     **extra) -> "Timing":
+                     warmup_ms: list[float] | None = None, **extra) -> "Timing":
         kept = {"samples_ms": _rounded(samples_ms),
-                "host_samples_ms": None if host_samples_ms is None else _rounded(host_samples_ms)} if keep else {}
+                "host_samples_ms": None if host_samples_ms is None else _rounded(host_samples_ms),
+                "warmup_ms": None if warmup_ms is None else _rounded(warmup_ms)} if keep else {}
         return cls(median_ms=percentile(samples_ms, 50), p20_ms=percentile(samples_ms, 20),
                    p80_ms=percentile(samples_ms, 80), reps=len(samples_ms), **kept, **extra)
 
@@ -82,7 +85,7 @@ class Timing:
         """The figures for a record; `host_ms` and `launch_hidden` only where they apply (CUDA), the samples only
         where they were kept."""
         d = asdict(self)
-        for key in ("host_ms", "samples_ms", "host_samples_ms"):
+        for key in ("host_ms", "samples_ms", "host_samples_ms", "warmup_ms"):
             if d[key] is None:
                 del d[key]
         if not d["launch_hidden"]:
@@ -174,6 +177,7 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
     names = list(fns)
     synchronize(device)
     host_s = {n: 0.0 for n in names}
+    warm_ms: dict[str, list[float]] = {n: [] for n in names}
     round_s = []
     for _ in range(max(warmup, 1)):  # at least one untimed call: compiles, autotunes, allocates
         r0 = time.perf_counter()
@@ -183,6 +187,9 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
             t = time.perf_counter()
             fns[name]()
             host_s[name] = time.perf_counter() - t  # the last warm-up call's sets the hold (compiled by then)
+            if keep_samples:  # the call's time to its end: whether the warm-up had settled by its last call
+                synchronize(device)
+                warm_ms[name].append((time.perf_counter() - t) * 1e3)
         synchronize(device)
         round_s.append(time.perf_counter() - r0)
     # the repetitions that fit in max_time_s, from the fastest warm-up round: the first one may have compiled
@@ -219,7 +226,8 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
         # hidden only where the hold outlasted the host's issuing of the call (it is capped at HOLD_MAX_S): of the
         # median call, as the time reported is the median repetition's
         host_ms = {n: percentile(issue_s[n], 50) * 1e3 for n in names}
-        return {n: Timing.from_samples(samples[n], keep_samples, [s * 1e3 for s in issue_s[n]], host_ms=host_ms[n],
+        return {n: Timing.from_samples(samples[n], keep_samples, [s * 1e3 for s in issue_s[n]], warm_ms[n],
+                                       host_ms=host_ms[n],
                                        launch_hidden=bool(hold[n]) and hold[n] / rate >= host_ms[n] / 1e3)
                 for n in names}
     else:
@@ -228,7 +236,7 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
                 t = time.perf_counter()
                 fns[name]()
                 samples[name].append((time.perf_counter() - t) * 1e3)
-    return {n: Timing.from_samples(samples[n], keep_samples) for n in names}
+    return {n: Timing.from_samples(samples[n], keep_samples, warmup_ms=warm_ms[n]) for n in names}
 
 
 def synchronized(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:

@@ -268,35 +268,42 @@ def test_cuda_path_reports_the_median_calls_host_time(monkeypatch, cuda, hide):
 
 @pytest.mark.parametrize("cuda", [False, "stand-ins", pytest.param("device", marks=[pytest.mark.gpu, _NEEDS_CUDA])])
 def test_kept_samples_are_the_repetitions_in_order(monkeypatch, cuda):
-    """keep_samples: every repetition's time in the order they ran (here each call takes the host 0.4 ms longer
-    than the one before, so the samples rise), their percentiles the reported ones; on CUDA each call's host time
-    too (CUDA's events, syncs and sleep as stand-ins on a CPU, and on a GPU). Without it the record has none."""
+    """keep_samples: every repetition's time in the order they ran, their percentiles the reported ones, and each
+    warm-up call's time; on CUDA each call's host time too (CUDA's events, syncs and sleep as stand-ins on a CPU,
+    and on a GPU). Without it the record has none. Call i busy-waits i x 2 ms on the host, so each time is at
+    least its own call's: a list out of order fails that, while a busy machine, which only stretches calls, cannot
+    make a list in order fail."""
     device = "cpu" if not cuda else "cuda"
     if cuda == "stand-ins":
         _cuda_stand_ins(monkeypatch)
     x = torch.zeros(1024, device="cuda") if cuda == "device" else None
     calls = []
+    step_ms = 2.0
 
     def call():
         calls.append(1)
-        _busy_host(0.4e-3 * len(calls))
+        _busy_host(step_ms * 1e-3 * len(calls))
         if x is not None:
             x.add_(1.0)
 
-    t = measure(call, device, warmup=1, min_reps=6, max_reps=6, keep_samples=True)
+    def in_order(times_ms, first_call):
+        """Each time at least that of the call it names: calls first_call, first_call + 1, ..."""
+        return all(t >= step_ms * (first_call + i) - 0.05 for i, t in enumerate(times_ms))
+
+    t = measure(call, device, warmup=2, min_reps=6, max_reps=6, keep_samples=True)
     d = t.as_dict()
-    assert len(d["samples_ms"]) == t.reps == 6
-    assert d["samples_ms"] == sorted(d["samples_ms"]) and d["samples_ms"][-1] - d["samples_ms"][0] > 1.5, d
+    assert len(d["warmup_ms"]) == 2 and in_order(d["warmup_ms"], 1), d  # calls 1 and 2
+    assert len(d["samples_ms"]) == t.reps == 6 and in_order(d["samples_ms"], 3), d  # calls 3 to 8
     assert t.median_ms == pytest.approx(percentile(d["samples_ms"], 50), abs=1e-3)
     assert t.p80_ms == pytest.approx(percentile(d["samples_ms"], 80), abs=1e-3)
     if cuda:
         hosts = d["host_samples_ms"]
-        assert len(hosts) == 6 and hosts == sorted(hosts) and hosts[0] >= 0.8, hosts  # the first timed call: 2nd
+        assert len(hosts) == 6 and in_order(hosts, 3), hosts
         assert t.host_ms == pytest.approx(percentile(hosts, 50), abs=1e-3)
     else:
         assert "host_samples_ms" not in d
     plain = measure(call, device, warmup=1, min_reps=2, max_reps=2).as_dict()
-    assert "samples_ms" not in plain and "host_samples_ms" not in plain
+    assert not {"samples_ms", "host_samples_ms", "warmup_ms"} & set(plain)
 
 
 @pytest.mark.gpu

@@ -366,15 +366,16 @@ def test_summary_states_the_kernels_a_profiled_cuda_step_launches():
 def test_summary_states_a_train_rows_spread_and_whether_its_slow_steps_came_first():
     """A training row's summary line gives its 20th-80th percentile spread, and from the steps kept in order the
     median of the first third against the last third's: slow early steps (a warm-up too short) show as the first
-    larger. Without kept steps (records of older runs) only the spread."""
+    larger, after the last warm-up step's time. Without kept steps (records of older runs) only the spread."""
     from fastmae.bench.suite import key_results
 
     rec = {"kind": "train", "status": "ok", "backend": "fastmae", "model": "m", "shape": {"batch": 64},
            "dtype": "bfloat16", "device_type": "cuda", "images_per_s": 2000.0, "images_per_s_p20": 1500.0,
-           "images_per_s_p80": 2200.0, "samples_ms": [40.0, 38.0, 36.0, 31.0, 32.0, 30.0, 31.0, 30.0, 29.0]}
+           "images_per_s_p80": 2200.0, "samples_ms": [40.0, 38.0, 36.0, 31.0, 32.0, 30.0, 31.0, 30.0, 29.0],
+           "warmup_ms": [900.0, 45.0]}
     line, = [x for x in key_results([rec]) if x.startswith("- train")]
-    assert ("2000 images/s (p20-p80 1500-2200 images/s; steps in order: first third's median 38 ms, last third's "
-            "30 ms)") in line, line
+    assert ("2000 images/s (p20-p80 1500-2200 images/s; steps in order: last warm-up step 45 ms, first third's "
+            "median 38 ms, last third's 30 ms)") in line, line
     old = {k: v for k, v in rec.items() if k != "samples_ms"}
     line, = [x for x in key_results([old]) if x.startswith("- train")]
     assert "(p20-p80 1500-2200 images/s)" in line and "steps in order" not in line, line

@@ -91,6 +91,67 @@ def test_reference_and_sdpa_agree_with_gradients(norm_pix):
         assert_close(g2[k], g1[k], 1e-5, 1e-4, f"grad {k}")
 
 
+@pytest.mark.parametrize("strategy", ["random", "grid"])
+def test_fast_masking_ids_are_the_official_ones(strategy):
+    """Off the official order (`official=False`, fastmae's path) the masking builds ids_restore by one scatter
+    and the mask by one gather: the same tensors, bit for bit and dtype, as the official argsort and gather, for
+    tied noise, ratio 0, one patch kept, grid masking and a float64 default dtype; and `removed_ids` is the
+    argsort it replaces."""
+    model = small_model(mask_strategy=strategy)  # 16 patches
+    L = model.num_patches
+    ratios = [0.75] if strategy == "grid" else [0.0, 0.5, 0.75, 0.9375]  # 0.9375 keeps one of 16
+    for n in (1, 3):
+        noise = torch.rand(n, L)
+        noise[:, ::3] = 0.5  # ties: a stable sort keeps them in index order
+        for ratio in ratios:
+            official = model.masking_ids(n, ratio, noise)
+            fast = model.masking_ids(n, ratio, noise, official=False)
+            assert official[2] == fast[2]
+            for a, b in zip(official[:2] + official[3:], fast[:2] + fast[3:]):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+            ids_restore, len_keep = fast[1], fast[2]
+            assert torch.equal(model.removed_ids(ids_restore, len_keep), torch.argsort(ids_restore, 1)[:, len_keep:])
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        noise = torch.rand(2, L)
+        official, fast = model.masking_ids(2, 0.75, noise)[3], model.masking_ids(2, 0.75, noise, official=False)[3]
+        assert official.dtype == fast.dtype == torch.float64 and torch.equal(official, fast)
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_fast_masking_runs_fewer_operators_and_survives_inference_mode():
+    """fastmae's masking runs one sort, one scatter and one gather where the official steps run two sorts, a
+    fill, a slice fill and a gather; its cached rows, first made under inference mode, serve a training step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in ("expand", "slice", "empty_like", "empty", "lift_fresh", "detach", "alias"):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    model = small_model(backend="sdpa", img_size=24)  # a patch count no other test makes first: 36
+    with torch.inference_mode():
+        model(torch.randn(2, 3, 24, 24))  # the cached rows are made here
+    imgs, noise = torch.randn(2, 3, 24, 24), torch.rand(2, 36)
+    model(imgs, noise=noise)[0].backward()  # and read in a step with gradients
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    counts = {}
+    for official in (True, False):
+        with Count() as mode:
+            model.masking_ids(2, 0.75, noise, official=official)
+        counts[official] = mode.ops
+    assert sorted(counts[False]) == ["gather", "scatter_", "sort"], counts
+    assert counts[True].count("sort") == 2 and len(counts[True]) > len(counts[False]), counts
+
+
 def test_grid_masking_keeps_one_patch_per_cell():
     model = small_model(mask_strategy="grid")
     _, _, mask = model(torch.randn(2, 3, 16, 16))

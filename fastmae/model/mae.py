@@ -9,7 +9,8 @@ operations (embed all patches, add position, gather); otherwise it embeds only t
 """
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,28 +23,50 @@ from .pos_embed import sincos_2d
 MASK_STRATEGIES = ("random", "grid")
 
 
-@lru_cache(maxsize=None)  # kept for the process: a CUDA graph that captured a row reads it at every replay
-def _positions(length: int, device: torch.device) -> torch.Tensor:
-    """[1, length] int64: 0 .. length - 1 on `device`, made once (a normal tensor even under inference mode)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.arange(length, device=device).unsqueeze(0)
+_ROWS: dict[tuple, torch.Tensor] = {}
 
 
-@lru_cache(maxsize=None)
-def _removed_row(length: int, len_keep: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[1, length] of `dtype`: the mask in shuffled order (0 for the first len_keep positions, 1 after), made once."""
-    with torch.inference_mode(False), torch.no_grad():
+def _cached_row(key: tuple, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """A small constant tensor `make()` gives, made once per key and kept for the process (a CUDA graph that
+    captured it reads it at every replay; made under inference mode, it is a normal tensor all the same). None
+    while a CUDA graph is being captured on `device` and the row does not exist yet: made inside a capture it
+    would live in the graph's memory pool, and go with the graph."""
+    row = _ROWS.get(key)
+    if row is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            row = _ROWS[key] = make()
+    return row
+
+
+def _positions(length: int, device: torch.device) -> torch.Tensor | None:
+    """[1, length] int64: 0 .. length - 1 on `device` (see `_cached_row`)."""
+    return _cached_row(("positions", length, device), device,
+                       lambda: torch.arange(length, device=device).unsqueeze(0))
+
+
+def _removed_row(length: int, len_keep: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """[1, length] of `dtype`: the mask in shuffled order, 0 for the first len_keep positions and 1 after (see
+    `_cached_row`)."""
+    def make():
         row = torch.ones(1, length, dtype=dtype, device=device)
         row[:, :len_keep] = 0
         return row
+
+    return _cached_row(("removed", length, len_keep, dtype, device), device, make)
 
 
 def inverse_permutation(ids: torch.Tensor) -> torch.Tensor:
     """The inverse of each row's permutation of 0 .. L-1 ([N, L] int64): out[n, ids[n, j]] = j, what
     `torch.argsort(ids, dim=1)` gives, with one scatter instead of a sort (four kernels on a GPU for a row of up
-    to 4096: an index range, its copy, a copy of the keys and the sort)."""
+    to 4096: an index range, its copy, a copy of the keys and the sort). The sort under torch.compile, and inside
+    a CUDA graph's capture that finds no cached row of positions."""
     n, length = ids.shape
-    return torch.empty_like(ids).scatter_(1, ids, _positions(length, ids.device).expand(n, length))
+    positions = None if torch.compiler.is_compiling() else _positions(length, ids.device)
+    if positions is None:
+        return torch.argsort(ids, dim=1)
+    return torch.empty_like(ids).scatter_(1, ids, positions.expand(n, length))
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -201,9 +224,10 @@ class MaskedAutoencoderViT(nn.Module):
         Small noise is kept; mask is 0 for kept and 1 for removed patches, in patch order. L is `length`, or the
         model's patch count. Grid masking is a fixed pattern: it checks `noise`'s shape and does not use it.
         `official`: the official code's steps (a second argsort for ids_restore, the mask built whole and
-        gathered); otherwise the same tensors with less work (outside torch.compile, which fuses these itself):
-        ids_restore by one scatter (`inverse_permutation`) and the mask by one gather from a cached row, six
-        kernels on a GPU where the official steps launch eleven.
+        gathered); otherwise the same tensors with less work (outside torch.compile, which fuses these itself, and
+        a CUDA graph's capture that finds the rows not cached yet): ids_restore by one scatter
+        (`inverse_permutation`) and the mask by one gather from a cached row, six kernels on a GPU where the
+        official steps launch eleven.
         """
         L = self.num_patches if length is None else int(length)
         if noise is not None and tuple(noise.shape) != (n, L):
@@ -227,9 +251,10 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
         noise = noise.to(device)
         ids_shuffle = torch.argsort(noise, dim=1, stable=True)
-        if not official and not torch.compiler.is_compiling():
+        removed = None if official or torch.compiler.is_compiling() else \
+            _removed_row(L, len_keep, torch.get_default_dtype(), ids_shuffle.device)
+        if removed is not None:
             ids_restore = inverse_permutation(ids_shuffle)
-            removed = _removed_row(L, len_keep, torch.get_default_dtype(), ids_shuffle.device)
             return ids_shuffle, ids_restore, len_keep, torch.gather(removed.expand(n, L), 1, ids_restore)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         mask = torch.ones(n, L, device=device)
@@ -312,8 +337,6 @@ class MaskedAutoencoderViT(nn.Module):
     @staticmethod
     def removed_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
         """Patch indices of the removed patches in shuffled order: [N, L - len_keep] (pred_masked_only rows)."""
-        if torch.compiler.is_compiling():
-            return torch.argsort(ids_restore, dim=1)[:, len_keep:]
         return inverse_permutation(ids_restore)[:, len_keep:]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pred_ids=None):

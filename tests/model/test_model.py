@@ -152,6 +152,32 @@ def test_fast_masking_runs_fewer_operators_and_survives_inference_mode():
     assert counts[True].count("sort") == 2 and len(counts[True]) > len(counts[False]), counts
 
 
+def test_masking_rows_are_not_made_inside_a_cuda_graph_capture(monkeypatch):
+    """A cached row made inside a CUDA graph's capture would live in the graph's memory pool and go with it: while
+    a capture runs, a row not cached yet is not made, and the masking takes the official steps (same tensors); a
+    row cached before the capture serves it."""
+    from fastmae.model import mae
+
+    made = []
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert mae._cached_row(("test row", 1), cuda, lambda: made.append(1)) is None and not made
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    row = mae._cached_row(("test row", 1), cuda, lambda: torch.zeros(1))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert mae._cached_row(("test row", 1), cuda, lambda: made.append(1)) is row and not made
+    mae._ROWS.pop(("test row", 1))
+    # the masking without its rows: the official steps, the same tensors
+    model = small_model()
+    noise = torch.rand(2, model.num_patches)
+    monkeypatch.setattr(mae, "_removed_row", lambda *a: None)
+    monkeypatch.setattr(mae, "_positions", lambda *a: None)
+    fallback = model.masking_ids(2, 0.75, noise, official=False)
+    official = model.masking_ids(2, 0.75, noise)
+    assert all(torch.equal(a, b) for a, b in zip(fallback[:2] + fallback[3:], official[:2] + official[3:]))
+    assert torch.equal(model.removed_ids(official[1], 4), torch.argsort(official[1], 1)[:, 4:])
+
+
 def test_grid_masking_keeps_one_patch_per_cell():
     model = small_model(mask_strategy="grid")
     _, _, mask = model(torch.randn(2, 3, 16, 16))

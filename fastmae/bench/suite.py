@@ -78,7 +78,7 @@ def key_results(records: list[dict]) -> list[str]:
         fastmae_path = r["backend"] in ("auto", alias) or bool(r.get("cuda_graph"))
         name = r["backend"] + (" (= auto)" if r["backend"] == alias else "")
         lines.append(f"- encoder `{r['model']}` batch {r['shape']['batch']} {name} {r['mode']} at 75%: speedup "
-                     f"{r['speedup']:.2f}x of ideal {r['ideal_speedup']:.2f}x = {r['of_ideal']:.0%}"
+                     f"{r['speedup']:.2f}x of ideal {r['ideal_speedup']:.2f}x = {r['of_ideal']:.0%}{spread_note(r)}"
                      + (f" (target for the fastmae path on {r.get('device_type')}: >= {target:.0%})"
                         if fastmae_path and target else ""))
     lines += attention_key_results(records) + memory_op_key_results(records)
@@ -124,11 +124,15 @@ def key_results(records: list[dict]) -> list[str]:
 def spread_note(r: dict) -> str:
     """' (p20-p80 a-b images/s[; steps in order: last warm-up step w ms, first third's median x ms, last third's
     y ms])': how wide a row's spread is and, from the steps kept in order (`warmup_ms`, `samples_ms`), whether its
-    slow steps came early (the first third slower than the last: a warm-up too short) or not."""
+    slow steps came early (the first third slower than the last: a warm-up too short) or not. For a training row,
+    and an encoder row at 75% (the speedups are quotients of medians)."""
     from .timing import percentile
     if r.get("images_per_s_p20") is None or r.get("images_per_s_p80") is None:
         return ""
-    note = f" (p20-p80 {r['images_per_s_p20']:.4g}-{r['images_per_s_p80']:.4g} images/s"
+    def rate(v: float) -> str:
+        return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+    note = f" (p20-p80 {rate(r['images_per_s_p20'])}-{rate(r['images_per_s_p80'])} images/s"
     samples = r.get("samples_ms") or []
     if len(samples) >= 6:
         third = len(samples) // 3

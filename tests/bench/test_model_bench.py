@@ -374,8 +374,22 @@ def test_summary_states_a_train_rows_spread_and_whether_its_slow_steps_came_firs
            "images_per_s_p80": 2200.0, "samples_ms": [40.0, 38.0, 36.0, 31.0, 32.0, 30.0, 31.0, 30.0, 29.0],
            "warmup_ms": [900.0, 45.0]}
     line, = [x for x in key_results([rec]) if x.startswith("- train")]
-    assert ("2000 images/s (p20-p80 1500-2200 images/s; steps in order: last warm-up step 45 ms, first third's "
+    assert ("2000 images/s (p20-p80 1,500-2,200 images/s; steps in order: last warm-up step 45 ms, first third's "
             "median 38 ms, last third's 30 ms)") in line, line
     old = {k: v for k, v in rec.items() if k != "samples_ms"}
     line, = [x for x in key_results([old]) if x.startswith("- train")]
-    assert "(p20-p80 1500-2200 images/s)" in line and "steps in order" not in line, line
+    assert "(p20-p80 1,500-2,200 images/s)" in line and "steps in order" not in line, line
+
+
+def test_summary_states_an_encoder_rows_spread_at_75_percent():
+    """The encoder's line at 75% (the target's figure, a quotient of medians) gives that row's spread and steps in
+    order too."""
+    from fastmae.bench.suite import key_results
+
+    rec = {"kind": "encoder", "status": "ok", "backend": "auto", "model": "m", "mode": "fwd", "mask_ratio": 0.75,
+           "shape": {"batch": 64}, "device_type": "cuda", "speedup": 2.0, "ideal_speedup": 3.94, "of_ideal": 0.508,
+           "images_per_s": 15000.0, "images_per_s_p20": 14000.0, "images_per_s_p80": 15500.0,
+           "samples_ms": [4.6, 4.5, 4.3, 4.2, 4.2, 4.3], "warmup_ms": [400.0, 4.7]}
+    line, = [x for x in key_results([rec]) if x.startswith("- encoder")]
+    assert ("= 51% (p20-p80 14,000-15,500 images/s; steps in order: last warm-up step 4.7 ms, first third's "
+            "median 4.55 ms, last third's 4.25 ms)") in line, line

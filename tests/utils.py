@@ -6,10 +6,12 @@ err(fast, fp32 reference) <= ERROR_FACTOR x err(plain path in the same dtype) + 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from typing import NamedTuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmae import ops
 from fastmae.bench.tolerance import ERROR_FACTOR, error_bound, floor_scale, max_error
@@ -29,6 +31,27 @@ def skip_unless_serves(op: str, backend: str, device, dtype, head_dim=None, **te
     reasons = ops.not_supported_reasons(op, backend, inputs)
     if reasons:
         pytest.skip("; ".join(reasons))
+
+
+class OpRecorder(TorchDispatchMode):
+    """The operators the dispatcher runs inside the block, in order (`funcs`: ATen's and custom ops' overloads);
+    `names` their short names (`add`, `scatter_`), `calls` how often each name ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def names(self) -> list[str]:
+        return [f.overloadpacket.__name__ for f in self.funcs]
+
+    @property
+    def calls(self) -> Counter:
+        return Counter(self.names)
 
 
 class Launch(NamedTuple):

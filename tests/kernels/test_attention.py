@@ -14,7 +14,8 @@ import torch
 
 from fastmae import ops
 from fastmae.ops import reference
-from tests.utils import DEVICES, assert_error_within_plain, launched_kernels, make_qkv, skip_unless_serves
+from tests.utils import (DEVICES, OpRecorder, assert_error_within_plain, launched_kernels, make_qkv,
+                         skip_unless_serves)
 
 attn = pytest.importorskip("fastmae.kernels.attention")
 
@@ -298,26 +299,16 @@ def test_packed_attention_takes_the_custom_op_for_tensor_subclasses():
 def test_backward_makes_no_gradient_for_lse(packed, device):
     """lse is an output without a gradient: the backward makes no zeros for it (a kernel and an allocation per
     block and step, which autograd makes unless told not to)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     skip_unless_serves("attention", "triton", device, F16, head_dim=32)
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
 
     qkv = torch.randn(2, 20, 3 * 2 * 32, generator=torch.Generator().manual_seed(0)).to(device, F16).requires_grad_()
     out = attn.attention_packed(qkv, 2) if packed else attn.attention(*attn.split_qkv(qkv, 2))
     dout = torch.ones_like(out)
-    with Ops() as ops_seen:
+    with OpRecorder() as ops_seen:
         torch.autograd.grad(out, qkv, dout)
-    made = [name for name in ops_seen.seen if name in ("aten.zeros", "aten.zero_", "aten.fill_", "aten.new_zeros")]
-    assert not made, ops_seen.seen
+    seen = [str(f.overloadpacket) for f in ops_seen.funcs]
+    made = [name for name in seen if name in ("aten.zeros", "aten.zero_", "aten.fill_", "aten.new_zeros")]
+    assert not made, seen
 
 
 @pytest.mark.parametrize("device", DEVICES)

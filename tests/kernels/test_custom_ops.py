@@ -17,7 +17,7 @@ import torch
 from functorch.compile import aot_function, nop
 
 from fastmae.kernels.utils import split_qkv
-from tests.utils import DEVICES, masking, skip_unless_serves
+from tests.utils import DEVICES, OpRecorder, masking, skip_unless_serves
 
 attn = pytest.importorskip("fastmae.kernels.attention", reason="the Triton kernels need triton")
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
@@ -132,30 +132,22 @@ def test_eager_calls_skip_the_custom_op_dispatch(device):
     dispatcher sees only the aten ops around the launches, forward and backward. Called directly, the custom op
     is seen, so the check can fail; fake tensors and torch.compile take the custom ops (tested above and in
     tests/model/test_triton_model.py)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     skip_unless_serves("attention", "triton", device, torch.float32, head_dim=32)
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(str(func).split(".")[0])
-            return func(*args, **(kwargs or {}))
 
     B, H, N, D, L, K = 2, 2, 7, 32, 16, 4
     qkv = _randn(B, N, 3 * H * D, device=device, requires_grad=True)
     x = _randn(2, L, D, device=device, seed=1, requires_grad=True)
     pos = _randn(1, L + 1, D, device=device, seed=2)
     ids_keep, ids_restore = _ids(2, L, K, device)
-    with Seen() as seen:
+    def namespaces(recorder):
+        return {str(f).split(".")[0] for f in recorder.funcs}
+
+    with OpRecorder() as seen:
         out = attn.attention_packed(qkv, H)
         tok = tokens.gather_tokens(x, ids_keep, pos)
         (out.float().sum() + tok.float().sum()).backward()
     assert qkv.grad is not None and x.grad is not None
-    assert "fastmae" not in seen.ops and "aten" in seen.ops
-    with Seen() as seen:
+    assert "fastmae" not in namespaces(seen) and "aten" in namespaces(seen)
+    with OpRecorder() as seen:
         OPS.attention_qkv_fwd(qkv.detach(), H, D ** -0.5, "auto")
-    assert "fastmae" in seen.ops
+    assert "fastmae" in namespaces(seen)

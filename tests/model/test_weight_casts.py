@@ -11,25 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmae
 from fastmae.model import layers
-from tests.utils import DEVICES, assert_close
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from tests.utils import DEVICES, OpRecorder, assert_close
 
 
 def _model(device, **kwargs):
@@ -45,7 +33,7 @@ def _step(model, device, group, grad=True, steps=1, count=False):
     gen = torch.Generator().manual_seed(1)
     imgs = torch.randn(4, 3, 32, 32, generator=gen).to(device)
     noise = torch.rand(4, 64, generator=gen).to(device)
-    counter = OpCounter()
+    counter = OpRecorder()
     for _ in range(steps):
         with torch.set_grad_enabled(grad), (counter if count else contextlib.nullcontext()):
             with torch.autocast(device, dtype=torch.bfloat16):
@@ -180,7 +168,7 @@ def test_grouped_casts_need_autocast():
     """Without autocast nothing is cast: the option changes nothing (fp32 throughout)."""
     model = _model("cpu", backend="sdpa")
     model.group_weight_casts = True
-    counter = OpCounter()
+    counter = OpRecorder()
     with counter:
         model(torch.randn(2, 3, 32, 32), 0.75)[0].backward()
     assert counter.calls["_foreach_copy_"] == 0

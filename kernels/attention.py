@@ -75,6 +75,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
                     interpreter_enabled, launch_capability, launches_on_device_of, next_power_of_2, qkv_head_dim,
                     split_qkv, tuned_archs, tuned_entries, tuned_entry)
@@ -662,7 +663,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pa
         return out, lse.fill_(float("-inf"))
     kernel = "fwd_" + forward_path(N, D, q.dtype, path)
     cfg = launch_settings(kernel, N, D, q.dtype, launch_capability(q.device))
-    KERNELS[kernel][(cdiv(N, cfg.block_m) * B * H,)](
+    launch(KERNELS[kernel], (cdiv(N, cfg.block_m) * B * H,),
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, D, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=_pad(D), UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
@@ -726,7 +727,7 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
     cap = launch_capability(q.device)
     if backward_path(N, D, q.dtype, path, cap) == "short":
         cfg = launch_settings("bwd_short", N, D, q.dtype, cap)
-        _attn_bwd_short[(B * H,)](
+        launch(_attn_bwd_short, (B * H,),
             q, k, v, dout, lse, dq, dk, dv, *strides_qkv, *dout.stride(), *dq.stride(),
             *dk.stride(), *dv.stride(), H, N, D, scale, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -737,13 +738,13 @@ def _launch_backward(dout, q, k, v, out, lse, dq, dk, dv, scale: float, path: st
     # stream): two launches, no separate pass for delta
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     cfg = launch_settings("bwd_dq", N, D, q.dtype, cap)
-    _attn_bwd_dq[(cdiv(N, cfg.block_m) * B * H,)](
+    launch(_attn_bwd_dq, (cdiv(N, cfg.block_m) * B * H,),
         q, k, v, out, dout, lse, delta, dq, *strides_qkv, *out.stride(), *dout.stride(), *dq.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION, **meta)
     cfg = launch_settings("bwd_dkdv", N, D, q.dtype, cap)
-    _attn_bwd_dkdv[(cdiv(N, cfg.block_n) * B * H,)](
+    launch(_attn_bwd_dkdv, (cdiv(N, cfg.block_n) * B * H,),
         q, k, v, dout, lse, delta, dk, dv, *strides_qkv, *dout.stride(), *dk.stride(), *dv.stride(),
         H, N, D, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
                     image_patches, launch_capability, launches_on_device_of, next_power_of_2, tuned_archs,
                     tuned_entries, tuned_entry)
@@ -451,14 +452,14 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
     half = cdiv(programs, 4) * 4
     part = torch.empty(2 * half, device=pred.device, dtype=torch.float32)
     wsum = part[half:]
-    _masked_mse_fwd_kernel[(programs,)](
+    launch(_masked_mse_fwd_kernel, (programs,),
         pred, imgs, mask32, ids, part, wsum, g if write_grad else part, n_rows, rows, c, gw, tiles, *imgs.stride(),
         PATCH=p, NORM_PIX=bool(norm_pix), HAS_IDS=has_ids, WRITE_GRAD=bool(write_grad),
         BLOCK_R=cfg.block_r, BLOCK_C=next_power_of_2(c), BLOCK_P=next_power_of_2(p),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
-    _masked_mse_finalize_kernel[(1,)](part, wsum, loss, denom, programs, float(max(n_rows, 1)),
-                                      HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK,
-                                      num_warps=FINALIZE_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    launch(_masked_mse_finalize_kernel, (1,), part, wsum, loss, denom, programs, float(max(n_rows, 1)),
+           HAS_MASK=not has_ids, BLOCK=FINALIZE_BLOCK, num_warps=FINALIZE_WARPS, num_stages=NUM_STAGES,
+           enable_fp_fusion=FP_FUSION)
     return loss, g, denom, mask32
 
 
@@ -473,7 +474,7 @@ def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: 
         return out
     go = grad_output.detach().reshape(1).to(torch.float32)
     cfg = _settings_for("bwd", g.device, lambda: bwd_key(g.dtype, P, not has_ids), lambda: _default_bwd(P))
-    _masked_mse_bwd_kernel[(cdiv(n_rows, cfg.block_r),)](
+    launch(_masked_mse_bwd_kernel, (cdiv(n_rows, cfg.block_r),),
         g, mask32, go, denom, out, n_rows, P, HAS_MASK=not has_ids, BLOCK_R=cfg.block_r, BLOCK=next_power_of_2(P),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     return out

@@ -9,6 +9,9 @@ beside a one-element PyTorch op (`fastmae.bench.limits.measure_launch_costs`):
   sixteen strides, three sizes and a float, so that Triton's per-argument work (binding, specialising on
   alignment and divisibility by 16, packing for the driver) is paid as in the model.
 
+Both launch as fastmae's kernels do (`launch.launch`: Triton's binding done once per specialisation), or with
+`kept=False` through Triton's own path, which binds every argument at every launch.
+
 Each adds 1 to x[0] (one program, one element): the GPU's part is the smallest a launch can have.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .utils import FP_FUSION, CompileSpec, check_device
 
 WIDE_ARGS = 25  # pointers and scalars `launch_wide` passes, as the attention forward's launch
@@ -42,21 +46,29 @@ def _probe_inputs(x: torch.Tensor) -> None:
                          f"with {x.numel()}")
 
 
-def launch_small(x: torch.Tensor) -> None:
-    """One launch of the one-argument probe: x[0] += 1."""
+def launch_small(x: torch.Tensor, kept: bool = True) -> None:
+    """One launch of the one-argument probe: x[0] += 1. `kept`: through `launch.launch`, as fastmae's kernels
+    launch; False: through Triton's own path (`kernel[grid](...)`)."""
     _probe_inputs(x)
-    _probe_small_kernel[(1,)](x, enable_fp_fusion=FP_FUSION)
+    if kept:
+        launch(_probe_small_kernel, (1,), x, enable_fp_fusion=FP_FUSION)
+    else:
+        _probe_small_kernel[(1,)](x, enable_fp_fusion=FP_FUSION)
 
 
-def launch_wide(x: torch.Tensor, others: tuple[torch.Tensor, ...] | None = None) -> None:
+def launch_wide(x: torch.Tensor, others: tuple[torch.Tensor, ...] | None = None, kept: bool = True) -> None:
     """One launch of the wide probe (`WIDE_ARGS` arguments, x first): x[0] += 1. `others`: the four other
     tensors passed (read by nothing; x itself when None). Strides and sizes are those of a ViT-B encoder
-    launch (batch 64, 12 heads, 50 tokens, head dim 64, a packed [B, N, 3 * 768] projection)."""
+    launch (batch 64, 12 heads, 50 tokens, head dim 64, a packed [B, N, 3 * 768] projection). `kept`: as in
+    `launch_small`."""
     _probe_inputs(x)
     a, b, c, d = others if others is not None else (x, x, x, x)
-    _probe_wide_kernel[(1,)](x, a, b, c, d,
-                             115200, 64, 2304, 1, 115200, 64, 2304, 1, 115200, 64, 2304, 1, 38400, 64, 768, 1,
-                             12, 50, 64, 0.18033688011112042, BLOCK=16, enable_fp_fusion=FP_FUSION)
+    args = (x, a, b, c, d, 115200, 64, 2304, 1, 115200, 64, 2304, 1, 115200, 64, 2304, 1, 38400, 64, 768, 1,
+            12, 50, 64, 0.18033688011112042)
+    if kept:
+        launch(_probe_wide_kernel, (1,), *args, BLOCK=16, enable_fp_fusion=FP_FUSION)
+    else:
+        _probe_wide_kernel[(1,)](*args, BLOCK=16, enable_fp_fusion=FP_FUSION)
 
 
 def compile_specs() -> list[CompileSpec]:

@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, cdiv, check_device, custom_op, image_patches,
                     launches_on_device_of, next_power_of_2)
 
@@ -256,7 +257,7 @@ def _colsum(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """src: [R, D] with a unit last stride -> out [D] (preallocated, any float dtype)."""
     R, D = src.shape
     block_d = min(next_power_of_2(D), COLSUM_MAX_BLOCK_D)
-    _colsum_kernel[(cdiv(D, block_d),)](src, out, R, D, src.stride(0), BLOCK_R=COLSUM_BLOCK_R,
+    launch(_colsum_kernel, (cdiv(D, block_d),), src, out, R, D, src.stride(0), BLOCK_R=COLSUM_BLOCK_R,
                                                 BLOCK_D=block_d,
                                                 num_warps=4, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
@@ -275,7 +276,7 @@ def gather_patches_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_siz
     if out.numel() == 0:
         return out
     block_r, block_c, block_p, num_warps = _patch_settings(c, p)
-    _gather_patches_kernel[(cdiv(n * K, block_r),)](
+    launch(_gather_patches_kernel, (cdiv(n * K, block_r),),
         imgs, ids, out, n * K, K, c, gw, p, *imgs.stride(), BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
@@ -312,10 +313,9 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: to
     block_r, block_d, num_warps = _row_settings(d)
     n_rows = n * (K + int(has_cls))
     grid = (cdiv(n_rows, block_r), cdiv(d, block_d))
-    _gather_tokens_fwd_kernel[grid](x, ids, pos, cls, out, n_rows, K, d, x.stride(0), x.stride(1), pos.stride(0),
-                                    out.stride(0), out.stride(1), HAS_CLS=int(has_cls), GATHERED=bool(gathered),
-                                    BLOCK_R=block_r, BLOCK_D=block_d,
-                                    num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    launch(_gather_tokens_fwd_kernel, grid, x, ids, pos, cls, out, n_rows, K, d, x.stride(0), x.stride(1),
+           pos.stride(0), out.stride(0), out.stride(1), HAS_CLS=int(has_cls), GATHERED=bool(gathered),
+           BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -340,7 +340,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: in
         grad_x = torch.empty((n, L, d), device=grad_out.device, dtype=x_dtype)
         if grad_x.numel():
             block_r, block_d, num_warps = _row_settings(d)
-            _gather_tokens_bwd_kernel[(n * cdiv(L, block_r), cdiv(d, block_d))](
+            launch(_gather_tokens_bwd_kernel, (n * cdiv(L, block_r), cdiv(d, block_d)),
                 grad_out, ids_keep, grad_x, L, K, d, ids_keep.stride(0), grad_out.stride(0), grad_out.stride(1),
                 grad_x.stride(0), grad_x.stride(1), HAS_CLS=h, BLOCK_R=block_r, BLOCK_K=GATHER_BWD_BLOCK_K,
                 BLOCK_D=block_d, num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
@@ -370,7 +370,7 @@ def unshuffle_tokens_forward(x: torch.Tensor, ids_restore: torch.Tensor, mask_to
     if out.numel() == 0:
         return out
     block_r, block_d, num_warps = _row_settings(d)
-    _unshuffle_fwd_kernel[(cdiv(n * (L + 1), block_r), cdiv(d, block_d))](
+    launch(_unshuffle_fwd_kernel, (cdiv(n * (L + 1), block_r), cdiv(d, block_d)),
         x, ids, mtok, pos, out, n * (L + 1), L, k1 - 1, d, x.stride(0), x.stride(1), pos.stride(0), out.stride(0),
         out.stride(1), BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
@@ -404,7 +404,7 @@ def unshuffle_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor,
     block_d, rows_per_prog, chunks = _unshuffle_bwd_split(n, L, d)
     part = torch.empty((n * chunks, d), device=grad_out.device, dtype=torch.float32)
     num_warps = _warps(BWD_BLOCK_L * block_d)
-    _unshuffle_bwd_kernel[(n * chunks, cdiv(d, block_d))](
+    launch(_unshuffle_bwd_kernel, (n * chunks, cdiv(d, block_d)),
         grad_out, ids, grad_x, part, L, K, d, chunks, rows_per_prog, grad_out.stride(0), grad_out.stride(1),
         grad_x.stride(0), grad_x.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_D=block_d, num_warps=num_warps,
         num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)

@@ -4,7 +4,8 @@
 - bandwidth: a device-to-device copy `dst.copy_(src)`; bytes = 2 * size (read once, written once).
 - launch: the host's time to issue one kernel that does next to nothing (`measure_launch_costs`): a one-element
   PyTorch op, and Triton's launch probes (`fastmae.kernels.probe`: one argument, and the 25 of the attention
-  forward's launch). Where a step is bound by the host, these set the price of each kernel it launches.
+  forward's launch), each as fastmae's kernels launch (`kernels.launch`) and through Triton's own path. Where a
+  step is bound by the host, these set the price of each kernel it launches.
 
 Each limit is taken from the 20th-percentile time (the 80th percentile of throughput) of its repetitions:
 a ceiling the device reached in this run, not a datasheet number. GPU sizes: n = 8192, 512 MiB copied.
@@ -130,8 +131,10 @@ def measure_launch_costs(device: torch.device | str, quick: bool = False, allow_
                          case: str = "bench ops") -> list[dict]:
     """Records (kind "limit", op "launch") of the host's time to issue one kernel: `host_us`, per call, for a
     one-element in-place add (backend "torch") and Triton's two launch probes (backend "triton", `shape`
-    giving their argument counts). The Triton rows are skipped with the reason where Triton cannot launch on
-    `device`, and carry `interpreter: true` where they ran in the CPU interpreter (a code-path check)."""
+    giving their argument counts), each launched as fastmae's kernels are (`path` "fastmae": Triton's binding
+    done once, `kernels.launch`) and through Triton's own path (`path` "triton"). The Triton rows are skipped
+    with the reason where Triton cannot launch on `device`, and carry `interpreter: true` where they ran in the
+    CPU interpreter (a code-path check)."""
     from ..kernels.utils import interpreter_enabled
 
     device = torch.device(device)
@@ -143,9 +146,12 @@ def measure_launch_costs(device: torch.device | str, quick: bool = False, allow_
                 "status": "ok", "host_us": host_us_per_call(lambda: x.add_(1), device, burst, bursts),
                 "burst": burst}]
     reason = triton_launch_reason(device, allow_interpreter)
-    probes = (("probe small", 1, "launch_small"), ("probe wide", 25, "launch_wide"))
-    for what, n_args, fn_name in probes:
-        rec = {**head, "backend": "triton", "shape": {"arguments": n_args, "elements": 1}, "what": what}
+    probes = [(what, n_args, fn_name, path)
+              for what, n_args, fn_name in (("probe small", 1, "launch_small"), ("probe wide", 25, "launch_wide"))
+              for path in ("fastmae", "triton")]
+    for what, n_args, fn_name, path in probes:
+        rec = {**head, "backend": "triton", "shape": {"arguments": n_args, "elements": 1}, "path": path,
+               "what": what + ("" if path == "fastmae" else ", Triton's launch path")}
         if reason:
             records.append({**rec, "status": "skipped", "reason": reason})
             continue
@@ -153,7 +159,9 @@ def measure_launch_costs(device: torch.device | str, quick: bool = False, allow_
             from ..kernels import probe
 
             launch = getattr(probe, fn_name)
-            us = host_us_per_call(lambda: launch(x), device, *(LAUNCH_QUICK if interp else (burst, bursts)))
+            kept = path == "fastmae"
+            us = host_us_per_call(lambda: launch(x, kept=kept), device,
+                                  *(LAUNCH_QUICK if interp else (burst, bursts)))
         except Exception as exc:  # noqa: BLE001 (one probe's failure is its record's, not the run's)
             records.append({**rec, "status": "failed", "reason": error_line(exc)})
             continue
@@ -174,6 +182,7 @@ def launch_line(records: list[dict]) -> str | None:
             parts.append(f"PyTorch {r['what']} {r['host_us']:.3g} µs")
         else:
             n = r["shape"]["arguments"]
-            parts.append(f"Triton, {n} argument{'s' if n != 1 else ''}, {r['host_us']:.3g} µs"
+            path = "" if r.get("path") == "fastmae" else " (Triton's own launch path)"  # older records: Triton's
+            parts.append(f"Triton{path}, {n} argument{'s' if n != 1 else ''}, {r['host_us']:.3g} µs"
                          + (" (in its CPU interpreter: a code-path check)" if r.get("interpreter") else ""))
     return "host time to issue one kernel, back to back: " + "; ".join(parts)

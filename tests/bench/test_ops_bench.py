@@ -191,15 +191,18 @@ def test_launch_costs_on_a_cpu():
     torch_row, *triton_rows = recs
     assert torch_row["backend"] == "torch" and torch_row["op"] == "launch" and torch_row["status"] == "ok"
     assert 0 < torch_row["host_us"] < 1e5
-    assert [r["shape"]["arguments"] for r in triton_rows] == [1, 25]
+    assert [(r["shape"]["arguments"], r["path"]) for r in triton_rows] == [
+        (1, "fastmae"), (1, "triton"), (25, "fastmae"), (25, "triton")]
     assert all(r["status"] == "skipped" and "interpreter" in r["reason"] for r in triton_rows)
     assert launch_line(recs) == f"host time to issue one kernel, back to back: PyTorch x.add_(1) " \
                                 f"{torch_row['host_us']:.3g} µs"
     if INTERPRETER_RUNS:
         recs = measure_launch_costs(CPU, quick=True, allow_interpreter=True)
         assert all(r["status"] == "ok" and r["host_us"] > 0 for r in recs), recs
-        assert [r.get("interpreter") for r in recs] == [None, True, True]
-        assert "Triton, 25 arguments" in launch_line(recs) and "code-path check" in launch_line(recs)
+        assert [r.get("interpreter") for r in recs] == [None, True, True, True, True]
+        line = launch_line(recs)
+        assert "Triton, 25 arguments" in line and "Triton (Triton's own launch path), 25 arguments" in line
+        assert "code-path check" in line
 
 
 @pytest.mark.skipif(not INTERPRETER_RUNS, reason="Triton's interpreter cannot run with these packages")
@@ -208,10 +211,11 @@ def test_launch_probes_add_one():
     from fastmae.kernels import probe
 
     x = torch.zeros(3)
-    probe.launch_small(x)
-    probe.launch_wide(x)
-    probe.launch_wide(x, (torch.ones(2),) * 4)
-    assert x.tolist() == [3.0, 0.0, 0.0]
+    for kept in (True, False):
+        probe.launch_small(x, kept=kept)
+        probe.launch_wide(x, kept=kept)
+        probe.launch_wide(x, (torch.ones(2),) * 4, kept=kept)
+    assert x.tolist() == [6.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="float32"):
         probe.launch_small(torch.zeros(2, dtype=torch.float16))
 
@@ -223,9 +227,12 @@ def test_launch_line_reads_only_bench_ops_launch_rows():
             {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "torch", "what": "x.add_(1)",
              "shape": {"arguments": 2, "elements": 1}, "status": "ok", "host_us": 12.34},
             {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "triton", "what": "probe small",
-             "shape": {"arguments": 1, "elements": 1}, "status": "ok", "host_us": 31.0},
+             "shape": {"arguments": 1, "elements": 1}, "status": "ok", "host_us": 31.0, "path": "fastmae"},
+            {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "triton", "what": "probe small",
+             "shape": {"arguments": 1, "elements": 1}, "status": "ok", "host_us": 35.0},
             {"kind": "limit", "op": "launch", "case": "bench ops", "backend": "triton", "what": "probe wide",
              "shape": {"arguments": 25, "elements": 1}, "status": "failed", "reason": "boom"}]
+    # a row without a path predates fastmae's own launch: Triton's path
     assert launch_line(rows) == ("host time to issue one kernel, back to back: PyTorch x.add_(1) 12.3 µs; "
-                                 "Triton, 1 argument, 31 µs")
+                                 "Triton, 1 argument, 31 µs; Triton (Triton's own launch path), 1 argument, 35 µs")
     assert launch_line(rows[:1]) is None

@@ -242,8 +242,9 @@ BENCH=("$PY" -m fastmae bench)
 # the training step's variants (fastmae.bench.train_bench.VARIANTS) in two GPU parts: eager, and torch.compile
 # with the eager pair they are compared with (tests/bench/test_gpu_suite_quick.py checks they cover them all)
 TRAIN_EAGER=fastmae,official-eager,reference+sdpa,fastmae+sdpa,fastmae+lean,fastmae+cudagraph
-# ViT-B's eager part also times fastmae with autocast's own per-weight casts (what grouping them saves)
-TRAIN_EAGER_B=$TRAIN_EAGER,fastmae+plain-casts
+# ViT-B's eager part also times fastmae with autocast's own per-weight casts (what grouping them saves) and with
+# Triton's own launch path for every kernel (what keeping each specialisation's compiled kernel saves)
+TRAIN_EAGER_B=$TRAIN_EAGER,fastmae+plain-casts,fastmae+triton-launch
 TRAIN_COMPILE=fastmae,official-eager,reference+compile,fastmae+compile,fastmae+compile+cudagraph
 
 # The tuners in whatever time the other parts left, last: the masked-MSE loss's first (the op furthest from its

@@ -158,7 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", formatter_class=fmt, help="one pretraining step per variant: images/s, memory, MFU",
                        description="One full pretraining step (forward, loss, backward, AdamW) for: official-eager, "
                        "reference+sdpa, reference+compile, fastmae, fastmae+compile, fastmae+sdpa (SDPA attention), "
-                       "fastmae+lean, fastmae+plain-casts (autocast's per-weight casts; CUDA only), fastmae+cudagraph "
+                       "fastmae+lean, fastmae+plain-casts (autocast's per-weight casts; CUDA only), fastmae+triton-launch "
+                       "(Triton's own launch path for every kernel; CUDA only), fastmae+cudagraph "
                        "(the step captured in a CUDA graph; CUDA only), fastmae+compile+cudagraph (the compiled "
                        "step captured so); images/s, "
                        "peak memory and model-FLOPs utilisation against the matmul peak measured in the same run.")
@@ -169,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.75, help="the masking of every variant")
     p.add_argument("--variants",
                    default="official-eager,reference+sdpa,reference+compile,fastmae,fastmae+compile,fastmae+sdpa,"
-                   "fastmae+lean,fastmae+plain-casts,fastmae+cudagraph,fastmae+compile+cudagraph",
+                   "fastmae+lean,fastmae+plain-casts,fastmae+triton-launch,fastmae+cudagraph,fastmae+compile+cudagraph",
                    help="comma-separated training variants")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="run the torch.compile variants (default on cuda; off on cpu, where compiling takes minutes)")

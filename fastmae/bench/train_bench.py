@@ -13,6 +13,9 @@ Variants, all with the same preset, batch, dtype, initial weights, images and ma
   fastmae+plain-casts  fastmae with autocast's own casts (`group_weight_casts=False`: a kernel per weight and per
                      gradient in every block, where fastmae's CUDA path groups them a few blocks at a time; on a CPU
                      fastmae casts so already, and the variant is skipped)
+  fastmae+triton-launch  fastmae with every Triton kernel launched through Triton's own path, which binds and
+                     specialises each argument at every launch, where fastmae keeps each specialisation's compiled
+                     kernel (`fastmae.kernels.launch`): what that saves a step's host time (CUDA only)
   fastmae+cudagraph  fastmae's step captured whole in a CUDA graph and replayed (`fastmae.train.graphed`; CUDA;
                      float16 with its GradScaler in the graph): the same GPU work without the host's time to issue it
   fastmae+compile+cudagraph  fastmae under torch.compile, its step captured and replayed as fastmae+cudagraph's:
@@ -69,6 +72,7 @@ VARIANTS: dict[str, dict] = {
     "fastmae+sdpa": {"backend": {"attention": "sdpa"}, "compile": False, "adamw": "auto", "varies": "fastmae"},
     "fastmae+lean": {"backend": None, "compile": False, "lean_blocks": True, "adamw": "auto"},
     "fastmae+plain-casts": {"backend": None, "compile": False, "group_weight_casts": False, "adamw": "auto"},
+    "fastmae+triton-launch": {"backend": None, "compile": False, "kept_launches": False, "adamw": "auto"},
     "fastmae+cudagraph": {"backend": None, "compile": False, "cuda_graph": True, "adamw": "auto"},
     "fastmae+compile+cudagraph": {"backend": None, "compile": True, "cuda_graph": True, "adamw": "auto"},
 }
@@ -187,7 +191,8 @@ def record_head(variant: str, model_name: str, mask_ratio: float, dtype: torch.d
             "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
             "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto",
             **({"cuda_graph": True} if cfg.get("cuda_graph") else {}),
-            **({"group_weight_casts": cfg["group_weight_casts"]} if "group_weight_casts" in cfg else {})}
+            **({"group_weight_casts": cfg["group_weight_casts"]} if "group_weight_casts" in cfg else {}),
+            **({"kept_launches": False} if cfg.get("kept_launches") is False else {})}
 
 
 def add_train_speedups(records: list[dict]) -> list[dict]:
@@ -278,11 +283,27 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
         (lambda: saved_mb_per_image(model, imgs, noise, mask_ratio, device, dtype))
     step = GraphedTrainStep(forward, opt, imgs, noise, mask_ratio, dtype) if graphed else \
         make_step(model, forward, opt, imgs, noise, mask_ratio, device, dtype)
+    if cfg.get("kept_launches") is False:
+        step = _through_tritons_launch(step)
     return {"step": step, "model": model,
             "optimizer": opt,
             "saved_mb_per_image": saved,
             "shape": {"batch": batch, "img": side, "L": L, "K": len_keep(L, mask_ratio)},
             "flops": train_step_flops(model, batch, mask_ratio), "dispatch": dispatch_str(seen)}
+
+
+def _through_tritons_launch(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`step` with fastmae's kept Triton launches off while it runs (`kernels.launch.ENABLED`)."""
+    from ..kernels import launch
+
+    def run():
+        before, launch.ENABLED = launch.ENABLED, False
+        try:
+            return step()
+        finally:
+            launch.ENABLED = before
+
+    return run
 
 
 def variant_reason(variant: str, device: torch.device, dtype: torch.dtype,
@@ -294,6 +315,9 @@ def variant_reason(variant: str, device: torch.device, dtype: torch.dtype,
                 f"{', '.join(GROUPED_CAST_DEVICES).upper()} only): the same step as fastmae's")
     if cfg.get("group_weight_casts") is False and dtype == torch.float32:
         return "a float32 step runs without autocast: no weight is cast, the same step as fastmae's"
+    if cfg.get("kept_launches") is False and device.type != "cuda":
+        return ("Triton launches compiled kernels on CUDA only (on a CPU its interpreter runs them, through one "
+                "path): the same step as fastmae's")
     return path_interpreter_reason(cfg["backend"], device, allow_interpreter) or \
         (graph_step_reason(device, None, dtype) if cfg.get("cuda_graph") else None)
 

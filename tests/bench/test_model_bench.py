@@ -168,6 +168,9 @@ def test_train_records():
     assert by["fastmae+plain-casts"]["status"] == "skipped"
     assert "casts each weight on its own here already" in by["fastmae+plain-casts"]["reason"]
     assert by["fastmae+plain-casts"]["group_weight_casts"] is False
+    # on a CPU Triton's kernels run in its interpreter, through one launch path: the same step as fastmae's
+    assert by["fastmae+triton-launch"]["status"] == "skipped" and by["fastmae+triton-launch"]["kept_launches"] is False
+    assert "CUDA only" in by["fastmae+triton-launch"]["reason"]
     # on a CPU fastmae's own choice for attention is SDPA: fastmae+sdpa would time the same step again
     assert "attention=sdpa" in by["fastmae"]["dispatch"]
     assert by["fastmae+sdpa"]["status"] == "skipped" and by["fastmae+sdpa"]["reason"].startswith(
@@ -182,6 +185,29 @@ def test_plain_casts_variant_runs_only_where_fastmae_groups_casts():
     assert train_bench.variant_reason("fastmae+plain-casts", cuda, torch.float16) is None
     assert "no weight is cast" in train_bench.variant_reason("fastmae+plain-casts", cuda, torch.float32)
     assert "on CUDA only" in train_bench.variant_reason("fastmae+plain-casts", CPU, torch.bfloat16)
+
+
+def test_triton_launch_variant_turns_kept_launches_off_while_its_step_runs():
+    """fastmae+triton-launch runs on CUDA only, and its step runs with `kernels.launch.ENABLED` off, restored
+    after the step, also when the step raises."""
+    from fastmae.kernels import launch
+
+    assert train_bench.variant_reason("fastmae+triton-launch", torch.device("cuda"), torch.bfloat16) is None
+    assert "CUDA only" in train_bench.variant_reason("fastmae+triton-launch", CPU, torch.bfloat16)
+    seen = []
+
+    def step():
+        seen.append(launch.ENABLED)
+        if len(seen) == 2:
+            raise RuntimeError("boom")
+        return torch.zeros(())
+
+    wrapped = train_bench._through_tritons_launch(step)
+    before = launch.ENABLED
+    wrapped()
+    with pytest.raises(RuntimeError, match="boom"):
+        wrapped()
+    assert seen == [False, False] and launch.ENABLED == before
 
 
 def test_varied_variant_runs_where_it_differs():
@@ -262,7 +288,7 @@ def test_train_variants_compute_the_same_steps():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU suite runs it)")
 @pytest.mark.parametrize("variant", ["official-eager", "reference+sdpa", "fastmae", "fastmae+sdpa", "fastmae+lean",
-                                     "fastmae+plain-casts"])
+                                     "fastmae+plain-casts", "fastmae+triton-launch"])
 def test_train_step_never_waits_for_the_gpu(variant):
     """A bf16 training step as `bench train` times it issues its work without waiting for the GPU: no .item(), no
     copy to the host, no synchronising call. Where the host bounds a step, a wait would add the GPU's queue to the

@@ -107,10 +107,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     (stats, next_iter): stats as the official log keys (`lr`, `loss`, averaged over iterations and ranks)
     plus `skipped_images`; next_iter == iters_per_epoch unless `max_steps` stopped the epoch early.
     `last_checkpoint`: the newest good checkpoint on disk (None: there is none), named if the loss turns
-    non-finite. `graph` (`graphed.GraphOnFirstBatch`, which scales fp16 itself): each iteration replays the whole
-    step from a CUDA graph instead of running it (with accumulation: the micro-step, and the update after the last
-    of them); the loss is then checked after the step it came from was applied (the run stops all the same, and
-    writes no checkpoint of that state).
+    non-finite (each iteration's loss is checked after its step was issued: see below). `graph`
+    (`graphed.GraphOnFirstBatch`, which scales fp16 itself): each iteration replays the whole step from a CUDA graph
+    instead of running it (with accumulation: the micro-step, and the update after the last of them).
     """
     dist_info = dist_info or DistInfo()
     model.train(True)
@@ -141,16 +140,6 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
             else:
                 with autocast(device, PRECISIONS[precision]):
                     loss, _, _ = model(samples, mask_ratio=sched.mask_ratio, noise=noise)
-            loss_value = float(loss.item())
-            # the mean over ranks is NaN if any rank's loss is: every rank stops at the same iteration
-            loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
-            if not math.isfinite(loss_mean):
-                last = f"the last good one is {last_checkpoint}" if last_checkpoint else "this run wrote none before it"
-                raise NonFiniteLossError(
-                    f"loss is {loss_mean if dist_info.distributed else loss_value} at epoch {epoch}, iteration "
-                    f"{it} (optimizer step {state.step + 1}); stopping. No checkpoint of this state was "
-                    f"written; {last}. Try a lower --blr, more --warmup_epochs or --precision fp32.")
-            if graph is None:
                 scaler.scale(loss / accum).backward()
         if update:
             if graph is None:
@@ -158,6 +147,19 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             state.step += 1
+        # The loss is read once its whole step is issued: read between the forward and the backward (as the
+        # official code does), it would make the host wait there for the GPU to finish the forward before issuing
+        # the backward, and the GPU then wait for the backward's first kernels. A non-finite loss's step has been
+        # applied when it is seen; the run stops before any checkpoint of that state.
+        loss_value = float(loss.item())
+        # the mean over ranks is NaN if any rank's loss is: every rank stops at the same iteration
+        loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
+        if not math.isfinite(loss_mean):
+            last = f"the last good one is {last_checkpoint}" if last_checkpoint else "this run wrote none before it"
+            raise NonFiniteLossError(
+                f"loss is {loss_mean if dist_info.distributed else loss_value} at epoch {epoch}, iteration "
+                f"{it} (optimizer step {state.step if update else state.step + 1}); stopping. No checkpoint of "
+                f"this state was written; {last}. Try a lower --blr, more --warmup_epochs or --precision fp32.")
         skipped_total += int(round(skipped_mean * dist_info.world_size))
         state.losses.append(loss_mean)
         loss_sum += loss_mean

@@ -92,6 +92,53 @@ def prefetch_to_device(batches: Iterable[tuple], device: torch.device) -> Iterat
     yield from one_ahead(batches, load, ready)
 
 
+class LossReads:
+    """Each iteration's loss brought to the host an iteration late, so that the host never waits for the GPU
+    inside the loop: `put` queues this iteration's loss (averaged over the processes under torchrun, by an
+    all-reduce queued behind the step's own work) and returns the previous iteration's, which the GPU has long
+    finished (on CUDA the value travels to pinned memory behind the step, and an event says when it is there).
+    Read at once instead, as the official loop does, the host would wait for the whole step to finish on the GPU
+    before issuing the next one, and the GPU would then wait for the next step's first kernels. `flush` returns
+    the last one. Entries are (what the caller passed with the loss, the loss as a float)."""
+
+    def __init__(self, device: torch.device, dist_info: DistInfo):
+        self.dist_info = dist_info
+        # two host buffers: one is being filled by iteration i while iteration i-1's is read
+        self._host = [torch.empty(1, dtype=torch.float64, pin_memory=True) for _ in range(2)] \
+            if device.type == "cuda" else None
+        self._turn = 0
+        self._pending = None
+
+    def put(self, loss: torch.Tensor, info) -> tuple | None:
+        value = loss.detach().to(torch.float64, copy=True).reshape(1)  # a graph's output is overwritten by its replay
+        if self.dist_info.distributed:
+            torch.distributed.all_reduce(value)  # the mean over ranks is NaN if any rank's loss is
+            value /= self.dist_info.world_size
+        event = None
+        if self._host is not None:
+            host = self._host[self._turn]
+            self._turn ^= 1
+            host.copy_(value, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            value = host
+        previous, self._pending = self._pending, (info, value, event)
+        return self._read(previous)
+
+    def flush(self) -> tuple | None:
+        previous, self._pending = self._pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(entry) -> tuple | None:
+        if entry is None:
+            return None
+        info, value, event = entry
+        if event is not None:
+            event.synchronize()
+        return info, float(value[0])
+
+
 def make_scaler(device: torch.device, precision: str):
     """A GradScaler, enabled for fp16 only (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -107,7 +154,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     (stats, next_iter): stats as the official log keys (`lr`, `loss`, averaged over iterations and ranks)
     plus `skipped_images`; next_iter == iters_per_epoch unless `max_steps` stopped the epoch early.
     `last_checkpoint`: the newest good checkpoint on disk (None: there is none), named if the loss turns
-    non-finite (each iteration's loss is checked after its step was issued: see below). `graph`
+    non-finite (each loss reaches the host an iteration after its step was issued: `LossReads`). `graph`
     (`graphed.GraphOnFirstBatch`, which scales fp16 itself): each iteration replays the whole step from a CUDA graph
     instead of running it (with accumulation: the micro-step, and the update after the last of them).
     """
@@ -119,10 +166,33 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
         graph.reset_accumulation()
     accum = sched.accum_iter
     loss_sum = lr_sum = 0.0
-    count = skipped_total = 0
+    count = 0
+    skipped_here = 0.0
     it = skip_iters
     lr = optimizer.param_groups[0]["lr"]
     tick = time.time()
+    reads = LossReads(device, dist_info)
+
+    def account(read) -> None:
+        """An earlier iteration's loss, now on the host: the stop if it is not finite, the sums, the logs."""
+        nonlocal loss_sum, lr_sum, count
+        if read is None:
+            return
+        (it_read, step_read, lr_read, images, seconds), loss_mean = read
+        if not math.isfinite(loss_mean):
+            last = f"the last good one is {last_checkpoint}" if last_checkpoint else "this run wrote none before it"
+            raise NonFiniteLossError(
+                f"loss is {loss_mean} at epoch {epoch}, iteration {it_read} (optimizer step {step_read}); "
+                f"stopping. No checkpoint of this state was written; {last}. Try a lower --blr, more "
+                f"--warmup_epochs or --precision fp32.")
+        state.losses.append(loss_mean)
+        loss_sum += loss_mean
+        lr_sum += lr_read
+        count += 1
+        if logger is not None:
+            logger.iteration(epoch=epoch, it=it_read, iters_per_epoch=sched.iters_per_epoch, step=step_read,
+                             loss=loss_mean, lr=lr_read, images=images, seconds=seconds)
+
     for k, (samples, _labels, noise, skipped) in enumerate(prefetch_to_device(loader, device)):
         it = skip_iters + k
         if it % accum == 0:
@@ -147,31 +217,16 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             state.step += 1
-        # The loss is read once its whole step is issued: read between the forward and the backward (as the
-        # official code does), it would make the host wait there for the GPU to finish the forward before issuing
-        # the backward, and the GPU then wait for the backward's first kernels. A non-finite loss's step has been
-        # applied when it is seen; the run stops before any checkpoint of that state.
-        loss_value = float(loss.item())
-        # the mean over ranks is NaN if any rank's loss is: every rank stops at the same iteration
-        loss_mean, skipped_mean = all_reduce_mean([loss_value, float(skipped.sum())], dist_info, device)
-        if not math.isfinite(loss_mean):
-            last = f"the last good one is {last_checkpoint}" if last_checkpoint else "this run wrote none before it"
-            raise NonFiniteLossError(
-                f"loss is {loss_mean if dist_info.distributed else loss_value} at epoch {epoch}, iteration "
-                f"{it} (optimizer step {state.step if update else state.step + 1}); stopping. No checkpoint of "
-                f"this state was written; {last}. Try a lower --blr, more --warmup_epochs or --precision fp32.")
-        skipped_total += int(round(skipped_mean * dist_info.world_size))
-        state.losses.append(loss_mean)
-        loss_sum += loss_mean
-        lr_sum += lr
-        count += 1
+        skipped_here += float(skipped.sum())  # the loader's count, on the host
         now = time.time()
-        if logger is not None:
-            logger.iteration(epoch=epoch, it=it, iters_per_epoch=sched.iters_per_epoch, step=state.step,
-                             loss=loss_mean, lr=lr, images=samples.shape[0] * dist_info.world_size,
-                             seconds=now - tick)
+        # the loss reaches the host an iteration late (`LossReads`): a non-finite one stops the run an iteration
+        # after its step was applied, before any checkpoint of that state
+        account(reads.put(loss, (it, state.step if update else state.step + 1, lr,
+                                 samples.shape[0] * dist_info.world_size, now - tick)))
         tick = now
         if update and sched.max_steps and state.step >= sched.max_steps:
             break
+    account(reads.flush())
+    skipped_total = int(round(all_reduce_mean([skipped_here], dist_info, device)[0] * dist_info.world_size))
     stats = {"lr": lr_sum / max(count, 1), "loss": loss_sum / max(count, 1), "skipped_images": skipped_total}
     return stats, it + 1 if count else skip_iters

@@ -1,10 +1,13 @@
-"""`fastmae.train.engine`'s batch prefetching: each batch's copy to the GPU is issued one batch ahead."""
+"""`fastmae.train.engine`'s batch prefetching (each batch's copy to the GPU is issued one batch ahead) and loss
+reads (each loss reaches the host an iteration late)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastmae.train.engine import one_ahead, prefetch_to_device
+from fastmae.train.distributed import DistInfo
+from fastmae.train.engine import LossReads, one_ahead, prefetch_to_device
+from tests.utils import DEVICES
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5])
@@ -59,3 +62,24 @@ def test_prefetch_to_cuda_hands_out_each_batch_complete_and_in_order():
     assert len(seen) == len(batches)
     for i, ((s, _, n, _), (gs, gn)) in enumerate(zip(batches, seen)):
         assert torch.equal(gs.cpu(), s) and torch.equal(gn.cpu(), n), f"batch {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_reads_come_an_iteration_late_with_each_iterations_value(device, dtype):
+    """`LossReads.put` returns the previous iteration's loss with what was passed with it, `flush` the last one; each
+    value is the one the loss held when it was put, although the tensor is overwritten afterwards (as a CUDA graph's
+    output is by its next replay). On CUDA the GPU is kept busy before each write, so a copy not made in stream order
+    would read a later value."""
+    reads = LossReads(torch.device(device), DistInfo())
+    out = torch.zeros((), device=device, dtype=dtype)
+    got = []
+    for i in range(4):
+        if device == "cuda":
+            torch.cuda._sleep(2_000_000)
+        out.fill_(float(i))
+        got.append(reads.put(out, f"iteration {i}"))
+        out.fill_(-1.0)
+    got.append(reads.flush())
+    assert got == [None] + [(f"iteration {i}", float(i)) for i in range(4)]
+    assert reads.flush() is None

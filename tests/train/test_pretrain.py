@@ -172,33 +172,42 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing_bad(tmp_path, monkeypat
         ckpt_io.make_checkpoint(model, torch.optim.AdamW(model.parameters()), None, epoch=0, step=0, args={})
 
 
-def test_the_loss_is_read_after_its_step_is_issued(tmp_path, monkeypatch):
-    """Each iteration reads its loss on the host after its backward and the optimizer's step were issued, not
-    between the forward and the backward (where the host would wait for the GPU's forward before issuing the
-    backward). With --accum_iter 2: backward, read; backward, step, read; ..."""
+def test_each_loss_is_read_an_iteration_after_its_step_is_issued(tmp_path, monkeypatch):
+    """The loop never reads a loss on the host before the next iteration's step is issued (the last one after the
+    loop): read between the forward and the backward, or at the end of its own step, it would make the host wait
+    for the GPU there. With --accum_iter 2 and 2 optimizer steps: iterations 0 to 3, read one iteration late."""
+    from fastmae.train import engine
+
     events = []
     real_backward, real_item = torch.Tensor.backward, torch.Tensor.item
-    real_step = torch.optim.AdamW.step
+    real_step, real_read = torch.optim.AdamW.step, engine.LossReads._read
 
     def backward(self, *args, **kwargs):
         events.append("backward")
         return real_backward(self, *args, **kwargs)
 
     def item(self):
-        if self.requires_grad and self.dim() == 0:  # the loss (other reads are of tensors without a graph)
-            events.append("read")
+        assert not self.requires_grad, "a loss read on the host by .item()"
         return real_item(self)
 
     def step(self, *args, **kwargs):
         events.append("step")
         return real_step(self, *args, **kwargs)
 
+    def read(entry):
+        got = real_read(entry)
+        if got is not None:
+            events.append(f"read {got[0][0]}")
+        return got
+
     monkeypatch.setattr(torch.Tensor, "backward", backward)
     monkeypatch.setattr(torch.Tensor, "item", item)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(engine.LossReads, "_read", staticmethod(read))
     r = train(pretrain_args(tmp_path, "--epochs", "1", "--max_steps", "2", "--accum_iter", "2"))
-    assert r.step == 2
-    assert events == ["backward", "read", "backward", "step", "read"] * 2, events
+    assert r.step == 2 and len(r.losses) == 4 and all(math.isfinite(x) for x in r.losses)
+    assert events == ["backward", "backward", "step", "read 0", "backward", "read 1", "backward", "step", "read 2",
+                      "read 3"], events
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):

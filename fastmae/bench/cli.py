@@ -158,11 +158,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", formatter_class=fmt, help="one pretraining step per variant: images/s, memory, MFU",
                        description="One full pretraining step (forward, loss, backward, AdamW) for: official-eager, "
                        "reference+sdpa, reference+compile, fastmae, fastmae+compile, fastmae+sdpa (SDPA attention), "
-                       "fastmae+lean, fastmae+plain-casts (autocast's per-weight casts; CUDA only), fastmae+triton-launch "
-                       "(Triton's own launch path for every kernel; CUDA only), fastmae+cudagraph "
-                       "(the step captured in a CUDA graph; CUDA only), fastmae+compile+cudagraph (the compiled "
-                       "step captured so); images/s, "
-                       "peak memory and model-FLOPs utilisation against the matmul peak measured in the same run.")
+                       "fastmae+lean, fastmae+plain-casts (autocast's per-weight casts; CUDA only), "
+                       "fastmae+triton-launch (Triton's own launch path for every kernel; CUDA only), "
+                       "fastmae+cudagraph (the step captured in a CUDA graph; CUDA only), fastmae+compile+cudagraph "
+                       "(the compiled step captured so); images/s (each step from an idle GPU, and steps issued back "
+                       "to back as a training loop issues them), peak memory and model-FLOPs utilisation against the "
+                       "matmul peak measured in the same run.")
     _common(p)
     p.add_argument("--model", default=None, help="model preset (default: mae_vit_base_patch16 on cuda, "
                    "mae_vit_cifar_small_patch4 on cpu)")
@@ -555,14 +556,15 @@ def train_table(records: list[dict]) -> str:
         mem = own_peak_mem_mb(r) if ok else None
         rows.append([r["backend"], r.get("images_per_s") if ok else None,
                      f"{fmt(r['images_per_s_p20'])}-{fmt(r['images_per_s_p80'])}" if ok else "-",
+                     r.get("back_to_back_images_per_s") if ok else None,
                      f"{r['vs_official_eager']:.2f}x" if ok and r.get("vs_official_eager") else "-",
                      f"{r['vs_reference_compile']:.2f}x" if ok and r.get("vs_reference_compile") else "-",
                      mem, r.get("saved_mb_per_image") if ok else None, r.get("tflops") if ok else None,
                      f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-",
                      optimizer_cell(r) if ok else "-", r.get("dispatch", "") if ok else "", status_cell(r, numbers)])
-    out = table(["variant", "images/s", "p20-p80", "vs official-eager", "vs reference+compile", "peak MiB",
-                 "saved MiB/img", "TFLOP/s", "MFU", "AdamW step", "served by", "status"], rows,
-                align="lrrrrrrrrlll")
+    out = table(["variant", "images/s", "p20-p80", "back to back", "vs official-eager", "vs reference+compile",
+                 "peak MiB", "saved MiB/img", "TFLOP/s", "MFU", "AdamW step", "served by", "status"], rows,
+                align="lrrrrrrrrrlll")
     kinds = sorted({peak_mem_kind(r) for r in rows_in if r.get("peak_mem_kind")})
     if kinds:
         out += "\n  peak MiB: " + "; ".join(kinds)

@@ -137,25 +137,27 @@ def train_section(records: Sequence[dict]) -> list[str]:
         out.append("")
         table_rows = []
         busy = any(r.get("busy_share") is not None for r in ok)
+        b2b = any(r.get("back_to_back_images_per_s") is not None for r in ok)  # records since the figure exists
         for r in mrows:
             if r.get("status") != "ok":
                 table_rows.append([r["backend"], f"{r['status']}: {_short(r.get('reason', ''), 80)}", "", "", "",
-                                   "", "", "", ""] + [""] * busy)
+                                   "", "", "", ""] + [""] * (busy + b2b))
                 continue
             mem = own_peak_mem_mb(r)
-            table_rows.append([
-                r["backend"], _f(r["images_per_s"]),
-                f"{r['vs_official_eager']:.2f}x" if r.get("vs_official_eager") else "–",
-                f"{r['vs_reference_compile']:.2f}x" if r.get("vs_reference_compile") else "–",
-                f"{mem:,.0f} MiB" if mem is not None else "n/a",
-                f"{r['saved_mb_per_image']:.1f} MiB" if r.get("saved_mb_per_image") is not None else "–",
-                f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
-                optimizer_cell(r) if r.get("optimizer") or r.get("optimizer_ms") is not None else "–"]
+            pace = r.get("back_to_back_images_per_s")
+            table_rows.append(
+                [r["backend"], _f(r["images_per_s"])] + ([_f(pace) if pace else "–"] if b2b else [])
+                + [f"{r['vs_official_eager']:.2f}x" if r.get("vs_official_eager") else "–",
+                   f"{r['vs_reference_compile']:.2f}x" if r.get("vs_reference_compile") else "–",
+                   f"{mem:,.0f} MiB" if mem is not None else "n/a",
+                   f"{r['saved_mb_per_image']:.1f} MiB" if r.get("saved_mb_per_image") is not None else "–",
+                   f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–",
+                   optimizer_cell(r) if r.get("optimizer") or r.get("optimizer_ms") is not None else "–"]
                 + ([busy_cell(r["busy_share"]) if r.get("busy_share") is not None else "–"] if busy else [])
                 + [r.get("dispatch", "")])
-        out += _md_table(["variant", "images/s", "vs official-eager", "vs reference+compile", "peak memory",
-                          "saved/image", "MFU", "AdamW step"] + (["busy"] if busy else []) + ["served by"],
-                         table_rows)
+        out += _md_table(["variant", "images/s"] + (["back to back"] if b2b else [])
+                         + ["vs official-eager", "vs reference+compile", "peak memory", "saved/image", "MFU",
+                            "AdamW step"] + (["busy"] if busy else []) + ["served by"], table_rows)
         kinds = sorted({peak_mem_kind(r) for r in ok if r.get("peak_mem_kind")})
         if kinds:
             out.append(f"\nPeak memory: {'; '.join(kinds)}. Saved/image: activations autograd keeps for the "

@@ -116,8 +116,13 @@ def key_results(records: list[dict]) -> list[str]:
                 own = sum(n for k, n in r["profile"].get("calls_by_kind", {}).items() if k.startswith("fastmae"))
                 mine = f", {own:,.0f} of them fastmae's Triton kernels" if own else ""
                 mem += f" ({calls:,.0f} kernels{mine}, {r['median_ms'] * 1e3 / calls:.3g} µs of step each)"
+        pace = ""
+        if r.get("back_to_back_images_per_s"):  # steps issued back to back, as a training loop issues them
+            pace = f", back to back {r['back_to_back_images_per_s']:.4g} images/s"
+            if r.get("back_to_back_vs_official_eager") and r["backend"] != "official-eager":
+                pace += f" ({r['back_to_back_vs_official_eager']:.2f}x official-eager's)"
         lines.append(f"- train `{r['model']}` batch {r['shape']['batch']} {r['backend']}: {r['images_per_s']:.4g} "
-                     f"images/s{spread_note(r)}{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
+                     f"images/s{spread_note(r)}{pace}{mfu}{mem}" + (f"; {', '.join(extra)}" if extra else ""))
     return lines
 
 

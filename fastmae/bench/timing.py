@@ -239,6 +239,25 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
     return {n: Timing.from_samples(samples[n], keep_samples, warmup_ms=warm_ms[n]) for n in names}
 
 
+def back_to_back_ms(fn: Callable[[], object], device: torch.device | str, calls: int, rounds: int) -> list[float]:
+    """Per call, in ms, for each of `rounds` runs of `calls` calls issued back to back, as a training loop issues
+    its steps (the device is synchronised before each run and at its end, not between its calls): on CUDA the
+    host issues call i+1 while the GPU still runs call i, so this is the steady pace of a loop, where `measure`
+    times each call from an idle GPU. (The flushes and holds of `measure` do not apply: nothing runs between
+    the calls.)"""
+    if calls < 1 or rounds < 1:
+        raise ValueError(f"need at least one call and one round, got {calls}, {rounds}")
+    per_call = []
+    for _ in range(rounds):
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        per_call.append((time.perf_counter() - t) / calls * 1e3)
+    return _rounded(per_call)
+
+
 def synchronized(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:
     """`fn` followed by a device synchronisation (what pytest-benchmark must time on CUDA)."""
     device = torch.device(device)

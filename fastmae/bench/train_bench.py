@@ -29,10 +29,12 @@ implementation: foreach on CUDA, a per-parameter loop on the CPU); the fastmae v
 `fastmae pretrain` uses, the fused implementation where torch has it. Every record names its optimizer and the
 time of its step alone (`optimizer_ms`), so the share of a speedup that comes from the optimizer is visible.
 
-Figures: images/s from the median step time (every repetition's time is kept, in order: `samples_ms`); activations
-saved for the backward per image (eager variants: the distinct tensors autograd keeps in one forward, parameters
-and inputs excluded, as the slope between the batch and half of it, so weight copies that do not grow with the
-batch drop out; independent of the allocator and measurable on a CPU); peak memory (CUDA:
+Figures: images/s from the median step time (each step timed from an idle GPU; every repetition's time is kept, in
+order: `samples_ms`), and `back_to_back_images_per_s` from steps issued back to back as a training loop issues them
+(the host issuing step i+1 while the GPU runs step i: `timing.back_to_back_ms`), with its own ratio to
+official-eager; activations saved for the backward per image (eager variants: the distinct tensors autograd keeps
+in one forward, parameters and inputs excluded, as the slope between the batch and half of it, so weight copies that
+do not grow with the batch drop out; independent of the allocator and measurable on a CPU); peak memory (CUDA:
 `torch.cuda.max_memory_allocated` over the variant's set-up and steps, after a reset, less what was allocated
 before; CPU: the increase of the process's resident memory over the same, sampled every 2 ms, labelled as such;
 read before the figures that run other work); MFU = model FLOPs per step (see `flops.py`: 3 x forward, linear
@@ -43,6 +45,7 @@ time (`busy_share`: near 1 the step is bound by the GPU, well below by the host;
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 from typing import Callable, Sequence
@@ -59,7 +62,7 @@ from .flops import len_keep, train_step_flops
 from .limits import dtype_name
 from .profile import profile_step
 from .records import CUDA_PEAK_KIND, own_peak_mem_mb
-from .timing import Timing, measure
+from .timing import Timing, back_to_back_ms, measure
 
 REFERENCE_SDPA = {"attention": "sdpa", "gather_patches": "reference", "gather_tokens": "reference",
                   "unshuffle_tokens": "reference", "masked_mse_loss": "reference"}
@@ -196,11 +199,13 @@ def record_head(variant: str, model_name: str, mask_ratio: float, dtype: torch.d
 
 
 def add_train_speedups(records: list[dict]) -> list[dict]:
-    """`vs_official_eager` and `vs_reference_compile`: images/s over those variants' images/s;
+    """`vs_official_eager` and `vs_reference_compile`: images/s over those variants' images/s
+    (`back_to_back_vs_official_eager`: the same for the back-to-back pace);
     `mem_vs_official_eager` and `saved_vs_official_eager`: peak memory and saved activations per image over
     official-eager's."""
     ok = [r for r in records if r.get("kind") == "train" and r.get("status") == "ok"]
     ips = {r["backend"]: r["images_per_s"] for r in ok}
+    b2b = {r["backend"]: r.get("back_to_back_images_per_s") for r in ok}
     mem = {r["backend"]: own_peak_mem_mb(r) for r in ok}
     saved = {r["backend"]: r.get("saved_mb_per_image") for r in ok}
     for r in records:
@@ -213,6 +218,8 @@ def add_train_speedups(records: list[dict]) -> list[dict]:
                 r.pop("mem_vs_official_eager", None)
             if ips.get("official-eager"):
                 r["vs_official_eager"] = r["images_per_s"] / ips["official-eager"]
+            if b2b.get("official-eager") and r.get("back_to_back_images_per_s"):
+                r["back_to_back_vs_official_eager"] = r["back_to_back_images_per_s"] / b2b["official-eager"]
             if ips.get("reference+compile"):
                 r["vs_reference_compile"] = r["images_per_s"] / ips["reference+compile"]
     return records
@@ -345,6 +352,8 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
             built = prepare_variant(device, model_name, batch, dtype, variant, mask_ratio)
             rec["shape"] = built["shape"]
             t = measure(built["step"], device, keep_samples=True, **(timing or {}))
+            # the steady pace of a training loop: steps issued back to back, the host ahead of the GPU
+            b2b = back_to_back_ms(built["step"], device, *back_to_back_runs(t.reps))
             loss = float(built["step"]().detach())
         if device.type == "cuda":
             # the variant's own peak (model, optimizer, inputs, activations): what an earlier variant or caller
@@ -376,6 +385,7 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
     sec = t.median_ms * 1e-3
     out = {**rec, "status": "ok", **t.as_dict(), "dispatch": dispatch, "images_per_s": batch / sec,
            "images_per_s_p20": batch / (t.p80_ms * 1e-3), "images_per_s_p80": batch / (t.p20_ms * 1e-3),
+           "back_to_back_ms": b2b, "back_to_back_images_per_s": batch / (statistics.median(b2b) * 1e-3),
            "flops_per_step": flops, "tflops": flops / sec / 1e12, "loss": loss,
            "optimizer": optimizer, "optimizer_ms": opt_ms}
     if opt_error:
@@ -405,6 +415,12 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
         out["mfu"] = out["tflops"] / peak_tflops
     free(device)
     return out
+
+
+def back_to_back_runs(reps: int) -> tuple[int, int]:
+    """(calls, rounds) of the back-to-back figure: 10 steps twice, fewer where the timed run itself took fewer
+    (quick runs, slow steps)."""
+    return max(1, min(10, reps)), 2 if reps >= 10 else 1
 
 
 def time_optimizer_step(opt: torch.optim.Optimizer, device: torch.device, timing: dict | None = None) -> Timing:

@@ -12,8 +12,8 @@ import fastmae
 from fastmae.bench import encoder_bench, ops_bench, train_bench
 from fastmae.bench.flops import encoder_flops, model_flops, train_step_flops
 from fastmae.bench.limits import Limits
-from fastmae.bench.timing import (HOLD_MAX_S, Timing, hold_cycles, measure, measure_interleaved, percentile,
-                                  sleep_cycles_per_s)
+from fastmae.bench.timing import (HOLD_MAX_S, Timing, back_to_back_ms, hold_cycles, measure, measure_interleaved,
+                                  percentile, sleep_cycles_per_s)
 
 
 def test_percentile_interpolates_like_numpy():
@@ -65,6 +65,24 @@ def _enc(backend, ratio, ips, status="ok", mode="fwd"):
     k = int(196 * (1 - ratio))
     return {"kind": "encoder", "model": "m", "backend": backend, "mode": mode, "mask_ratio": ratio, "dtype": "float32",
             "shape": {"batch": 8, "L": 196, "K": k, "tokens": k + 1}, "status": status, "images_per_s": ips}
+
+
+def test_back_to_back_times_each_run_per_call():
+    """Each run's time over its calls: a call that waits 2 ms gives at least 2 ms per call, in every run; the calls
+    are made `calls` x `rounds` times; no calls or no rounds are refused."""
+    n = {"calls": 0}
+
+    def wait():
+        n["calls"] += 1
+        time.sleep(0.002)
+
+    per_call = back_to_back_ms(wait, "cpu", calls=3, rounds=2)
+    assert len(per_call) == 2 and all(2.0 <= t < 200 for t in per_call) and n["calls"] == 6
+    for calls, rounds in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match="at least one call"):
+            back_to_back_ms(wait, "cpu", calls=calls, rounds=rounds)
+    assert train_bench.back_to_back_runs(1) == (1, 1) and train_bench.back_to_back_runs(5) == (5, 1)
+    assert train_bench.back_to_back_runs(30) == (10, 2)
 
 
 def test_encoder_speedups_from_known_timings():

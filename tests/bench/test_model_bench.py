@@ -3,6 +3,8 @@ computed from the measured numbers, skipped paths with their reasons, and the ti
 against the reference path."""
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -153,6 +155,12 @@ def test_train_records():
         assert r["peak_mem_kind"] and (r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0)
         assert r["vs_official_eager"] == pytest.approx(r["images_per_s"] / by["official-eager"]["images_per_s"])
         assert len(r["samples_ms"]) == r["reps"]  # every repetition, in order (a spread's shape)
+        # steps back to back: runs of up to 10 steps, their median pace, and its own ratio to official-eager
+        calls, rounds = train_bench.back_to_back_runs(r["reps"])
+        assert len(r["back_to_back_ms"]) == rounds and all(t > 0 for t in r["back_to_back_ms"])
+        assert r["back_to_back_images_per_s"] == pytest.approx(2 / (statistics.median(r["back_to_back_ms"]) * 1e-3))
+        assert r["back_to_back_vs_official_eager"] == pytest.approx(
+            r["back_to_back_images_per_s"] / by["official-eager"]["back_to_back_images_per_s"])
     assert "attention=reference" in by["official-eager"]["dispatch"]
     assert "attention=sdpa" in by["reference+sdpa"]["dispatch"]
     # the reference variants construct AdamW as the official script (torch's default: a loop on the CPU),
@@ -405,6 +413,23 @@ def test_summary_states_a_train_rows_spread_and_whether_its_slow_steps_came_firs
     old = {k: v for k, v in rec.items() if k != "samples_ms"}
     line, = [x for x in key_results([old]) if x.startswith("- train")]
     assert "(p20-p80 1,500-2,200 images/s)" in line and "steps in order" not in line, line
+
+
+def test_summary_states_the_back_to_back_pace_and_its_ratio():
+    """A training row's summary line gives the back-to-back pace, and for a variant other than official-eager its
+    ratio to official-eager's; older records without the figure get neither."""
+    from fastmae.bench.suite import key_results
+
+    rec = {"kind": "train", "status": "ok", "backend": "fastmae", "model": "m", "shape": {"batch": 64},
+           "dtype": "bfloat16", "device_type": "cuda", "images_per_s": 2000.0, "back_to_back_images_per_s": 2400.0,
+           "back_to_back_vs_official_eager": 1.6}
+    line, = [x for x in key_results([rec]) if x.startswith("- train")]
+    assert "2000 images/s, back to back 2400 images/s (1.60x official-eager's)" in line, line
+    line, = [x for x in key_results([{**rec, "backend": "official-eager"}]) if x.startswith("- train")]
+    assert "back to back 2400 images/s" in line and "official-eager's" not in line, line
+    old = {k: v for k, v in rec.items() if not k.startswith("back_to_back")}
+    line, = [x for x in key_results([old]) if x.startswith("- train")]
+    assert "back to back" not in line, line
 
 
 def test_summary_states_an_encoder_rows_spread_at_75_percent():

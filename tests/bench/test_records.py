@@ -263,3 +263,20 @@ def test_records_name_the_tuned_tables_the_launchers_read(tmp_path, tuned_dir):
     with pytest.warns(UserWarning, match="ignoring the tuned attention settings"):
         stamp = records.tuned_tables()
     assert stamp.startswith(f"attention {hashlib.sha1(bad.encode()).hexdigest()[:12]} (FASTMAE_TUNED_DIR) ignored, ")
+
+
+def test_readme_training_table_has_a_back_to_back_column_only_for_records_with_the_figure():
+    """The README's training table gains a "back to back" column when a row carries the figure (records since it
+    exists), in the row's own cell; tables of older records keep their columns."""
+    from fastmae.bench.readme import train_section
+
+    row = {"kind": "train", "status": "ok", "model": "m", "backend": "fastmae", "shape": {"batch": 8},
+           "dtype": "bfloat16", "amp": True, "mask_ratio": 0.75, "images_per_s": 100.0}
+    old = train_section([row])
+    new = train_section([{**row, "back_to_back_images_per_s": 125.0}])
+    header_old, = [line for line in old if line.startswith("| variant")]
+    header_new, = [line for line in new if line.startswith("| variant")]
+    assert "back to back" not in header_old
+    assert header_new.startswith("| variant | images/s | back to back | vs official-eager")
+    body, = [line for line in new if line.startswith("| fastmae")]
+    assert body.startswith("| fastmae | 100 | 125 |"), body

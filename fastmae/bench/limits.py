@@ -14,14 +14,13 @@ CPU sizes are smaller (n = 1024, 64 MiB; quick mode n = 512, 16 MiB) so that the
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from .common import error_line
-from .timing import measure, synchronize
+from .timing import measure, runs_per_call_s
 
 
 @dataclass
@@ -95,15 +94,7 @@ def host_us_per_call(fn: Callable[[], object], device: torch.device, burst: int 
     back; the device is synchronised before each burst (nothing queued ahead), not inside it. One untimed call
     first (a Triton kernel compiles on its first launch)."""
     fn()
-    per_call = []
-    for _ in range(bursts):
-        synchronize(device)
-        t = time.perf_counter()
-        for _ in range(burst):
-            fn()
-        per_call.append((time.perf_counter() - t) / burst)
-    synchronize(device)
-    return statistics.median(per_call) * 1e6
+    return statistics.median(runs_per_call_s(fn, device, burst, bursts, until_done=False)) * 1e6
 
 
 def triton_launch_reason(device: torch.device, allow_interpreter: bool = False) -> str | None:

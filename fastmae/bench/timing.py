@@ -239,12 +239,11 @@ def _measure_interleaved(fns, device: torch.device, warmup: int, min_reps: int, 
     return {n: Timing.from_samples(samples[n], keep_samples, warmup_ms=warm_ms[n]) for n in names}
 
 
-def back_to_back_ms(fn: Callable[[], object], device: torch.device | str, calls: int, rounds: int) -> list[float]:
-    """Per call, in ms, for each of `rounds` runs of `calls` calls issued back to back, as a training loop issues
-    its steps (the device is synchronised before each run and at its end, not between its calls): on CUDA the
-    host issues call i+1 while the GPU still runs call i, so this is the steady pace of a loop, where `measure`
-    times each call from an idle GPU. (The flushes and holds of `measure` do not apply: nothing runs between
-    the calls.)"""
+def runs_per_call_s(fn: Callable[[], object], device: torch.device | str, calls: int, rounds: int, *,
+                    until_done: bool) -> list[float]:
+    """Seconds per call for each of `rounds` runs of `calls` calls made back to back: the device is synchronised
+    before each run, not between its calls; `until_done`: the run's time lasts until the device has finished its
+    work (else it is the host's time to issue the calls)."""
     if calls < 1 or rounds < 1:
         raise ValueError(f"need at least one call and one round, got {calls}, {rounds}")
     per_call = []
@@ -253,9 +252,19 @@ def back_to_back_ms(fn: Callable[[], object], device: torch.device | str, calls:
         t = time.perf_counter()
         for _ in range(calls):
             fn()
-        synchronize(device)
-        per_call.append((time.perf_counter() - t) / calls * 1e3)
-    return _rounded(per_call)
+        if until_done:
+            synchronize(device)
+        per_call.append((time.perf_counter() - t) / calls)
+    synchronize(device)
+    return per_call
+
+
+def back_to_back_ms(fn: Callable[[], object], device: torch.device | str, calls: int, rounds: int) -> list[float]:
+    """Per call, in ms, for each of `rounds` runs of `calls` calls issued back to back, as a training loop issues
+    its steps, timed until the device is done: on CUDA the host issues call i+1 while the GPU still runs call i,
+    so this is the steady pace of a loop, where `measure` times each call from an idle GPU. (The flushes and
+    holds of `measure` do not apply: nothing runs between the calls.)"""
+    return _rounded([s * 1e3 for s in runs_per_call_s(fn, device, calls, rounds, until_done=True)])
 
 
 def synchronized(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:

@@ -178,11 +178,12 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
         nonlocal loss_sum, lr_sum, count
         if read is None:
             return
-        (it_read, step_read, lr_read, images, seconds), loss_mean = read
+        (it_read, step_read, updated, lr_read, images, seconds), loss_mean = read
         if not math.isfinite(loss_mean):
             last = f"the last good one is {last_checkpoint}" if last_checkpoint else "this run wrote none before it"
+            fed = step_read if updated else step_read + 1  # the optimizer step this iteration's gradients feed
             raise NonFiniteLossError(
-                f"loss is {loss_mean} at epoch {epoch}, iteration {it_read} (optimizer step {step_read}); "
+                f"loss is {loss_mean} at epoch {epoch}, iteration {it_read} (optimizer step {fed}); "
                 f"stopping. No checkpoint of this state was written; {last}. Try a lower --blr, more "
                 f"--warmup_epochs or --precision fp32.")
         state.losses.append(loss_mean)
@@ -221,8 +222,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
         now = time.time()
         # the loss reaches the host an iteration late (`LossReads`): a non-finite one stops the run an iteration
         # after its step was applied, before any checkpoint of that state
-        account(reads.put(loss, (it, state.step if update else state.step + 1, lr,
-                                 samples.shape[0] * dist_info.world_size, now - tick)))
+        account(reads.put(loss, (it, state.step, update, lr, samples.shape[0] * dist_info.world_size, now - tick)))
         tick = now
         if update and sched.max_steps and state.step >= sched.max_steps:
             break

@@ -208,6 +208,10 @@ def test_each_loss_is_read_an_iteration_after_its_step_is_issued(tmp_path, monke
     assert r.step == 2 and len(r.losses) == 4 and all(math.isfinite(x) for x in r.losses)
     assert events == ["backward", "backward", "step", "read 0", "backward", "read 1", "backward", "step", "read 2",
                       "read 3"], events
+    # the step log: each iteration with the optimizer steps taken after it, as when the loss was read at once
+    logged = read_step_log(tmp_path)
+    assert [(e["iter"], e["step"]) for e in logged] == [(0, 0), (1, 1), (2, 1), (3, 2)], logged
+    assert [e["loss"] for e in logged] == pytest.approx(r.losses)
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):

@@ -79,7 +79,11 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     device = driver.active.get_current_device()
     key = (id(kernel), device, tuple(kwargs), _arg_key(args + tuple(kwargs.values())))
-    kept = _KEPT.get(key)
+    try:
+        kept = _KEPT.get(key)
+    except TypeError:  # an argument that cannot be a key (a list, say): Triton's path, which judges it
+        kernel[grid](*args, **kwargs)
+        return
     if kept is None or kept[0] is not kernel:
         _first_launch(key, kernel, grid, args, kwargs)
         return

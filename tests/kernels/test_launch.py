@@ -154,6 +154,11 @@ def test_what_triton_would_specialise_differently_gets_a_key_of_its_own(tmp_path
         for name, args in variants.items():
             assert took_triton(args), name
             assert not took_triton(args), name
+        triton_path = JITFunction.run
+        JITFunction.run = lambda self, *a, grid, warmup, **k: compiles.append("unhashable")
+        L.launch(fn, (1,), *base[:-1], [0.18], **kw)  # a list cannot be a key: Triton's path (which judges it)
+        JITFunction.run = triton_path
+        assert compiles[-1] == "unhashable"
         assert took_triton(base, dict(BLOCK=32, enable_fp_fusion=True))
         assert took_triton(base, dict(BLOCK=16, enable_fp_fusion=True, num_warps=2))
         driver.active.device = 1

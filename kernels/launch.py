@@ -21,7 +21,8 @@ path first. Not seen by a kept kernel: Triton's knobs changed at run time (`TRIT
 when a key is first launched) and a kernel's `pre_run_hooks` (a kernel that has any always takes Triton's path).
 
 Triton's path is taken every time in its interpreter (the kernels are then not `JITFunction`s), while launches are
-recorded (`compile_check.record_launches`), and when `FASTMAE_FAST_LAUNCH=0` (read at import).
+recorded (`compile_check.record_launches`), for arguments that cannot be part of a key (a list), and when
+`FASTMAE_FAST_LAUNCH=0` (read at import).
 """
 from __future__ import annotations
 

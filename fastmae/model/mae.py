@@ -247,6 +247,12 @@ class MaskedAutoencoderViT(nn.Module):
             if noise is None:
                 noise = torch.rand(n, L, device=device)
         len_keep = int(L * (1 - mask_ratio))
+        if torch.compiler.is_compiling():
+            # Under torch.compile a second masking ratio makes the ratio a symbolic float, and every token count
+            # then an expression in it, which the triton path's autograd functions cannot take as a size. The
+            # length of a range is always made a constant (guarded on its value): each number of kept patches
+            # gets a graph of its own, with every size in it static.
+            len_keep = len(range(len_keep))
         if len_keep < 1:
             raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
         noise = noise.to(device)

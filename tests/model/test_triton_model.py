@@ -26,11 +26,11 @@ def skip_unless_triton(device):
         pytest.skip("; ".join(reasons))
 
 
-def run(model, imgs, noise, backend):
+def run(model, imgs, noise, backend, mask_ratio=0.75):
     model.zero_grad()
     model.backend = backend
     with fastmae.ops.record_choices() as served:
-        loss, pred, mask = model(imgs, noise=noise)
+        loss, pred, mask = model(imgs, mask_ratio, noise=noise)
         loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), pred.detach(), mask, grads, dict(served)
@@ -75,7 +75,8 @@ def test_triton_model_is_deterministic(device):
 @pytest.mark.parametrize("pred_masked_only", [False, True])
 def test_triton_model_compiles_without_graph_breaks(device, pred_masked_only):
     """Every triton op is a torch.library custom op with a fake implementation: the whole model on the triton
-    backend compiles with fullgraph=True (a graph break raises) and gives the eager numbers."""
+    backend compiles with fullgraph=True (a graph break raises) and gives the eager numbers, at a second
+    masking ratio too."""
     skip_unless_triton(device)
     torch.manual_seed(0)
     model = fastmae.mae_vit_tiny_patch4(norm_pix_loss=True, pred_masked_only=pred_masked_only).to(device)
@@ -95,6 +96,17 @@ def test_triton_model_compiles_without_graph_breaks(device, pred_masked_only):
             assert_close(p.grad, eager[3][k], COMPILED_ATOL, COMPILED_RTOL, f"grad {k}")
     with torch.no_grad():  # the no-grad loss path is an op too
         assert_close(compiled(imgs, noise=noise)[0], eager[0], COMPILED_ATOL, COMPILED_RTOL, "no-grad loss")
+    # Another masking ratio recompiles with the ratio as a symbolic float; the number of kept patches is made a
+    # constant again (an expression in that float was a size the token ops' autograd functions refused)
+    eager = run(model, imgs, noise, "triton", mask_ratio=0.6)
+    model.zero_grad()
+    loss, pred, _ = compiled(imgs, 0.6, noise=noise)
+    loss.backward()
+    assert_close(loss.detach(), eager[0], COMPILED_ATOL, COMPILED_RTOL, "loss at ratio 0.6")
+    assert pred.shape == eager[1].shape
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(p.grad, eager[3][k], COMPILED_ATOL, COMPILED_RTOL, f"grad {k} at ratio 0.6")
 
 
 def _second_order(model, backend):

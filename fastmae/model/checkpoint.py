@@ -163,20 +163,51 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("checkpoint holds no state dict (expected {'model': state_dict} or a state dict)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {_plain_key(k): v for k, v in obj.items()}
+
+
+# what wrappers put in front of a model's keys: DistributedDataParallel / DataParallel, and torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _plain_key(key: str) -> str:
+    """A state-dict key without the prefixes of the wrappers the model was saved in (in any order)."""
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel, DataParallel and torch.compile wrappers (in any order), whose
+    state dict has the plain keys."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def load_checkpoint(model: nn.Module, checkpoint, *, allow_pickle: bool = False, strict: bool = False) -> LoadReport:
     """Load official or fastmae weights into `model`.
 
-    checkpoint: a path, a checkpoint dict or a state dict. Position embeddings of another resolution are
-    resized to the model's grid; an encoder-only checkpoint loads the encoder and reports the decoder keys
-    it lacks (`report.missing_decoder_keys`). Tensors of the wrong shape raise `CheckpointError` naming every
-    such key. With `strict=True` any missing or unexpected key raises too.
+    model: the model, or the model inside DistributedDataParallel, DataParallel or torch.compile (the prefixes
+    these wrappers give keys, `module.` and `_orig_mod.`, are taken off a checkpoint's keys too). checkpoint: a
+    path, a checkpoint dict or a state dict; one with no key of the model's raises `CheckpointError`. Position
+    embeddings of another resolution are resized to the model's grid; an encoder-only checkpoint loads the
+    encoder and reports the decoder keys it lacks (`report.missing_decoder_keys`). Tensors of the wrong shape
+    raise `CheckpointError` naming every such key. With `strict=True` any missing or unexpected key raises too.
     """
     obj = read_checkpoint(checkpoint, allow_pickle) if isinstance(checkpoint, (str, Path)) else checkpoint
     state = dict(extract_state_dict(obj))
+    model = unwrap_model(model)
     own = model.state_dict()
+    if not any(k in own for k in state):
+        some = ", ".join(list(state)[:4]) + (", ..." if len(state) > 4 else "")
+        raise CheckpointError(f"no key of the checkpoint is one of the model's: the checkpoint holds "
+                              f"{len(state)} ({some or 'none'}), the model {len(own)} ({', '.join(list(own)[:4])}, "
+                              f"...)")
     report = LoadReport()
     for key in POS_EMBED_KEYS:
         if key in state and key in own and state[key].shape != own[key].shape:
@@ -203,7 +234,8 @@ def load_checkpoint(model: nn.Module, checkpoint, *, allow_pickle: bool = False,
 def export_encoder(model: nn.Module) -> dict[str, torch.Tensor]:
     """The encoder as a timm-style VisionTransformer state dict (cls_token, pos_embed, patch_embed.proj.*,
     blocks.*, norm.*), the form MAE fine-tuning loads."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+    return {k: v.detach().clone() for k, v in unwrap_model(model).state_dict().items()
+            if k.startswith(ENCODER_PREFIXES)}
 
 
 def temp_path(path: str | Path, pid: int | None = None) -> Path:

@@ -118,6 +118,26 @@ def test_export_encoder_keys_are_timm_vit():
     assert not any(k.startswith(("decoder", "mask_token")) for k in keys)
 
 
+def test_wrapped_models_and_prefixed_checkpoints_load():
+    """A model under torch.compile (or DataParallel) loads and exports through its wrapper, and a state dict saved
+    from such a wrapper (keys under `_orig_mod.` / `module.`) loads into a plain model; a checkpoint with no key
+    of the model's is an error, not a warning about every key."""
+    src = fastmae.mae_vit_tiny_patch4()
+    compiled = torch.compile(fastmae.mae_vit_tiny_patch4(), backend="eager")
+    report = load_checkpoint(compiled, {"model": src.state_dict()}, strict=True)
+    assert not report.missing_keys and torch.equal(compiled._orig_mod.cls_token, src.cls_token)
+    assert set(export_encoder(compiled)) == set(export_encoder(src))
+    wrapped = torch.nn.DataParallel(torch.compile(fastmae.mae_vit_tiny_patch4(), backend="eager"))
+    load_checkpoint(wrapped, {"model": src.state_dict()}, strict=True)
+    assert torch.equal(wrapped.module._orig_mod.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    for prefix in ("_orig_mod.", "module._orig_mod."):
+        dst = fastmae.mae_vit_tiny_patch4()
+        load_checkpoint(dst, {"model": {prefix + k: v for k, v in src.state_dict().items()}}, strict=True)
+        assert torch.equal(dst.mask_token, src.mask_token), prefix
+    with pytest.raises(CheckpointError, match="no key of the checkpoint is one of the model's"):
+        load_checkpoint(fastmae.mae_vit_tiny_patch4(), {"model": {"head.weight": torch.zeros(2, 2)}})
+
+
 def test_other_resolution_resizes_position_embedding():
     src = fastmae.mae_vit_tiny_patch4()  # 32x32 -> 8x8 grid
     dst = fastmae.mae_vit_tiny_patch4(img_size=48)  # 12x12 grid

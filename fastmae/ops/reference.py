@@ -116,11 +116,11 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
     `pred_ids: [N, M]` only (a decoder that predicts removed patches alone: each row counts);
     imgs: [N, C, H, W]; mask: [N, L], 1 = removed, 0 = kept.
     With `norm_pix`, each target patch is normalised by its own mean and unbiased variance,
-    `(t - mean) / sqrt(var + 1e-6)`. Returns a 0-dim fp32 tensor; 0 when no patch is removed
-    (the official code divides 0 by 0 there).
+    `(t - mean) / sqrt(var + 1e-6)`. Returns a 0-dim fp32 tensor (fp64 when the error is computed in fp64:
+    summed in at least fp32); 0 when no patch is removed (the official code divides 0 by 0 there).
     """
-    if pred_ids is not None and pred_ids.shape[1] == 0:
-        return pred.float().sum() * 0.0  # no removed patch to score (mask_ratio 0); still in pred's graph
+    if pred_ids is not None and pred_ids.shape[1] == 0:  # no removed patch to score (mask_ratio 0); in pred's graph
+        return pred.to(torch.promote_types(pred.dtype, torch.float32)).sum() * 0.0
     target = patchify(imgs, patch_size)
     if pred_ids is not None:
         target = torch.gather(target, 1, pred_ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
@@ -130,7 +130,8 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = (pred - target) ** 2
     loss = loss.mean(dim=-1)
+    acc = torch.promote_types(loss.dtype, torch.float32)
     if pred_ids is not None:
-        return loss.float().sum() / max(loss.numel(), 1)
+        return loss.to(acc).sum() / max(loss.numel(), 1)
     mask = mask.to(loss.dtype)
-    return (loss * mask).float().sum() / mask.float().sum().clamp(min=1.0)
+    return (loss * mask).to(acc).sum() / mask.to(acc).sum().clamp(min=1.0)

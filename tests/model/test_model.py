@@ -325,7 +325,18 @@ def test_float64_and_other_devices_take_the_plain_pytorch_paths():
     with fastmae.ops.record_choices() as served:
         loss64, pred64, _ = model.double()(imgs.double(), noise=noise.double())
     assert pred64.dtype == torch.float64 and set(served.values()) == {"sdpa"}
-    torch.testing.assert_close(loss64.double(), loss32.double(), atol=1e-5, rtol=1e-5)
+    assert loss64.dtype == torch.float64  # as the official model's loss (summed in fp64, not in fp32)
+    torch.testing.assert_close(loss64, loss32.double(), atol=1e-5, rtol=1e-5)
+    # the loss is exact enough in fp64 for gradcheck (it failed while the sum was taken in fp32)
+    pred = 0.5 * torch.randn(2, 16, 48, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(2, 16) > 0.5).double()
+    for backend in ("reference", "sdpa"):
+        for norm_pix in (False, True):
+            assert torch.autograd.gradcheck(lambda p: fastmae.ops.masked_mse_loss(
+                p, imgs.double(), mask, 4, norm_pix, backend=backend), (pred,)), (backend, norm_pix)
+    ids = torch.argsort(torch.rand(2, 16), dim=1)[:, 8:]
+    assert torch.autograd.gradcheck(lambda p: fastmae.ops.masked_mse_loss(
+        p, imgs.double(), mask, 4, True, pred_ids=ids, backend="reference"), (pred[:, :8].detach().requires_grad_(),))
     meta = small_model().to("meta")
     with fastmae.ops.record_choices() as served:
         loss, pred, mask = meta(torch.randn(2, 3, 16, 16, device="meta"))

@@ -196,13 +196,18 @@ class MaskedAutoencoderViT(nn.Module):
         return ops.reference.unpatchify(x, self.patch_size, self.in_chans)
 
     def check_images(self, imgs: torch.Tensor, *, any_size: bool = False, any_dtype: bool = False) -> None:
-        """Raise a clear error unless `imgs` is what the model takes: [N, C, H, W] floats, C = in_chans, square,
-        of the size it was built for (`any_size`: any side the patch divides; `any_dtype`: integers too)."""
+        """Raise a clear error unless `imgs` is what the model takes: [N, C, H, W] floats of its weights' dtype (any
+        float dtype under autocast), C = in_chans, square, of the size it was built for (`any_size`: any side the
+        patch divides; `any_dtype`: any dtype, integers too)."""
         if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
             raise ValueError(f"images must be a [N, C, H, W] tensor, got "
                              f"{tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__}")
         if not any_dtype and not imgs.is_floating_point():
             raise TypeError(f"images must be float32, float16 or bfloat16, got {imgs.dtype}")
+        weight = self.patch_embed.proj.weight
+        if not any_dtype and imgs.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
+            raise TypeError(f"images are {imgs.dtype} and the model's weights {weight.dtype}: convert the images "
+                            f"(imgs.to({weight.dtype})) or run the model under torch.autocast")
         n, c, h, w = imgs.shape
         if c != self.in_chans:
             raise ValueError(f"this model takes {self.in_chans}-channel images, got {c} channels")

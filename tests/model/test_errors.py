@@ -19,10 +19,19 @@ def model():
     (torch.randn(2, 3, 64, 64), ValueError, "built for 32x32"),
     (torch.randn(3, 32, 32), ValueError, r"\[N, C, H, W\]"),
     (torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), TypeError, "float32, float16 or bfloat16"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.float16), TypeError, r"float16 and the model's weights torch.float32"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.float64), TypeError, r"imgs.to\(torch.float32\)"),
 ])
 def test_bad_images(model, imgs, exc, match):
     with pytest.raises(exc, match=match):
         model(imgs)
+
+
+def test_images_of_another_dtype_run_under_autocast_or_in_a_model_of_their_dtype():
+    model, imgs = fastmae.mae_vit_tiny_patch4(), torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(imgs.bfloat16())[0].isfinite()
+    assert model.double()(imgs.double())[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("ratio,match", [(1.0, r"\[0, 1\)"), (-0.1, r"\[0, 1\)"), (0.999, "keeps no patch")])

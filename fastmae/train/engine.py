@@ -120,7 +120,7 @@ class LossReads:
             self._turn ^= 1
             host.copy_(value, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(value.device))  # the copy's stream, whichever the current device
             value = host
         previous, self._pending = self._pending, (info, value, event)
         return self._read(previous)

@@ -219,6 +219,7 @@ def train(args) -> PretrainResult:
         device = torch.device(args.device)
         if device.type == "cuda":
             device = torch.device("cuda", info.local_rank if info.distributed else (device.index or 0))
+            torch.cuda.set_device(device)  # --device cuda:1: streams, events and launches default to that GPU
         args.world_size, args.rank = info.world_size, info.rank
         args.distributed = info.distributed
         precision = resolve_precision(args.precision, device)

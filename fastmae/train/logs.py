@@ -37,6 +37,8 @@ class RunLogger:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in (STEP_LOG, EPOCH_LOG, CURVE) if fresh else ():
                 (self.out / name).unlink(missing_ok=True)
+            for name in (STEP_LOG, EPOCH_LOG):
+                _end_last_line(self.out / name)
         self.progress = progress and enabled
         self.total_iters, self.done_iters = total_iters, done_iters
         self.start = time.time()
@@ -110,19 +112,36 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def _end_last_line(path: Path) -> None:
+    """End the file's last line if a run stopped in the middle of writing it (killed, a full disk), so that the
+    next record starts a line of its own."""
+    try:
+        with open(path, "rb+") as f:
+            if f.seek(0, 2) == 0:  # empty
+                return
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def read_step_log(output_dir: str | Path) -> list[dict]:
     """The records of `train_steps.jsonl`, one per (epoch, iteration) in that order. Every run appends to the
     file; where a run resumed from an earlier point than the last one recorded (after a crash, from
-    `checkpoint-last.pth` of the last finished epoch), the later record of an iteration replaces the earlier."""
+    `checkpoint-last.pth` of the last finished epoch), the later record of an iteration replaces the earlier.
+    A line that is not a whole record (a run killed while writing it) is skipped."""
     path = Path(output_dir) / STEP_LOG
     if not path.is_file():
         return []
     latest = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            if line.strip():
+            try:
                 record = json.loads(line)
-                latest[(record["epoch"], record["iter"])] = record
+                latest[(int(record["epoch"]), int(record["iter"]))] = record
+            except (ValueError, TypeError, KeyError):  # blank, torn or not a step record
+                continue
     return [latest[key] for key in sorted(latest)]
 
 

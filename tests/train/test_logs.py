@@ -65,3 +65,22 @@ def test_the_step_log_keeps_the_latest_record_of_each_iteration(tmp_path):
                                              + "\n" for e, i, x in rows))
     assert [(r["epoch"], r["iter"], r["loss"]) for r in read_step_log(tmp_path)] == \
         [(0, 0, 1.0), (0, 1, 0.9), (1, 0, 0.75), (1, 1, 0.65), (1, 2, 0.6)]
+
+
+def test_a_torn_line_left_by_a_killed_run_is_skipped_and_ended(tmp_path):
+    """A run killed while appending leaves half a line: the reader skips it (the loss curve of the resumed run is
+    still drawn), and a resumed run's logger ends that line before its first record."""
+    import json
+    from fastmae.train.logs import EPOCH_LOG, STEP_LOG, RunLogger
+    record = {"epoch": 0, "iter": 0, "step": 0, "loss": 1.0, "lr": 0.0}
+    (tmp_path / STEP_LOG).write_text(json.dumps(record) + "\n" + '{"epoch": 0, "iter": 1, "st')
+    (tmp_path / EPOCH_LOG).write_text('{"train_loss": 1.0, "epo')
+    assert read_step_log(tmp_path) == [record]
+    logger = RunLogger(str(tmp_path), None, progress=False)
+    logger.iteration(epoch=0, it=1, iters_per_epoch=4, step=0, loss=0.5, lr=0.0, images=2, seconds=1.0)
+    logger.end_epoch({"train_loss": 0.7, "epoch": 0})
+    assert [r["loss"] for r in read_step_log(tmp_path)] == [1.0, 0.5]
+    assert (tmp_path / EPOCH_LOG).read_text().splitlines()[1] == '{"train_loss": 0.7, "epoch": 0}'
+    RunLogger(str(tmp_path), None, progress=False)  # a file that ends its last line is left as it is
+    assert (tmp_path / STEP_LOG).read_text().endswith('"lr": 0.0}\n')
+    assert len((tmp_path / STEP_LOG).read_text().splitlines()) == 3

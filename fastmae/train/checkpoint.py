@@ -8,6 +8,7 @@ A checkpoint is a dict of tensors and plain Python values only, so it loads with
     scaler      the fp16 gradient scaler's state dict ({} when the scaler is off)
     epoch       the epoch the state belongs to (the last completed one, unless `next_iter` > 0)
     next_iter   data iterations of `epoch` already done; 0 means `epoch` is complete (the official meaning)
+    epoch_sums  (only when next_iter > 0) the sums that epoch's log line averages, so far (`engine.EpochSums`)
     step        optimizer steps taken so far
     args        the run's arguments as a plain dict
     rng         torch / cuda / numpy / python `random` states (as tensors, lists and ints)
@@ -105,12 +106,14 @@ def check_finite(state_dict: dict) -> None:
                                   f"{', ...' if len(bad) > 8 else ''}")
 
 
-def make_checkpoint(model, optimizer, scaler, *, epoch: int, step: int, args, next_iter: int = 0) -> dict:
+def make_checkpoint(model, optimizer, scaler, *, epoch: int, step: int, args, next_iter: int = 0,
+                    epoch_sums: dict | None = None) -> dict:
     """The checkpoint dict (see the module docstring); raises `NonFiniteStateError` on NaN/inf weights."""
     from .. import __version__
     model_state = model.state_dict()
     check_finite(model_state)
-    return {
+    extra = {"epoch_sums": dict(epoch_sums)} if next_iter > 0 and epoch_sums is not None else {}
+    return {**extra,
         "model": model_state,
         "optimizer": plain_lr_state(optimizer.state_dict()),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -294,10 +297,11 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
                     iters_per_epoch: int, accum_iter: int, restore_rng: bool = True,
                     layout: dict | None = None, model_name: str | None = None) -> dict:
     """Load a checkpoint into model / optimizer / scaler; returns where to continue:
-    {'start_epoch', 'skip_iters', 'step', 'path', 'missing'}. `start_epoch` is None for a weights-only file (no
-    optimizer state or no epoch): the caller keeps its own `--start_epoch`, as the official script does, and
-    `missing` says what the file lacks, for "no {missing} in it": "optimizer state", "epoch" or "optimizer state
-    or epoch" ('' for a full checkpoint).
+    {'start_epoch', 'skip_iters', 'step', 'path', 'missing', 'epoch_sums'}. `start_epoch` is None for a
+    weights-only file (no optimizer state or no epoch): the caller keeps its own `--start_epoch`, as the official
+    script does, and `missing` says what the file lacks, for "no {missing} in it": "optimizer state", "epoch" or
+    "optimizer state or epoch" ('' for a full checkpoint). `epoch_sums`: what a checkpoint written in the middle
+    of an epoch holds of that epoch's log sums (None otherwise).
 
     `layout` ({'batch_size', 'world_size', 'accum_iter'} of this run): a checkpoint written in the middle of an
     epoch resumes only with the layout it was written with, since its position counts that run's iterations.
@@ -314,7 +318,8 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
     missing = " or ".join(k for k, key in (("optimizer state", "optimizer"), ("epoch", "epoch")) if key not in ckpt)
     if missing:
         # weights only: no schedule position to continue from
-        return {"start_epoch": None, "skip_iters": 0, "step": 0, "path": str(path), "missing": missing}
+        return {"start_epoch": None, "skip_iters": 0, "step": 0, "path": str(path), "missing": missing,
+                "epoch_sums": None}
     epoch = int(ckpt["epoch"])
     next_iter = int(ckpt.get("next_iter", 0))  # 0 for a finished epoch: > 0 only in the middle of one
     if next_iter > 0 and layout:
@@ -344,7 +349,9 @@ def load_for_resume(path: str | Path, model, optimizer, scaler, *, allow_pickle:
         step = start_epoch * (iters_per_epoch // accum) + skip // accum
     if restore_rng and isinstance(ckpt.get("rng"), dict):
         set_rng_state(ckpt["rng"])
-    return {"start_epoch": start_epoch, "skip_iters": skip, "step": int(step), "path": str(path), "missing": ""}
+    sums = ckpt.get("epoch_sums") if skip else None  # the resumed epoch's log sums so far (a dict, or None)
+    return {"start_epoch": start_epoch, "skip_iters": skip, "step": int(step), "path": str(path), "missing": "",
+            "epoch_sums": sums}
 
 
 def model_from_checkpoint(path: str | Path | None, *, model: str | None = None, input_size: int | None = None,

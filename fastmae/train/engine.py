@@ -44,6 +44,26 @@ class RunState:
     losses: list = field(default_factory=list)
 
 
+@dataclass
+class EpochSums:
+    """What an epoch's log line averages, summed over its iterations so far: a checkpoint written in the middle
+    of an epoch keeps them, so that the resumed run's line for that epoch covers the whole epoch."""
+
+    loss: float = 0.0
+    lr: float = 0.0
+    count: int = 0
+    skipped_images: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, saved) -> "EpochSums | None":
+        """The sums a checkpoint holds, or None where it holds none that are sound."""
+        try:
+            sums = cls(float(saved["loss"]), float(saved["lr"]), int(saved["count"]), int(saved["skipped_images"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+        return sums if sums.count >= 0 and sums.skipped_images >= 0 else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
     """Mixed precision as training runs it: fp32 weights, matmuls in `dtype`; nothing for None or float32.
     `cache_enabled=False` for work captured in a CUDA graph (autocast's cast cache is not graph-safe)."""
@@ -147,7 +167,7 @@ def make_scaler(device: torch.device, precision: str):
 def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoch: int, sched: Schedule,
                     state: RunState, *, precision: str = "fp32", dist_info: DistInfo | None = None,
                     logger=None, skip_iters: int = 0, last_checkpoint: str | None = None,
-                    graph=None) -> tuple[dict, int]:
+                    graph=None, sums: EpochSums | None = None) -> tuple[dict, int]:
     """Train over `loader` (which already skips the first `skip_iters` iterations when resuming mid-epoch).
 
     Batches are `(images, labels, noise, skipped)`; `noise` [N, L] drives the masking. Returns
@@ -156,7 +176,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     `last_checkpoint`: the newest good checkpoint on disk (None: there is none), named if the loss turns
     non-finite (each loss reaches the host an iteration after its step was issued: `LossReads`). `graph`
     (`graphed.GraphOnFirstBatch`, which scales fp16 itself): each iteration replays the whole step from a CUDA graph
-    instead of running it (with accumulation: the micro-step, and the update after the last of them).
+    instead of running it (with accumulation: the micro-step, and the update after the last of them). `sums`: the
+    epoch's sums so far (from a checkpoint written in its middle), which this adds to and the stats average.
     """
     dist_info = dist_info or DistInfo()
     model.train(True)
@@ -165,8 +186,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
     else:  # a captured step's gradients are written afresh by each replay, or accumulate in place
         graph.reset_accumulation()
     accum = sched.accum_iter
-    loss_sum = lr_sum = 0.0
-    count = 0
+    sums = EpochSums() if sums is None else sums
+    count = 0  # this call's iterations
     skipped_here = 0.0
     it = skip_iters
     lr = optimizer.param_groups[0]["lr"]
@@ -175,7 +196,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
 
     def account(read) -> None:
         """An earlier iteration's loss, now on the host: the stop if it is not finite, the sums, the logs."""
-        nonlocal loss_sum, lr_sum, count
+        nonlocal count
         if read is None:
             return
         (it_read, step_read, updated, lr_read, images, seconds), loss_mean = read
@@ -187,8 +208,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
                 f"stopping. No checkpoint of this state was written; {last}. Try a lower --blr, more "
                 f"--warmup_epochs or --precision fp32.")
         state.losses.append(loss_mean)
-        loss_sum += loss_mean
-        lr_sum += lr_read
+        sums.loss += loss_mean
+        sums.lr += lr_read
+        sums.count += 1
         count += 1
         if logger is not None:
             logger.iteration(epoch=epoch, it=it_read, iters_per_epoch=sched.iters_per_epoch, step=step_read,
@@ -227,6 +249,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: torch.device, epoc
         if update and sched.max_steps and state.step >= sched.max_steps:
             break
     account(reads.flush())
-    skipped_total = int(round(all_reduce_mean([skipped_here], dist_info, device)[0] * dist_info.world_size))
-    stats = {"lr": lr_sum / max(count, 1), "loss": loss_sum / max(count, 1), "skipped_images": skipped_total}
+    sums.skipped_images += int(round(all_reduce_mean([skipped_here], dist_info, device)[0] * dist_info.world_size))
+    stats = {"lr": sums.lr / max(sums.count, 1), "loss": sums.loss / max(sums.count, 1),
+             "skipped_images": sums.skipped_images}
     return stats, it + 1 if count else skip_iters

@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +207,7 @@ def train(args) -> PretrainResult:
     from . import checkpoint as ckpt_io
     from .data import PretrainDataset, open_dataset, pretrain_loader
     from .distributed import barrier, broadcast_state, cleanup, init_distributed
-    from .engine import PRECISIONS, RunState, Schedule, make_scaler, train_one_epoch
+    from .engine import PRECISIONS, EpochSums, RunState, Schedule, make_scaler, train_one_epoch
     from .graphed import GraphOnFirstBatch
     from .logs import RunLogger, plot_loss_curve
     from .optim import absolute_lr, adamw_impl, build_optimizer
@@ -277,6 +277,7 @@ def train(args) -> PretrainResult:
         scaler = make_scaler(device, precision)
 
         start_epoch, skip_iters, step = args.start_epoch, 0, 0
+        sums = None  # the resumed epoch's log sums so far (a checkpoint written in its middle keeps them)
         if args.resume == "auto" and resume_path is None:
             say(f"--resume auto: no checkpoint in {args.output_dir!r} yet, starting from scratch")
         if resume_path is not None:
@@ -291,6 +292,7 @@ def train(args) -> PretrainResult:
                     f"epoch {start_epoch} with a fresh optimizer")
             else:
                 start_epoch, skip_iters, step = where["start_epoch"], where["skip_iters"], where["step"]
+                sums = EpochSums.from_checkpoint(where["epoch_sums"]) if skip_iters else None
                 say(f"resumed from {resume_path}: epoch {start_epoch}, iteration {skip_iters}, step {step}")
 
         if args.max_steps and step >= args.max_steps:
@@ -342,15 +344,21 @@ def train(args) -> PretrainResult:
                     break
                 sampler.set_epoch(epoch, skip=skip_iters * args.batch_size)
                 logger.start_epoch(epoch, iters_per_epoch, skip_iters)
+                # a resumed epoch's log line averages the whole epoch: over the sums its checkpoint carried, or
+                # (a checkpoint without them) over this run's iterations, from `from_iter`
+                from_iter = skip_iters if skip_iters and sums is None else 0
+                sums = sums or EpochSums()
                 stats, next_iter = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, sched,
                                                    state, precision=precision, dist_info=info, logger=logger,
-                                                   skip_iters=skip_iters, last_checkpoint=last_good, graph=graph)
+                                                   skip_iters=skip_iters, last_checkpoint=last_good, graph=graph,
+                                                   sums=sums)
                 skip_iters = 0
                 complete = next_iter >= iters_per_epoch
                 result.epoch = epoch
                 if writes:
                     c = ckpt_io.make_checkpoint(model_without_ddp, optimizer, scaler, epoch=epoch, step=state.step,
-                                                args=args, next_iter=0 if complete else next_iter)
+                                                args=args, next_iter=0 if complete else next_iter,
+                                                epoch_sums=None if from_iter else asdict(sums))
                     numbered = complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs)
                     result.checkpoints += [str(x) for x in ckpt_io.save(c, args.output_dir, numbered=numbered)]
                     del c
@@ -359,6 +367,9 @@ def train(args) -> PretrainResult:
                 log = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": state.step}
                 if not complete:
                     log["partial"] = True
+                if from_iter:
+                    log["from_iter"] = from_iter
+                sums = None
                 logger.end_epoch(log)
                 barrier(info)
                 if not complete:

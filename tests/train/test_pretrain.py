@@ -91,9 +91,34 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     wa, wb = _params(straight / "checkpoint-last.pth"), _params(parts / "checkpoint-last.pth")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=k)
+    # the epoch log: the stop inside epoch 1 wrote a partial line; the resumed run's line for epoch 1 averages the
+    # whole epoch (the checkpoint carried the sums of its first two iterations), as the uninterrupted run's does
+    epochs_a = [json.loads(x) for x in (straight / "log.txt").read_text().splitlines()]
+    epochs_b = [json.loads(x) for x in (parts / "log.txt").read_text().splitlines()]
+    assert [(e["epoch"], e.get("partial", False)) for e in epochs_b] == [(0, False), (1, True), (1, False),
+                                                                         (2, False)]
+    for x, y in zip(epochs_a, [e for e in epochs_b if not e.get("partial")]):
+        assert abs(x["train_loss"] - y["train_loss"]) <= 1e-6 and x["train_lr"] == pytest.approx(y["train_lr"])
+        assert "from_iter" not in y
     # a finished run resumed again has nothing left to do
     r4 = train(pretrain_args(parts, "--epochs", "3", "--resume", "auto"))
     assert r4.losses == [] and r4.step == 12
+
+
+def test_a_mid_epoch_checkpoint_without_log_sums_marks_the_resumed_line(tmp_path):
+    """A checkpoint written inside an epoch by a version that kept no log sums: the resumed run's line for that
+    epoch says from which iteration its averages are (`from_iter`)."""
+    train(pretrain_args(tmp_path, "--max_steps", "2"))
+    path = tmp_path / "checkpoint-last.pth"
+    ck = read_checkpoint(path)
+    assert ck["next_iter"] == 2 and ck["epoch_sums"]["count"] == 2
+    del ck["epoch_sums"]
+    torch.save(ck, path)
+    train(pretrain_args(tmp_path, "--resume", "auto", "--max_steps", "4"))
+    last = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
+    assert last["epoch"] == 0 and last["from_iter"] == 2 and "partial" not in last
+    steps = [r["loss"] for r in read_step_log(tmp_path) if r["iter"] >= 2]
+    assert last["train_loss"] == pytest.approx(sum(steps) / len(steps))
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):

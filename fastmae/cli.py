@@ -198,6 +198,17 @@ def user_path(text: str) -> str:
     return os.path.expanduser(text) if text else text
 
 
+def error_message(exc: BaseException) -> str:
+    """`str(exc)`, but for an error a DataLoader worker raised (re-raised in this process with the worker's whole
+    traceback in its message: "Caught DataError in DataLoader worker process 0. Original Traceback ...") only the
+    worker's own last line, without its type."""
+    text = str(exc)
+    if "in DataLoader worker process" not in text or "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.removeprefix(f"{type(exc).__name__}: ").removeprefix(f"{type(exc).__module__}.{type(exc).__name__}: ")
+
+
 def report_user_error(prog: str, exc: BaseException) -> bool:
     """Print `exc` as one line, `PROG: error: ...`, and return True when it is the user's to mend: bad input or an
     unavailable backend (ValueError and its kind), a missing file, or a path that cannot be read or written
@@ -208,7 +219,7 @@ def report_user_error(prog: str, exc: BaseException) -> bool:
     elif isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
         return False
     else:
-        message = str(exc)
+        message = error_message(exc)
     print(f"{prog}: error: {message}", file=sys.stderr)
     return True
 

@@ -225,3 +225,22 @@ def test_demo_visualize_and_linprobe_take_other_available_devices(monkeypatch):
     monkeypatch.setattr(torch.mps, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no such device is available here"):
         check_device("mps", other_devices=True)
+
+
+def test_an_error_raised_in_a_data_loading_worker_is_reported_in_one_line():
+    """A DataLoader worker's error is re-raised in the main process with the worker's traceback in its message: the
+    commands print the worker's own line only."""
+    from torch._utils import ExceptionWrapper
+
+    from fastmae.cli import error_message
+    from fastmae.train.data import DataError
+
+    try:
+        raise DataError("none of the 20 image file(s) in /data can be read; is this an image folder?")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as caught:
+        wrapped.reraise()
+    assert "Original Traceback" in str(caught.value)
+    assert error_message(caught.value) == "none of the 20 image file(s) in /data can be read; is this an image folder?"
+    assert error_message(ValueError("two\nlines")) == "two\nlines"  # anything else as it is

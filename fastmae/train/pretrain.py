@@ -449,7 +449,7 @@ def _check_outputs(args) -> None:
 
 
 def run(args) -> int:
-    from ..cli import discarding_new_dirs, sigterm_as_exit
+    from ..cli import discarding_new_dirs, error_message, sigterm_as_exit
     from .data import DataError
     from .engine import NonFiniteLossError
     from .graphed import GraphCaptureError
@@ -471,7 +471,7 @@ def run(args) -> int:
             print(f"fastmae pretrain: {exc}", file=sys.stderr)
             return 1
         except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
-            print(f"fastmae pretrain: error: {exc}", file=sys.stderr)
+            print(f"fastmae pretrain: error: {error_message(exc)}", file=sys.stderr)
             return 2
         return 0
 

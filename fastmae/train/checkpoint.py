@@ -204,17 +204,34 @@ def _start_time(pid: int) -> float | None:
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint in `output_dir`: `checkpoint-last.pth`, unless the highest-numbered
-    `checkpoint-N.pth` was written after it (a run stopped between writing that file and linking
-    `checkpoint-last.pth` to it); the highest-numbered file when there is no `checkpoint-last.pth`."""
+    """The latest checkpoint in `output_dir`: `checkpoint-last.pth`, unless the highest-numbered
+    `checkpoint-N.pth` holds a later point of training (a run stopped between writing that file and linking
+    `checkpoint-last.pth` to it); the highest-numbered file when there is no `checkpoint-last.pth`. The points
+    are the (epoch, iteration) the files hold; where one cannot be read that way (an official file), the file
+    written later wins (file times, which a copy of the folder does not keep)."""
     out = Path(output_dir)
     numbered = _numbered(out)
     newest = max(numbered)[1] if numbered else None
-    if (out / LAST).is_file():
-        if newest is not None and newest.stat().st_mtime_ns > (out / LAST).stat().st_mtime_ns:
-            return newest
-        return out / LAST
-    return newest
+    last = out / LAST
+    if not last.is_file():
+        return newest
+    if newest is None:
+        return last
+    points = _point(newest), _point(last)
+    if None not in points:
+        return newest if points[0] > points[1] else last
+    return newest if newest.stat().st_mtime_ns > last.stat().st_mtime_ns else last
+
+
+def _point(path: Path) -> tuple | None:
+    """(epoch, iterations done in it) of a fastmae checkpoint, a finished epoch counting as all of them; read
+    with the tensors mapped, not loaded. None for a file that cannot be read so."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        epoch, next_iter = int(ckpt["epoch"]), int(ckpt.get("next_iter", 0))
+    except Exception:  # an official (pickled) file, a damaged one: resuming from it reports what is wrong
+        return None
+    return (epoch, next_iter if next_iter > 0 else float("inf"))
 
 
 def _numbered(out: Path) -> list[tuple[int, Path]]:

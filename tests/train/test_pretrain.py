@@ -346,7 +346,9 @@ def test_accumulation_longer_than_an_epoch_is_refused_and_a_remainder_warned(tmp
 
 
 def test_resume_auto_takes_a_numbered_file_written_after_the_last_one(tmp_path):
-    """Killed between writing checkpoint-N.pth and linking checkpoint-last.pth to it: the newer file wins."""
+    """Killed between writing checkpoint-N.pth and linking checkpoint-last.pth to it: the file holding the later
+    point of training wins, whatever the files' times (a copied folder's are the copy's)."""
+    import argparse
     import os
     model = fastmae.create_model("mae_vit_tiny_patch4")
     opt = torch.optim.AdamW(model.parameters())
@@ -358,8 +360,16 @@ def test_resume_auto_takes_a_numbered_file_written_after_the_last_one(tmp_path):
     newer = tmp_path / "checkpoint-1.pth"
     torch.save(ckpt_io.make_checkpoint(model, opt, None, epoch=1, step=8, args={}), newer)
     last_ns = (tmp_path / "checkpoint-last.pth").stat().st_mtime_ns
-    os.utime(newer, ns=(last_ns + 10 ** 9, last_ns + 10 ** 9))
+    os.utime(newer, ns=(last_ns - 10 ** 9, last_ns - 10 ** 9))  # older on disk (a copied folder): the point decides
     assert ckpt_io.find_latest(tmp_path) == newer
+    # a folder copied without its file times: checkpoint-0.pth copied after checkpoint-last.pth (mid-epoch 1)
+    newer.unlink()
+    os.utime(tmp_path / "checkpoint-0.pth", ns=(last_ns + 10 ** 9, last_ns + 10 ** 9))
+    assert ckpt_io.find_latest(tmp_path).name == "checkpoint-last.pth"
+    # files whose point cannot be read (official pickles): the one written later
+    torch.save({"model": {}, "epoch": 0, "args": argparse.Namespace()}, tmp_path / "checkpoint-0.pth")
+    os.utime(tmp_path / "checkpoint-0.pth", ns=(last_ns + 10 ** 9, last_ns + 10 ** 9))
+    assert ckpt_io.find_latest(tmp_path).name == "checkpoint-0.pth"
 
 
 @pytest.mark.parametrize("major, expected", [(7, "fp16"), (8, "bf16"), (9, "bf16")])

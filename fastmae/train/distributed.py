@@ -16,6 +16,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    owns_group: bool = False  # the process group was made by `init_distributed` (and is ended by `cleanup`)
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +63,7 @@ def init_distributed(device: str, dist_url: str = "env://", dist_on_itp: bool = 
         backend = "gloo"
     dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank)
     dist.barrier()
-    return DistInfo(True, rank, world, local, backend)
+    return DistInfo(True, rank, world, local, backend, owns_group=True)
 
 
 def barrier(info: DistInfo) -> None:
@@ -88,5 +89,6 @@ def all_reduce_mean(values: list[float], info: DistInfo, device) -> list[float]:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
+    """End the process group `init_distributed` made; one the caller had made before is the caller's to end."""
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -120,3 +120,19 @@ def test_a_capture_failed_on_one_rank_fails_on_every_rank(tmp_path):
     said = [(out / f"rank{r}.txt").read_text() for r in range(2)]
     assert "operation not permitted when stream is capturing" in said[1], said
     assert "captured on this rank but not on another" in said[0] and "as they were" in said[0], said
+
+
+def test_a_process_group_the_caller_made_outlives_the_run(tmp_path):
+    """train() called from a program that made its own process group joins it and leaves it for the program to end
+    (cleanup ends only a group init_distributed made)."""
+    from fastmae.train.distributed import cleanup, init_distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", world_size=1, rank=0)
+    try:
+        info = init_distributed("cpu")
+        assert info.distributed and not info.owns_group
+        cleanup(info)
+        assert dist.is_initialized()
+        train(pretrain_args(tmp_path / "run", "--epochs", "1", "--max_steps", "1"))
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

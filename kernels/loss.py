@@ -556,9 +556,10 @@ def _differentiable_grad(grad_output, g, denom, mask32, pred, has_ids):
 def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
                     norm_pix: bool = False, pred_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-patch MSE over removed patches, target read from imgs on the fly; see `reference.masked_mse_loss`."""
-    if imgs.requires_grad and torch.is_grad_enabled():
-        raise ValueError("fastmae.kernels.loss gives no gradient to imgs, which requires one; detach it or use "
-                         "backend='reference'")
+    for name, t in (("imgs", imgs), ("mask", mask)):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"fastmae.kernels.loss gives no gradient to {name}, which requires one; detach it or "
+                             "use backend='reference'")
     if pred.requires_grad and torch.is_grad_enabled():
         return MaskedMSELossFunction.apply(pred, imgs, mask, int(patch_size), bool(norm_pix), pred_ids)
     return _masked_mse_fwd_op(pred, imgs, mask, int(patch_size), bool(norm_pix), pred_ids, False)[0]

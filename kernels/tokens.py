@@ -585,9 +585,10 @@ def unshuffle_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
                      pos_embed: torch.Tensor) -> torch.Tensor:
     """Decoder input in patch order with mask tokens and position embedding; see `reference.unshuffle_tokens`."""
     _no_grad_to("pos_embed", pos_embed)
-    if x.dim() != 3 or ids_restore.dim() != 2 or ids_restore.shape[0] != x.shape[0]:
-        raise ValueError(f"unshuffle_tokens: x must be [N, K+1, Dd] and ids_restore [N, L]; got {tuple(x.shape)}, "
-                         f"{tuple(ids_restore.shape)}")
+    if x.dim() != 3 or ids_restore.dim() != 2 or ids_restore.shape[0] != x.shape[0] \
+            or not 1 <= x.shape[1] <= ids_restore.shape[1] + 1:  # the kernels read and write x's row 0 (class token)
+        raise ValueError(f"unshuffle_tokens: x must be [N, K+1, Dd] (K <= L) and ids_restore [N, L]; got "
+                         f"{tuple(x.shape)}, {tuple(ids_restore.shape)}")
     if mask_token.numel() != x.shape[-1]:
         raise ValueError(f"mask_token must hold Dd = {x.shape[-1]} values, got {tuple(mask_token.shape)}")
     _one_table("unshuffle_tokens", pos_embed, x.shape[-1], ids_restore.shape[1] + 1)

@@ -131,6 +131,8 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
         if on_record:  # first: it stamps the record (device, ...), which the speedup's key includes
             on_record(rec)
         add_speedups(records)  # as the records arrive: a run cut short keeps its speedups
+        if on_record:  # ... written with the next write, or the one at exit (the record may be written already)
+            on_record()
 
     def base(backend, mode, ratio):
         k = len_keep(L, ratio)

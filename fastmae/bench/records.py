@@ -265,6 +265,8 @@ class Recorder:
         self._written = float("-inf")
 
     def add(self, *records: dict) -> None:
+        """Stamp and keep `records`; called with none, it notes that records already added were changed in place
+        (speedups filled in), so that the next write (at the latest, at exit) has the change."""
         for r in records:  # stamped in place: figures added to a record later (speedups) are kept
             for k, v in self.env.items():
                 r.setdefault(k, v)

@@ -48,6 +48,8 @@ def _index(name: str, t: torch.Tensor, ndim: int, n: int) -> None:
 def _pixels_per_patch(imgs: torch.Tensor, patch_size: int) -> tuple[int, int]:
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     _, c, h, w = imgs.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"image sides {h}x{w} are not divisible by the patch size {patch_size}")
@@ -171,10 +173,13 @@ def unshuffle_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
                      pos_embed: torch.Tensor, *, backend: BackendSpec = None) -> torch.Tensor:
     """Decoder input: visible + mask tokens in patch order, plus position embedding; see the reference."""
     dtype = _float_dtype("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must be [N, K+1, Dd], got {tuple(x.shape)}")
     _index("ids_restore", ids_restore, 2, x.shape[0])
     L = ids_restore.shape[1]
-    if x.dim() != 3 or x.shape[1] - 1 > L:
-        raise ValueError(f"x must be [N, K+1, Dd] with K <= L = {L}, got {tuple(x.shape)}")
+    if not 1 <= x.shape[1] <= L + 1:  # row 0 is the class token: x holds it and at most L visible tokens
+        raise ValueError(f"x must be [N, K+1, Dd] with 0 <= K <= L = {L} (the class token first), got "
+                         f"{tuple(x.shape)}")
     if tuple(pos_embed.shape) != (1, L + 1, x.shape[-1]):
         raise ValueError(f"pos_embed must be [1, {L + 1}, {x.shape[-1]}], got {tuple(pos_embed.shape)}")
     inputs = Inputs(x.device, dtype, tensors={"x": x, "mask_token": mask_token, "pos_embed": pos_embed},
@@ -189,13 +194,13 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
     dtype = _float_dtype("pred", pred)
     _float_dtype("imgs", imgs)
     L, P = _pixels_per_patch(imgs, patch_size)
+    if pred_ids is not None:
+        _index("pred_ids", pred_ids, 2, imgs.shape[0])
     rows = L if pred_ids is None else pred_ids.shape[1]
     if pred.dim() != 3 or tuple(pred.shape) != (imgs.shape[0], rows, P):
         raise ValueError(f"pred must be [N, {rows}, {P}] for these images, got {tuple(pred.shape)}")
     if tuple(mask.shape) != (imgs.shape[0], L):
         raise ValueError(f"mask must be [N, L] = [{imgs.shape[0]}, {L}], got {tuple(mask.shape)}")
-    if pred_ids is not None:
-        _index("pred_ids", pred_ids, 2, imgs.shape[0])
     inputs = Inputs(pred.device, dtype, tensors={"pred": pred, "imgs": imgs, "mask": mask},
                     options={"op": "masked_mse_loss"})
     return resolve("masked_mse_loss", inputs, backend).fn(pred, imgs, mask, patch_size, norm_pix, pred_ids)

@@ -29,15 +29,22 @@ def _device_reasons(inputs: Inputs) -> list[str]:
     return []
 
 
-def _no_grad_for(*names: str):
+def _checks(*, no_grad: tuple[str, ...] = (), float_dtypes: tuple[str, ...] = ()):
+    """The device's reasons, then: tensors named in `float_dtypes` must be fp32, fp16 or bf16 (the registry checks
+    the op's main input; these are the others, which a kernel reads in fp32 too), and tensors named in `no_grad`
+    must not require a gradient (the kernels give them none)."""
     def check(inputs: Inputs) -> list[str]:
         out = _device_reasons(inputs)
-        for name in names:
+        op = inputs.options.get("op", "op")
+        for name in float_dtypes:
+            t = inputs.tensors.get(name)
+            if t is not None and t.dtype not in FLOAT_DTYPES:
+                out.append(f"triton's {op} takes {name} in float32, float16 or bfloat16, got {t.dtype}")
+        for name in no_grad:
             t = inputs.tensors.get(name)
             if t is not None and t.requires_grad and torch.is_grad_enabled():
                 fixed = " (fixed sine-cosine position embeddings do not)" if name == "pos_embed" else ""
-                out.append(f"triton's {inputs.options.get('op', 'op')} gives no gradient to {name}, which requires "
-                           f"one{fixed}")
+                out.append(f"triton's {op} gives no gradient to {name}, which requires one{fixed}")
         return out
 
     return check
@@ -48,8 +55,11 @@ _TRITON = dict(backend="triton", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES, m
 
 register(OpImpl(op="attention", fn=_lazy("attention", "attention"), head_dims=ATTENTION_HEAD_DIMS,
                 check=_device_reasons, packed=_lazy("attention", "attention_packed"), **_TRITON))
-register(OpImpl(op="gather_patches", fn=_lazy("tokens", "gather_patches"), check=_no_grad_for("imgs"), **_TRITON))
-register(OpImpl(op="gather_tokens", fn=_lazy("tokens", "gather_tokens"), check=_no_grad_for("pos_embed"), **_TRITON))
-register(OpImpl(op="unshuffle_tokens", fn=_lazy("tokens", "unshuffle_tokens"), check=_no_grad_for("pos_embed"),
+register(OpImpl(op="gather_patches", fn=_lazy("tokens", "gather_patches"), check=_checks(no_grad=("imgs",)),
                 **_TRITON))
-register(OpImpl(op="masked_mse_loss", fn=_lazy("loss", "masked_mse_loss"), check=_no_grad_for("imgs"), **_TRITON))
+register(OpImpl(op="gather_tokens", fn=_lazy("tokens", "gather_tokens"),
+                check=_checks(no_grad=("pos_embed",), float_dtypes=("pos_embed", "cls_token")), **_TRITON))
+register(OpImpl(op="unshuffle_tokens", fn=_lazy("tokens", "unshuffle_tokens"),
+                check=_checks(no_grad=("pos_embed",), float_dtypes=("mask_token", "pos_embed")), **_TRITON))
+register(OpImpl(op="masked_mse_loss", fn=_lazy("loss", "masked_mse_loss"),
+                check=_checks(no_grad=("imgs", "mask"), float_dtypes=("imgs",)), **_TRITON))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastmae import ops
 from fastmae.ops import reference
 from tests.utils import (DEVICES, assert_error_within_plain, launched_kernels, masking, plain_for_rule,
                          skip_unless_serves)
@@ -233,6 +234,20 @@ def test_masked_mse_refuses_imgs_requiring_grad(device):
     _, _, mask = masking(2, 4, 2, device)
     with pytest.raises(ValueError, match="no gradient to imgs"):
         loss_mod.masked_mse_loss(pred, imgs.requires_grad_(True), mask, 4)
+    # a mask requiring a gradient (the reference gives it one) is refused too, by the kernel and the registry
+    # (the automatic choice then takes the reference), not left without a gradient
+    mask = mask.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="no gradient to mask"):
+        loss_mod.masked_mse_loss(pred, imgs.detach(), mask, 4)
+    with pytest.raises(ops.BackendUnavailable, match="gives no gradient to mask"):
+        ops.masked_mse_loss(pred, imgs.detach(), mask, 4, backend="triton")
+    with ops.record_choices() as served:
+        loss = ops.masked_mse_loss(pred.requires_grad_(True), imgs.detach(), mask, 4)
+    assert served["masked_mse_loss"] != "triton"
+    assert torch.autograd.grad(loss, [mask])[0].abs().sum() > 0
+    # an image in float64 (which the kernel would read in fp32 and answer in fp32) is for the plain paths
+    with pytest.raises(ops.BackendUnavailable, match="takes imgs in float32, float16 or bfloat16"):
+        ops.masked_mse_loss(pred.detach(), imgs.detach().double(), mask.detach(), 4, backend="triton")
 
 
 @pytest.mark.parametrize("device", DEVICES)

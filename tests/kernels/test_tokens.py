@@ -164,6 +164,29 @@ def test_gather_tokens_refuses_pos_embed_requiring_grad(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_token_ops_refuse_what_their_kernels_cannot_take(device):
+    """Secondary tensors in float64 (read in fp32, answered in float64 with fp32 precision) are for the plain paths;
+    an unshuffle input without its class-token row (the kernels read and write row 0) is an error, not a read or
+    write outside x."""
+    skip_unless_serves("gather_tokens", "triton", device, torch.float32)
+    from fastmae import ops
+    ids_keep, ids_restore = _ids(2, 4, 2, device)
+    x, pos = torch.randn(2, 4, 8, device=device), torch.randn(1, 5, 8, device=device)
+    with pytest.raises(ops.BackendUnavailable, match="takes pos_embed in float32, float16 or bfloat16"):
+        ops.gather_tokens(x, ids_keep, pos.double(), backend="triton")
+    with pytest.raises(ops.BackendUnavailable, match="takes cls_token in float32"):
+        ops.gather_tokens(x, ids_keep, pos, torch.zeros(1, 1, 8, device=device, dtype=torch.float64), backend="triton")
+    with pytest.raises(ops.BackendUnavailable, match="takes mask_token in float32"):
+        ops.unshuffle_tokens(x[:, :3], ids_restore, torch.zeros(1, 1, 8, device=device, dtype=torch.float64), pos,
+                             backend="triton")
+    for op in (ops.unshuffle_tokens, tokens.unshuffle_tokens):
+        with pytest.raises(ValueError, match=r"x must be \[N, K\+1, Dd\]"):
+            op(x[:, :0], ids_restore, torch.zeros(1, 1, 8, device=device), pos)
+        with pytest.raises(ValueError, match=r"x must be \[N, K\+1, Dd\]"):
+            op(torch.randn(2, 6, 8, device=device), ids_restore, torch.zeros(1, 1, 8, device=device), pos)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,with_cls", [(2, False), (1, True), (2, True)])
 def test_gathered_leaf_x_grad_is_its_own_memory(device, n, with_cls):
     """gathered=True routes grad_out's kept rows to x as they are; where x is a leaf they become x.grad, which

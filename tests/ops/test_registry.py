@@ -133,6 +133,15 @@ def test_op_input_validation():
         ops.masked_mse_loss(torch.randn(1, 4, 10), torch.randn(1, 3, 8, 8), torch.ones(1, 4), 4)
     with pytest.raises(ValueError, match="not divisible"):
         ops.gather_patches(torch.randn(1, 3, 10, 10), torch.zeros(1, 1, dtype=torch.long), 4)
+    for p in (0, -4, 2.0):
+        with pytest.raises(ValueError, match="patch_size must be a positive int"):
+            ops.gather_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 1, dtype=torch.long), p)
+    with pytest.raises(ValueError, match=r"pred_ids must be \[N, ...\] with N = 1 and 2 dims"):
+        ops.masked_mse_loss(torch.randn(1, 2, 48), torch.randn(1, 3, 8, 8), torch.ones(1, 4), 4,
+                            pred_ids=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must be \[N, K\+1, Dd\], got \(3, 8\)"):
+        ops.unshuffle_tokens(torch.randn(3, 8), torch.zeros(3, 4, dtype=torch.long), torch.zeros(1, 1, 8),
+                             torch.zeros(1, 5, 8))
 
 
 def test_constant_marking_matches_torch_compiler():

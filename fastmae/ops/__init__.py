@@ -16,6 +16,8 @@ op name to backend name; see `fastmae.ops.registry` for the rules.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..kernels.utils import qkv_head_dim, split_qkv  # torch only, never triton
@@ -48,7 +50,11 @@ def _index(name: str, t: torch.Tensor, ndim: int, n: int) -> None:
 def _pixels_per_patch(imgs: torch.Tensor, patch_size: int) -> tuple[int, int]:
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+    try:
+        ok = not isinstance(patch_size, bool) and operator.index(patch_size) >= 1
+    except TypeError:  # not an integer (2.0, a string)
+        ok = False
+    if not ok:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     _, c, h, w = imgs.shape
     if h % patch_size or w % patch_size:

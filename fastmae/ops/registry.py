@@ -305,13 +305,14 @@ def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
     """
     if torch.compiler.is_compiling():
         grad_mode = torch.is_grad_enabled()  # a tensor that requires grad gets none under no_grad
-        grads = tuple((k, bool(t.requires_grad) and grad_mode) for k, t in inputs.tensors.items() if t is not None)
+        tensors = tuple((k, bool(t.requires_grad) and grad_mode, t.dtype) for k, t in inputs.tensors.items()
+                        if t is not None)
         spec = backend if backend is None or isinstance(backend, str) else tuple(sorted(backend.items()))
         # plain ints and key-sorted options: after a recompile Dynamo may trace a size as a symbol, which neither
         # a constant function's arguments nor a sort of (key, value) pairs can take (int() specialises it)
         head_dim = None if inputs.head_dim is None else int(inputs.head_dim)
         options = tuple(sorted(inputs.options.items(), key=lambda kv: kv[0]))
-        name = _resolve_constant(op, inputs.device.type, inputs.device.index, inputs.dtype, head_dim, grads,
+        name = _resolve_constant(op, inputs.device.type, inputs.device.index, inputs.dtype, head_dim, tensors,
                                  options, spec)
         return _REGISTRY[(op, name)]
     impl = _resolve(op, inputs, backend)
@@ -333,11 +334,12 @@ def _assume_constant_result(fn):
 
 
 @_assume_constant_result
-def _resolve_constant(op, device_type, device_index, dtype, head_dim, grads, options, spec) -> str:
-    """`resolve` on plain values, run eagerly while torch.compile traces; its result is a graph constant."""
+def _resolve_constant(op, device_type, device_index, dtype, head_dim, tensors, options, spec) -> str:
+    """`resolve` on plain values, run eagerly while torch.compile traces; its result is a graph constant. `tensors`:
+    (name, requires a gradient, dtype) of each tensor input, what the backends' checks read of them."""
     from types import SimpleNamespace
 
-    tensors = {k: SimpleNamespace(requires_grad=g) for k, g in grads}
+    tensors = {k: SimpleNamespace(requires_grad=g, dtype=d) for k, g, d in tensors}
     inputs = Inputs(torch.device(device_type, device_index), dtype, head_dim, tensors, dict(options))
     backend = spec if spec is None or isinstance(spec, str) else dict(spec)
     return _resolve(op, inputs, backend).backend

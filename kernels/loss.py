@@ -23,10 +23,11 @@ Exact semantics: `fastmae.ops.reference.masked_mse_loss`. What the kernels do in
   one-program kernel sums those (one per program: a ViT-B batch of 64 makes about 2,100, not the 12,544 rows)
   in a fixed order and divides by `max(sum(mask), 1)` (`max(N*M, 1)` with `pred_ids`), as the reference
   does. No atomics anywhere, so the same inputs give the same bits run after run.
-- When pred needs a gradient, the forward pass also writes `2 * w * (pred - t) / P` (in pred's dtype, only
-  at rows with w != 0), and the backward pass scales it by grad_output / denominator (rows with w = 0 get
-  zeros without a read). This spares the backward pass a second read of the image, which under mixed
-  precision (fp32 images, half predictions) is the larger tensor. Called without grad, nothing is written.
+- When pred needs a gradient, the forward pass also writes the error `pred - t` (in pred's dtype, only at
+  rows with w != 0), and the backward pass scales it by `2 * w * grad_output / (P * denominator)` in fp32
+  (rows with w = 0 get zeros without a read). This spares the backward pass a second read of the image, which
+  under mixed precision (fp32 images, half predictions) is the larger tensor. Called without grad, nothing is
+  written.
 
 Limits:
 - Gradient to pred only: imgs gets none (the registry refuses imgs requiring grad, and this raises).
@@ -35,7 +36,9 @@ Limits:
 - A tile holds whole patches, C and p padded to powers of two (a 3x14x14 patch takes 4x16x16 lanes for 588
   values); the forward is compiled for each patch side (a constant), and the compile specs list sides 4,
   8, 14 and 16 with 1 to 3 channels (others work, but are not compiled ahead of time).
-- The grad buffer is kept in pred's dtype: its values are per-pixel errors times 2/P, far from fp16's limits.
+- The grad buffer is kept in pred's dtype and holds the per-pixel errors themselves: the factor 2 w / P (1/384 at
+  ViT's 768 values) and the loss scale of fp16 training are applied in the backward, in fp32, so an fp16 buffer
+  keeps errors down to about 6e-5 as normal numbers (scaled by 2/P first, errors below 0.02 became subnormal).
 """
 from __future__ import annotations
 
@@ -307,9 +310,8 @@ def _mse_finish_tile(x, y, rows, rvalid, w, g_ptr, C,
         t = x
     diff = y - t  # 0 outside the patch and on rows of weight 0: both loads gave 0 there
     sq = tl.sum(tl.reshape(diff * diff, [BLOCK_R, BLOCK_C * BLOCK_P * BLOCK_P]), axis=1)
-    if WRITE_GRAD:
-        scale = 2.0 * w / P
-        tl.store(g_ptr + pred_offs, (diff * scale[:, None, None, None]).to(g_ptr.dtype.element_ty), mask=inb)
+    if WRITE_GRAD:  # the error itself: the backward applies 2 w / P with the upstream gradient, in fp32
+        tl.store(g_ptr + pred_offs, diff.to(g_ptr.dtype.element_ty), mask=inb)
     return tl.where(rvalid, w * sq / P, 0.0)
 
 
@@ -382,18 +384,22 @@ def _masked_mse_finalize_kernel(part_ptr, wsum_ptr, loss_ptr, denom_ptr, n_parts
 @triton.jit
 def _masked_mse_bwd_kernel(g_ptr, mask_ptr, go_ptr, denom_ptr, out_ptr, n_rows, P,
                            HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per BLOCK_R rows: grad_pred[row] = g[row] * grad_output / denom; zeros where the weight is 0."""
+    """One program per BLOCK_R rows: grad_pred[row] = g[row] * 2 w[row] grad_output / (P denom), g being the row's
+    error; zeros where the weight is 0 (g is not read there)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rvalid = rows < n_rows
     offs = tl.arange(0, BLOCK)
-    scale = tl.load(go_ptr).to(tl.float32) / tl.load(denom_ptr)
+    scale = tl.load(go_ptr).to(tl.float32) / tl.load(denom_ptr) * (2.0 / P)
     if HAS_MASK:
-        read = rvalid & (tl.load(mask_ptr + rows, mask=rvalid, other=0.0) != 0.0)
+        w = tl.load(mask_ptr + rows, mask=rvalid, other=0.0)
+        read = rvalid & (w != 0.0)
     else:
+        w = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
         read = rvalid
     ptr_offs = rows.to(tl.int64)[:, None] * P + offs[None, :]
     g = tl.load(g_ptr + ptr_offs, mask=read[:, None] & (offs < P)[None, :], other=0.0).to(tl.float32)
-    tl.store(out_ptr + ptr_offs, (g * scale).to(out_ptr.dtype.element_ty), mask=rvalid[:, None] & (offs < P)[None, :])
+    out = g * (w * scale)[:, None]
+    tl.store(out_ptr + ptr_offs, out.to(out_ptr.dtype.element_ty), mask=rvalid[:, None] & (offs < P)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,7 +431,7 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
                             norm_pix: bool = False, pred_ids: torch.Tensor | None = None, write_grad: bool = False):
     """Returns (loss: 0-dim fp32, g: [N, rows, P] in pred's dtype or None, denom: [1] fp32, mask32: [N, L] fp32).
 
-    g (only when `write_grad`) holds 2 * w * (pred - target) / P at rows with w != 0 and is left unwritten
+    g (only when `write_grad`) holds the error pred - target at rows with w != 0 and is left unwritten
     elsewhere; `masked_mse_loss_backward` turns it into grad_pred. `pred_ids` are not bounds-checked on the
     device (as the token kernels' indices): each must be a patch index in [0, L).
     """
@@ -466,7 +472,8 @@ def masked_mse_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.
 @launches_on_device_of("g")
 def masked_mse_loss_backward(grad_output: torch.Tensor, g: torch.Tensor, denom: torch.Tensor,
                              mask32: torch.Tensor, has_ids: bool) -> torch.Tensor:
-    """grad_pred = g * grad_output / denom, zeros at rows of weight 0 (g is not read there)."""
+    """grad_pred = g * 2 w grad_output / (P denom) (g: the forward's errors), zeros at rows of weight 0 (g is not
+    read there)."""
     out = torch.empty_like(g)
     n_rows = g.shape[0] * g.shape[1]
     P = g.shape[2]
@@ -542,15 +549,15 @@ class MaskedMSELossFunction(torch.autograd.Function):
 
 def _differentiable_grad(grad_output, g, denom, mask32, pred, has_ids):
     """grad_pred = grad_output * 2 w (pred - target) / (P * denom) as a function of grad_output and pred that autograd
-    can differentiate again (a gradient penalty, `create_graph=True`): g holds 2 w (pred - target) / P at rows with
-    w != 0 (the target depends on the image alone), and pred - pred.detach() (zero) carries the derivative
-    2 w / (P * denom) with respect to pred. Values as the kernel's backward gives them."""
+    can differentiate again (a gradient penalty, `create_graph=True`): g holds pred - target at rows with w != 0
+    (the target depends on the image alone), and pred - pred.detach() (zero) carries the derivative with respect
+    to pred. Values as the kernel's backward gives them."""
     w = torch.ones(pred.shape[:2], device=pred.device) if has_ids else mask32.reshape(pred.shape[:2])
     w = w[..., None]
-    scale = grad_output.to(torch.float32) / denom
+    scale = grad_output.to(torch.float32) / denom * (2.0 / pred.shape[-1])
     err = torch.where(w != 0, g.float(), 0.0)
-    delta = (pred - pred.detach()).float() * (2.0 * w / pred.shape[-1])
-    return ((err + delta) * scale).to(pred.dtype)
+    delta = (pred - pred.detach()).float()
+    return ((err + delta) * (w * scale)).to(pred.dtype)
 
 
 def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,

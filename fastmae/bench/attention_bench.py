@@ -118,12 +118,15 @@ def run_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, impl
     case = attention_case(name, b, h, n, d, dtype)
     rec = {"kind": "attention", "op": "attention", "case": name, "backend": impl, "mode": mode,
            "shape": {"B": b, "H": h, "N": n, "D": d}, "dtype": dtype_name(dtype), "flops": case.flops[mode]}
-    reasons = case_reasons(case, backend_of(impl), device, allow_interpreter)
-    if impl == "sdpa-math" and n > MATH_MAX_N:
-        reasons.append(f"sdpa-math materialises the {n} x {n} scores; timed up to N = {MATH_MAX_N}")
-    if not reasons and impl in TRITON_PATHS:
-        case, why = forced_path_case(case, n, d, dtype, TRITON_PATHS[impl], mode, device)
-        reasons += [why] if why else []
+    try:  # the inputs built for the checks can fail (a batch too large for the memory): a failed record
+        reasons = case_reasons(case, backend_of(impl), device, allow_interpreter)
+        if impl == "sdpa-math" and n > MATH_MAX_N:
+            reasons.append(f"sdpa-math materialises the {n} x {n} scores; timed up to N = {MATH_MAX_N}")
+        if not reasons and impl in TRITON_PATHS:
+            case, why = forced_path_case(case, n, d, dtype, TRITON_PATHS[impl], mode, device)
+            reasons += [why] if why else []
+    except Exception as exc:
+        return {**rec, "status": "failed", "reason": error_line(exc)}
     if reasons:
         return {**rec, "status": "skipped", "reason": "; ".join(reasons)}
     try:

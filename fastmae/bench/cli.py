@@ -126,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "2 on cpu)")
     p.add_argument("--models", default=None, help="ViT sizes whose encoder and decoder shapes to use (default: B,L,H)")
     p.add_argument("--long", dest="long_ns", default=None, help="sequence lengths of the long cases, or none "
-                   "(default: 1024,2048,4096,8192 on cuda with batch 16384 // N; 256,512 on cpu, batch 1)")
+                   "(default: 1024,2048,4096,8192 on cuda with batch 16384 // N; 256,512 on cpu with batch "
+                   "512 // N)")
     p.add_argument("--long-head-dims", default=None, help="head dims of the long cases (default: 64,128 on cuda, "
                    "64 on cpu)")
     p.add_argument("--impls", default=None,
@@ -269,6 +270,8 @@ def _setup(args, write_each_record: bool = False):
         if interpreter_reason(device) and not args.allow_interpreter:
             print("note: TRITON_INTERPRET is set; triton is reported as skipped on the CPU", file=sys.stderr)
     env = environment(device)
+    if getattr(args, "quick", False):  # tiny shapes, 2 repetitions: a check of the code paths, not a result to show
+        env["quick"] = True
     recorder = Recorder(args.out, env, interval_s=0.0 if write_each_record else 2.0)
     recorder.earlier()  # DIR/results.json read now: one that holds no list of records is refused before measuring
     return device, dtype, recorder, env

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -50,8 +51,13 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def parse_list(text: str | Iterable[str]) -> list[str]:
+    """The items of a comma-separated list; a list given that names nothing (',') is an error, not 'nothing to
+    run' or 'the defaults' ('' is for the caller: its default)."""
     if isinstance(text, str):
-        return [t.strip() for t in text.split(",") if t.strip()]
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items and text.strip():
+            raise ValueError(f"{text!r} names nothing: give one or more names, separated by commas")
+        return items
     return list(text)
 
 
@@ -70,11 +76,19 @@ def parse_ratios(text: str) -> list[float]:
 
 def num_patches(model_name: str) -> int:
     """The patches of one image for a model preset, at the image size the benchmarks build it with (its
-    default): read from the model built on the meta device, which allocates and initialises nothing."""
+    default)."""
+    return image_grid(model_name)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def image_grid(model_name: str) -> tuple[int, int]:
+    """(image side, patches) of a model preset at its default image size: read from the model built on the meta
+    device, which allocates and initialises nothing."""
     from ..model.mae import create_model
 
     with torch.device("meta"):
-        return create_model(model_name).num_patches
+        model = create_model(model_name)
+    return model.patch_embed.img_size[0], model.num_patches
 
 
 def path_interpreter_reason(spec, device: torch.device, allow_interpreter: bool) -> str | None:

@@ -39,12 +39,13 @@ def ideal_speedup(num_patches: int, mask_ratio: float) -> float:
     return (num_patches + 1) / (len_keep(num_patches, mask_ratio) + 1)
 
 
-def add_speedups(records: list[dict]) -> list[dict]:
+def add_speedups(records: list[dict], one_run: bool = False) -> list[dict]:
     """Fill `speedup`, `ideal_speedup` and `of_ideal` on encoder records, against the ratio-0 record of the
-    same model, backend, mode, batch, dtype and device."""
+    same model, backend, mode, batch, dtype and device. `one_run`: the records are one run's, on one device, the
+    newest perhaps not stamped with it yet (the device is then no part of the key)."""
     def group(r):
         return (r.get("model"), r.get("backend"), r.get("mode"), r["shape"].get("batch"), r.get("dtype"),
-                r.get("device"))
+                None if one_run else r.get("device"))
 
     base = {group(r): r["images_per_s"] for r in records
             if r.get("kind") == "encoder" and r.get("status") == "ok" and r.get("mask_ratio") == 0.0}
@@ -122,17 +123,14 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
                 show_progress: bool = True, cuda_graphs: bool = False) -> list[dict]:
     torch.manual_seed(0)
     model = create_model(model_name).to(device)
-    imgs, noise = _inputs(model, batch, device)
     L = model.num_patches
     records: list[dict] = []
 
     def emit(rec):
         records.append(rec)
-        if on_record:  # first: it stamps the record (device, ...), which the speedup's key includes
+        add_speedups(records, one_run=True)  # before the record is written: a run cut short keeps its speedups
+        if on_record:
             on_record(rec)
-        add_speedups(records)  # as the records arrive: a run cut short keeps its speedups
-        if on_record:  # ... written with the next write, or the one at exit (the record may be written already)
-            on_record()
 
     def base(backend, mode, ratio):
         k = len_keep(L, ratio)
@@ -171,13 +169,21 @@ def run_encoder(device: torch.device, model_name: str, batch: int, dtype: torch.
         emit_timings(backend, mode, timings, built if seen is None else seen, **extra)
         return True
 
+    unknown = [b for b in backends if b not in MODEL_PATHS]
+    if unknown:
+        raise ValueError(f"unknown backend {unknown[0]!r}; choose from {', '.join(MODEL_PATHS)}")
+    try:
+        imgs, noise = _inputs(model, batch, device)
+    except Exception as exc:  # a batch too large for the memory: every row failed, with the reason
+        for backend in backends:
+            for mode in modes:
+                emit_all(backend, mode, "failed", error_line(exc))
+        return records
     # "auto" last: when it resolves to exactly the ops of a path measured before, it is not timed twice
     backends = sorted(backends, key=lambda b: b == "auto")
     measured: dict[tuple[str, str], str] = {}  # (mode, dispatch) -> backend
     jobs = [(b, m) for b in backends for m in modes]
     for backend, mode in progress(jobs, "bench encoder", show_progress):
-        if backend not in MODEL_PATHS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(MODEL_PATHS)}")
         spec = MODEL_PATHS[backend]
         model.backend = spec
         reason = path_interpreter_reason(spec, device, allow_interpreter)

@@ -473,11 +473,12 @@ def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits
         rec["flops"] = case.flops.get(mode)
     if case.bytes:
         rec["bytes"] = case.bytes.get(mode)
-    reasons = case_reasons(case, backend, device, allow_interpreter)
-    if reasons:
-        return {**rec, "status": "skipped", "reason": "; ".join(reasons)}
     copy_ms = None
-    try:
+    fns = None
+    try:  # building the inputs can fail too (a batch too large for the memory): a failed record, not the run's end
+        reasons = case_reasons(case, backend, device, allow_interpreter)
+        if reasons:
+            return {**rec, "status": "skipped", "reason": "; ".join(reasons)}
         fns = {"op": make_runner(case, backend, mode, device)}
         if copy_reference_too and mode in case.bytes:
             passes = copy_passes(case, mode)
@@ -497,14 +498,18 @@ def run_case(case: OpCase, backend: str, mode: str, device: torch.device, limits
     return {**rec, "status": "ok", **t.as_dict(), **figures(case, mode, t.median_ms, limits, copy_ms)}
 
 
-def add_speedups(records: list[dict], baseline: str = "reference") -> list[dict]:
-    """`speedup` = baseline median / median, per (op, case, mode) on the same device."""
+def add_speedups(records: list[dict], baseline: str = "reference", one_run: bool = False) -> list[dict]:
+    """`speedup` = baseline median / median, per (op, case, mode) on the same device. `one_run`: the records are
+    one run's, on one device, the newest perhaps not stamped with it yet (the device is then no part of the key)."""
+    def key(r):
+        return (r.get("op"), r.get("case"), r.get("mode"), None if one_run else r.get("device"))
+
     base = {}
     for r in records:
         if r.get("kind") == "op" and r.get("backend") == baseline and r.get("status") == "ok":
-            base[(r["op"], r["case"], r["mode"], r.get("device"))] = r["median_ms"]
+            base[key(r)] = r["median_ms"]
     for r in records:
-        b = base.get((r.get("op"), r.get("case"), r.get("mode"), r.get("device")))
+        b = base.get(key(r))
         if r.get("kind") == "op" and r.get("status") == "ok" and b:
             r["speedup"] = b / r["median_ms"]
     return records
@@ -530,11 +535,9 @@ def run_ops(device: torch.device, dtype: torch.dtype, batch: int, *, models=("B"
             rec = run_case(case, backend, mode, device, limits, allow_interpreter=allow_interpreter, timing=timing,
                            copy_reference_too=True)
             records.append(rec)
-            if on_record:  # first: it stamps the record (device, ...), which the speedup's key includes
+            add_speedups(records, one_run=True)  # before the record is written: a run cut short keeps them
+            if on_record:
                 on_record(rec)
-            add_speedups(records)
-            if on_record:  # the speedups just filled in go with the next write, or the one at exit
-                on_record()
     finally:
         release_inputs()
     return records

@@ -4,11 +4,16 @@
                        speedup of the fastest backend dashed
   ops.png              speedup over the reference backend per op case (forward+backward where measured)
   train_<model>.png    images/s per training variant
+
+A folder several runs wrote into may hold other batches, dtypes or devices: each plot draws the configuration
+measured last (`records.newest_group`).
 """
 from __future__ import annotations
 
 import os
 from typing import Sequence
+
+from .records import newest_group, newest_run_rows
 
 
 def _save(fig, path: str) -> None:
@@ -39,7 +44,7 @@ def plot_encoder(records: Sequence[dict], out_dir: str) -> list[str]:
     rows = [r for r in records if r.get("kind") == "encoder" and r.get("status") == "ok"]
     paths = []
     for model in sorted({r["model"] for r in rows}):
-        mrows = [r for r in rows if r["model"] == model]
+        mrows = newest_run_rows([r for r in rows if r["model"] == model])
         modes = [m for m in ("fwd", "fwd+bwd") if any(r["mode"] == m for r in mrows)]
         fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
         for ax, mode in zip(axes[0], modes):
@@ -73,6 +78,7 @@ def plot_encoder(records: Sequence[dict], out_dir: str) -> list[str]:
 def plot_ops(records: Sequence[dict], out_dir: str) -> list[str]:
     plt = _pyplot()
     rows = [r for r in records if r.get("kind") == "op" and r.get("status") == "ok" and r.get("speedup")]
+    rows = newest_group(rows, lambda r: (r.get("dtype"), r.get("device")))
     if not rows:
         return []
     labels = []
@@ -113,7 +119,7 @@ def plot_train(records: Sequence[dict], out_dir: str) -> list[str]:
     rows = [r for r in records if r.get("kind") == "train" and r.get("status") == "ok"]
     paths = []
     for model in sorted({r["model"] for r in rows}):
-        mrows = [r for r in rows if r["model"] == model]
+        mrows = newest_run_rows([r for r in rows if r["model"] == model])
         fig, ax = plt.subplots(figsize=(6.5, 4))
         ax.bar([r["backend"] for r in mrows], [r["images_per_s"] for r in mrows], color="tab:blue")
         for i, r in enumerate(mrows):

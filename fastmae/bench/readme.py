@@ -11,7 +11,8 @@ import os
 from typing import Sequence
 
 from .limits import launch_line
-from .records import BUSY_CAPPED_NOTE, busy_cell, optimizer_cell, own_peak_mem_mb, peak_mem_kind, read_results
+from .records import (BUSY_CAPPED_NOTE, busy_cell, newest_run_rows, optimizer_cell, own_peak_mem_mb,
+                      peak_mem_kind, read_results)
 
 START = "<!-- bench-results:start -->"
 END = "<!-- bench-results:end -->"
@@ -36,7 +37,9 @@ def latest_runs(results_root: str) -> dict[str, tuple[str, list[dict]]]:
     """The latest run per device type ("cuda", "cpu"), by the newest record date; ties go to the folder name."""
     best: dict[str, tuple[tuple, str, list[dict]]] = {}
     for folder, records in find_runs(results_root):
-        measured = [r for r in records if r.get("kind") in MEASURED]
+        measured = [r for r in records if r.get("kind") in MEASURED and not r.get("quick")]
+        if not measured:  # a --quick run (a check of the code paths) is no result to show
+            continue
         dtype = max({r.get("device_type", "cpu") for r in measured},
                     key=lambda t: sum(r.get("device_type", "cpu") == t for r in measured))
         key = (max(str(r.get("date", "")) for r in measured), folder)
@@ -88,7 +91,7 @@ def encoder_section(records: Sequence[dict]) -> list[str]:
     rows = [r for r in records if r.get("kind") == "encoder"]
     out = []
     for model in sorted({r["model"] for r in rows}):
-        mrows = [r for r in rows if r["model"] == model]
+        mrows = newest_run_rows([r for r in rows if r["model"] == model])
         ratios = sorted({r["mask_ratio"] for r in mrows})
         first = mrows[0]
         out.append(f"**Encoder** `{model}`, batch {first['shape']['batch']}, {first['dtype']}"
@@ -127,7 +130,7 @@ def train_section(records: Sequence[dict]) -> list[str]:
     rows = [r for r in records if r.get("kind") == "train"]
     out = []
     for model in sorted({r["model"] for r in rows}):
-        mrows = [r for r in rows if r["model"] == model]
+        mrows = newest_run_rows([r for r in rows if r["model"] == model])
         ok = [r for r in mrows if r.get("status") == "ok"]
         first = ok[0] if ok else mrows[0]
         batch = first.get("shape", {}).get("batch", "?")

@@ -30,7 +30,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -153,6 +153,34 @@ def environment(device: torch.device | str) -> dict:
     return stamp
 
 
+def newest_group(rows: Sequence[dict], key: Callable[[dict], object]) -> list[dict]:
+    """The rows of the configuration `key(row)` (batch, dtype, device, ...) measured last, by the newest date among
+    its rows: a folder that several runs wrote into holds other configurations beside it, which one plot or table
+    must not mix. [] for no rows."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(json.dumps(key(r), default=str), []).append(r)
+    return max(groups.values(), key=lambda g: max(str(r.get("date", "")) for r in g)) if groups else []
+
+
+def run_config(r: dict) -> tuple:
+    """What a model-level record (encoder, train) was measured at, beside its model and variant: batch, dtype,
+    device (the CPU's names its thread count)."""
+    return (r.get("shape", {}).get("batch"), r.get("dtype"), r.get("device"))
+
+
+def newest_run_rows(rows: Sequence[dict]) -> list[dict]:
+    """`newest_group` of model-level rows by `run_config`, in their order, with the rows of its dtype and device
+    that have no shape (skipped training variants recorded before their records carried one)."""
+    chosen = newest_group([r for r in rows if "shape" in r] or rows, run_config)
+    if not chosen:
+        return []
+    keep = {id(r) for r in chosen}
+    dtype, device = chosen[0].get("dtype"), chosen[0].get("device")
+    return [r for r in rows
+            if id(r) in keep or ("shape" not in r and (r.get("dtype"), r.get("device")) == (dtype, device))]
+
+
 def stamp(records: Iterable[dict], env: dict) -> list[dict]:
     out = []
     for r in records:
@@ -265,8 +293,6 @@ class Recorder:
         self._written = float("-inf")
 
     def add(self, *records: dict) -> None:
-        """Stamp and keep `records`; called with none, it notes that records already added were changed in place
-        (speedups filled in), so that the next write (at the latest, at exit) has the change."""
         for r in records:  # stamped in place: figures added to a record later (speedups) are kept
             for k, v in self.env.items():
                 r.setdefault(k, v)

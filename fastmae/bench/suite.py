@@ -261,7 +261,8 @@ def write_summary(parts_path: str, results_dir: str, mode: str, out: str) -> str
         lines.append(f"| {p['name']} | {_status(p)} | {p['seconds']} | `{cmd}` |" if cmd else
                      f"| {p['name']} | {_status(p)} | {p['seconds']} | |")
     total = sum(float(p["seconds"] or 0) for p in parts)
-    lines += ["", f"Total: {total:.0f} s over {len(parts)} parts; "
+    lines += ["", f"Parts' times summed: {total:.0f} s over {len(parts)} parts (more than the run took: the warm-up "
+              f"runs beside the GPU tests); "
               f"{sum(p['status'] == 'ok' for p in parts)} ok, {sum(p['status'] == 'skipped' for p in parts)} skipped, "
               f"{sum(p['status'] not in ('ok', 'skipped') for p in parts)} failed. Logs: `logs/<part>.log`.", ""]
     key = key_results(records)

@@ -57,7 +57,8 @@ from ..model.layers import GROUPED_CAST_DEVICES
 from ..ops import BackendUnavailable
 from ..train.graphed import GraphedTrainStep, graph_step_reason
 from ..train.optim import adamw_impl, build_optimizer
-from .common import autocast, capture_dispatch, dispatch_str, error_line, free, path_interpreter_reason, progress
+from .common import (autocast, capture_dispatch, dispatch_str, error_line, free, image_grid,
+                     path_interpreter_reason, progress)
 from .flops import len_keep, train_step_flops
 from .limits import dtype_name
 from .profile import profile_step
@@ -157,11 +158,12 @@ def run_train(device: torch.device, model_name: str, batch: int, dtype: torch.dt
     try:
         for name in progress(ordered, "bench train", show_progress):
             same = same_as_varied(name, records)
-            rec = {**record_head(name, model_name, mask_ratio, dtype), "status": "skipped", "reason": same} if same \
-                else run_variant(device, model_name, batch, dtype, name, mask_ratio=mask_ratio,
-                                 compile_reason=compile_reason, peak_tflops=peak_tflops,
-                                 timing=compile_timing if VARIANTS[name]["compile"] else timing,
-                                 allow_interpreter=allow_interpreter, profile=profile)
+            head = record_head(name, model_name, batch, mask_ratio, dtype)
+            rec = {**head, "status": "skipped", "reason": same} if same else \
+                run_variant(device, model_name, batch, dtype, name, mask_ratio=mask_ratio,
+                            compile_reason=compile_reason, peak_tflops=peak_tflops,
+                            timing=compile_timing if VARIANTS[name]["compile"] else timing,
+                            allow_interpreter=allow_interpreter, profile=profile)
             records.append(rec)
             add_train_speedups(records)
             if on_record:
@@ -187,10 +189,13 @@ def same_as_varied(variant: str, records: Sequence[dict]) -> str | None:
     return f"{cfg['varies']} already runs this step here ({base['dispatch']})"
 
 
-def record_head(variant: str, model_name: str, mask_ratio: float, dtype: torch.dtype) -> dict:
-    """What every record of a variant starts with: what was (or would have been) run."""
+def record_head(variant: str, model_name: str, batch: int, mask_ratio: float, dtype: torch.dtype) -> dict:
+    """What every record of a variant starts with: what was (or would have been) run, its shape too (a record's
+    key: a variant skipped or failed in a later run into the same folder replaces the earlier run's record)."""
     cfg = VARIANTS[variant]
+    side, L = image_grid(model_name)
     return {"kind": "train", "model": model_name, "backend": variant, "mode": "step", "mask_ratio": mask_ratio,
+            "shape": {"batch": batch, "img": side, "L": L, "K": len_keep(L, mask_ratio)},
             "dtype": dtype_name(dtype), "amp": dtype != torch.float32, "compile": cfg["compile"],
             "backend_spec": cfg["backend"] if cfg["backend"] is not None else "auto",
             **({"cuda_graph": True} if cfg.get("cuda_graph") else {}),
@@ -333,7 +338,7 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
                 mask_ratio: float = 0.75, compile_reason: str | None = None, peak_tflops: float | None = None,
                 timing: dict | None = None, allow_interpreter: bool = False, profile: bool = False) -> dict:
     cfg = VARIANTS[variant]
-    rec = record_head(variant, model_name, mask_ratio, dtype)
+    rec = record_head(variant, model_name, batch, mask_ratio, dtype)
     if cfg["compile"] and compile_reason:
         return {**rec, "status": "skipped", "reason": compile_reason}
     why = variant_reason(variant, device, dtype, allow_interpreter)

@@ -63,6 +63,15 @@ def test_readme_block_is_rendered_from_the_files(run_dir, tmp_path, capsys):
     text = "# fastmae\n\nintro\n\n" + readme.START + "\nold stuff\n" + readme.END + "\n\n## After\n"
     path = tmp_path / "README.md"
     path.write_text(text)
+    # the run was made with --quick, which its records say: no result to show
+    assert all(r.get("quick") for r in json.loads((run_dir / "results.json").read_text()))
+    assert main(["bench", "readme", "--results", str(root), "--readme", str(path)]) == 0
+    assert "No CPU results recorded yet" in path.read_text() and "No GPU results recorded yet" in path.read_text()
+    # the same records as a full run's
+    copied = root / "cpu-x" / "2099-01-01" / "results.json"
+    copied.write_text(json.dumps([{k: v for k, v in r.items() if k != "quick"}
+                                  for r in json.loads(copied.read_text())]))
+    path.write_text(text)
     assert main(["bench", "readme", "--results", str(root), "--readme", str(path)]) == 0
     new = path.read_text()
     assert new.startswith("# fastmae\n\nintro\n\n" + readme.START) and new.endswith(readme.END + "\n\n## After\n")
@@ -90,6 +99,10 @@ def test_clear_errors(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert main(["bench", "encoder", "--quick", "--ratios", "0.5,1.5"]) == 2
     assert "[0, 1)" in capsys.readouterr().err
+    for argv in (["encoder", "--backends", ","], ["train", "--variants", " , "], ["attention", "--impls", ","],
+                 ["ops", "--ops", ","]):  # a list that names nothing: not "run nothing" or "the defaults"
+        assert main(["bench", *argv, "--quick"]) == 2, argv
+        assert "names nothing" in capsys.readouterr().err
     assert main(["bench"]) == 2
     with pytest.raises(SystemExit) as exc:
         main(["bench", "train", "--help"])

@@ -205,3 +205,19 @@ def test_the_gpu_tests_part_selects_what_runs_on_cuda():
     assert not any("test_graphed_runner_flow" in i for i in ids), ids  # a CPU-only test
     with open(SCRIPT, encoding="utf-8") as f:
         assert 'tests -m "cuda and not slow"' in f.read()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_parts_left_out_are_recorded_as_not_selected(tmp_path):
+    """A run of one part records each other part as not selected, the ranking of bench-ops' results too (not as
+    a part that found no results)."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTMAE_SUITE_CPU_QUICK"}
+    env.update(PYTHON=sys.executable, FASTMAE_RESULTS_ROOT=str(tmp_path / "results"), FASTMAE_SUITE_PARTS="train-vit-l")
+    proc = subprocess.run(["bash", SCRIPT, "--cpu-quick"], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (run,) = (tmp_path / "results").glob("*/*")
+    parts = {p["name"]: p for p in read_parts(str(run / "parts.tsv"))}
+    for name in ("bench-ops", "priority", "bench-attention"):
+        assert parts[name]["status"] == "skipped" and parts[name]["note"].startswith("not selected"), parts[name]

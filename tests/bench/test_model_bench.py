@@ -218,6 +218,23 @@ def test_triton_launch_variant_turns_kept_launches_off_while_its_step_runs():
     assert seen == [False, False] and launch.ENABLED == before
 
 
+def test_skipped_train_rows_carry_their_shape_and_replace_earlier_rows():
+    """A variant skipped in a later run into the same folder (here on a CPU, where fastmae already serves
+    attention with SDPA) has the shape of the run in its record, so it replaces the earlier run's row of that
+    variant instead of standing beside it."""
+    from fastmae.bench import records as rec_mod
+    with ops.use_backend({"attention": "reference"}):
+        first = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae+sdpa"], timing=QUICK,
+                                      show_progress=False)
+    second = train_bench.run_train(CPU, TINY, 2, torch.float32, variants=["fastmae", "fastmae+sdpa"], timing=QUICK,
+                                   show_progress=False)
+    skipped = next(r for r in second if r["backend"] == "fastmae+sdpa")
+    assert first[0]["status"] == "ok" and skipped["status"] == "skipped"
+    assert skipped["shape"] == first[0]["shape"] == {"batch": 2, "img": 32, "L": 64, "K": 16}
+    merged = rec_mod.merge(first, second)
+    assert [r["status"] for r in merged if r["backend"] == "fastmae+sdpa"] == ["skipped"]
+
+
 def test_varied_variant_runs_where_it_differs():
     """fastmae+sdpa is timed where fastmae's attention is not SDPA (here: forced to the reference backend), and
     serves attention with SDPA and the other ops as fastmae does."""

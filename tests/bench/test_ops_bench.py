@@ -236,3 +236,24 @@ def test_launch_line_reads_only_bench_ops_launch_rows():
     assert launch_line(rows) == ("host time to issue one kernel, back to back: PyTorch x.add_(1) 12.3 µs; "
                                  "Triton, 1 argument, 31 µs; Triton (Triton's own launch path), 1 argument, 35 µs")
     assert launch_line(rows[:1]) is None
+
+
+def test_a_case_whose_inputs_cannot_be_built_fails_alone(monkeypatch):
+    """Building a case's inputs can fail (a batch too large for the memory): that case's record says so, and the
+    next cases run (ops and attention alike), instead of the run ending with a traceback."""
+    from fastmae.bench import attention_bench
+
+    case = ops_bench.mae_cases(1, torch.float32, ("B",), ("gather_tokens",), quick=True)[0]
+    real = ops_bench.built_inputs
+
+    def built(c, device, grad):
+        if c is case:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return real(c, device, grad)
+
+    monkeypatch.setattr(ops_bench, "built_inputs", built)
+    rec = ops_bench.run_case(case, "reference", "fwd", CPU, None, timing=QUICK_TIMING)
+    assert rec["status"] == "failed" and "not enough memory" in rec["reason"]
+    monkeypatch.setattr(attention_bench, "case_reasons", lambda *a, **k: (_ for _ in ()).throw(MemoryError("big")))
+    rec = attention_bench.run_case("c", 1, 2, 8, 16, torch.float32, "sdpa", "fwd", CPU, timing=QUICK_TIMING)
+    assert rec["status"] == "failed" and "big" in rec["reason"]

@@ -127,7 +127,8 @@ def test_a_training_variant_that_kills_the_process_loses_only_itself(tmp_path):
         def run_variant(device, model, batch, dtype, variant, **kw):
             if variant == "reference+sdpa":
                 os._exit(139)
-            return {{**train_bench.record_head(variant, model, 0.75, dtype), "status": "skipped", "reason": "stub"}}
+            head = train_bench.record_head(variant, model, batch, 0.75, dtype)
+            return {{**head, "status": "skipped", "reason": "stub"}}
 
         train_bench.run_variant = run_variant
         main(["bench", "train", "--device", "cpu", "--no-progress", "--model", "mae_vit_tiny_patch4", "--batch", "2",
@@ -280,3 +281,37 @@ def test_readme_training_table_has_a_back_to_back_column_only_for_records_with_t
     assert header_new.startswith("| variant | images/s | back to back | vs official-eager")
     body, = [line for line in new if line.startswith("| fastmae")]
     assert body.startswith("| fastmae | 100 | 125 |"), body
+
+
+def test_tables_and_plots_of_a_folder_several_runs_wrote_into_show_the_last_configuration(tmp_path):
+    """Two training runs into one folder, batch 4 then batch 2 (and an old skipped row without a shape): the
+    README table and the plot take the batch-2 run's rows, the skipped row of its dtype and device with them."""
+    from fastmae.bench.plots import plot_train
+    from fastmae.bench.readme import train_section
+
+    def row(backend, batch, date, **extra):
+        return {"kind": "train", "status": "ok", "model": "m", "backend": backend, "shape": {"batch": batch},
+                "dtype": "float32", "device": "cpu", "amp": False, "mask_ratio": 0.75, "images_per_s": 10.0 * batch,
+                "date": date, **extra}
+
+    rows = [row("fastmae", 4, "2026-01-01"), row("official-eager", 4, "2026-01-01"),
+            {"kind": "train", "status": "skipped", "model": "m", "backend": "fastmae+compile", "dtype": "float32",
+             "device": "cpu", "mask_ratio": 0.75, "reason": "off", "date": "2026-01-01"},
+            row("fastmae", 2, "2026-01-02")]
+    assert records.newest_run_rows(rows) == [rows[2], rows[3]]
+    table = train_section(rows)
+    assert any("batch 2" in line for line in table) and not any("batch 4" in line for line in table)
+    assert [line.split(" |")[0] for line in table if line.startswith("| fastmae")] == ["| fastmae+compile",
+                                                                                         "| fastmae"]
+    pytest.importorskip("matplotlib")
+    (path,) = plot_train(rows, str(tmp_path))
+    assert os.path.getsize(path) > 1000
+
+
+def test_quick_runs_are_not_shown_as_results(tmp_path):
+    """A run made with --quick (its records say so) is passed over when the README picks the latest run."""
+    from fastmae.bench.readme import latest_runs
+    base = {"kind": "encoder", "status": "ok", "model": "m", "device_type": "cpu"}
+    records.write_results(str(tmp_path / "full"), [{**base, "backend": "a", "date": "2026-01-01"}])
+    records.write_results(str(tmp_path / "quick"), [{**base, "backend": "b", "date": "2026-01-02", "quick": True}])
+    assert latest_runs(str(tmp_path))["cpu"][0] == str(tmp_path / "full")

@@ -4,6 +4,7 @@
                        speedup of the fastest backend dashed
   ops.png              speedup over the reference backend per op case (forward+backward where measured)
   train_<model>.png    images/s per training variant
+  attention.png        TFLOP/s per attention case and implementation (forward+backward where measured)
 
 A folder several runs wrote into may hold other batches, dtypes or devices: each plot draws the configuration
 measured last (`records.newest_group`).
@@ -137,9 +138,38 @@ def plot_train(records: Sequence[dict], out_dir: str) -> list[str]:
     return paths
 
 
+def plot_attention(records: Sequence[dict], out_dir: str) -> list[str]:
+    plt = _pyplot()
+    rows = [r for r in records if r.get("kind") == "attention" and r.get("status") == "ok" and r.get("tflops")]
+    rows = newest_group(rows, lambda r: (r.get("dtype"), r.get("device")))
+    if not rows:
+        return []
+    mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in rows) else "fwd"
+    rows = [r for r in rows if r["mode"] == mode]
+    labels = list(dict.fromkeys(f"{r['case']}\nB={r['shape']['B']}" for r in rows))
+    impls = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        tflops = {f"{r['case']}\nB={r['shape']['B']}": r["tflops"] for r in rows if r["backend"] == impl}
+        ax.bar([j + i * width for j in range(len(labels))], [tflops.get(label, 0.0) for label in labels], width,
+               label=impl)
+    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"TFLOP/s ({mode}, {rows[0]['dtype']})")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(_stamp(rows), fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "attention.png")
+    _save(fig, path)
+    plt.close(fig)
+    return [path]
+
+
 def write_plots(records: Sequence[dict], out_dir: str) -> tuple[list[str], str | None]:
     """All plots the records allow; returns (paths written, a reason when none could be drawn)."""
     if _pyplot() is None:
         return [], "matplotlib is not installed (pip install matplotlib); plots skipped"
-    paths = plot_encoder(records, out_dir) + plot_ops(records, out_dir) + plot_train(records, out_dir)
+    paths = (plot_encoder(records, out_dir) + plot_ops(records, out_dir) + plot_train(records, out_dir)
+             + plot_attention(records, out_dir))
     return paths, None

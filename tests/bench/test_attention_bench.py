@@ -1,6 +1,7 @@
 """`fastmae bench attention`: the cases, the forced SDPA kernels, the speedups, and the records it writes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -152,12 +153,14 @@ def test_forced_kernel_is_the_one_that_runs():
 
 def test_cli_writes_records(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["bench", "attention", "--quick", "--device", "cpu", "--no-progress", "--no-plots",
+    assert main(["bench", "attention", "--quick", "--device", "cpu", "--no-progress",
                  "--impls", "sdpa,sdpa-math,sdpa-flash", "--models", "B", "--out", str(out)]) == 0
     recs = [r for r in json.loads((out / "results.json").read_text()) if r["kind"] == "attention"]
     assert recs and all(r["device_type"] == "cpu" and r["git_commit"] for r in recs)
     assert {r["backend"] for r in recs} == {"sdpa", "sdpa-math", "sdpa-flash"}
     assert "vs SDPA best" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib"):  # the plots --out promises: TFLOP/s per case and implementation
+        assert (out / "attention.png").stat().st_size > 1000
     assert main(["bench", "attention", "--quick", "--device", "cpu", "--impls", "nope"]) == 2
     assert main(["bench", "attention", "--quick", "--device", "cpu", "--batches", "0"]) == 2
     assert "--batches must be at least 1" in capsys.readouterr().err

@@ -149,6 +149,9 @@ def environment(device: torch.device | str) -> dict:
     stamp = {"device": device_name(device), "device_type": device.type}
     stamp.update(dict(_static_stamp()))
     stamp["tuned_tables"] = tuned_tables()
+    chosen = os.environ.get("FASTMAE_BACKEND")  # (ops.ENV_VAR) it changes what the fastmae and auto rows run
+    if chosen:
+        stamp["fastmae_backend_env"] = chosen
     stamp["date"] = now_utc()
     return stamp
 

@@ -21,6 +21,13 @@ def test_environment_stamp_has_every_field():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", env["date"])
 
 
+def test_the_stamp_names_a_backend_chosen_through_the_environment(monkeypatch):
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    assert "fastmae_backend_env" not in records.environment("cpu")
+    monkeypatch.setenv("FASTMAE_BACKEND", "attention=reference")
+    assert records.environment("cpu")["fastmae_backend_env"] == "attention=reference"
+
+
 def test_a_stated_commit_wins_over_git(tmp_path, monkeypatch):
     """The commit the caller states in FASTMAE_COMMIT, marked as stated, inside a checkout too (a copy may carry a
     stale .git folder); without it git's answer, or "unknown" outside a checkout."""

@@ -76,7 +76,7 @@ def test_triton_model_is_deterministic(device):
 def test_triton_model_compiles_without_graph_breaks(device, pred_masked_only):
     """Every triton op is a torch.library custom op with a fake implementation: the whole model on the triton
     backend compiles with fullgraph=True (a graph break raises) and gives the eager numbers, at a second
-    masking ratio too."""
+    masking ratio too (once: the recompile takes as long as the first compile)."""
     skip_unless_triton(device)
     torch.manual_seed(0)
     model = fastmae.mae_vit_tiny_patch4(norm_pix_loss=True, pred_masked_only=pred_masked_only).to(device)
@@ -96,6 +96,8 @@ def test_triton_model_compiles_without_graph_breaks(device, pred_masked_only):
             assert_close(p.grad, eager[3][k], COMPILED_ATOL, COMPILED_RTOL, f"grad {k}")
     with torch.no_grad():  # the no-grad loss path is an op too
         assert_close(compiled(imgs, noise=noise)[0], eager[0], COMPILED_ATOL, COMPILED_RTOL, "no-grad loss")
+    if pred_masked_only:
+        return
     # Another masking ratio recompiles with the ratio as a symbolic float; the number of kept patches is made a
     # constant again (an expression in that float was a size the token ops' autograd functions refused)
     eager = run(model, imgs, noise, "triton", mask_ratio=0.6)

@@ -76,43 +76,41 @@ def plot_encoder(records: Sequence[dict], out_dir: str) -> list[str]:
     return paths
 
 
-def plot_ops(records: Sequence[dict], out_dir: str) -> list[str]:
+def _grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, path: str,
+                  baseline: float | None = None) -> list[str]:
+    """One bar per series beside each other at every label (0 where a series has no value), written to `path`."""
     plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.5))
+    width = 0.8 / max(1, len(series))
+    for i, (name, ys) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(labels))], ys, width, label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2 if len(series) > 4 else 1)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return [path]
+
+
+def plot_ops(records: Sequence[dict], out_dir: str) -> list[str]:
     rows = [r for r in records if r.get("kind") == "op" and r.get("status") == "ok" and r.get("speedup")]
     rows = newest_group(rows, lambda r: (r.get("dtype"), r.get("device")))
     if not rows:
         return []
-    labels = []
-    for r in rows:
-        has_bwd = any(x["op"] == r["op"] and x["case"] == r["case"] and x["mode"] == "fwd+bwd" for x in rows)
-        if r["mode"] == ("fwd+bwd" if has_bwd else "fwd"):
-            label = f"{r['op']}\n{r['case']}"
-            if label not in labels:
-                labels.append(label)
-    backends = sorted({r["backend"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.5))
-    width = 0.8 / max(1, len(backends))
-    for i, backend in enumerate(backends):
-        ys = []
-        for label in labels:
-            op, case = label.split("\n")
-            has_bwd = any(x["op"] == op and x["case"] == case and x["mode"] == "fwd+bwd" for x in rows)
-            mode = "fwd+bwd" if has_bwd else "fwd"
-            match = [x["speedup"] for x in rows if x["op"] == op and x["case"] == case and x["mode"] == mode
-                     and x["backend"] == backend]
-            ys.append(match[0] if match else 0.0)
-        ax.bar([j + i * width for j in range(len(labels))], ys, width, label=backend)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over reference (fwd+bwd; fwd if none)")
-    ax.legend(fontsize=8)
-    ax.set_title(_stamp(rows), fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "ops.png")
-    _save(fig, path)
-    plt.close(fig)
-    return [path]
+    with_bwd = {(r["op"], r["case"]) for r in rows if r["mode"] == "fwd+bwd"}
+    rows = [r for r in rows if r["mode"] == ("fwd+bwd" if (r["op"], r["case"]) in with_bwd else "fwd")]
+    labels = list(dict.fromkeys(f"{r['op']}\n{r['case']}" for r in rows))
+    series = {}
+    for backend in sorted({r["backend"] for r in rows}):
+        speedups = {f"{r['op']}\n{r['case']}": r["speedup"] for r in rows if r["backend"] == backend}
+        series[backend] = [speedups.get(label, 0.0) for label in labels]
+    return _grouped_bars(labels, series, "speedup over reference (fwd+bwd; fwd if none)", _stamp(rows),
+                         os.path.join(out_dir, "ops.png"), baseline=1.0)
 
 
 def plot_train(records: Sequence[dict], out_dir: str) -> list[str]:
@@ -139,7 +137,6 @@ def plot_train(records: Sequence[dict], out_dir: str) -> list[str]:
 
 
 def plot_attention(records: Sequence[dict], out_dir: str) -> list[str]:
-    plt = _pyplot()
     rows = [r for r in records if r.get("kind") == "attention" and r.get("status") == "ok" and r.get("tflops")]
     rows = newest_group(rows, lambda r: (r.get("dtype"), r.get("device")))
     if not rows:
@@ -147,23 +144,12 @@ def plot_attention(records: Sequence[dict], out_dir: str) -> list[str]:
     mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in rows) else "fwd"
     rows = [r for r in rows if r["mode"] == mode]
     labels = list(dict.fromkeys(f"{r['case']}\nB={r['shape']['B']}" for r in rows))
-    impls = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.5))
-    width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
+    series = {}
+    for impl in dict.fromkeys(r["backend"] for r in rows):
         tflops = {f"{r['case']}\nB={r['shape']['B']}": r["tflops"] for r in rows if r["backend"] == impl}
-        ax.bar([j + i * width for j in range(len(labels))], [tflops.get(label, 0.0) for label in labels], width,
-               label=impl)
-    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"TFLOP/s ({mode}, {rows[0]['dtype']})")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(_stamp(rows), fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "attention.png")
-    _save(fig, path)
-    plt.close(fig)
-    return [path]
+        series[impl] = [tflops.get(label, 0.0) for label in labels]
+    return _grouped_bars(labels, series, f"TFLOP/s ({mode}, {rows[0]['dtype']})", _stamp(rows),
+                         os.path.join(out_dir, "attention.png"))
 
 
 def write_plots(records: Sequence[dict], out_dir: str) -> tuple[list[str], str | None]:

@@ -112,8 +112,7 @@ def make_checkpoint(model, optimizer, scaler, *, epoch: int, step: int, args, ne
     from .. import __version__
     model_state = model.state_dict()
     check_finite(model_state)
-    extra = {"epoch_sums": dict(epoch_sums)} if next_iter > 0 and epoch_sums is not None else {}
-    return {**extra,
+    ckpt = {
         "model": model_state,
         "optimizer": plain_lr_state(optimizer.state_dict()),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -124,6 +123,9 @@ def make_checkpoint(model, optimizer, scaler, *, epoch: int, step: int, args, ne
         "rng": rng_state(),
         "fastmae": __version__,
     }
+    if next_iter > 0 and epoch_sums is not None:
+        ckpt["epoch_sums"] = dict(epoch_sums)
+    return ckpt
 
 
 def save(checkpoint: dict, output_dir: str | Path, *, numbered: bool) -> list[Path]:

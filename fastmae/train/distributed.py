@@ -66,9 +66,33 @@ def init_distributed(device: str, dist_url: str = "env://", dist_on_itp: bool = 
     return DistInfo(True, rank, world, local, backend, owns_group=True)
 
 
-def barrier(info: DistInfo) -> None:
+class PeerFailedError(RuntimeError):
+    """Another rank of the process group failed at a point every rank reaches (its own error says why)."""
+
+
+def all_succeeded(ok: bool, device) -> bool:
+    """Whether every rank of the process group says `ok`: one all-reduce (MIN) of a flag, on `device` under NCCL.
+    Every rank must call it, whether or not it failed, so that none is left waiting for one that stopped."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def end_of_epoch(info: DistInfo, device, error: BaseException | None, what: str) -> None:
+    """Every rank meets here at the end of an epoch (a barrier): `error` (this rank's failure at `what`, e.g. rank 0
+    writing the checkpoint) is raised on this rank, and a PeerFailedError on the others, instead of leaving them
+    waiting at the next collective for a rank that has stopped."""
     if info.distributed:
-        dist.barrier()
+        try:
+            everyone = all_succeeded(error is None, device)
+        except Exception:  # the group itself failed: this rank's own error, if it had one, says more
+            if error is not None:
+                raise error from None
+            raise
+        if error is None and not everyone:
+            raise PeerFailedError(f"another process failed {what} (its own message says why); stopping this one too")
+    if error is not None:
+        raise error
 
 
 def broadcast_state(model: torch.nn.Module) -> None:

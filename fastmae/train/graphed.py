@@ -52,6 +52,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .distributed import all_succeeded
 from .engine import autocast
 from .optim import use_tensor_lr
 
@@ -155,10 +156,7 @@ def _agree(error: Exception | None, device: torch.device) -> Exception | None:
     """`error`, or one saying that another rank failed: whether every rank of the process group captured, by
     one all-reduce of a flag (on `device` under NCCL), which every rank reaches whether or not it failed."""
     try:
-        flag = torch.tensor([0 if error is not None else 1], dtype=torch.int32,
-                            device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        everyone = bool(flag.item())
+        everyone = all_succeeded(error is None, device)
     except Exception as exc:  # noqa: BLE001 - this rank's own error, if it had one, says more
         return error or exc
     if error is None and not everyone:

@@ -206,7 +206,7 @@ def train(args) -> PretrainResult:
     from ..cli import check_mask_ratio
     from . import checkpoint as ckpt_io
     from .data import PretrainDataset, open_dataset, pretrain_loader
-    from .distributed import barrier, broadcast_state, cleanup, init_distributed
+    from .distributed import broadcast_state, cleanup, end_of_epoch, init_distributed
     from .engine import PRECISIONS, EpochSums, RunState, Schedule, make_scaler, train_one_epoch
     from .graphed import GraphOnFirstBatch
     from .logs import RunLogger, plot_loss_curve
@@ -355,13 +355,19 @@ def train(args) -> PretrainResult:
                 skip_iters = 0
                 complete = next_iter >= iters_per_epoch
                 result.epoch = epoch
+                write_error = None
                 if writes:
-                    c = ckpt_io.make_checkpoint(model_without_ddp, optimizer, scaler, epoch=epoch, step=state.step,
-                                                args=args, next_iter=0 if complete else next_iter,
-                                                epoch_sums=None if from_iter else asdict(sums))
-                    numbered = complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs)
-                    result.checkpoints += [str(x) for x in ckpt_io.save(c, args.output_dir, numbered=numbered)]
-                    del c
+                    try:
+                        c = ckpt_io.make_checkpoint(model_without_ddp, optimizer, scaler, epoch=epoch,
+                                                    step=state.step, args=args, next_iter=0 if complete else next_iter,
+                                                    epoch_sums=None if from_iter else asdict(sums))
+                        numbered = complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs)
+                        result.checkpoints += [str(x) for x in ckpt_io.save(c, args.output_dir, numbered=numbered)]
+                        del c
+                    except Exception as exc:  # non-finite weights, a full disk: raised below, on every rank
+                        write_error = exc
+                # every rank meets here; a failed write stops them all (not rank 0 alone, the others left waiting)
+                end_of_epoch(info, device, write_error, "to write the checkpoint")
                 if args.output_dir:  # every rank names it: rank 0 wrote it (each rank reports a non-finite loss)
                     last_good = str(Path(args.output_dir) / ckpt_io.LAST)
                 log = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": state.step}
@@ -371,7 +377,6 @@ def train(args) -> PretrainResult:
                     log["from_iter"] = from_iter
                 sums = None
                 logger.end_epoch(log)
-                barrier(info)
                 if not complete:
                     result.stopped_early = True
                     say(f"stopped at --max_steps {args.max_steps} (epoch {epoch}, iteration {next_iter})")
@@ -454,6 +459,7 @@ def run(args) -> int:
     from .engine import NonFiniteLossError
     from .graphed import GraphCaptureError
     from .checkpoint import NonFiniteStateError
+    from .distributed import PeerFailedError
     from ..model.checkpoint import CheckpointError
 
     # under torchrun (or mpirun with --dist_on_itp) only rank 0 writes to --output_dir: the others neither probe
@@ -467,7 +473,7 @@ def run(args) -> int:
             if main_rank:
                 _check_outputs(args)
             train(args)
-        except (NonFiniteLossError, NonFiniteStateError, GraphCaptureError) as exc:
+        except (NonFiniteLossError, NonFiniteStateError, GraphCaptureError, PeerFailedError) as exc:
             print(f"fastmae pretrain: {exc}", file=sys.stderr)
             return 1
         except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:

@@ -122,6 +122,43 @@ def test_a_capture_failed_on_one_rank_fails_on_every_rank(tmp_path):
     assert "captured on this rank but not on another" in said[0] and "as they were" in said[0], said
 
 
+def _failing_write_worker(rank: int, world: int, rendezvous: str, out_dir: str, _graphed: bool) -> None:
+    """A 2-process run whose rank 0 fails to write its first checkpoint (a full disk): writes what each rank
+    raised."""
+    import errno
+
+    from fastmae.train import checkpoint as ckpt_io
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(out_dir, "checkpoint-0.pth"))
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(ckpt_io, "save", full_disk)
+        try:
+            train(pretrain_args(out_dir, "--batch_size", "8", "--dist_url", rendezvous))
+            said = "finished"
+        except Exception as exc:  # noqa: BLE001 - what the rank raised is the result
+            said = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out_dir, f"said{rank}.txt"), "w") as f:
+        f.write(said)
+    assert not dist.is_initialized(), "the process group must be torn down after an error too"
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_a_checkpoint_rank_0_fails_to_write_stops_every_rank(tmp_path):
+    """Rank 0 alone writes checkpoints: when that fails, it raises its error and the other rank stops too, at the
+    same point, instead of waiting at the next collective for a rank that has gone."""
+    out = tmp_path / "full"
+    out.mkdir()
+    _run_two(tmp_path, out, worker=_failing_write_worker)
+    said = [(out / f"said{r}.txt").read_text() for r in range(2)]
+    assert said[0].startswith("OSError") and "No space left on device" in said[0], said
+    assert said[1].startswith("PeerFailedError") and "failed to write the checkpoint" in said[1], said
+
+
 def test_a_process_group_the_caller_made_outlives_the_run(tmp_path):
     """train() called from a program that made its own process group joins it and leaves it for the program to end
     (cleanup ends only a group init_distributed made)."""

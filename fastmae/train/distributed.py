@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -78,19 +79,26 @@ def all_succeeded(ok: bool, device) -> bool:
     return bool(flag.item())
 
 
+def agree(error: BaseException | None, device, peer_failed: Callable[[], BaseException]) -> BaseException | None:
+    """At a point every rank of the process group reaches (`all_succeeded`): this rank's `error`, or
+    `peer_failed()` where this rank succeeded and another did not; None where every rank succeeded. If the
+    agreement itself fails, this rank's own error (it says more), else that failure."""
+    try:
+        everyone = all_succeeded(error is None, device)
+    except Exception as exc:  # noqa: BLE001 - returned to the caller, who raises it
+        return error or exc
+    if error is None and not everyone:
+        return peer_failed()
+    return error
+
+
 def end_of_epoch(info: DistInfo, device, error: BaseException | None, what: str) -> None:
     """Every rank meets here at the end of an epoch (a barrier): `error` (this rank's failure at `what`, e.g. rank 0
     writing the checkpoint) is raised on this rank, and a PeerFailedError on the others, instead of leaving them
     waiting at the next collective for a rank that has stopped."""
     if info.distributed:
-        try:
-            everyone = all_succeeded(error is None, device)
-        except Exception:  # the group itself failed: this rank's own error, if it had one, says more
-            if error is not None:
-                raise error from None
-            raise
-        if error is None and not everyone:
-            raise PeerFailedError(f"another process failed {what} (its own message says why); stopping this one too")
+        error = agree(error, device, lambda: PeerFailedError(
+            f"another process failed {what} (its own message says why); stopping this one too"))
     if error is not None:
         raise error
 

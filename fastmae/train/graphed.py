@@ -52,7 +52,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .distributed import all_succeeded
+from .distributed import agree
 from .engine import autocast
 from .optim import use_tensor_lr
 
@@ -152,18 +152,6 @@ def _flat_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return flats
 
 
-def _agree(error: Exception | None, device: torch.device) -> Exception | None:
-    """`error`, or one saying that another rank failed: whether every rank of the process group captured, by
-    one all-reduce of a flag (on `device` under NCCL), which every rank reaches whether or not it failed."""
-    try:
-        everyone = all_succeeded(error is None, device)
-    except Exception as exc:  # noqa: BLE001 - this rank's own error, if it had one, says more
-        return error or exc
-    if error is None and not everyone:
-        return GraphCaptureError("was captured on this rank but not on another (see that rank's error)")
-    return error
-
-
 def _restore(params: list[torch.Tensor], weights: list[torch.Tensor], optimizer: torch.optim.Optimizer,
              state: dict) -> None:
     """Undo the warm-up steps in place: the weights and optimizer state copied to the host before them, and zeros
@@ -250,7 +238,8 @@ class GraphedTrainStep:
         except Exception as exc:  # noqa: BLE001 - the warm-up's or the capture's; raised below
             error = exc
         if self.distributed:  # every rank learns whether all captured: none waits for a rank that gave up
-            error = _agree(error, device)
+            error = agree(error, device, lambda: GraphCaptureError(
+                "was captured on this rank but not on another (see that rank's error)"))
         if error is not None:  # the model is left as it came, either way
             try:
                 optimizer.zero_grad(set_to_none=True)

@@ -272,8 +272,9 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
                     mask_ratio: float = 0.75) -> dict:
     """Build one variant: model, optimizer, inputs and the step function (nothing timed yet).
 
-    Returns {"step", "model", "shape", "flops", "dispatch"}; raises BackendUnavailable with the registry's
-    reasons when the variant's backends cannot serve this device."""
+    Returns {"step", "model", "optimizer", "saved_mb_per_image", "flops", "dispatch"} (the shape is the record
+    head's); raises BackendUnavailable with the registry's reasons when the variant's backends cannot serve this
+    device."""
     cfg = VARIANTS[variant]
     torch.manual_seed(0)
     model = create_model(model_name).to(device)
@@ -300,7 +301,6 @@ def prepare_variant(device: torch.device, model_name: str, batch: int, dtype: to
     return {"step": step, "model": model,
             "optimizer": opt,
             "saved_mb_per_image": saved,
-            "shape": {"batch": batch, "img": side, "L": L, "K": len_keep(L, mask_ratio)},
             "flops": train_step_flops(model, batch, mask_ratio), "dispatch": dispatch_str(seen)}
 
 
@@ -355,7 +355,6 @@ def run_variant(device: torch.device, model_name: str, batch: int, dtype: torch.
         # forwards without a backward and zero gradients are not part of training
         with (sampler or _null()):
             built = prepare_variant(device, model_name, batch, dtype, variant, mask_ratio)
-            rec["shape"] = built["shape"]
             t = measure(built["step"], device, keep_samples=True, **(timing or {}))
             # the steady pace of a training loop: steps issued back to back, the host ahead of the GPU
             b2b = back_to_back_ms(built["step"], device, *back_to_back_runs(t.reps))

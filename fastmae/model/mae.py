@@ -330,8 +330,9 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x, backend=attn, weights=None if weights is None else weights[i])
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor):
-        """latent [N, len_keep+1, D] -> pred [N, L, p*p*C] (or [N, L-len_keep, p*p*C] with pred_masked_only)."""
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor, *, pred_ids: torch.Tensor | None = None):
+        """latent [N, len_keep+1, D] -> pred [N, L, p*p*C] (or [N, L-len_keep, p*p*C] with pred_masked_only, for
+        the patches `pred_ids`: `removed_ids(ids_restore, len_keep)` when not given)."""
         len_keep = x.shape[1] - 1
         x = self.decoder_embed(x)
         x = ops.unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed, backend=self.backend)
@@ -341,14 +342,15 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x, backend=attn, weights=None if weights is None else weights[i])
         x = self.decoder_norm(x)[:, 1:, :]
         if self.pred_masked_only:
-            ids = self.removed_ids(ids_restore, len_keep)
+            ids = self.removed_ids(ids_restore, len_keep) if pred_ids is None else pred_ids
             x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.decoder_pred(x)
 
     @staticmethod
     def removed_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
-        """Patch indices of the removed patches in shuffled order: [N, L - len_keep] (pred_masked_only rows)."""
-        return inverse_permutation(ids_restore)[:, len_keep:]
+        """Patch indices of the removed patches in shuffled order: [N, L - len_keep] (pred_masked_only rows),
+        contiguous (as the loss kernel reads them)."""
+        return inverse_permutation(ids_restore)[:, len_keep:].contiguous()
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pred_ids=None):
         """imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L] (0 keep, 1 remove) -> scalar loss."""
@@ -357,10 +359,9 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        pred_ids = None
-        if self.pred_masked_only:
-            pred_ids = self.removed_ids(ids_restore, latent.shape[1] - 1)
+        # the removed patches' indices, found once for the decoder's head and the loss
+        pred_ids = self.removed_ids(ids_restore, latent.shape[1] - 1) if self.pred_masked_only else None
+        pred = self.forward_decoder(latent, ids_restore, pred_ids=pred_ids)
         loss = self.forward_loss(imgs, pred, mask, pred_ids=pred_ids)
         return loss, pred, mask
 

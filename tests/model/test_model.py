@@ -189,6 +189,17 @@ def test_pred_masked_only_matches_full_prediction():
     assert_close(pred_m, torch.stack([pred[i, removed[i]] for i in range(2)]), 1e-6, 1e-5, "pred")
     assert_close(loss_m, loss, 1e-6, 1e-5, "loss")
     assert torch.equal(mask, mask_m)
+    # the removed patches' indices are found once per forward, for the decoder's head and the loss both
+    from fastmae.model import mae
+    calls = []
+    inverse = mae.inverse_permutation
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mae, "inverse_permutation", lambda ids: calls.append(ids) or inverse(ids))
+        model(imgs, noise=noise)
+        after_masking = len(calls)
+        model.pred_masked_only = False
+        model(imgs, noise=noise)
+    assert after_masking - (len(calls) - after_masking) == 1, calls
 
 
 def test_mask_ratio_zero_gives_zero_loss_and_single_patch_works():

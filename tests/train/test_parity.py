@@ -47,7 +47,7 @@ def test_triton_loss_curve_matches_reference_on_cpu(tmp_path):
     from tests.utils import skip_unless_serves
 
     skip_unless_serves("attention", "triton", "cpu", torch.float32, head_dim=16)
-    common = ("--epochs", "1", "--max_steps", "2", "--norm_pix_loss")
+    common = ("--epochs", "1", "--max_steps", "2", "--batch_size", "4", "--norm_pix_loss")
     ref = train(pretrain_args(tmp_path / "reference", *common, "--backend", "reference"))
     with ops.record_choices() as served:
         fast = train(pretrain_args(tmp_path / "triton", *common, "--backend", "triton"))

@@ -325,6 +325,22 @@ def _table_input(records: list[dict], kind: str) -> tuple[list[dict], dict, str]
     return (rows_in, *reasons_footnotes(rows_in))
 
 
+def _exit_status(records: list[dict], kind: str, command: str) -> int:
+    """The command's exit status from its cases: 1 when none was measured and at least one failed (a run whose
+    every case that could run raised is a failed run, for a script or the GPU suite's summary to see), else 0.
+    Cases that failed beside measured ones (a third-party kernel refusing an input) are counted on the terminal."""
+    cases = [r for r in records if r.get("kind") == kind]
+    failed = sum(r.get("status") == "failed" for r in cases)
+    if not failed:
+        return 0
+    if any(r.get("status") == "ok" for r in cases):
+        print(f"{failed} of {len(cases)} cases failed: their errors are in the status column")
+        return 0
+    print(f"fastmae bench {command}: every case that ran failed ({failed} of {len(cases)}; the others were skipped)"
+          if failed < len(cases) else f"fastmae bench {command}: every case failed ({failed})", file=sys.stderr)
+    return 1
+
+
 # ------------------------------------------------------------------------------------------ ops
 def ops_table(records: list[dict]) -> str:
     from .records import fmt, shape_str, status_cell, table
@@ -405,7 +421,7 @@ def run_ops(args) -> int:
                                  {**_priority_source(env), "dtype": str(dtype).replace("torch.", ""), "batch": batch})
         print(f"wrote the {device.type} order to {args.write_priority}")
         _print_priority(args.write_priority)
-    return 0
+    return _exit_status(records, "op", "ops")
 
 
 def _check_priority_file(path: str) -> None:
@@ -497,7 +513,7 @@ def run_attention(args) -> int:
                     show_progress=not args.no_progress)
     print(attention_table(records))
     _finish(args, recorder)
-    return 0
+    return _exit_status(records, "attention", "attention")
 
 
 # ------------------------------------------------------------------------------------------ encoder
@@ -545,7 +561,7 @@ def run_encoder(args) -> int:
                     show_progress=not args.no_progress, cuda_graphs=args.cuda_graphs)
     print(encoder_table(records))
     _finish(args, recorder)
-    return 0
+    return _exit_status(records, "encoder", "encoder")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -647,7 +663,7 @@ def run_train(args) -> int:
     if args.profile:
         print(profile_table(records))
     _finish(args, recorder)
-    return 0
+    return _exit_status(records, "train", "train")
 
 
 def _restate_train_ratios(recorder, records: list[dict], env: dict) -> None:

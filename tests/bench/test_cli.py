@@ -386,3 +386,34 @@ def test_info_names_fastmae_backend_in_its_error(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "FASTMAE_BACKEND=bogus: unknown backend 'bogus'" in error_line(captured.err, "info", alone=True)
     assert captured.out == ""
+
+
+def test_a_run_whose_every_case_failed_exits_1(monkeypatch, capsys):
+    """A benchmark whose every case that ran raised exits with status 1 and says so last (the GPU suite's summary
+    then shows the part failed, with that line); cases failing beside measured ones are counted and exit 0."""
+    from fastmae.bench import encoder_bench
+
+    runner = encoder_bench.make_encoder_runner
+
+    def broken(model, *a, **k):
+        if model.backend in broken.backends:
+            raise RuntimeError("kernel exploded")
+        return runner(model, *a, **k)
+
+    monkeypatch.setattr(encoder_bench, "make_encoder_runner", broken)
+    argv = ["bench", "encoder", "--quick", "--device", "cpu", "--no-progress", "--threads", "1", "--ratios", "0.75",
+            "--backends", "reference,sdpa", "--modes", "fwd"]
+    broken.backends = ("reference", "sdpa")
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "kernel exploded" in captured.out
+    assert captured.err.strip().splitlines()[-1] == "fastmae bench encoder: every case failed (4)"
+    broken.backends = ("sdpa",)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == "2 of 4 cases failed: their errors are in the status column"
+    assert "failed" not in captured.err
+    broken.backends = ("reference",)  # and triton, which the benchmark skips on a CPU
+    assert main(argv[:-3] + ["reference,triton", "--modes", "fwd"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fastmae bench encoder: every case that ran failed (2 of 4; the others were skipped)")

@@ -361,7 +361,9 @@ class MaskedAutoencoderViT(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         # the removed patches' indices, found once for the decoder's head and the loss
         pred_ids = self.removed_ids(ids_restore, latent.shape[1] - 1) if self.pred_masked_only else None
-        pred = self.forward_decoder(latent, ids_restore, pred_ids=pred_ids)
+        # (the official call when there are none: a subclass's forward_decoder may have the official signature)
+        pred = self.forward_decoder(latent, ids_restore) if pred_ids is None else \
+            self.forward_decoder(latent, ids_restore, pred_ids=pred_ids)
         loss = self.forward_loss(imgs, pred, mask, pred_ids=pred_ids)
         return loss, pred, mask
 

@@ -70,9 +70,24 @@ class RandomResizedCrop:
         return img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB. PIL's own conversion clips 16-bit and 32-bit integer images ("I;16", "I") and float
+    ones ("F") to 0..255, which turns a 16-bit photograph white; they are scaled first: integer ones from the
+    16-bit range (65535 -> 255), float ones from [0, 1] when their values lie there (else taken as 0..255)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64) / 257.0
+    elif img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+    else:
+        return img.convert("RGB")
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
 def to_tensor_normalized(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """PIL RGB image -> float32 [3, H, W], scaled to [0, 1] then normalised per channel."""
-    x = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    x = np.asarray(to_rgb(img), dtype=np.float32) / 255.0
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
@@ -92,7 +107,7 @@ class PretrainTransform:
         self.crop = RandomResizedCrop(input_size, scale=scale)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        img = self.crop(img.convert("RGB"), rng)
+        img = self.crop(to_rgb(img), rng)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor_normalized(img)
@@ -107,7 +122,7 @@ class EvalTransform:
         self.resize = int(round(input_size / crop_pct))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         w, h = img.size
         scale = self.resize / min(w, h)
         nw, nh = max(self.size, int(round(w * scale))), max(self.size, int(round(h * scale)))
@@ -186,16 +201,21 @@ class ImageFolder:
             self.bad_paths.add(path)
             warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", stacklevel=3)
 
-    def load(self, index: int):
-        """(RGB image, label, skipped): a corrupt file is replaced by the next readable one."""
+    def load(self, index: int, replace: bool = True):
+        """(RGB image, label, skipped): a corrupt file is replaced by the next readable one (pretraining), or
+        with `replace=False` (an evaluation, where another image in its place would change the score) raises
+        DataError naming it."""
         n = len(self.samples)
         tries = min(n, MAX_CONSECUTIVE_BAD)
         for skipped in range(tries):
             path, label = self.samples[(index + skipped) % n]
             try:
                 with Image.open(path) as im:
-                    return im.convert("RGB"), label, skipped
+                    return to_rgb(im), label, skipped
             except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
+                if not replace:
+                    raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); an evaluation scores "
+                                    f"every image it lists and does not replace one: remove or mend it") from None
                 self._mark_bad(path, exc)
         if tries == n:
             raise DataError(f"none of the {n} image file(s) in {self.root} can be read; is this an image folder?")
@@ -264,7 +284,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """`(image, label)` with the deterministic evaluation transform."""
+    """`(image, label)` with the deterministic evaluation transform. An unreadable image raises DataError naming
+    it: an evaluation scores every image it lists, none replaced by another."""
 
     def __init__(self, base, input_size: int, indices: Sequence[int] | None = None):
         self.base, self.transform = base, EvalTransform(input_size)
@@ -274,7 +295,7 @@ class EvalDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        img, label, _ = self.base.load(self.indices[i])
+        img, label, _ = self.base.load(self.indices[i], replace=False)
         return self.transform(img), label
 
 

@@ -122,7 +122,7 @@ class SyntheticShapes:
     def __len__(self) -> int:
         return self.num_images
 
-    def load(self, index: int):
+    def load(self, index: int, replace: bool = True):  # noqa: ARG002 - every drawn image can be read
         return Image.fromarray(self.images[index]), self.targets[index], 0
 
     def __repr__(self) -> str:

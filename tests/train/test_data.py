@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmae.train.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, EpochSampler, EvalTransform, ImageFolder,
-                                PretrainDataset, PretrainTransform, RandomResizedCrop, denormalize, open_dataset,
-                                pretrain_loader, to_tensor_normalized)
+from fastmae.train.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, EpochSampler, EvalDataset, EvalTransform,
+                                ImageFolder, PretrainDataset, PretrainTransform, RandomResizedCrop, denormalize,
+                                open_dataset, pretrain_loader, to_rgb, to_tensor_normalized)
 from fastmae.train.synthetic import CLASSES, SyntheticShapes
 
 
@@ -142,6 +142,40 @@ def test_image_folder_verify_drops_unreadable_files_at_start(tmp_path):
         ds = ImageFolder(tmp_path, verify=True)
     assert len(ds) == 6  # PIL's verify catches both the garbage file and the truncated PNG (CRC)
     assert len(ds.bad_paths) == 2 and all(ds.load(i)[2] == 0 for i in range(len(ds)))
+
+
+def test_an_evaluation_set_names_an_unreadable_image_instead_of_replacing_it(tmp_path):
+    """Pretraining replaces an unreadable file by the next readable one; an evaluation (linear probe, pictures)
+    scores every image it lists, so there it is an error naming the file (another image in its place, maybe
+    one of the other split, would change the score)."""
+    _write_folder(tmp_path)
+    ds = ImageFolder(tmp_path)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("3_garbage.jpg")][0]
+    ev = EvalDataset(ds, 16)
+    with pytest.raises(DataError, match=r"cannot read .*3_garbage\.jpg \(UnidentifiedImageError: .*\); an "
+                                        r"evaluation scores every image it lists"):
+        ev[bad]
+    assert ev[bad + 1][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, mode):
+    """PIL's own RGB conversion clips 16-bit and float images to 0..255 (a 16-bit photograph turns white, a float
+    one black); they are scaled: 16-bit by 65535 -> 255, float from [0, 1]. A dark and a bright image stay apart."""
+    levels = np.array([[0, 0.25], [0.5, 1.0]])
+    if mode == "F":
+        img = Image.fromarray(levels.astype(np.float32), "F")
+    else:  # 64 and 128 times 257
+        img = Image.fromarray(np.array([[0, 16448], [32896, 65535]], np.uint16 if mode == "I;16" else np.int32))
+    path = tmp_path / ("x.png" if mode == "I;16" else "x.tiff")
+    img.save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode
+        rgb = to_rgb(im)
+    assert rgb.mode == "RGB"
+    got = np.asarray(rgb)
+    assert np.array_equal(got[..., 0], got[..., 2]) and got[..., 0].tolist() == [[0, 64], [128, 255]]
+    assert to_rgb(Image.fromarray((levels * 2).astype(np.float32), "F")).getpixel((1, 1)) == (2, 2, 2)  # 0..255
 
 
 def test_flat_folder_and_train_subfolder(tmp_path):

@@ -252,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     from .ops.registry import BackendUnavailable
 
     try:
-        return int(args._run(args) or 0)
+        # SIGTERM ends every command as Ctrl-C does: what it was writing removed, the folders it made empty gone
+        # (pretrain and bench say more in their own handlers, which take precedence while they run)
+        with sigterm_as_exit(f"fastmae {args.command}: terminated (SIGTERM)"):
+            return int(args._run(args) or 0)
     except (BackendUnavailable, CheckpointError, ValueError, OSError) as exc:
         if not report_user_error(f"fastmae {args.command}", exc):
             raise

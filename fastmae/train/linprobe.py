@@ -133,11 +133,17 @@ def _bar(iterable, desc: str | None, unit: str):
     return tqdm(iterable, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+MIN_TRAIN = 2  # the head's BatchNorm normalises a batch in training mode: one sample has no variance
+
+
 def train_head(train_x, train_y, val_x, val_y, num_classes: int, *, epochs: int = 90, batch_size: int = 256,
                blr: float = 1.0, weight_decay: float = 0.0, warmup_epochs: int = 10, seed: int = 0,
                progress: bool = False) -> dict:
     """Train the head on cached features; returns {'acc', 'train_acc', 'head'}. `progress`: a bar over the
     epochs."""
+    if len(train_y) < MIN_TRAIN:
+        raise ValueError(f"a linear probe needs at least {MIN_TRAIN} training samples (its BatchNorm normalises "
+                         f"a batch), got {len(train_y)}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = make_head(train_x.shape[1], num_classes)
@@ -197,7 +203,20 @@ def probe_datasets(data_path: str, input_size: int, *, val_fraction: float = 0.2
                    seed: int = 0, progress: bool = False):
     """(train, val, class names) as EvalDatasets: the built-in set's train/val splits; a folder's train/ and
     val/ subfolders; or one folder (the `train/` subfolder where there is no `val/`, as `fastmae pretrain`
-    reads it) split at random (by seed) into 1 - val_fraction / val_fraction."""
+    reads it) split at random (by seed) into 1 - val_fraction / val_fraction. DataError when fewer than two
+    images are left to train the head on."""
+    from .data import BUILTIN, DataError
+    train, val, classes = _probe_datasets(data_path, input_size, val_fraction, builtin_size, seed, progress)
+    if len(train) < MIN_TRAIN:
+        builtin = data_path in (None, "", BUILTIN)
+        raise DataError(f"{'--builtin_size ' + str(builtin_size) if builtin else data_path} leaves {len(train)} "
+                        f"image(s) to train the classifier on; a linear probe needs at least {MIN_TRAIN}"
+                        + ("" if builtin else " (where one folder is split in two, --val_fraction is the share "
+                                              "held out)"))
+    return train, val, classes
+
+
+def _probe_datasets(data_path, input_size, val_fraction, builtin_size, seed, progress):
     from .data import BUILTIN, DataError, EvalDataset, ImageFolder, open_dataset, split_folder
     if data_path in (None, "", BUILTIN):
         train = open_dataset(None, input_size=input_size, split="train", builtin_size=builtin_size, seed=seed,
@@ -259,6 +278,7 @@ def _run(args) -> int:
     backend = check_backend(args.backend)
     if args.output_dir:
         check_output_dir(args.output_dir, "--output_dir")
+    torch.manual_seed(args.seed)  # the weights a checkpoint lacks (all of them without one): the same each run
     model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
                                         allow_pickle=args.allow_pickle, backend=backend,
                                         default_model="mae_vit_tiny_patch4", encoder_only=True)

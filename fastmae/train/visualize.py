@@ -3,14 +3,15 @@ original, masked (removed patches shown in the mean colour), reconstruction, and
 the visible patches pasted back from the original.
 
 norm_pix_loss models predict each patch normalised by its own mean and variance, so their raw prediction
-has no colour or brightness. As the official visualisation does, the prediction of each patch is mapped
-back with the *original image's* statistics of that same patch:
+has no colour or brightness. Here the prediction of each patch is mapped back with the *original image's*
+statistics of that same patch:
 
     pixels = pred * sqrt(var + 1e-6) + mean       (mean, var (unbiased) over the patch's p*p*3 values)
 
 This borrows each masked patch's mean and variance from the original image (information the model did
-not see), so such a picture shows the predicted structure inside a patch, not its predicted colour.
-Models trained without norm_pix_loss are shown as predicted.
+not see), so such a picture shows the predicted structure inside a patch, not its predicted colour. That is
+fastmae's choice: the official notebook shows a model trained without norm_pix_loss. Models trained
+without norm_pix_loss are shown as predicted.
 """
 from __future__ import annotations
 
@@ -143,6 +144,7 @@ def _run(args) -> int:
     device = check_device(args.device, other_devices=True)
     backend = check_backend(args.backend)
     check_output_file(args.output, "--output")
+    torch.manual_seed(args.seed)  # the weights a checkpoint lacks (all of them without one): the same each run
     model, info = model_from_checkpoint(args.checkpoint or None, model=args.model, input_size=args.input_size,
                                         norm_pix_loss=args.norm_pix_loss, allow_pickle=args.allow_pickle,
                                         backend=backend, default_model="mae_vit_tiny_patch4")

@@ -183,3 +183,65 @@ def test_an_input_size_that_is_not_positive_is_refused_by_the_flag(command, valu
         cli_main([command, "--input_size", value])
     assert exit_.value.code == 2
     assert f"argument --input_size: must be a positive integer, got {value}" in capsys.readouterr().err
+
+
+def test_a_random_init_probe_is_the_same_for_the_same_seed(tmp_path):
+    """Without a checkpoint (or for the weights one lacks) the encoder's weights come from --seed: two runs with
+    the same seed give the same result, bit for bit."""
+    outs = []
+    for run in ("a", "b"):
+        assert cli_main(["linprobe", "--device", "cpu", "--builtin_size", "40", "--epochs", "2", "--batch_size", "8",
+                         "--seed", "3", "--no_progress", "--output_dir", str(tmp_path / run)]) == 0
+        outs.append((tmp_path / run / "linprobe.json").read_text())
+    assert outs[0] == outs[1]
+
+
+def test_too_few_training_images_are_refused_before_the_features(tmp_path, capsys, monkeypatch):
+    """A head trained on fewer than two images is no probe (its BatchNorm needs a batch): one line, exit 2, before
+    any feature is computed, whether the built-in set is that small or a folder's split leaves that few."""
+    import numpy as np
+    from PIL import Image
+
+    import fastmae.train.linprobe as lp
+    monkeypatch.setattr(lp, "encode", lambda *a, **k: pytest.fail("features computed"))
+    assert cli_main(["linprobe", "--device", "cpu", "--builtin_size", "1"]) == 2
+    assert error_line(capsys.readouterr().err, "linprobe", alone=True).endswith(
+        "--builtin_size 1 leaves 1 image(s) to train the classifier on; a linear probe needs at least 2")
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / c / "x.png")
+    for frac, left in (("0.2", 1), ("0.9", 0)):
+        assert cli_main(["linprobe", "--device", "cpu", "--data_path", str(tmp_path), "--val_fraction", frac]) == 2
+        err = error_line(capsys.readouterr().err, "linprobe", alone=True)
+        assert f"{tmp_path} leaves {left} image(s) to train the classifier on" in err and "--val_fraction" in err
+    with pytest.raises(ValueError, match="at least 2 training samples"):
+        train_head(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), torch.zeros(1, 4),
+                   torch.zeros(1, dtype=torch.long), 2)
+
+
+def test_sigterm_ends_a_probe_as_ctrl_c_does(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) ends `fastmae linprobe` through SystemExit(143), as Ctrl-C does: a
+    message, no traceback, and the --output_dir folders it made (empty) removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "a" / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "fastmae", "linprobe", "--device", "cpu", "--builtin_size", "20000",
+                             "--output_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not out.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert out.exists(), proc.communicate()[0] if proc.poll() is not None else "no --output_dir made"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert output.rstrip().endswith("fastmae linprobe: terminated (SIGTERM)") and "Traceback" not in output, output
+    assert list(tmp_path.iterdir()) == []

@@ -150,3 +150,15 @@ def test_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         save_grid(result, path, tile=16)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def test_the_same_seed_draws_the_same_picture_without_a_checkpoint(tmp_path, capsys):
+    """The weights a checkpoint lacks (all of them without one) come from --seed: the same seed, the same loss and
+    the same picture, byte for byte."""
+    outs = []
+    for name in ("a.png", "b.png"):
+        assert cli_main(["visualize", "--num_images", "2", "--seed", "5", "--device", "cpu", "--tile", "16",
+                         "--output", str(tmp_path / name)]) == 0
+        outs.append((tmp_path / name).read_bytes())
+    lines = [line.split(" -> ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert outs[0] == outs[1] and lines[0] == lines[1]

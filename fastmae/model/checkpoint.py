@@ -148,6 +148,7 @@ def _reason(exc: BaseException) -> str:
     if unpickler:
         text = unpickler.group(1)
     text = " ".join(text.removeprefix("Weights only load failed.").split())
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)  # torch's C++ source location, not a reason
     line = text.split(". ", 1)[0].rstrip(".")
     if not line:
         return type(exc).__name__

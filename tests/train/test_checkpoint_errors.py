@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -43,8 +44,12 @@ def test_truncated_and_corrupt_checkpoints_are_one_line_errors(tmp_path, argv, c
     garbage.write_bytes(b"not a checkpoint at all\n" * 40)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
+    other_zip = tmp_path / "other.pth"  # a zip file that is no checkpoint: torch's own words, not its C++ location
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("a.txt", "hello")
     for path, reason in ((cut, "is not a readable checkpoint (truncated or corrupt): PytorchStreamReader"),
                          (garbage, "is not a readable checkpoint (truncated or corrupt)"),
+                         (other_zip, "is not a readable checkpoint (truncated or corrupt): "),
                          (empty, "is an empty file, not a checkpoint")):
         assert cli_main([*argv, "--resume", str(path)]) == 2
         assert f"{path} {reason}" in error_line(capsys.readouterr().err, "pretrain", alone=True)
@@ -53,6 +58,7 @@ def test_truncated_and_corrupt_checkpoints_are_one_line_errors(tmp_path, argv, c
                              "--output" if command == "visualize" else "--output_dir", str(tmp_path / "out")]) == 2
             err = error_line(capsys.readouterr().err, command, alone=True)
             assert f"{path} {reason}" in err and "allow" not in err
+            assert "enforce fail" not in err and len(err.split(reason)[-1].strip()) > 5, err  # a reason is given
         with pytest.raises(CheckpointError, match="not a readable checkpoint|empty file"):
             fastmae.load_checkpoint(fastmae.mae_vit_tiny_patch4(), path)
     # --resume auto finds checkpoint-last.pth cut short

@@ -7,7 +7,8 @@
 #                                         (its gpu-tests part runs the sharded test runner on a few CPU tests)
 #
 # Parts: warm (the benchmarks' Triton kernels compiled in parallel, beside the tests), gpu-tests, bench-ops,
-# priority, bench-attention, encoder-vit-b/l, train-vit-b/l, tune-loss and tune (in the time left).
+# priority, bench-attention, encoder-vit-b/l, train-vit-b/l, train-compile-vit-b, tune-loss and tune (in the time
+# left).
 # Run it from anywhere; it works in the repository root. It installs fastmae without dependencies (an editable pip
 # install; if pip cannot, this checkout on PYTHONPATH with fastmae/kernels linked to kernels/ for the run),
 # installs any wheels carried in .whl/ (xformers, pytest, ...) into a folder of the run's own on PYTHONPATH (the

@@ -207,7 +207,7 @@ class Block(nn.Module):
         if self.lean_blocks:
             qkv_w, proj_w, mlp_w = (None, None, None) if w is None else (w[:2], w[2:4], w[4:])
             x = x + self.attn.attend(norm_linear(x, self.norm1, self.attn.qkv, qkv_w), backend, proj=proj_w)
-            return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2, mlp_w)
+            return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2, mlp_w, act=self.mlp.act)
         if w is not None:
             x = x + self.attn.attend(F.linear(self.norm1(x), w[0], w[1]), backend, proj=(w[2], w[3]))
             return x + F.linear(self.mlp.act(F.linear(self.norm2(x), w[4], w[5])), w[6], w[7])

@@ -107,6 +107,56 @@ def test_lean_functions_reject_layers_they_cannot_recompute():
         norm_linear(torch.randn(1, 3, 16), torch.nn.LayerNorm((3, 16)), blk.attn.qkv)
 
 
+class _ScaledNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("change", ["act", "tanh-gelu", "norm-subclass", "linear-subclass"])
+def test_a_lean_block_refuses_layers_it_would_bypass(change):
+    """The lean functions compute LayerNorm, Linear and GELU themselves instead of calling the modules: a block
+    whose activation was replaced or whose layers are subclasses with their own forward is refused with a clear
+    error (the plain block, which calls them, gives other numbers: the lean one computed the unmodified block)."""
+    torch.manual_seed(0)
+    blk = Block(16, 2)
+    if change == "act":
+        blk.mlp.act = torch.nn.ReLU()
+    elif change == "tanh-gelu":
+        blk.mlp.act = torch.nn.GELU(approximate="tanh")
+    elif change == "norm-subclass":
+        blk.norm2 = _ScaledNorm(16)
+    else:
+        fc1 = _ScaledLinear(16, 64)
+        fc1.load_state_dict(blk.mlp.fc1.state_dict())
+        blk.mlp.fc1 = fc1
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    plain = Block(16, 2)  # the same weights, unmodified
+    assert not torch.allclose(blk(x), plain(x))  # the change changes the plain block's numbers
+    blk.lean_blocks = True
+    with pytest.raises(TypeError, match="turn lean_blocks off"):
+        blk(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_lean_model_in_another_dtype_runs_under_autocast_as_the_plain_one(dtype):
+    """A model cast whole to bf16 (or kept in fp64) under bf16 autocast: layer_norm's autocast policy casts bf16
+    inputs and weights to fp32 and leaves fp64 alone; the lean blocks do the same, with the plain blocks'
+    numbers and gradient dtypes (bf16: within the bf16 tolerance above; fp64: the same ops, fp32's bound)."""
+    torch.manual_seed(0)
+    blk = Block(32, 2).to(dtype)
+    x = torch.randn(2, 9, 32, dtype=dtype)
+    plain, lean = _block_run(blk, x, False, True, "cpu"), _block_run(blk, x, True, True, "cpu")
+    for name in plain:
+        assert lean[name].dtype == plain[name].dtype, name
+        assert_close(lean[name], plain[name], *TOL[dtype == torch.bfloat16], name)
+
+
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 def test_norm_linear_gives_only_the_gradients_asked_for(amp, monkeypatch):
     """Frozen LayerNorm and input: the lean backward computes the linear layer's gradients only (none for the

@@ -337,14 +337,21 @@ class GraphedTrainStep:
                  update: bool = True) -> torch.Tensor:
         """One training step on this batch (None: the batch already in the captured buffers); in the two-graph
         form, one micro-step, followed by the optimizer's step where `update`. Returns the loss, a tensor the next
-        call overwrites."""
+        call overwrites. New images come with their masking noise (the captured noise would mask the same patches
+        step after step), both floating point, in the captured shapes."""
         if not update and self.accum_iter == 1:
             raise ValueError("a step captured with accum_iter=1 updates the weights on every call (update=True)")
+        if imgs is not None and noise is None:
+            raise ValueError("new imgs need their noise too (the noise in the captured buffer would mask the same "
+                             "patches again); draw it, e.g. torch.rand(N, num_patches)")
         for buf, new, name in ((self.imgs, imgs, "imgs"), (self.noise, noise, "noise")):
             if new is None:
                 continue
             if new.shape != buf.shape:
                 raise ValueError(f"{name} must keep the captured shape {tuple(buf.shape)}, got {tuple(new.shape)}")
+            if not new.is_floating_point():
+                raise TypeError(f"{name} must be floating point (copied into the captured {buf.dtype} buffer), "
+                                f"got {new.dtype}")
             buf.copy_(new, non_blocking=True)
         self._sync_lr()
         with torch.cuda.device(self.device):

@@ -114,8 +114,15 @@ def test_capture_flow_matches_eager_steps(monkeypatch):
         assert_close(g, e, 1e-6, 1e-6, f"loss of step {i + 1}")
     for n, p in model.named_parameters():
         assert_close(p.detach(), weights[n], 1e-6, 1e-6, f"weight {n} after three steps")
+    imgs, noise = batches[0]
     with pytest.raises(ValueError, match="captured shape"):
-        step(batches[0][0][:2], None)
+        step(imgs[:2], noise[:2])
+    # new images without their noise would be masked as the captured batch was, step after step
+    with pytest.raises(ValueError, match="new imgs need their noise too"):
+        step(imgs)
+    with pytest.raises(TypeError, match="imgs must be floating point .* got torch.uint8"):  # model(...) refuses too
+        step((imgs * 255).to(torch.uint8), noise)
+    assert fake.replays == 3  # nothing replayed for the refused calls
 
 
 def test_capture_keeps_an_existing_optimizer_state(monkeypatch):

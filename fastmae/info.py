@@ -88,9 +88,10 @@ def availability(device: str, dtype: torch.dtype) -> dict[str, dict[str, list[st
 
 
 def auto_choice(op: str, device: str, dtype: torch.dtype) -> str:
+    """What the automatic order picks for op (whatever FASTMAE_BACKEND asks, shown apart), or "none"."""
     inputs = Inputs(torch.device(device), dtype, head_dim=_HEAD_DIM.get(op), options={"op": op})
     try:
-        return ops.resolve(op, inputs).backend
+        return ops.resolve(op, inputs, "auto").backend
     except ops.BackendUnavailable:
         return "none"
 

@@ -18,6 +18,7 @@ for and cannot serve the input raises `BackendUnavailable` with its reasons: nev
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -138,7 +139,6 @@ _DEFAULT_PRIORITY = {
     "cuda": ["triton", "sdpa", "xformers", "reference"],
 }
 _OTHER_DEVICES = ["sdpa", "reference"]  # mps, xpu, meta, ...: the plain PyTorch paths
-_local = threading.local()
 
 
 def register(impl: OpImpl) -> OpImpl:
@@ -185,7 +185,12 @@ def _validate_name(name: str) -> str:
 
 def _parse_env() -> BackendSpec:
     raw = os.environ.get(ENV_VAR, "")  # read every call, parsed once per value
-    return _parse_cached(raw, ENV_VAR) if raw.strip() else None
+    if not raw.strip():
+        return None
+    try:
+        return _parse_cached(raw, ENV_VAR)
+    except ValueError as exc:  # named as the commands name it: where the bad value came from
+        raise ValueError(f"{ENV_VAR}={raw}: {str(exc).removeprefix(ENV_VAR + ': ')}") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -247,26 +252,34 @@ def _check_ops(spec: Mapping[str, str]) -> None:
                          f"{', '.join(OPS)}")
 
 
-def _context_stack() -> list:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
+class _Choice:
+    """One `use_backend` block's choice: an object of its own, so that leaving the block removes that entry and
+    no other (a generator that leaves its block after its caller entered one)."""
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: BackendSpec):
+        self.spec = spec
+
+
+# the open `use_backend` blocks, innermost last: per thread and per asyncio task (each runs in a context of its own)
+_CHOICES: contextvars.ContextVar[tuple[_Choice, ...]] = contextvars.ContextVar("fastmae_use_backend", default=())
 
 
 @contextlib.contextmanager
 def use_backend(backend: BackendSpec) -> Iterator[None]:
     """Choose the backend for every op called inside the block (unless a call or model names one): a name, a
-    mapping op -> name, or its text form "attention=triton,gather_tokens=reference" (`parse_backend`).
+    mapping op -> name, or its text form "attention=triton,gather_tokens=reference" (`parse_backend`). The
+    choice holds in this thread or asyncio task, not in others running meanwhile.
 
     >>> with use_backend("sdpa"):
     ...     loss, pred, mask = model(imgs)
     """
-    stack = _context_stack()
-    stack.append(parse_backend(backend))
+    choice = _Choice(parse_backend(backend))
+    _CHOICES.set(_CHOICES.get() + (choice,))
     try:
         yield
     finally:
-        stack.pop()
+        _CHOICES.set(tuple(c for c in _CHOICES.get() if c is not choice))
 
 
 def requested(op: str, backend: BackendSpec = None) -> str:
@@ -276,25 +289,30 @@ def requested(op: str, backend: BackendSpec = None) -> str:
         _check_ops(backend)  # a call's own mapping; use_backend and the environment check theirs once
     if isinstance(backend, str) and "=" in backend:  # a call's own text form of a mapping (the others come parsed)
         backend = _parse_cached(backend, "backend")
-    for spec in (backend, *reversed(_context_stack()), _parse_env()):
+    for spec in (backend, *(c.spec for c in reversed(_CHOICES.get()))):
         name = _name_for(spec, op)
         if name is not None:
             return name
-    return "auto"
+    # the environment last, read only when nothing above decided (a bad value then fails only where it is used)
+    name = _name_for(_parse_env(), op)
+    return "auto" if name is None else name
 
 
-_RECORDERS: list[dict[str, str]] = []
+# the open `record_choices` blocks, per thread and per asyncio task as `use_backend`'s
+_RECORDERS: contextvars.ContextVar[tuple[dict[str, str], ...]] = contextvars.ContextVar("fastmae_record_choices",
+                                                                                         default=())
 
 
 @contextlib.contextmanager
 def record_choices() -> Iterator[dict[str, str]]:
-    """Record which backend served each op inside the block: yields a dict op -> backend name."""
+    """Record which backend served each op inside the block (in this thread or asyncio task): yields a dict
+    op -> backend name. Nested blocks each record what runs inside them."""
     record: dict[str, str] = {}
-    _RECORDERS.append(record)
+    _RECORDERS.set(_RECORDERS.get() + (record,))
     try:
         yield record
     finally:
-        _RECORDERS.remove(record)
+        _RECORDERS.set(tuple(r for r in _RECORDERS.get() if r is not record))
 
 
 def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
@@ -316,7 +334,7 @@ def resolve(op: str, inputs: Inputs, backend: BackendSpec = None) -> OpImpl:
                                  options, spec)
         return _REGISTRY[(op, name)]
     impl = _resolve(op, inputs, backend)
-    for record in _RECORDERS:
+    for record in _RECORDERS.get():
         record[op] = impl.backend
     return impl
 

@@ -377,7 +377,10 @@ def test_profile_table_caps_the_busy_share_with_a_note():
 def test_info_shows_the_whole_backend_request(monkeypatch, capsys, env, shown):
     monkeypatch.setenv("FASTMAE_BACKEND", env)
     assert main(["info", "--dtype", "float32"]) == 0
-    assert f"\n  backend   {shown}\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"\n  backend   {shown}\n" in out
+    # the automatic choice is the automatic order's, whatever the variable asks (shown above it)
+    assert "  attention  (automatic choice: sdpa)\n" in out and "  gather_tokens  (automatic choice: sdpa)\n" in out
 
 
 def test_info_names_fastmae_backend_in_its_error(monkeypatch, capsys):

@@ -67,13 +67,58 @@ def test_bad_names_are_errors(monkeypatch):
         with ops.use_backend({"attn": "sdpa"}):
             pass
     monkeypatch.setenv(ops.ENV_VAR, "attention=nope")
-    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+    with pytest.raises(ValueError, match="^FASTMAE_BACKEND=attention=nope: unknown backend 'nope'"):
         ops.requested("attention")
+    # read only where nothing before it decides: a call or block naming its backend does not need it
+    assert ops.requested("attention", "reference") == "reference"
+    with ops.use_backend("sdpa"):
+        assert ops.requested("attention") == "sdpa"
     monkeypatch.delenv(ops.ENV_VAR)
     # a misspelt op in a call's (or a model's) mapping is an error, not a mapping that silently names nothing
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="unknown op.*'atention'"):
         ops.attention(q, q, q, backend={"atention": "reference"})
+
+
+def test_use_backend_and_record_choices_hold_in_their_own_thread_task_and_block():
+    """A `use_backend` block's choice leaves with that block, not with whichever was opened last (a generator that
+    leaves its block while its caller's is open); asyncio tasks and threads each see their own blocks; nested
+    `record_choices` blocks each record what runs inside them, in their own thread only."""
+    import asyncio
+    import threading
+
+    def gen():
+        with ops.use_backend("reference"):
+            yield ops.requested("attention")
+        yield ops.requested("attention")
+
+    g = gen()
+    assert next(g) == "reference"
+    with ops.use_backend("sdpa"):
+        assert next(g) == "sdpa"  # the generator left its block; the caller's is still open
+        assert ops.requested("attention") == "sdpa"
+    assert ops.requested("attention") == "auto"
+
+    async def task(name):
+        with ops.use_backend(name):
+            await asyncio.sleep(0)  # the other task enters its block meanwhile
+            return ops.requested("attention")
+
+    async def both():
+        return await asyncio.gather(task("reference"), task("sdpa"))
+
+    assert asyncio.run(both()) == ["reference", "sdpa"]
+
+    q = torch.randn(1, 1, 4, 16)
+    with ops.record_choices() as outer:
+        with ops.record_choices() as inner:
+            ops.attention(q, q, q, backend="reference")
+        ops.attention(q, q, q, backend="sdpa")
+        other = threading.Thread(target=lambda: ops.gather_patches(torch.randn(1, 3, 8, 8),
+                                                                   torch.zeros(1, 1, dtype=torch.long), 4))
+        other.start()
+        other.join()
+    assert inner == {"attention": "reference"} and outer == {"attention": "sdpa"}
 
 
 def test_a_thread_waits_for_the_registry_to_load_and_a_failed_load_is_retried(monkeypatch):

@@ -4,14 +4,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch first, pinned to a version whose CPU wheel installs without CUDA packages; any torch >= 2.5 works
+# torch first, pinned to a version whose CPU wheel installs without CUDA packages; fastmae supports torch 2.11 to 2.14
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: run test venv clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q "torch>=2.5"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q "torch>=2.11"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

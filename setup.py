@@ -13,7 +13,7 @@ setup(
     package_dir={"fastmae.kernels": "kernels"},
     # measured backend orders (fastmae bench ops --write-priority) and launch settings (fastmae bench tune --write)
     package_data={"fastmae.ops": ["priority.json"], "fastmae.kernels": ["*.json"]},
-    install_requires=["torch>=2.5", "numpy", "pillow", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
         "xformers": ["xformers>=0.0.35"],

@@ -186,7 +186,6 @@ def _argtype(convert: Callable, test: Callable, what: str, name: str) -> Callabl
 
 positive_int = _argtype(int, lambda v: v >= 1, "a positive integer", "positive_int")
 non_negative_int = _argtype(int, lambda v: v >= 0, "a non-negative integer", "non_negative_int")
-positive_float = _argtype(float, lambda v: v > 0, "a positive number", "positive_float")
 non_negative_float = _argtype(float, lambda v: v >= 0, "a non-negative number", "non_negative_float")
 mask_ratio = _argtype(float, lambda v: 0.0 <= v < 1.0, "a mask ratio in [0, 1)", "mask_ratio")
 seed = _argtype(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)", "seed")

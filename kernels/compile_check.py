@@ -39,7 +39,7 @@ kernels' helper functions are interpreter wrappers too; running interpreted kern
 therefore not enough. Whenever the interpreter is on in this process, the check runs in a fresh Python
 process with `TRITON_INTERPRET` removed from its environment: the worker imports the kernel modules there
 (so every `@triton.jit` is a real `JITFunction`), compiles, and writes its reports back as JSON. Loose specs
-(`compile_spec`, `check_specs`) travel by module and qualified name of their kernel, so their kernel must be
+(`check_specs`) travel by module and qualified name of their kernel, so their kernel must be
 defined at module level in an importable module. Without the interpreter everything runs in this process.
 
 Triton versions (checked on 3.6 and 3.9): `ASTSource(fn, signature, constexprs, attrs)` takes a signature
@@ -300,19 +300,11 @@ def _make_source(fn, signature: dict[str, str], constexprs: dict[str, Any], divi
 
 @functools.lru_cache(maxsize=None)
 def _ptxas_path(arch: int) -> str:
-    """The ptxas binary Triton uses for `arch` (3.6+: `get_ptxas(arch)`; fall back to the wheel's bin/)."""
+    """The ptxas binary Triton uses for `arch` (`get_ptxas(arch)`, triton 3.6 to 3.9; else the wheel's bin/)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-        try:
-            return get_ptxas(arch).path
-        except TypeError:  # an older helper without the arch argument
-            return get_ptxas().path
-    except Exception:
-        pass
-    try:
-        from triton import knobs
-        return knobs.nvidia.ptxas.path
-    except Exception:
+        return get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 - no usable helper: the binary the wheel ships
         pass
     import triton
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -676,11 +668,6 @@ def _check_specs_on(specs: Sequence, archs: Iterable[int] = ARCHS, module: str =
     for r in result if progress else ():
         progress(r)
     return result
-
-
-def compile_spec(spec, arch: int, aligned_ints: bool = False) -> Report:
-    """Compile one CompileSpec for `arch` (80 or 90) and report registers, spills, shared memory, problems."""
-    return check_specs([spec], [arch], aligned_ints=aligned_ints)[0]
 
 
 def _module_missing(name: str) -> bool:

@@ -599,7 +599,6 @@ def unshuffle_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
 # Ahead-of-time compile specs
 # ---------------------------------------------------------------------------------------------------------
 
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (x, pos_embed / cls / mask_token, out) dtype triples the launchers meet: one dtype throughout, and a half
 # activation with fp32 parameters (mixed precision), whose output is fp32 by type promotion.
 _TOKEN_DTYPES = [(t, t, t) for t in ("fp32", "fp16", "bf16")] + [("fp16", "fp32", "fp32"), ("bf16", "fp32", "fp32")]

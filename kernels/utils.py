@@ -179,21 +179,6 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def calculate_settings(n: int, max_block: int = 65536) -> tuple[int, int]:
-    """A power-of-two block covering n elements and a warp count for it; a clear error past the limit."""
-    block = next_power_of_2(n)
-    if block > max_block:
-        raise ValueError(f"a row of {n} elements exceeds this kernel's limit of {max_block}")
-    num_warps = 4
-    if block >= 32768:
-        num_warps = 32
-    elif block >= 8192:
-        num_warps = 16
-    elif block >= 2048:
-        num_warps = 8
-    return block, num_warps
-
-
 def check_device(*tensors: torch.Tensor) -> None:
     """Triton serves CUDA tensors, and CPU tensors only under the interpreter: say so instead of crashing."""
     for t in tensors:

@@ -219,11 +219,8 @@ def warm_here(recipes: Sequence[dict], arch: int, launchers: bool = False, out_p
         except ImportError:
             launcher_cls = None
     hits: list[bool] = []  # Triton's compilation listener says whether each compile came from its cache
-    try:
-        from triton import knobs
-        knobs.compilation.listener = lambda **kw: hits.append(bool(kw.get("cache_hit")))
-    except Exception:  # noqa: BLE001 - without the listener, the time tells
-        pass
+    from triton import knobs
+    knobs.compilation.listener = lambda **kw: hits.append(bool(kw.get("cache_hit")))
     results: list[dict] = []
     for recipe in recipes:
         hits.clear()

@@ -89,8 +89,6 @@ class OpImpl:
     # attention only, optional: (qkv [B, N, 3*H*D], heads, scale) -> [B, H, N, D] on the packed projection,
     # for implementations that write the gradient of qkv in one piece (`fastmae.ops.attention_qkv`)
     packed: Callable | None = None
-    # tolerances the tests use for this implementation, per dtype: (atol, rtol)
-    tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
 
     def ready(self) -> "OpImpl":
         """Replace lazily imported functions by the real ones (once; the registry calls it when it picks this)."""

@@ -227,7 +227,7 @@ class ImageFolder:
 
 
 def open_dataset(data_path: str | None, *, input_size: int, split: str = "train", builtin_size: int = 5000,
-                 seed: int = 0, verify: bool = False, prefer_subdir: bool = True, progress: bool = False):
+                 seed: int = 0, verify: bool = False, progress: bool = False):
     """The dataset named by `data_path`: "builtin" / None / "" for the built-in set, else a folder.
     `progress`: a progress bar while the built-in set is drawn, when that takes long (large images).
 
@@ -238,10 +238,7 @@ def open_dataset(data_path: str | None, *, input_size: int, split: str = "train"
         from .synthetic import SyntheticShapes
         n = builtin_size if split == "train" else max(1, builtin_size // 5)
         return SyntheticShapes(n, image_size=input_size, seed=seed, split=split, progress=progress)
-    root = Path(data_path).expanduser()
-    if prefer_subdir:
-        root = split_folder(root, split)
-    return ImageFolder(root, verify=verify)
+    return ImageFolder(split_folder(Path(data_path).expanduser(), split), verify=verify)
 
 
 SPLIT_NAMES = ("train", "val", "test")

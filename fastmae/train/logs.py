@@ -63,15 +63,15 @@ class RunLogger:
                         leave=True, file=sys.stderr)
 
     def iteration(self, *, epoch: int, it: int, iters_per_epoch: int, step: int, loss: float, lr: float,
-                  images: int, seconds: float, write_step: bool = True) -> None:
+                  images: int, seconds: float) -> None:
         self.done_iters += 1
         self.iters_this_run += 1
         if not self.enabled:
             return
-        if self.out is not None and write_step:
+        if self.out is not None:
             with open(self.out / STEP_LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"epoch": epoch, "iter": it, "step": step, "loss": loss, "lr": lr}) + "\n")
-        if self.tb is not None and write_step:
+        if self.tb is not None:
             epoch_1000x = int((it / iters_per_epoch + epoch) * 1000)
             self.tb.add_scalar("train_loss", loss, epoch_1000x)
             self.tb.add_scalar("lr", lr, epoch_1000x)

@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for LARS)")
     p.add_argument("--weight_decay", default=0.0, type=float, help="classifier weight decay")
     p.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear lr warmup")
-    p.add_argument("--seed", default=0, type=seed, help="seed of the split, the classifier and the weights the checkpoint lacks (all without one)")
+    p.add_argument("--seed", default=0, type=seed,
+                   help="seed of the split, the classifier and the weights the checkpoint lacks (all without one)")
     p.add_argument("--num_workers", default=0, type=int, help="DataLoader workers for feature extraction")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu; cuda when available")

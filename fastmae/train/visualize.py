@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image folder (class subfolders or flat), or 'builtin' (the built-in val split)")
     p.add_argument("--num_images", default=8, type=int, help="rows of the grid")
     p.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
-    p.add_argument("--seed", default=0, type=seed, help="seed of the masking noise, the image choice and the weights the "
-                                                             "checkpoint lacks (all without one)")
+    p.add_argument("--seed", default=0, type=seed,
+                   help="seed of the masking noise, the image choice and the weights the checkpoint lacks (all "
+                        "without one)")
     p.add_argument("--output", default="reconstructions.png", type=user_path, help="PNG file to write")
     p.add_argument("--tile", default=128, type=int, help="side in pixels of each drawn image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -206,6 +206,8 @@ class GraphedTrainStep:
         before = [g["lr"] for g in optimizer.param_groups]
         use_tensor_lr(optimizer)  # the graph reads each group's rate from a tensor: see `_sync_lr`
         self.lrs = [g["lr"] for g in optimizer.param_groups]
+        # what the graph updates: parameters added or swapped after the capture would never be
+        self.captured_params = [tuple(g["params"]) for g in optimizer.param_groups]
         try:
             self._capture(imgs, noise, warmup)
         except Exception:
@@ -327,7 +329,13 @@ class GraphedTrainStep:
         """The rates the graph reads are the tensors each group held at capture. A schedule that fills them in place
         (`adjust_learning_rate`, torch's LR schedulers) needs nothing; one that assigns numbers (user code) has its
         number copied into the captured tensor, which goes back into the group."""
-        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.captured_params) or any(
+                len(g["params"]) != len(ps) or any(a is not b for a, b in zip(g["params"], ps))
+                for g, ps in zip(groups, self.captured_params)):
+            raise ValueError("the optimizer's parameter groups changed after the capture (the graph updates the "
+                             "parameters it captured, no others): capture a new GraphedTrainStep")
+        for group, lr in zip(groups, self.lrs):
             if group["lr"] is not lr:
                 with torch.no_grad():
                     lr.fill_(float(group["lr"]))

@@ -122,6 +122,10 @@ def test_capture_flow_matches_eager_steps(monkeypatch):
         step(imgs)
     with pytest.raises(TypeError, match="imgs must be floating point .* got torch.uint8"):  # model(...) refuses too
         step((imgs * 255).to(torch.uint8), noise)
+    # parameters added after the capture would never be updated by the graph
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(ValueError, match="parameter groups changed after the capture"):
+        step(imgs, noise)
     assert fake.replays == 3  # nothing replayed for the refused calls
 
 

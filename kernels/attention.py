@@ -78,7 +78,7 @@ import triton.language as tl
 from .launch import launch
 from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
                     interpreter_enabled, launch_capability, launches_on_device_of, next_power_of_2, qkv_head_dim,
-                    split_qkv, tuned_archs, tuned_entries, tuned_entry)
+                    split_qkv, tuned_entries, tuned_entry, tuned_table_specs)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -1014,13 +1014,8 @@ def settings_spec(kernel: str, n: int, d: int, dtype: torch.dtype, cfg: LaunchSe
 
 def tuned_specs(table: dict) -> list[CompileSpec]:
     """The configurations of a tuned table, each compiled for its own architecture only."""
-    specs = []
-    for arch, per_kernel in tuned_archs(table):
-        for kernel, entries in sorted(per_kernel.items()):
-            for key, cfg in sorted(entries.items()):
-                dtype, n_pad, d_pad = _parse_key(key)
-                spec = _spec(kernel, dtype, d_pad, LaunchSettings(*cfg), n_pad, f" (tuned {arch})")
-                spec.archs = (int(arch[3:]),)
-                spec.always_check = True  # compile_check --sample (make test) compiles these too
-                specs.append(spec)
-    return specs
+    def make(kernel, key, cfg, arch):
+        dtype, n_pad, d_pad = _parse_key(key)
+        return _spec(kernel, dtype, d_pad, LaunchSettings(*cfg), n_pad, f" (tuned {arch})")
+
+    return tuned_table_specs(table, make)

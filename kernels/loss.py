@@ -53,8 +53,8 @@ import triton.language as tl
 
 from .launch import launch
 from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
-                    image_patches, launch_capability, launches_on_device_of, next_power_of_2, tuned_archs,
-                    tuned_entries, tuned_entry)
+                    image_patches, launch_capability, launches_on_device_of, next_power_of_2, tuned_entries,
+                    tuned_entry, tuned_table_specs)
 
 # The finalize kernel's block: the sums of a ViT-B batch of up to 128 (one per forward program) in one pass
 FINALIZE_BLOCK = 4096
@@ -626,15 +626,8 @@ def settings_spec(kernel: str, key: str, cfg: LossSettings, note: str = "") -> C
 
 def tuned_specs(table: dict) -> list[CompileSpec]:
     """The configurations of a tuned table, each compiled for its own architecture only."""
-    specs = []
-    for arch, per_kernel in tuned_archs(table):
-        for kernel, entries in sorted(per_kernel.items()):
-            for key, cfg in sorted(entries.items()):
-                spec = settings_spec(kernel, key, LossSettings(*cfg), f" (tuned {arch}: {key})")
-                spec.archs = (int(arch[3:]),)
-                spec.always_check = True  # compile_check --sample (make test) compiles these too
-                specs.append(spec)
-    return specs
+    return tuned_table_specs(table, lambda kernel, key, cfg, arch: settings_spec(
+        kernel, key, LossSettings(*cfg), f" (tuned {arch}: {key})"))
 
 
 def compile_specs() -> list[CompileSpec]:

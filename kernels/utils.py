@@ -271,6 +271,20 @@ def tuned_archs(table: dict):
     return [(arch, per_kernel) for arch, per_kernel in sorted(table.items()) if arch not in _TABLE_INFO]
 
 
+def tuned_table_specs(table: dict, make_spec: Callable[[str, str, list, str], CompileSpec]) -> list[CompileSpec]:
+    """The configurations of a tuned table, each compiled for its own architecture only and in every compile
+    check (`--sample` too, as `make test` runs it); `make_spec(kernel, key, settings, arch)` builds one's spec."""
+    specs = []
+    for arch, per_kernel in tuned_archs(table):
+        for kernel, entries in sorted(per_kernel.items()):
+            for key, cfg in sorted(entries.items()):
+                spec = make_spec(kernel, key, cfg, arch)
+                spec.archs = (int(arch[3:]),)
+                spec.always_check = True
+                specs.append(spec)
+    return specs
+
+
 def read_tuned_table(path: str, validate: Callable[[dict], list[str]], what: str) -> dict:
     """A tuned table from `path` ({} when there is none); an unsound file is ignored with a warning."""
     if not os.path.isfile(path):

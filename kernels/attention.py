@@ -78,7 +78,7 @@ import triton.language as tl
 from .launch import launch
 from .utils import (FP_FUSION, PLAIN_TENSOR_TYPES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
                     interpreter_enabled, launch_capability, launches_on_device_of, next_power_of_2, qkv_head_dim,
-                    split_qkv, tuned_entries, tuned_entry, tuned_table_specs)
+                    split_qkv, TRITON_DTYPES, tuned_entries, tuned_entry, tuned_table_specs)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "forward_path", "backward_path", "choose_paths",
            "kernels_for", "launch_settings", "LaunchSettings", "compile_specs", "KERNELS", "SHORT_MAX_N",
@@ -480,13 +480,13 @@ _SHORT_KERNELS = ("fwd_short", "bwd_short")
 
 def tuned_key(kernel: str, n: int, d: int, dtype: torch.dtype) -> str:
     """The key of a tuned entry: dtype and tiles ('bf16,N64,D64' for the short kernels, 'bf16,D64' else)."""
-    dt = _TRITON_DTYPE[dtype]
+    dt = TRITON_DTYPES[dtype]
     return f"{dt},N{_pad(n)},D{_pad(d)}" if kernel in _SHORT_KERNELS else f"{dt},D{_pad(d)}"
 
 
 def _parse_key(key: str) -> tuple[torch.dtype, int | None, int]:
     parts = key.split(",")
-    dtype = {v: k for k, v in _TRITON_DTYPE.items()}[parts[0]]
+    dtype = {v: k for k, v in TRITON_DTYPES.items()}[parts[0]]
     n_pad = int(parts[1][1:]) if len(parts) == 3 else None
     return dtype, n_pad, int(parts[-1][1:])
 
@@ -927,7 +927,6 @@ def attention_packed(qkv: torch.Tensor, num_heads: int, scale: float | None = No
 # Every configuration the launchers can pick, for the ahead-of-time compile check
 # ----------------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _FP32_POINTERS = {"LSE", "DELTA"}
 _FLOAT_SCALARS = {"qk_scale", "sm_scale"}
 _SHORT_TILES = tuple(1 << i for i in range(4, SHORT_MAX_N.bit_length()))  # 16 .. SHORT_MAX_N
@@ -947,7 +946,7 @@ def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, n_pa
         if name in constexprs:
             continue
         if name[0].isupper():
-            signature[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TRITON_DTYPE[dtype]
+            signature[name] = "*fp32" if name in _FP32_POINTERS else "*" + TRITON_DTYPES[dtype]
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
         elif name.startswith("s") and name.endswith("d") and len(name) <= 5:
@@ -956,7 +955,7 @@ def _spec(kernel: str, dtype: torch.dtype, d_pad: int, cfg: LaunchSettings, n_pa
             constexprs[name] = 1
         else:
             signature[name] = "i32"
-    dt = _TRITON_DTYPE[dtype]
+    dt = TRITON_DTYPES[dtype]
     tiles = f"N_PAD={n_pad},D_PAD={d_pad}" if n_pad else f"D_PAD={d_pad}"
     spec = CompileSpec(name=f"attention.{kernel}[{dt},{tiles}]{note}", fn=fn, signature=signature,
                        constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

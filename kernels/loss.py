@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from .utils import (FP_FUSION, NUM_STAGES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
+from .utils import (FP_FUSION, NUM_STAGES, TRITON_DTYPES, CompileSpec, TunedSettings, cdiv, check_device, custom_op,
                     image_patches, launch_capability, launches_on_device_of, next_power_of_2, tuned_entries,
                     tuned_entry, tuned_table_specs)
 
@@ -132,7 +132,6 @@ KERNELS = ("fwd", "bwd")
 # {bwd_key: [BLOCK_R, num_warps, 1, num_stages]}}, "source": {...}, "measured": {...}}.
 TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loss_tuned.json")
 MAX_TILE_ELEMENTS = {"fwd": 8192, "bwd": 16384}  # the largest tile (rows x padded row) a tuned entry may take
-_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _DT_NAMES = "fp32|fp16|bf16"
 _FWD_KEY = re.compile(rf"({_DT_NAMES}),({_DT_NAMES}),C(\d+),p(\d+),norm([01]),ids([01]),grad([01])")
 _BWD_KEY = re.compile(rf"({_DT_NAMES}),B(\d+),mask([01])")
@@ -153,7 +152,7 @@ def bwd_key(dtype: torch.dtype, P: int, has_mask: bool) -> str:
 
 def _dt(dtype: torch.dtype) -> str:
     """A dtype's name in keys (one the kernels do not take gets a name no key matches: the rule serves it)."""
-    return _DT.get(dtype, str(dtype))
+    return TRITON_DTYPES.get(dtype, str(dtype))
 
 
 def _key_tile(kernel: str, key: str) -> int | None:

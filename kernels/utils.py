@@ -168,6 +168,8 @@ NUM_STAGES = 3
 # alike: on in triton 3.6 to 3.9 by default, stated so that triton 3.9's warning about a coming change of that
 # default stays silent and the kernels' numbers and register use do not change with it.
 FP_FUSION = True
+# Triton's names of the float types the kernels take (pointer types '*fp16', table keys, compile specs)
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def cdiv(a: int, b: int) -> int:

@@ -37,13 +37,13 @@ import torch
 
 from ..kernels.utils import launch_capability, tuned_path  # torch only, never triton
 from ..model.checkpoint import atomic_write_text
+from ..kernels.utils import TRITON_DTYPES
 from .common import DTYPES, error_line, parse_list, progress, resolve_device
 from .records import environment, table
 from .timing import measure
 from .tolerance import error_bound, max_error
 
 MIN_GAIN = 0.03  # a candidate must be this much faster than the rule's setting to be recorded
-_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # name: (heads, tokens, head dim, batch or None for --batch)
 SHAPES = {
@@ -158,7 +158,7 @@ def plan(attn, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
     cap = launch_capability(device)
     seen, out = set(), []
     for dtype in dtypes:
-        dt = _DT[dtype]
+        dt = TRITON_DTYPES[dtype]
         for name, (B, H, N, D) in shapes.items():
             fwd, bwd = attn.choose_paths(N, D, dtype, capability=cap)
             for kernel in ["fwd_" + fwd] + (["bwd_short"] if bwd == "short" else ["bwd_dkdv", "bwd_dq"]):

@@ -88,11 +88,12 @@ def plan(loss, shapes: dict[str, tuple], dtypes: list[torch.dtype], device: torc
     training launches it (writing the gradient buffer) and without a gradient (`quick`: two of the four, each
     switch on once and off once); the backward once per dtype and row size. Candidates that launch as another
     one does at the shape are left out."""
-    from .tune import _DT, Candidate
+    from ..kernels.utils import TRITON_DTYPES
+    from .tune import Candidate
 
     seen, out = set(), []
     for dtype in dtypes:
-        label_ = f"{_DT[dtype]}/fp32"
+        label_ = f"{TRITON_DTYPES[dtype]}/fp32"
         for name, (B, C, side, p) in shapes.items():
             rows = B * (side // p) ** 2
             switches = ([(True, True), (False, False)] if quick

@@ -128,6 +128,18 @@ def assert_error_within_plain(fast: torch.Tensor, plain: torch.Tensor, ref32: to
                           f"{describe_difference(fast, ref32)}")
 
 
+def seeded_randn(*shape, device, dtype=torch.float32, seed: int = 0, requires_grad: bool = False) -> torch.Tensor:
+    """A standard normal tensor drawn on the CPU from `seed` (the same numbers on every device), then moved."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
+def kept_ids(n: int, L: int, K: int, device="cpu", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_keep [n, K] contiguous, ids_restore [n, L]) of one masking draw (`masking`), as the model makes it."""
+    ids_shuffle, ids_restore, _ = masking(n, L, K, device, seed)
+    return ids_shuffle[:, :K].contiguous(), ids_restore
+
+
 def masking(n: int, L: int, len_keep: int, device="cpu", seed: int = 0):
     """One masking draw as the model makes it: (ids_shuffle [N, L], ids_restore [N, L], mask [N, L])."""
     g = torch.Generator().manual_seed(seed)

@@ -17,24 +17,13 @@ import torch
 from functorch.compile import aot_function, nop
 
 from fastmae.kernels.utils import split_qkv
-from tests.utils import DEVICES, OpRecorder, masking, skip_unless_serves
+from tests.utils import DEVICES, OpRecorder, kept_ids, seeded_randn, skip_unless_serves
 
 attn = pytest.importorskip("fastmae.kernels.attention", reason="the Triton kernels need triton")
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
 loss = pytest.importorskip("fastmae.kernels.loss", reason="the Triton kernels need triton")
 
 OPS = torch.ops.fastmae
-
-
-def _randn(*shape, device, dtype=torch.float32, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
-
-
-def _ids(n, L, K, device):
-    """(ids_keep [n, K], ids_restore [n, L]) of one masking draw as the model makes it."""
-    ids_shuffle, ids_restore, _ = masking(n, L, K, device)
-    return ids_shuffle[:, :K].contiguous(), ids_restore
 
 
 def _check(op, args):
@@ -47,12 +36,12 @@ def _check(op, args):
 def test_attention_ops(device, dtype, path):
     skip_unless_serves("attention", "triton", device, dtype, head_dim=32)
     B, H, N, D = 2, 2, 7, 32
-    qkv = _randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=True)
+    qkv = seeded_randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=True)
     q, k, v = (t.detach().requires_grad_() for t in split_qkv(qkv, H))  # strided views, as the model passes them
     scale = D ** -0.5
     _check(OPS.attention_fwd, (q, k, v, scale, path))
     out, lse = OPS.attention_fwd(q.detach(), k.detach(), v.detach(), scale, path)
-    dout = _randn(B, H, N, D, device=device, dtype=dtype, seed=1)
+    dout = seeded_randn(B, H, N, D, device=device, dtype=dtype, seed=1)
     _check(OPS.attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, scale, path))
 
     _check(OPS.attention_qkv_fwd, (qkv, H, scale, path))
@@ -64,27 +53,27 @@ def test_attention_ops(device, dtype, path):
 def test_token_ops(device):
     skip_unless_serves("gather_tokens", "triton", device, torch.float32)
     n, L, K, D, p, C = 2, 16, 4, 32, 4, 3
-    ids_keep, ids_restore = _ids(n, L, K, device)
-    imgs = _randn(n, C, 16, 16, device=device)
+    ids_keep, ids_restore = kept_ids(n, L, K, device)
+    imgs = seeded_randn(n, C, 16, 16, device=device)
     _check(OPS.gather_patches, (imgs, ids_keep, p))
 
-    x = _randn(n, L, D, device=device, seed=1)
-    pos = _randn(1, L + 1, D, device=device, seed=2)
-    cls = _randn(1, 1, D, device=device, seed=3)
+    x = seeded_randn(n, L, D, device=device, seed=1)
+    pos = seeded_randn(1, L + 1, D, device=device, seed=2)
+    cls = seeded_randn(1, 1, D, device=device, seed=3)
     _check(OPS.gather_tokens_fwd, (x, ids_keep, pos, cls, False))
     _check(OPS.gather_tokens_fwd, (x[:, :K].contiguous(), ids_keep, pos, None, True))
     _check(OPS.gather_tokens_fwd, (x.half(), ids_keep, pos, cls, False))  # mixed dtypes, as under autocast
-    grad = _randn(n, K + 1, D, device=device, seed=4)
+    grad = seeded_randn(n, K + 1, D, device=device, seed=4)
     _check(OPS.gather_tokens_bwd_x, (grad, ids_keep, L, torch.float32, True))
     _check(OPS.gather_tokens_bwd_x, (grad.half(), ids_keep, L, torch.float16, True))
     _check(OPS.gather_tokens_bwd_cls, (grad, ids_keep, torch.float32))
     _check(OPS.gather_tokens_bwd_cls, (grad.half(), ids_keep, torch.float32))
 
-    xd = _randn(n, K + 1, D, device=device, seed=5)
-    mask_token = _randn(1, 1, D, device=device, seed=6)
+    xd = seeded_randn(n, K + 1, D, device=device, seed=5)
+    mask_token = seeded_randn(1, 1, D, device=device, seed=6)
     _check(OPS.unshuffle_tokens_fwd, (xd, ids_restore, mask_token, pos))
     _check(OPS.unshuffle_tokens_fwd, (xd.half(), ids_restore, mask_token, pos))
-    grad = _randn(n, L + 1, D, device=device, seed=7)
+    grad = seeded_randn(n, L + 1, D, device=device, seed=7)
     _check(OPS.unshuffle_tokens_bwd, (grad, ids_restore, K, torch.float32, torch.float32))
     _check(OPS.unshuffle_tokens_bwd, (grad.half(), ids_restore, K, torch.float16, torch.float32))
 
@@ -95,9 +84,9 @@ def test_token_ops(device):
 def test_masked_mse_ops(device, pred_dtype, norm_pix):
     skip_unless_serves("masked_mse_loss", "triton", device, pred_dtype)
     n, L, K, p, C = 2, 16, 4, 4, 3
-    imgs = _randn(n, C, 16, 16, device=device)
-    pred = _randn(n, L, p * p * C, device=device, dtype=pred_dtype, seed=1)
-    ids_keep, ids_restore = _ids(n, L, K, device)
+    imgs = seeded_randn(n, C, 16, 16, device=device)
+    pred = seeded_randn(n, L, p * p * C, device=device, dtype=pred_dtype, seed=1)
+    ids_keep, ids_restore = kept_ids(n, L, K, device)
     mask = torch.ones(n, L, device=device)
     mask.scatter_(1, ids_keep, 0.0)
     _check(OPS.masked_mse_fwd, (pred, imgs, mask, p, norm_pix, None, False))
@@ -135,10 +124,10 @@ def test_eager_calls_skip_the_custom_op_dispatch(device):
     skip_unless_serves("attention", "triton", device, torch.float32, head_dim=32)
 
     B, H, N, D, L, K = 2, 2, 7, 32, 16, 4
-    qkv = _randn(B, N, 3 * H * D, device=device, requires_grad=True)
-    x = _randn(2, L, D, device=device, seed=1, requires_grad=True)
-    pos = _randn(1, L + 1, D, device=device, seed=2)
-    ids_keep, ids_restore = _ids(2, L, K, device)
+    qkv = seeded_randn(B, N, 3 * H * D, device=device, requires_grad=True)
+    x = seeded_randn(2, L, D, device=device, seed=1, requires_grad=True)
+    pos = seeded_randn(1, L + 1, D, device=device, seed=2)
+    ids_keep, ids_restore = kept_ids(2, L, K, device)
     def namespaces(recorder):
         return {str(f).split(".")[0] for f in recorder.funcs}
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from fastmae.ops import reference
-from tests.utils import (DEVICES, assert_error_within_plain, launched_kernels, plain_for_rule,
-                         skip_unless_serves)
+from tests.utils import (DEVICES, assert_error_within_plain, kept_ids, launched_kernels, plain_for_rule,
+                         seeded_randn, skip_unless_serves)
 
 tokens = pytest.importorskip("fastmae.kernels.tokens", reason="the Triton kernels need triton")
 
@@ -30,20 +30,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (patches L, width D, kept K): ratios 0.5, 0.75, 0.9, a single kept patch, none removed, and more kept patches
 # than the official-order backward compares at once (GATHER_BWD_BLOCK_K = 64: two steps, the second partial)
 TOKEN_CASES = [(4, 32, 2), (64, 48, 16), (196, 96, 19), (256, 32, 1), (16, 40, 16), (130, 32, 97)]
-
-
-def _ids(n: int, L: int, K: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.rand(n, L, generator=g)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle[:, :K].contiguous().to(device), ids_restore.to(device)
-
-
-def _randn(*shape, dtype, device, seed, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-    return t.requires_grad_(requires_grad)
 
 
 def _run(fn, grads_of, *args):
@@ -75,9 +61,9 @@ PATCH_CASES = [(2, 1, 4, 2, 2, 2), (2, 3, 4, 8, 8, 16), (1, 3, 16, 14, 14, 49), 
 @pytest.mark.parametrize("case", PATCH_CASES)
 def test_gather_patches_matches_reference(device, dtype, case):
     n, c, p, gh, gw, K = case
-    imgs = _randn(n, c, gh * p, gw * p, dtype=dtype, device=device, seed=1)
+    imgs = seeded_randn(n, c, gh * p, gw * p, dtype=dtype, device=device, seed=1)
     skip_unless_serves("gather_patches", "triton", device, dtype, imgs=imgs)
-    ids_keep, _ = _ids(n, gh * gw, K, device)
+    ids_keep, _ = kept_ids(n, gh * gw, K, device)
     out = tokens.gather_patches(imgs, ids_keep, p)
     assert out.dtype == dtype
     assert torch.equal(out, reference.gather_patches(imgs, ids_keep, p))
@@ -87,10 +73,10 @@ def test_gather_patches_matches_reference(device, dtype, case):
 def test_gather_patches_strided_image(device):
     """A channels-last image (a strided view) is read in place (the kernel is given the image itself, not a copy)
     and gives the same patches."""
-    imgs = _randn(2, 3, 32, 32, dtype=torch.float32, device=device, seed=2).to(memory_format=torch.channels_last)
+    imgs = seeded_randn(2, 3, 32, 32, dtype=torch.float32, device=device, seed=2).to(memory_format=torch.channels_last)
     skip_unless_serves("gather_patches", "triton", device, torch.float32, imgs=imgs)
     assert not imgs.is_contiguous()
-    ids_keep, _ = _ids(2, 64, 16, device)
+    ids_keep, _ = kept_ids(2, 64, 16, device)
     with launched_kernels() as launched:
         out = tokens.gather_patches(imgs, ids_keep, 4)
     assert len(launched) == 1 and any(a is imgs for a in launched[0].args)
@@ -108,10 +94,10 @@ def test_gather_patches_refuses_imgs_requiring_grad(device):
 # --- gather_tokens ------------------------------------------------------------------------------
 
 def _gather_tokens_case(device, dtype, L, D, K, gathered, with_cls, n=2):
-    ids_keep, _ = _ids(n, L, K, device, seed=L + K)
-    x32 = _randn(n, K if gathered else L, D, dtype=torch.float32, device=device, seed=3)
-    pos = _randn(1, L + 1, D, dtype=torch.float32, device=device, seed=4)
-    cls32 = _randn(1, 1, D, dtype=torch.float32, device=device, seed=5) if with_cls else None
+    ids_keep, _ = kept_ids(n, L, K, device, seed=L + K)
+    x32 = seeded_randn(n, K if gathered else L, D, dtype=torch.float32, device=device, seed=3)
+    pos = seeded_randn(1, L + 1, D, dtype=torch.float32, device=device, seed=4)
+    cls32 = seeded_randn(1, 1, D, dtype=torch.float32, device=device, seed=5) if with_cls else None
     return ids_keep, x32, pos, cls32
 
 
@@ -170,7 +156,7 @@ def test_token_ops_refuse_what_their_kernels_cannot_take(device):
     write outside x."""
     skip_unless_serves("gather_tokens", "triton", device, torch.float32)
     from fastmae import ops
-    ids_keep, ids_restore = _ids(2, 4, 2, device)
+    ids_keep, ids_restore = kept_ids(2, 4, 2, device)
     x, pos = torch.randn(2, 4, 8, device=device), torch.randn(1, 5, 8, device=device)
     with pytest.raises(ops.BackendUnavailable, match="takes pos_embed in float32, float16 or bfloat16"):
         ops.gather_tokens(x, ids_keep, pos.double(), backend="triton")
@@ -208,7 +194,7 @@ def test_token_kernels_refuse_a_per_sample_position_table(device):
     """The kernels read pos_embed as one table for the batch: [N, L+1, D] would give every sample the first
     sample's rows, so their own entry points refuse it (not only fastmae.ops)."""
     skip_unless_serves("gather_tokens", "triton", device, torch.float32)
-    ids_keep, ids_restore = _ids(2, 8, 3, device)
+    ids_keep, ids_restore = kept_ids(2, 8, 3, device)
     with pytest.raises(ValueError, match="one table for the batch"):
         tokens.gather_tokens(torch.randn(2, 8, 16, device=device), ids_keep, torch.randn(2, 9, 16, device=device))
     with pytest.raises(ValueError, match="one table for the batch"):
@@ -219,10 +205,10 @@ def test_token_kernels_refuse_a_per_sample_position_table(device):
 # --- unshuffle_tokens --------------------------------------------------------------------------
 
 def _unshuffle_inputs(device, L, D, K, n=2):
-    _, ids_restore = _ids(n, L, K, device, seed=L + 7 * K)
-    x32 = _randn(n, K + 1, D, dtype=torch.float32, device=device, seed=6)
-    mtok32 = _randn(1, 1, D, dtype=torch.float32, device=device, seed=7)
-    pos32 = _randn(1, L + 1, D, dtype=torch.float32, device=device, seed=8)
+    _, ids_restore = kept_ids(n, L, K, device, seed=L + 7 * K)
+    x32 = seeded_randn(n, K + 1, D, dtype=torch.float32, device=device, seed=6)
+    mtok32 = seeded_randn(1, 1, D, dtype=torch.float32, device=device, seed=7)
+    pos32 = seeded_randn(1, L + 1, D, dtype=torch.float32, device=device, seed=8)
     return ids_restore, x32, mtok32, pos32
 
 
@@ -272,7 +258,7 @@ def test_unshuffle_mask_token_grad_is_deterministic(device, n, L, D, K):
     ids_restore, x32, mtok32, pos32 = _unshuffle_inputs(device, L, D, K, n=n)
     _, rows_per_prog, chunks = tokens._unshuffle_bwd_split(n, L, D)
     assert chunks > 1 or n > 16, "the shape should exercise the two-stage reduction"
-    go = _randn(n, L + 1, D, dtype=torch.float32, device=device, seed=9) * 100
+    go = seeded_randn(n, L + 1, D, dtype=torch.float32, device=device, seed=9) * 100
     grads = []
     for _ in range(2):
         x, m = _leaf(x32), _leaf(mtok32)
@@ -292,7 +278,7 @@ def test_unshuffle_mask_token_grad_is_deterministic(device, n, L, D, K):
 def test_gather_tokens_cls_grad_is_deterministic(device):
     skip_unless_serves("gather_tokens", "triton", device, torch.float32)
     ids_keep, x32, pos, cls32 = _gather_tokens_case(device, torch.float32, 16, 64, 4, False, True, n=40)
-    go = _randn(40, 5, 64, dtype=torch.float32, device=device, seed=10) * 100
+    go = seeded_randn(40, 5, 64, dtype=torch.float32, device=device, seed=10) * 100
     grads = []
     for _ in range(2):
         x, c = _leaf(x32), _leaf(cls32)

@@ -203,7 +203,8 @@ def attention_case(name: str, b: int, h: int, n: int, d: int, dtype: torch.dtype
                   flops=attention_flops(b, h, n, d))
 
 
-def gather_patches_case(name: str, b: int, patch: int, dtype_unused: torch.dtype) -> OpCase:
+def gather_patches_case(name: str, b: int, patch: int) -> OpCase:
+    """The images stay fp32 in every run (the model embeds them under autocast): no dtype."""
     L = (IMG // patch) ** 2
     k = int(L * (1 - MASK_RATIO))
     P = CHANNELS * patch * patch
@@ -343,7 +344,7 @@ def mae_cases(batch: int, dtype: torch.dtype, models: Sequence[str] = ("B", "L",
         cases.append(attention_case(f"{vit} encoder", batch, s["heads"], k + 1, s["width"] // s["heads"], dtype))
         cases.append(attention_case(f"{vit} decoder", batch, s["dec_heads"], L + 1, s["dec_width"] // s["dec_heads"],
                                     dtype))
-        cases.append(gather_patches_case(f"{vit} encoder", batch, s["patch"], dtype))
+        cases.append(gather_patches_case(f"{vit} encoder", batch, s["patch"]))
         cases.append(gather_tokens_case(f"{vit} official order", batch, L, s["width"], dtype, gathered=False))
         cases.append(gather_tokens_case(f"{vit} gathered", batch, L, s["width"], dtype, gathered=True))
         cases.append(unshuffle_case(f"{vit} decoder", batch, L, s["dec_width"], dtype))

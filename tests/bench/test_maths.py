@@ -156,7 +156,7 @@ def test_byte_counts_by_hand():
     assert g["fwd+bwd"] - g["fwd"] == 2 * (1 * 2 + 2)
     g = ops_bench.gather_tokens_bytes(1, 4, 2, 2, 2, gathered=False)
     assert g["fwd+bwd"] - g["fwd"] == 2 * (3 * 2 + 4 * 2 + 2) + 2 * 8
-    case = ops_bench.gather_patches_case("x", 2, 16, torch.float32)
+    case = ops_bench.gather_patches_case("x", 2, 16)
     fig = ops_bench.figures(case, "fwd", 2.0, Limits("cpu", "float32", 1, 1.0, 1, copy_gbps=100.0))
     assert fig["gbps"] == pytest.approx(case.bytes["fwd"] / 2e-3 / 1e9)
     assert fig["frac_peak"] == pytest.approx(fig["gbps"] / 100.0)

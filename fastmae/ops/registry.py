@@ -206,7 +206,7 @@ def _parse_text(raw: str, where: str) -> BackendSpec:
     spec = {}
     for part in raw.split(","):
         op, _, name = part.partition("=")
-        op = op.strip()
+        op = op.strip().lower()  # as backend names: "Attention=SDPA" is attention=sdpa
         if op not in OPS:
             raise ValueError(f"{where}: unknown op {op!r}; ops are {', '.join(OPS)}")
         if op in spec:

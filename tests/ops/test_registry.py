@@ -71,6 +71,7 @@ def test_bad_names_are_errors(monkeypatch):
         ops.requested("attention")
     # read only where nothing before it decides: a call or block naming its backend does not need it
     assert ops.requested("attention", "reference") == "reference"
+    assert ops.requested("attention", " Attention = SDPA ") == "sdpa"  # the text form ignores case and spaces
     with ops.use_backend("sdpa"):
         assert ops.requested("attention") == "sdpa"
     monkeypatch.delenv(ops.ENV_VAR)

@@ -6,15 +6,15 @@
   train_<model>.png    images/s per training variant
   attention.png        TFLOP/s per attention case and implementation (forward+backward where measured)
 
-A folder several runs wrote into may hold other batches, dtypes or devices: each plot draws the configuration
-measured last (`records.newest_group`).
+A folder several runs wrote into may hold other batches, dtypes or devices: each plot draws the run measured
+last (`records.newest_run`; the model plots, the configuration measured last: `records.newest_run_rows`).
 """
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-from .records import newest_group, newest_run_rows
+from .records import newest_run, newest_run_rows
 
 
 def _save(fig, path: str) -> None:
@@ -36,7 +36,7 @@ def _pyplot():
 
 
 def _stamp(records: Sequence[dict]) -> str:
-    r = records[0]
+    r = max(records, key=lambda x: str(x.get("date", "")))  # the newest run's
     return f"{r.get('device', '?')} | torch {r.get('torch', '?')} | triton {r.get('triton', '?')} | {r.get('date', '')}"
 
 
@@ -99,7 +99,7 @@ def _grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str
 
 def plot_ops(records: Sequence[dict], out_dir: str) -> list[str]:
     rows = [r for r in records if r.get("kind") == "op" and r.get("status") == "ok" and r.get("speedup")]
-    rows = newest_group(rows, lambda r: (r.get("dtype"), r.get("device")))
+    rows = newest_run(rows)  # by run, not dtype: gather_patches' rows carry the images' float32 in a bf16 run
     if not rows:
         return []
     with_bwd = {(r["op"], r["case"]) for r in rows if r["mode"] == "fwd+bwd"}
@@ -138,7 +138,7 @@ def plot_train(records: Sequence[dict], out_dir: str) -> list[str]:
 
 def plot_attention(records: Sequence[dict], out_dir: str) -> list[str]:
     rows = [r for r in records if r.get("kind") == "attention" and r.get("status") == "ok" and r.get("tflops")]
-    rows = newest_group(rows, lambda r: (r.get("dtype"), r.get("device")))
+    rows = newest_run(rows)  # by run, not dtype: gather_patches' rows carry the images' float32 in a bf16 run
     if not rows:
         return []
     mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in rows) else "fwd"

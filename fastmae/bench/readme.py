@@ -11,7 +11,7 @@ import os
 from typing import Sequence
 
 from .limits import launch_line
-from .records import (BUSY_CAPPED_NOTE, busy_cell, newest_run_rows, optimizer_cell, own_peak_mem_mb,
+from .records import (BUSY_CAPPED_NOTE, busy_cell, newest_run, newest_run_rows, optimizer_cell, own_peak_mem_mb,
                       peak_mem_kind, read_results)
 
 START = "<!-- bench-results:start -->"
@@ -44,7 +44,7 @@ def latest_runs(results_root: str) -> dict[str, tuple[str, list[dict]]]:
                     key=lambda t: sum(r.get("device_type", "cpu") == t for r in measured))
         key = (max(str(r.get("date", "")) for r in measured), folder)
         if dtype not in best or key > best[dtype][0]:
-            best[dtype] = (key, folder, records)
+            best[dtype] = (key, folder, [r for r in records if not r.get("quick")])
     return {t: (folder, records) for t, (_, folder, records) in best.items()}
 
 
@@ -78,11 +78,12 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
 
 def stamp_line(records: Sequence[dict], folder: str, base: str) -> str:
     r = next(x for x in records if x.get("kind") in MEASURED)
-    commit = str(r.get("git_commit", "?"))
-    commit = commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+    commits = dict.fromkeys(str(x.get("git_commit", "?")) for x in records if x.get("kind") in MEASURED)
+    commit = "`, `".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in commits)
     dates = sorted(str(x.get("date", "")) for x in records if x.get("kind") in MEASURED)
     return (f"{r.get('device', '?')} · torch {r.get('torch', '?')} · triton {r.get('triton', '?')} · "
-            f"xformers {r.get('xformers', '?')} · CUDA {r.get('cuda', '?')} · commit `{commit}`"
+            f"xformers {r.get('xformers', '?')} · CUDA {r.get('cuda', '?')} · "
+            f"commit{'s' if len(commits) > 1 else ''} `{commit}`"
             f" · {dates[0]}{' to ' + dates[-1] if dates[-1] != dates[0] else ''} · "
             f"[`{os.path.relpath(folder, base)}`]({os.path.relpath(folder, base)})")
 
@@ -178,9 +179,10 @@ def train_section(records: Sequence[dict]) -> list[str]:
 
 
 def ops_section(records: Sequence[dict]) -> list[str]:
-    rows = [r for r in records if r.get("kind") == "op"]
+    rows = newest_run([r for r in records if r.get("kind") == "op"])
     if not rows:
         return []
+    records = [r for r in records if r.get("date") == rows[0].get("date")]  # that run's limits and launch costs
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
     first = rows[0]
@@ -233,7 +235,7 @@ def ops_section(records: Sequence[dict]) -> list[str]:
 def attention_section(records: Sequence[dict]) -> list[str]:
     """Triton's forward+backward attention per case and batch, beside the fastest SDPA kernel, SDPA's flash
     kernel and xformers."""
-    rows = [r for r in records if r.get("kind") == "attention" and r.get("mode") == "fwd+bwd"]
+    rows = newest_run([r for r in records if r.get("kind") == "attention" and r.get("mode") == "fwd+bwd"])
     if not rows:
         return []
     out = [f"**Attention** ({rows[0]['dtype']}), forward+backward: triton's TFLOP/s and its speedup over the "

@@ -35,7 +35,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KEY_FIELDS = ("kind", "op", "case", "model", "backend", "mode", "shape", "dtype", "mask_ratio", "device")
+# what makes two records the same measurement (a later run replaces the earlier's); a --quick run's records are
+# never the same as a full run's
+KEY_FIELDS = ("kind", "op", "case", "model", "backend", "mode", "shape", "dtype", "mask_ratio", "device", "quick")
 STAMP_FIELDS = ("device", "device_type", "torch", "triton", "xformers", "cuda", "python", "git_commit",
                 "tuned_tables", "date")
 
@@ -168,8 +170,20 @@ def newest_group(rows: Sequence[dict], key: Callable[[dict], object]) -> list[di
 
 def run_config(r: dict) -> tuple:
     """What a model-level record (encoder, train) was measured at, beside its model and variant: batch, dtype,
-    device (the CPU's names its thread count)."""
-    return (r.get("shape", {}).get("batch"), r.get("dtype"), r.get("device"))
+    device (the CPU's names its thread count), and a training step's mask ratio (an encoder run's rows span the
+    ratios)."""
+    return (r.get("shape", {}).get("batch"), r.get("dtype"), r.get("device"),
+            r.get("mask_ratio") if r.get("kind") == "train" else None)
+
+
+def newest_run(rows: Sequence[dict]) -> list[dict]:
+    """The rows of the command run last: every record of one run carries that run's date stamp. A folder several
+    runs wrote into (other batches, dtypes, options) holds theirs beside it, which one table or plot must not
+    mix. [] for no rows."""
+    if not rows:
+        return []
+    newest = max(str(r.get("date", "")) for r in rows)
+    return [r for r in rows if str(r.get("date", "")) == newest]
 
 
 def newest_run_rows(rows: Sequence[dict]) -> list[dict]:

@@ -322,3 +322,44 @@ def test_quick_runs_are_not_shown_as_results(tmp_path):
     records.write_results(str(tmp_path / "full"), [{**base, "backend": "a", "date": "2026-01-01"}])
     records.write_results(str(tmp_path / "quick"), [{**base, "backend": "b", "date": "2026-01-02", "quick": True}])
     assert latest_runs(str(tmp_path))["cpu"][0] == str(tmp_path / "full")
+    # and a quick run written into the full run's folder: its records are kept apart (another key) and not shown
+    full = {**base, "backend": "a", "date": "2026-01-01", "images_per_s": 1.0}
+    quick = {**base, "backend": "a", "date": "2026-01-03", "images_per_s": 9.0, "quick": True}
+    both = tmp_path / "both"
+    records.write_results(str(both), [{**full, "date": "2026-01-02"}])
+    records.write_results(str(both), [quick])
+    kept = records.read_results(str(both))
+    assert [r["images_per_s"] for r in kept] == [1.0, 9.0]  # the full run's measurement not replaced
+    folder, shown = latest_runs(str(tmp_path))["cpu"]
+    assert folder == str(both) and [r["images_per_s"] for r in shown] == [1.0]
+
+
+def test_op_tables_and_plots_show_the_last_run_only(tmp_path):
+    """Two `bench ops` runs into one folder (batch 2 in bfloat16, then batch 1): the README's ops table, its limits
+    and the plot take the last run's rows alone; a bf16 run's gather_patches rows (float32: the images' dtype) stay
+    with their run; training runs at two mask ratios are two configurations."""
+    from fastmae.bench.plots import plot_ops
+    from fastmae.bench.readme import ops_section
+
+    def op(case, batch, date, dtype, op_name="attention", **extra):
+        return {"kind": "op", "status": "ok", "op": op_name, "case": case, "backend": "reference", "mode": "fwd",
+                "shape": {"B": batch}, "dtype": dtype, "device": "cpu", "device_type": "cpu", "median_ms": 1.0,
+                "speedup": 1.0, "date": date, **extra}
+
+    def limit(date, tflops):
+        return {"kind": "limit", "op": "matmul", "case": "bench ops", "status": "ok", "tflops": tflops,
+                "dtype": "bfloat16", "date": date}
+
+    old = [op("old case", 2, "2026-01-01", "bfloat16"), limit("2026-01-01", 5.0)]
+    new = [op("new case", 1, "2026-01-02", "bfloat16"), op("patches", 1, "2026-01-02", "float32", "gather_patches"),
+           limit("2026-01-02", 7.0)]
+    text = "\n".join(ops_section(old + new))
+    assert "new case" in text and "patches" in text and "old case" not in text
+    assert "batch 1" in text and "matmul 7 TFLOP/s" in text and "matmul 5 TFLOP/s" not in text
+    assert records.newest_run([r for r in old + new if r["kind"] == "op"]) == new[:2]
+    train = [{"kind": "train", "shape": {"batch": 2}, "dtype": "float32", "device": "cpu", "mask_ratio": m}
+             for m in (0.5, 0.75)]
+    assert records.run_config(train[0]) != records.run_config(train[1])
+    pytest.importorskip("matplotlib")
+    (path,) = plot_ops(old + new, str(tmp_path))
+    assert os.path.getsize(path) > 1000

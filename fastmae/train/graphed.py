@@ -206,8 +206,9 @@ class GraphedTrainStep:
         before = [g["lr"] for g in optimizer.param_groups]
         use_tensor_lr(optimizer)  # the graph reads each group's rate from a tensor: see `_sync_lr`
         self.lrs = [g["lr"] for g in optimizer.param_groups]
-        # what the graph updates: parameters added or swapped after the capture would never be
-        self.captured_params = [tuple(g["params"]) for g in optimizer.param_groups]
+        # what the graph updates: parameters added to the optimizer after the capture would never be. Each group's
+        # list of parameters and its length, checked at every call in O(groups), not per parameter
+        self.captured_params = [(g["params"], len(g["params"])) for g in optimizer.param_groups]
         try:
             self._capture(imgs, noise, warmup)
         except Exception:
@@ -331,8 +332,7 @@ class GraphedTrainStep:
         number copied into the captured tensor, which goes back into the group."""
         groups = self.optimizer.param_groups
         if len(groups) != len(self.captured_params) or any(
-                len(g["params"]) != len(ps) or any(a is not b for a, b in zip(g["params"], ps))
-                for g, ps in zip(groups, self.captured_params)):
+                g["params"] is not ps or len(ps) != n for g, (ps, n) in zip(groups, self.captured_params)):
             raise ValueError("the optimizer's parameter groups changed after the capture (the graph updates the "
                              "parameters it captured, no others): capture a new GraphedTrainStep")
         for group, lr in zip(groups, self.lrs):

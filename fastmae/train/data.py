@@ -73,7 +73,10 @@ class RandomResizedCrop:
 def to_rgb(img: Image.Image) -> Image.Image:
     """An image as 8-bit RGB. PIL's own conversion clips 16-bit and 32-bit integer images ("I;16", "I") and float
     ones ("F") to 0..255, which turns a 16-bit photograph white; they are scaled first: integer ones from the
-    16-bit range (65535 -> 255), float ones from [0, 1] when their values lie there (else taken as 0..255)."""
+    16-bit range (65535 -> 255), float ones from [0, 1] when their values lie there (else taken as 0..255). An RGB
+    image is returned as it is (no copy: the transforms call this on what `ImageFolder.load` converted already)."""
+    if img.mode == "RGB":
+        return img
     if img.mode.startswith("I;16") or img.mode == "I":
         a = np.asarray(img, dtype=np.float64) / 257.0
     elif img.mode == "F":
@@ -211,6 +214,7 @@ class ImageFolder:
             path, label = self.samples[(index + skipped) % n]
             try:
                 with Image.open(path) as im:
+                    im.load()  # decoded before the file closes (to_rgb returns an RGB image itself)
                     return to_rgb(im), label, skipped
             except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
                 if not replace:
